@@ -1,0 +1,36 @@
+# Two commands do all set-up, idempotently: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+CONFIG ?= configs/demo.yaml
+
+.PHONY: setup criu run test lint clean-state
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+criu:
+	@bash scripts/install-criu.sh
+
+setup: $(STAMP) criu
+	@bash scripts/install-system-deps.sh redis-server
+
+# The daemon in the foreground, on a local-folder repository under .state/, checkpointing the
+# example workload of configs/demo.yaml every 5 s. Ctrl-C stops the daemon; the workload keeps
+# running (as it would in production): `make stop-demo` ends it.
+run: setup
+	$(VENV)/bin/checkpointer doctor --config $(CONFIG)
+	$(VENV)/bin/checkpointer daemon --config $(CONFIG)
+
+stop-demo:
+	-$(VENV)/bin/checkpointer unregister --config $(CONFIG) counter
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check checkpointer storage tests
+	$(VENV)/bin/mypy

@@ -1,0 +1,157 @@
+"""The daemon's API: one JSON request and one JSON response per line over a Unix socket.
+
+Only root may talk to it: the socket lives in the 0700 state folder, is itself 0600, and the
+server checks the peer's uid with SO_PEERCRED, because a request can restore code as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from checkpointer.errors import CheckpointerError, DaemonUnavailable
+from storage import StorageError
+
+log = logging.getLogger(__name__)
+Handler = Callable[..., Any]
+
+
+class RemoteError(CheckpointerError):
+    """An error the daemon reported; `kind` is the daemon-side error kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ApiServer:
+    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.handlers = handlers
+        _claim_socket_path(path)
+        server = self
+
+        class _Conn(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                server._serve(self)
+
+        self._server = socketserver.ThreadingUnixStreamServer(str(path), _Conn)
+        self._server.daemon_threads = True
+        os.chmod(path, 0o600)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="api", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _serve(self, conn: socketserver.StreamRequestHandler) -> None:
+        sock: socket.socket = conn.request
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in (0, os.getuid()):
+            self._reply(
+                conn,
+                {
+                    "ok": False,
+                    "kind": "permission",
+                    "error": "only root may use the checkpointer daemon",
+                },
+            )
+            return
+        line = conn.rfile.readline()
+        try:
+            req = json.loads(line)
+            op, args = req["op"], req.get("args", {})
+        except (ValueError, KeyError, TypeError):
+            self._reply(conn, {"ok": False, "kind": "protocol", "error": "malformed request"})
+            return
+        handler = self.handlers.get(op)
+        if handler is None:
+            self._reply(conn, {"ok": False, "kind": "protocol", "error": f"unknown op {op!r}"})
+            return
+        try:
+            result = handler(**args)
+            reply: dict[str, Any] = {"ok": True, "result": result}
+        except CheckpointerError as e:
+            reply = {"ok": False, "kind": e.kind, "error": str(e)}
+        except StorageError as e:
+            reply = {"ok": False, "kind": "storage", "error": str(e)}
+        except ValueError as e:
+            reply = {"ok": False, "kind": "invalid", "error": str(e)}
+        except Exception as e:
+            log.exception("request %s failed", op)
+            reply = {
+                "ok": False,
+                "kind": "internal",
+                "error": f"internal error in the daemon ({type(e).__name__}: {e}); "
+                "its log has the details",
+            }
+        self._reply(conn, reply)
+
+    @staticmethod
+    def _reply(conn: socketserver.StreamRequestHandler, reply: dict[str, Any]) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Refuse to start beside a live daemon; remove a stale socket left by a dead one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise CheckpointerError(
+        f"another checkpointer daemon is already serving {path}; "
+        "stop it first, or give this one another state_dir"
+    )
+
+
+def call(path: Path, op: str, **args: Any) -> Any:
+    """Send one request to the daemon and return its result, or raise RemoteError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonUnavailable(
+                f"the checkpointer daemon is not running (no daemon at {path}); start it with "
+                "`checkpointer daemon --config FILE` (or `systemctl start checkpointer`)"
+            ) from e
+        except PermissionError as e:
+            raise DaemonUnavailable(f"permission denied on {path}: run as root") from e
+        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    if not data:
+        raise DaemonUnavailable("the daemon closed the connection without answering; check its log")
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise RemoteError(reply.get("kind", "error"), reply.get("error", "unknown error"))
+    return reply.get("result")

@@ -1,0 +1,227 @@
+"""The YAML config, validated at load with errors that name the bad key and its path.
+
+Relative paths in the file are taken relative to the file's own folder, so a config works the
+same from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from checkpointer.durations import parse_duration
+from checkpointer.errors import ConfigError
+from storage.manifest import check_workload_name
+
+DEFAULT_CONFIG_PATHS = (Path("/etc/checkpointer/config.yaml"),)
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CriuOptions(_Strict):
+    """Per-workload CRIU options: resources CRIU refuses unless told how to handle them."""
+
+    tcp_established: bool = Field(False, description="dump and restore established TCP connections")
+    file_locks: bool = Field(False, description="dump and restore file locks (flock, fcntl)")
+    ext_unix_sk: bool = Field(False, description="allow unix sockets connected outside the tree")
+    shell_job: bool = Field(False, description="the tree belongs to a terminal session")
+    tcp_close: bool = Field(False, description="restore established TCP connections closed")
+
+
+class Retention(_Strict):
+    keep_last: int = Field(10, ge=1, description="checkpoints kept per workload, newest first")
+
+
+class WorkloadConfig(_Strict):
+    """A workload declared in the config: managed (`command`) or adopted (`pid`/`pidfile`)."""
+
+    name: str
+    command: list[str] | None = None
+    cwd: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    pid: int | None = None
+    pidfile: Path | None = None
+    every: Duration | None = None
+    cron: str | None = None
+    criu: CriuOptions = Field(default_factory=CriuOptions)
+    retention: Retention = Field(default_factory=Retention)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_workload_name(v)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("command must name a program to run")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WorkloadConfig:
+        sources = [x for x in (self.command, self.pid, self.pidfile) if x is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of command (managed), pid or pidfile (adopted)")
+        if self.every is not None and self.cron is not None:
+            raise ValueError("give at most one of every and cron")
+        return self
+
+
+class StorageConfig(_Strict):
+    backend: str = Field("local", description="only 'local' for now")
+    path: Path | None = Field(None, description="repository folder; default STATE_DIR/repository")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v != "local":
+            raise ValueError(f"unknown backend {v!r}: use 'local'")
+        return v
+
+
+class CriuConfig(_Strict):
+    binary: str = "criu"
+    scratch_dir: Path | None = Field(
+        None, description="where images are dumped before storing; default a tmpfs if it has room"
+    )
+    timeout: Duration = Field(600.0, description="a dump or restore running longer is killed")
+
+
+class Config(_Strict):
+    state_dir: Path = Path("/var/lib/checkpointer")
+    socket: Path | None = None
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    criu: CriuConfig = Field(default_factory=CriuConfig)
+    workloads: list[WorkloadConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for w in self.workloads:
+            if w.name in seen:
+                raise ValueError(f"workload {w.name!r} is declared twice")
+            seen.add(w.name)
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or self.state_dir / "checkpointer.sock"
+
+    @property
+    def repository_path(self) -> Path:
+        return self.storage.path or self.state_dir / "repository"
+
+    def resolve_paths(self, base: Path) -> Config:
+        """Make every relative path absolute against `base` (the config file's folder)."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        self.state_dir = fix(self.state_dir) or self.state_dir
+        self.socket = fix(self.socket)
+        self.storage.path = fix(self.storage.path)
+        self.criu.scratch_dir = fix(self.criu.scratch_dir)
+        for w in self.workloads:
+            w.cwd = fix(w.cwd) if w.cwd else base
+            w.pidfile = fix(w.pidfile)
+        return self
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate the config; with no path, the first default that exists, or defaults."""
+    if path is None:
+        env = os.environ.get("CHECKPOINTER_CONFIG")
+        path = Path(env) if env else next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
+    if path is None:
+        return Config().resolve_paths(Path.cwd())
+    try:
+        raw = path.read_text()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist; pass an existing --config") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(e))}") from e
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+    try:
+        config = Config.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(f"config file {path}: {format_validation_error(e, doc)}") from e
+    return config.resolve_paths(path.resolve().parent)
+
+
+def format_validation_error(e: ValidationError, doc: Any = None) -> str:
+    """One line per problem: the key's path, what is wrong, and for a typo the valid keys."""
+    problems = []
+    for err in e.errors():
+        loc = _loc(err["loc"], doc)
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(err["loc"])
+            hint = f" (valid keys here: {', '.join(valid)})" if valid else ""
+            problems.append(f"{loc}: unknown key{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(problems)
+
+
+def _loc(loc: tuple[int | str, ...], doc: Any) -> str:
+    out = ""
+    node = doc
+    for part in loc:
+        if isinstance(part, int):
+            name = (
+                node[part].get("name")
+                if isinstance(node, list) and isinstance(node[part], dict)
+                else None
+            )
+            out += f"[{part}]" + (f"({name})" if name else "")
+        else:
+            out += f".{part}" if out else str(part)
+        try:
+            node = node[part] if node is not None else None
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out
+
+
+def _valid_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    return sorted(model.model_fields) if model else []
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,617 @@
+"""The engine: workloads, and the operations on them, one at a time per workload.
+
+Every operation that touches a workload's process or checkpoints (checkpoint, restore,
+rollback, stop) holds that workload's lock, so they never overlap. The scheduler's checkpoint
+skips a busy workload instead of queueing behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from checkpointer import hostinfo
+from checkpointer.config import Config, CriuOptions
+from checkpointer.criu import Criu, CriuError, DumpOptions
+from checkpointer.durations import format_duration
+from checkpointer.errors import (
+    CheckpointerError,
+    CheckpointFailed,
+    ProcessNotFound,
+    RestoreFailed,
+    WorkloadBusy,
+    WorkloadExists,
+    WorkloadNotFound,
+    WorkloadNotRunning,
+    WorkloadRunning,
+)
+from checkpointer.scheduler import CheckpointScheduler, check_cron
+from checkpointer.workloads import managed, process
+from checkpointer.workloads.logs import LogPump, ensure_fifo
+from storage import CheckpointNotFound, Repository, StorageError
+from storage.manifest import check_workload_name
+
+log = logging.getLogger(__name__)
+
+MANUAL_LOCK_TIMEOUT = 600.0
+
+
+@dataclass
+class Workload:
+    """A registered process tree and what the daemon knows of it. Persisted across restarts."""
+
+    name: str
+    kind: str  # "managed" (started by us, own PID namespace) or "adopted"
+    command: list[str] | None = None
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    every: float | None = None
+    cron: str | None = None
+    criu: dict[str, bool] = field(default_factory=dict)
+    keep_last: int = 10
+    pid: int | None = None
+    started: int | None = None  # /proc start time of `pid`: tells a reused PID apart
+    state: str = "stopped"  # running | stopped | exited | crashed
+    exit_status: str | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_at: float | None = None
+    last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def persistable(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+
+    def dump_options(self) -> DumpOptions:
+        return DumpOptions(**self.criu)
+
+    def alive(self) -> bool:
+        return self.pid is not None and process.is_alive(self.pid, self.started)
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+class Engine:
+    def __init__(self, config: Config, repo: Repository, criu: Criu, pump: LogPump) -> None:
+        self.config = config
+        self.repo = repo
+        self.criu = criu
+        self.pump = pump
+        self.scheduler = CheckpointScheduler(self._scheduled_checkpoint)
+        self._workloads: dict[str, Workload] = {}
+        self._registry_lock = threading.Lock()
+        self._criu_version: str | None = None
+        self.state_dir = config.state_dir
+        self.registry_file = self.state_dir / "workloads.json"
+        self.logs_dir = self.state_dir / "logs"
+
+    # -- registry ----------------------------------------------------------------------
+
+    def get(self, name: str) -> Workload:
+        w = self._workloads.get(name)
+        if w is None:
+            known = ", ".join(sorted(self._workloads)) or "none"
+            raise WorkloadNotFound(
+                f"unknown workload {name!r} (registered: {known}); "
+                "see `checkpointer status`, or add it with `checkpointer run`/`register`"
+            )
+        return w
+
+    def _add(self, w: Workload) -> None:
+        with self._registry_lock:
+            if w.name in self._workloads:
+                raise WorkloadExists(
+                    f"workload {w.name!r} is already registered; pick another name or "
+                    f"`checkpointer unregister {w.name}` first"
+                )
+            self._workloads[w.name] = w
+        self.save()
+
+    def save(self) -> None:
+        """Write the registry atomically: a restarted daemon re-adopts what it lists."""
+        with self._registry_lock:
+            doc = {
+                "boot_id": hostinfo.boot_id(),
+                "workloads": [w.persistable() for w in self._workloads.values()],
+            }
+        tmp = self.registry_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.registry_file)
+
+    def load(self) -> None:
+        """Re-adopt the workloads a previous daemon registered, if their trees still run."""
+        try:
+            doc = json.loads(self.registry_file.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error(
+                "cannot read %s (%s): starting with no registered workloads", self.registry_file, e
+            )
+            return
+        for item in doc.get("workloads", []):
+            w = Workload(**item)
+            if w.state == "running" and not w.alive():
+                w.state, w.exit_status = "exited", "gone while the daemon was not running"
+            self._workloads[w.name] = w
+            if w.kind == "managed":
+                self.pump.attach(w.name, self.fifo(w.name), self.log_file(w.name))
+            self.scheduler.schedule(w.name, w.every, w.cron)
+            log.info("workload %s: %s (pid %s)", w.name, w.state, w.pid)
+
+    def fifo(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.fifo"
+
+    def log_file(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.log"
+
+    # -- registering -------------------------------------------------------------------
+
+    def run(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        every: float | None = None,
+        cron: str | None = None,
+        criu: CriuOptions | None = None,
+        keep_last: int = 10,
+    ) -> Workload:
+        """Start `command` as a managed workload and register it."""
+        check_workload_name(name)
+        if cron:
+            check_cron(cron)
+        w = Workload(
+            name=name,
+            kind="managed",
+            command=list(command),
+            cwd=cwd,
+            env=dict(env or {}),
+            every=every,
+            cron=cron,
+            criu=(criu or CriuOptions()).model_dump(),
+            keep_last=keep_last,
+        )
+        self._add(w)
+        try:
+            with w.lock:
+                self._start(w)
+        except CheckpointerError:
+            with self._registry_lock:
+                self._workloads.pop(name, None)
+            self.save()
+            raise
+        self.scheduler.schedule(name, every, cron)
+        return w
+
+    def _start(self, w: Workload) -> None:
+        assert w.command
+        self.pump.attach(w.name, self.fifo(w.name), self.log_file(w.name))
+        pid = managed.launch(
+            w.name, w.command, Path(w.cwd) if w.cwd else None, w.env, self.fifo(w.name)
+        )
+        w.pid, w.started = pid, process.start_time(pid)
+        w.state, w.exit_status, w.last_error = "running", None, None
+        self.save()
+        log.info("workload %s started: pid %d, command %s", w.name, pid, w.command)
+
+    def register(
+        self,
+        name: str,
+        *,
+        pid: int | None = None,
+        pidfile: str | None = None,
+        every: float | None = None,
+        cron: str | None = None,
+        criu: CriuOptions | None = None,
+        keep_last: int = 10,
+    ) -> Workload:
+        """Adopt a process tree started elsewhere."""
+        check_workload_name(name)
+        if cron:
+            check_cron(cron)
+        if pidfile is not None:
+            try:
+                pid = int(Path(pidfile).read_text().split()[0])
+            except (OSError, ValueError, IndexError) as e:
+                raise ProcessNotFound(f"cannot read a PID from pidfile {pidfile}: {e}") from e
+        if pid is None or pid <= 0 or not process.is_alive(pid):
+            raise ProcessNotFound(
+                f"no running process has PID {pid}; check the PID "
+                "(`ps -p PID`) and register a live process"
+            )
+        if pid == os.getpid():
+            raise ProcessNotFound("cannot register the checkpointer daemon itself")
+        w = Workload(
+            name=name,
+            kind="adopted",
+            pid=pid,
+            started=process.start_time(pid),
+            state="running",
+            every=every,
+            cron=cron,
+            criu=(criu or CriuOptions()).model_dump(),
+            keep_last=keep_last,
+        )
+        self._add(w)
+        self.scheduler.schedule(name, every, cron)
+        log.info("workload %s adopted: pid %d", name, pid)
+        return w
+
+    def unregister(self, name: str, keep_running: bool = False) -> dict[str, Any]:
+        """Stop checkpointing; a managed tree is stopped unless `keep_running`."""
+        w = self.get(name)
+        self.scheduler.unschedule(name)
+        stopped = False
+        with self._locked(w, wait=True):
+            if w.kind == "managed" and not keep_running and w.alive():
+                self._teardown(w)
+                stopped = True
+            with self._registry_lock:
+                self._workloads.pop(name, None)
+        if w.kind == "managed":
+            self.pump.detach(name)
+        self.save()
+        return {"workload": name, "stopped": stopped}
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        items = [self.get(name)] if name else sorted(self._workloads.values(), key=lambda w: w.name)
+        out = []
+        now = time.time()
+        for w in items:
+            state = w.state
+            if state == "running" and not w.alive():
+                state = "gone"
+            nxt = self.scheduler.next_run(w.name)
+            out.append(
+                {
+                    "name": w.name,
+                    "kind": w.kind,
+                    "state": state,
+                    "pid": w.pid,
+                    "exit_status": w.exit_status,
+                    "command": w.command,
+                    "schedule": (
+                        f"every {format_duration(w.every)}"
+                        if w.every
+                        else f"cron {w.cron}"
+                        if w.cron
+                        else "manual"
+                    ),
+                    "last_checkpoint": w.last_checkpoint,
+                    "last_checkpoint_age_seconds": (
+                        round(now - w.last_checkpoint_at, 3) if w.last_checkpoint_at else None
+                    ),
+                    "next_checkpoint": nxt.isoformat() if nxt else None,
+                    "last_error": w.last_error,
+                    "log": str(self.log_file(w.name)) if w.kind == "managed" else None,
+                    "busy": w.lock.locked(),
+                }
+            )
+        return out
+
+    def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
+        check_workload_name(name)
+        infos = self.repo.checkpoints(name)
+        if not infos and name not in self._workloads:
+            self.get(name)  # unknown and nothing stored: say so
+        return [
+            {
+                "id": i.id,
+                "created": i.created.isoformat(),
+                "size_bytes": i.size_bytes,
+                "new_bytes": i.new_bytes,
+                "frozen_seconds": i.metadata.get("dump_stats", {}).get("frozen_time"),
+                "host": i.metadata.get("host"),
+            }
+            for i in infos
+        ]
+
+    # -- checkpoint --------------------------------------------------------------------
+
+    def _scheduled_checkpoint(self, name: str) -> None:
+        try:
+            self.checkpoint(name, wait=False)
+        except WorkloadBusy:
+            log.info("scheduled checkpoint of %s skipped: another operation is running", name)
+        except CheckpointerError as e:
+            log.error("scheduled checkpoint of %s failed: %s", name, e)
+        except Exception:
+            log.exception("scheduled checkpoint of %s failed unexpectedly", name)
+
+    def checkpoint(self, name: str, wait: bool = True) -> dict[str, Any]:
+        w = self.get(name)
+        with self._locked(w, wait):
+            return self._checkpoint(w)
+
+    def _checkpoint(self, w: Workload) -> dict[str, Any]:
+        if not w.alive():
+            raise WorkloadNotRunning(
+                f"workload {w.name} is not running ({w.exit_status or w.state}); "
+                f"`checkpointer restore {w.name}` brings back its latest checkpoint"
+            )
+        assert w.pid is not None
+        t0 = time.monotonic()
+        images = self._scratch(w.name, "dump", w.pid)
+        try:
+            try:
+                stats = self.criu.dump(w.pid, images, w.dump_options(), w.name)
+            except CriuError as e:
+                w.last_error = str(e)
+                raise
+            metadata = {
+                **hostinfo.host_facts(),
+                "criu_version": self._criu_ver(),
+                "pid": w.pid,
+                "dump_stats": stats.as_dict(),
+                "spec": {"kind": w.kind, "command": w.command, "cwd": w.cwd, "criu": w.criu},
+            }
+            try:
+                manifest = self.repo.commit(w.name, images, metadata)
+            except (StorageError, OSError) as e:
+                w.last_error = f"storing the checkpoint failed: {e}"
+                raise CheckpointFailed(f"checkpoint of {w.name}: {w.last_error}") from e
+        finally:
+            shutil.rmtree(images.parent, ignore_errors=True)
+        w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None
+        duration = time.monotonic() - t0
+        log.info(
+            "checkpoint %s of %s: %d bytes, %d new (stored), frozen %.3fs, total %.2fs",
+            manifest.id,
+            w.name,
+            manifest.size_bytes,
+            manifest.new_bytes,
+            stats.frozen_time,
+            duration,
+        )
+        self._apply_retention(w)
+        self.save()
+        return {
+            "workload": w.name,
+            "id": manifest.id,
+            "size_bytes": manifest.size_bytes,
+            "new_bytes": manifest.new_bytes,
+            "duration_seconds": round(duration, 3),
+            "dump_stats": stats.as_dict(),
+        }
+
+    def _apply_retention(self, w: Workload) -> None:
+        for info in self.repo.checkpoints(w.name)[w.keep_last :]:
+            try:
+                self.repo.delete(w.name, info.id)
+                log.info("retention: removed checkpoint %s of %s", info.id, w.name)
+            except StorageError as e:
+                log.warning("retention: cannot remove %s of %s: %s", info.id, w.name, e)
+
+    # -- restore and rollback ----------------------------------------------------------
+
+    def restore(self, name: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+        """Restore a workload that is not running (registered here, or known to the repository)."""
+        w = self._workloads.get(name) or self._workload_from_repository(name, checkpoint_id)
+        with self._locked(w, wait=True):
+            if w.alive():
+                raise WorkloadRunning(
+                    f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
+                    "replaces it with a checkpoint, or stop it first"
+                )
+            return self._restore(w, checkpoint_id, reason="manual")
+
+    def rollback(self, name: str, to: str | None = None, back: int | None = None) -> dict[str, Any]:
+        """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
+        w = self.get(name)
+        with self._locked(w, wait=True):
+            ids = [i.id for i in self.repo.checkpoints(name)]
+            if to is None:
+                n = back or 0
+                if n < 0 or n >= len(ids):
+                    raise CheckpointNotFound(
+                        f"workload {name} has {len(ids)} checkpoint(s): cannot go back {n}; "
+                        f"see `checkpointer list {name}`"
+                    )
+                to = ids[n]
+            elif to not in ids:
+                self.repo.read_manifest(name, to)  # raises the clear not-found error
+            # Materialise before stopping anything: a damaged checkpoint leaves the tree running.
+            images = self._scratch(name, "restore")
+            try:
+                self._materialize(w, to, images)
+                if w.alive():
+                    self._teardown(w)
+                return self._criu_restore(w, to, images, reason="rollback")
+            finally:
+                shutil.rmtree(images.parent, ignore_errors=True)
+
+    def _restore(self, w: Workload, checkpoint_id: str | None, reason: str) -> dict[str, Any]:
+        if checkpoint_id is None:
+            infos = self.repo.checkpoints(w.name)
+            if not infos:
+                raise CheckpointNotFound(
+                    f"workload {w.name} has no checkpoint to restore; "
+                    f"take one with `checkpointer checkpoint {w.name}`"
+                )
+            checkpoint_id = infos[0].id
+        images = self._scratch(w.name, "restore")
+        try:
+            self._materialize(w, checkpoint_id, images)
+            return self._criu_restore(w, checkpoint_id, images, reason)
+        finally:
+            shutil.rmtree(images.parent, ignore_errors=True)
+
+    def _materialize(self, w: Workload, checkpoint_id: str, images: Path) -> None:
+        try:
+            self.repo.materialize(w.name, checkpoint_id, images)
+        except CheckpointNotFound:
+            raise
+        except (StorageError, OSError) as e:
+            w.last_error = str(e)
+            raise RestoreFailed(f"cannot restore {w.name}: {e}") from e
+
+    def _criu_restore(
+        self, w: Workload, checkpoint_id: str, images: Path, reason: str
+    ) -> dict[str, Any]:
+        t0 = time.monotonic()
+        if w.kind == "managed":
+            ensure_fifo(self.fifo(w.name))
+            self.pump.attach(w.name, self.fifo(w.name), self.log_file(w.name))
+        try:
+            pid, stats = self.criu.restore(images, w.dump_options(), w.name)
+        except CriuError as e:
+            w.last_error = str(e)
+            self.save()
+            raise
+        w.pid, w.started = pid, process.start_time(pid)
+        w.state, w.exit_status, w.last_error = "running", None, None
+        self.save()
+        duration = time.monotonic() - t0
+        log.info(
+            "restored %s from %s (%s): pid %d in %.2fs",
+            w.name,
+            checkpoint_id,
+            reason,
+            pid,
+            duration,
+        )
+        return {
+            "workload": w.name,
+            "checkpoint": checkpoint_id,
+            "pid": pid,
+            "reason": reason,
+            "duration_seconds": round(duration, 3),
+            "restore_stats": stats.as_dict(),
+        }
+
+    def _workload_from_repository(self, name: str, checkpoint_id: str | None) -> Workload:
+        """A workload checkpointed elsewhere (another host: migration) becomes registered here."""
+        check_workload_name(name)
+        infos = self.repo.checkpoints(name)
+        if not infos:
+            self.get(name)  # raises: unknown here and nothing stored
+        meta = (
+            self.repo.read_manifest(name, checkpoint_id).metadata
+            if checkpoint_id
+            else infos[0].metadata
+        )
+        spec = meta.get("spec", {})
+        w = Workload(
+            name=name,
+            kind=spec.get("kind", "adopted"),
+            command=spec.get("command"),
+            cwd=spec.get("cwd"),
+            criu=spec.get("criu", {}),
+        )
+        self._add(w)
+        return w
+
+    # -- process lifecycle -------------------------------------------------------------
+
+    def _teardown(self, w: Workload) -> None:
+        assert w.pid is not None
+        left = process.teardown(w.pid, w.started)
+        if left:
+            raise CheckpointerError(
+                f"workload {w.name}: processes {left} did not go away after SIGKILL; "
+                "they may be stuck in the kernel (state D); check `ps -o pid,stat,cmd -p ...`"
+            )
+        w.state, w.exit_status = "stopped", "stopped by checkpointer"
+        self.save()
+
+    def on_exit(self, pid: int, status: int) -> None:
+        """Called by the reaper for every child it reaps."""
+        for w in list(self._workloads.values()):
+            if w.pid == pid and w.state == "running":
+                w.state = "exited" if status == 0 else "crashed"
+                w.exit_status = describe_exit(status)
+                log.warning("workload %s (pid %d) %s", w.name, pid, w.exit_status)
+                self.save()
+
+    def stop_all_schedules(self) -> None:
+        self.scheduler.shutdown()
+
+    def status_names(self) -> set[str]:
+        return set(self._workloads)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Wait for operations in flight to finish (shutdown): take and drop every lock."""
+        for w in list(self._workloads.values()):
+            if w.lock.acquire(timeout=timeout):
+                w.lock.release()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _locked(self, w: Workload, wait: bool) -> _Held:
+        return _Held(w, wait)
+
+    def _criu_ver(self) -> str:
+        if self._criu_version is None:
+            self._criu_version = self.criu.version()
+        return self._criu_version
+
+    def _scratch(self, name: str, op: str, pid: int | None = None) -> Path:
+        """A fresh 0700 folder for images; on tmpfs when it has room (the pause is shorter)."""
+        root = self.config.criu.scratch_dir or self._auto_scratch_root(pid)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+        work = root / f"{name}-{op}-{secrets.token_hex(4)}"
+        work.mkdir(mode=0o700)
+        images = work / "images"
+        images.mkdir(mode=0o700)
+        return images
+
+    def _auto_scratch_root(self, pid: int | None) -> Path:
+        shm = Path("/dev/shm")
+        if pid is not None and shm.is_dir():
+            need = 2 * _tree_rss(pid) + 64 * 1024 * 1024
+            st = os.statvfs(shm)
+            if st.f_bavail * st.f_frsize > need:
+                return shm / "checkpointer"
+        return self.state_dir / "scratch"
+
+
+class _Held:
+    """The workload's lock as a context manager; refuses at once or waits, as asked."""
+
+    def __init__(self, w: Workload, wait: bool) -> None:
+        self.w, self.wait = w, wait
+
+    def __enter__(self) -> None:
+        ok = (
+            self.w.lock.acquire(timeout=MANUAL_LOCK_TIMEOUT)
+            if self.wait
+            else self.w.lock.acquire(blocking=False)
+        )
+        if not ok:
+            raise WorkloadBusy(
+                f"workload {self.w.name} is busy with another checkpoint, restore "
+                "or rollback; try again when it has finished"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self.w.lock.release()
+
+
+def _tree_rss(pid: int) -> int:
+    total = 0
+    for p in [pid, *process.descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total

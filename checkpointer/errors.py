@@ -1,0 +1,57 @@
+"""Errors an operator sees. Each message says what went wrong and what to do next.
+
+The daemon sends `kind` and `message` to the CLI, which prints one line and exits non-zero;
+no traceback ever reaches the operator for these.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointerError(Exception):
+    """Base of every error with a message meant for the operator."""
+
+    kind = "error"
+
+
+class ConfigError(CheckpointerError):
+    kind = "config"
+
+
+class WorkloadNotFound(CheckpointerError):
+    kind = "unknown-workload"
+
+
+class WorkloadExists(CheckpointerError):
+    kind = "workload-exists"
+
+
+class WorkloadRunning(CheckpointerError):
+    kind = "workload-running"
+
+
+class WorkloadNotRunning(CheckpointerError):
+    kind = "workload-not-running"
+
+
+class WorkloadBusy(CheckpointerError):
+    kind = "workload-busy"
+
+
+class ProcessNotFound(CheckpointerError):
+    kind = "no-such-process"
+
+
+class LaunchFailed(CheckpointerError):
+    kind = "launch-failed"
+
+
+class DaemonUnavailable(CheckpointerError):
+    kind = "daemon-unavailable"
+
+
+class CheckpointFailed(CheckpointerError):
+    kind = "checkpoint-failed"
+
+
+class RestoreFailed(CheckpointerError):
+    kind = "restore-failed"

@@ -1,0 +1,76 @@
+"""Per-workload checkpoint schedules on APScheduler 3.
+
+Job defaults are chosen against APScheduler's: a run that is still going is never started
+again (max_instances=1), missed runs collapse into one (coalesce), and a run late because the
+host was busy still happens within a generous grace time rather than being dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from checkpointer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_cron(expr: str) -> None:
+    try:
+        CronTrigger.from_crontab(expr, timezone="UTC")
+    except ValueError as e:
+        raise ConfigError(
+            f"bad cron expression {expr!r}: {e} (use 5 fields: m h dom mon dow)"
+        ) from e
+
+
+class CheckpointScheduler:
+    def __init__(self, run: Callable[[str], None]) -> None:
+        self._run = run
+        self._sched = BackgroundScheduler(
+            timezone="UTC",
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 60},
+        )
+        self.skipped_overlap = 0
+        self.missed = 0
+        self._sched.add_listener(self._on_event, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+
+    def start(self) -> None:
+        self._sched.start()
+
+    def shutdown(self) -> None:
+        if self._sched.running:
+            self._sched.shutdown(wait=False)
+
+    def schedule(self, name: str, every: float | None, cron: str | None) -> None:
+        self.unschedule(name)
+        if every:
+            trigger: IntervalTrigger | CronTrigger = IntervalTrigger(seconds=every, timezone="UTC")
+        elif cron:
+            check_cron(cron)
+            trigger = CronTrigger.from_crontab(cron, timezone="UTC")
+        else:
+            return
+        self._sched.add_job(self._run, trigger, args=[name], id=name, name=f"checkpoint {name}")
+
+    def unschedule(self, name: str) -> None:
+        if self._sched.get_job(name):
+            self._sched.remove_job(name)
+
+    def next_run(self, name: str) -> datetime | None:
+        job = self._sched.get_job(name)
+        return job.next_run_time if job else None
+
+    def _on_event(self, event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MAX_INSTANCES:
+            self.skipped_overlap += 1
+            log.warning("checkpoint of %s skipped: the previous one is still running", event.job_id)
+        else:
+            self.missed += 1
+            log.warning("checkpoint of %s missed its time", event.job_id)

@@ -1,0 +1,96 @@
+"""A folder on a local (or mounted) file system as a blob store: the embedded default."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.backends.base import BlobStore
+from storage.errors import BlobExists, BlobNotFound, StorageError
+
+_TMP_PREFIX = ".tmp-"
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under `root`; folders 0700, files 0600 (they hold process memory).
+
+    Atomicity and create-only come from writing a temporary file, fsyncing it, and `link()`ing
+    it into place: link fails if the name exists, and readers never see a partial file.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.root, 0o700)
+        except OSError as e:
+            raise StorageError(
+                f"cannot use {self.root} as the repository folder: {e.strerror}; "
+                "check the path and its permissions (storage.path in the config)"
+            ) from e
+
+    def describe(self) -> str:
+        return f"local folder {self.root}"
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"invalid blob key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, data: bytes) -> None:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = final.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=True) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError as e:
+                raise BlobExists(f"blob {key} already exists") from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(final.parent)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as e:
+            raise BlobNotFound(f"blob {key} not found in {self.root}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        # Walk only the deepest folder the prefix names, not the whole repository.
+        folder, _, _ = prefix.rpartition("/")
+        start = self.root / folder if folder else self.root
+        if not start.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(start):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,21 @@
+"""The few errors callers of storage/ branch on. Messages say what to do next."""
+
+
+class StorageError(Exception):
+    """Any failure of the repository or its backend."""
+
+
+class BlobNotFound(StorageError):
+    """The backend holds no blob under that key."""
+
+
+class BlobExists(StorageError):
+    """A create-only put found the key taken; keys are never overwritten."""
+
+
+class CheckpointNotFound(StorageError):
+    """No committed checkpoint has that id (or the workload has none)."""
+
+
+class CorruptCheckpoint(StorageError):
+    """A checkpoint's manifest or one of its chunks does not match what was stored."""

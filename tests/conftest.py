@@ -1,0 +1,181 @@
+"""Fixtures: a real daemon per test, on a private state folder, driven through the real CLI.
+
+Everything here runs for real: CRIU as root, the daemon as a subprocess, workloads as process
+trees. Every process a test starts is killed by PID at the end, the daemon last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "checkpointer.cli"]
+COUNTER = ROOT / "examples" / "counter_server.py"
+PROGRAMS = Path(__file__).resolve().parent / "programs"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() != 0:
+        pytest.exit("the tests run CRIU and must run as root", returncode=1)
+    if shutil.which("criu") is None:
+        pytest.exit("criu is not installed: run `make test`, which builds it", returncode=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, timeout: float = 10.0) -> str:
+    """GET / on loopback, retrying while the server is not (yet, or again) listening."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                return str(r.read().decode().strip())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def tree_pids(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            kids.setdefault(ppid, []).append(int(entry))
+    out, stack = [root], [root]
+    while stack:
+        for c in kids.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def kill_tree(root: int) -> None:
+    """kill -9 every process of the tree, as a crash or the OOM killer would."""
+    for pid in tree_pids(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{root}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class Daemon:
+    """A checkpointer daemon on its own state folder, and the CLI pointed at it."""
+
+    def __init__(self, base: Path, extra_config: str = "") -> None:
+        self.base = base
+        self.state = base / "state"
+        self.config = base / "config.yaml"
+        self.config.write_text(f"state_dir: {self.state}\n{extra_config}")
+        self.log = base / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*CLI, "daemon", "--config", str(self.config)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 20
+        while self.cli("status", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [*CLI, args[0], "--config", str(self.config), *args[1:]]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} failed ({r.returncode}): {r.stderr}"
+                f"\n--- daemon log ---\n{self.log.read_text()[-4000:]}"
+            )
+        return r
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.json("status", name)[0])
+
+    def pid(self, name: str) -> int:
+        return int(self.status(name)["pid"])
+
+    def checkpoint(self, name: str) -> str:
+        return str(self.json("checkpoint", name)["id"])
+
+    def workload_log(self, name: str) -> str:
+        path = self.state / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            for w in self.json("status"):
+                if w["pid"] and w["state"] == "running":
+                    kill_tree(int(w["pid"]))
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ckpt-test-"))
+    os.chmod(d, 0o700)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(workdir: Path) -> Iterator[Daemon]:
+    d = Daemon(workdir)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def counter(daemon: Daemon) -> Iterator[tuple[Daemon, int]]:
+    """The seed workload: a managed HTTP server counting requests in memory."""
+    port = free_port()
+    daemon.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+    http_get(port)  # wait until it listens; this is request 1
+    yield daemon, port

@@ -1,0 +1,231 @@
+"""The core loop with real CRIU: checkpoint, kill -9, restore, roll back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROGRAMS, Daemon, free_port, http_get, kill_tree, tree_pids
+
+
+def serve(port: int, n: int) -> str:
+    last = ""
+    for _ in range(n):
+        last = http_get(port)
+    return last
+
+
+def test_seed_scenario_restore_continues_from_checkpoint(counter: tuple[Daemon, int]) -> None:
+    d, port = counter
+    assert serve(port, 14) == "15"
+    d.checkpoint("web")
+    assert serve(port, 5) == "20"
+    kill_tree(d.pid("web"))
+    r = d.cli("restore", "web", check=False)
+    assert r.returncode == 0, r.stderr
+    assert http_get(port) == "16"
+
+
+def test_rollback_to_id_and_back_n(counter: tuple[Daemon, int]) -> None:
+    d, port = counter
+    assert serve(port, 4) == "5"
+    first = d.checkpoint("web")
+    assert serve(port, 5) == "10"
+    d.checkpoint("web")
+    assert serve(port, 4) == "14"
+    d.cli("rollback", "web", "--to", first)
+    assert http_get(port) == "6"
+    serve(port, 3)  # 9
+    d.cli("rollback", "web", "--back", "1")  # newest is the one at 10; one back: the one at 5
+    assert http_get(port) == "6"
+    d.cli("rollback", "web", "--back", "0")
+    assert http_get(port) == "11"
+    listed = d.json("list", "web")
+    assert [c["id"] for c in listed][-1] == first and len(listed) == 2
+
+
+def test_log_has_output_from_before_and_after_restore(counter: tuple[Daemon, int]) -> None:
+    d, port = counter
+    serve(port, 2)  # 3
+    d.checkpoint("web")
+    serve(port, 2)  # 5
+    kill_tree(d.pid("web"))
+    d.cli("restore", "web")
+    assert http_get(port) == "4"
+    deadline = time.monotonic() + 5
+    while "served request 4\n" not in d.workload_log("web").split("served request 5\n", 1)[-1]:
+        assert time.monotonic() < deadline, d.workload_log("web")
+        time.sleep(0.1)
+    log = d.workload_log("web")
+    assert "served request 3" in log and "served request 5" in log  # before the restore
+    assert log.index("served request 5") < log.rindex("served request 4")  # after it
+
+
+def test_repeated_cycles(counter: tuple[Daemon, int]) -> None:
+    d, port = counter
+    expected = 1
+    for _cycle in range(5):
+        expected = int(serve(port, 3))
+        d.checkpoint("web")
+        serve(port, 2)
+        kill_tree(d.pid("web"))
+        d.cli("restore", "web")
+        assert http_get(port) == str(expected + 1)
+    assert d.status("web")["state"] == "running"
+
+
+def test_tree_with_child_process_and_threads_restored_whole(daemon: Daemon) -> None:
+    port = free_port()
+    daemon.cli("run", "tree", "--", sys.executable, str(PROGRAMS / "tree_server.py"), str(port))
+    for _ in range(6):
+        last = http_get(port)
+    assert last == "6 6 6"
+    root = daemon.pid("tree")
+    procs_before = len(tree_pids(root))
+    threads_before = threads_of(root)
+    assert procs_before == 2 and threads_before >= 3
+    daemon.checkpoint("tree")
+    http_get(port)
+    kill_tree(root)
+    daemon.cli("restore", "tree")
+    assert http_get(port) == "7 7 7"
+    new_root = daemon.pid("tree")
+    assert new_root != root
+    assert len(tree_pids(new_root)) == procs_before
+    threads = threads_of(new_root)
+    assert threads == threads_before
+
+
+@pytest.fixture
+def redis_port(daemon: Daemon) -> int:
+    port = free_port()
+    daemon.cli(
+        "run",
+        "cache",
+        "--",
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    )
+    return port
+
+
+def test_redis_keys_before_checkpoint_survive_and_later_ones_do_not(
+    daemon: Daemon, redis_port: int
+) -> None:
+    redis = pytest.importorskip("redis")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client = redis.Redis(port=redis_port, socket_timeout=5)
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    pipe = client.pipeline()
+    for i in range(20000):
+        pipe.set(f"before:{i}", f"value-{i}" * 8)
+    pipe.execute()
+    client.close()  # an open client connection is an established TCP socket: CRIU refuses it
+    daemon.checkpoint("cache")
+    client = redis.Redis(port=redis_port, socket_timeout=5)
+    pipe = client.pipeline()
+    for i in range(5000):
+        pipe.set(f"after:{i}", "x")
+    pipe.execute()
+    assert client.dbsize() == 25000
+    client.close()
+    kill_tree(daemon.pid("cache"))
+    daemon.cli("restore", "cache")
+    client = redis.Redis(port=redis_port, socket_timeout=5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            size = client.dbsize()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert size == 20000
+    assert client.get("before:19999") == ("value-19999" * 8).encode()
+    assert client.get("after:0") is None
+    client.close()
+
+
+def test_checkpoint_with_open_tcp_connection_fails_clearly(daemon: Daemon, redis_port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = socket.create_connection(("127.0.0.1", redis_port), timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    try:
+        conn.sendall(b"PING\r\n")
+        assert conn.recv(100) == b"+PONG\r\n"
+        r = daemon.cli("checkpoint", "cache", check=False)
+    finally:
+        conn.close()
+    assert r.returncode == 1
+    assert "tcp_established" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "CRIU log:" in r.stderr
+    log_path = r.stderr.split("CRIU log: ")[1].rstrip(")\n")
+    assert Path(log_path).read_text()  # the log of the failed attempt is kept
+    assert daemon.status("cache")["state"] == "running"  # the workload kept running
+
+
+def test_restored_process_is_in_its_own_pid_namespace(counter: tuple[Daemon, int]) -> None:
+    d, _port = counter
+    d.checkpoint("web")
+    kill_tree(d.pid("web"))
+    d.cli("restore", "web")
+    status = Path(f"/proc/{d.pid('web')}/status").read_text().splitlines()
+    nspid = next(ln for ln in status if ln.startswith("NSpid:")).split()
+    assert nspid[-1] == "1" and len(nspid) == 3
+
+
+def test_unregister_stops_the_whole_tree(daemon: Daemon) -> None:
+    port = free_port()
+    daemon.cli("run", "tree", "--", sys.executable, str(PROGRAMS / "tree_server.py"), str(port))
+    http_get(port)
+    pids = tree_pids(daemon.pid("tree"))
+    assert len(pids) == 2
+    daemon.cli("unregister", "tree")
+    for pid in pids:
+        assert not _exists(pid)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def threads_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("Threads:")[1].split()[0])
+
+
+def test_no_workload_left_running_check() -> None:
+    """Guard for the fixtures: nothing the previous tests started is still running."""
+    out = subprocess.run(
+        ["pgrep", "-f", "counter_server.py|tree_server.py"], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == ""
