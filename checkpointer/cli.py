@@ -286,7 +286,8 @@ def restore(config: Config, as_json: bool, name: str, checkpoint_id: str | None)
         as_json,
         r,
         lambda: click.echo(
-            f"restored {name} from {r['checkpoint']}: pid {r['pid']} in {r['duration_seconds']:.2f} s"
+            f"restored {name} from {r['checkpoint']}: pid {r['pid']} "
+            f"in {r['duration_seconds']:.2f} s"
         ),
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROGRAMS, Daemon, free_port, http_get, kill_tree, tree_pids
+from tests.conftest import COUNTER, PROGRAMS, Daemon, free_port, http_get, kill_tree, tree_pids
 
 
 def serve(port: int, n: int) -> str:
@@ -229,3 +229,58 @@ def test_no_workload_left_running_check() -> None:
         ["pgrep", "-f", "counter_server.py|tree_server.py"], capture_output=True, text=True
     )
     assert out.stdout.strip() == ""
+
+
+def test_adopted_workload_checkpoint_and_restore(daemon: Daemon) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(COUNTER), str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        http_get(port)
+        daemon.cli("register", "adopted", "--pid", str(proc.pid))
+        assert daemon.status("adopted")["kind"] == "adopted"
+        assert serve(port, 6) == "7"
+        daemon.checkpoint("adopted")
+        serve(port, 3)
+        proc.kill()
+        proc.wait()  # we are its parent: reap it so its PID is free for the restore
+        daemon.cli("restore", "adopted")
+        assert http_get(port) == "8"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_scheduled_checkpoints_and_keep_last(daemon: Daemon) -> None:
+    port = free_port()
+    daemon.cli(
+        "run",
+        "sched",
+        "--every",
+        "1s",
+        "--keep-last",
+        "3",
+        "--",
+        sys.executable,
+        str(COUNTER),
+        str(port),
+    )
+    http_get(port)
+    deadline = time.monotonic() + 30
+    while len(daemon.json("list", "sched")) < 3:
+        assert time.monotonic() < deadline, daemon.log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(2.5)
+    listed = daemon.json("list", "sched")
+    assert len(listed) == 3  # retention keeps the newest three
+    st = daemon.status("sched")
+    assert st["schedule"] == "every 1.0s" and st["next_checkpoint"]
+    recent = {c["id"] for c in listed} | {c["id"] for c in daemon.json("list", "sched")}
+    assert st["last_checkpoint"] in recent
+    assert st["last_checkpoint_age_seconds"] < 5

@@ -1,0 +1,149 @@
+"""The repository on the local-folder backend: round trip, dedup, crash safety, corruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import CheckpointNotFound, CorruptCheckpoint, Repository
+from storage.backends import LocalBlobStore
+from storage.repository import CHUNK_SIZE
+
+
+def make_folder(path: Path, sizes: dict[str, int]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, size in sizes.items():
+        (path / name).write_bytes(os.urandom(size))
+    return path
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+@pytest.fixture
+def repo(workdir: Path) -> Repository:
+    return Repository(LocalBlobStore(workdir / "repo"))
+
+
+def test_round_trip_is_byte_identical(repo: Repository, workdir: Path) -> None:
+    src = make_folder(
+        workdir / "src",
+        {
+            "pages-1.img": 5 * CHUNK_SIZE + 17,
+            "core-1.img": 300,
+            "empty.img": 0,
+            "big.img": 3 * 1024 * 1024,
+        },
+    )
+    m = repo.commit("w", src, {"note": "x"})
+    out = workdir / "out"
+    repo.materialize("w", m.id, out)
+    assert same_files(src, out)
+    assert (out.stat().st_mode & 0o777) == 0o700
+    assert all((p.stat().st_mode & 0o077) == 0 for p in out.iterdir())
+    assert repo.checkpoints("w")[0].metadata == {"note": "x"}
+
+
+def test_second_checkpoint_stores_only_changed_pages(repo: Repository, workdir: Path) -> None:
+    src = make_folder(workdir / "src", {"pages-1.img": 8 * 1024 * 1024})
+    first = repo.commit("w", src)
+    assert first.new_bytes > 8 * 1024 * 1024 * 0.99  # random data barely compresses
+    # Rewrite 20 scattered pages: only those should be stored again.
+    with open(src / "pages-1.img", "r+b") as f:
+        for i in range(20):
+            f.seek(i * 97 * CHUNK_SIZE)
+            f.write(os.urandom(CHUNK_SIZE))
+    second = repo.commit("w", src)
+    assert second.new_chunks == 20
+    assert second.new_bytes < 21 * CHUNK_SIZE + 1024
+    out = workdir / "out"
+    repo.materialize("w", second.id, out)
+    assert same_files(src, out)
+    assert [c.id for c in repo.checkpoints("w")] == [second.id, first.id]
+
+
+def test_flipped_byte_in_a_chunk_fails_restore_naming_the_checkpoint(
+    repo: Repository, workdir: Path
+) -> None:
+    src = make_folder(workdir / "src", {"pages-1.img": 64 * CHUNK_SIZE})
+    m = repo.commit("w", src)
+    pack = next((workdir / "repo" / "packs").rglob("*.pack"))
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    os.chmod(pack, 0o600)
+    pack.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint) as err:
+        repo.materialize("w", m.id, workdir / "out")
+    assert m.id in str(err.value) and "corrupt" in str(err.value)
+
+
+def test_missing_pack_fails_restore_clearly(repo: Repository, workdir: Path) -> None:
+    m = repo.commit("w", make_folder(workdir / "src", {"a": 10000}))
+    next((workdir / "repo" / "packs").rglob("*.pack")).unlink()
+    with pytest.raises(CorruptCheckpoint, match="missing"):
+        repo.materialize("w", m.id, workdir / "out")
+
+
+def test_unknown_checkpoint_and_bad_names(repo: Repository, workdir: Path) -> None:
+    with pytest.raises(CheckpointNotFound):
+        repo.read_manifest("w", "20260101T000000.000000Z-abcdef")
+    with pytest.raises(CheckpointNotFound):
+        repo.read_manifest("w", "../../etc/passwd")
+    with pytest.raises(ValueError):
+        repo.commit("../evil", workdir)
+    assert repo.checkpoints("nothing") == []
+
+
+def test_delete_removes_only_that_checkpoint(repo: Repository, workdir: Path) -> None:
+    src = make_folder(workdir / "src", {"a": 50000})
+    a = repo.commit("w", src)
+    b = repo.commit("w", src)
+    repo.delete("w", a.id)
+    assert [c.id for c in repo.checkpoints("w")] == [b.id]
+    repo.materialize("w", b.id, workdir / "out")  # shared chunks are still there
+    assert same_files(src, workdir / "out")
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from storage import Repository
+from storage.backends import LocalBlobStore
+Repository(LocalBlobStore(Path(sys.argv[1]))).commit("w", Path(sys.argv[2]))
+print("committed", flush=True)
+"""
+
+
+def test_writer_killed_mid_checkpoint_leaves_no_visible_checkpoint(workdir: Path) -> None:
+    src = make_folder(workdir / "src", {f"pages-{i}.img": 32 * 1024 * 1024 for i in range(8)})
+    store = workdir / "repo"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(store), str(src)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list((store / "packs").rglob("*.idx")) if (store / "packs").exists() else True:
+            assert proc.poll() is None, "the writer finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+    assert "committed" not in out  # it really died mid-checkpoint, packs written
+    repo = Repository(LocalBlobStore(store))
+    assert repo.checkpoints("w") == []
+    # The repository is still usable, and a new checkpoint reuses the orphaned packs' chunks.
+    m = repo.commit("w", src)
+    assert m.new_bytes < m.size_bytes
+    repo.materialize("w", m.id, workdir / "out")
+    assert same_files(src, workdir / "out")
