@@ -84,8 +84,50 @@ def _criu_flags(fn: F) -> F:
     return fn
 
 
-def _criu_opts(kw: dict[str, Any]) -> dict[str, bool]:
-    return {k: kw.pop(k) for k in ("tcp_established", "file_locks", "ext_unix_sk", "shell_job")}
+def _schedule_flags(fn: F) -> F:
+    fn = click.option("--every", help="checkpoint interval, e.g. 30s, 5m")(fn)
+    fn = click.option("--cron", help="checkpoint schedule, 5-field cron expression (UTC)")(fn)
+    fn = click.option("--jitter", help="random delay added to each scheduled run, e.g. 5s")(fn)
+    fn = click.option(
+        "--keep-last",
+        type=click.IntRange(min=1),
+        default=10,
+        show_default=True,
+        help="checkpoints kept",
+    )(fn)
+    fn = click.option(
+        "--max-restore-attempts",
+        type=click.IntRange(min=1),
+        default=None,
+        help="automatic restores in a crash loop before the workload is failed",
+    )(fn)
+    fn = click.option(
+        "--no-auto-restore", is_flag=True, help="do not restore by itself when the tree dies"
+    )(fn)
+    return fn
+
+
+def _options(kw: dict[str, Any]) -> dict[str, Any]:
+    """The workload options (config schema) from the flags; the daemon validates them."""
+    criu = {k: kw.pop(k) for k in ("tcp_established", "file_locks", "ext_unix_sk", "shell_job")}
+    restore: dict[str, Any] = {}
+    if kw.pop("no_auto_restore"):
+        restore["on_crash"] = False
+    attempts = kw.pop("max_restore_attempts")
+    if attempts:
+        restore["max_attempts"] = attempts
+    opts: dict[str, Any] = {
+        "criu": criu,
+        "retention": {"keep_last": kw.pop("keep_last")},
+        "restore": restore,
+    }
+    for key in ("every", "cron", "jitter"):
+        value = kw.pop(key)
+        if value is not None:
+            if key != "cron":
+                _duration(None, None, value)  # a usage error here, not in the daemon
+            opts[key] = value
+    return opts
 
 
 def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
@@ -118,11 +160,9 @@ def daemon(config: Config, log_format: str) -> None:
 @common()
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
-@click.option("--every", callback=_duration, help="checkpoint interval, e.g. 30s, 5m")
-@click.option("--cron", help="checkpoint schedule as a 5-field cron expression (UTC)")
 @click.option("--cwd", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--env", multiple=True, help="KEY=VALUE for the workload's environment")
-@click.option("--keep-last", type=click.IntRange(min=1), default=10, show_default=True)
+@_schedule_flags
 @_criu_flags
 def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw: Any) -> None:
     """Start COMMAND as managed workload NAME (own PID namespace): run NAME -- CMD ARGS..."""
@@ -138,12 +178,9 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
         "run",
         name=name,
         command=list(command),
-        every=kw["every"],
-        cron=kw["cron"],
+        options=_options(kw),
         env=env,
         cwd=str(cwd.resolve() if cwd else Path.cwd()),
-        criu=_criu_opts(kw),
-        keep_last=kw["keep_last"],
     )
     _emit(as_json, result, lambda: click.echo(f"started {name}: pid {result['pid']}"))
 
@@ -153,9 +190,7 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
 @click.argument("name")
 @click.option("--pid", type=int, default=None)
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--every", callback=_duration, help="checkpoint interval, e.g. 30s, 5m")
-@click.option("--cron", help="checkpoint schedule as a 5-field cron expression (UTC)")
-@click.option("--keep-last", type=click.IntRange(min=1), default=10, show_default=True)
+@_schedule_flags
 @_criu_flags
 def register(
     config: Config, as_json: bool, name: str, pid: int | None, pidfile: Path | None, **kw: Any
@@ -169,10 +204,7 @@ def register(
         name=name,
         pid=pid,
         pidfile=str(pidfile.resolve()) if pidfile else None,
-        every=kw["every"],
-        cron=kw["cron"],
-        criu=_criu_opts(kw),
-        keep_last=kw["keep_last"],
+        options=_options(kw),
     )
     _emit(as_json, result, lambda: click.echo(f"registered {name}: pid {result['pid']}"))
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -21,12 +20,12 @@ from pydantic import (
     model_validator,
 )
 
-from checkpointer.durations import parse_duration
+from checkpointer.config_types import Duration
 from checkpointer.errors import ConfigError
+from checkpointer.restore_policy import RestorePolicy
 from storage.manifest import check_workload_name
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/checkpointer/config.yaml"),)
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Strict(BaseModel):
@@ -47,7 +46,24 @@ class Retention(_Strict):
     keep_last: int = Field(10, ge=1, description="checkpoints kept per workload, newest first")
 
 
-class WorkloadConfig(_Strict):
+class WorkloadOptions(_Strict):
+    """How a workload is checkpointed and restored, whichever way it was registered."""
+
+    every: Duration | None = None
+    cron: str | None = None
+    jitter: Duration | None = Field(None, description="random delay added to each run")
+    criu: CriuOptions = Field(default_factory=CriuOptions)
+    retention: Retention = Field(default_factory=Retention)
+    restore: RestorePolicy = Field(default_factory=RestorePolicy)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> WorkloadOptions:
+        if self.every is not None and self.cron is not None:
+            raise ValueError("give at most one of every and cron")
+        return self
+
+
+class WorkloadConfig(WorkloadOptions):
     """A workload declared in the config: managed (`command`) or adopted (`pid`/`pidfile`)."""
 
     name: str
@@ -56,10 +72,11 @@ class WorkloadConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     pid: int | None = None
     pidfile: Path | None = None
-    every: Duration | None = None
-    cron: str | None = None
-    criu: CriuOptions = Field(default_factory=CriuOptions)
-    retention: Retention = Field(default_factory=Retention)
+
+    def options(self) -> WorkloadOptions:
+        return WorkloadOptions.model_validate(
+            self.model_dump(include=set(WorkloadOptions.model_fields))
+        )
 
     @field_validator("name")
     @classmethod
@@ -78,8 +95,6 @@ class WorkloadConfig(_Strict):
         sources = [x for x in (self.command, self.pid, self.pidfile) if x is not None]
         if len(sources) != 1:
             raise ValueError("give exactly one of command (managed), pid or pidfile (adopted)")
-        if self.every is not None and self.cron is not None:
-            raise ValueError("give at most one of every and cron")
         return self
 
 

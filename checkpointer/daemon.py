@@ -12,13 +12,15 @@ import signal
 import threading
 from typing import Any
 
+from pydantic import ValidationError
+
 from checkpointer.api import ApiServer
-from checkpointer.config import Config, CriuOptions, WorkloadConfig
+from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu
 from checkpointer.engine import Engine
-from checkpointer.errors import CheckpointerError
+from checkpointer.errors import CheckpointerError, ConfigError
+from checkpointer.supervisor import Supervisor
 from checkpointer.workloads.logs import LogPump
-from checkpointer.workloads.reaper import Reaper
 from storage import Repository
 from storage.backends import LocalBlobStore
 
@@ -38,43 +40,17 @@ def _handlers(engine: Engine) -> dict[str, Any]:
     def run(
         name: str,
         command: list[str],
-        every: float | None = None,
-        cron: str | None = None,
+        options: dict[str, Any],
         cwd: str | None = None,
         env: dict[str, str] | None = None,
-        criu: dict[str, bool] | None = None,
-        keep_last: int = 10,
     ) -> Any:
-        w = engine.run(
-            name,
-            command,
-            cwd=cwd,
-            env=env,
-            every=every,
-            cron=cron,
-            criu=CriuOptions(**(criu or {})),
-            keep_last=keep_last,
-        )
+        w = engine.run(name, command, _options(options), cwd=cwd, env=env)
         return engine.status(w.name)[0]
 
     def register(
-        name: str,
-        pid: int | None = None,
-        pidfile: str | None = None,
-        every: float | None = None,
-        cron: str | None = None,
-        criu: dict[str, bool] | None = None,
-        keep_last: int = 10,
+        name: str, options: dict[str, Any], pid: int | None = None, pidfile: str | None = None
     ) -> Any:
-        w = engine.register(
-            name,
-            pid=pid,
-            pidfile=pidfile,
-            every=every,
-            cron=cron,
-            criu=CriuOptions(**(criu or {})),
-            keep_last=keep_last,
-        )
+        w = engine.register(name, pid=pid, pidfile=pidfile, options=_options(options))
         return engine.status(w.name)[0]
 
     return {
@@ -90,31 +66,33 @@ def _handlers(engine: Engine) -> dict[str, Any]:
     }
 
 
+def _options(raw: dict[str, Any]) -> WorkloadOptions:
+    try:
+        return WorkloadOptions.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid workload options: {format_validation_error(e, raw)}") from e
+
+
 def _start_declared(engine: Engine, declared: list[WorkloadConfig]) -> None:
+    """Start or adopt the config's workloads; one registered before gets the config's options."""
     for wc in declared:
-        if wc.name in engine.status_names():
-            continue  # registered by a previous daemon: re-adopted by engine.load()
         try:
-            if wc.command:
+            if wc.name in engine.status_names():
+                engine.update_options(wc.name, wc.options())
+            elif wc.command:
                 engine.run(
                     wc.name,
                     wc.command,
+                    wc.options(),
                     cwd=str(wc.cwd) if wc.cwd else None,
                     env=wc.env,
-                    every=wc.every,
-                    cron=wc.cron,
-                    criu=wc.criu,
-                    keep_last=wc.retention.keep_last,
                 )
             else:
                 engine.register(
                     wc.name,
                     pid=wc.pid,
                     pidfile=str(wc.pidfile) if wc.pidfile else None,
-                    every=wc.every,
-                    cron=wc.cron,
-                    criu=wc.criu,
-                    keep_last=wc.retention.keep_last,
+                    options=wc.options(),
                 )
         except CheckpointerError as e:
             log.error("workload %s from the config was not started: %s", wc.name, e)
@@ -122,10 +100,11 @@ def _start_declared(engine: Engine, declared: list[WorkloadConfig]) -> None:
 
 def run_daemon(config: Config) -> None:
     engine = build_engine(config)
-    reaper = Reaper(engine.on_exit)
-    reaper.start()
+    supervisor = Supervisor(engine)
+    supervisor.start()
     engine.load()
     server = ApiServer(config.socket_path, _handlers(engine))
+    supervisor.recover_at_start()
     _start_declared(engine, config.workloads)
     engine.scheduler.start()
     server.start()
@@ -143,9 +122,9 @@ def run_daemon(config: Config) -> None:
         pass
     log.info("stopping: workloads keep running")
     engine.stop_all_schedules()
+    supervisor.stop()
     server.stop()
     engine.wait_idle()
     engine.pump.close()
-    reaper.stop()
     engine.save()
     log.info("stopped")

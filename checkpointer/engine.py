@@ -14,12 +14,13 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from checkpointer import hostinfo
-from checkpointer.config import Config, CriuOptions
+from checkpointer.config import Config, WorkloadOptions
 from checkpointer.criu import Criu, CriuError, DumpOptions
 from checkpointer.durations import format_duration
 from checkpointer.errors import (
@@ -33,6 +34,7 @@ from checkpointer.errors import (
     WorkloadNotRunning,
     WorkloadRunning,
 )
+from checkpointer.restore_policy import RestorePolicy, plan
 from checkpointer.scheduler import CheckpointScheduler, check_cron
 from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump, ensure_fifo
@@ -42,6 +44,7 @@ from storage.manifest import check_workload_name
 log = logging.getLogger(__name__)
 
 MANUAL_LOCK_TIMEOUT = 600.0
+HISTORY = 20
 
 
 @dataclass
@@ -55,15 +58,22 @@ class Workload:
     env: dict[str, str] = field(default_factory=dict)
     every: float | None = None
     cron: str | None = None
+    jitter: float | None = None
     criu: dict[str, bool] = field(default_factory=dict)
     keep_last: int = 10
+    restore: dict[str, Any] = field(default_factory=dict)  # RestorePolicy fields
     pid: int | None = None
     started: int | None = None  # /proc start time of `pid`: tells a reused PID apart
-    state: str = "stopped"  # running | stopped | exited | crashed
+    # running | stopping | stopped | exited | crashed | restoring | failed
+    state: str = "stopped"
     exit_status: str | None = None
     last_checkpoint: str | None = None
     last_checkpoint_at: float | None = None
     last_error: str | None = None
+    failed_reason: str | None = None
+    streak: dict[str, Any] = field(default_factory=dict)  # restore_policy.Streak fields
+    bad_checkpoints: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # restore attempts, newest last
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def persistable(self) -> dict[str, Any]:
@@ -72,8 +82,43 @@ class Workload:
     def dump_options(self) -> DumpOptions:
         return DumpOptions(**self.criu)
 
+    def policy(self) -> RestorePolicy:
+        return RestorePolicy(**self.restore)
+
+    def record(self, reason: str, result: str, detail: str, checkpoint: str | None = None) -> None:
+        """Keep the last HISTORY restore attempts, for `status` and the log."""
+        self.history.append(
+            {
+                "time": time.time(),
+                "reason": reason,
+                "checkpoint": checkpoint,
+                "result": result,
+                "detail": detail,
+            }
+        )
+        del self.history[:-HISTORY]
+        log.log(
+            logging.INFO if result == "ok" else logging.WARNING,
+            "restore of %s (%s) from %s: %s: %s",
+            self.name,
+            reason,
+            checkpoint or "its command",
+            result,
+            detail,
+        )
+
     def alive(self) -> bool:
         return self.pid is not None and process.is_alive(self.pid, self.started)
+
+
+def _with_options(w: Workload, options: WorkloadOptions) -> Workload:
+    if options.cron:
+        check_cron(options.cron)
+    w.every, w.cron, w.jitter = options.every, options.cron, options.jitter
+    w.criu = options.criu.model_dump()
+    w.keep_last = options.retention.keep_last
+    w.restore = options.restore.model_dump()
+    return w
 
 
 def describe_exit(status: int) -> str:
@@ -89,11 +134,14 @@ class Engine:
         self.criu = criu
         self.pump = pump
         self.scheduler = CheckpointScheduler(self._scheduled_checkpoint)
+        # Called with every workload whose tree gets a new PID (the supervisor watches it).
+        self.on_new_pid: Callable[[Workload], None] = lambda w: None
         self._workloads: dict[str, Workload] = {}
         self._registry_lock = threading.Lock()
         self._criu_version: str | None = None
         self.state_dir = config.state_dir
         self.registry_file = self.state_dir / "workloads.json"
+        self.previous_boot_id: str | None = None
         self.logs_dir = self.state_dir / "logs"
 
     # -- registry ----------------------------------------------------------------------
@@ -141,14 +189,13 @@ class Engine:
                 "cannot read %s (%s): starting with no registered workloads", self.registry_file, e
             )
             return
+        self.previous_boot_id = doc.get("boot_id")
         for item in doc.get("workloads", []):
             w = Workload(**item)
-            if w.state == "running" and not w.alive():
-                w.state, w.exit_status = "exited", "gone while the daemon was not running"
             self._workloads[w.name] = w
             if w.kind == "managed":
                 self.pump.attach(w.name, self.fifo(w.name), self.log_file(w.name))
-            self.scheduler.schedule(w.name, w.every, w.cron)
+            self.scheduler.schedule(w.name, w.every, w.cron, w.jitter)
             log.info("workload %s: %s (pid %s)", w.name, w.state, w.pid)
 
     def fifo(self, name: str) -> Path:
@@ -163,28 +210,18 @@ class Engine:
         self,
         name: str,
         command: list[str],
+        options: WorkloadOptions,
         *,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
-        every: float | None = None,
-        cron: str | None = None,
-        criu: CriuOptions | None = None,
-        keep_last: int = 10,
     ) -> Workload:
         """Start `command` as a managed workload and register it."""
         check_workload_name(name)
-        if cron:
-            check_cron(cron)
-        w = Workload(
-            name=name,
-            kind="managed",
-            command=list(command),
-            cwd=cwd,
-            env=dict(env or {}),
-            every=every,
-            cron=cron,
-            criu=(criu or CriuOptions()).model_dump(),
-            keep_last=keep_last,
+        w = _with_options(
+            Workload(
+                name=name, kind="managed", command=list(command), cwd=cwd, env=dict(env or {})
+            ),
+            options,
         )
         self._add(w)
         try:
@@ -195,7 +232,7 @@ class Engine:
                 self._workloads.pop(name, None)
             self.save()
             raise
-        self.scheduler.schedule(name, every, cron)
+        self.scheduler.schedule(name, w.every, w.cron, w.jitter)
         return w
 
     def _start(self, w: Workload) -> None:
@@ -207,6 +244,7 @@ class Engine:
         w.pid, w.started = pid, process.start_time(pid)
         w.state, w.exit_status, w.last_error = "running", None, None
         self.save()
+        self.on_new_pid(w)
         log.info("workload %s started: pid %d, command %s", w.name, pid, w.command)
 
     def register(
@@ -215,15 +253,10 @@ class Engine:
         *,
         pid: int | None = None,
         pidfile: str | None = None,
-        every: float | None = None,
-        cron: str | None = None,
-        criu: CriuOptions | None = None,
-        keep_last: int = 10,
+        options: WorkloadOptions,
     ) -> Workload:
         """Adopt a process tree started elsewhere."""
         check_workload_name(name)
-        if cron:
-            check_cron(cron)
         if pidfile is not None:
             try:
                 pid = int(Path(pidfile).read_text().split()[0])
@@ -236,21 +269,22 @@ class Engine:
             )
         if pid == os.getpid():
             raise ProcessNotFound("cannot register the checkpointer daemon itself")
-        w = Workload(
-            name=name,
-            kind="adopted",
-            pid=pid,
-            started=process.start_time(pid),
-            state="running",
-            every=every,
-            cron=cron,
-            criu=(criu or CriuOptions()).model_dump(),
-            keep_last=keep_last,
+        w = _with_options(
+            Workload(
+                name=name, kind="adopted", pid=pid, started=process.start_time(pid), state="running"
+            ),
+            options,
         )
         self._add(w)
-        self.scheduler.schedule(name, every, cron)
+        self.on_new_pid(w)
+        self.scheduler.schedule(name, w.every, w.cron, w.jitter)
         log.info("workload %s adopted: pid %d", name, pid)
         return w
+
+    def update_options(self, name: str, options: WorkloadOptions) -> None:
+        w = _with_options(self.get(name), options)
+        self.scheduler.schedule(name, w.every, w.cron, w.jitter)
+        self.save()
 
     def unregister(self, name: str, keep_running: bool = False) -> dict[str, Any]:
         """Stop checkpointing; a managed tree is stopped unless `keep_running`."""
@@ -300,6 +334,9 @@ class Engine:
                     ),
                     "next_checkpoint": nxt.isoformat() if nxt else None,
                     "last_error": w.last_error,
+                    "failed_reason": w.failed_reason,
+                    "restores": w.history[-5:],
+                    "bad_checkpoints": w.bad_checkpoints,
                     "log": str(self.log_file(w.name)) if w.kind == "managed" else None,
                     "busy": w.lock.locked(),
                 }
@@ -410,7 +447,11 @@ class Engine:
                     f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
                     "replaces it with a checkpoint, or stop it first"
                 )
-            return self._restore(w, checkpoint_id, reason="manual")
+            result = self._restore(w, checkpoint_id, reason="manual")
+            w.streak = {}
+            w.record("manual", "ok", f"restored as pid {w.pid}", result["checkpoint"])
+            self.save()
+            return result
 
     def rollback(self, name: str, to: str | None = None, back: int | None = None) -> dict[str, Any]:
         """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
@@ -476,8 +517,9 @@ class Engine:
             self.save()
             raise
         w.pid, w.started = pid, process.start_time(pid)
-        w.state, w.exit_status, w.last_error = "running", None, None
+        w.state, w.exit_status, w.last_error, w.failed_reason = "running", None, None, None
         self.save()
+        self.on_new_pid(w)
         duration = time.monotonic() - t0
         log.info(
             "restored %s from %s (%s): pid %d in %.2fs",
@@ -522,6 +564,7 @@ class Engine:
 
     def _teardown(self, w: Workload) -> None:
         assert w.pid is not None
+        w.state = "stopping"  # its death is ours: the supervisor must not restore it
         left = process.teardown(w.pid, w.started)
         if left:
             raise CheckpointerError(
@@ -531,14 +574,90 @@ class Engine:
         w.state, w.exit_status = "stopped", "stopped by checkpointer"
         self.save()
 
-    def on_exit(self, pid: int, status: int) -> None:
-        """Called by the reaper for every child it reaps."""
-        for w in list(self._workloads.values()):
-            if w.pid == pid and w.state == "running":
+    def mark_dead(self, pid: int, status: int | None) -> Workload | None:
+        """Record that a workload's root died (status None: not our child, status unknown).
+
+        Returns the workload if this death is news: it was running and nobody stopped it.
+        """
+        with self._registry_lock:
+            w = next(
+                (x for x in self._workloads.values() if x.pid == pid and x.state == "running"), None
+            )
+            if w is None:
+                return None
+            if status is None:
+                w.state, w.exit_status = "crashed", "exited (status unknown: not our child)"
+            else:
                 w.state = "exited" if status == 0 else "crashed"
                 w.exit_status = describe_exit(status)
-                log.warning("workload %s (pid %d) %s", w.name, pid, w.exit_status)
-                self.save()
+        log.warning("workload %s (pid %d) %s", w.name, pid, w.exit_status)
+        self.save()
+        return w
+
+    def workloads(self) -> list[Workload]:
+        return list(self._workloads.values())
+
+    def auto_restore(self, name: str, reason: str) -> None:
+        """Bring a dead workload back by its restore policy (called by the supervisor).
+
+        Tries the good checkpoints the policy's plan names, newest first, marking each that
+        fails to restore as bad; then a cold start of a managed workload; then gives up.
+        """
+        w = self._workloads.get(name)
+        if w is None:
+            return
+        with self._locked(w, wait=True):
+            if w.alive() or w.state not in ("crashed", "exited", "restoring"):
+                return  # restored by hand, stopped or unregistered meanwhile
+            policy = w.policy()
+            good = [c.id for c in self.repo.checkpoints(name) if c.id not in w.bad_checkpoints]
+            depth = int(w.streak.get("depth", 0))
+            steps = plan(policy, good, depth, w.kind == "managed")
+            for cid in steps.checkpoints:
+                try:
+                    self._restore(w, cid, reason)
+                except (CriuError, RestoreFailed, CheckpointNotFound) as e:
+                    w.bad_checkpoints = [*w.bad_checkpoints, cid][-100:]
+                    w.record(reason, "failed", f"{e}; marked bad, trying the one before", cid)
+                    self.save()
+                    continue
+                w.record(reason, "ok", f"restored as pid {w.pid}", cid)
+                self._restored(w)
+                return
+            if steps.cold_start:
+                try:
+                    self._start(w)
+                except CheckpointerError as e:
+                    w.record(reason, "failed", f"cold start failed: {e}")
+                else:
+                    w.record(
+                        reason,
+                        "ok",
+                        f"no usable checkpoint left ({len(good)} good, "
+                        f"depth {depth}): cold-started from its command as pid {w.pid}",
+                    )
+                    self._restored(w)
+                    return
+            self.fail(
+                w,
+                f"no checkpoint left to restore ({len(good)} good, stepped back "
+                f"{depth}, max_depth {policy.max_depth})"
+                + ("" if w.kind == "managed" else "; adopted workloads cannot cold-start"),
+            )
+
+    def _restored(self, w: Workload) -> None:
+        w.streak = {**w.streak, "last_restore_at": time.time()}
+        self.save()
+
+    def fail(self, w: Workload, why: str) -> None:
+        w.state, w.failed_reason = "failed", why
+        log.error(
+            "workload %s failed: %s; fix the cause, then `checkpointer restore %s`",
+            w.name,
+            why,
+            w.name,
+        )
+        self.save()
 
     def stop_all_schedules(self) -> None:
         self.scheduler.shutdown()

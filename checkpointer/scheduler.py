@@ -48,13 +48,17 @@ class CheckpointScheduler:
         if self._sched.running:
             self._sched.shutdown(wait=False)
 
-    def schedule(self, name: str, every: float | None, cron: str | None) -> None:
+    def schedule(
+        self, name: str, every: float | None, cron: str | None, jitter: float | None = None
+    ) -> None:
         self.unschedule(name)
+        trigger: IntervalTrigger | CronTrigger
         if every:
-            trigger: IntervalTrigger | CronTrigger = IntervalTrigger(seconds=every, timezone="UTC")
+            trigger = IntervalTrigger(seconds=every, timezone="UTC", jitter=jitter)
         elif cron:
             check_cron(cron)
             trigger = CronTrigger.from_crontab(cron, timezone="UTC")
+            trigger.jitter = jitter
         else:
             return
         self._sched.add_job(self._run, trigger, args=[name], id=name, name=f"checkpoint {name}")

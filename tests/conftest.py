@@ -73,6 +73,14 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
 def kill_tree(root: int) -> None:
     """kill -9 every process of the tree, as a crash or the OOM killer would."""
     for pid in tree_pids(root):
@@ -137,19 +145,26 @@ class Daemon:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
+        """Stop the daemon first (so it restores nothing more), then every workload it had."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            for w in self.json("status"):
-                if w["pid"] and w["state"] == "running":
-                    kill_tree(int(w["pid"]))
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.kill_workloads()
+
+    def kill_workloads(self) -> None:
+        registry = self.state / "workloads.json"
+        if not registry.exists():
+            return
+        for w in json.loads(registry.read_text())["workloads"]:
+            if w["pid"] and start_time(int(w["pid"])) == w["started"]:
+                kill_tree(int(w["pid"]))
 
 
 @pytest.fixture
@@ -174,8 +189,9 @@ def daemon(workdir: Path) -> Iterator[Daemon]:
 
 @pytest.fixture
 def counter(daemon: Daemon) -> Iterator[tuple[Daemon, int]]:
-    """The seed workload: a managed HTTP server counting requests in memory."""
+    """The seed workload: a managed HTTP server counting requests in memory (manual restore)."""
     port = free_port()
-    daemon.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+    # Automatic restore is off: these tests kill the tree and restore it by hand.
+    daemon.cli("run", "web", "--no-auto-restore", "--", sys.executable, str(COUNTER), str(port))
     http_get(port)  # wait until it listens; this is request 1
     yield daemon, port

@@ -80,7 +80,15 @@ def test_repeated_cycles(counter: tuple[Daemon, int]) -> None:
 
 def test_tree_with_child_process_and_threads_restored_whole(daemon: Daemon) -> None:
     port = free_port()
-    daemon.cli("run", "tree", "--", sys.executable, str(PROGRAMS / "tree_server.py"), str(port))
+    daemon.cli(
+        "run",
+        "tree",
+        "--no-auto-restore",
+        "--",
+        sys.executable,
+        str(PROGRAMS / "tree_server.py"),
+        str(port),
+    )
     for _ in range(6):
         last = http_get(port)
     assert last == "6 6 6"
@@ -106,6 +114,7 @@ def redis_port(daemon: Daemon) -> int:
     daemon.cli(
         "run",
         "cache",
+        "--no-auto-restore",
         "--",
         "redis-server",
         "--port",
@@ -203,7 +212,15 @@ def test_restored_process_is_in_its_own_pid_namespace(counter: tuple[Daemon, int
 
 def test_unregister_stops_the_whole_tree(daemon: Daemon) -> None:
     port = free_port()
-    daemon.cli("run", "tree", "--", sys.executable, str(PROGRAMS / "tree_server.py"), str(port))
+    daemon.cli(
+        "run",
+        "tree",
+        "--no-auto-restore",
+        "--",
+        sys.executable,
+        str(PROGRAMS / "tree_server.py"),
+        str(port),
+    )
     http_get(port)
     pids = tree_pids(daemon.pid("tree"))
     assert len(pids) == 2
@@ -242,7 +259,7 @@ def test_adopted_workload_checkpoint_and_restore(daemon: Daemon) -> None:
     )
     try:
         http_get(port)
-        daemon.cli("register", "adopted", "--pid", str(proc.pid))
+        daemon.cli("register", "adopted", "--no-auto-restore", "--pid", str(proc.pid))
         assert daemon.status("adopted")["kind"] == "adopted"
         assert serve(port, 6) == "7"
         daemon.checkpoint("adopted")

@@ -1,0 +1,9 @@
+"""Value types shared by config models."""
+
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+from checkpointer.durations import parse_duration
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
