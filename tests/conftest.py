@@ -101,6 +101,7 @@ class Daemon:
         self.config.write_text(f"state_dir: {self.state}\n{extra_config}")
         self.log = base / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
@@ -111,6 +112,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 cwd=ROOT,
                 start_new_session=True,
+                env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + 20
         while self.cli("status", check=False).returncode != 0:
@@ -127,6 +129,20 @@ class Daemon:
                 f"\n--- daemon log ---\n{self.log.read_text()[-4000:]}"
             )
         return r
+
+    def wait_for(self, name: str, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll `status NAME` until pred(status) holds; fail with the daemon's log if never."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(name)
+            if pred(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"status never matched: {st}\n--- daemon log ---\n"
+                    f"{self.log.read_text()[-4000:]}"
+                )
+            time.sleep(0.1)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
