@@ -88,3 +88,15 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_systemd_unit_keeps_workloads_when_the_daemon_stops() -> None:
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "configs" / "checkpointer.service")
+    service = unit["Service"]
+    assert service["KillMode"] == "process"  # never kill the workloads with the daemon
+    assert service["Restart"] == "on-failure"
+    assert " daemon --config " in service["ExecStart"]
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
