@@ -7,6 +7,7 @@ server checks the peer's uid with SO_PEERCRED, because a request can restore cod
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,16 @@ class ApiServer:
         if handler is None:
             self._reply(conn, {"ok": False, "kind": "protocol", "error": f"unknown op {op!r}"})
             return
+        if req.get("progress") and "progress" in inspect.signature(handler).parameters:
+            last = [0.0]
+
+            def progress(done: int, total: int) -> None:
+                now = time.monotonic()
+                if now - last[0] >= 0.1 or done >= total:
+                    last[0] = now
+                    self._reply(conn, {"progress": [done, total]})
+
+            args = {**args, "progress": progress}
         try:
             result = handler(**args)
             reply: dict[str, Any] = {"ok": True, "result": result}
@@ -127,9 +139,15 @@ def _claim_socket_path(path: Path) -> None:
     )
 
 
-def call(path: Path, op: str, **args: Any) -> Any:
-    """Send one request to the daemon and return its result, or raise RemoteError."""
+def call(
+    path: Path, op: str, on_progress: Callable[[int, int], None] | None = None, **args: Any
+) -> Any:
+    """Send one request to the daemon and return its result, or raise RemoteError.
+
+    With `on_progress`, the daemon streams (done, total) byte counts before its answer.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reply: dict[str, Any] | None = None
     try:
         try:
             sock.connect(str(path))
@@ -140,18 +158,23 @@ def call(path: Path, op: str, **args: Any) -> Any:
             ) from e
         except PermissionError as e:
             raise DaemonUnavailable(f"permission denied on {path}: run as root") from e
-        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
+        req: dict[str, Any] = {"op": op, "args": args}
+        if on_progress:
+            req["progress"] = True
+        sock.sendall(json.dumps(req).encode() + b"\n")
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                msg = json.loads(line)
+                if "progress" in msg:
+                    if on_progress:
+                        on_progress(*msg["progress"])
+                    continue
+                reply = msg
                 break
-            data += chunk
     finally:
         sock.close()
-    if not data:
+    if reply is None:
         raise DaemonUnavailable("the daemon closed the connection without answering; check its log")
-    reply = json.loads(data)
     if not reply.get("ok"):
         raise RemoteError(reply.get("kind", "error"), reply.get("error", "unknown error"))
     return reply.get("result")

@@ -5,18 +5,26 @@ Errors print one line (`error: ...`) and exit 1; usage errors exit 2. No traceba
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from checkpointer import __version__, api
@@ -26,7 +34,7 @@ from checkpointer.errors import CheckpointerError
 from storage import StorageError
 
 F = TypeVar("F", bound=Callable[..., Any])
-out = Console()
+out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -91,9 +99,8 @@ def _schedule_flags(fn: F) -> F:
     fn = click.option(
         "--keep-last",
         type=click.IntRange(min=1),
-        default=10,
-        show_default=True,
-        help="checkpoints kept",
+        default=None,
+        help="checkpoints kept (default: the config's top-level retention)",
     )(fn)
     fn = click.option(
         "--max-restore-attempts",
@@ -116,11 +123,10 @@ def _options(kw: dict[str, Any]) -> dict[str, Any]:
     attempts = kw.pop("max_restore_attempts")
     if attempts:
         restore["max_attempts"] = attempts
-    opts: dict[str, Any] = {
-        "criu": criu,
-        "retention": {"keep_last": kw.pop("keep_last")},
-        "restore": restore,
-    }
+    opts: dict[str, Any] = {"criu": criu, "restore": restore}
+    keep_last = kw.pop("keep_last")
+    if keep_last:
+        opts["retention"] = {"keep_last": keep_last}
     for key in ("every", "cron", "jitter"):
         value = kw.pop(key)
         if value is not None:
@@ -313,7 +319,14 @@ def list_(config: Config, as_json: bool, name: str) -> None:
 )
 def restore(config: Config, as_json: bool, name: str, checkpoint_id: str | None) -> None:
     """Restore NAME, which must not be running, from a checkpoint."""
-    r = api.call(config.socket_path, "restore", name=name, checkpoint_id=checkpoint_id)
+    with _progress(as_json, f"restoring {name}") as on_progress:
+        r = api.call(
+            config.socket_path,
+            "restore",
+            on_progress=on_progress,
+            name=name,
+            checkpoint_id=checkpoint_id,
+        )
     _emit(
         as_json,
         r,
@@ -346,6 +359,75 @@ def rollback(config: Config, as_json: bool, name: str, to: str | None, back: int
 
 @cli.command()
 @common()
+@click.argument("name", required=False)
+@click.option("--dry-run", is_flag=True, help="show what would be removed, remove nothing")
+def prune(config: Config, as_json: bool, name: str | None, dry_run: bool) -> None:
+    """Apply retention now (NAME or every workload), then collect unreferenced packs."""
+    r = api.call(config.socket_path, "prune", name=name, dry_run=dry_run)
+
+    def human() -> None:
+        t = Table("WORKLOAD", "ID", "CREATED (UTC)", "ACTION", "WHY")
+        for c in r["checkpoints"]:
+            action = c["action"] if not dry_run or c["action"] == "keep" else "would remove"
+            t.add_row(
+                c["workload"],
+                c["id"],
+                c["created"][:19].replace("T", " "),
+                action,
+                ", ".join(c["reasons"]),
+            )
+        out.print(t)
+        gc = r["gc"]
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"garbage collection: {verb} {gc['deleted_packs']} unreferenced pack(s); "
+            f"{gc['kept_young_unreferenced']} kept as younger than the grace period"
+        )
+
+    _emit(as_json, r, human)
+
+
+@cli.command()
+@common()
+@click.argument("name")
+@click.argument("checkpoint_id", required=False)
+def verify(config: Config, as_json: bool, name: str, checkpoint_id: str | None) -> None:
+    """Re-hash every chunk of a checkpoint (default: the newest) in the repository."""
+    with _progress(as_json, f"verifying {name}") as on_progress:
+        r = api.call(
+            config.socket_path,
+            "verify",
+            on_progress=on_progress,
+            name=name,
+            checkpoint_id=checkpoint_id,
+        )
+    _emit(
+        as_json,
+        r,
+        lambda: click.echo(
+            f"{r['id']} of {name}: ok, {r['chunks']} chunks ({_mb(r['size_bytes'])}) verified "
+            f"in {r['duration_seconds']:.2f} s"
+        ),
+    )
+
+
+@cli.command()
+@common()
+@click.argument("name")
+@click.argument("checkpoint_id")
+@click.option("--remove", is_flag=True, help="unpin instead")
+def pin(config: Config, as_json: bool, name: str, checkpoint_id: str, remove: bool) -> None:
+    """Keep a checkpoint whatever retention says (or --remove the pin)."""
+    r = api.call(config.socket_path, "pin", name=name, checkpoint_id=checkpoint_id, unpin=remove)
+    _emit(
+        as_json,
+        r,
+        lambda: click.echo(f"{'pinned' if r['pinned'] else 'unpinned'} {checkpoint_id} of {name}"),
+    )
+
+
+@cli.command()
+@common()
 def doctor(config: Config, as_json: bool) -> None:
     """Check CRIU, kernel features, storage and permissions; say how to fix what is missing."""
     from checkpointer.doctor import run_checks
@@ -362,6 +444,28 @@ def doctor(config: Config, as_json: bool) -> None:
     _emit(as_json, [c.as_dict() for c in checks], human)
     if any(c.required and not c.ok for c in checks):
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _progress(as_json: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal (not with --json, not in a pipe)."""
+    if as_json or not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def _mb(n: int | None) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from checkpointer.config_types import Duration
+from checkpointer.config_types import ByteSize, Duration
 from checkpointer.errors import ConfigError
 from checkpointer.restore_policy import RestorePolicy
 from storage.manifest import check_workload_name
@@ -43,7 +43,26 @@ class CriuOptions(_Strict):
 
 
 class Retention(_Strict):
-    keep_last: int = Field(10, ge=1, description="checkpoints kept per workload, newest first")
+    """restic's `forget` rules, ORed (see storage/retention.py); UTC calendar buckets."""
+
+    keep_last: int | None = Field(None, ge=1)
+    keep_hourly: int | None = Field(None, ge=1)
+    keep_daily: int | None = Field(None, ge=1)
+    keep_weekly: int | None = Field(None, ge=1)
+    keep_monthly: int | None = Field(None, ge=1)
+    keep_yearly: int | None = Field(None, ge=1)
+    keep_within: Duration | None = None
+    max_total_bytes: ByteSize | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Retention:
+        rules = self.model_dump(exclude={"max_total_bytes"}, exclude_none=True)
+        if not rules:
+            raise ValueError(
+                "a retention policy needs at least one keep_* rule "
+                "(an empty one would remove every checkpoint)"
+            )
+        return self
 
 
 class WorkloadOptions(_Strict):
@@ -53,7 +72,7 @@ class WorkloadOptions(_Strict):
     cron: str | None = None
     jitter: Duration | None = Field(None, description="random delay added to each run")
     criu: CriuOptions = Field(default_factory=CriuOptions)
-    retention: Retention = Field(default_factory=Retention)
+    retention: Retention | None = Field(None, description="default: the top-level retention")
     restore: RestorePolicy = Field(default_factory=RestorePolicy)
 
     @model_validator(mode="after")
@@ -98,16 +117,44 @@ class WorkloadConfig(WorkloadOptions):
         return self
 
 
-class StorageConfig(_Strict):
-    backend: str = Field("local", description="only 'local' for now")
-    path: Path | None = Field(None, description="repository folder; default STATE_DIR/repository")
+class S3Config(_Strict):
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = Field(None, description="for S3-compatible servers")
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    profile: str | None = Field(None, description="a profile of ~/.aws/config")
+    access_key_id: str | None = Field(None, description="prefer the AWS credential chain")
+    secret_access_key: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    create_only: bool = Field(True, description="send If-None-Match: * on uploads")
+    multipart_threshold: ByteSize = 64 * 1024 * 1024
+    multipart_chunk: ByteSize = 16 * 1024 * 1024
 
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        if v != "local":
-            raise ValueError(f"unknown backend {v!r}: use 'local'")
-        return v
+
+class RetryConfig(_Strict):
+    attempts: int = Field(5, ge=1)
+    max_delay: Duration = Field(60.0, description="give up retrying one operation after this")
+
+
+class StorageConfig(_Strict):
+    backend: Literal["local", "s3"] = "local"
+    path: Path | None = Field(None, description="local: repository folder")
+    s3: S3Config | None = None
+    cache_dir: Path | None = Field(None, description="s3: spool and cache; STATE_DIR/cache")
+    spool_max_bytes: ByteSize = Field(10 * 1024**3, description="s3: un-uploaded backlog cap")
+    cache_max_bytes: ByteSize = Field(2 * 1024**3, description="s3: local copies kept")
+    concurrency: int = Field(4, ge=1, le=64, description="packs uploaded/downloaded at once")
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    gc_grace: Duration = Field(6 * 3600.0, description="unreferenced packs younger are kept")
+    gc_every: Duration | None = Field(3600.0, description="garbage collection interval")
+
+    @model_validator(mode="after")
+    def _s3_needs_settings(self) -> StorageConfig:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs an s3: section with at least bucket")
+        return self
 
 
 class CriuConfig(_Strict):
@@ -123,6 +170,7 @@ class Config(_Strict):
     socket: Path | None = None
     storage: StorageConfig = Field(default_factory=StorageConfig)
     criu: CriuConfig = Field(default_factory=CriuConfig)
+    retention: Retention = Field(default_factory=lambda: Retention(keep_last=10))
     workloads: list[WorkloadConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -142,6 +190,10 @@ class Config(_Strict):
     def repository_path(self) -> Path:
         return self.storage.path or self.state_dir / "repository"
 
+    @property
+    def cache_path(self) -> Path:
+        return self.storage.cache_dir or self.state_dir / "cache"
+
     def resolve_paths(self, base: Path) -> Config:
         """Make every relative path absolute against `base` (the config file's folder)."""
 
@@ -151,6 +203,7 @@ class Config(_Strict):
         self.state_dir = fix(self.state_dir) or self.state_dir
         self.socket = fix(self.socket)
         self.storage.path = fix(self.storage.path)
+        self.storage.cache_dir = fix(self.storage.cache_dir)
         self.criu.scratch_dir = fix(self.criu.scratch_dir)
         for w in self.workloads:
             w.cwd = fix(w.cwd) if w.cwd else base

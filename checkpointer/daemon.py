@@ -19,10 +19,9 @@ from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_
 from checkpointer.criu import Criu
 from checkpointer.engine import Engine
 from checkpointer.errors import CheckpointerError, ConfigError
+from checkpointer.storage_setup import open_repository
 from checkpointer.supervisor import Supervisor
 from checkpointer.workloads.logs import LogPump
-from storage import Repository
-from storage.backends import LocalBlobStore
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +31,10 @@ def build_engine(config: Config) -> Engine:
     os.chmod(config.state_dir, 0o700)
     criu = Criu(config.criu.binary, config.state_dir / "logs" / "criu-failed", config.criu.timeout)
     criu.require_version()
-    repo = Repository(LocalBlobStore(config.repository_path))
-    return Engine(config, repo, criu, LogPump())
+    repo, spool = open_repository(config)
+    engine = Engine(config, repo, criu, LogPump())
+    engine.spool = spool
+    return engine
 
 
 def _handlers(engine: Engine) -> dict[str, Any]:
@@ -62,6 +63,9 @@ def _handlers(engine: Engine) -> dict[str, Any]:
         "list": engine.list_checkpoints,
         "restore": engine.restore,
         "rollback": engine.rollback,
+        "prune": engine.prune,
+        "verify": engine.verify,
+        "pin": engine.pin,
         "ping": lambda: {"pid": os.getpid()},
     }
 
@@ -106,6 +110,8 @@ def run_daemon(config: Config) -> None:
     server = ApiServer(config.socket_path, _handlers(engine))
     supervisor.recover_at_start()
     _start_declared(engine, config.workloads)
+    if config.storage.gc_every:
+        engine.scheduler.every(config.storage.gc_every, "gc", engine.collect_garbage)
     engine.scheduler.start()
     server.start()
     log.info(
@@ -126,5 +132,7 @@ def run_daemon(config: Config) -> None:
     server.stop()
     engine.wait_idle()
     engine.pump.close()
+    if engine.spool is not None:
+        engine.spool.close()
     engine.save()
     log.info("stopped")

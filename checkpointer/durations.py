@@ -45,3 +45,35 @@ def format_duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_SIZE_UNIT = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes in `value`: 1048576, 512MiB, 10GiB, 2GB (powers of 1000), 4k."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a size: write e.g. 512MiB, 10GiB, 2GB or bytes")
+        unit = (m.group(2) or "").lower().removesuffix("b")
+        n = int(float(m.group(1)) * _SIZE_UNIT[unit])
+    if n <= 0:
+        raise ValueError(f"{value!r}: a size must be greater than zero")
+    return n

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer import hostinfo
-from checkpointer.config import Config, WorkloadOptions
+from checkpointer.config import Config, Retention, WorkloadOptions
 from checkpointer.criu import Criu, CriuError, DumpOptions
 from checkpointer.durations import format_duration
 from checkpointer.errors import (
@@ -38,7 +38,8 @@ from checkpointer.restore_policy import RestorePolicy, plan
 from checkpointer.scheduler import CheckpointScheduler, check_cron
 from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump, ensure_fifo
-from storage import CheckpointNotFound, Repository, StorageError
+from storage import CheckpointNotFound, Repository, StorageError, retention
+from storage.backends.spooled import SpooledBlobStore
 from storage.manifest import check_workload_name
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Workload:
     cron: str | None = None
     jitter: float | None = None
     criu: dict[str, bool] = field(default_factory=dict)
-    keep_last: int = 10
+    retention: dict[str, Any] = field(default_factory=lambda: {"keep_last": 10})
     restore: dict[str, Any] = field(default_factory=dict)  # RestorePolicy fields
     pid: int | None = None
     started: int | None = None  # /proc start time of `pid`: tells a reused PID apart
@@ -111,12 +112,12 @@ class Workload:
         return self.pid is not None and process.is_alive(self.pid, self.started)
 
 
-def _with_options(w: Workload, options: WorkloadOptions) -> Workload:
+def _with_options(w: Workload, options: WorkloadOptions, default_retention: Retention) -> Workload:
     if options.cron:
         check_cron(options.cron)
     w.every, w.cron, w.jitter = options.every, options.cron, options.jitter
     w.criu = options.criu.model_dump()
-    w.keep_last = options.retention.keep_last
+    w.retention = (options.retention or default_retention).model_dump(exclude_none=True)
     w.restore = options.restore.model_dump()
     return w
 
@@ -142,6 +143,9 @@ class Engine:
         self.state_dir = config.state_dir
         self.registry_file = self.state_dir / "workloads.json"
         self.previous_boot_id: str | None = None
+        self.retention_deleted = 0
+        self.spool: SpooledBlobStore | None = None
+        self.spool_dropped = 0
         self.logs_dir = self.state_dir / "logs"
 
     # -- registry ----------------------------------------------------------------------
@@ -222,6 +226,7 @@ class Engine:
                 name=name, kind="managed", command=list(command), cwd=cwd, env=dict(env or {})
             ),
             options,
+            self.config.retention,
         )
         self._add(w)
         try:
@@ -274,6 +279,7 @@ class Engine:
                 name=name, kind="adopted", pid=pid, started=process.start_time(pid), state="running"
             ),
             options,
+            self.config.retention,
         )
         self._add(w)
         self.on_new_pid(w)
@@ -282,7 +288,7 @@ class Engine:
         return w
 
     def update_options(self, name: str, options: WorkloadOptions) -> None:
-        w = _with_options(self.get(name), options)
+        w = _with_options(self.get(name), options, self.config.retention)
         self.scheduler.schedule(name, w.every, w.cron, w.jitter)
         self.save()
 
@@ -418,6 +424,7 @@ class Engine:
             duration,
         )
         self._apply_retention(w)
+        self._shed_spool()
         self.save()
         return {
             "workload": w.name,
@@ -428,17 +435,140 @@ class Engine:
             "dump_stats": stats.as_dict(),
         }
 
-    def _apply_retention(self, w: Workload) -> None:
-        for info in self.repo.checkpoints(w.name)[w.keep_last :]:
+    def _apply_retention(self, w: Workload, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Decide keep/remove for every checkpoint of `w` and remove (unless dry_run)."""
+        infos = self.repo.checkpoints(w.name)
+        good = [i.id for i in infos if i.id not in w.bad_checkpoints]
+        verdicts = retention.decide(
+            retention.RetentionPolicy(**w.retention),
+            [retention.Item(i.id, i.created, i.size_bytes) for i in infos],
+            pinned=frozenset(self.repo.pins(w.name)),
+            protected=frozenset(good[:1]),
+        )
+        rows = []
+        for v in verdicts:
+            rows.append(
+                {
+                    "workload": w.name,
+                    "id": v.id,
+                    "created": v.created.isoformat(),
+                    "action": "keep" if v.keep else "remove",
+                    "reasons": v.reasons or ["no rule keeps it"],
+                }
+            )
+            if v.keep or dry_run:
+                continue
             try:
-                self.repo.delete(w.name, info.id)
-                log.info("retention: removed checkpoint %s of %s", info.id, w.name)
+                self.repo.delete(w.name, v.id)
+                self.retention_deleted += 1
+                log.info("retention: removed checkpoint %s of %s", v.id, w.name)
             except StorageError as e:
-                log.warning("retention: cannot remove %s of %s: %s", info.id, w.name, e)
+                log.warning("retention: cannot remove %s of %s: %s", v.id, w.name, e)
+        return rows
+
+    def _shed_spool(self) -> None:
+        """The backend is down and the spool is full: drop the oldest checkpoints not uploaded."""
+        spool, limit = self.spool, self.config.storage.spool_max_bytes
+        if spool is None or spool.backlog_bytes() <= limit:
+            return
+        dropped = self.repo.shed(spool.pending_keys(), spool.discard, spool.backlog_bytes, limit)
+        self.spool_dropped += len(dropped)
+        log.error(
+            "spool over %d bytes while the backend is unreachable: dropped %d checkpoint(s) "
+            "never uploaded: %s",
+            limit,
+            len(dropped),
+            ", ".join(dropped) or "none",
+        )
+
+    def collect_garbage(self) -> None:
+        try:
+            report = self.repo.gc()
+            if report.deleted_packs:
+                log.info("gc: removed %d unreferenced pack(s)", len(report.deleted_packs))
+        except StorageError as e:
+            log.warning("gc failed: %s", e)
+
+    def prune(self, name: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """Apply retention now (one workload or all), then collect unreferenced packs."""
+        names = [name] if name else sorted(set(self._workloads) | set(self.repo.workloads()))
+        rows: list[dict[str, Any]] = []
+        for n in names:
+            w = self._workloads.get(n)
+            if w is None:
+                check_workload_name(n)
+                if not self.repo.checkpoints(n):
+                    self.get(n)  # unknown here and nothing stored: the clear error
+                w = Workload(
+                    name=n,
+                    kind="adopted",
+                    retention=self.config.retention.model_dump(exclude_none=True),
+                )
+                rows += self._apply_retention(w, dry_run)
+                continue
+            with self._locked(w, wait=True):
+                rows += self._apply_retention(w, dry_run)
+        report = self.repo.gc(dry_run=dry_run)
+        return {
+            "dry_run": dry_run,
+            "checkpoints": rows,
+            "gc": {
+                "deleted_packs": len(report.deleted_packs),
+                "kept_young_unreferenced": report.kept_young,
+                "referenced_packs": report.referenced_packs,
+            },
+        }
+
+    def verify(
+        self,
+        name: str,
+        checkpoint_id: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Re-hash every chunk of one checkpoint (default: the newest) from the repository."""
+        check_workload_name(name)
+        if checkpoint_id is None:
+            infos = self.repo.checkpoints(name)
+            if not infos:
+                self.get(name)
+                raise CheckpointNotFound(f"workload {name} has no checkpoint to verify")
+            checkpoint_id = infos[0].id
+        m = self.repo.read_manifest(name, checkpoint_id)
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, m.size_bytes)
+
+        t0 = time.monotonic()
+        self.repo.verify(name, checkpoint_id, step)
+        return {
+            "workload": name,
+            "id": checkpoint_id,
+            "ok": True,
+            "files": len(m.files),
+            "size_bytes": m.size_bytes,
+            "chunks": m.total_chunks,
+            "duration_seconds": round(time.monotonic() - t0, 3),
+        }
+
+    def pin(self, name: str, checkpoint_id: str, unpin: bool = False) -> dict[str, Any]:
+        if unpin:
+            self.repo.unpin(name, checkpoint_id)
+        else:
+            self.repo.pin(name, checkpoint_id)
+        return {"workload": name, "id": checkpoint_id, "pinned": not unpin}
 
     # -- restore and rollback ----------------------------------------------------------
 
-    def restore(self, name: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+    def restore(
+        self,
+        name: str,
+        checkpoint_id: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
         """Restore a workload that is not running (registered here, or known to the repository)."""
         w = self._workloads.get(name) or self._workload_from_repository(name, checkpoint_id)
         with self._locked(w, wait=True):
@@ -447,7 +577,7 @@ class Engine:
                     f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
                     "replaces it with a checkpoint, or stop it first"
                 )
-            result = self._restore(w, checkpoint_id, reason="manual")
+            result = self._restore(w, checkpoint_id, reason="manual", progress=progress)
             w.streak = {}
             w.record("manual", "ok", f"restored as pid {w.pid}", result["checkpoint"])
             self.save()
@@ -478,7 +608,13 @@ class Engine:
             finally:
                 shutil.rmtree(images.parent, ignore_errors=True)
 
-    def _restore(self, w: Workload, checkpoint_id: str | None, reason: str) -> dict[str, Any]:
+    def _restore(
+        self,
+        w: Workload,
+        checkpoint_id: str | None,
+        reason: str,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
         if checkpoint_id is None:
             infos = self.repo.checkpoints(w.name)
             if not infos:
@@ -489,14 +625,30 @@ class Engine:
             checkpoint_id = infos[0].id
         images = self._scratch(w.name, "restore")
         try:
-            self._materialize(w, checkpoint_id, images)
+            self._materialize(w, checkpoint_id, images, progress)
             return self._criu_restore(w, checkpoint_id, images, reason)
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
 
-    def _materialize(self, w: Workload, checkpoint_id: str, images: Path) -> None:
+    def _materialize(
+        self,
+        w: Workload,
+        checkpoint_id: str,
+        images: Path,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        step = None
+        if progress:
+            total = self.repo.read_manifest(w.name, checkpoint_id).size_bytes
+            done = 0
+
+            def step(n: int) -> None:
+                nonlocal done
+                done += n
+                progress(done, total)
+
         try:
-            self.repo.materialize(w.name, checkpoint_id, images)
+            self.repo.materialize(w.name, checkpoint_id, images, step)
         except CheckpointNotFound:
             raise
         except (StorageError, OSError) as e:

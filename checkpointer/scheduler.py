@@ -63,6 +63,16 @@ class CheckpointScheduler:
             return
         self._sched.add_job(self._run, trigger, args=[name], id=name, name=f"checkpoint {name}")
 
+    def every(self, seconds: float, job_id: str, fn: Callable[[], None]) -> None:
+        """A maintenance job (garbage collection), under an id no workload can take."""
+        self._sched.add_job(
+            fn,
+            IntervalTrigger(seconds=seconds, timezone="UTC"),
+            id=f"@{job_id}",
+            name=job_id,
+            replace_existing=True,
+        )
+
     def unschedule(self, name: str) -> None:
         if self._sched.get_job(name):
             self._sched.remove_job(name)

@@ -19,3 +19,11 @@ class CheckpointNotFound(StorageError):
 
 class CorruptCheckpoint(StorageError):
     """A checkpoint's manifest or one of its chunks does not match what was stored."""
+
+
+class TransientStorageError(StorageError):
+    """Worth retrying: throttling, a 5xx, a dropped connection, an unreachable endpoint."""
+
+
+class StorageAccessError(StorageError):
+    """Not worth retrying: bad credentials, no permission, no such bucket. Fix the config."""

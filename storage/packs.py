@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+import time
 from dataclasses import dataclass
 
 from storage.errors import CorruptCheckpoint
@@ -21,15 +22,32 @@ _IDX_ENTRY = struct.Struct(f"<{DIGEST_SIZE}sII")  # digest, offset, compressed l
 
 
 def new_pack_id() -> str:
-    return secrets.token_hex(16)
+    """Creation time (hex seconds) then randomness: garbage collection reads a pack's age
+    from its name, which works the same on every backend."""
+    return f"{int(time.time()):08x}{secrets.token_hex(12)}"
+
+
+def pack_created(pack_id: str) -> float:
+    try:
+        return float(int(pack_id[:8], 16))
+    except ValueError:
+        return 0.0
 
 
 def pack_key(pack_id: str) -> str:
-    return f"packs/{pack_id[:2]}/{pack_id}.pack"
+    return f"packs/{pack_id[-2:]}/{pack_id}.pack"
 
 
 def index_key(pack_id: str) -> str:
-    return f"packs/{pack_id[:2]}/{pack_id}.idx"
+    return f"packs/{pack_id[-2:]}/{pack_id}.idx"
+
+
+def pack_id_of_key(key: str) -> str | None:
+    name = key.rsplit("/", 1)[-1]
+    for suffix in (".pack", ".idx"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 def pack_id_of_index_key(key: str) -> str | None:

@@ -13,10 +13,15 @@ chunk map, whatever the image size.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import tempfile
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,9 +44,12 @@ from storage.packs import (
     decode_index,
     encode_index,
     index_key,
+    pack_created,
     pack_id_of_index_key,
+    pack_id_of_key,
     pack_key,
 )
+from storage.rwlock import RWLock
 
 CHUNK_SIZE = 4096
 _READ_BLOCK = 1024 * 1024
@@ -64,13 +72,36 @@ class CheckpointInfo:
     metadata: dict[str, Any]
 
 
-class Repository:
-    """Checkpoints of workloads over any BlobStore. Safe to use from several threads."""
+ProgressFn = Callable[[int], None]  # called with bytes just done
+KNOWN_TTL = 900.0  # reload the digests of other writers' packs this often
 
-    def __init__(self, backend: BlobStore) -> None:
+
+@dataclass
+class GcReport:
+    referenced_packs: int = 0
+    deleted_packs: list[str] = field(default_factory=list)
+    kept_young: int = 0  # unreferenced but younger than the grace period (maybe in flight)
+
+
+class Repository:
+    """Checkpoints of workloads over any BlobStore. Safe to use from several threads.
+
+    Commits run concurrently (each writes its own packs); garbage collection and spool
+    shedding wait for them and run alone (a readers-writer lock). Across processes and hosts,
+    a pack younger than the grace period is never collected: it may belong to a commit whose
+    manifest is not written yet.
+    """
+
+    def __init__(
+        self, backend: BlobStore, concurrency: int = 4, gc_grace: float = 6 * 3600
+    ) -> None:
         self.backend = backend
+        self.concurrency = max(1, concurrency)
+        self.gc_grace = gc_grace
         self._lock = threading.Lock()
-        self._known: dict[bytes, str] | None = None  # digest -> pack id, only durable packs
+        self._gc_lock = RWLock()
+        self._known: dict[bytes, str] | None = None  # digest -> pack id, durable packs only
+        self._known_at = 0.0
 
     # -- write -------------------------------------------------------------------------
 
@@ -79,49 +110,67 @@ class Repository:
     ) -> Manifest:
         """Store the files under `folder` as a new checkpoint of `workload`; return its manifest."""
         check_workload_name(workload)
+        with self._gc_lock.shared():
+            return self._commit(workload, folder, metadata or {})
+
+    def _commit(self, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
         known = self._known_chunks()
         cid = new_checkpoint_id()
         compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
         builder = PackBuilder()
-        pending: dict[bytes, str] = {}  # chunks of this checkpoint in packs not yet indexed here
+        pending: dict[bytes, str] = {}  # chunks of this checkpoint in packs not yet durable
         used_packs: set[str] = set()
         files: list[FileEntry] = []
-        size_bytes = new_bytes = new_chunks = total_chunks = 0
+        size_bytes = new_chunks = total_chunks = 0
+        new_bytes = 0
+        # Packs upload while the next one is built; at most `concurrency` in flight (memory).
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pack-writer")
+        in_flight: list[Future[int]] = []
+
+        def write(b: PackBuilder) -> int:
+            self.backend.put(pack_key(b.pack_id), bytes(b.data))
+            self.backend.put(index_key(b.pack_id), encode_index(b.entries))
+            with self._lock:
+                for digest in b.entries:
+                    known[digest] = b.pack_id
+            return len(b.data)
 
         def flush() -> None:
             nonlocal builder, new_bytes
             if not len(builder):
                 return
-            self.backend.put(pack_key(builder.pack_id), bytes(builder.data))
-            self.backend.put(index_key(builder.pack_id), encode_index(builder.entries))
-            new_bytes += len(builder.data)
-            with self._lock:
-                for digest in builder.entries:
-                    known[digest] = builder.pack_id
+            while len(in_flight) >= self.concurrency:
+                new_bytes += in_flight.pop(0).result()
+            in_flight.append(pool.submit(write, builder))
             builder = PackBuilder()
 
-        for rel, path in _walk_files(folder):
-            st = path.stat()
-            digests = bytearray()
-            with open(path, "rb") as f:
-                while block := f.read(_READ_BLOCK):
-                    for off in range(0, len(block), CHUNK_SIZE):
-                        chunk = block[off : off + CHUNK_SIZE]
-                        digest = blake3.blake3(chunk).digest()
-                        digests += digest
-                        total_chunks += 1
-                        pack_id = known.get(digest) or pending.get(digest)
-                        if pack_id is None:
-                            pack_id = builder.pack_id
-                            builder.add(digest, compressor.compress(chunk), len(chunk))
-                            pending[digest] = pack_id
-                            new_chunks += 1
-                        used_packs.add(pack_id)
-                        if builder.full():
-                            flush()
-            size_bytes += st.st_size
-            files.append(FileEntry(rel, st.st_size, st.st_mode & 0o777, bytes(digests)))
-        flush()
+        try:
+            for rel, path in _walk_files(folder):
+                st = path.stat()
+                digests = bytearray()
+                with open(path, "rb") as f:
+                    while block := f.read(_READ_BLOCK):
+                        for off in range(0, len(block), CHUNK_SIZE):
+                            chunk = block[off : off + CHUNK_SIZE]
+                            digest = blake3.blake3(chunk).digest()
+                            digests += digest
+                            total_chunks += 1
+                            pack_id = known.get(digest) or pending.get(digest)
+                            if pack_id is None:
+                                pack_id = builder.pack_id
+                                builder.add(digest, compressor.compress(chunk), len(chunk))
+                                pending[digest] = pack_id
+                                new_chunks += 1
+                            used_packs.add(pack_id)
+                            if builder.full():
+                                flush()
+                size_bytes += st.st_size
+                files.append(FileEntry(rel, st.st_size, st.st_mode & 0o777, bytes(digests)))
+            flush()
+            for fut in in_flight:
+                new_bytes += fut.result()  # every pack durable before the manifest
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
         manifest = Manifest(
             id=cid,
@@ -130,7 +179,7 @@ class Repository:
             chunk_size=CHUNK_SIZE,
             files=files,
             packs=sorted(used_packs),
-            metadata=dict(metadata or {}),
+            metadata=metadata,
             size_bytes=size_bytes,
             new_bytes=new_bytes,
             new_chunks=new_chunks,
@@ -140,18 +189,55 @@ class Repository:
         return manifest
 
     def _known_chunks(self) -> dict[bytes, str]:
-        """The digests of every durable pack, read once from the pack indexes."""
+        """Digests of the packs a new checkpoint may reference.
+
+        A pack is trusted if a manifest references it, or if it is young: an old pack that no
+        manifest references (a killed writer's) may be collected by another host at any moment.
+        """
         with self._lock:
-            if self._known is None:
-                known: dict[bytes, str] = {}
-                for key in self.backend.list("packs/"):
-                    pack_id = pack_id_of_index_key(key)
-                    if pack_id is None:
-                        continue
-                    for digest in decode_index(self.backend.get(key), key):
-                        known[digest] = pack_id
-                self._known = known
-            return self._known
+            if self._known is not None and time.monotonic() - self._known_at < KNOWN_TTL:
+                return self._known
+        referenced = self._referenced_packs()
+        cutoff = time.time() - self.gc_grace / 2
+        known: dict[bytes, str] = {}
+        for key in self.backend.list("packs/"):
+            pack_id = pack_id_of_index_key(key)
+            if pack_id is None:
+                continue
+            if pack_id not in referenced and pack_created(pack_id) < cutoff:
+                continue
+            try:
+                for digest in decode_index(self.backend.get(key), key):
+                    known[digest] = pack_id
+            except (BlobNotFound, CorruptCheckpoint):
+                continue  # collected meanwhile, or damaged: don't dedup against it
+        with self._lock:
+            if self._known is not None:  # keep what commits added while we listed
+                for digest, pack_id in self._known.items():
+                    known.setdefault(digest, pack_id)
+            self._known, self._known_at = known, time.monotonic()
+            return known
+
+    def _forget_packs(self, pack_ids: set[str]) -> None:
+        with self._lock:
+            if self._known is not None:
+                self._known = {d: p for d, p in self._known.items() if p not in pack_ids}
+
+    def _manifests(self) -> Iterator[Manifest]:
+        for key in self.backend.list("manifests/"):
+            parts = key.split("/")
+            if len(parts) != 3 or not parts[2].endswith(".json"):
+                continue
+            try:
+                yield self.read_manifest(parts[1], parts[2][:-5])
+            except (CheckpointNotFound, CorruptCheckpoint, ValueError):
+                continue
+
+    def _referenced_packs(self) -> set[str]:
+        refs: set[str] = set()
+        for m in self._manifests():
+            refs.update(m.packs)
+        return refs
 
     # -- read --------------------------------------------------------------------------
 
@@ -201,7 +287,9 @@ class Repository:
             )
         return manifest
 
-    def materialize(self, workload: str, checkpoint_id: str, dest: Path) -> Manifest:
+    def materialize(
+        self, workload: str, checkpoint_id: str, dest: Path, progress: ProgressFn | None = None
+    ) -> Manifest:
         """Rebuild the checkpointed folder in `dest` (created 0700), verifying every chunk.
 
         Raises CorruptCheckpoint naming the checkpoint if any chunk is missing or damaged.
@@ -224,23 +312,42 @@ class Repository:
                 os.ftruncate(fd, entry.size)
                 for n, digest in enumerate(entry.chunk_digests()):
                     wanted.setdefault(digest, []).append((i, n * manifest.chunk_size))
-            decompressor = zstandard.ZstdDecompressor()
-            for pack_id in manifest.packs:
+
+            def fetch(pack_id: str) -> tuple[str, dict[bytes, PackEntry], bytes | None]:
                 index = self._read_index(pack_id, where)
-                needed = [(d, e) for d, e in index.items() if d in wanted]
-                if not needed:
-                    continue
-                data = self._read_pack(pack_id, where)
-                for digest, e in needed:
-                    chunk = _unpack_chunk(decompressor, data, e, where, pack_id)
-                    if blake3.blake3(chunk).digest() != digest:
-                        raise CorruptCheckpoint(
-                            f"{where} is corrupt: chunk {digest.hex()[:16]} in pack {pack_id} "
-                            "does not match its hash; restore an older checkpoint "
-                            "(see `checkpointer list`)"
-                        )
-                    for file_index, offset in wanted.pop(digest):
-                        os.pwrite(fds[file_index], chunk, offset)
+                if not any(d in wanted for d in index):
+                    return pack_id, index, None
+                return pack_id, index, self._read_pack(pack_id, where)
+
+            decompressor = zstandard.ZstdDecompressor()
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="pack-reader") as pool:
+                # A window of `concurrency` packs in flight keeps memory bounded.
+                packs = iter(manifest.packs)
+                window = [pool.submit(fetch, p) for p in itertools.islice(packs, self.concurrency)]
+                while window:
+                    pack_id, index, data = window.pop(0).result()
+                    nxt = next(packs, None)
+                    if nxt is not None:
+                        window.append(pool.submit(fetch, nxt))
+                    if data is None:
+                        continue
+                    done = 0
+                    for digest, e in index.items():
+                        targets = wanted.pop(digest, None)
+                        if targets is None:
+                            continue
+                        chunk = _unpack_chunk(decompressor, data, e, where, pack_id)
+                        if blake3.blake3(chunk).digest() != digest:
+                            raise CorruptCheckpoint(
+                                f"{where} is corrupt: chunk {digest.hex()[:16]} in pack "
+                                f"{pack_id} does not match its hash; restore an older "
+                                "checkpoint (see `checkpointer list`)"
+                            )
+                        for file_index, offset in targets:
+                            os.pwrite(fds[file_index], chunk, offset)
+                            done += len(chunk)
+                    if progress:
+                        progress(done)
             if wanted:
                 missing = next(iter(wanted)).hex()[:16]
                 raise CorruptCheckpoint(
@@ -270,19 +377,111 @@ class Repository:
         except BlobNotFound as e:
             raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
 
-    # -- delete ------------------------------------------------------------------------
+    def verify(
+        self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
+    ) -> Manifest:
+        """Re-hash every chunk of a checkpoint by materialising it into a scratch folder."""
+        with tempfile.TemporaryDirectory(prefix="checkpointer-verify-") as tmp:
+            return self.materialize(workload, checkpoint_id, Path(tmp), progress)
+
+    # -- delete, pins, garbage collection ----------------------------------------------
 
     def delete(self, workload: str, checkpoint_id: str) -> None:
         """Forget a checkpoint. Its chunks stay until garbage collection finds them unused."""
         self.read_manifest(workload, checkpoint_id)  # a clear error for an unknown id
         self.backend.delete(manifest_key(workload, checkpoint_id))
 
-    def verify(self, workload: str, checkpoint_id: str) -> Manifest:
-        """Re-hash every chunk of a checkpoint by materialising it into a scratch folder."""
-        import tempfile
+    def pins(self, workload: str) -> set[str]:
+        return {k.rsplit("/", 1)[-1] for k in self.backend.list(f"pins/{workload}/")}
 
-        with tempfile.TemporaryDirectory(prefix="checkpointer-verify-") as tmp:
-            return self.materialize(workload, checkpoint_id, Path(tmp))
+    def pin(self, workload: str, checkpoint_id: str) -> None:
+        self.read_manifest(workload, checkpoint_id)
+        with contextlib.suppress(BlobExists):
+            self.backend.put(f"pins/{workload}/{checkpoint_id}", b"")
+
+    def unpin(self, workload: str, checkpoint_id: str) -> None:
+        self.backend.delete(f"pins/{workload}/{checkpoint_id}")
+
+    def gc(self, dry_run: bool = False, grace: float | None = None) -> GcReport:
+        """Delete packs no manifest references and older than the grace period.
+
+        The index goes first, then the pack (references before data): a reader never finds
+        an index naming a missing pack.
+        """
+        grace = self.gc_grace if grace is None else grace
+        report = GcReport()
+        with self._gc_lock.exclusive():
+            referenced = self._referenced_packs()
+            report.referenced_packs = len(referenced)
+            cutoff = time.time() - grace
+            present: set[str] = set()
+            for key in self.backend.list("packs/"):
+                pid = pack_id_of_key(key)
+                if pid:
+                    present.add(pid)
+            doomed = set()
+            for pid in sorted(present - referenced):
+                if pack_created(pid) > cutoff:
+                    report.kept_young += 1
+                    continue
+                doomed.add(pid)
+            report.deleted_packs = sorted(doomed)
+            if dry_run or not doomed:
+                return report
+            self._forget_packs(doomed)
+            for pid in sorted(doomed):
+                self.backend.delete(index_key(pid))
+                self.backend.delete(pack_key(pid))
+        return report
+
+    def shed(
+        self,
+        pending: list[str],
+        discard: Callable[[set[str]], None],
+        backlog: Callable[[], int],
+        max_backlog: int,
+    ) -> list[str]:
+        """The spool is over `max_backlog`: drop the oldest checkpoints not yet uploaded.
+
+        `pending` are the keys not yet uploaded, oldest first. A workload's newest checkpoint
+        is never dropped. Packs go with a dropped checkpoint only if no checkpoint still
+        waiting references them (what was uploaded cannot reference what was not: the queue
+        is in order). Returns the dropped checkpoint ids.
+        """
+        dropped: list[str] = []
+        with self._gc_lock.exclusive():
+            manifests = [k for k in pending if k.startswith("manifests/")]
+            newest: dict[str, str] = {}
+            for k in manifests:
+                newest[k.split("/")[1]] = k
+            for key in manifests:
+                if backlog() <= max_backlog:
+                    break
+                if newest.get(key.split("/")[1]) == key:
+                    continue
+                _, workload, name = key.split("/")
+                dropped.append(name[:-5])
+                remaining = [
+                    m for m in manifests if m != key and m.rsplit("/", 1)[-1][:-5] not in dropped
+                ]
+                still_needed: set[str] = set()
+                for m in remaining:
+                    try:
+                        still_needed.update(
+                            self.read_manifest(m.split("/")[1], m.rsplit("/", 1)[-1][:-5]).packs
+                        )
+                    except (CheckpointNotFound, CorruptCheckpoint):
+                        continue
+                try:
+                    mine = set(self.read_manifest(workload, name[:-5]).packs)
+                except (CheckpointNotFound, CorruptCheckpoint):
+                    mine = set()
+                pending_packs = {pack_id_of_key(k) for k in pending if k.startswith("packs/")}
+                gone = (mine & pending_packs) - still_needed
+                self._forget_packs({p for p in gone if p})
+                keys = {key} | {k for k in pending if pack_id_of_key(k) in gone}
+                discard(keys)
+        return dropped
 
 
 def _unpack_chunk(

@@ -1,0 +1,258 @@
+"""Any S3-compatible object store as a blob store, through boto3.
+
+- botocore >= 1.36 sends CRC checksums and validates them on GET by default, which several
+  S3-compatible servers reject: both are set to `when_required`.
+- botocore's retries are off (one attempt): RetryingBlobStore is the one layer that retries.
+- Keys are never overwritten: puts send `If-None-Match: *` (create only) where the server
+  supports it (`create_only`); a 412 means the key exists.
+- Objects above `multipart_threshold` are uploaded in parts; a failed upload is aborted, so
+  no parts linger (a killed process can still leave some: see the README's lifecycle rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.exceptions as bex
+from botocore.config import Config as BotoConfig
+
+from storage.backends.base import BlobStore
+from storage.errors import (
+    BlobExists,
+    BlobNotFound,
+    StorageAccessError,
+    StorageError,
+    TransientStorageError,
+)
+
+_ACCESS_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+    "AuthorizationHeaderMalformed",
+    "InvalidBucketName",
+    "AccountProblem",
+    "403",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ServiceUnavailable",
+    "InternalError",
+    "503",
+    "500",
+}
+_NETWORK_ERRORS = (
+    bex.EndpointConnectionError,
+    bex.ConnectionClosedError,
+    bex.ReadTimeoutError,
+    bex.ConnectTimeoutError,
+    bex.ConnectionError,
+    bex.ResponseStreamingError,
+)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"  # auto | path | virtual
+    profile: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    sse: str | None = None  # AES256 | aws:kms
+    sse_kms_key_id: str | None = None
+    create_only: bool = True
+    multipart_threshold: int = 64 * 1024 * 1024
+    multipart_chunk: int = 16 * 1024 * 1024
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_pool_connections: int = 16
+
+
+class S3BlobStore(BlobStore):
+    def __init__(self, s: S3Settings) -> None:
+        self.s = s
+        self.prefix = s.prefix.strip("/") + "/" if s.prefix.strip("/") else ""
+        session = (
+            boto3.session.Session(profile_name=s.profile) if s.profile else boto3.session.Session()
+        )
+        self.client = session.client(
+            "s3",
+            endpoint_url=s.endpoint_url,
+            region_name=s.region,
+            aws_access_key_id=s.access_key_id,
+            aws_secret_access_key=s.secret_access_key,
+            config=BotoConfig(
+                s3={"addressing_style": s.addressing_style},
+                retries={"max_attempts": 1, "mode": "standard"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                max_pool_connections=s.max_pool_connections,
+            ),
+        )
+
+    def describe(self) -> str:
+        where = self.s.endpoint_url or "AWS"
+        return f"s3://{self.s.bucket}/{self.prefix} at {where}"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def _extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.s.sse:
+            extra["ServerSideEncryption"] = self.s.sse
+        if self.s.sse_kms_key_id:
+            extra["SSEKMSKeyId"] = self.s.sse_kms_key_id
+        return extra
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            if len(data) > self.s.multipart_threshold:
+                self._put_multipart(key, data)
+                return
+            args = {"Bucket": self.s.bucket, "Key": self._key(key), "Body": data, **self._extra()}
+            if self.s.create_only:
+                args["IfNoneMatch"] = "*"
+            self.client.put_object(**args)
+        except Exception as e:
+            raise self._translate(e, "put", key) from e
+
+    def _put_multipart(self, key: str, data: bytes) -> None:
+        upload = self.client.create_multipart_upload(
+            Bucket=self.s.bucket, Key=self._key(key), **self._extra()
+        )
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            view = memoryview(data)
+            for n, off in enumerate(range(0, len(data), self.s.multipart_chunk), start=1):
+                r = self.client.upload_part(
+                    Bucket=self.s.bucket,
+                    Key=self._key(key),
+                    UploadId=upload_id,
+                    PartNumber=n,
+                    Body=bytes(view[off : off + self.s.multipart_chunk]),
+                )
+                parts.append({"ETag": r["ETag"], "PartNumber": n})
+            args: dict[str, Any] = {
+                "Bucket": self.s.bucket,
+                "Key": self._key(key),
+                "UploadId": upload_id,
+                "MultipartUpload": {"Parts": parts},
+            }
+            if self.s.create_only:
+                args["IfNoneMatch"] = "*"
+            self.client.complete_multipart_upload(**args)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error matters more
+                self.client.abort_multipart_upload(
+                    Bucket=self.s.bucket, Key=self._key(key), UploadId=upload_id
+                )
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            r = self.client.get_object(Bucket=self.s.bucket, Key=self._key(key))
+            return bytes(r["Body"].read())
+        except Exception as e:
+            raise self._translate(e, "get", key) from e
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.s.bucket, Key=self._key(key))
+            return True
+        except Exception as e:
+            err = self._translate(e, "exists", key)
+            if isinstance(err, BlobNotFound):
+                return False
+            raise err from e
+
+    def list(self, prefix: str) -> Iterator[str]:
+        try:
+            keys = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.s.bucket, Prefix=self._key(prefix)
+            )
+            for page in pages:
+                keys += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+        except Exception as e:
+            raise self._translate(e, "list", prefix) from e
+        return iter(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.s.bucket, Key=self._key(key))
+        except Exception as e:
+            err = self._translate(e, "delete", key)
+            if not isinstance(err, BlobNotFound):
+                raise err from e
+
+    def abort_incomplete_uploads(self) -> int:
+        """Abort multipart uploads under our prefix that a killed process left behind."""
+        n = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.s.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                for u in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.s.bucket, Key=u["Key"], UploadId=u["UploadId"]
+                    )
+                    n += 1
+        except Exception as e:
+            raise self._translate(e, "abort-multipart", self.prefix) from e
+        return n
+
+    def _translate(self, e: Exception, op: str, key: str) -> StorageError:
+        where = f"S3 {op} of {key} in {self.describe()}"
+        if isinstance(e, StorageError):
+            return e
+        if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError):
+            return StorageAccessError(
+                f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile (storage.s3.profile), or an instance role"
+            )
+        if isinstance(e, bex.ProfileNotFound):
+            return StorageAccessError(f"{where}: {e}; fix storage.s3.profile")
+        if isinstance(e, _NETWORK_ERRORS):
+            return TransientStorageError(f"{where}: cannot reach the endpoint ({e})")
+        if isinstance(e, bex.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            msg = err.get("Message") or code
+            if code in ("NoSuchKey", "404", "NotFound") and op != "list":
+                return BlobNotFound(f"{where}: not found")
+            if code == "NoSuchBucket":
+                return StorageAccessError(
+                    f"bucket {self.s.bucket!r} does not exist at "
+                    f"{self.s.endpoint_url or 'AWS'}: create it, or fix storage.s3.bucket"
+                )
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return BlobExists(f"{where}: the key exists already")
+            if code in _ACCESS_CODES or status in (401, 403):
+                return StorageAccessError(
+                    f"{where}: S3 refused access ({code}: {msg}); check the credentials "
+                    "(AWS_ACCESS_KEY_ID, profile) and the bucket policy"
+                )
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return TransientStorageError(f"{where}: {code}: {msg}")
+            return StorageError(f"{where}: {code}: {msg}")
+        return StorageError(f"{where}: {e}")
