@@ -131,6 +131,8 @@ class S3Config(_Strict):
     create_only: bool = Field(True, description="send If-None-Match: * on uploads")
     multipart_threshold: ByteSize = 64 * 1024 * 1024
     multipart_chunk: ByteSize = 16 * 1024 * 1024
+    connect_timeout: Duration = 10.0
+    read_timeout: Duration = 60.0
 
 
 class RetryConfig(_Strict):

@@ -43,7 +43,7 @@ def open_repository(
         return Repository(backend, s.concurrency, s.gc_grace), None
     remote = remote_store(config, on_retry)
     try:
-        remote.exists("manifests/.probe")  # bad credentials or bucket: fail now, clearly
+        remote.check()  # bad credentials or a missing bucket: fail now, clearly
     except TransientStorageError as e:
         log.error("object storage unreachable at start; checkpoints will be spooled: %s", e)
     spool = SpooledBlobStore(

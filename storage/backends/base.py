@@ -39,6 +39,13 @@ class BlobStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""
 
+    def check(self) -> None:
+        """Raise a clear StorageError if the store cannot be used at all (credentials, bucket).
+
+        The default has nothing to check: a local folder fails clearly on first use.
+        """
+        return None
+
     def describe(self) -> str:
         """Where the blobs live, for messages and `doctor`."""
         return type(self).__name__

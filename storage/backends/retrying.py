@@ -63,12 +63,15 @@ class RetryingBlobStore(BlobStore):
 
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_delay),
-            wait=wait_exponential_jitter(initial=self.initial_wait, max=self.max_wait),
+            wait=wait_exponential_jitter(multiplier=self.initial_wait, max=self.max_wait),
             retry=retry_if_exception_type(TransientStorageError),
             reraise=True,
             before_sleep=before_sleep,
         )
         return retrying(fn)
+
+    def check(self) -> None:
+        self._call("check", self.inner.check)
 
     def put(self, key: str, data: bytes) -> None:
         self._call("put", lambda: self.inner.put(key, data))

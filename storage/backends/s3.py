@@ -166,6 +166,12 @@ class S3BlobStore(BlobStore):
                 )
             raise
 
+    def check(self) -> None:
+        try:
+            self.client.list_objects_v2(Bucket=self.s.bucket, Prefix=self.prefix, MaxKeys=1)
+        except Exception as e:
+            raise self._translate(e, "list", self.prefix) from e
+
     def get(self, key: str) -> bytes:
         try:
             r = self.client.get_object(Bucket=self.s.bucket, Key=self._key(key))

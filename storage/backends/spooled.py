@@ -85,6 +85,8 @@ class SpooledBlobStore(BlobStore):
     def list(self, prefix: str) -> Iterator[str]:
         keys = set(self.cache.list(prefix))
         deleted = {k for op, k in self._pending() if op == "D"}
+        if not self.online:  # the uploader found the remote down: don't wait for it here
+            return iter(sorted(keys - deleted))
         try:
             keys |= set(self.remote.list(prefix))
         except TransientStorageError as e:

@@ -1,0 +1,375 @@
+"""Checkpoints in S3-compatible storage: a real moto_server over HTTP, the production path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from checkpointer.criu.images import changed_page_bytes
+from storage import Repository
+from storage.backends.base import BlobStore
+from storage.backends.retrying import RetryingBlobStore
+from storage.backends.s3 import S3BlobStore, S3Settings
+from storage.errors import StorageAccessError
+from tests.conftest import (
+    CLI,
+    PROGRAMS,
+    ROOT,
+    S3_ENV,
+    Daemon,
+    Moto,
+    free_port,
+    http_get,
+    kill_tree,
+    s3_config,
+)
+
+BALLAST = str(PROGRAMS / "ballast_server.py")
+
+
+def s3_daemon(base: Path, moto: Moto, bucket: str, extra: str = "") -> Daemon:
+    base.mkdir(parents=True, exist_ok=True)
+    d = Daemon(base, s3_config(moto, bucket, extra))
+    d.env.update(S3_ENV)
+    return d
+
+
+def repository(moto: Moto, bucket: str) -> Repository:
+    s = S3Settings(
+        bucket=bucket,
+        prefix="ckpt",
+        endpoint_url=moto.url,
+        region="us-east-1",
+        addressing_style="path",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    return Repository(RetryingBlobStore(S3BlobStore(s), attempts=2))
+
+
+def wait_in_bucket(moto: Moto, bucket: str, checkpoint_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(k.endswith(f"/{checkpoint_id}.json") for k in moto.keys(bucket, "ckpt/")):
+        assert time.monotonic() < deadline, "the checkpoint never reached the bucket"
+        time.sleep(0.2)
+
+
+def assert_no_partial_checkpoint(moto: Moto, bucket: str) -> None:
+    """Every manifest in the bucket names only packs (and indexes) that are there."""
+    repo = repository(moto, bucket)
+    keys = set(moto.keys(bucket, "ckpt/"))
+    for name in repo.workloads():
+        for info in repo.checkpoints(name):
+            for pack in repo.read_manifest(name, info.id).packs:
+                assert f"ckpt/packs/{pack[-2:]}/{pack}.pack" in keys
+                assert f"ckpt/packs/{pack[-2:]}/{pack}.idx" in keys
+
+
+def test_restore_on_another_host_with_an_empty_cache(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    port = free_port()
+    a = s3_daemon(workdir / "host-a", moto, bucket)
+    b = s3_daemon(workdir / "host-b", moto, bucket)
+    try:
+        a.start()
+        a.cli("run", "web", "--no-auto-restore", "--", sys.executable, BALLAST, str(port), "16")
+        for _ in range(5):
+            http_get(port)
+        cid = a.checkpoint("web")
+        wait_in_bucket(moto, bucket, cid)
+        keys = moto.keys(bucket, "ckpt/")
+        assert f"ckpt/manifests/web/{cid}.json" in keys
+        assert any(k.endswith(".pack") for k in keys) and any(k.endswith(".idx") for k in keys)
+        kill_tree(a.pid("web"))
+        a.stop()
+        b.start()  # another host: its cache folder is empty
+        assert not list((b.state / "cache" / "blobs").rglob("*.pack"))
+        assert [c["id"] for c in b.json("list", "web")] == [cid]
+        b.cli("restore", "web")
+        assert http_get(port) == "6"
+        assert b.json("verify", "web")["ok"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_dedup_idle_workload_second_checkpoint_stores_little(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    port = free_port()
+    d = s3_daemon(workdir, moto, bucket)
+    try:
+        d.start()
+        d.cli("run", "idle", "--", sys.executable, BALLAST, str(port), "32")
+        http_get(port)
+        first = d.json("checkpoint", "idle")
+        second = d.json("checkpoint", "idle")
+        assert first["new_bytes"] > 32 * 1024 * 1024 * 0.9
+        assert second["new_bytes"] < 0.10 * first["new_bytes"], (first, second)
+    finally:
+        d.stop()
+
+
+def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: str) -> None:
+    redis = pytest.importorskip("redis")
+    port = free_port()
+    d = s3_daemon(workdir, moto, bucket)
+    try:
+        d.start()
+        d.cli(
+            "run",
+            "cache",
+            "--no-auto-restore",
+            "--",
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = redis.Redis(port=port, socket_timeout=10)
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        n = 100_000
+        pipe = client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.set(f"key:{i}", f"{i:08d}" * 12)
+        pipe.execute()
+        client.close()
+        first = d.json("checkpoint", "cache")
+        client = redis.Redis(port=port, socket_timeout=10)
+        pipe = client.pipeline(transaction=False)
+        for i in range(0, n, 100):  # 1% of the keys, spread over the whole key space
+            pipe.set(f"key:{i}", f"{i + 1:08d}" * 12)
+        pipe.execute()
+        client.close()
+        second = d.json("checkpoint", "cache")
+        repo = repository(moto, bucket)
+        wait_in_bucket(moto, bucket, second["id"])
+        repo.materialize("cache", first["id"], workdir / "one")
+        repo.materialize("cache", second["id"], workdir / "two")
+        floor = changed_page_bytes(workdir / "one", workdir / "two")
+        assert floor > 0
+        print(
+            f"\nredis 1%: image {second['size_bytes']} B, pages changed {floor} B, "
+            f"stored {second['new_bytes']} B ({second['new_bytes'] / floor:.2f} x floor)"
+        )
+        assert second["new_bytes"] <= 1.5 * floor
+    finally:
+        d.stop()
+
+
+def test_outage_mid_upload_spools_then_uploads_and_restores_from_cache(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    port = free_port()
+    d = s3_daemon(workdir, moto, bucket)
+    try:
+        d.start()
+        d.cli("run", "big", "--no-auto-restore", "--", sys.executable, BALLAST, str(port), "48")
+        http_get(port)
+        before = d.checkpoint("big")
+        wait_in_bucket(moto, bucket, before)
+        for _ in range(3):
+            http_get(port, timeout=5)  # count 4
+        for _ in range(40):
+            http_get(port, path="/touch")  # rewrite 40 pages of the ballast: count 44
+        newer = d.json("checkpoint", "big")
+        moto.pause()  # the server stops while the new checkpoint is uploading
+        try:
+            time.sleep(1)
+            # The checkpoint is committed locally: listed, and restorable from the cache.
+            assert newer["id"] in [c["id"] for c in d.json("list", "big")]
+            kill_tree(d.pid("big"))
+            d.cli("restore", "big")
+            assert http_get(port) == "45"
+            # Another checkpoint during the outage goes to the spool too.
+            during = d.checkpoint("big")
+        finally:
+            moto.resume()
+        # Once the server is back, both reach the bucket, in order, never half visible.
+        deadline = time.monotonic() + 90
+        while True:
+            assert_no_partial_checkpoint(moto, bucket)
+            keys = moto.keys(bucket, "ckpt/manifests/big/")
+            if any(during in k for k in keys):
+                break
+            assert time.monotonic() < deadline, d.log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert any(newer["id"] in k for k in keys)
+        assert "unreachable" in d.log.read_text()
+        repo = repository(moto, bucket)
+        repo.verify("big", during)  # what was uploaded after the outage is whole
+    finally:
+        d.stop()
+
+
+def test_missing_bucket_is_one_clear_error(workdir: Path, moto: Moto) -> None:
+    d = s3_daemon(workdir, moto, "no-such-bucket")
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [*CLI, "daemon", "--config", str(d.config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **S3_ENV},
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "bucket 'no-such-bucket' does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert "retrying" not in r.stderr and time.monotonic() - t0 < 15
+
+
+def test_bad_credentials_are_one_clear_error_without_retries(workdir: Path) -> None:
+    strict = Moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # checks every key it gets
+    try:
+        d = s3_daemon(workdir, strict, "any-bucket")
+        t0 = time.monotonic()
+        env = {**os.environ, **S3_ENV}
+        r = subprocess.run(
+            [*CLI, "daemon", "--config", str(d.config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=60,
+        )
+        assert r.returncode == 1
+        assert "refused access (InvalidAccessKeyId" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "retrying" not in r.stderr
+        assert time.monotonic() - t0 < 15
+    finally:
+        strict.stop()
+
+
+def test_access_errors_are_not_retried(moto: Moto) -> None:
+    s = S3Settings(
+        bucket="nope",
+        endpoint_url=moto.url,
+        region="us-east-1",
+        addressing_style="path",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    store = RetryingBlobStore(S3BlobStore(s), attempts=5)
+    with pytest.raises(StorageAccessError):
+        store.put("x", b"y")
+    assert store.retries == 0
+
+
+def test_multipart_upload_round_trip_and_abort_leftovers(moto: Moto, bucket: str) -> None:
+    s = S3Settings(
+        bucket=bucket,
+        prefix="mp",
+        endpoint_url=moto.url,
+        region="us-east-1",
+        addressing_style="path",
+        access_key_id="testing",
+        secret_access_key="testing",
+        multipart_threshold=5 * 1024 * 1024,
+        multipart_chunk=5 * 1024 * 1024,
+    )
+    store = S3BlobStore(s)
+    data = bytes(range(256)) * (12 * 4096)  # 12 MiB: three parts
+    store.put("big", data)
+    assert store.get("big") == data
+    store.client.create_multipart_upload(Bucket=bucket, Key="mp/left-behind")
+    assert store.abort_incomplete_uploads() == 1
+    assert store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+class _HoldManifests(BlobStore):
+    """Lets packs through and holds manifest puts until released: a commit caught mid-way."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.holding = threading.Event()
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("manifests/"):
+            self.holding.set()
+            self.release.wait(60)
+        self.inner.put(key, data)
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def list(self, prefix: str):  # type: ignore[no-untyped-def]
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+def test_gc_racing_a_checkpoint_keeps_its_chunks(workdir: Path, moto: Moto, bucket: str) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(3 * 1024 * 1024))
+    plain = repository(moto, bucket)
+    held = _HoldManifests(plain.backend)
+    writer_repo = Repository(held, gc_grace=3600)
+    result: list[str] = []
+    writer = threading.Thread(target=lambda: result.append(writer_repo.commit("w", src).id))
+    writer.start()
+    assert held.holding.wait(30)  # packs are up, the manifest is not
+    # Another process (no shared lock) collects garbage: the young packs must stay.
+    report = Repository(plain.backend, gc_grace=3600).gc()
+    assert report.deleted_packs == [] and report.kept_young >= 1
+    # The same process with no grace at all: the lock makes GC wait for the commit.
+    gc_done = threading.Event()
+    gc_thread = threading.Thread(target=lambda: (writer_repo.gc(grace=0), gc_done.set()))
+    gc_thread.start()
+    time.sleep(0.5)
+    assert not gc_done.is_set()
+    held.release.set()
+    writer.join(30)
+    gc_thread.join(30)
+    assert gc_done.is_set() and result
+    writer_repo.materialize("w", result[0], workdir / "out")
+    assert (workdir / "out" / "pages-1.img").read_bytes() == (src / "pages-1.img").read_bytes()
+
+
+def test_prune_deletes_manifests_then_unreferenced_packs(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    repo = repository(moto, bucket)
+    repo.gc_grace = 0
+    src = workdir / "src"
+    src.mkdir()
+    ids = []
+    for _ in range(3):
+        (src / "pages-1.img").write_bytes(os.urandom(256 * 1024))  # all new each time
+        (src / "core.img").write_bytes(b"shared" * 1000)  # the same every time
+        ids.append(repo.commit("w", src).id)
+    packs_before = {k for k in moto.keys(bucket, "ckpt/packs/") if k.endswith(".pack")}
+    assert len(packs_before) == 3
+    # The middle checkpoint's pack holds only its own pages (the shared chunk dedups to the
+    # first pack): retention removes its manifest, GC then its pack and index.
+    repo.delete("w", ids[1])
+    report = repo.gc()
+    packs_after = {k for k in moto.keys(bucket, "ckpt/packs/") if k.endswith(".pack")}
+    assert len(report.deleted_packs) == 1 and packs_after < packs_before
+    assert len(moto.keys(bucket, "ckpt/packs/")) == 2 * len(packs_after)  # no orphan index
+    for cid in (ids[0], ids[2]):
+        repo.verify("w", cid)  # everything still referenced is there
