@@ -373,3 +373,46 @@ def test_prune_deletes_manifests_then_unreferenced_packs(
     assert len(moto.keys(bucket, "ckpt/packs/")) == 2 * len(packs_after)  # no orphan index
     for cid in (ids[0], ids[2]):
         repo.verify("w", cid)  # everything still referenced is there
+
+
+def test_full_spool_drops_the_oldest_unuploaded_checkpoint(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    port = free_port()
+    d = s3_daemon(workdir, moto, bucket, "  spool_max_bytes: 24MiB\n")
+    try:
+        d.start()
+        d.cli("run", "big", "--no-auto-restore", "--", sys.executable, BALLAST, str(port), "16")
+        http_get(port)
+        moto.pause()
+        try:
+            oldest = d.checkpoint("big")  # ~16 MiB waiting: fits
+            http_get(port, path="/reshuffle")
+            newest = d.checkpoint("big")  # another ~16 MiB: over 24 MiB, the oldest goes
+            listed = [c["id"] for c in d.json("list", "big")]
+            assert listed == [newest]
+        finally:
+            moto.resume()
+        assert "dropped 1 checkpoint(s) never uploaded" in d.log.read_text()
+        wait_in_bucket(moto, bucket, newest)
+        time.sleep(1)
+        keys = moto.keys(bucket, "ckpt/")
+        assert not any(oldest in k for k in keys)
+        assert_no_partial_checkpoint(moto, bucket)
+        repository(moto, bucket).verify("big", newest)  # packs it shares with the dropped one
+    finally:
+        d.stop()
+
+
+def test_prune_dry_run_shows_each_checkpoint_with_its_rule(counter: tuple[Daemon, int]) -> None:
+    d, _port = counter
+    ids = [d.checkpoint("web") for _ in range(4)]
+    d.cli("pin", "web", ids[0])
+    r = d.json("prune", "web", "--dry-run")
+    by_id = {c["id"]: c for c in r["checkpoints"]}
+    assert r["dry_run"] and set(by_id) == set(ids)
+    assert by_id[ids[0]]["action"] == "keep" and "pinned" in by_id[ids[0]]["reasons"]
+    assert "latest good" in by_id[ids[3]]["reasons"] and "last" in by_id[ids[3]]["reasons"]
+    assert len(d.json("list", "web")) == 4  # a dry run removes nothing
+    human = d.cli("prune", "web", "--dry-run").stdout
+    assert "keep" in human and "garbage collection: would remove" in human

@@ -1,7 +1,8 @@
 """A counter server that also holds MB megabytes of random bytes in memory.
 
 Its image is large and mostly incompressible, so uploads take a while (an outage can hit one
-mid-way) and dedup has something to skip. GET /touch rewrites one page of the ballast.
+mid-way) and dedup has something to skip. GET /touch rewrites one page of the ballast,
+GET /reshuffle all of it.
 """
 
 import http.server
@@ -18,6 +19,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         global count
         if self.path == "/touch":
             ballast[count * 4096 : count * 4096 + 16] = os.urandom(16)
+        elif self.path == "/reshuffle":  # every page new: nothing of it dedups
+            ballast[:] = os.urandom(len(ballast))
         count += 1
         body = f"{count}\n".encode()
         self.send_response(200)
