@@ -69,7 +69,7 @@ def test_relative_paths_are_relative_to_the_config_file(workdir: Path) -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
-    for name in ("checkpointer.yaml", "demo.yaml"):
+    for name in ("checkpointer.yaml", "demo.yaml", "s3.yaml"):
         load_config(ROOT / "configs" / name)
 
 
