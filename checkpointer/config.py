@@ -167,11 +167,18 @@ class CriuConfig(_Strict):
     timeout: Duration = Field(600.0, description="a dump or restore running longer is killed")
 
 
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    address: str = Field("127.0.0.1", description="loopback by default: put a proxy in front")
+    port: int = Field(9467, ge=0, le=65535)
+
+
 class Config(_Strict):
     state_dir: Path = Path("/var/lib/checkpointer")
     socket: Path | None = None
     storage: StorageConfig = Field(default_factory=StorageConfig)
     criu: CriuConfig = Field(default_factory=CriuConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     retention: Retention = Field(default_factory=lambda: Retention(keep_last=10))
     workloads: list[WorkloadConfig] = Field(default_factory=list)
 

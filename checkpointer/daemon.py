@@ -14,11 +14,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from checkpointer import __version__
 from checkpointer.api import ApiServer
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu
 from checkpointer.engine import Engine
 from checkpointer.errors import CheckpointerError, ConfigError
+from checkpointer.metrics import EngineCollector, Metrics
 from checkpointer.storage_setup import open_repository
 from checkpointer.supervisor import Supervisor
 from checkpointer.workloads.logs import LogPump
@@ -30,10 +32,12 @@ def build_engine(config: Config) -> Engine:
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(config.state_dir, 0o700)
     criu = Criu(config.criu.binary, config.state_dir / "logs" / "criu-failed", config.criu.timeout)
-    criu.require_version()
-    repo, spool = open_repository(config)
-    engine = Engine(config, repo, criu, LogPump())
+    metrics = Metrics()
+    metrics.build_info.labels(__version__, criu.require_version()).set(1)
+    repo, spool = open_repository(config, metrics)
+    engine = Engine(config, repo, criu, LogPump(), metrics)
     engine.spool = spool
+    metrics.registry.register(EngineCollector(engine))
     return engine
 
 
@@ -114,6 +118,9 @@ def run_daemon(config: Config) -> None:
         engine.scheduler.every(config.storage.gc_every, "gc", engine.collect_garbage)
     engine.scheduler.start()
     server.start()
+    if config.metrics.enabled:
+        engine.metrics.serve(config.metrics.address, config.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)
     log.info(
         "checkpointer daemon %d ready: socket %s, repository %s",
         os.getpid(),

@@ -34,6 +34,7 @@ from checkpointer.errors import (
     WorkloadNotRunning,
     WorkloadRunning,
 )
+from checkpointer.metrics import Metrics
 from checkpointer.restore_policy import RestorePolicy, plan
 from checkpointer.scheduler import CheckpointScheduler, check_cron
 from checkpointer.workloads import managed, process
@@ -129,12 +130,23 @@ def describe_exit(status: int) -> str:
 
 
 class Engine:
-    def __init__(self, config: Config, repo: Repository, criu: Criu, pump: LogPump) -> None:
+    def __init__(
+        self,
+        config: Config,
+        repo: Repository,
+        criu: Criu,
+        pump: LogPump,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.repo = repo
         self.criu = criu
         self.pump = pump
-        self.scheduler = CheckpointScheduler(self._scheduled_checkpoint)
+        self.scheduler = CheckpointScheduler(
+            self._scheduled_checkpoint,
+            on_skip=lambda reason: self.metrics.schedule_skipped.labels(reason).inc(),
+        )
         # Called with every workload whose tree gets a new PID (the supervisor watches it).
         self.on_new_pid: Callable[[Workload], None] = lambda w: None
         self._workloads: dict[str, Workload] = {}
@@ -397,6 +409,7 @@ class Engine:
                 stats = self.criu.dump(w.pid, images, w.dump_options(), w.name)
             except CriuError as e:
                 w.last_error = str(e)
+                self.metrics.checkpoint_failed(w.name, e.category)
                 raise
             metadata = {
                 **hostinfo.host_facts(),
@@ -409,11 +422,13 @@ class Engine:
                 manifest = self.repo.commit(w.name, images, metadata)
             except (StorageError, OSError) as e:
                 w.last_error = f"storing the checkpoint failed: {e}"
+                self.metrics.checkpoint_failed(w.name, "storage")
                 raise CheckpointFailed(f"checkpoint of {w.name}: {w.last_error}") from e
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
         w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None
         duration = time.monotonic() - t0
+        self.metrics.checkpoint_ok(w.name, duration, stats, manifest.size_bytes, manifest.new_bytes)
         log.info(
             "checkpoint %s of %s: %d bytes, %d new (stored), frozen %.3fs, total %.2fs",
             manifest.id,
@@ -461,6 +476,7 @@ class Engine:
             try:
                 self.repo.delete(w.name, v.id)
                 self.retention_deleted += 1
+                self.metrics.retention_deleted.labels(w.name).inc()
                 log.info("retention: removed checkpoint %s of %s", v.id, w.name)
             except StorageError as e:
                 log.warning("retention: cannot remove %s of %s: %s", v.id, w.name, e)
@@ -473,6 +489,7 @@ class Engine:
             return
         dropped = self.repo.shed(spool.pending_keys(), spool.discard, spool.backlog_bytes, limit)
         self.spool_dropped += len(dropped)
+        self.metrics.spool_dropped.inc(len(dropped))
         log.error(
             "spool over %d bytes while the backend is unreachable: dropped %d checkpoint(s) "
             "never uploaded: %s",
@@ -484,6 +501,7 @@ class Engine:
     def collect_garbage(self) -> None:
         try:
             report = self.repo.gc()
+            self.metrics.gc_deleted_packs.inc(len(report.deleted_packs))
             if report.deleted_packs:
                 log.info("gc: removed %d unreferenced pack(s)", len(report.deleted_packs))
         except StorageError as e:
@@ -600,13 +618,22 @@ class Engine:
                 self.repo.read_manifest(name, to)  # raises the clear not-found error
             # Materialise before stopping anything: a damaged checkpoint leaves the tree running.
             images = self._scratch(name, "restore")
+            t0 = time.monotonic()
             try:
                 self._materialize(w, to, images)
                 if w.alive():
                     self._teardown(w)
-                return self._criu_restore(w, to, images, reason="rollback")
+                result = self._criu_restore(w, to, images, reason="rollback")
+            except (CriuError, RestoreFailed):
+                self.metrics.restore_done(name, "rollback", ok=False)
+                raise
             finally:
                 shutil.rmtree(images.parent, ignore_errors=True)
+            self.metrics.restore_done(
+                name, "rollback", True, time.monotonic() - t0, result.pop("_stats")
+            )
+            w.record("rollback", "ok", f"restored as pid {w.pid}", to)
+            return result
 
     def _restore(
         self,
@@ -624,11 +651,17 @@ class Engine:
                 )
             checkpoint_id = infos[0].id
         images = self._scratch(w.name, "restore")
+        t0 = time.monotonic()
         try:
             self._materialize(w, checkpoint_id, images, progress)
-            return self._criu_restore(w, checkpoint_id, images, reason)
+            result = self._criu_restore(w, checkpoint_id, images, reason)
+        except (CriuError, RestoreFailed, CheckpointNotFound):
+            self.metrics.restore_done(w.name, reason, ok=False)
+            raise
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
+        self.metrics.restore_done(w.name, reason, True, time.monotonic() - t0, result.pop("_stats"))
+        return result
 
     def _materialize(
         self,
@@ -688,6 +721,7 @@ class Engine:
             "reason": reason,
             "duration_seconds": round(duration, 3),
             "restore_stats": stats.as_dict(),
+            "_stats": stats,
         }
 
     def _workload_from_repository(self, name: str, checkpoint_id: str | None) -> Workload:
@@ -781,7 +815,9 @@ class Engine:
                     self._start(w)
                 except CheckpointerError as e:
                     w.record(reason, "failed", f"cold start failed: {e}")
+                    self.metrics.restore_done(w.name, reason, ok=False)
                 else:
+                    self.metrics.restore_done(w.name, reason, ok=True)
                     w.record(
                         reason,
                         "ok",

@@ -31,8 +31,11 @@ def check_cron(expr: str) -> None:
 
 
 class CheckpointScheduler:
-    def __init__(self, run: Callable[[str], None]) -> None:
+    def __init__(
+        self, run: Callable[[str], None], on_skip: Callable[[str], None] = lambda reason: None
+    ) -> None:
         self._run = run
+        self._on_skip = on_skip
         self._sched = BackgroundScheduler(
             timezone="UTC",
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 60},
@@ -84,7 +87,9 @@ class CheckpointScheduler:
     def _on_event(self, event: JobExecutionEvent) -> None:
         if event.code == EVENT_JOB_MAX_INSTANCES:
             self.skipped_overlap += 1
+            self._on_skip("overlap")
             log.warning("checkpoint of %s skipped: the previous one is still running", event.job_id)
         else:
             self.missed += 1
+            self._on_skip("missed")
             log.warning("checkpoint of %s missed its time", event.job_id)

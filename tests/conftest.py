@@ -98,7 +98,9 @@ class Daemon:
         self.base = base
         self.state = base / "state"
         self.config = base / "config.yaml"
-        self.config.write_text(f"state_dir: {self.state}\n{extra_config}")
+        self.metrics_port = free_port()
+        metrics = "" if "metrics:" in extra_config else f"metrics:\n  port: {self.metrics_port}\n"
+        self.config.write_text(f"state_dir: {self.state}\n{metrics}{extra_config}")
         self.log = base / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}

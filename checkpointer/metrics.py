@@ -1,0 +1,277 @@
+"""Prometheus metrics of the daemon (prometheus-client, single process, its own registry).
+
+Counters and histograms are updated by the engine, supervisor and storage wrappers as things
+happen; gauges that describe current state (workload up, state, last success, spool backlog)
+are computed at scrape time from the engine, so they can never go stale.
+Buckets are set per metric: the client's defaults stop at 10 s, too short for checkpoints.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from checkpointer.criu import DumpStats, RestoreStats
+
+if TYPE_CHECKING:
+    from checkpointer.engine import Engine
+
+STATES = ("running", "stopping", "stopped", "exited", "crashed", "restoring", "failed")
+_SECONDS_LONG = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_SECONDS_PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_PAGES = (100, 1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        w = ["workload"]
+        self.checkpoints = Counter(
+            "checkpointer_checkpoints", "Checkpoint attempts by result", [*w, "result"], registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "checkpointer_checkpoint_failures",
+            "Failed checkpoints by cause",
+            [*w, "reason"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "checkpointer_checkpoint_duration_seconds",
+            "Whole checkpoint: dump, chunking, storing",
+            w,
+            buckets=_SECONDS_LONG,
+            registry=r,
+        )
+        self.frozen = Histogram(
+            "checkpointer_checkpoint_frozen_seconds",
+            "Time the workload was frozen (CRIU frozen_time)",
+            w,
+            buckets=_SECONDS_PAUSE,
+            registry=r,
+        )
+        self.freezing = Histogram(
+            "checkpointer_checkpoint_freezing_seconds",
+            "CRIU freezing_time",
+            w,
+            buckets=_SECONDS_PAUSE,
+            registry=r,
+        )
+        self.memdump = Histogram(
+            "checkpointer_checkpoint_memdump_seconds",
+            "CRIU memdump_time",
+            w,
+            buckets=_SECONDS_PAUSE,
+            registry=r,
+        )
+        self.memwrite = Histogram(
+            "checkpointer_checkpoint_memwrite_seconds",
+            "CRIU memwrite_time",
+            w,
+            buckets=_SECONDS_PAUSE,
+            registry=r,
+        )
+        self.pages_scanned = Histogram(
+            "checkpointer_checkpoint_scanned_pages",
+            "CRIU pages_scanned per dump",
+            w,
+            buckets=_PAGES,
+            registry=r,
+        )
+        self.pages_written = Histogram(
+            "checkpointer_checkpoint_written_pages",
+            "CRIU pages_written per dump",
+            w,
+            buckets=_PAGES,
+            registry=r,
+        )
+        self.image_bytes = Gauge(
+            "checkpointer_checkpoint_image_bytes",
+            "Size of the last checkpoint's image",
+            w,
+            registry=r,
+        )
+        self.image_bytes_total = Counter(
+            "checkpointer_image_bytes", "Bytes of every checkpoint image taken", w, registry=r
+        )
+        self.stored_bytes = Counter(
+            "checkpointer_stored_bytes",
+            "Bytes newly written to the repository (after dedup and compression)",
+            w,
+            registry=r,
+        )
+        self.restores = Counter(
+            "checkpointer_restores",
+            "Restores by reason (crash, boot, rollback, manual) and result",
+            [*w, "reason", "result"],
+            registry=r,
+        )
+        self.restore_duration = Histogram(
+            "checkpointer_restore_duration_seconds",
+            "Whole restore: download, verify, CRIU",
+            w,
+            buckets=_SECONDS_LONG,
+            registry=r,
+        )
+        self.restore_criu = Histogram(
+            "checkpointer_restore_criu_seconds",
+            "CRIU restore_time",
+            w,
+            buckets=_SECONDS_PAUSE,
+            registry=r,
+        )
+        self.restore_forking = Histogram(
+            "checkpointer_restore_forking_seconds",
+            "CRIU forking_time",
+            w,
+            buckets=_SECONDS_PAUSE,
+            registry=r,
+        )
+        self.restore_pages = Histogram(
+            "checkpointer_restore_restored_pages",
+            "CRIU pages_restored",
+            w,
+            buckets=_PAGES,
+            registry=r,
+        )
+        self.storage_ops = Counter(
+            "checkpointer_storage_operations", "Backend operations", ["op"], registry=r
+        )
+        self.storage_errors = Counter(
+            "checkpointer_storage_errors",
+            "Backend errors (each failed attempt)",
+            ["op"],
+            registry=r,
+        )
+        self.storage_retries = Counter(
+            "checkpointer_storage_retries", "Backend retries", ["op"], registry=r
+        )
+        self.uploaded_bytes = Counter(
+            "checkpointer_uploaded_bytes", "Bytes the spool uploaded to object storage", registry=r
+        )
+        self.spool_dropped = Counter(
+            "checkpointer_spool_dropped_checkpoints",
+            "Checkpoints dropped from a full spool before upload",
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            "checkpointer_retention_deleted", "Checkpoints removed by retention", w, registry=r
+        )
+        self.gc_deleted_packs = Counter(
+            "checkpointer_gc_deleted_packs", "Packs removed by garbage collection", registry=r
+        )
+        self.schedule_skipped = Counter(
+            "checkpointer_schedule_skipped",
+            "Scheduled checkpoints not run, by reason (overlap, missed)",
+            ["reason"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "checkpointer_build_info", "Versions", ["version", "criu_version"], registry=r
+        )
+        self._lock = threading.Lock()
+
+    # -- events ------------------------------------------------------------------------
+
+    def checkpoint_ok(
+        self, workload: str, duration: float, stats: DumpStats, image: int, stored: int
+    ) -> None:
+        self.checkpoints.labels(workload, "success").inc()
+        self.duration.labels(workload).observe(duration)
+        self.frozen.labels(workload).observe(stats.frozen_time)
+        self.freezing.labels(workload).observe(stats.freezing_time)
+        self.memdump.labels(workload).observe(stats.memdump_time)
+        self.memwrite.labels(workload).observe(stats.memwrite_time)
+        self.pages_scanned.labels(workload).observe(stats.pages_scanned)
+        self.pages_written.labels(workload).observe(stats.pages_written)
+        self.image_bytes.labels(workload).set(image)
+        self.image_bytes_total.labels(workload).inc(image)
+        self.stored_bytes.labels(workload).inc(stored)
+
+    def checkpoint_failed(self, workload: str, reason: str) -> None:
+        self.checkpoints.labels(workload, "failure").inc()
+        self.checkpoint_failures.labels(workload, reason).inc()
+
+    def restore_done(
+        self,
+        workload: str,
+        reason: str,
+        ok: bool,
+        duration: float | None = None,
+        stats: RestoreStats | None = None,
+    ) -> None:
+        self.restores.labels(workload, reason, "success" if ok else "failure").inc()
+        if duration is not None:
+            self.restore_duration.labels(workload).observe(duration)
+        if stats is not None:
+            self.restore_criu.labels(workload).observe(stats.restore_time)
+            self.restore_forking.labels(workload).observe(stats.forking_time)
+            self.restore_pages.labels(workload).observe(stats.pages_restored)
+
+    def serve(self, address: str, port: int) -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+
+class EngineCollector(Collector):
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily(
+            "checkpointer_workload_up", "1 if the tree runs", labels=["workload"]
+        )
+        state = GaugeMetricFamily(
+            "checkpointer_workload_state", "1 for the current state", labels=["workload", "state"]
+        )
+        last = GaugeMetricFamily(
+            "checkpointer_last_success_timestamp_seconds",
+            "When the last checkpoint succeeded",
+            labels=["workload"],
+        )
+        interval = GaugeMetricFamily(
+            "checkpointer_schedule_expected_interval_seconds",
+            "The workload's checkpoint interval (0: cron or manual)",
+            labels=["workload"],
+        )
+        for w in self.engine.workloads():
+            alive = w.alive()
+            up.add_metric([w.name], 1.0 if alive else 0.0)
+            current = (
+                "running"
+                if w.state == "running" and alive
+                else ("crashed" if w.state == "running" else w.state)
+            )
+            for s in STATES:
+                state.add_metric([w.name, s], 1.0 if s == current else 0.0)
+            if w.last_checkpoint_at:
+                last.add_metric([w.name], w.last_checkpoint_at)
+            interval.add_metric([w.name], w.every or 0.0)
+        yield from (up, state, last, interval)
+        spool = self.engine.spool
+        backlog = GaugeMetricFamily(
+            "checkpointer_spool_backlog_bytes", "Bytes written locally and not yet uploaded"
+        )
+        pending = GaugeMetricFamily(
+            "checkpointer_spool_backlog_objects", "Objects written locally and not yet uploaded"
+        )
+        online = GaugeMetricFamily(
+            "checkpointer_storage_online", "0 while object storage is unreachable"
+        )
+        if spool is not None:
+            backlog.add_metric([], spool.backlog_bytes())
+            pending.add_metric([], len(spool.pending_keys()))
+            online.add_metric([], 1.0 if spool.online else 0.0)
+        else:
+            backlog.add_metric([], 0.0)
+            pending.add_metric([], 0.0)
+            online.add_metric([], 1.0)
+        yield from (backlog, pending, online)
+
+
+Callback = Callable[[str], None]
