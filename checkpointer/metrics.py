@@ -8,7 +8,6 @@ Buckets are set per metric: the client's defaults stop at 10 s, too short for ch
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -173,7 +172,13 @@ class Metrics:
         self.build_info = Gauge(
             "checkpointer_build_info", "Versions", ["version", "criu_version"], registry=r
         )
-        self._lock = threading.Lock()
+        for op in ("check", "put", "get", "exists", "list", "delete"):
+            # Series exist from the start: rate() of a counter never seen has no data.
+            self.storage_ops.labels(op)
+            self.storage_errors.labels(op)
+            self.storage_retries.labels(op)
+        for reason in ("overlap", "missed"):
+            self.schedule_skipped.labels(reason)
 
     # -- events ------------------------------------------------------------------------
 
@@ -181,6 +186,7 @@ class Metrics:
         self, workload: str, duration: float, stats: DumpStats, image: int, stored: int
     ) -> None:
         self.checkpoints.labels(workload, "success").inc()
+        self.checkpoints.labels(workload, "failure")
         self.duration.labels(workload).observe(duration)
         self.frozen.labels(workload).observe(stats.frozen_time)
         self.freezing.labels(workload).observe(stats.freezing_time)
@@ -194,6 +200,7 @@ class Metrics:
 
     def checkpoint_failed(self, workload: str, reason: str) -> None:
         self.checkpoints.labels(workload, "failure").inc()
+        self.checkpoints.labels(workload, "success")
         self.checkpoint_failures.labels(workload, reason).inc()
 
     def restore_done(
@@ -271,7 +278,12 @@ class EngineCollector(Collector):
             backlog.add_metric([], 0.0)
             pending.add_metric([], 0.0)
             online.add_metric([], 1.0)
-        yield from (backlog, pending, online)
+        limit = GaugeMetricFamily(
+            "checkpointer_spool_limit_bytes",
+            "spool_max_bytes: over it, un-uploaded checkpoints are dropped",
+        )
+        limit.add_metric([], float(self.engine.config.storage.spool_max_bytes))
+        yield from (backlog, pending, online, limit)
 
 
 Callback = Callable[[str], None]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the project needs beyond CRIU: Redis for the tests and python3-venv.
+# Debian packages the project needs beyond CRIU: Redis and Prometheus (with promtool) for the tests.
 # Idempotent: asks apt only for what is missing.
 set -euo pipefail
 want=("$@")
