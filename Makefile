@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup criu run test lint clean-state
+.PHONY: setup criu run stop-demo test lint bench
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ stop-demo:
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and
+# writes bench/results/latest.json. Takes about 15 minutes; see bench/run.py --help.
+bench: setup
+	@bash scripts/install-system-deps.sh restic zstd
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check checkpointer storage tests

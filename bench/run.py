@@ -1,0 +1,600 @@
+"""Benchmarks: checkpointer side by side with raw CRIU, the seeds' dump+tar+zstd, and restic.
+
+    make bench                       # everything (Redis 300 MB and 1 GB, a Python bytearray)
+    .venv/bin/python bench/run.py --sizes 300 --rounds 3 --skip-scale   # a quicker run
+
+Every method checkpoints the same live process in the same run, so ratios are comparable on
+this shared, noisy machine. Prints a table and writes bench/results/latest.json (machine,
+versions, medians and spreads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from checkpointer.criu import Criu, DumpOptions  # noqa: E402
+from checkpointer.criu.images import changed_page_bytes  # noqa: E402
+from checkpointer.workloads import process  # noqa: E402
+from checkpointer.workloads.reaper import become_subreaper  # noqa: E402
+
+PY = sys.executable
+LAUNCHER = ROOT / "checkpointer" / "workloads" / "launch.py"
+SHM = Path("/dev/shm/ckpt-bench")
+DISK = Path("/var/tmp/ckpt-bench")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(cmd: list[str]) -> int:
+    """Start `cmd` as a managed workload would be: PID 1 of its own namespace and session."""
+    r, w = os.pipe()
+    subprocess.run(
+        [PY, "-I", str(LAUNCHER), str(w), *cmd],
+        pass_fds=(w,),
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    report = os.read(r, 100).decode()
+    os.close(r)
+    return int(report.split()[1])
+
+
+def kill(pid: int) -> None:
+    process.teardown(pid, None)
+    reap()
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.monotonic()
+    out = fn()
+    return time.monotonic() - t0, out
+
+
+class Redis:
+    def __init__(self, mb: int) -> None:
+        import redis
+
+        self.port = free_port()
+        self.mb = mb
+        self.pid = launch(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+        )
+        self.client = redis.Redis(port=self.port, socket_timeout=60)
+        for _ in range(100):
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.keys = mb * 1024 * 1024 // 1200  # ~1.2 KB of RSS per 1000-byte value
+        # Random hex values (they compress about 2:1, like real data rather than zeros).
+        for start in range(0, self.keys, 20_000):
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(start, min(start + 20_000, self.keys)):
+                pipe.set(f"key:{i}", os.urandom(500).hex())
+            pipe.execute()
+        self.client.close()
+        self.round = 0
+        self.name = f"redis-{mb}MB"
+
+    def mutate(self) -> None:
+        """Rewrite 1% of the keys, spread over the whole key space."""
+        self.round += 1
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(self.round % 100, self.keys, 100):
+            pipe.set(f"key:{i}", os.urandom(500).hex())
+        pipe.execute()
+        self.client.close()  # no established connection at dump time
+
+    def alive_check(self) -> bool:
+        try:
+            return int(self.client.dbsize()) == self.keys
+        finally:
+            self.client.close()
+
+
+class PyArray:
+    """A Python process holding MB of random bytes; each round rewrites a 1% slice."""
+
+    SRC = (
+        "import os, signal, sys\n"
+        "b = bytearray(os.urandom(int(sys.argv[1]) << 20))\n"
+        "n = 0\n"
+        "def touch(*_):\n"
+        "    global n\n"
+        "    n += 1\n"
+        "    step = len(b) // 100\n"
+        "    b[n % 100 * step:(n % 100 + 1) * step] = os.urandom(step)\n"
+        "signal.signal(signal.SIGUSR1, touch)\n"
+        "while True: signal.pause()\n"
+    )
+
+    def __init__(self, mb: int) -> None:
+        self.pid = launch([PY, "-c", self.SRC, str(mb)])
+        time.sleep(1 + mb / 200)
+        self.name = f"python-bytearray-{mb}MB"
+
+    def mutate(self) -> None:
+        os.kill(self.pid, signal.SIGUSR1)
+        time.sleep(0.3)
+
+    def alive_check(self) -> bool:
+        return process.is_alive(self.pid)
+
+
+class Moto:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(Path(PY).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import boto3
+
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for _ in range(200):
+            try:
+                self.s3.list_buckets()
+                break
+            except Exception:
+                time.sleep(0.1)
+
+    def bucket(self, name: str) -> str:
+        self.s3.create_bucket(Bucket=name)
+        return name
+
+    def bytes(self, bucket: str) -> int:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return sum(o["Size"] for p in pages for o in p.get("Contents", []))
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def worker(args: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [PY, str(ROOT / "bench" / "worker.py"), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def raw_dump(criu: Criu, pid: int, where: Path) -> tuple[float, float, Path]:
+    images = where / f"raw-{time.time_ns()}"
+    images.mkdir(parents=True)
+    wall, stats = timed(lambda: criu.dump(pid, images, DumpOptions(), "bench"))
+    return stats.frozen_time, wall, images
+
+
+def restic(repo: str, env: dict[str, str], *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["restic", "--repo", repo, "--json", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    )
+    lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    return lines[-1] if lines else {}
+
+
+def bench_workload(
+    w: Any, rounds: int, moto: Moto | None, work: Path, skip_restic: bool
+) -> dict[str, Any]:
+    criu = Criu("criu", work / "failed")
+    res: dict[str, dict[str, list[float]]] = {}
+
+    def rec(method: str, key: str, value: float) -> None:
+        res.setdefault(method, {}).setdefault(key, []).append(value)
+
+    repo_local = work / "repo-local"
+    bucket = moto.bucket(f"bench-{w.name.lower()}") if moto else None
+    restic_local = str(work / "restic-local")
+    restic_env = {
+        "RESTIC_PASSWORD": "bench",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    restic_bucket = f"{bucket}-restic"
+    restic_s3 = f"s3:{moto.url}/{moto.bucket(restic_bucket)}" if moto and bucket else ""
+    if not skip_restic:
+        restic(restic_local, restic_env, "init")
+        if restic_s3:
+            restic(restic_s3, restic_env, "init")
+    seeds_store = work / "seeds-store"
+    seeds_store.mkdir()
+    prev_images: Path | None = None
+    last_ids: dict[str, str] = {}
+    for r in range(rounds):
+        if r:
+            w.mutate()
+        phase = "first" if r == 0 else "steady"
+        # raw CRIU, tmpfs and disk: the floor for the pause
+        frozen, wall, images = raw_dump(criu, w.pid, SHM)
+        rec("raw criu (tmpfs)", f"frozen_{phase}", frozen)
+        rec("raw criu (tmpfs)", f"wall_{phase}", wall)
+        image_bytes = du(images)
+        rec("raw criu (tmpfs)", "image_bytes", image_bytes)
+        if prev_images is not None:
+            rec("floor", "changed_page_bytes", changed_page_bytes(prev_images, images))
+            shutil.rmtree(prev_images)
+        prev_images = images
+        # the seeds' way: dump to disk, tar + zstd the folder, copy it to the store
+        frozen_d, wall_d, disk_images = raw_dump(criu, w.pid, DISK)
+        tarball = DISK / f"seed-{r}.tar.zst"
+        t0 = time.monotonic()
+        subprocess.run(
+            ["tar", "-I", "zstd -1 -T0", "-cf", str(tarball), "-C", str(disk_images), "."],
+            check=True,
+        )
+        t_tar = time.monotonic() - t0
+        t0 = time.monotonic()
+        shutil.copy(tarball, seeds_store / tarball.name)
+        os.sync()
+        t_copy = time.monotonic() - t0
+        rec("seeds: dump to disk + tar/zstd + copy", f"frozen_{phase}", frozen_d)
+        rec("seeds: dump to disk + tar/zstd + copy", f"wall_{phase}", wall_d + t_tar + t_copy)
+        rec("seeds: dump to disk + tar/zstd + copy", f"stored_{phase}", tarball.stat().st_size)
+        shutil.rmtree(disk_images)
+        tarball.unlink()
+        # restic of the image folder (dumped to tmpfs), local and S3
+        if not skip_restic:
+            for label, repo in (("restic local", restic_local), ("restic s3", restic_s3)):
+                if not repo:
+                    continue
+                fr, wl, imgs = raw_dump(criu, w.pid, SHM)
+
+                def size(repo: str = repo, label: str = label) -> int:
+                    if label == "restic local":
+                        return du(Path(repo))
+                    return moto.bytes(restic_bucket) if moto else 0
+
+                before = size()
+                t, _ = timed(
+                    lambda repo=repo, imgs=imgs: restic(repo, restic_env, "backup", str(imgs))
+                )
+                rec(label, f"frozen_{phase}", fr)
+                rec(label, f"wall_{phase}", wl + t)
+                rec(label, f"stored_{phase}", size() - before)  # what the repository grew
+                shutil.rmtree(imgs)
+        # checkpointer, local folder and S3 (spool, then uploaded: durable)
+        for label, args in (
+            ("checkpointer local", {"backend": "local", "repo": str(repo_local)}),
+            (
+                "checkpointer s3",
+                {
+                    "backend": "s3",
+                    "bucket": bucket,
+                    "url": moto.url if moto else "",
+                    "cache": str(work / "cache-a"),
+                },
+            ),
+        ):
+            if args["backend"] == "s3" and not moto:
+                continue
+            o = worker(
+                {
+                    **args,
+                    "op": "checkpoint",
+                    "pid": w.pid,
+                    "workload": "w",
+                    "scratch": str(SHM / "worker"),
+                }
+            )
+            last_ids[label] = o["id"]
+            rec(label, f"frozen_{phase}", o["frozen"])
+            rec(label, f"wall_{phase}", o["durable"])
+            rec(label, f"stored_{phase}", o["new_bytes"])
+            rec(label, "commit_seconds", o["commit"])
+            rec(label, "image_bytes", o["image"])
+            rec(label, "peak_rss_mb", o["peak_rss_mb"])
+            rec(label, "cpu_seconds", o["cpu_seconds"])
+    if prev_images is not None:
+        shutil.rmtree(prev_images)
+    for label, path in (
+        ("checkpointer local", repo_local),
+        ("seeds: dump to disk + tar/zstd + copy", seeds_store),
+    ):
+        rec(label, "stored_after_all", du(path))
+    if not skip_restic:
+        rec("restic local", "stored_after_all", du(Path(restic_local)))
+
+    # Restores: raw CRIU from a folder, checkpointer from the local repository, from the
+    # bucket with an empty cache. Each brings the same tree back, so the next one can kill it.
+    frozen, _, images = raw_dump(criu, w.pid, SHM)
+    pid = w.pid
+    for _ in range(2):
+        kill(pid)
+        t, (pid, _stats) = timed(lambda: criu.restore(images, DumpOptions(), "bench"))
+        rec("raw criu (tmpfs)", "restore", t)
+    shutil.rmtree(images)
+    for label, args in (
+        ("checkpointer local", {"backend": "local", "repo": str(repo_local)}),
+        (
+            "checkpointer s3",
+            {"backend": "s3", "bucket": bucket, "url": moto.url if moto else "", "cache": None},
+        ),
+    ):
+        if args["backend"] == "s3" and not moto:
+            continue
+        for _ in range(2):
+            if args["backend"] == "s3":
+                args["cache"] = str(Path(tempfile.mkdtemp(dir=DISK)))  # empty every time
+            kill(pid)
+            o = worker(
+                {
+                    **args,
+                    "op": "restore",
+                    "workload": "w",
+                    "id": last_ids[label],
+                    "scratch": str(SHM / "worker"),
+                }
+            )
+            pid = o["pid"]
+            rec(label, "restore", o["wall"])
+            rec(label, "restore_fetch", o["fetch"])
+            rec(label, "restore_peak_rss_mb", o["peak_rss_mb"])
+    w.pid = pid
+    assert w.alive_check(), "the workload did not survive the benchmark's restores"
+    return {m: {k: summarize(v) for k, v in d.items()} for m, d in res.items()}
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def raw_pipeline_throughput(mb: int = 256) -> float:
+    """Bytes/s of a tight blake3 + zstd pass over 4 KiB chunks of Redis-like data."""
+    import blake3
+    import zstandard
+
+    data = (os.urandom(2048).hex().encode()) * (mb * 1024 // 4)
+    c = zstandard.ZstdCompressor(level=1)
+    t0 = time.monotonic()
+    for off in range(0, len(data), 4096):
+        chunk = data[off : off + 4096]
+        blake3.blake3(chunk).digest()
+        c.compress(chunk)
+    return len(data) / (time.monotonic() - t0)
+
+
+def scheduler_at_scale(n: int, interval: int, duration: int, work: Path) -> dict[str, Any]:
+    """n small managed workloads, all every `interval` s, in a real daemon: late or missed runs."""
+    state = work / "scale"
+    cfg = work / "scale.yaml"
+    lines = [f"state_dir: {state}", "metrics: {enabled: false}", "workloads:"]
+    for i in range(n):
+        lines += [
+            f"  - name: w{i:03d}",
+            "    command: [sleep, '100000']",
+            f"    every: {interval}s",
+            "    restore: {on_crash: false}",
+        ]
+    cfg.write_text("\n".join(lines) + "\n")
+    log = work / "scale.log"
+    with open(log, "w") as f:
+        daemon = subprocess.Popen(
+            [PY, "-m", "checkpointer.cli", "daemon", "--config", str(cfg)],
+            stdout=f,
+            stderr=f,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    try:
+        time.sleep(duration)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+        reg = json.loads((state / "workloads.json").read_text())
+        for w in reg["workloads"]:
+            if w["pid"]:
+                process.teardown(int(w["pid"]), w["started"])
+        reap()
+    text = log.read_text().splitlines()
+    done = [ln for ln in text if "checkpointer.engine: checkpoint " in ln and " of w" in ln]
+    stamps = [time.mktime(time.strptime(ln[:19], "%Y-%m-%d %H:%M:%S")) for ln in done]
+    rounds: dict[int, list[float]] = {}
+    for t in stamps:
+        rounds.setdefault(int(t // interval), []).append(t)
+    spread = max((max(v) - min(v) for v in rounds.values()), default=0.0)
+    return {
+        "workloads": n,
+        "interval_s": interval,
+        "duration_s": duration,
+        "expected_runs": n * (duration // interval),
+        "checkpoints": len(done),
+        "skipped_overlap": sum("skipped" in ln for ln in text),
+        "missed": sum("missed its time" in ln for ln in text),
+        "failed": sum("failed" in ln for ln in text),
+        "max_spread_within_a_round_s": spread,
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        "| workload | method | pause (frozen) first / steady | pause vs raw | trigger → "
+        "durable first / steady | stored first / steady | stored after all | restore | "
+        "peak RSS | CPU s |",
+        "|" + "---|" * 10,
+    ]
+    for wname, methods in results["workloads"].items():
+        raw = methods["raw criu (tmpfs)"]
+        raw_pause = raw["frozen_steady"]["median"]
+        raw_restore = raw["restore"]["median"]
+        for m, d in methods.items():
+            if m == "floor":
+                continue
+
+            def med(k: str, d: dict[str, Any] = d) -> float | None:
+                return d[k]["median"] if k in d else None
+
+            def fmt(v: float | None, unit: str = "s") -> str:
+                if v is None:
+                    return "-"
+                if unit == "B":
+                    return f"{v / 1e6:.1f} MB"
+                return f"{v:.3f} s" if v < 10 else f"{v:.1f} s"
+
+            pause = med("frozen_steady")
+            rst = med("restore")
+            rss, cpu = med("peak_rss_mb"), med("cpu_seconds")
+            rows.append(
+                f"| {wname} | {m} | {fmt(med('frozen_first'))} / {fmt(pause)} | "
+                f"{(pause / raw_pause if pause and raw_pause else 0):.2f} | "
+                f"{fmt(med('wall_first'))} / {fmt(med('wall_steady'))} | "
+                f"{fmt(med('stored_first'), 'B')} / {fmt(med('stored_steady'), 'B')} | "
+                f"{fmt(med('stored_after_all'), 'B')} | "
+                f"{fmt(rst)}{f' ({rst / raw_restore:.2f}x)' if rst else ''} | "
+                f"{f'{rss:.0f} MB' if rss else '-'} | {f'{cpu:.2f}' if cpu else '-'} |"
+            )
+        floor = methods.get("floor", {}).get("changed_page_bytes", {}).get("median")
+        ck = methods.get("checkpointer local", {}).get("stored_steady", {}).get("median")
+        if floor and ck:
+            rows.append(
+                f"| {wname} | floor: pages changed between consecutive images | | | | "
+                f"{floor / 1e6:.1f} MB (checkpointer stores {ck / floor:.2f}x) | | | | |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="300,1000", help="Redis sizes in MB")
+    ap.add_argument("--pyarray", type=int, default=256, help="bytearray MB (0: skip)")
+    ap.add_argument("--rounds", type=int, default=10, help="checkpoints per method")
+    ap.add_argument("--skip-restic", action="store_true")
+    ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--scale", type=int, default=100)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("the benchmarks run CRIU: run them as root (make bench)")
+    become_subreaper()
+    for d in (SHM, DISK):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True, mode=0o700)
+    moto = None if a.skip_s3 else Moto()
+    results: dict[str, Any] = {
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "criu": Criu("criu", SHM).version(),
+            "restic": subprocess.run(
+                ["restic", "version"], capture_output=True, text=True
+            ).stdout.strip()
+            if not a.skip_restic
+            else None,
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rounds": a.rounds,
+        "workloads": {},
+    }
+    results["raw_hash_zstd_bytes_per_second"] = raw_pipeline_throughput()
+    loads: list[Callable[[], Any]] = [lambda mb=int(s): Redis(mb) for s in a.sizes.split(",") if s]
+    if a.pyarray:
+        loads.append(lambda: PyArray(a.pyarray))
+    try:
+        for make in loads:
+            w = make()
+            try:
+                work = Path(tempfile.mkdtemp(prefix="w-", dir=DISK))
+                print(f"benchmarking {w.name} ...", flush=True)
+                results["workloads"][w.name] = bench_workload(
+                    w, a.rounds, moto, work, a.skip_restic
+                )
+            finally:
+                kill(w.pid)
+        if not a.skip_scale:
+            print(f"scheduler at scale: {a.scale} workloads every 60 s ...", flush=True)
+            results["scheduler_at_scale"] = scheduler_at_scale(a.scale, 60, 130, DISK)
+    finally:
+        if moto:
+            moto.stop()
+        shutil.rmtree(SHM, ignore_errors=True)
+        shutil.rmtree(DISK, ignore_errors=True)
+    text = table(results)
+    print(text)
+    tp = results["raw_hash_zstd_bytes_per_second"]
+    print(f"\nraw blake3+zstd pass over 4 KiB chunks: {tp / 1e6:.0f} MB/s")
+    if "scheduler_at_scale" in results:
+        print(f"scheduler at scale: {results['scheduler_at_scale']}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    (out.with_suffix(".md")).write_text(text + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

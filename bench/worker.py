@@ -1,0 +1,92 @@
+"""One checkpointer checkpoint or restore in a process of its own, so that its peak RSS and CPU
+seconds are its own: `python bench/worker.py JSON-ARGS`. Prints one JSON line of results.
+
+It runs the production code path the daemon runs: the CRIU driver dumps into tmpfs, the
+repository chunks, hashes, compresses and stores (local folder, or spool → retries → S3).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from checkpointer.criu import Criu, DumpOptions
+from storage import Repository
+from storage.backends import BlobStore, LocalBlobStore
+from storage.backends.retrying import RetryingBlobStore
+from storage.backends.s3 import S3BlobStore, S3Settings
+from storage.backends.spooled import SpooledBlobStore
+
+
+def backend(args: dict[str, object]) -> tuple[BlobStore, SpooledBlobStore | None]:
+    if args["backend"] == "local":
+        return LocalBlobStore(Path(str(args["repo"]))), None
+    s3 = S3Settings(
+        bucket=str(args["bucket"]),
+        prefix="bench",
+        endpoint_url=str(args["url"]),
+        region="us-east-1",
+        addressing_style="path",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    spool = SpooledBlobStore(
+        RetryingBlobStore(S3BlobStore(s3)), Path(str(args["cache"])), upload_concurrency=4
+    )
+    return spool, spool
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    store, spool = backend(args)
+    repo = Repository(store, concurrency=4)
+    criu = Criu("criu", Path(str(args["scratch"])) / "failed-logs")
+    out: dict[str, object] = {}
+    t0 = time.monotonic()
+    if args["op"] == "checkpoint":
+        images = Path(str(args["scratch"])) / f"images-{time.time_ns()}"
+        images.mkdir(parents=True)
+        stats = criu.dump(int(str(args["pid"])), images, DumpOptions(), "bench")
+        t_dump = time.monotonic()
+        m = repo.commit(str(args["workload"]), images, {})
+        t_commit = time.monotonic()
+        if spool is not None:
+            spool.wait_uploaded(3600)
+        t_durable = time.monotonic()
+        shutil.rmtree(images)
+        out.update(
+            id=m.id,
+            frozen=stats.frozen_time,
+            dump_wall=t_dump - t0,
+            commit=t_commit - t_dump,
+            durable=t_durable - t0,
+            image=m.size_bytes,
+            new_bytes=m.new_bytes,
+            new_chunks=m.new_chunks,
+        )
+    else:  # restore: materialise (verified), then CRIU
+        images = Path(str(args["scratch"])) / f"restore-{time.time_ns()}"
+        repo.materialize(str(args["workload"]), str(args["id"]), images)
+        t_fetch = time.monotonic()
+        pid, rstats = criu.restore(images, DumpOptions(), "bench")
+        shutil.rmtree(images)
+        out.update(pid=pid, fetch=t_fetch - t0, criu_restore=rstats.restore_time)
+    out["wall"] = time.monotonic() - t0
+    if spool is not None:
+        spool.close()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+    hwm = next(
+        ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:")
+    )
+    out["peak_rss_mb"] = int(hwm.split()[1]) / 1024
+    out["cpu_seconds"] = ru.ru_utime + ru.ru_stime
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
