@@ -321,7 +321,10 @@ def bench_workload(
                 shutil.rmtree(imgs)
         # checkpointer, local folder and S3 (spool, then uploaded: durable)
         for label, args in (
-            ("checkpointer local", {"backend": "local", "repo": str(repo_local)}),
+            (
+                "checkpointer local",
+                {"backend": "local", "repo": str(repo_local), "keep": str(SHM / "hot")},
+            ),
             (
                 "checkpointer s3",
                 {
@@ -370,7 +373,12 @@ def bench_workload(
         t, (pid, _stats) = timed(lambda: criu.restore(images, DumpOptions(), "bench"))
         rec("raw criu (tmpfs)", "restore", t)
     shutil.rmtree(images)
+    last_ids["checkpointer local (kept image)"] = last_ids["checkpointer local"]
     for label, args in (
+        (
+            "checkpointer local (kept image)",
+            {"backend": "local", "repo": str(repo_local), "hot": str(SHM / "hot")},
+        ),
         ("checkpointer local", {"backend": "local", "repo": str(repo_local)}),
         (
             "checkpointer s3",
@@ -393,6 +401,7 @@ def bench_workload(
                 }
             )
             pid = o["pid"]
+            assert o["kept_image"] == ("hot" in args), o
             rec(label, "restore", o["wall"])
             rec(label, "restore_fetch", o["fetch"])
             rec(label, "restore_peak_rss_mb", o["peak_rss_mb"])

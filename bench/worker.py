@@ -57,7 +57,11 @@ def main() -> None:
         if spool is not None:
             spool.wait_uploaded(3600)
         t_durable = time.monotonic()
-        shutil.rmtree(images)
+        if args.get("keep"):  # what the daemon does with keep_latest_image
+            shutil.rmtree(str(args["keep"]), ignore_errors=True)
+            images.rename(str(args["keep"]))
+        else:
+            shutil.rmtree(images)
         out.update(
             id=m.id,
             frozen=stats.frozen_time,
@@ -69,11 +73,17 @@ def main() -> None:
             new_chunks=m.new_chunks,
         )
     else:  # restore: materialise (verified), then CRIU
-        images = Path(str(args["scratch"])) / f"restore-{time.time_ns()}"
-        repo.materialize(str(args["workload"]), str(args["id"]), images)
+        hot = Path(str(args["hot"])) if args.get("hot") else None
+        if hot and repo.matches_folder(str(args["workload"]), str(args["id"]), hot):
+            images, kept = hot, True  # the kept image, checked against the manifest
+        else:
+            images, kept = Path(str(args["scratch"])) / f"restore-{time.time_ns()}", False
+            repo.materialize(str(args["workload"]), str(args["id"]), images)
         t_fetch = time.monotonic()
         pid, rstats = criu.restore(images, DumpOptions(), "bench")
-        shutil.rmtree(images)
+        if not kept:
+            shutil.rmtree(images)
+        out["kept_image"] = kept
         out.update(pid=pid, fetch=t_fetch - t0, criu_restore=rstats.restore_time)
     out["wall"] = time.monotonic() - t0
     if spool is not None:

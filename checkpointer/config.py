@@ -165,6 +165,9 @@ class CriuConfig(_Strict):
         None, description="where images are dumped before storing; default a tmpfs if it has room"
     )
     timeout: Duration = Field(600.0, description="a dump or restore running longer is killed")
+    keep_latest_image: bool = Field(
+        True, description="keep each workload's newest image in scratch for fast restores"
+    )
 
 
 class MetricsConfig(_Strict):

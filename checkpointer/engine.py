@@ -7,6 +7,7 @@ skips a busy workload instead of queueing behind it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -75,6 +76,7 @@ class Workload:
     failed_reason: str | None = None
     streak: dict[str, Any] = field(default_factory=dict)  # restore_policy.Streak fields
     bad_checkpoints: list[str] = field(default_factory=list)
+    hot_image: dict[str, str] = field(default_factory=dict)  # newest image kept: id, path
     history: list[dict[str, Any]] = field(default_factory=list)  # restore attempts, newest last
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -315,6 +317,7 @@ class Engine:
                 stopped = True
             with self._registry_lock:
                 self._workloads.pop(name, None)
+            self._drop_hot(w)
         if w.kind == "managed":
             self.pump.detach(name)
         self.save()
@@ -424,6 +427,8 @@ class Engine:
                 w.last_error = f"storing the checkpoint failed: {e}"
                 self.metrics.checkpoint_failed(w.name, "storage")
                 raise CheckpointFailed(f"checkpoint of {w.name}: {w.last_error}") from e
+            if self.config.criu.keep_latest_image:
+                self._keep_hot(w, images, manifest.id)
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
         w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None
@@ -650,18 +655,55 @@ class Engine:
                     f"take one with `checkpointer checkpoint {w.name}`"
                 )
             checkpoint_id = infos[0].id
-        images = self._scratch(w.name, "restore")
         t0 = time.monotonic()
+        hot = self._hot_image(w, checkpoint_id)
+        images = hot or self._scratch(w.name, "restore")
         try:
-            self._materialize(w, checkpoint_id, images, progress)
+            if hot is None:
+                self._materialize(w, checkpoint_id, images, progress)
             result = self._criu_restore(w, checkpoint_id, images, reason)
+            result["source"] = "kept image" if hot else "repository"
         except (CriuError, RestoreFailed, CheckpointNotFound):
             self.metrics.restore_done(w.name, reason, ok=False)
             raise
         finally:
-            shutil.rmtree(images.parent, ignore_errors=True)
+            if hot is None:
+                shutil.rmtree(images.parent, ignore_errors=True)
         self.metrics.restore_done(w.name, reason, True, time.monotonic() - t0, result.pop("_stats"))
         return result
+
+    def _keep_hot(self, w: Workload, images: Path, checkpoint_id: str) -> None:
+        """Keep the image just stored, in place of the previous one: restoring the newest
+        checkpoint then needs no download and no decompression, only a check of the files."""
+        hot_root = images.parent.parent / "hot"
+        hot_root.mkdir(mode=0o700, exist_ok=True)
+        hot, new = hot_root / w.name, hot_root / f".{w.name}.new"
+        shutil.rmtree(new, ignore_errors=True)
+        os.rename(images, new)
+        self._drop_hot(w)
+        shutil.rmtree(hot, ignore_errors=True)  # left by an earlier registration of the name
+        os.rename(new, hot)
+        w.hot_image = {"id": checkpoint_id, "path": str(hot)}
+
+    def _drop_hot(self, w: Workload) -> None:
+        if w.hot_image.get("path"):
+            shutil.rmtree(w.hot_image["path"], ignore_errors=True)
+        w.hot_image = {}
+
+    def _hot_image(self, w: Workload, checkpoint_id: str) -> Path | None:
+        """The kept image of `checkpoint_id`, if there is one and it matches the manifest."""
+        if w.hot_image.get("id") != checkpoint_id:
+            return None
+        path = Path(w.hot_image["path"])
+        if path.is_dir() and self.repo.matches_folder(w.name, checkpoint_id, path):
+            return path
+        log.warning(
+            "kept image of %s does not match checkpoint %s: restoring from the repository",
+            w.name,
+            checkpoint_id,
+        )
+        self._drop_hot(w)
+        return None
 
     def _materialize(
         self,
@@ -886,7 +928,7 @@ class Engine:
             need = 2 * _tree_rss(pid) + 64 * 1024 * 1024
             st = os.statvfs(shm)
             if st.f_bavail * st.f_frsize > need:
-                return shm / "checkpointer"
+                return tmpfs_scratch_root(self.state_dir)
         return self.state_dir / "scratch"
 
 
@@ -910,6 +952,13 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self.w.lock.release()
+
+
+def tmpfs_scratch_root(state_dir: Path) -> Path:
+    """The daemon's folder in /dev/shm, named after its state folder: two daemons on one host
+    (or in tests) never share scratch or kept images."""
+    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    return Path("/dev/shm") / f"checkpointer-{tag}"
 
 
 def _tree_rss(pid: int) -> int:

@@ -158,6 +158,13 @@ class Daemon:
     def checkpoint(self, name: str) -> str:
         return str(self.json("checkpoint", name)["id"])
 
+    def drop_kept_images(self) -> None:
+        """Forget the newest images kept in tmpfs (as a reboot would): restores then read the
+        repository, which is what tests of repository damage need."""
+        from checkpointer.engine import tmpfs_scratch_root
+
+        shutil.rmtree(tmpfs_scratch_root(self.state) / "hot", ignore_errors=True)
+
     def workload_log(self, name: str) -> str:
         path = self.state / "logs" / f"{name}.log"
         return path.read_text() if path.exists() else ""
@@ -175,6 +182,9 @@ class Daemon:
                 self.proc.wait()
         self.proc = None
         self.kill_workloads()
+        from checkpointer.engine import tmpfs_scratch_root
+
+        shutil.rmtree(tmpfs_scratch_root(self.state), ignore_errors=True)
 
     def kill_workloads(self) -> None:
         registry = self.state / "workloads.json"

@@ -301,3 +301,24 @@ def test_scheduled_checkpoints_and_keep_last(daemon: Daemon) -> None:
     recent = {c["id"] for c in listed} | {c["id"] for c in daemon.json("list", "sched")}
     assert st["last_checkpoint"] in recent
     assert st["last_checkpoint_age_seconds"] < 5
+
+
+def test_restore_uses_the_kept_image_only_if_it_matches(counter: tuple[Daemon, int]) -> None:
+    d, port = counter
+    serve(port, 4)  # 5
+    d.checkpoint("web")
+    serve(port, 2)
+    kill_tree(d.pid("web"))
+    r = d.json("restore", "web")
+    assert r["source"] == "kept image" and http_get(port) == "6"
+    # Damage the kept image: the restore must notice and fetch from the repository instead.
+    from checkpointer.engine import tmpfs_scratch_root
+
+    pages = sorted((tmpfs_scratch_root(d.state) / "hot" / "web").glob("pages-*.img"))
+    assert pages, "no kept image"
+    data = bytearray(pages[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pages[0].write_bytes(bytes(data))
+    kill_tree(d.pid("web"))
+    r = d.json("restore", "web")
+    assert r["source"] == "repository" and http_get(port) == "6"
