@@ -11,6 +11,7 @@ versions, medians and spreads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -64,8 +65,15 @@ def launch(cmd: list[str]) -> int:
 
 
 def kill(pid: int) -> None:
-    process.teardown(pid, None)
-    reap()
+    """SIGKILL the tree and reap it: its processes are our children (we are a subreaper)."""
+    pids = [pid, *process.descendants(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(process.state(p) for p in pids) and time.monotonic() < deadline:
+        reap()
+        time.sleep(0.01)
 
 
 def reap() -> None:
@@ -461,11 +469,18 @@ def scheduler_at_scale(n: int, interval: int, duration: int, work: Path) -> dict
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
+        # The daemon's workloads are now our children (we are a subreaper): kill them all,
+        # then reap, or each teardown would wait for zombies only we can collect.
         reg = json.loads((state / "workloads.json").read_text())
         for w in reg["workloads"]:
-            if w["pid"]:
-                process.teardown(int(w["pid"]), w["started"])
-        reap()
+            if w["pid"] and process.start_time(int(w["pid"])) == w["started"]:
+                os.kill(int(w["pid"]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(process.state(int(w["pid"])) for w in reg["workloads"] if w["pid"]):
+            reap()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     text = log.read_text().splitlines()
     done = [ln for ln in text if "checkpointer.engine: checkpoint " in ln and " of w" in ln]
     stamps = [time.mktime(time.strptime(ln[:19], "%Y-%m-%d %H:%M:%S")) for ln in done]

@@ -55,6 +55,24 @@ def http_get(port: int, timeout: float = 10.0, path: str = "/") -> str:
             time.sleep(0.05)
 
 
+def redis_client(port: int, timeout: float = 10.0) -> Any:
+    """A client of the Redis on `port`, once it answers PING (it may be starting, or being
+    restored). Close it before a checkpoint: an open connection is an established socket."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while True:
+        client = redis.Redis(port=port, socket_timeout=10)
+        try:
+            client.ping()
+            return client
+        except redis.ConnectionError:
+            client.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def tree_pids(root: int) -> list[int]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER, PROGRAMS, Daemon, free_port, http_get, kill_tree, tree_pids
+from tests.conftest import (
+    COUNTER,
+    PROGRAMS,
+    Daemon,
+    free_port,
+    http_get,
+    kill_tree,
+    redis_client,
+    tree_pids,
+)
 
 
 def serve(port: int, n: int) -> str:
@@ -134,23 +143,14 @@ def redis_port(daemon: Daemon) -> int:
 def test_redis_keys_before_checkpoint_survive_and_later_ones_do_not(
     daemon: Daemon, redis_port: int
 ) -> None:
-    redis = pytest.importorskip("redis")
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client = redis.Redis(port=redis_port, socket_timeout=5)
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    client = redis_client(redis_port)
     pipe = client.pipeline()
     for i in range(20000):
         pipe.set(f"before:{i}", f"value-{i}" * 8)
     pipe.execute()
     client.close()  # an open client connection is an established TCP socket: CRIU refuses it
     daemon.checkpoint("cache")
-    client = redis.Redis(port=redis_port, socket_timeout=5)
+    client = redis_client(redis_port)
     pipe = client.pipeline()
     for i in range(5000):
         pipe.set(f"after:{i}", "x")
@@ -159,16 +159,8 @@ def test_redis_keys_before_checkpoint_survive_and_later_ones_do_not(
     client.close()
     kill_tree(daemon.pid("cache"))
     daemon.cli("restore", "cache")
-    client = redis.Redis(port=redis_port, socket_timeout=5)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            size = client.dbsize()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    assert size == 20000
+    client = redis_client(redis_port)
+    assert client.dbsize() == 20000
     assert client.get("before:19999") == ("value-19999" * 8).encode()
     assert client.get("after:0") is None
     client.close()

@@ -27,6 +27,7 @@ from tests.conftest import (
     free_port,
     http_get,
     kill_tree,
+    redis_client,
     s3_config,
 )
 
@@ -118,7 +119,6 @@ def test_dedup_idle_workload_second_checkpoint_stores_little(
 
 
 def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: str) -> None:
-    redis = pytest.importorskip("redis")
     port = free_port()
     d = s3_daemon(workdir, moto, bucket)
     try:
@@ -138,15 +138,7 @@ def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: st
             "--appendonly",
             "no",
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client = redis.Redis(port=port, socket_timeout=10)
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        client = redis_client(port)
         n = 100_000
         pipe = client.pipeline(transaction=False)
         for i in range(n):
@@ -154,7 +146,7 @@ def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: st
         pipe.execute()
         client.close()
         first = d.json("checkpoint", "cache")
-        client = redis.Redis(port=port, socket_timeout=10)
+        client = redis_client(port)
         pipe = client.pipeline(transaction=False)
         for i in range(0, n, 100):  # 1% of the keys, spread over the whole key space
             pipe.set(f"key:{i}", f"{i + 1:08d}" * 12)
