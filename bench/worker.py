@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from checkpointer import kept_image
 from checkpointer.criu import Criu, DumpOptions
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore
@@ -60,6 +61,9 @@ def main() -> None:
         if args.get("keep"):  # what the daemon does with keep_latest_image
             shutil.rmtree(str(args["keep"]), ignore_errors=True)
             images.rename(str(args["keep"]))
+            Path(str(args["keep"]) + ".stamp").write_text(
+                json.dumps(kept_image.stamp(Path(str(args["keep"]))))
+            )
         else:
             shutil.rmtree(images)
         out.update(
@@ -74,7 +78,8 @@ def main() -> None:
         )
     else:  # restore: materialise (verified), then CRIU
         hot = Path(str(args["hot"])) if args.get("hot") else None
-        if hot and repo.matches_folder(str(args["workload"]), str(args["id"]), hot):
+        recorded = json.loads(Path(f"{hot}.stamp").read_text()) if hot else {}
+        if hot and kept_image.unchanged(hot, recorded):
             images, kept = hot, True  # the kept image, checked against the manifest
         else:
             images, kept = Path(str(args["scratch"])) / f"restore-{time.time_ns()}", False

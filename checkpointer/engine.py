@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from checkpointer import hostinfo
+from checkpointer import hostinfo, kept_image
 from checkpointer.config import Config, Retention, WorkloadOptions
 from checkpointer.criu import Criu, CriuError, DumpOptions
 from checkpointer.durations import format_duration
@@ -76,7 +76,7 @@ class Workload:
     failed_reason: str | None = None
     streak: dict[str, Any] = field(default_factory=dict)  # restore_policy.Streak fields
     bad_checkpoints: list[str] = field(default_factory=list)
-    hot_image: dict[str, str] = field(default_factory=dict)  # newest image kept: id, path
+    hot_image: dict[str, Any] = field(default_factory=dict)  # newest image kept: id, path, stamp
     history: list[dict[str, Any]] = field(default_factory=list)  # restore attempts, newest last
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -683,7 +683,7 @@ class Engine:
         self._drop_hot(w)
         shutil.rmtree(hot, ignore_errors=True)  # left by an earlier registration of the name
         os.rename(new, hot)
-        w.hot_image = {"id": checkpoint_id, "path": str(hot)}
+        w.hot_image = {"id": checkpoint_id, "path": str(hot), "stamp": kept_image.stamp(hot)}
 
     def _drop_hot(self, w: Workload) -> None:
         if w.hot_image.get("path"):
@@ -695,7 +695,7 @@ class Engine:
         if w.hot_image.get("id") != checkpoint_id:
             return None
         path = Path(w.hot_image["path"])
-        if path.is_dir() and self.repo.matches_folder(w.name, checkpoint_id, path):
+        if kept_image.unchanged(path, w.hot_image.get("stamp", {})):
             return path
         log.warning(
             "kept image of %s does not match checkpoint %s: restoring from the repository",

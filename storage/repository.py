@@ -383,27 +383,6 @@ class Repository:
         except BlobNotFound as e:
             raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
 
-    def matches_folder(self, workload: str, checkpoint_id: str, folder: Path) -> bool:
-        """Whether `folder` holds exactly the checkpoint's files (extra files are ignored).
-
-        A fast check of a local copy kept since the checkpoint was taken: sizes, then a
-        multi-threaded BLAKE3 of each whole file against the manifest.
-        """
-        try:
-            manifest = self.read_manifest(workload, checkpoint_id)
-        except (CheckpointNotFound, CorruptCheckpoint):
-            return False
-        for entry in manifest.files:
-            path = folder / entry.name
-            try:
-                if path.stat().st_size != entry.size or entry.file_digest is None:
-                    return False
-            except FileNotFoundError:
-                return False
-            if whole_file_digest(path) != entry.file_digest:
-                return False
-        return True
-
     def verify(
         self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
     ) -> Manifest:
@@ -509,15 +488,6 @@ class Repository:
                 keys = {key} | {k for k in pending if pack_id_of_key(k) in gone}
                 discard(keys)
         return dropped
-
-
-def whole_file_digest(path: Path) -> str:
-    """BLAKE3 of a file, read in blocks (not mmapped: memory stays flat), multi-threaded."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb") as f:
-        while block := f.read(8 * _READ_BLOCK):
-            h.update(block)
-    return str(h.hexdigest())
 
 
 def _unpack_chunk(
