@@ -49,7 +49,6 @@ class FileEntry:
     size: int
     mode: int
     digests: bytes  # concatenated DIGEST_SIZE-byte digests, in file order
-    file_digest: str | None = None  # BLAKE3 of the whole file, hex: a fast check of a copy
 
     def chunk_digests(self) -> list[bytes]:
         d = self.digests
@@ -91,7 +90,6 @@ class Manifest:
                     "size": f.size,
                     "mode": f.mode,
                     "chunks": base64.b64encode(f.digests).decode("ascii"),
-                    **({"blake3": f.file_digest} if f.file_digest else {}),
                 }
                 for f in self.files
             ],
@@ -113,7 +111,6 @@ class Manifest:
                     size=int(f["size"]),
                     mode=int(f["mode"]),
                     digests=base64.b64decode(f["chunks"], validate=True),
-                    file_digest=f.get("blake3"),
                 )
                 for f in doc["files"]
             ]

@@ -148,10 +148,8 @@ class Repository:
             for rel, path in _walk_files(folder):
                 st = path.stat()
                 digests = bytearray()
-                whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
                 with open(path, "rb") as f:
                     while block := f.read(_READ_BLOCK):
-                        whole.update(block)
                         for off in range(0, len(block), CHUNK_SIZE):
                             chunk = block[off : off + CHUNK_SIZE]
                             digest = blake3.blake3(chunk).digest()
@@ -167,11 +165,7 @@ class Repository:
                             if builder.full():
                                 flush()
                 size_bytes += st.st_size
-                files.append(
-                    FileEntry(
-                        rel, st.st_size, st.st_mode & 0o777, bytes(digests), whole.hexdigest()
-                    )
-                )
+                files.append(FileEntry(rel, st.st_size, st.st_mode & 0o777, bytes(digests)))
             flush()
             for fut in in_flight:
                 new_bytes += fut.result()  # every pack durable before the manifest
