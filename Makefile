@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup criu run stop-demo test lint bench
+.PHONY: setup criu run test lint bench
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,14 +19,11 @@ setup: $(STAMP) criu
 	@bash scripts/install-system-deps.sh redis-server prometheus
 
 # The daemon in the foreground, on a local-folder repository under .state/, checkpointing the
-# example workload of configs/demo.yaml every 5 s. Ctrl-C stops the daemon; the workload keeps
-# running (as it would in production): `make stop-demo` ends it.
+# example workload of configs/demo.yaml every 5 s. Ctrl-C stops the daemon and, for the demo
+# only, its workload (in production workloads outlive the daemon).
 run: setup
 	$(VENV)/bin/checkpointer doctor --config $(CONFIG)
-	$(VENV)/bin/checkpointer daemon --config $(CONFIG)
-
-stop-demo:
-	-$(VENV)/bin/checkpointer unregister --config $(CONFIG) counter
+	$(VENV)/bin/checkpointer daemon --config $(CONFIG) --stop-workloads-on-exit
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -152,14 +152,19 @@ def cli() -> None:
 @cli.command()
 @common(reporting=False)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
-def daemon(config: Config, log_format: str) -> None:
+@click.option(
+    "--stop-workloads-on-exit",
+    is_flag=True,
+    help="stop managed workloads when the daemon stops (demos; not for production)",
+)
+def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> None:
     """Run scheduler, reaper, log pump and API until SIGTERM."""
     from checkpointer.daemon import run_daemon
 
     if os.geteuid() != 0:
         _fail("the daemon must run as root: CRIU needs CAP_SYS_ADMIN and friends")
     _setup_logging(log_format)
-    run_daemon(config)
+    run_daemon(config, stop_workloads_on_exit)
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})

@@ -81,12 +81,16 @@ def _options(raw: dict[str, Any]) -> WorkloadOptions:
         raise ConfigError(f"invalid workload options: {format_validation_error(e, raw)}") from e
 
 
-def _start_declared(engine: Engine, declared: list[WorkloadConfig]) -> None:
-    """Start or adopt the config's workloads; one registered before gets the config's options."""
+def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[WorkloadConfig]) -> None:
+    """Start or adopt the config's workloads. One registered before gets the config's options
+    and, if it was stopped with the daemon, comes back from its latest checkpoint."""
     for wc in declared:
         try:
             if wc.name in engine.status_names():
                 engine.update_options(wc.name, wc.options())
+                w = engine.get(wc.name)
+                if w.state == "stopped" and not w.alive():  # not "exited": that one finished
+                    supervisor.bring_back(w, "declared in the config, stopped with the daemon")
             elif wc.command:
                 engine.run(
                     wc.name,
@@ -106,14 +110,14 @@ def _start_declared(engine: Engine, declared: list[WorkloadConfig]) -> None:
             log.error("workload %s from the config was not started: %s", wc.name, e)
 
 
-def run_daemon(config: Config) -> None:
+def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     engine = build_engine(config)
     supervisor = Supervisor(engine)
     supervisor.start()
     engine.load()
     server = ApiServer(config.socket_path, _handlers(engine))
     supervisor.recover_at_start()
-    _start_declared(engine, config.workloads)
+    _start_declared(engine, supervisor, config.workloads)
     if config.storage.gc_every:
         engine.scheduler.every(config.storage.gc_every, "gc", engine.collect_garbage)
     engine.scheduler.start()
@@ -133,8 +137,13 @@ def run_daemon(config: Config) -> None:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(3600):
         pass
-    log.info("stopping: workloads keep running")
     engine.stop_all_schedules()
+    if stop_workloads_on_exit:
+        # Before the supervisor stops: its reaper collects them (they are our children).
+        log.info("stopping, with the managed workloads (--stop-workloads-on-exit)")
+        engine.stop_managed()
+    else:
+        log.info("stopping: workloads keep running")
     supervisor.stop()
     server.stop()
     engine.wait_idle()

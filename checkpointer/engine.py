@@ -889,6 +889,14 @@ class Engine:
         )
         self.save()
 
+    def stop_managed(self) -> None:
+        """Stop every managed tree (they stay registered, as `stopped`: nothing restores them)."""
+        for w in self.workloads():
+            if w.kind == "managed" and w.alive():
+                with self._locked(w, wait=True):
+                    self._teardown(w)
+                    log.info("workload %s stopped with the daemon", w.name)
+
     def stop_all_schedules(self) -> None:
         self.scheduler.shutdown()
 

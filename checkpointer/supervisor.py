@@ -67,6 +67,12 @@ class Supervisor:
             w.streak = {}  # a new boot or a long gap is not a crash loop
             self._decide(w, reason)
 
+    def bring_back(self, w: Workload, why: str) -> None:
+        """A declared workload that is registered but stopped: restore its latest checkpoint
+        (or cold-start it), as after a boot."""
+        w.state, w.exit_status, w.streak = "crashed", why, {}
+        self._decide(w, "boot")
+
     def _on_reaped(self, pid: int, status: int) -> None:
         self._on_death(pid, status)
 

@@ -13,6 +13,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+import zstandard
+
 from storage.errors import CorruptCheckpoint
 from storage.manifest import DIGEST_SIZE
 
@@ -83,21 +85,39 @@ def decode_index(raw: bytes, where: str) -> dict[bytes, PackEntry]:
 
 
 class PackBuilder:
-    """Accumulates compressed chunks until the pack is big enough to write."""
+    """Collects new chunks until the pack is big enough, then compresses them all at once.
+
+    Compressing a whole pack in one call (zstd's multi_compress_to_buffer) runs on every core
+    without the GIL, so the next pack's chunks are hashed meanwhile.
+    """
 
     def __init__(self) -> None:
         self.pack_id = new_pack_id()
-        self.data = bytearray()
-        self.entries: dict[bytes, PackEntry] = {}
+        self.digests: list[bytes] = []
+        self.chunks: list[bytes | bytearray | memoryview] = []
         self.raw_bytes = 0
 
-    def add(self, digest: bytes, compressed: bytes, raw_len: int) -> None:
-        self.entries[digest] = PackEntry(len(self.data), len(compressed))
-        self.data += compressed
-        self.raw_bytes += raw_len
+    def add(self, digest: bytes, chunk: bytes) -> None:
+        self.digests.append(digest)
+        self.chunks.append(chunk)
+        self.raw_bytes += len(chunk)
 
     def full(self) -> bool:
         return self.raw_bytes >= PACK_TARGET_BYTES
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.digests)
+
+    def seal(self, level: int) -> tuple[bytes, dict[bytes, PackEntry]]:
+        """The pack's bytes (zstd frames, one per chunk) and its index."""
+        frames = zstandard.ZstdCompressor(level=level).multi_compress_to_buffer(
+            self.chunks, threads=-1
+        )
+        data = bytearray()
+        entries: dict[bytes, PackEntry] = {}
+        for i, digest in enumerate(self.digests):
+            frame = frames[i].tobytes()
+            entries[digest] = PackEntry(len(data), len(frame))
+            data += frame
+        self.chunks = []
+        return bytes(data), entries

@@ -116,7 +116,6 @@ class Repository:
     def _commit(self, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
         known = self._known_chunks()
         cid = new_checkpoint_id()
-        compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
         builder = PackBuilder()
         pending: dict[bytes, str] = {}  # chunks of this checkpoint in packs not yet durable
         used_packs: set[str] = set()
@@ -128,12 +127,13 @@ class Repository:
         in_flight: list[Future[int]] = []
 
         def write(b: PackBuilder) -> int:
-            self.backend.put(pack_key(b.pack_id), bytes(b.data))
-            self.backend.put(index_key(b.pack_id), encode_index(b.entries))
+            data, entries = b.seal(_ZSTD_LEVEL)
+            self.backend.put(pack_key(b.pack_id), data)
+            self.backend.put(index_key(b.pack_id), encode_index(entries))
             with self._lock:
-                for digest in b.entries:
+                for digest in entries:
                     known[digest] = b.pack_id
-            return len(b.data)
+            return len(data)
 
         def flush() -> None:
             nonlocal builder, new_bytes
@@ -158,7 +158,7 @@ class Repository:
                             pack_id = known.get(digest) or pending.get(digest)
                             if pack_id is None:
                                 pack_id = builder.pack_id
-                                builder.add(digest, compressor.compress(chunk), len(chunk))
+                                builder.add(digest, chunk)
                                 pending[digest] = pack_id
                                 new_chunks += 1
                             used_packs.add(pack_id)

@@ -122,11 +122,12 @@ class Daemon:
         self.log = base / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
+        self.args: list[str] = []
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*CLI, "daemon", "--config", str(self.config)],
+                [*CLI, "daemon", "--config", str(self.config), *self.args],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

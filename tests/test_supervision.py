@@ -251,3 +251,32 @@ def test_simulated_reboot_restores_every_workload(workdir: Path, boot_id: Path) 
             assert last["reason"] == "boot" and last["result"] == "ok"
     finally:
         d.stop()
+
+
+def test_declared_workload_stopped_with_the_daemon_comes_back_from_its_checkpoint(
+    workdir: Path,
+) -> None:
+    """What `make run` does: the demo daemon stops its workload on exit, and brings it back
+    from the latest checkpoint when it starts again."""
+    port = free_port()
+    d = Daemon(
+        workdir,
+        f"""
+workloads:
+  - name: counter
+    command: [{sys.executable}, {COUNTER}, "{port}"]
+""",
+    )
+    d.args = ["--stop-workloads-on-exit"]
+    try:
+        d.start()
+        assert serve(port, 4) == "4"
+        d.checkpoint("counter")
+        pid = d.pid("counter")
+        d.stop()
+        assert not Path(f"/proc/{pid}").exists()  # stopped with the daemon
+        d.start()
+        assert wait_serving(port)[0] == "5"
+        assert d.status("counter")["restores"][-1]["reason"] == "boot"
+    finally:
+        d.stop()
