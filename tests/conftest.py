@@ -73,6 +73,50 @@ def redis_client(port: int, timeout: float = 10.0) -> Any:
             time.sleep(0.05)
 
 
+def serve(port: int, n: int) -> str:
+    """Make n requests; the last answer (the counter servers answer their count)."""
+    last = ""
+    for _ in range(n):
+        last = http_get(port)
+    return last
+
+
+def redis_command(port: int) -> list[str]:
+    """Redis from Debian's package on loopback, persistence off: state lives only in memory."""
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    ]
+
+
+@contextlib.contextmanager
+def counter_started_elsewhere(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A counter server that the daemon did not start (to adopt), killed and reaped at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, str(COUNTER), str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        http_get(port)  # listening; this is request 1
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def tree_pids(root: int) -> list[int]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

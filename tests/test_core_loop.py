@@ -13,19 +13,15 @@ from tests.conftest import (
     COUNTER,
     PROGRAMS,
     Daemon,
+    counter_started_elsewhere,
     free_port,
     http_get,
     kill_tree,
     redis_client,
+    redis_command,
+    serve,
     tree_pids,
 )
-
-
-def serve(port: int, n: int) -> str:
-    last = ""
-    for _ in range(n):
-        last = http_get(port)
-    return last
 
 
 def test_seed_scenario_restore_continues_from_checkpoint(counter: tuple[Daemon, int]) -> None:
@@ -120,23 +116,7 @@ def test_tree_with_child_process_and_threads_restored_whole(daemon: Daemon) -> N
 @pytest.fixture
 def redis_port(daemon: Daemon) -> int:
     port = free_port()
-    daemon.cli(
-        "run",
-        "cache",
-        "--no-auto-restore",
-        "--",
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-    )
+    daemon.cli("run", "cache", "--no-auto-restore", "--", *redis_command(port))
     return port
 
 
@@ -242,15 +222,7 @@ def test_no_workload_left_running_check() -> None:
 
 def test_adopted_workload_checkpoint_and_restore(daemon: Daemon) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(COUNTER), str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        http_get(port)
+    with counter_started_elsewhere(port) as proc:
         daemon.cli("register", "adopted", "--no-auto-restore", "--pid", str(proc.pid))
         assert daemon.status("adopted")["kind"] == "adopted"
         assert serve(port, 6) == "7"
@@ -260,10 +232,6 @@ def test_adopted_workload_checkpoint_and_restore(daemon: Daemon) -> None:
         proc.wait()  # we are its parent: reap it so its PID is free for the restore
         daemon.cli("restore", "adopted")
         assert http_get(port) == "8"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_scheduled_checkpoints_and_keep_last(daemon: Daemon) -> None:

@@ -28,6 +28,7 @@ from tests.conftest import (
     http_get,
     kill_tree,
     redis_client,
+    redis_command,
     s3_config,
 )
 
@@ -123,21 +124,7 @@ def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: st
     d = s3_daemon(workdir, moto, bucket)
     try:
         d.start()
-        d.cli(
-            "run",
-            "cache",
-            "--no-auto-restore",
-            "--",
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        )
+        d.cli("run", "cache", "--no-auto-restore", "--", *redis_command(port))
         client = redis_client(port)
         n = 100_000
         pipe = client.pipeline(transaction=False)

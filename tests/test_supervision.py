@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -13,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COUNTER, PROGRAMS, Daemon, free_port, http_get, kill_tree
-
-
-def serve(port: int, n: int) -> str:
-    last = ""
-    for _ in range(n):
-        last = http_get(port)
-    return last
+from tests.conftest import (
+    COUNTER,
+    PROGRAMS,
+    Daemon,
+    counter_started_elsewhere,
+    free_port,
+    http_get,
+    kill_tree,
+    serve,
+)
 
 
 def wait_serving(port: int, timeout: float = 30.0) -> tuple[str, float]:
@@ -82,15 +83,7 @@ def test_kill9_of_managed_tree_is_restored_without_a_command(daemon: Daemon) -> 
 
 def test_kill9_of_adopted_tree_is_restored_without_a_command(daemon: Daemon) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(COUNTER), str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        http_get(port)
+    with counter_started_elsewhere(port) as proc:
         daemon.cli("register", "adopted", "--pid", str(proc.pid))
         assert serve(port, 4) == "5"
         daemon.checkpoint("adopted")
@@ -101,10 +94,6 @@ def test_kill9_of_adopted_tree_is_restored_without_a_command(daemon: Daemon) -> 
         assert value == "6"
         print(f"\nkill -9 to serving again (adopted): {seconds:.2f} s")
         assert daemon.status("adopted")["restores"][-1]["result"] == "ok"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_clean_exit_is_finished_not_a_crash(daemon: Daemon) -> None:
