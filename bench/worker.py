@@ -16,6 +16,7 @@ from pathlib import Path
 
 from checkpointer import kept_image
 from checkpointer.criu import Criu, DumpOptions
+from checkpointer.malloc_tuning import keep_heap_small
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore
 from storage.backends.retrying import RetryingBlobStore
@@ -42,6 +43,7 @@ def backend(args: dict[str, object]) -> tuple[BlobStore, SpooledBlobStore | None
 
 
 def main() -> None:
+    keep_heap_small()  # as the daemon does
     args = json.loads(sys.argv[1])
     store, spool = backend(args)
     repo = Repository(store, concurrency=4)

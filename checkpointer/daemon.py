@@ -20,6 +20,7 @@ from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_
 from checkpointer.criu import Criu
 from checkpointer.engine import Engine
 from checkpointer.errors import CheckpointerError, ConfigError
+from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.metrics import EngineCollector, Metrics
 from checkpointer.storage_setup import open_repository
 from checkpointer.supervisor import Supervisor
@@ -111,6 +112,7 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
 
 
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
+    keep_heap_small()  # before the first checkpoint allocates its buffers
     engine = build_engine(config)
     supervisor = Supervisor(engine)
     supervisor.start()

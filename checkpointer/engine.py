@@ -714,7 +714,7 @@ class Engine:
     ) -> None:
         step = None
         if progress:
-            total = self.repo.read_manifest(w.name, checkpoint_id).size_bytes
+            total = self.repo.info(w.name, checkpoint_id).size_bytes
             done = 0
 
             def step(n: int) -> None:
@@ -772,11 +772,7 @@ class Engine:
         infos = self.repo.checkpoints(name)
         if not infos:
             self.get(name)  # raises: unknown here and nothing stored
-        meta = (
-            self.repo.read_manifest(name, checkpoint_id).metadata
-            if checkpoint_id
-            else infos[0].metadata
-        )
+        meta = self.repo.info(name, checkpoint_id).metadata if checkpoint_id else infos[0].metadata
         spec = meta.get("spec", {})
         w = Workload(
             name=name,

@@ -72,6 +72,41 @@ def test_second_checkpoint_stores_only_changed_pages(repo: Repository, workdir: 
     assert [c.id for c in repo.checkpoints("w")] == [second.id, first.id]
 
 
+def test_repeated_chunks_across_files_and_packs_are_restored_everywhere(
+    repo: Repository, workdir: Path
+) -> None:
+    """Zero pages and shared pages appear many times in an image and across files; packs are
+    4 MiB, so a 20 MiB image spans several, and the second checkpoint mixes old and new packs."""
+    page = os.urandom(CHUNK_SIZE)
+    src = workdir / "src"
+    src.mkdir()
+    body = bytearray(os.urandom(20 * 1024 * 1024))
+    for i in range(0, len(body), 37 * CHUNK_SIZE):
+        body[i : i + CHUNK_SIZE] = bytes(CHUNK_SIZE) if i // (37 * CHUNK_SIZE) % 2 else page
+    (src / "pages-1.img").write_bytes(body)
+    (src / "pages-2.img").write_bytes(page * 3 + bytes(CHUNK_SIZE) * 5 + b"tail")
+    first = repo.commit("w", src)
+    assert len(first.packs) >= 3
+    distinct = {
+        bytes(data[o : o + CHUNK_SIZE])
+        for data in ((src / "pages-1.img").read_bytes(), (src / "pages-2.img").read_bytes())
+        for o in range(0, len(data), CHUNK_SIZE)
+    }
+    assert first.new_chunks == len(distinct)  # each repeated page stored once
+    with open(src / "pages-1.img", "r+b") as f:
+        f.seek(5 * 1024 * 1024)
+        f.write(page * 10 + os.urandom(CHUNK_SIZE * 10))
+    second = repo.commit("w", src)
+    assert second.new_chunks == 10
+    for m in (first, second):
+        out = workdir / f"out-{m.id}"
+        repo.materialize("w", m.id, out)
+        if m is second:
+            assert same_files(src, out)
+    out_first = (workdir / f"out-{first.id}" / "pages-1.img").read_bytes()
+    assert out_first == bytes(body)
+
+
 def test_flipped_byte_in_a_chunk_fails_restore_naming_the_checkpoint(
     repo: Repository, workdir: Path
 ) -> None:

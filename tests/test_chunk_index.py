@@ -1,0 +1,81 @@
+"""The deduplication index: every chunk added is found in its pack, nothing else is."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from storage import chunk_index
+from storage.chunk_index import ChunkIndex
+
+
+def digests(n: int) -> bytes:
+    return os.urandom(32 * n)
+
+
+def pack_of(index: ChunkIndex, blob: bytes) -> list[str | None]:
+    return [index.pack_id(int(n)) if n >= 0 else None for n in index.lookup(blob)]
+
+
+def test_added_chunks_are_found_in_their_pack_and_others_are_not() -> None:
+    index = ChunkIndex()
+    a, b, unknown = digests(100), digests(50), digests(30)
+    index.add("pack-a", a)
+    index.add_many([("pack-b", b)])
+    assert pack_of(index, a) == ["pack-a"] * 100
+    assert pack_of(index, b) == ["pack-b"] * 50
+    assert pack_of(index, unknown) == [None] * 30
+    mixed = a[:32] + unknown[:32] + b[:32]
+    assert pack_of(index, mixed) == ["pack-a", None, "pack-b"]
+    assert len(index) == 150
+
+
+def test_recent_additions_merge_into_the_sorted_arrays_without_losing_any() -> None:
+    index = ChunkIndex()
+    packs = [(f"p{i}", digests(700)) for i in range(40)]  # past _MERGE_AT: several merges
+    assert chunk_index._MERGE_AT < 40 * 700
+    for pack_id, blob in packs:
+        index.add(pack_id, blob)
+    assert len(index._recent) < chunk_index._MERGE_AT  # merged, not all held in the dict
+    for pack_id, blob in packs:
+        assert pack_of(index, blob) == [pack_id] * 700
+    assert len(index) == 40 * 700
+
+
+def test_a_chunk_held_by_two_packs_is_counted_once() -> None:
+    index = ChunkIndex()
+    shared = digests(10)
+    index.add_many([("first", shared), ("second", shared)])
+    index.add("third", shared)
+    assert len(index) == 10
+    assert set(pack_of(index, shared)) == {"first"}
+
+
+def test_digests_sharing_their_first_word_are_told_apart() -> None:
+    index = ChunkIndex()
+    prefix = os.urandom(8)
+    same_start = [prefix + os.urandom(24) for _ in range(5)]
+    index.add_many([(f"p{i}", d) for i, d in enumerate(same_start[:4])])
+    found = pack_of(index, b"".join(same_start))
+    assert found == ["p0", "p1", "p2", "p3", None]
+
+
+def test_forgotten_packs_are_no_longer_found() -> None:
+    index = ChunkIndex()
+    a, b = digests(20), digests(20)
+    index.add_many([("a", a)])
+    index.add("b", b)  # still in the recent dict
+    index.forget({"a", "b", "never-added"})
+    assert pack_of(index, a + b) == [None] * 40
+
+
+def test_merge_into_adds_what_the_other_index_lacks() -> None:
+    old, fresh = ChunkIndex(), ChunkIndex()
+    a, b = digests(30), digests(30)
+    old.add("a", a)
+    old.add("b", b)
+    fresh.add_many([("a", a)])
+    old.merge_into(fresh)
+    assert pack_of(fresh, a + b) == ["a"] * 30 + ["b"] * 30
+    assert np.all(fresh.lookup(a + b) >= 0)
