@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    CLI,
     COUNTER,
     PROGRAMS,
+    ROOT,
     Daemon,
     counter_started_elsewhere,
     free_port,
@@ -282,3 +284,45 @@ def test_restore_uses_the_kept_image_only_if_it_matches(counter: tuple[Daemon, i
     kill_tree(d.pid("web"))
     r = d.json("restore", "web")
     assert r["source"] == "repository" and http_get(port) == "6"
+
+
+def test_workloads_started_in_one_folder_checkpoint_at_the_same_time(
+    daemon: Daemon, workdir: Path
+) -> None:
+    """CRIU's parasite mounts a private /proc on "proc.crtools" in the working directory of a
+    process whose /proc is not its namespace's (every managed workload): concurrent dumps of
+    workloads started in one folder collide there unless the daemon runs them one at a time."""
+    shared = workdir / "shared"
+    shared.mkdir()
+    names = [f"s{i}" for i in range(6)]
+    for n in names:
+        daemon.cli("run", n, "--no-auto-restore", "--cwd", str(shared), "--", "sleep", "100000")
+    for _ in range(3):
+        procs = [
+            subprocess.Popen(
+                [*CLI, "checkpoint", "--config", str(daemon.config), n],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
+            for n in names
+        ]
+        errors = [(n, p.communicate(timeout=120)[1]) for n, p in zip(names, procs, strict=True)]
+        assert [(n, err) for (n, err), p in zip(errors, procs, strict=True) if p.returncode] == []
+    assert all(len(daemon.json("list", n)) == 3 for n in names)
+    assert not (shared / "proc.crtools").exists()
+
+
+def test_leftover_proc_crtools_directory_fails_clearly(daemon: Daemon, workdir: Path) -> None:
+    folder = workdir / "w"
+    folder.mkdir()
+    daemon.cli("run", "x", "--no-auto-restore", "--cwd", str(folder), "--", "sleep", "100000")
+    (folder / "proc.crtools").mkdir()  # as an interrupted CRIU run leaves it
+    r = daemon.cli("checkpoint", "x", check=False)
+    assert r.returncode == 1
+    assert "proc.crtools" in r.stderr and "remove it" in r.stderr and "Traceback" not in r.stderr
+    assert daemon.json("list", "x") == []  # nothing half-stored
+    (folder / "proc.crtools").rmdir()
+    daemon.cli("checkpoint", "x")
+    assert len(daemon.json("list", "x")) == 1
