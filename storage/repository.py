@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,11 +31,9 @@ from typing import Any
 
 import blake3
 import numpy as np
-import numpy.typing as npt
-import zstandard
 
 from storage.backends.base import BlobStore
-from storage.chunk_index import ChunkIndex, digest_rows
+from storage.chunk_index import ChunkIndex
 from storage.errors import BlobExists, BlobNotFound, CheckpointNotFound, CorruptCheckpoint
 from storage.manifest import (
     DIGEST_SIZE,
@@ -45,9 +43,9 @@ from storage.manifest import (
     is_checkpoint_id,
     new_checkpoint_id,
 )
+from storage.pack_writer import PackWriter
 from storage.packs import (
     IndexArrays,
-    PackBuilder,
     decode_index_arrays,
     index_key,
     pack_created,
@@ -55,12 +53,12 @@ from storage.packs import (
     pack_id_of_key,
     pack_key,
 )
+from storage.rebuild import PackChunks, WantedChunks, decompress_pack
 from storage.rwlock import RWLock
 
 CHUNK_SIZE = 4096
 _READ_BLOCK = 1024 * 1024
 _PACKS_IN_FLIGHT = 2
-_IOV_MAX = 1024  # buffers per pwritev (Linux's IOV_MAX)
 _ZSTD_LEVEL = 1
 
 
@@ -126,48 +124,10 @@ class Repository:
     def _commit(self, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
         index = self._chunk_index()
         cid = new_checkpoint_id()
-        spare: list[bytearray] = []
-        builder = PackBuilder(spare)
-        pending: dict[bytes, str] = {}  # this commit's chunks in packs not yet durable
+        writer = PackWriter(self.backend, index, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
         used_packs: set[str] = set()
         files: list[FileEntry] = []
-        size_bytes = new_chunks = total_chunks = new_bytes = 0
-        # A pack is compressed and stored while the next one is filled; a bounded number in
-        # flight keeps memory flat (each is 4 MiB raw, then its compressed copy).
-        pool = ThreadPoolExecutor(_PACKS_IN_FLIGHT, thread_name_prefix="pack-writer")
-        in_flight: list[tuple[Future[int], PackBuilder]] = []
-        stored: list[PackBuilder] = []  # stored since the last block began
-
-        def write(b: PackBuilder) -> int:
-            data, encoded_index = b.seal(_ZSTD_LEVEL)
-            self.backend.put(pack_key(b.pack_id), data)
-            self.backend.put(index_key(b.pack_id), encoded_index)
-            index.add(b.pack_id, b.digests)
-            return len(data)
-
-        def settle(keep: int) -> None:
-            nonlocal new_bytes
-            while len(in_flight) > keep:
-                fut, done = in_flight.pop(0)
-                new_bytes += fut.result()
-                stored.append(done)
-
-        def forget_stored() -> None:
-            """The index has the chunks of stored packs: `pending` may drop them. Only between
-            blocks, whose lookups ran before a pack in the middle of the block was stored."""
-            for done in stored:
-                d = bytes(done.digests)
-                for off in range(0, len(d), DIGEST_SIZE):
-                    pending.pop(d[off : off + DIGEST_SIZE], None)
-            stored.clear()
-
-        def flush() -> None:
-            nonlocal builder
-            if len(builder):
-                settle(_PACKS_IN_FLIGHT - 1)
-                in_flight.append((pool.submit(write, builder), builder))
-                builder = PackBuilder(spare)
-
+        size_bytes = total_chunks = 0
         buf = bytearray(_READ_BLOCK)
         try:
             for rel, path in _walk_files(folder):
@@ -175,7 +135,7 @@ class Repository:
                 digests = bytearray()
                 with open(path, "rb", buffering=0) as f:
                     while n := _read_full(f, buf):
-                        forget_stored()
+                        writer.between_blocks()
                         block = memoryview(buf)[:n]
                         block_digests = b"".join(
                             [
@@ -189,21 +149,14 @@ class Repository:
                         used_packs.update(index.pack_id(p) for p in np.unique(where[where >= 0]))
                         for i in np.flatnonzero(where < 0).tolist():
                             digest = block_digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-                            pack_id = pending.get(digest)
-                            if pack_id is None:
-                                pack_id = pending[digest] = builder.pack_id
-                                builder.add(digest, block[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE])
-                                new_chunks += 1
-                                if builder.full():
-                                    flush()
-                            used_packs.add(pack_id)
+                            chunk = block[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+                            used_packs.add(writer.pack_of(digest, chunk))
                 size_bytes += st.st_size
                 files.append(FileEntry(rel, st.st_size, st.st_mode & 0o777, digests))
-            flush()
-            settle(0)  # every pack durable before the manifest
+            writer.finish()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            spare.clear()
+            writer.close()
+        new_bytes, new_chunks = writer.new_bytes, writer.new_chunks
 
         manifest = Manifest(
             id=cid,
@@ -366,9 +319,9 @@ class Repository:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 fds.append(fd)
                 os.ftruncate(fd, entry.size)
-            wanted = _WantedChunks(manifest)
+            wanted = WantedChunks(manifest)
 
-            def fetch(pack_id: str) -> _PackChunks | None:
+            def fetch(pack_id: str) -> PackChunks | None:
                 """Read and decompress (in a reader thread, off the GIL) what a pack holds
                 for this checkpoint; the main thread verifies and writes it."""
                 index = self._read_index(pack_id, where)
@@ -376,7 +329,7 @@ class Repository:
                 if not len(matches.entries):
                     return None
                 data = self._read_pack(pack_id, where)
-                return _decompress(pack_id, index, matches, data, where)
+                return decompress_pack(pack_id, index, matches, data, where)
 
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="pack-reader") as pool:
                 # A window of `concurrency` packs in flight keeps memory bounded.
@@ -522,141 +475,6 @@ class Repository:
                 keys = {key} | {k for k in pending if pack_id_of_key(k) in gone}
                 discard(keys)
         return dropped
-
-
-@dataclass
-class _PackChunks:
-    """The chunks of one pack a checkpoint needs, decompressed (`chunks[k]` is the chunk of
-    index entry `needed[k]`)."""
-
-    pack_id: str
-    index: IndexArrays
-    matches: _Matches
-    needed: npt.NDArray[np.int64]
-    chunks: Any  # zstandard.BufferWithSegmentsCollection
-
-
-def _decompress(
-    pack_id: str, index: IndexArrays, m: _Matches, data: bytes, where: str
-) -> _PackChunks:
-    corrupt = f"{where} is corrupt: pack {pack_id}"
-    needed = np.unique(m.entries)
-    segments = np.empty((len(needed), 2), dtype="<u8")
-    segments[:, 0] = index.offsets[needed]
-    segments[:, 1] = index.lengths[needed]
-    if int((segments[:, 0] + segments[:, 1]).max()) > len(data):
-        raise CorruptCheckpoint(f"{corrupt} is truncated")
-    try:
-        chunks = zstandard.ZstdDecompressor().multi_decompress_to_buffer(
-            zstandard.BufferWithSegments(data, segments.tobytes()), threads=1
-        )
-    except (zstandard.ZstdError, ValueError) as err:  # ValueError: a damaged frame header
-        raise CorruptCheckpoint(
-            f"{corrupt} has a chunk that does not decompress ({err}); restore an older "
-            "checkpoint (see `checkpointer list`)"
-        ) from err
-    return _PackChunks(pack_id, index, m, needed, chunks)
-
-
-@dataclass
-class _Matches:
-    """Pairs (pack index entry, manifest position) of a pack's chunks a checkpoint needs."""
-
-    entries: npt.NDArray[np.int64]
-    positions: npt.NDArray[np.int64]
-
-
-class _WantedChunks:
-    """Where each chunk of a manifest goes, found for a whole pack at once.
-
-    The manifest's digests, sorted, are binary-searched with a pack's index in one vectorised
-    call: no Python object per chunk, so a restore's memory stays flat whatever the image size.
-    A chunk that appears several times (zero pages) is written to every place it belongs.
-    """
-
-    def __init__(self, manifest: Manifest) -> None:
-        self.chunk_size = manifest.chunk_size
-        self.rows = digest_rows(b"".join(f.digests for f in manifest.files))
-        counts = [len(f.digests) // DIGEST_SIZE for f in manifest.files]
-        self.file_starts = np.cumsum([0, *counts])[:-1]
-        self.order = np.argsort(self.rows[:, 0], kind="stable")
-        self.keys = self.rows[self.order, 0]
-        self.done = np.zeros(len(self.rows), dtype=bool)
-
-    def find(self, pack_digests: bytes) -> _Matches:
-        q = digest_rows(pack_digests)
-        lo = np.searchsorted(self.keys, q[:, 0], side="left")
-        hi = np.searchsorted(self.keys, q[:, 0], side="right")
-        counts = hi - lo
-        total = int(counts.sum())
-        entries = np.repeat(np.arange(len(q)), counts)
-        starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-        positions = self.order[np.arange(total) + starts]
-        full = (self.rows[positions] == q[entries]).all(axis=1)
-        return _Matches(entries[full], positions[full])
-
-    def claim(self, m: _Matches) -> _Matches:
-        """The matches not written yet (a chunk may be held by more than one pack)."""
-        fresh = ~self.done[m.positions]
-        out = _Matches(m.entries[fresh], m.positions[fresh])
-        self.done[out.positions] = True
-        return out
-
-    def write(self, fds: list[int], p: _PackChunks, where: str) -> int:
-        """Verify and write a pack's chunks not written yet; bytes written."""
-        m = self.claim(p.matches)
-        if not len(m.entries):
-            return 0
-        slot = np.searchsorted(p.needed, m.entries)
-        digests = p.index.digests
-        for k in np.unique(slot).tolist():
-            e = int(p.needed[k])
-            expected = digests[e * DIGEST_SIZE : (e + 1) * DIGEST_SIZE]
-            if blake3.blake3(p.chunks[k]).digest() != expected:
-                raise CorruptCheckpoint(
-                    f"{where} is corrupt: chunk {expected[:8].hex()} in pack {p.pack_id} "
-                    "does not match its hash; restore an older checkpoint "
-                    "(see `checkpointer list`)"
-                )
-        chunks = p.chunks
-        # Chunks that follow each other in a file go down in one pwritev (a first checkpoint's
-        # packs hold runs of consecutive pages): far fewer system calls than one per chunk.
-        order = np.argsort(m.positions, kind="stable")
-        positions, slots = m.positions[order], slot[order]
-        files = np.searchsorted(self.file_starts, positions, side="right") - 1
-        offsets = (positions - self.file_starts[files]) * self.chunk_size
-        breaks = np.flatnonzero((np.diff(positions) != 1) | (np.diff(files) != 0)) + 1
-        written = 0
-        for start, end in zip(
-            [0, *breaks.tolist()], [*breaks.tolist(), len(positions)], strict=True
-        ):
-            fd, offset = fds[int(files[start])], int(offsets[start])
-            for lo in range(start, end, _IOV_MAX):
-                hi = min(end, lo + _IOV_MAX)
-                buffers = [chunks[k] for k in slots[lo:hi].tolist()]
-                written += _pwritev_all(fd, buffers, offset + (lo - start) * self.chunk_size)
-        return written
-
-    def check_complete(self, where: str) -> None:
-        if not self.done.all():
-            first = int(np.flatnonzero(~self.done)[0])
-            raise CorruptCheckpoint(
-                f"{where} is incomplete: {int((~self.done).sum())} chunk(s) (first "
-                f"{self.rows[first].tobytes().hex()[:16]}) are in none of its packs; restore "
-                "an older checkpoint"
-            )
-
-
-def _pwritev_all(fd: int, buffers: list[Any], offset: int) -> int:
-    """pwritev until every byte is written (a short write is legal, if rare on local files)."""
-    total = sum(len(b) for b in buffers)
-    done = os.pwritev(fd, buffers, offset)
-    if done < total:  # finish the rest from one joined copy
-        rest = b"".join(buffers)[done:]
-        while rest:
-            n = os.pwrite(fd, rest, offset + done)
-            rest, done = rest[n:], done + n
-    return total
 
 
 def _read_full(f: io.FileIO, buf: bytearray) -> int:
