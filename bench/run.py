@@ -41,6 +41,7 @@ LAUNCHER = ROOT / "checkpointer" / "workloads" / "launch.py"
 SHM = Path("/dev/shm/ckpt-bench")
 DISK = Path("/var/tmp/ckpt-bench")
 CLI = [PY, "-m", "checkpointer.cli"]
+OLDER = "checkpointer local (previous checkpoint, newest kept)"
 
 
 def free_port() -> int:
@@ -282,6 +283,7 @@ def bench_workload(
     seeds_store.mkdir()
     prev_images: Path | None = None
     last_ids: dict[str, str] = {}
+    prev_ids: dict[str, str] = {}
     # One dump thrown away: just after loading, a 1 GB Redis's first dumps froze it anywhere
     # from 0.5 to 2.4 s, whichever method ran (the allocator and the kernel still settling).
     shutil.rmtree(raw_dump(criu, w.pid, SHM)[2])
@@ -366,7 +368,7 @@ def bench_workload(
                     "scratch": str(SHM / "worker"),
                 }
             )
-            last_ids[label] = o["id"]
+            prev_ids[label], last_ids[label] = last_ids.get(label, ""), o["id"]
             rec(label, f"frozen_{phase}", o["frozen"])
             rec(label, f"wall_{phase}", o["durable"])
             rec(label, f"stored_{phase}", o["new_bytes"])
@@ -394,12 +396,13 @@ def bench_workload(
         t, (pid, _stats) = timed(lambda: criu.restore(images, DumpOptions(), "bench"))
         rec("raw criu (tmpfs)", "restore", t)
     shutil.rmtree(images)
-    last_ids["checkpointer local (kept image)"] = last_ids["checkpointer local"]
+    newest = last_ids["checkpointer local"]
+    last_ids["checkpointer local (kept image)"] = newest
+    last_ids[OLDER] = prev_ids["checkpointer local"]
+    kept = {"backend": "local", "repo": str(repo_local), "hot": str(SHM / "hot"), "hot_id": newest}
     for label, args in (
-        (
-            "checkpointer local (kept image)",
-            {"backend": "local", "repo": str(repo_local), "hot": str(SHM / "hot")},
-        ),
+        ("checkpointer local (kept image)", kept),
+        (OLDER, kept),
         ("checkpointer local", {"backend": "local", "repo": str(repo_local)}),
         (
             "checkpointer s3",
@@ -422,7 +425,7 @@ def bench_workload(
                 }
             )
             pid = o["pid"]
-            assert o["kept_image"] == ("hot" in args), o
+            assert o["kept_image"] == (last_ids[label] == args.get("hot_id")), o
             rec(label, "restore", o["wall"])
             rec(label, "restore_fetch", o["fetch"])
             rec(label, "restore_peak_rss_mb", o["peak_rss_mb"])
@@ -698,6 +701,7 @@ def targets(results: dict[str, Any]) -> str:
         rr = _med(raw, "restore")
         for label, what in (
             ("checkpointer local (kept image)", "restore newest, kept image"),
+            (OLDER, "restore the previous checkpoint, newest kept"),
             ("checkpointer local", "restore rebuilt from the local repository"),
         ):
             r = _med(ms.get(label, {}), "restore")

@@ -81,11 +81,14 @@ def main() -> None:
     else:  # restore: materialise (verified), then CRIU
         hot = Path(str(args["hot"])) if args.get("hot") else None
         recorded = json.loads(Path(f"{hot}.stamp").read_text()) if hot else {}
+        seed = None
         if hot and kept_image.unchanged(hot, recorded):
-            images, kept = hot, True  # the kept image, checked against the manifest
-        else:
+            seed = (str(args["hot_id"]), hot)  # the kept image, checked against its stamps
+        if seed and seed[0] == args["id"]:
+            images, kept = hot, True  # the kept checkpoint itself
+        else:  # rebuilt; what it shares with the kept checkpoint is copied from it
             images, kept = Path(str(args["scratch"])) / f"restore-{time.time_ns()}", False
-            repo.materialize(str(args["workload"]), str(args["id"]), images)
+            repo.materialize(str(args["workload"]), str(args["id"]), images, seed=seed)
         t_fetch = time.monotonic()
         pid, rstats = criu.restore(images, DumpOptions(), "bench")
         if not kept:

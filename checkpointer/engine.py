@@ -722,13 +722,33 @@ class Engine:
                 done += n
                 progress(done, total)
 
+        seed = self._seed(w)
         try:
-            self.repo.materialize(w.name, checkpoint_id, images, step)
+            try:
+                self.repo.materialize(w.name, checkpoint_id, images, step, seed)
+            except OSError as e:
+                if seed is None:
+                    raise
+                log.warning("kept image of %s unusable (%s): fetching every chunk", w.name, e)
+                done = 0
+                self.repo.materialize(w.name, checkpoint_id, images, step)
         except CheckpointNotFound:
             raise
         except (StorageError, OSError) as e:
             w.last_error = str(e)
             raise RestoreFailed(f"cannot restore {w.name}: {e}") from e
+
+    def _seed(self, w: Workload) -> tuple[str, Path] | None:
+        """The kept image of the newest checkpoint, when it still matches: an older checkpoint
+        (rollback) shares most pages with it, which are then copied, not fetched."""
+        checkpoint_id = w.hot_image.get("id")
+        path = self._hot_image(w, checkpoint_id) if checkpoint_id else None
+        if not (checkpoint_id and path):
+            return None
+        log.info(
+            "pages %s shares with kept checkpoint %s are copied from it", w.name, checkpoint_id
+        )
+        return checkpoint_id, path
 
     def _criu_restore(
         self, w: Workload, checkpoint_id: str, images: Path, reason: str

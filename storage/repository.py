@@ -299,11 +299,19 @@ class Repository:
         return manifest
 
     def materialize(
-        self, workload: str, checkpoint_id: str, dest: Path, progress: ProgressFn | None = None
+        self,
+        workload: str,
+        checkpoint_id: str,
+        dest: Path,
+        progress: ProgressFn | None = None,
+        seed: tuple[str, Path] | None = None,
     ) -> Manifest:
         """Rebuild the checkpointed folder in `dest` (created 0700), verifying every chunk.
 
-        Raises CorruptCheckpoint naming the checkpoint if any chunk is missing or damaged.
+        `seed` is (checkpoint id, folder): a folder the caller knows to hold exactly the files
+        of another checkpoint of the same workload (the kept newest image); the chunks found
+        there are copied from it instead of fetched. Raises CorruptCheckpoint naming the
+        checkpoint if any chunk is missing or damaged.
         """
         manifest = self.read_manifest(workload, checkpoint_id)
         where = f"checkpoint {checkpoint_id} of {workload}"
@@ -320,6 +328,15 @@ class Repository:
                 fds.append(fd)
                 os.ftruncate(fd, entry.size)
             wanted = WantedChunks(manifest)
+            if seed is not None:
+                copied = wanted.copy_from_seed(
+                    fds,
+                    self.read_manifest(workload, seed[0]),
+                    seed[1],
+                    [f.size for f in manifest.files],
+                )
+                if progress:
+                    progress(copied)
 
             def fetch(pack_id: str) -> PackChunks | None:
                 """Read and decompress (in a reader thread, off the GIL) what a pack holds

@@ -46,6 +46,8 @@ def test_rollback_to_id_and_back_n(counter: tuple[Daemon, int]) -> None:
     assert serve(port, 4) == "14"
     d.cli("rollback", "web", "--to", first)
     assert http_get(port) == "6"
+    # Rebuilt partly from the kept image of the newest checkpoint, and still exact.
+    assert "are copied from it" in d.log.read_text()
     serve(port, 3)  # 9
     d.cli("rollback", "web", "--back", "1")  # newest is the one at 10; one back: the one at 5
     assert http_get(port) == "6"
