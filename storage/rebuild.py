@@ -25,6 +25,7 @@ from storage.manifest import DIGEST_SIZE, Manifest
 from storage.packs import IndexArrays
 
 _IOV_MAX = 1024  # buffers per pwritev (Linux's IOV_MAX)
+Sizes = npt.NDArray[np.uint64]
 
 
 @dataclass
@@ -40,10 +41,12 @@ class PackChunks:
 
 
 def decompress_pack(
-    pack_id: str, index: IndexArrays, m: Matches, data: bytes, where: str
+    pack_id: str, index: IndexArrays, m: Matches, data: bytes, where: str, sizes: Sizes
 ) -> PackChunks:
+    """Decompress the frames of the matched chunks; `sizes` is each manifest position's
+    chunk size (the decompressor allocates exactly that, whatever a frame header says)."""
     corrupt = f"{where} is corrupt: pack {pack_id}"
-    needed = np.unique(m.entries)
+    needed, first = np.unique(m.entries, return_index=True)
     segments = np.empty((len(needed), 2), dtype="<u8")
     segments[:, 0] = index.offsets[needed]
     segments[:, 1] = index.lengths[needed]
@@ -51,7 +54,9 @@ def decompress_pack(
         raise CorruptCheckpoint(f"{corrupt} is truncated")
     try:
         chunks = zstandard.ZstdDecompressor().multi_decompress_to_buffer(
-            zstandard.BufferWithSegments(data, segments.tobytes()), threads=1
+            zstandard.BufferWithSegments(data, segments.tobytes()),
+            decompressed_sizes=sizes[m.positions[first]].tobytes(),
+            threads=1,
         )
     except (zstandard.ZstdError, ValueError) as err:  # ValueError: a damaged frame header
         raise CorruptCheckpoint(
@@ -85,6 +90,12 @@ class WantedChunks:
         self.order = np.argsort(self.rows[:, 0], kind="stable")
         self.keys = self.rows[self.order, 0]
         self.done = np.zeros(len(self.rows), dtype=bool)
+        # The size of the chunk at each position: whole chunks but a file's last one. Given to
+        # zstd, it bounds what a damaged frame header could make the decompressor allocate.
+        self.sizes = np.full(len(self.rows), self.chunk_size, dtype="<u8")
+        for start, count, f in zip(self.file_starts.tolist(), counts, manifest.files, strict=True):
+            if count:
+                self.sizes[start + count - 1] = f.size - (count - 1) * self.chunk_size
 
     def find(self, pack_digests: bytes) -> Matches:
         q = digest_rows(pack_digests)

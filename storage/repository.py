@@ -346,7 +346,7 @@ class Repository:
                 if not len(matches.entries):
                     return None
                 data = self._read_pack(pack_id, where)
-                return decompress_pack(pack_id, index, matches, data, where)
+                return decompress_pack(pack_id, index, matches, data, where, wanted.sizes)
 
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="pack-reader") as pool:
                 # A window of `concurrency` packs in flight keeps memory bounded.

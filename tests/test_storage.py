@@ -122,6 +122,23 @@ def test_flipped_byte_in_a_chunk_fails_restore_naming_the_checkpoint(
     assert m.id in str(err.value) and "corrupt" in str(err.value)
 
 
+@pytest.mark.parametrize("at", range(4, 9))
+def test_damaged_frame_header_fails_restore_as_corrupt(
+    repo: Repository, workdir: Path, at: int
+) -> None:
+    """A frame header claiming any content size: a clear error, never a huge allocation."""
+    src = make_folder(workdir / "src", {"pages-1.img": 8 * CHUNK_SIZE})
+    m = repo.commit("w", src)
+    pack = next((workdir / "repo" / "packs").rglob("*.pack"))
+    data = bytearray(pack.read_bytes())
+    data[at] = 0xFF  # the first frame's header: descriptor, window, content size
+    os.chmod(pack, 0o600)
+    pack.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint) as err:
+        repo.materialize("w", m.id, workdir / "out")
+    assert m.id in str(err.value)
+
+
 def test_missing_pack_fails_restore_clearly(repo: Repository, workdir: Path) -> None:
     m = repo.commit("w", make_folder(workdir / "src", {"a": 10000}))
     next((workdir / "repo" / "packs").rglob("*.pack")).unlink()
