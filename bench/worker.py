@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from checkpointer import kept_image
 from checkpointer.criu import Criu, DumpOptions
+from checkpointer.engine import kept_image
 from checkpointer.malloc_tuning import keep_heap_small
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore

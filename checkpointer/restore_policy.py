@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checkpointer.config_types import Duration
+from checkpointer.config.types import Duration
 
 
 class RestorePolicy(BaseModel):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from checkpointer.config import load_config
-from checkpointer.durations import parse_duration
+from checkpointer.config.durations import parse_duration
 from checkpointer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

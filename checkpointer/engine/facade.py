@@ -20,10 +20,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from checkpointer import hostinfo, kept_image
+from checkpointer import hostinfo
 from checkpointer.config import Config, Retention, WorkloadOptions
+from checkpointer.config.durations import format_duration
 from checkpointer.criu import Criu, CriuError, DumpOptions
-from checkpointer.durations import format_duration
+from checkpointer.daemon.metrics import Metrics
+from checkpointer.daemon.scheduler import CheckpointScheduler, check_cron
+from checkpointer.engine import kept_image
 from checkpointer.errors import (
     CheckpointerError,
     CheckpointFailed,
@@ -35,9 +38,7 @@ from checkpointer.errors import (
     WorkloadNotRunning,
     WorkloadRunning,
 )
-from checkpointer.metrics import Metrics
 from checkpointer.restore_policy import RestorePolicy, plan
-from checkpointer.scheduler import CheckpointScheduler, check_cron
 from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump, ensure_fifo
 from storage import CheckpointNotFound, Repository, StorageError, retention

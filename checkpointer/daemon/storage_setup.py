@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from checkpointer.config import Config
+from checkpointer.daemon.metrics import Metrics
 from checkpointer.instrumented_store import InstrumentedBlobStore
-from checkpointer.metrics import Metrics
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore
 from storage.backends.retrying import RetryingBlobStore

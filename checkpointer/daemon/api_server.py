@@ -1,4 +1,4 @@
-"""The daemon's API: one JSON request and one JSON response per line over a Unix socket.
+"""The daemon's API server: one JSON request and one JSON response per line over a Unix socket.
 
 Only root may talk to it: the socket lives in the 0700 state folder, is itself 0600, and the
 server checks the peer's uid with SO_PEERCRED, because a request can restore code as root.
@@ -20,19 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from checkpointer.errors import CheckpointerError, DaemonUnavailable
+from checkpointer.errors import CheckpointerError
 from storage import StorageError
 
 log = logging.getLogger(__name__)
 Handler = Callable[..., Any]
-
-
-class RemoteError(CheckpointerError):
-    """An error the daemon reported; `kind` is the daemon-side error kind."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class ApiServer:
@@ -137,44 +129,3 @@ def _claim_socket_path(path: Path) -> None:
         f"another checkpointer daemon is already serving {path}; "
         "stop it first, or give this one another state_dir"
     )
-
-
-def call(
-    path: Path, op: str, on_progress: Callable[[int, int], None] | None = None, **args: Any
-) -> Any:
-    """Send one request to the daemon and return its result, or raise RemoteError.
-
-    With `on_progress`, the daemon streams (done, total) byte counts before its answer.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    reply: dict[str, Any] | None = None
-    try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise DaemonUnavailable(
-                f"the checkpointer daemon is not running (no daemon at {path}); start it with "
-                "`checkpointer daemon --config FILE` (or `systemctl start checkpointer`)"
-            ) from e
-        except PermissionError as e:
-            raise DaemonUnavailable(f"permission denied on {path}: run as root") from e
-        req: dict[str, Any] = {"op": op, "args": args}
-        if on_progress:
-            req["progress"] = True
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        with sock.makefile("rb") as lines:
-            for line in lines:
-                msg = json.loads(line)
-                if "progress" in msg:
-                    if on_progress:
-                        on_progress(*msg["progress"])
-                    continue
-                reply = msg
-                break
-    finally:
-        sock.close()
-    if reply is None:
-        raise DaemonUnavailable("the daemon closed the connection without answering; check its log")
-    if not reply.get("ok"):
-        raise RemoteError(reply.get("kind", "error"), reply.get("error", "unknown error"))
-    return reply.get("result")

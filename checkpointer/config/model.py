@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from checkpointer.config_types import ByteSize, Duration
+from checkpointer.config.types import ByteSize, Duration
 from checkpointer.errors import ConfigError
 from checkpointer.restore_policy import RestorePolicy
 from storage.manifest import check_workload_name

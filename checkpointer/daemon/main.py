@@ -15,15 +15,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from checkpointer import __version__
-from checkpointer.api import ApiServer
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu
+from checkpointer.daemon.api_server import ApiServer
+from checkpointer.daemon.metrics import EngineCollector, Metrics
+from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine
 from checkpointer.errors import CheckpointerError, ConfigError
 from checkpointer.malloc_tuning import keep_heap_small
-from checkpointer.metrics import EngineCollector, Metrics
-from checkpointer.storage_setup import open_repository
-from checkpointer.supervisor import Supervisor
 from checkpointer.workloads.logs import LogPump
 
 log = logging.getLogger(__name__)

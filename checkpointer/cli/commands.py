@@ -27,9 +27,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from checkpointer import __version__, api
+from checkpointer import __version__
+from checkpointer.cli import client as api
 from checkpointer.config import Config, load_config
-from checkpointer.durations import format_duration, parse_duration
+from checkpointer.config.durations import format_duration, parse_duration
 from checkpointer.errors import CheckpointerError
 from storage import StorageError
 
@@ -159,7 +160,7 @@ def cli() -> None:
 )
 def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> None:
     """Run scheduler, reaper, log pump and API until SIGTERM."""
-    from checkpointer.daemon import run_daemon
+    from checkpointer.daemon.main import run_daemon
 
     if os.geteuid() != 0:
         _fail("the daemon must run as root: CRIU needs CAP_SYS_ADMIN and friends")

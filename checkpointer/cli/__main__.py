@@ -1,0 +1,3 @@
+from checkpointer.cli.commands import main
+
+main()
