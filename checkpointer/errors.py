@@ -54,4 +54,16 @@ class CheckpointFailed(CheckpointerError):
 
 
 class RestoreFailed(CheckpointerError):
+    """`transient`: the checkpoint is not at fault (storage unreachable, disk full, ...)."""
+
     kind = "restore-failed"
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class TeardownFailed(CheckpointerError):
+    """Processes of a tree survived SIGKILL (stuck in the kernel)."""
+
+    kind = "teardown-failed"

@@ -6,6 +6,7 @@ holds its workload's lock), and exits. Workloads keep running: they are not its 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -15,13 +16,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from checkpointer import __version__
+from checkpointer.api import Op
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu
-from checkpointer.daemon.api_server import ApiServer
+from checkpointer.daemon.api_server import ApiServer, Handler
 from checkpointer.daemon.metrics import EngineCollector, Metrics
+from checkpointer.daemon.scheduler import CheckpointScheduler
 from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
-from checkpointer.engine import Engine
+from checkpointer.engine import Engine, Hooks, WorkloadState, registering, reports
 from checkpointer.errors import CheckpointerError, ConfigError
 from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.workloads.logs import LogPump
@@ -29,17 +32,27 @@ from checkpointer.workloads.logs import LogPump
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: Config) -> Engine:
+def build(config: Config) -> tuple[Engine, Supervisor, CheckpointScheduler, Metrics]:
+    """Construct and wire the daemon's parts; each gets what it uses when it is made."""
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(config.state_dir, 0o700)
     criu = Criu(config.criu.binary, config.state_dir / "logs" / "criu-failed", config.criu.timeout)
     metrics = Metrics()
     metrics.build_info.labels(__version__, criu.require_version()).set(1)
     repo, spool = open_repository(config, metrics)
-    engine = Engine(config, repo, criu, LogPump(), metrics)
-    engine.spool = spool
-    metrics.registry.register(EngineCollector(engine))
-    return engine
+    # The scheduler and the hooks call into parts made after them: late-bound closures.
+    scheduler = CheckpointScheduler(
+        lambda name: engine.scheduled_checkpoint(name),
+        on_skip=lambda reason: metrics.schedule_skipped.labels(reason).inc(),
+    )
+    hooks = Hooks(
+        watch=lambda w: supervisor.track(w),
+        down=lambda w, reason: supervisor.decide(w, reason),
+    )
+    engine = Engine(config, repo, criu, LogPump(), metrics, scheduler, hooks, spool)
+    supervisor = Supervisor(engine)
+    metrics.registry.register(EngineCollector(engine, spool, config.storage.spool_max_bytes))
+    return engine, supervisor, scheduler, metrics
 
 
 def _handlers(engine: Engine) -> dict[str, Any]:
@@ -50,29 +63,30 @@ def _handlers(engine: Engine) -> dict[str, Any]:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
     ) -> Any:
-        w = engine.run(name, command, _options(options), cwd=cwd, env=env)
-        return engine.status(w.name)[0]
+        w = registering.run(engine, name, command, _options(options), cwd=cwd, env=env)
+        return reports.status(engine, w.name)[0]
 
     def register(
         name: str, options: dict[str, Any], pid: int | None = None, pidfile: str | None = None
     ) -> Any:
-        w = engine.register(name, pid=pid, pidfile=pidfile, options=_options(options))
-        return engine.status(w.name)[0]
+        w = registering.register(engine, name, pid=pid, pidfile=pidfile, options=_options(options))
+        return reports.status(engine, w.name)[0]
 
-    return {
-        "run": run,
-        "register": register,
-        "unregister": engine.unregister,
-        "status": engine.status,
-        "checkpoint": engine.checkpoint,
-        "list": engine.list_checkpoints,
-        "restore": engine.restore,
-        "rollback": engine.rollback,
-        "prune": engine.prune,
-        "verify": engine.verify,
-        "pin": engine.pin,
-        "ping": lambda: {"pid": os.getpid()},
+    handlers: dict[Op, Handler] = {
+        Op.RUN: run,
+        Op.REGISTER: register,
+        Op.UNREGISTER: engine.unregister,
+        Op.STATUS: functools.partial(reports.status, engine),
+        Op.CHECKPOINT: engine.checkpoint,
+        Op.LIST: functools.partial(reports.list_checkpoints, engine),
+        Op.RESTORE: engine.restore,
+        Op.ROLLBACK: engine.rollback,
+        Op.PRUNE: engine.prune,
+        Op.VERIFY: functools.partial(reports.verify, engine),
+        Op.PIN: engine.pin,
+        Op.PING: lambda: {"pid": os.getpid()},
     }
+    return {str(op): fn for op, fn in handlers.items()}
 
 
 def _options(raw: dict[str, Any]) -> WorkloadOptions:
@@ -87,13 +101,16 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
     and, if it was stopped with the daemon, comes back from its latest checkpoint."""
     for wc in declared:
         try:
-            if wc.name in engine.status_names():
+            if engine.registry.find(wc.name) is not None:
                 engine.update_options(wc.name, wc.options())
                 w = engine.get(wc.name)
-                if w.state == "stopped" and not w.alive():  # not "exited": that one finished
+                if (
+                    w.state is WorkloadState.STOPPED and not w.alive()
+                ):  # not "exited": that one finished
                     supervisor.bring_back(w, "declared in the config, stopped with the daemon")
             elif wc.command:
-                engine.run(
+                registering.run(
+                    engine,
                     wc.name,
                     wc.command,
                     wc.options(),
@@ -101,7 +118,8 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
                     env=wc.env,
                 )
             else:
-                engine.register(
+                registering.register(
+                    engine,
                     wc.name,
                     pid=wc.pid,
                     pidfile=str(wc.pidfile) if wc.pidfile else None,
@@ -113,19 +131,18 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
 
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
-    engine = build_engine(config)
-    supervisor = Supervisor(engine)
+    engine, supervisor, scheduler, metrics = build(config)
     supervisor.start()
     engine.load()
     server = ApiServer(config.socket_path, _handlers(engine))
     supervisor.recover_at_start()
     _start_declared(engine, supervisor, config.workloads)
     if config.storage.gc_every:
-        engine.scheduler.every(config.storage.gc_every, "gc", engine.collect_garbage)
-    engine.scheduler.start()
+        scheduler.every(config.storage.gc_every, "gc", engine.maintenance.scheduled_gc)
+    scheduler.start()
     server.start()
     if config.metrics.enabled:
-        engine.metrics.serve(config.metrics.address, config.metrics.port)
+        metrics.serve(config.metrics.address, config.metrics.port)
         log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)
     log.info(
         "checkpointer daemon %d ready: socket %s, repository %s",
@@ -139,7 +156,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(3600):
         pass
-    engine.stop_all_schedules()
+    scheduler.shutdown()
     if stop_workloads_on_exit:
         # Before the supervisor stops: its reaper collects them (they are our children).
         log.info("stopping, with the managed workloads (--stop-workloads-on-exit)")

@@ -9,18 +9,18 @@ Buckets are set per metric: the client's defaults stop at 10 s, too short for ch
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from checkpointer.criu import DumpStats, RestoreStats
+from checkpointer.engine import Workload, WorkloadState
+from storage.backends.spooled import SpooledBlobStore
 
-if TYPE_CHECKING:
-    from checkpointer.engine import Engine
-
-STATES = ("running", "stopping", "stopped", "exited", "crashed", "restoring", "failed")
+STATES = [s for s in WorkloadState if s is not WorkloadState.GONE]
+RESTORE_REASONS = ("crash", "boot", "rollback", "manual")
 _SECONDS_LONG = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _SECONDS_PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _PAGES = (100, 1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
@@ -180,7 +180,28 @@ class Metrics:
         for reason in ("overlap", "missed"):
             self.schedule_skipped.labels(reason)
 
-    # -- events ------------------------------------------------------------------------
+    # -- events (checkpointer.engine.events.Events) -------------------------------------
+
+    def workload_added(self, workload: str) -> None:
+        """Create the workload's labelled counters at 0. An alert on `increase(...) > 0`
+        cannot fire for a series born at 1 (its samples are all 1), nor can a dashboard show
+        anything but "No data" for a series that does not exist yet."""
+        for result in ("success", "failure"):
+            self.checkpoints.labels(workload, result)
+            for reason in RESTORE_REASONS:
+                self.restores.labels(workload, reason, result)
+        self.retention_deleted.labels(workload)
+        self.stored_bytes.labels(workload)
+        self.image_bytes_total.labels(workload)
+
+    def retention_removed(self, workload: str) -> None:
+        self.retention_deleted.labels(workload).inc()
+
+    def spool_shed(self, checkpoints: int) -> None:
+        self.spool_dropped.inc(checkpoints)
+
+    def gc_collected(self, packs: int) -> None:
+        self.gc_deleted_packs.inc(packs)
 
     def checkpoint_ok(
         self, workload: str, duration: float, stats: DumpStats, image: int, stored: int
@@ -223,11 +244,19 @@ class Metrics:
         start_http_server(port, addr=address, registry=self.registry)
 
 
-class EngineCollector(Collector):
-    """Gauges read from the engine at scrape time."""
+class Workloads(Protocol):
+    """What the scrape-time gauges read: the registered workloads."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def workloads(self) -> list[Workload]: ...
+
+
+class EngineCollector(Collector):
+    """Gauges read at scrape time from the engine and the spool."""
+
+    def __init__(self, source: Workloads, spool: SpooledBlobStore | None, limit: int) -> None:
+        self.source = source
+        self.spool = spool
+        self.limit = limit
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily(
@@ -246,21 +275,19 @@ class EngineCollector(Collector):
             "The workload's checkpoint interval (0: cron or manual)",
             labels=["workload"],
         )
-        for w in self.engine.workloads():
+        for w in self.source.workloads():
             alive = w.alive()
             up.add_metric([w.name], 1.0 if alive else 0.0)
-            current = (
-                "running"
-                if w.state == "running" and alive
-                else ("crashed" if w.state == "running" else w.state)
-            )
+            current = w.state
+            if w.state is WorkloadState.RUNNING and not alive:
+                current = WorkloadState.CRASHED  # the reaper is about to say so
             for s in STATES:
                 state.add_metric([w.name, s], 1.0 if s == current else 0.0)
             if w.last_checkpoint_at:
                 last.add_metric([w.name], w.last_checkpoint_at)
             interval.add_metric([w.name], w.every or 0.0)
         yield from (up, state, last, interval)
-        spool = self.engine.spool
+        spool = self.spool
         backlog = GaugeMetricFamily(
             "checkpointer_spool_backlog_bytes", "Bytes written locally and not yet uploaded"
         )
@@ -282,7 +309,7 @@ class EngineCollector(Collector):
             "checkpointer_spool_limit_bytes",
             "spool_max_bytes: over it, un-uploaded checkpoints are dropped",
         )
-        limit.add_metric([], float(self.engine.config.storage.spool_max_bytes))
+        limit.add_metric([], float(self.limit))
         yield from (backlog, pending, online, limit)
 
 

@@ -13,13 +13,19 @@ import threading
 import time
 
 from checkpointer import hostinfo
-from checkpointer.engine import Engine, Workload
+from checkpointer.engine import Engine, Workload, WorkloadState
 from checkpointer.restore_policy import Streak, on_death
 from checkpointer.workloads import process
 from checkpointer.workloads.reaper import Reaper
 from checkpointer.workloads.watcher import ExitWatcher
 
 log = logging.getLogger(__name__)
+
+
+# States in which a tree was, or was about to be, running when the daemon last stopped.
+_INTERRUPTED = frozenset(
+    {WorkloadState.RUNNING, WorkloadState.STOPPING, WorkloadState.RESTORING, WorkloadState.CRASHED}
+)
 
 
 class Supervisor:
@@ -30,7 +36,7 @@ class Supervisor:
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        engine.on_new_pid = self.track
+        self._retries: dict[str, int] = {}  # restores retried after failures not the image's
 
     def start(self) -> None:
         self.reaper.start()
@@ -51,27 +57,27 @@ class Supervisor:
 
     def recover_at_start(self) -> None:
         """After the daemon (re)starts: re-adopt what still runs, restore what is gone."""
-        booted = self.engine.previous_boot_id not in (None, hostinfo.boot_id())
+        booted = self.engine.registry.previous_boot_id not in (None, hostinfo.boot_id())
         for w in self.engine.workloads():
-            if w.state != "running" and w.state not in ("stopping", "restoring", "crashed"):
+            if w.state not in _INTERRUPTED:
                 continue
-            if w.state == "running" and w.alive() and not booted:
+            if w.state is WorkloadState.RUNNING and w.alive() and not booted:
                 log.info("workload %s re-adopted: pid %d still runs", w.name, w.pid)
                 self.track(w)
                 continue
             reason = "boot" if booted else "crash"
-            w.state = "crashed"
+            w.state = WorkloadState.CRASHED
             w.exit_status = (
                 "the host rebooted" if booted else "gone while the daemon was not running"
             )
-            w.streak = {}  # a new boot or a long gap is not a crash loop
-            self._decide(w, reason)
+            w.streak = Streak()  # a new boot or a long gap is not a crash loop
+            self.decide(w, reason)
 
     def bring_back(self, w: Workload, why: str) -> None:
         """A declared workload that is registered but stopped: restore its latest checkpoint
         (or cold-start it), as after a boot."""
-        w.state, w.exit_status, w.streak = "crashed", why, {}
-        self._decide(w, "boot")
+        w.state, w.exit_status, w.streak = WorkloadState.CRASHED, why, Streak()
+        self.decide(w, "boot")
 
     def _on_reaped(self, pid: int, status: int) -> None:
         self._on_death(pid, status)
@@ -81,16 +87,13 @@ class Supervisor:
             return
         w = self.engine.mark_dead(pid, status)
         if w is not None:
-            self._decide(w, "crash", clean=status == 0)
+            self.decide(w, "crash", clean=status == 0)
 
-    def _decide(self, w: Workload, reason: str, clean: bool = False) -> None:
-        streak = Streak(**w.streak) if w.streak else Streak()
-        d = on_death(w.policy(), streak, time.time(), clean)
-        w.streak = {
-            "attempts": d.streak.attempts,
-            "depth": d.streak.depth,
-            "last_restore_at": d.streak.last_restore_at,
-        }
+    def decide(self, w: Workload, reason: str, clean: bool = False) -> None:
+        """A workload is down: let the restore policy say whether, when and from what."""
+        d = on_death(w.restore, w.streak, time.time(), clean)
+        w.streak = d.streak
+        self._retries.pop(w.name, None)
         if d.action == "ignore":
             log.info("workload %s: %s", w.name, d.why)
             self.engine.save()
@@ -98,7 +101,7 @@ class Supervisor:
         if d.action == "give_up":
             self.engine.fail(w, d.why)
             return
-        w.state = "restoring"
+        w.state = WorkloadState.RESTORING
         self.engine.save()
         log.warning(
             "workload %s %s: %s%s",
@@ -107,13 +110,16 @@ class Supervisor:
             d.why,
             f" in {d.delay:.1f}s" if d.delay else "",
         )
-        timer = threading.Timer(d.delay, self._restore, args=(w.name, reason))
+        self._later(w.name, reason, d.delay)
+
+    def _later(self, name: str, reason: str, delay: float) -> None:
+        timer = threading.Timer(delay, self._restore, args=(name, reason))
         timer.daemon = True
         with self._lock:
-            old = self._timers.pop(w.name, None)
+            old = self._timers.pop(name, None)
             if old:
                 old.cancel()
-            self._timers[w.name] = timer
+            self._timers[name] = timer
         timer.start()
 
     def _restore(self, name: str, reason: str) -> None:
@@ -122,6 +128,23 @@ class Supervisor:
         if self._stopping:
             return
         try:
-            self.engine.auto_restore(name, reason)
-        except Exception:
+            again = self.engine.auto_restore(name, reason)
+        except Exception as e:
             log.exception("automatic restore of %s failed unexpectedly", name)
+            w = self.engine.registry.find(name)
+            if w is not None and not w.alive():
+                self.engine.fail(w, f"automatic restore failed unexpectedly: {e!r}")
+            return
+        if again:
+            # Storage down or a PID/port taken: the checkpoints are fine. Try the same again,
+            # backing off as in a crash loop, without limit: giving up would lose the state.
+            w = self.engine.registry.find(name)
+            if w is None:
+                return
+            n = self._retries.get(name, 0)
+            self._retries[name] = n + 1
+            delay = min(w.restore.backoff_max, w.restore.backoff_initial * 2**n)
+            log.warning("restore of %s will be tried again in %.1fs", name, delay)
+            self._later(name, reason, delay)
+        else:
+            self._retries.pop(name, None)

@@ -1,5 +1,14 @@
-"""The engine: workloads and the operations on them, one at a time per workload."""
+"""The engine: workloads and the operations on them, one at a time per workload.
 
-from checkpointer.engine.facade import Engine, Workload, tmpfs_scratch_root
+- facade: the Engine (per-workload locks, the operations, the automatic-restore hook)
+- workload: the typed Workload, its kinds and states; registry: workloads.json
+- checkpointing / restoring: the two pipelines; maintenance: retention, GC, spool
+- registering: start or adopt a tree; reports: status, list, verify
+- scratch: private image folders; kept_image: the newest image kept for a fast restore
+"""
 
-__all__ = ["Engine", "Workload", "tmpfs_scratch_root"]
+from checkpointer.engine.facade import Engine, Hooks
+from checkpointer.engine.scratch import tmpfs_scratch_root
+from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
+
+__all__ = ["Engine", "Hooks", "Workload", "WorkloadKind", "WorkloadState", "tmpfs_scratch_root"]

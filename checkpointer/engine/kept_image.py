@@ -11,6 +11,8 @@ that is most of a restore's time.
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 Stamp = dict[str, list[int]]
@@ -35,3 +37,33 @@ def unchanged(folder: Path, recorded: Stamp) -> bool:
     except FileNotFoundError:
         return False
     return all(current.get(name) == st for name, st in recorded.items())
+
+
+@dataclass(frozen=True)
+class KeptImage:
+    """Where a workload's newest image is kept, which checkpoint it is, and its stamps."""
+
+    id: str
+    path: Path
+    stamp: Stamp
+
+    def intact(self) -> bool:
+        return unchanged(self.path, self.stamp)
+
+
+def keep(
+    images: Path, root: Path, name: str, checkpoint_id: str, old: KeptImage | None
+) -> KeptImage:
+    """Make the image just stored the workload's kept image, in place of `old`."""
+    hot, new = root / name, root / f".{name}.new"
+    shutil.rmtree(new, ignore_errors=True)
+    os.rename(images, new)
+    drop(old)
+    shutil.rmtree(hot, ignore_errors=True)  # left by an earlier registration of the name
+    os.rename(new, hot)
+    return KeptImage(checkpoint_id, hot, stamp(hot))
+
+
+def drop(kept: KeptImage | None) -> None:
+    if kept is not None:
+        shutil.rmtree(kept.path, ignore_errors=True)

@@ -92,3 +92,16 @@ def teardown(root: int, started: int | None, timeout: float = 10.0) -> list[int]
         time.sleep(0.02)
         left = [p for p in left if state(p) is not None]
     return left
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of a tree: what a dump of it will write, roughly."""
+    total = 0
+    for p in [root, *descendants(root)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total

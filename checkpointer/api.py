@@ -1,0 +1,121 @@
+"""The contract between the daemon and the CLI: operation names and what each returns.
+
+The daemon's handlers return these shapes as JSON; the CLI renders them and `--json` prints
+them as they are, so changing a field here is changing the command line's output.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, TypedDict
+
+
+class Op(StrEnum):
+    RUN = "run"
+    REGISTER = "register"
+    UNREGISTER = "unregister"
+    STATUS = "status"
+    CHECKPOINT = "checkpoint"
+    LIST = "list"
+    RESTORE = "restore"
+    ROLLBACK = "rollback"
+    PRUNE = "prune"
+    VERIFY = "verify"
+    PIN = "pin"
+    PING = "ping"
+
+
+class RestoreAttemptReport(TypedDict):
+    time: float
+    reason: str
+    checkpoint: str | None
+    result: str  # ok | failed | retry
+    detail: str
+
+
+class StatusReport(TypedDict):
+    name: str
+    kind: str
+    state: str
+    pid: int | None
+    exit_status: str | None
+    command: list[str] | None
+    schedule: str
+    last_checkpoint: str | None
+    last_checkpoint_age_seconds: float | None
+    next_checkpoint: str | None
+    last_error: str | None
+    failed_reason: str | None
+    restores: list[RestoreAttemptReport]
+    bad_checkpoints: list[str]
+    log: str | None
+    busy: bool
+
+
+class CheckpointReport(TypedDict):
+    workload: str
+    id: str
+    size_bytes: int
+    new_bytes: int
+    duration_seconds: float
+    dump_stats: dict[str, Any]
+
+
+class CheckpointEntry(TypedDict):
+    id: str
+    created: str
+    size_bytes: int
+    new_bytes: int
+    frozen_seconds: float | None
+    host: str | None
+
+
+class RestoreReport(TypedDict):
+    workload: str
+    checkpoint: str
+    pid: int
+    reason: str
+    duration_seconds: float
+    restore_stats: dict[str, Any]
+    source: str  # "kept image" or "repository"
+
+
+class RetentionRow(TypedDict):
+    workload: str
+    id: str
+    created: str
+    action: str  # keep | remove
+    reasons: list[str]
+
+
+class GcReport(TypedDict):
+    deleted_packs: int
+    kept_young_unreferenced: int
+    referenced_packs: int
+
+
+class PruneReport(TypedDict):
+    dry_run: bool
+    checkpoints: list[RetentionRow]
+    gc: GcReport
+
+
+class VerifyReport(TypedDict):
+    workload: str
+    id: str
+    ok: bool
+    files: int
+    size_bytes: int
+    chunks: int
+    duration_seconds: float
+
+
+class PinReport(TypedDict):
+    workload: str
+    id: str
+    pinned: bool
+
+
+class UnregisterReport(TypedDict):
+    workload: str
+    stopped: bool

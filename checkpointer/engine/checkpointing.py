@@ -1,0 +1,102 @@
+"""The checkpoint pipeline: dump the running tree, commit the image, keep it for a fast restore.
+
+The caller holds the workload's lock. Maintenance that follows a checkpoint (retention, the
+spool's limit) is the engine's, not this module's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+
+from checkpointer import hostinfo
+from checkpointer.api import CheckpointReport
+from checkpointer.criu import Criu, CriuError
+from checkpointer.engine import kept_image
+from checkpointer.engine.events import Events
+from checkpointer.engine.scratch import Scratch
+from checkpointer.engine.workload import Workload
+from checkpointer.errors import CheckpointFailed, WorkloadNotRunning
+from storage import Repository, StorageError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointPipeline:
+    def __init__(
+        self,
+        repo: Repository,
+        criu: Criu,
+        scratch: Scratch,
+        events: Events,
+        keep_latest_image: bool,
+        criu_version: Callable[[], str],
+    ) -> None:
+        self.repo = repo
+        self.criu = criu
+        self.scratch = scratch
+        self.events = events
+        self.keep_latest_image = keep_latest_image
+        self.criu_version = criu_version
+
+    def run(self, w: Workload) -> CheckpointReport:
+        if not w.alive():
+            raise WorkloadNotRunning(
+                f"workload {w.name} is not running ({w.exit_status or w.state}); "
+                f"`checkpointer restore {w.name}` brings back its latest checkpoint"
+            )
+        assert w.pid is not None
+        t0 = time.monotonic()
+        images = self.scratch.new(w.name, "dump", w.pid)
+        try:
+            try:
+                stats = self.criu.dump(w.pid, images, w.dump_options(), w.name)
+            except CriuError as e:
+                w.last_error = str(e)
+                self.events.checkpoint_failed(w.name, e.category)
+                raise
+            metadata = {
+                **hostinfo.host_facts(),
+                "criu_version": self.criu_version(),
+                "pid": w.pid,
+                "dump_stats": stats.as_dict(),
+                "spec": {
+                    "kind": str(w.kind),
+                    "command": w.command,
+                    "cwd": w.cwd,
+                    "criu": w.criu.model_dump(),
+                },
+            }
+            try:
+                manifest = self.repo.commit(w.name, images, metadata)
+            except (StorageError, OSError) as e:
+                w.last_error = f"storing the checkpoint failed: {e}"
+                self.events.checkpoint_failed(w.name, "storage")
+                raise CheckpointFailed(f"checkpoint of {w.name}: {w.last_error}") from e
+            if self.keep_latest_image:
+                root = self.scratch.kept_root(images)
+                w.kept = kept_image.keep(images, root, w.name, manifest.id, w.kept)
+        finally:
+            shutil.rmtree(images.parent, ignore_errors=True)
+        w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None
+        duration = time.monotonic() - t0
+        self.events.checkpoint_ok(w.name, duration, stats, manifest.size_bytes, manifest.new_bytes)
+        log.info(
+            "checkpoint %s of %s: %d bytes, %d new (stored), frozen %.3fs, total %.2fs",
+            manifest.id,
+            w.name,
+            manifest.size_bytes,
+            manifest.new_bytes,
+            stats.frozen_time,
+            duration,
+        )
+        return {
+            "workload": w.name,
+            "id": manifest.id,
+            "size_bytes": manifest.size_bytes,
+            "new_bytes": manifest.new_bytes,
+            "duration_seconds": round(duration, 3),
+            "dump_stats": stats.as_dict(),
+        }

@@ -1,0 +1,67 @@
+"""What the engine reports as it works. The daemon's metrics implement it; the engine does not
+know Prometheus (and tests or the benchmark can pass `Silent`)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from checkpointer.criu import DumpStats, RestoreStats
+
+
+class Events(Protocol):
+    def workload_added(self, workload: str) -> None: ...
+
+    def checkpoint_ok(
+        self, workload: str, duration: float, stats: DumpStats, image: int, stored: int
+    ) -> None: ...
+
+    def checkpoint_failed(self, workload: str, reason: str) -> None: ...
+
+    def restore_done(
+        self,
+        workload: str,
+        reason: str,
+        ok: bool,
+        duration: float | None = None,
+        stats: RestoreStats | None = None,
+    ) -> None: ...
+
+    def retention_removed(self, workload: str) -> None: ...
+
+    def spool_shed(self, checkpoints: int) -> None: ...
+
+    def gc_collected(self, packs: int) -> None: ...
+
+
+class Silent:
+    """Events that go nowhere."""
+
+    def workload_added(self, workload: str) -> None:
+        pass
+
+    def checkpoint_ok(
+        self, workload: str, duration: float, stats: DumpStats, image: int, stored: int
+    ) -> None:
+        pass
+
+    def checkpoint_failed(self, workload: str, reason: str) -> None:
+        pass
+
+    def restore_done(
+        self,
+        workload: str,
+        reason: str,
+        ok: bool,
+        duration: float | None = None,
+        stats: RestoreStats | None = None,
+    ) -> None:
+        pass
+
+    def retention_removed(self, workload: str) -> None:
+        pass
+
+    def spool_shed(self, checkpoints: int) -> None:
+        pass
+
+    def gc_collected(self, packs: int) -> None:
+        pass

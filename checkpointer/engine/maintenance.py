@@ -1,0 +1,101 @@
+"""Keeping the repository in bounds: retention per workload, garbage collection, and the
+spool's limit while object storage is unreachable."""
+
+from __future__ import annotations
+
+import logging
+
+from checkpointer.api import GcReport, RetentionRow
+from checkpointer.config import Retention
+from checkpointer.engine.events import Events
+from storage import Repository, StorageError, retention
+from storage.backends.spooled import SpooledBlobStore
+
+log = logging.getLogger(__name__)
+
+
+class Maintenance:
+    def __init__(
+        self,
+        repo: Repository,
+        events: Events,
+        spool: SpooledBlobStore | None,
+        spool_max_bytes: int,
+    ) -> None:
+        self.repo = repo
+        self.events = events
+        self.spool = spool
+        self.spool_max_bytes = spool_max_bytes
+
+    def apply_retention(
+        self,
+        name: str,
+        policy: Retention,
+        bad: list[str],
+        dry_run: bool = False,
+    ) -> list[RetentionRow]:
+        """Decide keep/remove for every checkpoint of `name`, and remove (unless dry_run).
+
+        The newest good checkpoint is always kept: it is what a crash restores.
+        """
+        infos = self.repo.checkpoints(name)
+        good = [i.id for i in infos if i.id not in bad]
+        verdicts = retention.decide(
+            retention.RetentionPolicy(**policy.model_dump(exclude_none=True)),
+            [retention.Item(i.id, i.created, i.size_bytes) for i in infos],
+            pinned=frozenset(self.repo.pins(name)),
+            protected=frozenset(good[:1]),
+        )
+        rows: list[RetentionRow] = []
+        for v in verdicts:
+            rows.append(
+                {
+                    "workload": name,
+                    "id": v.id,
+                    "created": v.created.isoformat(),
+                    "action": "keep" if v.keep else "remove",
+                    "reasons": v.reasons or ["no rule keeps it"],
+                }
+            )
+            if v.keep or dry_run:
+                continue
+            try:
+                self.repo.delete(name, v.id)
+                self.events.retention_removed(name)
+                log.info("retention: removed checkpoint %s of %s", v.id, name)
+            except StorageError as e:
+                log.warning("retention: cannot remove %s of %s: %s", v.id, name, e)
+        return rows
+
+    def shed_spool(self) -> None:
+        """The backend is down and the spool is full: drop the oldest checkpoints not uploaded."""
+        spool, limit = self.spool, self.spool_max_bytes
+        if spool is None or spool.backlog_bytes() <= limit:
+            return
+        dropped = self.repo.shed(spool.pending_keys(), spool.discard, spool.backlog_bytes, limit)
+        self.events.spool_shed(len(dropped))
+        log.error(
+            "spool over %d bytes while the backend is unreachable: dropped %d checkpoint(s) "
+            "never uploaded: %s",
+            limit,
+            len(dropped),
+            ", ".join(dropped) or "none",
+        )
+
+    def collect_garbage(self, dry_run: bool = False) -> GcReport:
+        report = self.repo.gc(dry_run=dry_run)
+        if not dry_run:
+            self.events.gc_collected(len(report.deleted_packs))
+            if report.deleted_packs:
+                log.info("gc: removed %d unreferenced pack(s)", len(report.deleted_packs))
+        return {
+            "deleted_packs": len(report.deleted_packs),
+            "kept_young_unreferenced": report.kept_young,
+            "referenced_packs": report.referenced_packs,
+        }
+
+    def scheduled_gc(self) -> None:
+        try:
+            self.collect_garbage()
+        except StorageError as e:
+            log.warning("gc failed: %s", e)

@@ -1,0 +1,77 @@
+"""Bringing a tree under the daemon's care: start a managed one, adopt one by PID."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from checkpointer.config import WorkloadOptions
+from checkpointer.engine.facade import Engine
+from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
+from checkpointer.errors import CheckpointerError, ProcessNotFound
+from checkpointer.workloads import process
+from storage.manifest import check_workload_name
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    engine: Engine,
+    name: str,
+    command: list[str],
+    options: WorkloadOptions,
+    *,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Workload:
+    """Start `command` as a managed workload and register it; nothing stays registered if the
+    start fails."""
+    w = Workload(
+        name=name, kind=WorkloadKind.MANAGED, command=list(command), cwd=cwd, env=dict(env or {})
+    )
+    engine.add(w, options)
+    try:
+        with engine.locked(w, wait=True):
+            engine.start(w)
+    except CheckpointerError:
+        engine.forget(w)
+        raise
+    engine.scheduled(w)
+    return w
+
+
+def register(
+    engine: Engine,
+    name: str,
+    *,
+    pid: int | None = None,
+    pidfile: str | None = None,
+    options: WorkloadOptions,
+) -> Workload:
+    """Adopt a process tree started elsewhere."""
+    check_workload_name(name)
+    if pidfile is not None:
+        try:
+            pid = int(Path(pidfile).read_text().split()[0])
+        except (OSError, ValueError, IndexError) as e:
+            raise ProcessNotFound(f"cannot read a PID from pidfile {pidfile}: {e}") from e
+    if pid is None or pid <= 0 or not process.is_alive(pid):
+        raise ProcessNotFound(
+            f"no running process has PID {pid}; check the PID "
+            "(`ps -p PID`) and register a live process"
+        )
+    if pid == os.getpid():
+        raise ProcessNotFound("cannot register the checkpointer daemon itself")
+    w = Workload(
+        name=name,
+        kind=WorkloadKind.ADOPTED,
+        pid=pid,
+        started=process.start_time(pid),
+        state=WorkloadState.RUNNING,
+    )
+    engine.add(w, options)
+    engine.hooks.watch(w)
+    engine.scheduled(w)
+    log.info("workload %s adopted: pid %d", name, pid)
+    return w

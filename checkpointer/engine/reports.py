@@ -1,0 +1,111 @@
+"""What `status`, `list` and `verify` report: read-only views of workloads and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from checkpointer.api import CheckpointEntry, RestoreAttemptReport, StatusReport, VerifyReport
+from checkpointer.config.durations import format_duration
+from checkpointer.engine.facade import Engine
+from checkpointer.engine.workload import Workload, WorkloadState
+from storage import CheckpointNotFound
+from storage.manifest import check_workload_name
+
+
+def status(engine: Engine, name: str | None = None) -> list[StatusReport]:
+    items = [engine.get(name)] if name else engine.workloads()
+    now = time.time()
+    return [_status(engine, w, now) for w in items]
+
+
+def _status(engine: Engine, w: Workload, now: float) -> StatusReport:
+    state = w.state
+    if state is WorkloadState.RUNNING and not w.alive():
+        state = WorkloadState.GONE
+    nxt = engine.schedule.next_run(w.name)
+    restores: list[RestoreAttemptReport] = [
+        {**asdict(a), "result": str(a.result)}  # type: ignore[typeddict-item]
+        for a in w.history[-5:]
+    ]
+    return {
+        "name": w.name,
+        "kind": str(w.kind),
+        "state": str(state),
+        "pid": w.pid,
+        "exit_status": w.exit_status,
+        "command": w.command,
+        "schedule": (
+            f"every {format_duration(w.every)}"
+            if w.every
+            else f"cron {w.cron}"
+            if w.cron
+            else "manual"
+        ),
+        "last_checkpoint": w.last_checkpoint,
+        "last_checkpoint_age_seconds": (
+            round(now - w.last_checkpoint_at, 3) if w.last_checkpoint_at else None
+        ),
+        "next_checkpoint": nxt.isoformat() if nxt else None,
+        "last_error": w.last_error,
+        "failed_reason": w.failed_reason,
+        "restores": restores,
+        "bad_checkpoints": w.bad_checkpoints,
+        "log": str(engine.logs.log(w.name)) if w.managed else None,
+        "busy": w.lock.locked(),
+    }
+
+
+def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
+    check_workload_name(name)
+    infos = engine.repo.checkpoints(name)
+    if not infos and engine.registry.find(name) is None:
+        engine.get(name)  # unknown and nothing stored: say so
+    return [
+        {
+            "id": i.id,
+            "created": i.created.isoformat(),
+            "size_bytes": i.size_bytes,
+            "new_bytes": i.new_bytes,
+            "frozen_seconds": i.metadata.get("dump_stats", {}).get("frozen_time"),
+            "host": i.metadata.get("host"),
+        }
+        for i in infos
+    ]
+
+
+def verify(
+    engine: Engine,
+    name: str,
+    checkpoint_id: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Re-hash every chunk of one checkpoint (default: the newest) from the repository."""
+    check_workload_name(name)
+    if checkpoint_id is None:
+        infos = engine.repo.checkpoints(name)
+        if not infos:
+            engine.get(name)
+            raise CheckpointNotFound(f"workload {name} has no checkpoint to verify")
+        checkpoint_id = infos[0].id
+    m = engine.repo.read_manifest(name, checkpoint_id)
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, m.size_bytes)
+
+    t0 = time.monotonic()
+    engine.repo.verify(name, checkpoint_id, step)
+    return {
+        "workload": name,
+        "id": checkpoint_id,
+        "ok": True,
+        "files": len(m.files),
+        "size_bytes": m.size_bytes,
+        "chunks": m.total_chunks,
+        "duration_seconds": round(time.monotonic() - t0, 3),
+    }

@@ -1,0 +1,229 @@
+"""The restore pipeline: choose a checkpoint, get its image (kept, or rebuilt from the
+repository, seeded from the kept newest image), and have CRIU restore it.
+
+The caller holds the workload's lock, saves the registry and watches the new PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpointer.api import RestoreReport
+from checkpointer.criu import Criu, CriuError, RestoreStats
+from checkpointer.engine import kept_image
+from checkpointer.engine.scratch import Scratch
+from checkpointer.engine.workload import Workload, WorkloadState
+from checkpointer.errors import RestoreFailed
+from checkpointer.workloads import process
+from checkpointer.workloads.logs import LogPump, ensure_fifo
+from storage import CheckpointNotFound, Repository, StorageError
+from storage.errors import StorageAccessError, TransientStorageError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+# CRIU failures caused by the host, not by the image: the same checkpoint may well restore
+# once the PID or port is free again. A checkpoint is marked bad only for its own faults.
+_ENVIRONMENT = frozenset(
+    {"pid-in-use", "address-in-use", "permission", "criu-too-old", "criu-missing", "timeout"}
+)
+
+
+def _checkpoints_fault(e: BaseException) -> bool:
+    """Whether a failed materialisation says the checkpoint itself is bad (damaged data, a
+    pack gone), as opposed to storage unreachable or the local disk full."""
+    if isinstance(e, TransientStorageError | StorageAccessError):
+        return False
+    return not (isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A restore that failed this way should be tried again later, not marked bad."""
+    if isinstance(e, RestoreFailed):
+        return e.transient
+    if isinstance(e, CriuError):
+        return e.category in _ENVIRONMENT
+    return False
+
+
+@dataclass(frozen=True)
+class Restored:
+    report: RestoreReport
+    stats: RestoreStats
+    duration: float
+
+
+@dataclass(frozen=True)
+class LogPaths:
+    """Where a managed workload's output goes: the FIFO its tree writes, the log we keep."""
+
+    folder: Path
+
+    def fifo(self, name: str) -> Path:
+        return self.folder / f"{name}.fifo"
+
+    def log(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+
+class RestorePipeline:
+    def __init__(
+        self, repo: Repository, criu: Criu, scratch: Scratch, pump: LogPump, logs: LogPaths
+    ) -> None:
+        self.repo = repo
+        self.criu = criu
+        self.scratch = scratch
+        self.pump = pump
+        self.logs = logs
+
+    def newest(self, w: Workload) -> str:
+        infos = self.repo.checkpoints(w.name)
+        if not infos:
+            raise CheckpointNotFound(
+                f"workload {w.name} has no checkpoint to restore; "
+                f"take one with `checkpointer checkpoint {w.name}`"
+            )
+        return infos[0].id
+
+    def restore(
+        self, w: Workload, checkpoint_id: str, reason: str, progress: Progress | None = None
+    ) -> Restored:
+        """Restore `checkpoint_id` as the workload's tree (which must not be running)."""
+        t0 = time.monotonic()
+        kept = self.kept(w, checkpoint_id)
+        images = kept or self.scratch.new(w.name, "restore")
+        try:
+            if kept is None:
+                self.materialize(w, checkpoint_id, images, progress)
+            pid, stats = self.criu_restore(w, checkpoint_id, images, reason)
+        finally:
+            if kept is None:
+                shutil.rmtree(images.parent, ignore_errors=True)
+        return self._restored(w, checkpoint_id, reason, pid, stats, t0, kept is not None)
+
+    def replace(self, w: Workload, checkpoint_id: str, stop: Callable[[], None]) -> Restored:
+        """Rollback: rebuild `checkpoint_id` first (a damaged checkpoint leaves the running
+        tree alone), then `stop` the tree and restore it."""
+        t0 = time.monotonic()
+        images = self.scratch.new(w.name, "restore")
+        try:
+            self.materialize(w, checkpoint_id, images)
+            stop()
+            pid, stats = self.criu_restore(w, checkpoint_id, images, "rollback")
+        finally:
+            shutil.rmtree(images.parent, ignore_errors=True)
+        return self._restored(w, checkpoint_id, "rollback", pid, stats, t0, False)
+
+    def _restored(
+        self,
+        w: Workload,
+        checkpoint_id: str,
+        reason: str,
+        pid: int,
+        stats: RestoreStats,
+        t0: float,
+        from_kept: bool,
+    ) -> Restored:
+        duration = time.monotonic() - t0
+        log.info(
+            "restored %s from %s (%s): pid %d in %.2fs",
+            w.name,
+            checkpoint_id,
+            reason,
+            pid,
+            duration,
+        )
+        report: RestoreReport = {
+            "workload": w.name,
+            "checkpoint": checkpoint_id,
+            "pid": pid,
+            "reason": reason,
+            "duration_seconds": round(duration, 3),
+            "restore_stats": stats.as_dict(),
+            "source": "kept image" if from_kept else "repository",
+        }
+        return Restored(report, stats, duration)
+
+    def kept(self, w: Workload, checkpoint_id: str | None) -> Path | None:
+        """The kept image of `checkpoint_id`, if there is one and its files are untouched."""
+        if w.kept is None or w.kept.id != checkpoint_id:
+            return None
+        if w.kept.intact():
+            return w.kept.path
+        log.warning(
+            "kept image of %s does not match checkpoint %s: restoring from the repository",
+            w.name,
+            checkpoint_id,
+        )
+        kept_image.drop(w.kept)
+        w.kept = None
+        return None
+
+    def materialize(
+        self, w: Workload, checkpoint_id: str, images: Path, progress: Progress | None = None
+    ) -> None:
+        step = None
+        if progress:
+            total = self.repo.info(w.name, checkpoint_id).size_bytes
+            done = 0
+
+            def step(n: int) -> None:
+                nonlocal done
+                done += n
+                progress(done, total)
+
+        seed = self._seed(w)
+        try:
+            try:
+                self.repo.materialize(w.name, checkpoint_id, images, step, seed)
+            except OSError as e:
+                if seed is None:
+                    raise
+                log.warning("kept image of %s unusable (%s): fetching every chunk", w.name, e)
+                done = 0
+                self.repo.materialize(w.name, checkpoint_id, images, step)
+        except CheckpointNotFound:
+            raise
+        except (StorageError, OSError) as e:
+            w.last_error = str(e)
+            raise RestoreFailed(
+                f"cannot restore {w.name}: {e}", transient=not _checkpoints_fault(e)
+            ) from e
+
+    def _seed(self, w: Workload) -> tuple[str, Path] | None:
+        """The kept image of the newest checkpoint, when it still matches: an older checkpoint
+        (rollback) shares most pages with it, which are then copied, not fetched."""
+        checkpoint_id = w.kept.id if w.kept else None
+        path = self.kept(w, checkpoint_id) if checkpoint_id else None
+        if not (checkpoint_id and path):
+            return None
+        log.info(
+            "pages %s shares with kept checkpoint %s are copied from it", w.name, checkpoint_id
+        )
+        return checkpoint_id, path
+
+    def criu_restore(
+        self, w: Workload, checkpoint_id: str, images: Path, reason: str
+    ) -> tuple[int, RestoreStats]:
+        if w.managed:
+            ensure_fifo(self.logs.fifo(w.name))
+            self.pump.attach(w.name, self.logs.fifo(w.name), self.logs.log(w.name))
+        try:
+            pid, stats = self.criu.restore(images, w.dump_options(), w.name)
+        except CriuError as e:
+            w.last_error = str(e)
+            raise
+        w.pid, w.started = pid, process.start_time(pid)
+        w.state, w.exit_status, w.last_error, w.failed_reason = (
+            WorkloadState.RUNNING,
+            None,
+            None,
+            None,
+        )
+        return pid, stats

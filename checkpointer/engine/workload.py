@@ -1,0 +1,125 @@
+"""A registered workload: its kind, options and what the daemon knows of its tree.
+
+Typed here once; the registry alone turns it into JSON and back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from checkpointer.config import CriuOptions, Retention
+from checkpointer.criu import DumpOptions
+from checkpointer.engine.kept_image import KeptImage
+from checkpointer.restore_policy import RestorePolicy, Streak
+from checkpointer.workloads import process
+
+log = logging.getLogger(__name__)
+
+HISTORY = 20  # restore attempts kept per workload, for `status` and the log
+
+
+class WorkloadKind(StrEnum):
+    MANAGED = "managed"
+    """Started by the daemon as PID 1 of its own PID namespace: restores never compete for
+    host PIDs, and a cold start can run its command again."""
+    ADOPTED = "adopted"
+    """Started elsewhere and registered by PID: a restore needs its old PIDs free."""
+
+
+class WorkloadState(StrEnum):
+    RUNNING = "running"
+    """Its tree runs (as far as the daemon knows: `status` says `gone` if it vanished)."""
+    STOPPING = "stopping"
+    """The daemon is tearing it down: its death is expected and not restored."""
+    STOPPED = "stopped"
+    """Stopped by the daemon (unregister, rollback, shutdown of a demo)."""
+    EXITED = "exited"
+    """The tree exited with status 0: finished, not restored unless `on_clean_exit`."""
+    CRASHED = "crashed"
+    """The tree died (signal, non-zero exit, or gone at boot): the policy decides."""
+    RESTORING = "restoring"
+    """An automatic restore is scheduled or running."""
+    FAILED = "failed"
+    """The policy gave up; nothing happens until `checkpointer restore`."""
+    GONE = "gone"
+    """Reported only: recorded as running, but its process no longer exists."""
+
+
+class RestoreResult(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    RETRY = "retry"
+    """Failed for a reason outside the checkpoint (storage down, a PID in use): the
+    checkpoint stays good and the same restore is tried again later."""
+
+
+@dataclass
+class RestoreAttempt:
+    time: float
+    reason: str
+    checkpoint: str | None
+    result: RestoreResult
+    detail: str
+
+
+@dataclass
+class Workload:
+    """A registered process tree and what the daemon knows of it. Persisted across restarts."""
+
+    name: str
+    kind: WorkloadKind
+    command: list[str] | None = None
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    every: float | None = None
+    cron: str | None = None
+    jitter: float | None = None
+    criu: CriuOptions = field(default_factory=CriuOptions)
+    retention: Retention = field(default_factory=lambda: Retention(keep_last=10))
+    restore: RestorePolicy = field(default_factory=RestorePolicy)
+    pid: int | None = None
+    started: int | None = None  # /proc start time of `pid`: tells a reused PID apart
+    state: WorkloadState = WorkloadState.STOPPED
+    exit_status: str | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_at: float | None = None
+    last_error: str | None = None
+    failed_reason: str | None = None
+    streak: Streak = field(default_factory=Streak)
+    bad_checkpoints: list[str] = field(default_factory=list)
+    kept: KeptImage | None = None  # the newest image, kept in scratch
+    history: list[RestoreAttempt] = field(default_factory=list)  # newest last
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def managed(self) -> bool:
+        return self.kind is WorkloadKind.MANAGED
+
+    def dump_options(self) -> DumpOptions:
+        return DumpOptions(**self.criu.model_dump())
+
+    def alive(self) -> bool:
+        return self.pid is not None and process.is_alive(self.pid, self.started)
+
+    def mark_bad(self, checkpoint_id: str) -> None:
+        self.bad_checkpoints = [*self.bad_checkpoints, checkpoint_id][-100:]
+
+    def record(
+        self, reason: str, result: RestoreResult, detail: str, checkpoint: str | None = None
+    ) -> None:
+        """Keep the last HISTORY restore attempts, for `status` and the log."""
+        self.history.append(RestoreAttempt(time.time(), reason, checkpoint, result, detail))
+        del self.history[:-HISTORY]
+        log.log(
+            logging.INFO if result is RestoreResult.OK else logging.WARNING,
+            "restore of %s (%s) from %s: %s: %s",
+            self.name,
+            reason,
+            checkpoint or "its command",
+            result,
+            detail,
+        )

@@ -1,0 +1,193 @@
+"""The engine's restore policy paths with a fake CRIU and a real local repository.
+
+Reaching these with real CRIU is slow or needs a broken host (a PID taken, a MemoryError in the
+middle of a rebuild); here the fake CRIU fails exactly as told, the repository, the registry
+and the policy are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpointer.config import WorkloadOptions, load_config
+from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
+from checkpointer.engine import Engine, Hooks, Workload, WorkloadState, registering
+from checkpointer.engine.events import Silent
+from checkpointer.workloads.logs import LogPump
+from storage import Repository
+from storage.backends import LocalBlobStore
+
+
+class FakeCriu:
+    """Dumps a few pages that differ per dump; restores by starting `sleep`, or fails with
+    the next exception queued in `failures`."""
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException | None] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.dumps = 0
+
+    def version(self) -> str:
+        return "4.2.1"
+
+    def dump(self, pid: int, images: Path, options: DumpOptions, label: str) -> DumpStats:
+        self.dumps += 1
+        (images / "pages-1.img").write_bytes(bytes([self.dumps]) * 4096 * 4)
+        (images / "core-1.img").write_bytes(b"core")
+        return DumpStats(0.001, 0.01, 0.005, 0.004, 4, 4)
+
+    def restore(self, images: Path, options: DumpOptions, label: str) -> tuple[int, RestoreStats]:
+        failure = self.failures.pop(0) if self.failures else None
+        if failure is not None:
+            raise failure
+        assert (images / "pages-1.img").exists()
+        self.procs.append(sleeper())
+        return self.procs[-1].pid, RestoreStats(0.001, 0.01, 4)
+
+
+class Schedule:
+    def schedule(self, *args: object) -> None:
+        pass
+
+    def unschedule(self, name: str) -> None:
+        pass
+
+    def next_run(self, name: str) -> None:
+        return None
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    """A stand-in tree, reaped the moment it dies (as the daemon's reaper would)."""
+    proc = subprocess.Popen(["sleep", "300"])
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Engine, FakeCriu, list[tuple[str, str]]]]:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"state_dir: {tmp_path / 'state'}\ncriu:\n  scratch_dir: {tmp_path / 'scratch'}\n"
+    )
+    config = load_config(config_file)
+    config.state_dir.mkdir(mode=0o700)
+    criu = FakeCriu()
+    downs: list[tuple[str, str]] = []
+    repo = Repository(LocalBlobStore(tmp_path / "repo"), 2, 3600.0)
+    engine = Engine(
+        config,
+        repo,
+        criu,  # type: ignore[arg-type]
+        LogPump(),
+        Silent(),
+        Schedule(),  # type: ignore[arg-type]
+        Hooks(down=lambda w, reason: downs.append((w.name, reason))),
+    )
+    try:
+        yield engine, criu, downs
+    finally:
+        for p in criu.procs:
+            p.kill()
+            p.wait()
+
+
+def adopted_with_checkpoints(engine: Engine, n: int) -> tuple[Workload, list[str]]:
+    proc = sleeper()
+    FakeCriuProcs.append(proc)
+    w = registering.register(engine, "app", pid=proc.pid, options=WorkloadOptions())
+    ids = [engine.checkpoint("app")["id"] for _ in range(n)]
+    return w, ids[::-1]  # newest first
+
+
+FakeCriuProcs: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_sleepers() -> Iterator[None]:
+    yield
+    while FakeCriuProcs:
+        p = FakeCriuProcs.pop()
+        p.kill()
+        p.wait()
+
+
+def crash(engine: Engine, w: Workload) -> None:
+    assert w.pid is not None
+    os.kill(w.pid, 9)
+    while w.alive():
+        time.sleep(0.01)
+    assert engine.mark_dead(w.pid, 9) is w
+    assert w.state is WorkloadState.CRASHED
+
+
+def test_a_pid_in_use_is_retried_and_marks_no_checkpoint_bad(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    engine, criu, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 2)
+    crash(engine, w)
+    criu.failures = [CriuError("criu restore failed: pid 7 in use", "pid-in-use")]
+    assert engine.auto_restore("app", "crash") is True  # try again later
+    assert w.bad_checkpoints == [] and not w.alive()
+    assert w.history[-1].result == "retry" and w.history[-1].checkpoint == ids[0]
+    assert engine.auto_restore("app", "crash") is False
+    assert w.alive() and w.history[-1].checkpoint == ids[0]  # the newest, not an older one
+
+
+def test_an_unexpected_exception_marks_the_checkpoint_bad_and_steps_back(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    engine, criu, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 2)
+    crash(engine, w)
+    criu.failures = [MemoryError("declared size 8 TiB")]
+    assert engine.auto_restore("app", "crash") is False
+    assert w.bad_checkpoints == [ids[0]]
+    assert w.alive() and w.state is WorkloadState.RUNNING
+    assert w.history[-1].checkpoint == ids[1] and w.history[-1].result == "ok"
+
+
+def test_a_checkpoint_that_cannot_restore_is_marked_bad_but_the_policy_goes_on(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    engine, criu, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 3)
+    crash(engine, w)
+    criu.failures = [CriuError("bad image", "unknown"), ValueError("odd digest list")]
+    assert engine.auto_restore("app", "crash") is False
+    assert w.bad_checkpoints == ids[:2] and w.history[-1].checkpoint == ids[2] and w.alive()
+
+
+def test_rollback_failing_after_the_stop_hands_the_workload_to_the_policy(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    engine, criu, downs = setup
+    w, ids = adopted_with_checkpoints(engine, 2)
+    criu.failures = [CriuError("bad image", "unknown")]
+    with pytest.raises(Exception, match="restores its newest good checkpoint"):
+        engine.rollback("app", back=1)
+    assert w.state is WorkloadState.CRASHED and downs == [("app", "rollback")]
+    assert w.bad_checkpoints == [ids[1]]
+    # What the supervisor then does: the newest good checkpoint comes back.
+    assert engine.auto_restore("app", "rollback") is False
+    assert w.alive() and w.history[-1].checkpoint == ids[0]
+
+
+def test_the_registry_survives_a_restart_of_the_engine(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    engine, _, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 1)
+    engine.registry.save()
+    again = type(engine.registry)(engine.registry.path)
+    (loaded,) = again.load()
+    assert loaded.name == "app" and loaded.pid == w.pid and loaded.kind == w.kind
+    assert loaded.last_checkpoint == ids[0] and loaded.kept is not None
+    assert loaded.kept.intact() and loaded.retention == w.retention
