@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,32 +28,26 @@ from checkpointer.api import (
 )
 from checkpointer.config import Config, WorkloadOptions
 from checkpointer.criu import Criu
-from checkpointer.engine import kept_image
+from checkpointer.engine import kept_image, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.events import Events
 from checkpointer.engine.maintenance import Maintenance
 from checkpointer.engine.registry import Registry
-from checkpointer.engine.restoring import LogPaths, Restored, RestorePipeline, is_transient
+from checkpointer.engine.restoring import LogPaths, RestorePipeline
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import (
-    RestoreResult,
     Workload,
-    WorkloadKind,
     WorkloadState,
 )
 from checkpointer.errors import (
     CheckpointerError,
-    RestoreFailed,
     TeardownFailed,
     WorkloadBusy,
-    WorkloadRunning,
 )
-from checkpointer.restore_policy import Streak, plan
 from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump
-from storage import CheckpointNotFound, Repository
+from storage import Repository
 from storage.backends.spooled import SpooledBlobStore
-from storage.errors import StorageAccessError, TransientStorageError
 from storage.manifest import check_workload_name
 
 log = logging.getLogger(__name__)
@@ -220,7 +213,7 @@ class Engine:
             self.repo.pin(name, checkpoint_id)
         return {"workload": name, "id": checkpoint_id, "pinned": not unpin}
 
-    # -- restore and rollback ----------------------------------------------------------
+    # -- bringing trees back (checkpointer.engine.recovery) ------------------------------
 
     def restore(
         self,
@@ -229,185 +222,15 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
     ) -> RestoreReport:
         """Restore a workload that is not running (registered here, or known to the repository)."""
-        w = self.registry.find(name) or self._workload_from_repository(name, checkpoint_id)
-        with self.locked(w, wait=True):
-            if w.alive():
-                raise WorkloadRunning(
-                    f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
-                    "replaces it with a checkpoint, or stop it first"
-                )
-            cid = checkpoint_id or self.restores.newest(w)
-            try:
-                done = self.restores.restore(w, cid, "manual", progress)
-            except Exception:
-                self.events.restore_done(w.name, "manual", ok=False)
-                self.save()
-                raise
-            self._after_restore(w, "manual", done.report["checkpoint"], done)
-            w.streak = Streak()
-            self.save()
-            return done.report
+        return recovery.restore(self, name, checkpoint_id, progress)
 
     def rollback(self, name: str, to: str | None = None, back: int | None = None) -> RestoreReport:
         """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
-        w = self.get(name)
-        with self.locked(w, wait=True):
-            ids = [i.id for i in self.repo.checkpoints(name)]
-            if to is None:
-                n = back or 0
-                if n < 0 or n >= len(ids):
-                    raise CheckpointNotFound(
-                        f"workload {name} has {len(ids)} checkpoint(s): cannot go back {n}; "
-                        f"see `checkpointer list {name}`"
-                    )
-                to = ids[n]
-            elif to not in ids:
-                self.repo.read_manifest(name, to)  # raises the clear not-found error
-
-            def stop() -> None:
-                if w.alive():
-                    self.teardown(w)
-
-            try:
-                done = self.restores.replace(w, to, stop)
-            except Exception as e:
-                self.events.restore_done(name, "rollback", ok=False)
-                if w.alive():
-                    raise  # failed before the stop: the tree runs on, nothing changed
-                self._rollback_failed(w, to, e)
-                raise RestoreFailed(
-                    f"rollback of {name} to {to} failed after its tree was stopped: {e}; "
-                    "the daemon restores its newest good checkpoint instead "
-                    f"(`checkpointer status {name}`)"
-                ) from e
-            self._after_restore(w, "rollback", to, done)
-            self.save()
-            return done.report
-
-    def _rollback_failed(self, w: Workload, to: str, e: Exception) -> None:
-        w.record("rollback", RestoreResult.FAILED, str(e), to)
-        if not (is_transient(e) or isinstance(e, TeardownFailed)):
-            w.mark_bad(to)
-        w.state, w.exit_status = WorkloadState.CRASHED, f"rollback to {to} failed"
-        w.streak = Streak()
-        self.save()
-        self.hooks.down(w, "rollback")
-
-    def _after_restore(self, w: Workload, reason: str, cid: str, done: Restored) -> None:
-        self.events.restore_done(w.name, reason, True, done.duration, done.stats)
-        w.record(reason, RestoreResult.OK, f"restored as pid {w.pid}", cid)
-        self.hooks.watch(w)
-
-    def _workload_from_repository(self, name: str, checkpoint_id: str | None) -> Workload:
-        """A workload checkpointed elsewhere (another host: migration) becomes registered here."""
-        check_workload_name(name)
-        infos = self.repo.checkpoints(name)
-        if not infos:
-            self.get(name)  # raises: unknown here and nothing stored
-        meta = self.repo.info(name, checkpoint_id).metadata if checkpoint_id else infos[0].metadata
-        spec = meta.get("spec", {})
-        w = Workload(
-            name=name,
-            kind=WorkloadKind(spec.get("kind", "adopted")),
-            command=spec.get("command"),
-            cwd=spec.get("cwd"),
-        )
-        self.add(w, WorkloadOptions.model_validate({"criu": spec.get("criu") or {}}))
-        return w
-
-    # -- automatic restore (called by the supervisor) ------------------------------------
+        return recovery.rollback(self, name, to, back)
 
     def auto_restore(self, name: str, reason: str) -> bool:
-        """Bring a dead workload back by its restore policy. Returns True when it should be
-        tried again later: it failed for a reason outside the checkpoint (storage down, a PID
-        or port in use), so nothing was marked bad.
-
-        Tries the good checkpoints the policy's plan names, newest first, marking each that
-        is at fault as bad; then a cold start of a managed workload; then gives up.
-        """
-        w = self.registry.find(name)
-        if w is None:
-            return False
-        with self.locked(w, wait=True):
-            if w.alive() or w.state not in (
-                WorkloadState.CRASHED,
-                WorkloadState.EXITED,
-                WorkloadState.RESTORING,
-            ):
-                return False  # restored by hand, stopped or unregistered meanwhile
-            try:
-                good = [c.id for c in self.repo.checkpoints(name) if c.id not in w.bad_checkpoints]
-            except Exception as e:
-                if not is_transient(e) and not _storage_down(e):
-                    raise
-                w.last_error = f"cannot list checkpoints: {e}"
-                w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
-                self.save()
-                return True
-            if not good and not self._remote_reachable():
-                # After a reboot with the network not up yet, only the local spool answers:
-                # "no checkpoint" would cold-start the workload and lose its state.
-                w.last_error = "no checkpoint found locally and object storage is unreachable"
-                w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
-                self.save()
-                return True
-            steps = plan(w.restore, good, w.streak.depth, w.managed)
-            for cid in steps.checkpoints:
-                try:
-                    done = self.restores.restore(w, cid, reason)
-                except Exception as e:
-                    self.events.restore_done(w.name, reason, ok=False)
-                    if is_transient(e):
-                        w.record(reason, RestoreResult.RETRY, f"{e}; trying again later", cid)
-                        self.save()
-                        return True
-                    if not isinstance(e, CheckpointerError | CheckpointNotFound):
-                        log.exception("restore of %s from %s failed unexpectedly", name, cid)
-                    w.mark_bad(cid)
-                    w.record(
-                        reason, RestoreResult.FAILED, f"{e}; marked bad, trying the one before", cid
-                    )
-                    self.save()
-                    continue
-                self._after_restore(w, reason, cid, done)
-                self._restored(w)
-                return False
-            if steps.cold_start:
-                try:
-                    self.start(w)
-                except CheckpointerError as e:
-                    w.record(reason, RestoreResult.FAILED, f"cold start failed: {e}")
-                    self.events.restore_done(w.name, reason, ok=False)
-                else:
-                    self.events.restore_done(w.name, reason, ok=True)
-                    w.record(
-                        reason,
-                        RestoreResult.OK,
-                        f"no usable checkpoint left ({len(good)} good, "
-                        f"depth {w.streak.depth}): cold-started from its command as pid {w.pid}",
-                    )
-                    self._restored(w)
-                    return False
-            self.fail(
-                w,
-                f"no checkpoint left to restore ({len(good)} good, stepped back "
-                f"{w.streak.depth}, max_depth {w.restore.max_depth})"
-                + ("" if w.managed else "; adopted workloads cannot cold-start"),
-            )
-            return False
-
-    def _remote_reachable(self) -> bool:
-        if self.spool is None:
-            return True
-        try:
-            self.spool.remote.check()
-        except (TransientStorageError, StorageAccessError):
-            return False
-        return True
-
-    def _restored(self, w: Workload) -> None:
-        w.streak = Streak(w.streak.attempts, w.streak.depth, time.time())
-        self.save()
+        """Bring a dead workload back by its policy; True: try again later (see recovery)."""
+        return recovery.auto_restore(self, name, reason)
 
     def fail(self, w: Workload, why: str) -> None:
         w.state, w.failed_reason = WorkloadState.FAILED, why
@@ -505,7 +328,3 @@ def with_options(w: Workload, options: WorkloadOptions, config: Config) -> Workl
     w.retention = options.retention or config.retention
     w.restore = options.restore
     return w
-
-
-def _storage_down(e: BaseException) -> bool:
-    return isinstance(e, TransientStorageError | StorageAccessError)

@@ -1,0 +1,227 @@
+"""Bringing trees back: restore on demand, rollback, and the automatic restore the supervisor
+asks for when a tree dies. Each holds the workload's lock while it works.
+
+A checkpoint is marked bad only for its own faults (damaged data, an image CRIU refuses);
+a failure of the host or of storage (a PID or port taken, the bucket unreachable) leaves it
+good and asks to be tried again later: marking every checkpoint bad during an outage would
+cold-start the workload and lose the state they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from checkpointer.api import RestoreReport
+from checkpointer.config import WorkloadOptions
+from checkpointer.engine.restoring import Restored, is_transient
+from checkpointer.engine.workload import RestoreResult, Workload, WorkloadKind, WorkloadState
+from checkpointer.errors import CheckpointerError, RestoreFailed, TeardownFailed, WorkloadRunning
+from checkpointer.restore_policy import Streak, plan
+from storage import CheckpointNotFound
+from storage.errors import StorageAccessError, TransientStorageError
+from storage.manifest import check_workload_name
+
+if TYPE_CHECKING:
+    from checkpointer.engine.facade import Engine
+
+log = logging.getLogger(__name__)
+
+
+def restore(
+    engine: Engine,
+    name: str,
+    checkpoint_id: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RestoreReport:
+    """Restore a workload that is not running (registered here, or known to the repository)."""
+    w = engine.registry.find(name) or _workload_from_repository(engine, name, checkpoint_id)
+    with engine.locked(w, wait=True):
+        if w.alive():
+            raise WorkloadRunning(
+                f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
+                "replaces it with a checkpoint, or stop it first"
+            )
+        cid = checkpoint_id or engine.restores.newest(w)
+        try:
+            done = engine.restores.restore(w, cid, "manual", progress)
+        except Exception:
+            engine.events.restore_done(w.name, "manual", ok=False)
+            engine.save()
+            raise
+        _after_restore(engine, w, "manual", done.report["checkpoint"], done)
+        w.streak = Streak()
+        engine.save()
+        return done.report
+
+
+def rollback(
+    engine: Engine, name: str, to: str | None = None, back: int | None = None
+) -> RestoreReport:
+    """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
+    w = engine.get(name)
+    with engine.locked(w, wait=True):
+        ids = [i.id for i in engine.repo.checkpoints(name)]
+        if to is None:
+            n = back or 0
+            if n < 0 or n >= len(ids):
+                raise CheckpointNotFound(
+                    f"workload {name} has {len(ids)} checkpoint(s): cannot go back {n}; "
+                    f"see `checkpointer list {name}`"
+                )
+            to = ids[n]
+        elif to not in ids:
+            engine.repo.read_manifest(name, to)  # raises the clear not-found error
+
+        def stop() -> None:
+            if w.alive():
+                engine.teardown(w)
+
+        try:
+            done = engine.restores.replace(w, to, stop)
+        except Exception as e:
+            engine.events.restore_done(name, "rollback", ok=False)
+            if w.alive():
+                raise  # failed before the stop: the tree runs on, nothing changed
+            _rollback_failed(engine, w, to, e)
+            raise RestoreFailed(
+                f"rollback of {name} to {to} failed after its tree was stopped: {e}; "
+                "the daemon restores its newest good checkpoint instead "
+                f"(`checkpointer status {name}`)"
+            ) from e
+        _after_restore(engine, w, "rollback", to, done)
+        engine.save()
+        return done.report
+
+
+def _rollback_failed(engine: Engine, w: Workload, to: str, e: Exception) -> None:
+    w.record("rollback", RestoreResult.FAILED, str(e), to)
+    if not (is_transient(e) or isinstance(e, TeardownFailed)):
+        w.mark_bad(to)
+    w.state, w.exit_status = WorkloadState.CRASHED, f"rollback to {to} failed"
+    w.streak = Streak()
+    engine.save()
+    engine.hooks.down(w, "rollback")
+
+
+def _after_restore(engine: Engine, w: Workload, reason: str, cid: str, done: Restored) -> None:
+    engine.events.restore_done(w.name, reason, True, done.duration, done.stats)
+    w.record(reason, RestoreResult.OK, f"restored as pid {w.pid}", cid)
+    engine.hooks.watch(w)
+
+
+def _workload_from_repository(engine: Engine, name: str, checkpoint_id: str | None) -> Workload:
+    """A workload checkpointed elsewhere (another host: migration) becomes registered here."""
+    check_workload_name(name)
+    infos = engine.repo.checkpoints(name)
+    if not infos:
+        engine.get(name)  # raises: unknown here and nothing stored
+    meta = engine.repo.info(name, checkpoint_id).metadata if checkpoint_id else infos[0].metadata
+    spec = meta.get("spec", {})
+    w = Workload(
+        name=name,
+        kind=WorkloadKind(spec.get("kind", "adopted")),
+        command=spec.get("command"),
+        cwd=spec.get("cwd"),
+    )
+    engine.add(w, WorkloadOptions.model_validate({"criu": spec.get("criu") or {}}))
+    return w
+
+
+def auto_restore(engine: Engine, name: str, reason: str) -> bool:
+    """Bring a dead workload back by its restore policy. Returns True when it should be
+    tried again later: it failed for a reason outside the checkpoint (storage down, a PID
+    or port in use), so nothing was marked bad.
+
+    Tries the good checkpoints the policy's plan names, newest first, marking each that
+    is at fault as bad; then a cold start of a managed workload; then gives up.
+    """
+    w = engine.registry.find(name)
+    if w is None:
+        return False
+    with engine.locked(w, wait=True):
+        if w.alive() or w.state not in (
+            WorkloadState.CRASHED,
+            WorkloadState.EXITED,
+            WorkloadState.RESTORING,
+        ):
+            return False  # restored by hand, stopped or unregistered meanwhile
+        try:
+            good = [c.id for c in engine.repo.checkpoints(name) if c.id not in w.bad_checkpoints]
+        except Exception as e:
+            if not is_transient(e) and not isinstance(
+                e, TransientStorageError | StorageAccessError
+            ):
+                raise
+            w.last_error = f"cannot list checkpoints: {e}"
+            w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
+            engine.save()
+            return True
+        if not good and not _remote_reachable(engine):
+            # After a reboot with the network not up yet, only the local spool answers:
+            # "no checkpoint" would cold-start the workload and lose its state.
+            w.last_error = "no checkpoint found locally and object storage is unreachable"
+            w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
+            engine.save()
+            return True
+        steps = plan(w.restore, good, w.streak.depth, w.managed)
+        for cid in steps.checkpoints:
+            try:
+                done = engine.restores.restore(w, cid, reason)
+            except Exception as e:
+                engine.events.restore_done(w.name, reason, ok=False)
+                if is_transient(e):
+                    w.record(reason, RestoreResult.RETRY, f"{e}; trying again later", cid)
+                    engine.save()
+                    return True
+                if not isinstance(e, CheckpointerError | CheckpointNotFound):
+                    log.exception("restore of %s from %s failed unexpectedly", name, cid)
+                w.mark_bad(cid)
+                w.record(
+                    reason, RestoreResult.FAILED, f"{e}; marked bad, trying the one before", cid
+                )
+                engine.save()
+                continue
+            _after_restore(engine, w, reason, cid, done)
+            _restored(engine, w)
+            return False
+        if steps.cold_start:
+            try:
+                engine.start(w)
+            except CheckpointerError as e:
+                w.record(reason, RestoreResult.FAILED, f"cold start failed: {e}")
+                engine.events.restore_done(w.name, reason, ok=False)
+            else:
+                engine.events.restore_done(w.name, reason, ok=True)
+                w.record(
+                    reason,
+                    RestoreResult.OK,
+                    f"no usable checkpoint left ({len(good)} good, "
+                    f"depth {w.streak.depth}): cold-started from its command as pid {w.pid}",
+                )
+                _restored(engine, w)
+                return False
+        engine.fail(
+            w,
+            f"no checkpoint left to restore ({len(good)} good, stepped back "
+            f"{w.streak.depth}, max_depth {w.restore.max_depth})"
+            + ("" if w.managed else "; adopted workloads cannot cold-start"),
+        )
+        return False
+
+
+def _remote_reachable(engine: Engine) -> bool:
+    if engine.spool is None:
+        return True
+    try:
+        engine.spool.remote.check()
+    except (TransientStorageError, StorageAccessError):
+        return False
+    return True
+
+
+def _restored(engine: Engine, w: Workload) -> None:
+    w.streak = Streak(w.streak.attempts, w.streak.depth, time.time())
+    engine.save()
