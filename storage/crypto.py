@@ -1,0 +1,237 @@
+"""Encryption and authentication of everything a repository stores.
+
+A repository has one master key, made at random when the repository is created and never
+stored in clear. Two keys are derived from it (BLAKE3's key derivation):
+
+- the chunk-id key: a chunk's id is its keyed BLAKE3 hash, so equal pages still dedup, but
+  whoever reads the bucket cannot test whether a page they know (a password, a key) is there;
+- the object key: every object (pack, pack index, manifest, pin, repository config) is sealed
+  with AES-256-GCM, its name in the repository as associated data. A sealed object cannot be
+  read without the key, changed without failing its tag, or moved to another name (a manifest
+  replayed under a new id, an old index put beside another pack) without failing its tag.
+
+AES-GCM runs at 7-8 GB/s per core here and releases the GIL; one tag per 4 MiB pack replaces
+the per-chunk BLAKE3 re-hash of restores (~0.8 s per GB in Python).
+
+The master key is stored only wrapped: each `keys/<id>` object holds it sealed with a key-
+encryption key that comes from an access secret the operator keeps (a key file, or a
+passphrase through scrypt). Several access keys open one repository; adding or removing one
+never re-encrypts data (restic's model).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from storage.errors import CorruptCheckpoint, StorageError
+
+MAGIC = b"CKPTSEAL"  # 8 bytes, then the format byte, then the 12-byte nonce
+_FORMAT = 1
+_NONCE = 12
+_TAG = 16
+HEADER = len(MAGIC) + 1 + _NONCE
+OVERHEAD = HEADER + _TAG
+_CHUNK_CONTEXT = "checkpointer 2026-11 chunk id"
+_OBJECT_CONTEXT = "checkpointer 2026-11 object seal"
+_WRAP_CONTEXT = "checkpointer 2026-11 key wrap"
+# scrypt for passphrases: 2^15 x 8 x 128 B = 32 MiB and ~0.1 s here per try (RFC 7914's
+# interactive setting); key files hold 256 random bits and need no stretching.
+_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+
+
+class WrongKey(StorageError):
+    """The access key opens none of the repository's keys."""
+
+
+class Codec(Protocol):
+    """How a repository names chunks and stores objects: in clear (legacy) or sealed."""
+
+    encrypted: bool
+
+    def chunk_id(self, chunk: bytes | memoryview) -> bytes: ...
+
+    def seal(self, name: str, data: bytes) -> bytes: ...
+
+    def open(self, name: str, blob: bytes) -> bytes: ...
+
+
+class Plain:
+    """Repositories written before encryption: plain BLAKE3 ids, objects as they are.
+
+    Only reachable without a configured key: a daemon that has a key never accepts a plain
+    object (a planted plaintext manifest would otherwise be a downgrade)."""
+
+    encrypted = False
+
+    def chunk_id(self, chunk: bytes | memoryview) -> bytes:
+        return blake3.blake3(chunk).digest()
+
+    def seal(self, name: str, data: bytes) -> bytes:
+        return data
+
+    def open(self, name: str, blob: bytes) -> bytes:
+        if blob[: len(MAGIC)] == MAGIC:
+            raise StorageError(
+                f"{name} is encrypted and no repository key is configured: set "
+                "storage.key_file (see README, Encryption)"
+            )
+        return blob
+
+
+class Sealed:
+    """The codec of an encrypted repository (see the module's docstring)."""
+
+    encrypted = True
+
+    def __init__(self, master: bytes) -> None:
+        if len(master) != 32:
+            raise ValueError("a repository master key is 32 bytes")
+        self._chunk_key = _derive(_CHUNK_CONTEXT, master)
+        self._aead = AESGCM(_derive(_OBJECT_CONTEXT, master))
+        self._hasher = blake3.blake3(key=self._chunk_key)
+
+    def chunk_id(self, chunk: bytes | memoryview) -> bytes:
+        h = self._hasher.copy()
+        h.update(chunk)
+        return h.digest()
+
+    def seal(self, name: str, data: bytes) -> bytes:
+        nonce = secrets.token_bytes(_NONCE)
+        return MAGIC + bytes([_FORMAT]) + nonce + self._aead.encrypt(nonce, data, name.encode())
+
+    def open(self, name: str, blob: bytes) -> bytes:
+        if len(blob) < OVERHEAD or blob[: len(MAGIC)] != MAGIC or blob[len(MAGIC)] != _FORMAT:
+            raise CorruptCheckpoint(
+                f"{name} is not sealed with this repository's key format (planted, damaged, "
+                "or written unencrypted): refused"
+            )
+        nonce = blob[len(MAGIC) + 1 : HEADER]
+        try:
+            return self._aead.decrypt(nonce, memoryview(blob)[HEADER:], name.encode())
+        except InvalidTag as e:
+            raise CorruptCheckpoint(
+                f"{name} fails authentication: it was changed, planted, moved from another "
+                "name or written with another repository's key; refused"
+            ) from e
+
+
+def _derive(context: str, key: bytes) -> bytes:
+    return blake3.blake3(key, derive_key_context=context).digest()
+
+
+# -- access keys -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessSecret:
+    """What the operator holds: 32 random bytes (a key file), or a passphrase."""
+
+    secret: bytes
+    kind: str  # "file" or "passphrase"
+
+    @classmethod
+    def generate(cls) -> AccessSecret:
+        return cls(secrets.token_bytes(32), "file")
+
+    @classmethod
+    def from_file_text(cls, text: str, where: str) -> AccessSecret:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        try:
+            raw = base64.b64decode(lines[0], validate=True) if len(lines) == 1 else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise WrongKey(
+                f"{where} does not hold a repository key (one line of base64, 32 bytes); "
+                "make one with `checkpointer key add --new-key-file FILE`"
+            )
+        return cls(raw, "file")
+
+    def file_text(self) -> str:
+        return (
+            "# checkpointer repository access key: keep it secret, keep a copy off this host.\n"
+            + base64.b64encode(self.secret).decode()
+            + "\n"
+        )
+
+    def kek(self, salt: bytes, params: dict[str, int]) -> bytes:
+        if self.kind == "passphrase":
+            n, r, p = params["n"], params["r"], params["p"]
+            return hashlib.scrypt(self.secret, salt=salt, n=n, r=r, p=p, maxmem=128 << 20, dklen=32)
+        return blake3.blake3(salt + self.secret, derive_key_context=_WRAP_CONTEXT).digest()
+
+
+def key_name(key_id: str) -> str:
+    return f"keys/{key_id}"
+
+
+def wrap(master: bytes, access: AccessSecret, key_id: str, host: str) -> bytes:
+    """A `keys/<id>` object: the master key sealed with the access secret's wrapping key."""
+    salt = secrets.token_bytes(16)
+    params = _SCRYPT if access.kind == "passphrase" else {}
+    nonce = secrets.token_bytes(_NONCE)
+    wrapped = AESGCM(access.kek(salt, params)).encrypt(nonce, master, key_name(key_id).encode())
+    doc: dict[str, Any] = {
+        "version": 1,
+        "id": key_id,
+        "kind": access.kind,
+        "created": time.time(),
+        "host": host,
+        "salt": base64.b64encode(salt).decode(),
+        "kdf": params,
+        "wrapped": base64.b64encode(nonce + wrapped).decode(),
+    }
+    return json.dumps(doc).encode()
+
+
+def unwrap(blob: bytes, access: AccessSecret, key_id: str) -> bytes | None:
+    """The master key if `access` opens this key object; None if it does not."""
+    try:
+        doc = json.loads(blob)
+        if doc.get("kind") != access.kind:
+            return None
+        salt = base64.b64decode(doc["salt"])
+        params = (
+            {k: int(doc["kdf"][k]) for k in ("n", "r", "p")} if access.kind == "passphrase" else {}
+        )
+        if params and (params["n"] > 2**20 or params["r"] > 32 or params["p"] > 16):
+            return None  # a planted key object must not make us allocate gigabytes
+        raw = base64.b64decode(doc["wrapped"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(raw) != _NONCE + 32 + _TAG:
+        return None
+    try:
+        return AESGCM(access.kek(salt, params)).decrypt(
+            raw[:_NONCE], raw[_NONCE:], key_name(key_id).encode()
+        )
+    except InvalidTag:
+        return None
+
+
+def describe_key(blob: bytes) -> dict[str, Any]:
+    """What `key list` shows of a key object (no secret in it)."""
+    try:
+        doc = json.loads(blob)
+        return {k: doc.get(k) for k in ("id", "kind", "created", "host")}
+    except ValueError:
+        return {"id": None, "kind": "damaged", "created": None, "host": None}
+
+
+def new_key_id() -> str:
+    return f"{int(time.time()):08x}{secrets.token_hex(4)}"
+
+
+def new_master() -> bytes:
+    return os.urandom(32)

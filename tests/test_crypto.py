@@ -1,0 +1,100 @@
+"""Sealed objects and repository keys (pure logic on a local folder: no root needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import blake3
+import pytest
+
+from storage.backends import LocalBlobStore
+from storage.crypto import AccessSecret, Plain, Sealed, WrongKey, new_master
+from storage.errors import CorruptCheckpoint, StorageError
+from storage.keyring import (
+    RepositoryNotEncrypted,
+    add_key,
+    list_keys,
+    open_repository_codec,
+    remove_key,
+)
+
+
+def test_sealed_objects_open_only_unchanged_under_their_own_name_and_key() -> None:
+    codec = Sealed(new_master())
+    blob = codec.seal("manifests/web/1.json", b"secret page")
+    assert b"secret page" not in blob
+    assert codec.open("manifests/web/1.json", blob) == b"secret page"
+    flipped = bytearray(blob)
+    flipped[-20] ^= 1
+    with pytest.raises(CorruptCheckpoint, match="fails authentication"):
+        codec.open("manifests/web/1.json", bytes(flipped))
+    with pytest.raises(CorruptCheckpoint, match="fails authentication"):
+        codec.open("manifests/web/2.json", blob)  # replayed under another id
+    with pytest.raises(CorruptCheckpoint, match="fails authentication"):
+        Sealed(new_master()).open("manifests/web/1.json", blob)  # another repository's key
+    with pytest.raises(CorruptCheckpoint, match="not sealed"):
+        codec.open("manifests/web/1.json", b'{"version": 1}')  # planted in clear
+
+
+def test_chunk_ids_are_keyed_per_repository() -> None:
+    page = b"\x42" * 4096
+    a, b = Sealed(new_master()), Sealed(new_master())
+    assert a.chunk_id(page) == a.chunk_id(memoryview(page))
+    assert a.chunk_id(page) != b.chunk_id(page)
+    assert a.chunk_id(page) != blake3.blake3(page).digest()
+    assert Plain().chunk_id(page) == blake3.blake3(page).digest()
+
+
+def test_two_access_keys_open_one_repository_and_a_removed_one_no_longer_does(
+    tmp_path: Path,
+) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    first = AccessSecret.generate()
+    opened = open_repository_codec(store, first, "host-a")
+    assert opened.codec.encrypted and opened.key_id
+    sealed = opened.codec.seal("pins/web/x", b"pinned")
+
+    second = AccessSecret.from_file_text(AccessSecret.generate().file_text(), "second.key")
+    second_id = add_key(store, opened, second, "host-a")
+    by_second = open_repository_codec(store, second, "host-b", create=False)
+    assert by_second.key_id == second_id
+    assert by_second.codec.open("pins/web/x", sealed) == b"pinned"
+    assert {k["id"] for k in list_keys(store, opened)} == {opened.key_id, second_id}
+
+    with pytest.raises(StorageError, match="this host opened"):
+        remove_key(store, opened, opened.key_id)  # type: ignore[arg-type]
+    remove_key(store, by_second, opened.key_id)  # type: ignore[arg-type]
+    with pytest.raises(WrongKey, match="opens none"):
+        open_repository_codec(store, first, "host-a")
+    with pytest.raises(StorageError, match="last key"):
+        remove_key(store, opened, second_id)
+
+
+def test_wrong_missing_and_malformed_keys_are_one_clear_error(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    open_repository_codec(store, AccessSecret.generate(), "host-a")
+    with pytest.raises(WrongKey, match="opens none"):
+        open_repository_codec(store, AccessSecret.generate(), "host-a")
+    with pytest.raises(WrongKey, match="no key is configured"):
+        open_repository_codec(store, None, "host-a")
+    with pytest.raises(WrongKey, match="does not hold a repository key"):
+        AccessSecret.from_file_text("not base64!\n", "/etc/checkpointer/repository.key")
+    passphrase = AccessSecret(b"correct horse", "passphrase")
+    with pytest.raises(WrongKey):
+        open_repository_codec(store, passphrase, "host-a")
+
+
+def test_a_passphrase_opens_what_it_wrapped(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    opened = open_repository_codec(store, AccessSecret.generate(), "host-a")
+    add_key(store, opened, AccessSecret(b"correct horse battery", "passphrase"), "host-a")
+    again = open_repository_codec(store, AccessSecret(b"correct horse battery", "passphrase"), "h")
+    assert again.master == opened.master
+
+
+def test_a_key_never_reads_a_repository_stored_in_clear(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    store.put("manifests/web/20261124T000000.000000Z-abcdef.json", b"{}")
+    with pytest.raises(RepositoryNotEncrypted, match="migrate-repository"):
+        open_repository_codec(store, AccessSecret.generate(), "host-a")
+    assert isinstance(open_repository_codec(store, None, "host-a").codec, Plain)
