@@ -35,5 +35,6 @@ bench: setup
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check checkpointer storage tests
+	$(VENV)/bin/ruff check checkpointer storage tests bench
+	$(VENV)/bin/ruff format --check checkpointer storage tests bench
 	$(VENV)/bin/mypy

@@ -2,7 +2,10 @@
 seconds are its own: `python bench/worker.py JSON-ARGS`. Prints one JSON line of results.
 
 It runs the production code path the daemon runs: the CRIU driver dumps into tmpfs, the
-repository chunks, hashes, compresses and stores (local folder, or spool → retries → S3).
+repository chunks, hashes, compresses, seals and stores (local folder, or spool → retries →
+S3). The repository is opened as the daemon opens it (checkpointer/repository_key.py):
+encrypted with `key_file` (written with a new repository), or in clear if `encryption` is
+false.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from checkpointer.config import Config
 from checkpointer.criu import Criu, DumpOptions
 from checkpointer.engine import kept_image
 from checkpointer.malloc_tuning import keep_heap_small
+from checkpointer.repository_key import open_codec
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore
 from storage.backends.retrying import RetryingBlobStore
@@ -24,9 +29,12 @@ from storage.backends.s3 import S3BlobStore, S3Settings
 from storage.backends.spooled import SpooledBlobStore
 
 
-def backend(args: dict[str, object]) -> tuple[BlobStore, SpooledBlobStore | None]:
+def backend(args: dict[str, object]) -> tuple[BlobStore, BlobStore, SpooledBlobStore | None]:
+    """The store checkpoints go to, the one holding the keys (S3: the bucket, as the daemon
+    does), and the spool if any."""
     if args["backend"] == "local":
-        return LocalBlobStore(Path(str(args["repo"]))), None
+        local = LocalBlobStore(Path(str(args["repo"])))
+        return local, local, None
     s3 = S3Settings(
         bucket=str(args["bucket"]),
         prefix="bench",
@@ -36,17 +44,30 @@ def backend(args: dict[str, object]) -> tuple[BlobStore, SpooledBlobStore | None
         access_key_id="testing",
         secret_access_key="testing",
     )
-    spool = SpooledBlobStore(
-        RetryingBlobStore(S3BlobStore(s3)), Path(str(args["cache"])), upload_concurrency=4
+    remote = RetryingBlobStore(S3BlobStore(s3))
+    spool = SpooledBlobStore(remote, Path(str(args["cache"])), upload_concurrency=4)
+    return spool, remote, spool
+
+
+def config(args: dict[str, object]) -> Config:
+    """What the daemon's config would say of encryption (the rest is not read here)."""
+    return Config.model_validate(
+        {
+            "state_dir": str(args["scratch"]),
+            "storage": {
+                "encryption": bool(args.get("encryption", True)),
+                "key_file": str(args["key_file"]),
+            },
+        }
     )
-    return spool, spool
 
 
 def main() -> None:
     keep_heap_small()  # as the daemon does
     args = json.loads(sys.argv[1])
-    store, spool = backend(args)
-    repo = Repository(store, concurrency=4)
+    store, keys, spool = backend(args)
+    # Opened once at the daemon's start: not part of any timing below.
+    repo = Repository(store, concurrency=4, codec=open_codec(config(args), keys, "bench").codec)
     criu = Criu("criu", Path(str(args["scratch"])) / "failed-logs")
     out: dict[str, object] = {}
     t0 = time.monotonic()
@@ -77,6 +98,7 @@ def main() -> None:
             image=m.size_bytes,
             new_bytes=m.new_bytes,
             new_chunks=m.new_chunks,
+            encrypted=repo.codec.encrypted,
         )
     else:  # restore: materialise (verified), then CRIU
         hot = Path(str(args["hot"])) if args.get("hot") else None
@@ -85,7 +107,7 @@ def main() -> None:
         if hot and kept_image.unchanged(hot, recorded):
             seed = (str(args["hot_id"]), hot)  # the kept image, checked against its stamps
         if seed and seed[0] == args["id"]:
-            images, kept = hot, True  # the kept checkpoint itself
+            images, kept = seed[1], True  # the kept checkpoint itself
         else:  # rebuilt; what it shares with the kept checkpoint is copied from it
             images, kept = Path(str(args["scratch"])) / f"restore-{time.time_ns()}", False
             repo.materialize(str(args["workload"]), str(args["id"]), images, seed=seed)
@@ -94,6 +116,7 @@ def main() -> None:
         if not kept:
             shutil.rmtree(images)
         out["kept_image"] = kept
+        out["encrypted"] = repo.codec.encrypted
         out.update(pid=pid, fetch=t_fetch - t0, criu_restore=rstats.restore_time)
     out["wall"] = time.monotonic() - t0
     if spool is not None:

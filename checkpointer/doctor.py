@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpointer.config import Config
 from checkpointer.criu import Criu, CriuError
 from checkpointer.criu.driver import INSTALL_HINT
+
+TESTED_CRIU = "4.2.1"
+"""The CRIU version the test suite ran on; scripts/install-criu.sh builds it, or a newer one
+when Debian no longer offers it."""
 
 
 @dataclass
@@ -38,7 +43,10 @@ def run_checks(config: Config) -> list[Check]:
     criu = Criu(config.criu.binary, config.state_dir / "logs" / "criu-failed")
     try:
         version = criu.require_version()
-        checks.append(Check("criu version", True, version))
+        where = shutil.which(config.criu.binary) or config.criu.binary
+        checks.append(
+            Check("criu version", True, f"criu {version} at {where} (tested: {TESTED_CRIU})")
+        )
         ok, text = criu.check()
         checks.append(
             Check(

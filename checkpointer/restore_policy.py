@@ -9,6 +9,8 @@ Pure logic, no processes: the engine feeds it the facts and carries out its deci
   longer (`backoff_initial` doubling up to `backoff_max`).
 - Past `max_depth` checkpoints, a managed workload is cold-started from its command (if
   `cold_start`); after `max_attempts` attempts in one streak, the workload is marked failed.
+
+The policy's settings are config (`checkpointer.config.RestorePolicy`); this module decides.
 """
 
 from __future__ import annotations
@@ -16,22 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from checkpointer.config.types import Duration
-
-
-class RestorePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    on_crash: bool = Field(True, description="restore by itself when the tree dies")
-    on_clean_exit: bool = Field(False, description="treat exit status 0 as a crash too")
-    crash_window: Duration = Field(60.0, description="a death this soon after a restore is a loop")
-    backoff_initial: Duration = Field(1.0, description="wait before the 2nd attempt of a loop")
-    backoff_max: Duration = Field(300.0, description="longest wait between attempts")
-    max_depth: int = Field(3, ge=1, description="checkpoints tried, newest first, in a loop")
-    cold_start: bool = Field(True, description="managed: start from the command after that")
-    max_attempts: int = Field(5, ge=1, description="attempts in one streak before `failed`")
+from checkpointer.config import RestorePolicy
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,18 @@
 # Keep a working CRIU >= 4.2 on this machine, idempotently.
 #
 # Why build from source: Debian bookworm ships CRIU 3.17, which fails `criu check` on the
-# kernels these hosts run, and 4.1 cannot dump inet sockets on kernels >= 6.16. 4.2.1 works.
-# We fetch the upstream tarball through apt's source index of Debian `sid` (pinned so low that
-# no binary package is ever installed from it), verify its sha256, and build only `criu`.
+# kernels these hosts run, and 4.1 cannot dump inet sockets on kernels >= 6.16. 4.2.1 works and
+# is the tested floor. We fetch the upstream tarball through apt's source index of Debian `sid`
+# (pinned so low that no binary package is ever installed from it), taking the newest CRIU
+# >= 4.2.1 that sid offers (sid drops old versions), check the tarball's sha256 against the
+# signed index (and, for 4.2.1, against the sha256 known here), and build only `criu`.
 set -euo pipefail
 
-WANT_VERSION=4.2.1
-TARBALL=criu_${WANT_VERSION}.orig.tar.xz
-SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export CRIU_FLOOR=4.2.1
+# The tested version's tarball, as it was checked when it was tested.
+KNOWN_TARBALL=criu_4.2.1.orig.tar.xz
+KNOWN_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 PREFIX=/usr/local
 BUILD_ROOT=${CRIU_BUILD_ROOT:-/var/cache/checkpointer/criu-build}
 BUILD_DEPS=(build-essential libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
@@ -45,7 +49,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 apt_updated=0
-apt_update() { [ "$apt_updated" -eq 1 ] || { apt-get update -qq; apt_updated=1; }; }
+apt_update() { [ "$apt_updated" -eq 1 ] || { apt-get update -qq && apt_updated=1; }; }
 
 missing=()
 for p in "${BUILD_DEPS[@]}"; do
@@ -59,36 +63,55 @@ fi
 
 mkdir -p "$BUILD_ROOT"
 cd "$BUILD_ROOT"
-if ! echo "$SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
-  # A deb-src entry for sid on the mirror this machine already uses; sid is pinned to -1 so that
-  # no binary package can ever come from it.
+# A deb-src entry for sid on the mirror this machine already uses; sid is pinned to -1 so that
+# no binary package can ever come from it.
+src=/etc/apt/sources.list.d/checkpointer-sid-src.sources
+if [ ! -f "$src" ]; then
   uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
   [ -n "$uri" ] || uri=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
   if [ -z "$uri" ]; then
     log "cannot find the Debian mirror in /etc/apt/sources.list*: add a deb-src line for sid by hand"
     exit 1
   fi
-  src=/etc/apt/sources.list.d/checkpointer-sid-src.sources
-  if [ ! -f "$src" ]; then
-    printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$src"
-    printf 'Package: *\nPin: release n=sid\nPin-Priority: -1\n' >/etc/apt/preferences.d/checkpointer-sid-pin
-    apt_updated=0
-  fi
-  apt_update
-  log "downloading CRIU $WANT_VERSION source through apt"
-  # The .dsc or .debian.tar.xz may be missing on the mirror; only the orig tarball is needed.
-  apt-get source --download-only -qq "criu=${WANT_VERSION}-1" >/dev/null 2>&1 || true
-  if ! echo "$SHA256  $TARBALL" | sha256sum -c --status; then
-    log "could not obtain $TARBALL with sha256 $SHA256 (apt-get source criu=${WANT_VERSION}-1)"
+  printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$src"
+  printf 'Package: *\nPin: release n=sid\nPin-Priority: -1\n' >/etc/apt/preferences.d/checkpointer-sid-pin
+  apt_updated=0
+fi
+# Fresh lists, so that the version sid offers today is the one fetched; offline, the lists
+# already here (and a tarball already downloaded) still do.
+apt_update || log "apt-get update failed: using the package lists already on this machine"
+
+# DEBIAN_VERSION UPSTREAM_VERSION ORIG_TARBALL SHA256 (the sha256 from apt's signed index).
+pick=$(bash "$HERE/criu-source-version.sh") || { log "no CRIU >= $CRIU_FLOOR to build (see above)"; exit 1; }
+read -r deb_version version tarball sha256 <<<"$pick"
+if [ "$version" = "$CRIU_FLOOR" ] && { [ "$tarball" != "$KNOWN_TARBALL" ] || [ "$sha256" != "$KNOWN_SHA256" ]; }; then
+  log "apt's index lists $tarball with sha256 $sha256, not the tested $KNOWN_TARBALL $KNOWN_SHA256"
+  exit 1
+fi
+[ "$version" = "$CRIU_FLOOR" ] || log "sid offers CRIU $version (newer than the tested $CRIU_FLOOR): building it"
+
+if ! echo "$sha256  $tarball" | sha256sum -c --status 2>/dev/null; then
+  rm -f "$tarball"
+  log "downloading CRIU $deb_version source through apt"
+  # apt checks what it downloads against the signed Sources index. The .dsc or
+  # .debian.tar.xz may be missing on the mirror (apt then exits non-zero): only the orig
+  # tarball is needed, and it is checked below.
+  apt-get source --download-only -qq "criu=${deb_version}" >/dev/null 2>&1 || true
+  if ! echo "$sha256  $tarball" | sha256sum -c --status 2>/dev/null; then
+    log "could not obtain $tarball with sha256 $sha256 (apt-get source criu=${deb_version})"
     exit 1
   fi
 fi
 
-srcdir="$BUILD_ROOT/criu-$WANT_VERSION"
+srcdir="$BUILD_ROOT/criu-$version"
 if [ ! -x "$srcdir/criu/criu" ]; then
   rm -rf "$srcdir"
-  tar -xf "$TARBALL"
-  log "building criu (about a minute)"
+  tar -xf "$tarball"
+  if [ ! -d "$srcdir" ]; then
+    log "$tarball did not unpack into $srcdir"
+    exit 1
+  fi
+  log "building criu $version (about a minute)"
   make -C "$srcdir" -j"$(nproc)" criu >"$BUILD_ROOT/build.log" 2>&1 || {
     log "build failed; see $BUILD_ROOT/build.log"; tail -n 20 "$BUILD_ROOT/build.log" >&2; exit 1; }
 fi

@@ -13,7 +13,7 @@ one pack does not re-sort everything.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -98,12 +98,17 @@ class ChunkIndex:
             gone_set = set(gone)
             self._recent = {d: n for d, n in self._recent.items() if n not in gone_set}
 
-    def merge_into(self, other: ChunkIndex) -> None:
-        """Add to `other` the chunks it lacks from this index (a refresh built from a listing
-        keeps what commits added while it listed)."""
+    def merge_into(self, other: ChunkIndex, keep: Callable[[str], bool]) -> None:
+        """Add to `other` the chunks it lacks from this index, of the packs `keep` accepts (a
+        refresh built from a listing keeps what commits added while it listed, and only that:
+        a pack not listed any more was deleted)."""
         with self._lock:
             self._merge()
             rows, packs, ids = self._rows, self._packs, list(self._pack_ids)
+        kept = np.array([keep(i) for i in ids], dtype=bool)
+        if len(rows) and len(ids):
+            sel = kept[packs]
+            rows, packs = rows[sel], packs[sel]
         with other._lock:
             remap = np.array([other._number(i) for i in ids], dtype=np.uint32)
             if len(rows):

@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from storage.errors import CorruptCheckpoint, StorageError
+from storage.keys import key_key
 
 MAGIC = b"CKPTSEAL"  # 8 bytes, then the format byte, then the 12-byte nonce
 _FORMAT = 1
@@ -55,11 +56,20 @@ class WrongKey(StorageError):
 
 
 class Codec(Protocol):
-    """How a repository names chunks and stores objects: in clear (legacy) or sealed."""
+    """How a repository names chunks and stores objects: in clear (legacy) or sealed.
+
+    `authenticates`: every object read back through `open` is proven to be what a holder of
+    the key wrote under that name, so a restore need not re-hash each chunk (the pack's tag
+    covers its frames, the index's tag the digests and offsets)."""
 
     encrypted: bool
+    authenticates: bool
 
     def chunk_id(self, chunk: bytes | memoryview) -> bytes: ...
+
+    def chunk_ids(self, block: memoryview, chunk_size: int) -> bytes:
+        """The ids of the consecutive chunks of `block`, concatenated."""
+        ...
 
     def seal(self, name: str, data: bytes) -> bytes: ...
 
@@ -73,9 +83,18 @@ class Plain:
     object (a planted plaintext manifest would otherwise be a downgrade)."""
 
     encrypted = False
+    authenticates = False
 
     def chunk_id(self, chunk: bytes | memoryview) -> bytes:
         return blake3.blake3(chunk).digest()
+
+    def chunk_ids(self, block: memoryview, chunk_size: int) -> bytes:
+        return b"".join(
+            [
+                blake3.blake3(block[o : o + chunk_size]).digest()
+                for o in range(0, len(block), chunk_size)
+            ]
+        )
 
     def seal(self, name: str, data: bytes) -> bytes:
         return data
@@ -93,18 +112,25 @@ class Sealed:
     """The codec of an encrypted repository (see the module's docstring)."""
 
     encrypted = True
+    authenticates = True
 
     def __init__(self, master: bytes) -> None:
         if len(master) != 32:
             raise ValueError("a repository master key is 32 bytes")
         self._chunk_key = _derive(_CHUNK_CONTEXT, master)
         self._aead = AESGCM(_derive(_OBJECT_CONTEXT, master))
-        self._hasher = blake3.blake3(key=self._chunk_key)
 
     def chunk_id(self, chunk: bytes | memoryview) -> bytes:
-        h = self._hasher.copy()
-        h.update(chunk)
-        return h.digest()
+        return blake3.blake3(chunk, key=self._chunk_key).digest()
+
+    def chunk_ids(self, block: memoryview, chunk_size: int) -> bytes:
+        key = self._chunk_key
+        return b"".join(
+            [
+                blake3.blake3(block[o : o + chunk_size], key=key).digest()
+                for o in range(0, len(block), chunk_size)
+            ]
+        )
 
     def seal(self, name: str, data: bytes) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
@@ -172,16 +198,12 @@ class AccessSecret:
         return blake3.blake3(salt + self.secret, derive_key_context=_WRAP_CONTEXT).digest()
 
 
-def key_name(key_id: str) -> str:
-    return f"keys/{key_id}"
-
-
 def wrap(master: bytes, access: AccessSecret, key_id: str, host: str) -> bytes:
     """A `keys/<id>` object: the master key sealed with the access secret's wrapping key."""
     salt = secrets.token_bytes(16)
     params = _SCRYPT if access.kind == "passphrase" else {}
     nonce = secrets.token_bytes(_NONCE)
-    wrapped = AESGCM(access.kek(salt, params)).encrypt(nonce, master, key_name(key_id).encode())
+    wrapped = AESGCM(access.kek(salt, params)).encrypt(nonce, master, key_key(key_id).encode())
     doc: dict[str, Any] = {
         "version": 1,
         "id": key_id,
@@ -214,7 +236,7 @@ def unwrap(blob: bytes, access: AccessSecret, key_id: str) -> bytes | None:
         return None
     try:
         return AESGCM(access.kek(salt, params)).decrypt(
-            raw[:_NONCE], raw[_NONCE:], key_name(key_id).encode()
+            raw[:_NONCE], raw[_NONCE:], key_key(key_id).encode()
         )
     except InvalidTag:
         return None

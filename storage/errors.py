@@ -13,12 +13,31 @@ class BlobExists(StorageError):
     """A create-only put found the key taken; keys are never overwritten."""
 
 
+class PreconditionFailed(BlobExists):
+    """A conditional write lost: the key exists (create-only) or changed since it was read."""
+
+
+class ConditionalWritesUnsupported(StorageError):
+    """The store cannot write "only if unchanged": leases (a fleet) cannot be kept there."""
+
+
 class CheckpointNotFound(StorageError):
     """No committed checkpoint has that id (or the workload has none)."""
 
 
 class CorruptCheckpoint(StorageError):
     """A checkpoint's manifest or one of its chunks does not match what was stored."""
+
+
+class BlobTooLarge(CorruptCheckpoint):
+    """A blob is larger than any the repository writes of its kind: refused unread."""
+
+
+def too_large(key: str, size: int, limit: int) -> BlobTooLarge:
+    return BlobTooLarge(
+        f"{key} is {size} bytes, more than the {limit} any checkpointer writes for it: "
+        "refused unread (planted or damaged)"
+    )
 
 
 class TransientStorageError(StorageError):

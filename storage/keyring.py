@@ -22,17 +22,16 @@ from storage.crypto import (
     Sealed,
     WrongKey,
     describe_key,
-    key_name,
     new_key_id,
     new_master,
     unwrap,
     wrap,
 )
 from storage.errors import BlobExists, BlobNotFound, CorruptCheckpoint, StorageError
+from storage.keys import CONFIG, KEYS, MANIFESTS, PACKS, FileType, key_key, parse_as
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config"
 MAX_KEY_OBJECT = 4096  # a key object is ~400 bytes: anything bigger was not written by us
 MAX_KEYS = 64
 
@@ -49,24 +48,26 @@ class Opened:
 
 
 def _key_ids(backend: BlobStore) -> list[str]:
-    ids = []
-    for key in backend.list("keys/"):
-        name = key[len("keys/") :]
-        if name and "/" not in name and name.isalnum():
-            ids.append(name)
+    ids = [n.id for k in backend.list(KEYS) if (n := parse_as(k, FileType.KEY))]
     return sorted(ids)[:MAX_KEYS]
 
 
 def _get_small(backend: BlobStore, key: str, limit: int) -> bytes:
-    blob = backend.get(key)
-    if len(blob) > limit:
-        raise CorruptCheckpoint(f"{key} is {len(blob)} bytes, more than any we write: refused")
-    return blob
+    return backend.get(key, limit)
+
+
+def has_keys(backend: BlobStore) -> bool:
+    return bool(_key_ids(backend))
+
+
+def is_new(backend: BlobStore) -> bool:
+    """Nothing stored yet: no keys, no config, no checkpoints, no packs."""
+    return not _key_ids(backend) and not backend.exists(CONFIG) and is_empty(backend)
 
 
 def is_empty(backend: BlobStore) -> bool:
-    return not any(True for _ in backend.list("manifests/")) and not any(
-        True for _ in backend.list("packs/")
+    return not any(True for _ in backend.list(MANIFESTS)) and not any(
+        True for _ in backend.list(PACKS)
     )
 
 
@@ -91,15 +92,16 @@ def open_repository_codec(
         if not is_empty(backend):
             raise RepositoryNotEncrypted(
                 f"the repository at {backend.describe()} holds checkpoints stored "
-                "unencrypted; encrypt them with `checkpointer migrate-repository` (or set "
-                "storage.encryption: false to keep using it in clear)"
+                "unencrypted: set storage.encryption: false to keep using it in clear, or point "
+                "storage.path (s3: storage.s3.prefix) at a new, empty location for an encrypted "
+                "one (README: Encryption, repositories written in clear)"
             )
         if not create:
             raise StorageError(f"the repository at {backend.describe()} has no keys yet")
         return _initialise(backend, access, host)
     for key_id in ids:
         try:
-            blob = _get_small(backend, key_name(key_id), MAX_KEY_OBJECT)
+            blob = _get_small(backend, key_key(key_id), MAX_KEY_OBJECT)
         except (BlobNotFound, CorruptCheckpoint):
             continue
         master = unwrap(blob, access, key_id)
@@ -129,7 +131,7 @@ def _initialise(backend: BlobStore, access: AccessSecret, host: str) -> Opened:
             f"another host is initialising the repository at {backend.describe()}; "
             "start again in a moment"
         ) from e
-    backend.put(key_name(key_id), wrap(master, access, key_id, host))
+    backend.put(key_key(key_id), wrap(master, access, key_id, host))
     log.warning("created encrypted repository at %s (key %s)", backend.describe(), key_id)
     return Opened(codec, key_id, master)
 
@@ -150,7 +152,7 @@ def add_key(backend: BlobStore, opened: Opened, access: AccessSecret, host: str)
     if opened.master is None:
         raise StorageError("the repository is not encrypted: it has no keys to add to")
     key_id = new_key_id()
-    backend.put(key_name(key_id), wrap(opened.master, access, key_id, host))
+    backend.put(key_key(key_id), wrap(opened.master, access, key_id, host))
     return key_id
 
 
@@ -165,14 +167,14 @@ def remove_key(backend: BlobStore, opened: Opened, key_id: str) -> None:
             f"{key_id} is the key this host opened the repository with: switch this host to "
             "another key first (storage.key_file), then remove it"
         )
-    backend.delete(key_name(key_id))
+    backend.delete(key_key(key_id))
 
 
 def list_keys(backend: BlobStore, opened: Opened) -> list[dict[str, Any]]:
     out = []
     for key_id in _key_ids(backend):
         try:
-            info = describe_key(_get_small(backend, key_name(key_id), MAX_KEY_OBJECT))
+            info = describe_key(_get_small(backend, key_key(key_id), MAX_KEY_OBJECT))
         except (BlobNotFound, CorruptCheckpoint):
             continue
         out.append({**info, "id": key_id, "current": key_id == opened.key_id})

@@ -20,13 +20,21 @@ from storage.errors import CorruptCheckpoint
 FORMAT_VERSION = 1
 _SPLICE = "\u0000chunks\u0000"  # placeholder for a file's chunk list while the JSON is built
 DIGEST_SIZE = 32
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ID_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
+CHUNK_SIZE = 4096
+# Limits on what a manifest read back may declare (it is input from whoever can write the
+# bucket): 256 MiB of manifest is ~24 GB of image; a CRIU image folder holds tens of files.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_FILES = 100_000
+MAX_PACKS = 1_000_000
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ID_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
+_FILE_RE = re.compile(r"[A-Za-z0-9_.:+=@,-]{1,255}")
+_PACK_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def check_workload_name(name: str) -> str:
     """Workload names become key prefixes and file names: keep them to a safe alphabet."""
-    if not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid workload name {name!r}: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
@@ -35,7 +43,7 @@ def check_workload_name(name: str) -> str:
 
 
 def is_checkpoint_id(text: str) -> bool:
-    return bool(_ID_RE.match(text))
+    return isinstance(text, str) and bool(_ID_RE.fullmatch(text))
 
 
 def new_checkpoint_id(now: datetime | None = None) -> str:
@@ -106,22 +114,28 @@ class Manifest:
                     f"{where}: manifest format {doc.get('version')!r} is not supported by this "
                     f"version of checkpointer (it reads {FORMAT_VERSION}); upgrade checkpointer"
                 )
-            files = [
-                FileEntry(
-                    name=f["name"],
-                    size=int(f["size"]),
-                    mode=int(f["mode"]),
-                    digests=base64.b64decode(f["chunks"], validate=True),
-                )
-                for f in doc["files"]
-            ]
+            chunk_size = int(doc["chunk_size"])
+            if chunk_size != CHUNK_SIZE:
+                raise ValueError(f"chunk size {chunk_size} (this version writes {CHUNK_SIZE})")
+            if not isinstance(doc["files"], list) or len(doc["files"]) > MAX_FILES:
+                raise ValueError(f"files is not a list of at most {MAX_FILES}")
+            files = [_file_entry(f, chunk_size) for f in doc["files"]]
+            if len({f.name for f in files}) != len(files):
+                raise ValueError("a file is listed twice")
+            packs = doc["packs"]
+            if not isinstance(packs, list) or len(packs) > MAX_PACKS:
+                raise ValueError(f"packs is not a list of at most {MAX_PACKS}")
+            if not all(isinstance(p, str) and _PACK_RE.fullmatch(p) for p in packs):
+                raise ValueError("packs holds something that is not a pack id")
+            if not (check_workload_name(doc["workload"]) and is_checkpoint_id(doc["id"])):
+                raise ValueError("bad checkpoint id")
             return cls(
                 id=doc["id"],
                 workload=doc["workload"],
                 created=datetime.fromisoformat(doc["created"]),
-                chunk_size=int(doc["chunk_size"]),
+                chunk_size=chunk_size,
                 files=files,
-                packs=list(doc["packs"]),
+                packs=packs,
                 metadata=dict(doc.get("metadata") or {}),
                 size_bytes=int(doc.get("size_bytes", 0)),
                 new_bytes=int(doc.get("new_bytes", 0)),
@@ -130,5 +144,22 @@ class Manifest:
             )
         except CorruptCheckpoint:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptCheckpoint(f"{where}: manifest is unreadable ({e})") from e
+
+
+def _file_entry(f: Any, chunk_size: int) -> FileEntry:
+    """One file of a manifest, checked: a flat name inside the image folder (never a path),
+    a chunk list of whole digests, and a size those chunks can hold."""
+    name = f["name"]
+    if not isinstance(name, str) or not _FILE_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"unsafe file name {name!r}: only flat names inside the image folder")
+    size, mode = f["size"], f["mode"]
+    if type(size) is not int or type(mode) is not int or not 0 <= mode <= 0o7777:
+        raise ValueError(f"{name}: size and mode must be integers")
+    digests = base64.b64decode(f["chunks"], validate=True)
+    count, rest = divmod(len(digests), DIGEST_SIZE)
+    fits = (count - 1) * chunk_size < size <= count * chunk_size if count else size == 0
+    if rest or not fits:
+        raise ValueError(f"{name}: {count} chunks cannot hold {size} bytes")
+    return FileEntry(name=name, size=size, mode=mode, digests=digests)

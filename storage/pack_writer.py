@@ -12,15 +12,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
+from storage.crypto import Codec
+from storage.keys import index_key, pack_key
 from storage.manifest import DIGEST_SIZE
-from storage.packs import PackBuilder, index_key, pack_key
+from storage.packs import PackBuilder
 
 
 class PackWriter:
     def __init__(
-        self, backend: BlobStore, index: ChunkIndex, in_flight: int = 2, level: int = 1
+        self,
+        backend: BlobStore,
+        codec: Codec,
+        index: ChunkIndex,
+        in_flight: int = 2,
+        level: int = 1,
     ) -> None:
         self.backend = backend
+        self.codec = codec
         self.index = index
         self.level = level
         self.in_flight_max = in_flight
@@ -64,9 +72,11 @@ class PackWriter:
         self._spare.clear()
 
     def _write(self, b: PackBuilder) -> int:
-        data, encoded_index = b.seal(self.level)
-        self.backend.put(pack_key(b.pack_id), data)
-        self.backend.put(index_key(b.pack_id), encoded_index)  # after its pack: see packs.py
+        data, encoded_index = b.compress(self.level)
+        pack, index = pack_key(b.pack_id), index_key(b.pack_id)
+        # One seal (AES-GCM, one tag) per pack: a restore authenticates it in one call.
+        self.backend.put(pack, self.codec.seal(pack, data))
+        self.backend.put(index, self.codec.seal(index, encoded_index))  # after its pack
         self.index.add(b.pack_id, b.digests)
         return len(data)
 

@@ -28,8 +28,14 @@ from storage.manifest import DIGEST_SIZE
 # were 7% faster than 4 MiB but peaked 17 MB higher.
 PACK_TARGET_BYTES = 4 * 1024 * 1024
 _SLACK = 64 * 1024  # room past the target for the chunk that fills a pack
+# Many tiny chunks (small image files) would make an index big: a pack closes at this many.
+MAX_PACK_CHUNKS = 1 << 16
 _IDX_MAGIC = b"CKPTIDX1"
 _IDX_ENTRY = struct.Struct(f"<{DIGEST_SIZE}sII")  # digest, offset, compressed length
+# What a reader accepts before reading a blob whole (a bucket writer picks sizes). Packs of the
+# first releases were 16 MiB; incompressible frames are a little larger than their chunks.
+MAX_PACK_BYTES = 64 * 1024 * 1024
+MAX_INDEX_BYTES = 1024 + MAX_PACK_CHUNKS * _IDX_ENTRY.size + 1024
 
 
 def new_pack_id() -> str:
@@ -43,27 +49,6 @@ def pack_created(pack_id: str) -> float:
         return float(int(pack_id[:8], 16))
     except ValueError:
         return 0.0
-
-
-def pack_key(pack_id: str) -> str:
-    return f"packs/{pack_id[-2:]}/{pack_id}.pack"
-
-
-def index_key(pack_id: str) -> str:
-    return f"packs/{pack_id[-2:]}/{pack_id}.idx"
-
-
-def pack_id_of_key(key: str) -> str | None:
-    name = key.rsplit("/", 1)[-1]
-    for suffix in (".pack", ".idx"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def pack_id_of_index_key(key: str) -> str | None:
-    name = key.rsplit("/", 1)[-1]
-    return name[: -len(".idx")] if name.endswith(".idx") else None
 
 
 def encode_index(digests: bytes, offsets: Sequence[int], lengths: Sequence[int]) -> bytes:
@@ -136,17 +121,17 @@ class PackBuilder:
         self.raw_bytes = end
 
     def full(self) -> bool:
-        return self.raw_bytes >= PACK_TARGET_BYTES
+        return self.raw_bytes >= PACK_TARGET_BYTES or len(self) >= MAX_PACK_CHUNKS
 
     def __len__(self) -> int:
         return len(self._segments) // 2
 
-    def seal(self, level: int) -> tuple[bytes, bytes]:
+    def compress(self, level: int) -> tuple[bytes, bytes]:
         """The pack's bytes (zstd frames, one per chunk) and its encoded index."""
         frames = zstandard.ZstdCompressor(level=level).multi_compress_to_buffer(
             zstandard.BufferWithSegments(self.raw, self._segments.tobytes()), threads=1
         )
-        self._spare.append(self.raw)  # list.append is atomic: sealing runs in other threads
+        self._spare.append(self.raw)  # list.append is atomic: compressing runs in other threads
         self.raw = bytearray()
         lengths = [len(frames[i]) for i in range(len(frames))]
         offsets = list(itertools.accumulate(lengths, initial=0))[:-1]

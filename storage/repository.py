@@ -8,9 +8,17 @@ into packs that writer threads compress and store while the next pack fills. Pac
 indexes are written first, the manifest last: a checkpoint without a manifest does not exist.
 
 Read path (materialize): the manifest's packs are fetched a few at a time; the chunks of a pack
-the checkpoint needs are found with one vectorised search, decompressed on every core, re-hashed
+the checkpoint needs are found with one vectorised search, decompressed on every core, verified
 and written where they belong. Memory is a few packs plus 44 bytes a chunk, with no Python
 object per chunk.
+
+Encryption (storage/crypto.py) is the codec's business: chunk ids are keyed hashes, and every
+object is sealed under its own name. A sealed pack's tag verifies all its frames in one call,
+so an encrypted repository skips the per-chunk re-hash of restores. Everything read back is
+hostile input until it opens: sizes are capped before reading (the limits below), manifests
+are validated (storage/manifest.py), files are created only by flat name inside the image folder.
+
+Garbage collection and spool shedding live in storage/gc.py.
 """
 
 from __future__ import annotations
@@ -24,19 +32,29 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import blake3
 import numpy as np
 
+from storage import keys
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
-from storage.errors import BlobExists, BlobNotFound, CheckpointNotFound, CorruptCheckpoint
+from storage.crypto import Codec, Plain
+from storage.errors import (
+    BlobExists,
+    BlobNotFound,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    StorageError,
+)
+from storage.keys import FileType, index_key, manifest_key, pack_key, pin_key
 from storage.manifest import (
+    CHUNK_SIZE,
     DIGEST_SIZE,
+    MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
     check_workload_name,
@@ -45,25 +63,19 @@ from storage.manifest import (
 )
 from storage.pack_writer import PackWriter
 from storage.packs import (
+    MAX_INDEX_BYTES,
+    MAX_PACK_BYTES,
     IndexArrays,
     decode_index_arrays,
-    index_key,
     pack_created,
-    pack_id_of_index_key,
-    pack_id_of_key,
-    pack_key,
 )
 from storage.rebuild import PackChunks, WantedChunks, decompress_pack
 from storage.rwlock import RWLock
 
-CHUNK_SIZE = 4096
 _READ_BLOCK = 1024 * 1024
 _PACKS_IN_FLIGHT = 2
 _ZSTD_LEVEL = 1
-
-
-def manifest_key(workload: str, checkpoint_id: str) -> str:
-    return f"manifests/{workload}/{checkpoint_id}.json"
+_MAX_PIN_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -82,13 +94,6 @@ ProgressFn = Callable[[int], None]  # called with bytes just done
 KNOWN_TTL = 900.0  # reload the digests of other writers' packs this often
 
 
-@dataclass
-class GcReport:
-    referenced_packs: int = 0
-    deleted_packs: list[str] = field(default_factory=list)
-    kept_young: int = 0  # unreferenced but younger than the grace period (maybe in flight)
-
-
 class Repository:
     """Checkpoints of workloads over any BlobStore. Safe to use from several threads.
 
@@ -99,13 +104,18 @@ class Repository:
     """
 
     def __init__(
-        self, backend: BlobStore, concurrency: int = 4, gc_grace: float = 6 * 3600
+        self,
+        backend: BlobStore,
+        concurrency: int = 4,
+        gc_grace: float = 6 * 3600,
+        codec: Codec | None = None,
     ) -> None:
         self.backend = backend
+        self.codec: Codec = codec or Plain()
         self.concurrency = max(1, concurrency)
         self.gc_grace = gc_grace
         self._lock = threading.Lock()
-        self._gc_lock = RWLock()
+        self.gc_lock = RWLock()  # commits shared; storage/gc.py exclusive
         self._index: ChunkIndex | None = None  # durable packs only
         self._index_at = 0.0
         # manifest key -> (info, packs): see _summary
@@ -118,31 +128,26 @@ class Repository:
     ) -> Manifest:
         """Store the files under `folder` as a new checkpoint of `workload`; return its manifest."""
         check_workload_name(workload)
-        with self._gc_lock.shared():
+        with self.gc_lock.shared():
             return self._commit(workload, folder, metadata or {})
 
     def _commit(self, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
         index = self._chunk_index()
         cid = new_checkpoint_id()
-        writer = PackWriter(self.backend, index, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
+        writer = PackWriter(self.backend, self.codec, index, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
         used_packs: set[str] = set()
         files: list[FileEntry] = []
         size_bytes = total_chunks = 0
         buf = bytearray(_READ_BLOCK)
         try:
-            for rel, path in _walk_files(folder):
+            for rel, path in _image_files(folder):
                 st = path.stat()
                 digests = bytearray()
                 with open(path, "rb", buffering=0) as f:
                     while n := _read_full(f, buf):
                         writer.between_blocks()
                         block = memoryview(buf)[:n]
-                        block_digests = b"".join(
-                            [
-                                blake3.blake3(block[o : o + CHUNK_SIZE]).digest()
-                                for o in range(0, n, CHUNK_SIZE)
-                            ]
-                        )
+                        block_digests = self.codec.chunk_ids(block, CHUNK_SIZE)
                         digests += block_digests
                         where = index.lookup(block_digests)
                         total_chunks += len(where)
@@ -171,7 +176,8 @@ class Repository:
             new_chunks=new_chunks,
             total_chunks=total_chunks,
         )
-        self.backend.put(manifest_key(workload, cid), manifest.to_json())
+        key = manifest_key(workload, cid)
+        self.backend.put(key, self.codec.seal(key, manifest.to_json()))
         info = CheckpointInfo(cid, workload, manifest.created, size_bytes, new_bytes, metadata)
         with self._lock:
             self._summaries[manifest_key(workload, cid)] = (info, tuple(manifest.packs))
@@ -186,64 +192,86 @@ class Repository:
         with self._lock:
             if self._index is not None and time.monotonic() - self._index_at < KNOWN_TTL:
                 return self._index
-        referenced = self._referenced_packs()
-        cutoff = time.time() - self.gc_grace / 2
+        listed_at = time.time()
+        referenced = self.referenced_packs(strict=False)
+        cutoff = listed_at - self.gc_grace / 2
 
         def trusted() -> Iterator[tuple[str, bytes]]:
-            for key in self.backend.list("packs/"):
-                pack_id = pack_id_of_index_key(key)
-                if pack_id is None:
+            for key in self.backend.list(keys.PACKS):
+                name = keys.parse_as(key, FileType.INDEX)
+                if name is None:
                     continue
-                if pack_id not in referenced and pack_created(pack_id) < cutoff:
+                if name.id not in referenced and pack_created(name.id) < cutoff:
                     continue
                 try:
-                    yield pack_id, decode_index_arrays(self.backend.get(key), key).digests
+                    yield name.id, self.read_index(name.id).digests
                 except (BlobNotFound, CorruptCheckpoint):
                     continue  # collected meanwhile, or damaged: don't dedup against it
 
         fresh = ChunkIndex()
         fresh.add_many(trusted())
         with self._lock:
-            if self._index is not None:  # keep what commits added while we listed
-                self._index.merge_into(fresh)
+            if self._index is not None:
+                # Keep what this process's commits added while we listed, and nothing older:
+                # a pack that was in the old index but is not listed now was collected
+                # (perhaps by another host), and a new checkpoint must never reference it.
+                self._index.merge_into(fresh, lambda pid: pack_created(pid) >= listed_at - 2)
             self._index, self._index_at = fresh, time.monotonic()
             return fresh
 
-    def _forget_packs(self, pack_ids: set[str]) -> None:
+    def forget_packs(self, pack_ids: set[str]) -> None:
+        """Packs about to be deleted: no new checkpoint may reference them."""
         with self._lock:
             if self._index is not None:
                 self._index.forget(pack_ids)
 
-    def _referenced_packs(self) -> set[str]:
+    def manifest_names(self, prefix: str = keys.MANIFESTS) -> list[keys.ObjectName]:
+        """The manifests listed under `prefix` whose keys parse (anything else is not ours)."""
+        return [n for k in self.backend.list(prefix) if (n := keys.parse_as(k, FileType.MANIFEST))]
+
+    def referenced_packs(self, strict: bool) -> set[str]:
+        """Every pack some manifest references.
+
+        `strict` (garbage collection): a manifest that cannot be read stops it with an error,
+        since its packs would otherwise count as unreferenced and be deleted. Otherwise
+        (deciding what a commit may dedup against) it is skipped.
+        """
         listed: set[str] = set()
         refs: set[str] = set()
-        for key in self.backend.list("manifests/"):
-            parts = key.split("/")
-            if len(parts) != 3 or not parts[2].endswith(".json"):
-                continue
+        unreadable: list[str] = []
+        for name in self.manifest_names():
+            key = manifest_key(name.workload, name.id)
             listed.add(key)
             try:
-                refs.update(self._summary(parts[1], parts[2][:-5])[1])
-            except (CheckpointNotFound, CorruptCheckpoint, ValueError):
-                continue
+                refs.update(self._summary(name.workload, name.id)[1])
+            except CheckpointNotFound:
+                continue  # deleted since the listing
+            except StorageError as e:
+                unreadable.append(f"{key}: {e}")
         with self._lock:
             for key in set(self._summaries) - listed:
                 del self._summaries[key]
+        if strict and unreadable:
+            raise CorruptCheckpoint(
+                f"{len(unreadable)} manifest(s) cannot be read, so the packs they reference are "
+                f"unknown and nothing is collected: {unreadable[0]}"
+                + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else "")
+                + "; run `checkpointer verify` on them, and remove the ones that are damaged "
+                "or not this repository's"
+            )
         return refs
 
     # -- read --------------------------------------------------------------------------
 
     def checkpoints(self, workload: str) -> list[CheckpointInfo]:
         """Committed checkpoints of `workload`, newest first."""
-        check_workload_name(workload)
         infos = []
-        for key in self.backend.list(f"manifests/{workload}/"):
-            name = key.rsplit("/", 1)[-1]
-            if not name.endswith(".json") or not is_checkpoint_id(name[:-5]):
+        for name in self.manifest_names(keys.manifests_of(workload)):
+            if name.workload != workload:
                 continue
             try:
-                infos.append(self.info(workload, name[:-5]))
-            except (CorruptCheckpoint, CheckpointNotFound):
+                infos.append(self.info(workload, name.id))
+            except StorageError:
                 continue  # listed but unreadable: `verify` reports it; don't hide the others
         infos.sort(key=lambda i: i.id, reverse=True)
         return infos
@@ -251,6 +279,9 @@ class Repository:
     def info(self, workload: str, checkpoint_id: str) -> CheckpointInfo:
         """What `list` shows of one checkpoint, without its chunk list."""
         return self._summary(workload, checkpoint_id)[0]
+
+    def packs_of(self, workload: str, checkpoint_id: str) -> tuple[str, ...]:
+        return self._summary(workload, checkpoint_id)[1]
 
     def _summary(self, workload: str, checkpoint_id: str) -> tuple[CheckpointInfo, tuple[str, ...]]:
         """A checkpoint's info and packs. Manifests never change once written, so each is
@@ -271,9 +302,7 @@ class Repository:
         return summary
 
     def workloads(self) -> list[str]:
-        keys = self.backend.list("manifests/")
-        names = {key.split("/")[1] for key in keys if key.count("/") == 2}
-        return sorted(names)
+        return sorted({n.workload for n in self.manifest_names()})
 
     def read_manifest(self, workload: str, checkpoint_id: str) -> Manifest:
         check_workload_name(workload)
@@ -283,14 +312,17 @@ class Repository:
                 f"see `checkpointer list {workload}` for the ids"
             )
         key = manifest_key(workload, checkpoint_id)
+        where = f"checkpoint {checkpoint_id} of {workload}"
         try:
-            raw = self.backend.get(key)
+            raw = self.codec.open(key, self.backend.get(key, MAX_MANIFEST_BYTES))
         except BlobNotFound as e:
             raise CheckpointNotFound(
                 f"workload {workload} has no checkpoint {checkpoint_id}; "
                 f"see `checkpointer list {workload}`"
             ) from e
-        manifest = Manifest.from_json(raw, f"checkpoint {checkpoint_id} of {workload}")
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{where}: {e}") from e
+        manifest = Manifest.from_json(raw, where)
         if manifest.id != checkpoint_id or manifest.workload != workload:
             raise CorruptCheckpoint(
                 f"checkpoint {checkpoint_id} of {workload}: manifest names "
@@ -316,18 +348,24 @@ class Repository:
         manifest = self.read_manifest(workload, checkpoint_id)
         where = f"checkpoint {checkpoint_id} of {workload}"
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(dest, 0o700)
+        # Files are created relative to the folder's descriptor, by flat name, never following
+        # a symlink: a name in a manifest can only ever land inside `dest`.
+        dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         fds: list[int] = []
         try:
+            os.fchmod(dir_fd, 0o700)
             for entry in manifest.files:
-                target = dest / entry.name
-                if target.resolve().parent != dest.resolve() / Path(entry.name).parent:
+                if "/" in entry.name or entry.name in (".", ".."):
                     raise CorruptCheckpoint(f"{where}: unsafe file name {entry.name!r}")
-                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                fd = os.open(
+                    entry.name,
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                    0o600,
+                    dir_fd=dir_fd,
+                )
                 fds.append(fd)
                 os.ftruncate(fd, entry.size)
-            wanted = WantedChunks(manifest)
+            wanted = WantedChunks(manifest, verify=not self.codec.authenticates)
             if seed is not None:
                 copied = wanted.copy_from_seed(
                     fds,
@@ -341,11 +379,11 @@ class Repository:
             def fetch(pack_id: str) -> PackChunks | None:
                 """Read and decompress (in a reader thread, off the GIL) what a pack holds
                 for this checkpoint; the main thread verifies and writes it."""
-                index = self._read_index(pack_id, where)
+                index = self._index_for(pack_id, where)
                 matches = wanted.find(index.digests)
                 if not len(matches.entries):
                     return None
-                data = self._read_pack(pack_id, where)
+                data = self._pack_for(pack_id, where)
                 return decompress_pack(pack_id, index, matches, data, where, wanted.sizes)
 
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="pack-reader") as pool:
@@ -362,136 +400,81 @@ class Repository:
                         if progress:
                             progress(done)
             wanted.check_complete(where)
-            for fd in fds:
+            for fd, entry in zip(fds, manifest.files, strict=True):
                 os.fsync(fd)
+                os.fchmod(fd, entry.mode & 0o700 or 0o600)
         finally:
             for fd in fds:
                 os.close(fd)
-        for entry in manifest.files:
-            os.chmod(dest / entry.name, entry.mode & 0o700 or 0o600)
+            os.close(dir_fd)
         return manifest
 
-    def _read_index(self, pack_id: str, where: str) -> IndexArrays:
+    def read_index(self, pack_id: str) -> IndexArrays:
+        key = index_key(pack_id)
+        raw = self.codec.open(key, self.backend.get(key, MAX_INDEX_BYTES))
+        return decode_index_arrays(raw, key)
+
+    def _index_for(self, pack_id: str, where: str) -> IndexArrays:
         try:
-            return decode_index_arrays(self.backend.get(index_key(pack_id)), index_key(pack_id))
+            return self.read_index(pack_id)
         except BlobNotFound as e:
             raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
 
-    def _read_pack(self, pack_id: str, where: str) -> bytes:
+    def _pack_for(self, pack_id: str, where: str) -> bytes:
+        key = pack_key(pack_id)
         try:
-            return self.backend.get(pack_key(pack_id))
+            return self.codec.open(key, self.backend.get(key, MAX_PACK_BYTES))
         except BlobNotFound as e:
             raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
 
     def verify(
         self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
     ) -> Manifest:
-        """Re-hash every chunk of a checkpoint by materialising it into a scratch folder."""
+        """Check every chunk of a checkpoint (its pack's tag, or its hash in a repository in
+        clear) by materialising it into a private scratch folder."""
         with tempfile.TemporaryDirectory(prefix="checkpointer-verify-") as tmp:
-            return self.materialize(workload, checkpoint_id, Path(tmp), progress)
+            return self.materialize(workload, checkpoint_id, Path(tmp) / "images", progress)
 
-    # -- delete, pins, garbage collection ----------------------------------------------
+    # -- delete and pins ---------------------------------------------------------------
 
     def delete(self, workload: str, checkpoint_id: str) -> None:
         """Forget a checkpoint. Its chunks stay until garbage collection finds them unused."""
-        self._summary(workload, checkpoint_id)  # a clear error for an unknown id
-        self.backend.delete(manifest_key(workload, checkpoint_id))
+        key = manifest_key(workload, checkpoint_id)
+        with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
+            self._summary(workload, checkpoint_id)  # a clear error for an unknown id
+        self.backend.delete(key)
         with self._lock:
-            self._summaries.pop(manifest_key(workload, checkpoint_id), None)
+            self._summaries.pop(key, None)
 
     def pins(self, workload: str) -> set[str]:
-        return {k.rsplit("/", 1)[-1] for k in self.backend.list(f"pins/{workload}/")}
+        """Pinned checkpoint ids. A pin that does not open (planted) pins nothing."""
+        out = set()
+        for key in self.backend.list(keys.pins_of(workload)):
+            name = keys.parse_as(key, FileType.PIN)
+            if name is None or name.workload != workload:
+                continue
+            try:
+                self.codec.open(key, self.backend.get(key, _MAX_PIN_BYTES))
+            except (BlobNotFound, CorruptCheckpoint):
+                continue
+            out.add(name.id)
+        return out
 
     def pin(self, workload: str, checkpoint_id: str) -> None:
         self._summary(workload, checkpoint_id)
+        key = pin_key(workload, checkpoint_id)
         with contextlib.suppress(BlobExists):
-            self.backend.put(f"pins/{workload}/{checkpoint_id}", b"")
+            self.backend.put(key, self.codec.seal(key, b""))
 
     def unpin(self, workload: str, checkpoint_id: str) -> None:
-        self.backend.delete(f"pins/{workload}/{checkpoint_id}")
-
-    def gc(self, dry_run: bool = False, grace: float | None = None) -> GcReport:
-        """Delete packs no manifest references and older than the grace period.
-
-        The index goes first, then the pack (references before data): a reader never finds
-        an index naming a missing pack.
-        """
-        grace = self.gc_grace if grace is None else grace
-        report = GcReport()
-        with self._gc_lock.exclusive():
-            referenced = self._referenced_packs()
-            report.referenced_packs = len(referenced)
-            cutoff = time.time() - grace
-            present: set[str] = set()
-            for key in self.backend.list("packs/"):
-                pid = pack_id_of_key(key)
-                if pid:
-                    present.add(pid)
-            doomed = set()
-            for pid in sorted(present - referenced):
-                if pack_created(pid) > cutoff:
-                    report.kept_young += 1
-                    continue
-                doomed.add(pid)
-            report.deleted_packs = sorted(doomed)
-            if dry_run or not doomed:
-                return report
-            self._forget_packs(doomed)
-            for pid in sorted(doomed):
-                self.backend.delete(index_key(pid))
-                self.backend.delete(pack_key(pid))
-        return report
-
-    def shed(
-        self,
-        pending: list[str],
-        discard: Callable[[set[str]], None],
-        backlog: Callable[[], int],
-        max_backlog: int,
-    ) -> list[str]:
-        """The spool is over `max_backlog`: drop the oldest checkpoints not yet uploaded.
-
-        `pending` are the keys not yet uploaded, oldest first. A workload's newest checkpoint
-        is never dropped. Packs go with a dropped checkpoint only if no checkpoint still
-        waiting references them (what was uploaded cannot reference what was not: the queue
-        is in order). Returns the dropped checkpoint ids.
-        """
-        dropped: list[str] = []
-        with self._gc_lock.exclusive():
-            manifests = [k for k in pending if k.startswith("manifests/")]
-            newest: dict[str, str] = {}
-            for k in manifests:
-                newest[k.split("/")[1]] = k
-            for key in manifests:
-                if backlog() <= max_backlog:
-                    break
-                if newest.get(key.split("/")[1]) == key:
-                    continue
-                _, workload, name = key.split("/")
-                dropped.append(name[:-5])
-                remaining = [
-                    m for m in manifests if m != key and m.rsplit("/", 1)[-1][:-5] not in dropped
-                ]
-                still_needed: set[str] = set()
-                for m in remaining:
-                    try:
-                        still_needed.update(
-                            self._summary(m.split("/")[1], m.rsplit("/", 1)[-1][:-5])[1]
-                        )
-                    except (CheckpointNotFound, CorruptCheckpoint):
-                        continue
-                try:
-                    mine = set(self._summary(workload, name[:-5])[1])
-                except (CheckpointNotFound, CorruptCheckpoint):
-                    mine = set()
-                pending_packs = {pack_id_of_key(k) for k in pending if k.startswith("packs/")}
-                gone = (mine & pending_packs) - still_needed
-                self._forget_packs({p for p in gone if p})
-                keys = {key} | {k for k in pending if pack_id_of_key(k) in gone}
-                discard(keys)
-        return dropped
+        check_workload_name(workload)
+        if not is_checkpoint_id(checkpoint_id):
+            raise CheckpointNotFound(f"{checkpoint_id!r} is not a checkpoint id")
+        self.backend.delete(pin_key(workload, checkpoint_id))
 
 
 def _read_full(f: io.FileIO, buf: bytearray) -> int:
@@ -505,15 +488,15 @@ def _read_full(f: io.FileIO, buf: bytearray) -> int:
     return got
 
 
-def _walk_files(folder: Path) -> Iterator[tuple[str, Path]]:
-    """Regular files under `folder`, sorted, as (relative name, path)."""
-    for dirpath, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(dirpath) / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            yield str(path.relative_to(folder)), path
+def _image_files(folder: Path) -> Iterator[tuple[str, Path]]:
+    """The regular files of `folder`, sorted, as (name, path). A checkpoint is a flat folder
+    (CRIU's image folder): a subfolder is refused rather than silently left out."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            raise StorageError(f"{folder} has a subfolder {e.name}: checkpoints are flat folders")
+        if e.is_file(follow_symlinks=False):
+            yield e.name, Path(e.path)
 
 
 __all__ = ["CHUNK_SIZE", "BlobExists", "CheckpointInfo", "Repository"]

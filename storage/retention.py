@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 RULES = (
     "keep_last",
@@ -31,23 +32,35 @@ RULES = (
 )
 
 
-@dataclass(frozen=True)
-class RetentionPolicy:
-    keep_last: int | None = None
-    keep_hourly: int | None = None
-    keep_daily: int | None = None
-    keep_weekly: int | None = None
-    keep_monthly: int | None = None
-    keep_yearly: int | None = None
-    keep_within: float | None = None  # seconds
-    max_total_bytes: int | None = None
+class RetentionPolicy(Protocol):
+    """The rules, as the config's `Retention` model holds them (the one model of a policy;
+    storage reads it through this protocol and knows nothing of the config)."""
 
-    def __post_init__(self) -> None:
-        if all(getattr(self, r) is None for r in RULES[:-1]):
-            raise ValueError(
-                "a retention policy needs at least one keep_* rule "
-                "(an empty policy would remove every checkpoint)"
-            )
+    @property
+    def keep_last(self) -> int | None: ...
+    @property
+    def keep_hourly(self) -> int | None: ...
+    @property
+    def keep_daily(self) -> int | None: ...
+    @property
+    def keep_weekly(self) -> int | None: ...
+    @property
+    def keep_monthly(self) -> int | None: ...
+    @property
+    def keep_yearly(self) -> int | None: ...
+    @property
+    def keep_within(self) -> float | None: ...  # seconds
+    @property
+    def max_total_bytes(self) -> int | None: ...
+
+
+def check_policy(policy: RetentionPolicy) -> None:
+    """Refuse a policy that keeps nothing: it would delete every checkpoint."""
+    if all(getattr(policy, r) is None for r in RULES[:-1]):
+        raise ValueError(
+            "a retention policy needs at least one keep_* rule "
+            "(an empty policy would remove every checkpoint)"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ def decide(
     protected: frozenset[str] = frozenset(),
 ) -> list[Verdict]:
     """A verdict per checkpoint, newest first, with the rules that kept it."""
+    check_policy(policy)
     items = sorted(items, key=lambda i: (i.created, i.id), reverse=True)
     verdicts = [Verdict(i.id, i.created) for i in items]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import CLI, ROOT, Daemon, http_get, kill_tree
+from tests.support import CLI, ROOT, Daemon, http_get, kill_tree
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], code: int = 1) -> str:

@@ -76,6 +76,16 @@ def test_merge_into_adds_what_the_other_index_lacks() -> None:
     old.add("a", a)
     old.add("b", b)
     fresh.add_many([("a", a)])
-    old.merge_into(fresh)
+    old.merge_into(fresh, keep=lambda pack: True)
     assert pack_of(fresh, a + b) == ["a"] * 30 + ["b"] * 30
     assert np.all(fresh.lookup(a + b) >= 0)
+
+
+def test_merge_into_leaves_out_packs_not_kept() -> None:
+    """A refresh must not bring back packs that are gone (deleted by another host's GC)."""
+    old, fresh = ChunkIndex(), ChunkIndex()
+    a, b = digests(30), digests(30)
+    old.add("gone", a)
+    old.add("mine", b)
+    old.merge_into(fresh, keep=lambda pack: pack == "mine")
+    assert pack_of(fresh, a + b) == [None] * 30 + ["mine"] * 30

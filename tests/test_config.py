@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from checkpointer.config import load_config
-from checkpointer.config.durations import parse_duration
+from checkpointer.config.durations import parse_bytes, parse_duration
 from checkpointer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,3 +100,127 @@ def test_systemd_unit_keeps_workloads_when_the_daemon_stops() -> None:
     assert service["Restart"] == "on-failure"
     assert " daemon --config " in service["ExecStart"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+# Values that validated but broke the daemon later: each is a config error naming its key.
+ONE = "workloads:\n  - name: a\n    command: [x]\n"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # select.poll takes a C int of milliseconds: every CRIU run raised OverflowError
+        ("criu:\n  timeout: 30d\n", "criu.timeout: '30d': a duration here must be at most 1d"),
+        # registered, then APScheduler overflowed datetime at every start of the daemon
+        (ONE + "    every: 1000000w\n", "workloads[0](a).every: '1000000w': a duration here"),
+        (ONE + "    jitter: 400d\n", "workloads[0](a).jitter: '400d': a duration here"),
+        ("storage:\n  gc_every: 1000w\n", "storage.gc_every: '1000w': a duration here must be"),
+        (ONE + "    restore: {backoff_max: 400d}\n", "workloads[0](a).restore: backoff_max: a"),
+        (ONE + "    restore: {crash_window: 1000000w}\n", "restore.crash_window: '1000000w'"),
+        # not finite
+        ("storage:\n  gc_grace: .nan\n", "storage.gc_grace: nan: a duration must be a finite"),
+        ("storage:\n  gc_grace: .inf\n", "storage.gc_grace: inf: a duration must be a finite"),
+        ("storage:\n  gc_grace: -.inf\n", "storage.gc_grace: -inf: a duration must be a finite"),
+        ("storage:\n  gc_grace: " + "9" * 400 + "s\n", "storage.gc_grace: '999"),
+        ("storage:\n  gc_grace: " + "9" * 400 + "\n", "a duration must be a finite number"),
+        ("storage:\n  spool_max_bytes: " + "9" * 400 + "\n", "a size must be at most"),
+        ("storage:\n  spool_max_bytes: .inf\n", "storage.spool_max_bytes: inf: a size must be"),
+        ("storage:\n  spool_max_bytes: .nan\n", "storage.spool_max_bytes: nan: a size must be"),
+        ("storage:\n  spool_max_bytes: " + "9" * 400 + "GiB\n", "a size must be a finite"),
+        (
+            "storage:\n  spool_max_bytes: 1.0e+30\n",
+            "storage.spool_max_bytes: 1e+30: a size must be",
+        ),
+        ("storage:\n  spool_max_bytes: -5\n", "storage.spool_max_bytes: -5: a size must be"),
+        # wrong types were AttributeError/TypeError in the parsers: "internal error"
+        (ONE + "    every: [1]\n", "workloads[0](a).every: [1] is not a duration"),
+        (ONE + "    every: {a: 1}\n", "workloads[0](a).every: {'a': 1} is not a duration"),
+        (ONE + "    every: true\n", "workloads[0](a).every: True is not a duration"),
+        ("storage:\n  spool_max_bytes: [1]\n", "storage.spool_max_bytes: [1] is not a size"),
+        ("storage:\n  spool_max_bytes: {a: 1}\n", "storage.spool_max_bytes: {'a': 1} is not"),
+        ("storage:\n  s3: {bucket: b, read_timeout: [1]}\n", "storage.s3.read_timeout: [1] is"),
+        # cron: checked as the scheduler reads it
+        (ONE + "    cron: nonsense\n", "workloads[0](a).cron: bad cron expression 'nonsense'"),
+        (ONE + "    cron: '61 * * * *'\n", "workloads[0](a).cron: bad cron expression '61"),
+        (
+            ONE + "    cron: '0 0 31 2 *'\n",
+            "workloads[0](a).cron: cron expression '0 0 31 2 *' never",
+        ),
+        (ONE + "    cron: [1]\n", "workloads[0](a).cron: Input should be a valid string"),
+        # extra CRIU options: an allow-list
+        (ONE + "    criu: {extra_options: [--images-dir=/x]}\n", "criu.extra_options: CRIU option"),
+        (ONE + "    criu: {extra_options: [--nope]}\n", "--nope is not allowed; allowed: "),
+        (ONE + "    criu: {extra_options: [1]}\n", "criu.extra_options[0]: Input should be"),
+        (ONE + "    criu: {extra_options: --force-irmap}\n", "Input should be a valid list"),
+    ],
+)
+def test_values_that_broke_the_daemon_are_config_errors(
+    workdir: Path, text: str, expected: str
+) -> None:
+    msg = config_error(write(workdir, text))
+    assert expected in msg, msg
+    assert "\n" not in msg
+
+
+def test_bounds_still_take_sensible_values(workdir: Path) -> None:
+    p = write(
+        workdir,
+        "criu: {timeout: 1d}\nstorage: {gc_grace: 30d, gc_every: 1d, spool_max_bytes: 1.5e+9}\n"
+        "workloads:\n  - name: a\n    command: [x]\n    every: 52w\n    jitter: 1h\n"
+        "    restore: {backoff_max: 1d}\n    criu: {extra_options: ['--ghost-limit 64M']}\n"
+        "  - {name: b, command: [x], cron: '0 0 29 2 *'}\n",
+    )
+    c = load_config(p)
+    assert c.criu.timeout == 86400 and c.workloads[0].every == 52 * 604800
+    assert c.storage.spool_max_bytes == 1_500_000_000
+    assert c.workloads[0].criu.extra_options == ["--ghost-limit=64M"]
+    assert c.workloads[1].cron == "0 0 29 2 *"  # a leap day: it fires
+
+
+@pytest.mark.parametrize(
+    "value", [[1], {"a": 1}, None, True, float("nan"), float("inf"), -1, "1" * 400 + "w", 10**400]
+)
+def test_parsers_raise_only_value_error(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+    with pytest.raises(ValueError):
+        parse_bytes(value)
+
+
+def test_doctor_refuses_a_config_with_a_bad_cron(workdir: Path) -> None:
+    from click.testing import CliRunner
+
+    from checkpointer.cli.commands import cli
+
+    p = write(workdir, ONE + "    cron: nonsense\n")
+    r = CliRunner().invoke(cli, ["doctor", "--config", str(p)])
+    assert r.exit_code == 2, r.output
+    assert "workloads[0](a).cron: bad cron expression 'nonsense'" in r.output
+
+
+def test_api_options_are_validated_with_the_same_model() -> None:
+    from checkpointer.daemon.main import _options
+
+    with pytest.raises(ConfigError, match=r"every: '1000000w': a duration here must be at most"):
+        _options({"every": "1000000w"})
+    with pytest.raises(ConfigError, match=r"cron: bad cron expression"):
+        _options({"cron": "nonsense"})
+    with pytest.raises(ConfigError, match=r"criu.extra_options: CRIU option --pidfile is refused"):
+        _options({"criu": {"extra_options": ["--pidfile", "/x"]}})
+
+
+def test_cli_checks_options_before_asking_the_daemon(workdir: Path) -> None:
+    from click.testing import CliRunner
+
+    from checkpointer.cli.commands import cli
+
+    cfg = write(workdir, f"state_dir: {workdir / 'none'}\n")
+    for flags, expected in [
+        (["--every", "1000000w"], "every: '1000000w': a duration here must be at most 366d"),
+        (["--cron", "nonsense"], "cron: bad cron expression 'nonsense'"),
+        (["--criu-opt", "--leave-running"], "CRIU option --leave-running is refused"),
+        (["--criu-opt", "-v4"], "CRIU option -v4 is refused: the service logs at -v4"),
+    ]:
+        r = CliRunner().invoke(cli, ["run", "w", "--config", str(cfg), *flags, "--", "true"])
+        assert r.exit_code == 2, r.output
+        assert expected in r.output and "daemon is not running" not in r.output

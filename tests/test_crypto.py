@@ -95,6 +95,6 @@ def test_a_passphrase_opens_what_it_wrapped(tmp_path: Path) -> None:
 def test_a_key_never_reads_a_repository_stored_in_clear(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "repo")
     store.put("manifests/web/20261124T000000.000000Z-abcdef.json", b"{}")
-    with pytest.raises(RepositoryNotEncrypted, match="migrate-repository"):
+    with pytest.raises(RepositoryNotEncrypted, match="encryption: false"):
         open_repository_codec(store, AccessSecret.generate(), "host-a")
     assert isinstance(open_repository_codec(store, None, "host-a").codec, Plain)

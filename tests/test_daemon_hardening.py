@@ -18,7 +18,7 @@ import pytest
 from checkpointer.engine import tmpfs_scratch_root
 from checkpointer.engine.registry import Registry, RegistryUnreadable
 from checkpointer.engine.workload import Workload, WorkloadKind
-from tests.conftest import (
+from tests.support import (
     COUNTER,
     S3_ENV,
     Daemon,

@@ -43,7 +43,9 @@ class FakeCriu:
         (images / "core-1.img").write_bytes(b"core")
         return DumpStats(0.001, 0.01, 0.005, 0.004, 4, 4)
 
-    def restore(self, images: Path, options: DumpOptions, label: str) -> tuple[int, RestoreStats]:
+    def restore(
+        self, images: Path, options: DumpOptions, label: str, inherit: object = ()
+    ) -> tuple[int, RestoreStats]:
         failure = self.failures.pop(0) if self.failures else None
         if failure is not None:
             raise failure

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import COUNTER, PROGRAMS, ROOT, Daemon, free_port, http_get, kill_tree
+from tests.support import COUNTER, PROGRAMS, ROOT, Daemon, free_port, http_get, kill_tree
 
 DASHBOARD = ROOT / "grafana" / "checkpointer-dashboard.json"
 ALERTS = ROOT / "configs" / "prometheus-alerts.yaml"

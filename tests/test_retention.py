@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from storage.retention import Item, RetentionPolicy, decide
+from checkpointer.config import Retention as RetentionPolicy
+from storage.retention import Item, decide
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)  # a Monday
 

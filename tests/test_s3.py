@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 
 from checkpointer.criu.images import changed_page_bytes
-from storage import Repository
+from checkpointer.repository_key import read_secret_file
+from storage import Repository, keyring
+from storage import keys as keys_mod
 from storage.backends.base import BlobStore
 from storage.backends.retrying import RetryingBlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings
 from storage.errors import StorageAccessError
-from tests.conftest import (
+from storage.gc import collect_garbage
+from tests.support import (
     CLI,
     PROGRAMS,
     ROOT,
@@ -35,14 +38,17 @@ from tests.conftest import (
 BALLAST = str(PROGRAMS / "ballast_server.py")
 
 
-def s3_daemon(base: Path, moto: Moto, bucket: str, extra: str = "") -> Daemon:
+def s3_daemon(
+    base: Path, moto: Moto, bucket: str, extra: str = "", key_file: Path | None = None
+) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
-    d = Daemon(base, s3_config(moto, bucket, extra))
+    d = Daemon(base, s3_config(moto, bucket, extra), key_file)
     d.env.update(S3_ENV)
     return d
 
 
-def repository(moto: Moto, bucket: str) -> Repository:
+def repository(moto: Moto, bucket: str, key_file: Path | None = None) -> Repository:
+    """The bucket's repository, opened with `key_file` (a daemon's) or in clear."""
     s = S3Settings(
         bucket=bucket,
         prefix="ckpt",
@@ -52,7 +58,11 @@ def repository(moto: Moto, bucket: str) -> Repository:
         access_key_id="testing",
         secret_access_key="testing",
     )
-    return Repository(RetryingBlobStore(S3BlobStore(s), attempts=2))
+    store = RetryingBlobStore(S3BlobStore(s), attempts=2)
+    if key_file is None:
+        return Repository(store)
+    secret = read_secret_file(key_file, "key file")
+    return Repository(store, codec=keyring.open_repository_codec(store, secret, "t").codec)
 
 
 def wait_in_bucket(moto: Moto, bucket: str, checkpoint_id: str, timeout: float = 60) -> None:
@@ -62,12 +72,16 @@ def wait_in_bucket(moto: Moto, bucket: str, checkpoint_id: str, timeout: float =
         time.sleep(0.2)
 
 
-def assert_no_partial_checkpoint(moto: Moto, bucket: str) -> None:
+def assert_no_partial_checkpoint(moto: Moto, bucket: str, key_file: Path) -> None:
     """Every manifest in the bucket names only packs (and indexes) that are there."""
-    repo = repository(moto, bucket)
+    repo = repository(moto, bucket, key_file)
     keys = set(moto.keys(bucket, "ckpt/"))
-    for name in repo.workloads():
-        for info in repo.checkpoints(name):
+    names = repo.workloads()
+    assert names
+    for name in names:
+        infos = repo.checkpoints(name)
+        assert len(infos) == len(repo.manifest_names(keys_mod.manifests_of(name)))  # all open
+        for info in infos:
             for pack in repo.read_manifest(name, info.id).packs:
                 assert f"ckpt/packs/{pack[-2:]}/{pack}.pack" in keys
                 assert f"ckpt/packs/{pack[-2:]}/{pack}.idx" in keys
@@ -78,7 +92,7 @@ def test_restore_on_another_host_with_an_empty_cache(
 ) -> None:
     port = free_port()
     a = s3_daemon(workdir / "host-a", moto, bucket)
-    b = s3_daemon(workdir / "host-b", moto, bucket)
+    b = s3_daemon(workdir / "host-b", moto, bucket, key_file=a.key_file)
     try:
         a.start()
         a.cli("run", "web", "--no-auto-restore", "--", sys.executable, BALLAST, str(port), "16")
@@ -140,7 +154,7 @@ def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: st
         pipe.execute()
         client.close()
         second = d.json("checkpoint", "cache")
-        repo = repository(moto, bucket)
+        repo = repository(moto, bucket, d.key_file)
         wait_in_bucket(moto, bucket, second["id"])
         repo.materialize("cache", first["id"], workdir / "one")
         repo.materialize("cache", second["id"], workdir / "two")
@@ -186,7 +200,7 @@ def test_outage_mid_upload_spools_then_uploads_and_restores_from_cache(
         # Once the server is back, both reach the bucket, in order, never half visible.
         deadline = time.monotonic() + 90
         while True:
-            assert_no_partial_checkpoint(moto, bucket)
+            assert_no_partial_checkpoint(moto, bucket, d.key_file)
             keys = moto.keys(bucket, "ckpt/manifests/big/")
             if any(during in k for k in keys):
                 break
@@ -194,7 +208,7 @@ def test_outage_mid_upload_spools_then_uploads_and_restores_from_cache(
             time.sleep(0.3)
         assert any(newer["id"] in k for k in keys)
         assert "unreachable" in d.log.read_text()
-        repo = repository(moto, bucket)
+        repo = repository(moto, bucket, d.key_file)
         repo.verify("big", during)  # what was uploaded after the outage is whole
     finally:
         d.stop()
@@ -283,13 +297,13 @@ class _HoldManifests(BlobStore):
         self.holding = threading.Event()
 
     def put(self, key: str, data: bytes) -> None:
-        if key.startswith("manifests/"):
+        if key.startswith(keys_mod.MANIFESTS):
             self.holding.set()
             self.release.wait(60)
         self.inner.put(key, data)
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        return self.inner.get(key, limit)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
@@ -313,11 +327,13 @@ def test_gc_racing_a_checkpoint_keeps_its_chunks(workdir: Path, moto: Moto, buck
     writer.start()
     assert held.holding.wait(30)  # packs are up, the manifest is not
     # Another process (no shared lock) collects garbage: the young packs must stay.
-    report = Repository(plain.backend, gc_grace=3600).gc()
+    report = collect_garbage(Repository(plain.backend, gc_grace=3600))
     assert report.deleted_packs == [] and report.kept_young >= 1
     # The same process with no grace at all: the lock makes GC wait for the commit.
     gc_done = threading.Event()
-    gc_thread = threading.Thread(target=lambda: (writer_repo.gc(grace=0), gc_done.set()))
+    gc_thread = threading.Thread(
+        target=lambda: (collect_garbage(writer_repo, grace=0), gc_done.set())
+    )
     gc_thread.start()
     time.sleep(0.5)
     assert not gc_done.is_set()
@@ -346,7 +362,7 @@ def test_prune_deletes_manifests_then_unreferenced_packs(
     # The middle checkpoint's pack holds only its own pages (the shared chunk dedups to the
     # first pack): retention removes its manifest, GC then its pack and index.
     repo.delete("w", ids[1])
-    report = repo.gc()
+    report = collect_garbage(repo)
     packs_after = {k for k in moto.keys(bucket, "ckpt/packs/") if k.endswith(".pack")}
     assert len(report.deleted_packs) == 1 and packs_after < packs_before
     assert len(moto.keys(bucket, "ckpt/packs/")) == 2 * len(packs_after)  # no orphan index
@@ -377,8 +393,10 @@ def test_full_spool_drops_the_oldest_unuploaded_checkpoint(
         time.sleep(1)
         keys = moto.keys(bucket, "ckpt/")
         assert not any(oldest in k for k in keys)
-        assert_no_partial_checkpoint(moto, bucket)
-        repository(moto, bucket).verify("big", newest)  # packs it shares with the dropped one
+        assert_no_partial_checkpoint(moto, bucket, d.key_file)
+        repository(moto, bucket, d.key_file).verify(
+            "big", newest
+        )  # packs it shares with the dropped one
     finally:
         d.stop()
 

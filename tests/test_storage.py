@@ -208,10 +208,10 @@ class CountingStore(LocalBlobStore):
         super().__init__(root)
         self.packs_read = 0
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         if key.endswith(".pack"):
             self.packs_read += 1
-        return super().get(key)
+        return super().get(key, limit)
 
 
 def test_older_checkpoint_is_rebuilt_from_the_newer_folder_where_they_share_pages(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.support import (
     COUNTER,
     PROGRAMS,
     Daemon,

@@ -7,9 +7,22 @@ import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from checkpointer.api import (
+    CheckpointEntry,
+    CheckpointReport,
+    Op,
+    PinReport,
+    PruneReport,
+    RestoreReport,
+    StatusReport,
+    UnregisterReport,
+    VerifyReport,
+)
 from checkpointer.errors import CheckpointerError, DaemonUnavailable
+
+ProgressCallback = Callable[[int, int], None]
 
 
 class RemoteError(CheckpointerError):
@@ -20,9 +33,7 @@ class RemoteError(CheckpointerError):
         self.kind = kind
 
 
-def call(
-    path: Path, op: str, on_progress: Callable[[int, int], None] | None = None, **args: Any
-) -> Any:
+def call(path: Path, op: Op, on_progress: ProgressCallback | None = None, **args: Any) -> Any:
     """Send one request to the daemon and return its result, or raise RemoteError.
 
     With `on_progress`, the daemon streams (done, total) byte counts before its answer.
@@ -39,7 +50,7 @@ def call(
             ) from e
         except PermissionError as e:
             raise DaemonUnavailable(f"permission denied on {path}: run as root") from e
-        req: dict[str, Any] = {"op": op, "args": args}
+        req: dict[str, Any] = {"op": str(op), "args": args}
         if on_progress:
             req["progress"] = True
         sock.sendall(json.dumps(req).encode() + b"\n")
@@ -59,3 +70,71 @@ def call(
     if not reply.get("ok"):
         raise RemoteError(reply.get("kind", "error"), reply.get("error", "unknown error"))
     return reply.get("result")
+
+
+class Client:
+    """The daemon's operations with their arguments and the report each returns (checkpointer.api).
+
+    The reports are what the daemon sent, typed as the contract says; nothing is re-validated.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(
+        self,
+        name: str,
+        command: list[str],
+        options: dict[str, Any],
+        env: dict[str, str],
+        cwd: str,
+    ) -> StatusReport:
+        result = call(
+            self.path, Op.RUN, name=name, command=command, options=options, env=env, cwd=cwd
+        )
+        return cast(StatusReport, result)
+
+    def register(
+        self, name: str, pid: int | None, pidfile: str | None, options: dict[str, Any]
+    ) -> StatusReport:
+        result = call(self.path, Op.REGISTER, name=name, pid=pid, pidfile=pidfile, options=options)
+        return cast(StatusReport, result)
+
+    def unregister(self, name: str, keep_running: bool) -> UnregisterReport:
+        result = call(self.path, Op.UNREGISTER, name=name, keep_running=keep_running)
+        return cast(UnregisterReport, result)
+
+    def status(self, name: str | None) -> list[StatusReport]:
+        return cast(list[StatusReport], call(self.path, Op.STATUS, name=name))
+
+    def checkpoint(self, name: str) -> CheckpointReport:
+        return cast(CheckpointReport, call(self.path, Op.CHECKPOINT, name=name))
+
+    def checkpoints(self, name: str) -> list[CheckpointEntry]:
+        return cast(list[CheckpointEntry], call(self.path, Op.LIST, name=name))
+
+    def restore(
+        self, name: str, checkpoint_id: str | None, on_progress: ProgressCallback | None = None
+    ) -> RestoreReport:
+        result = call(
+            self.path, Op.RESTORE, on_progress=on_progress, name=name, checkpoint_id=checkpoint_id
+        )
+        return cast(RestoreReport, result)
+
+    def rollback(self, name: str, to: str | None, back: int | None) -> RestoreReport:
+        return cast(RestoreReport, call(self.path, Op.ROLLBACK, name=name, to=to, back=back))
+
+    def prune(self, name: str | None, dry_run: bool) -> PruneReport:
+        return cast(PruneReport, call(self.path, Op.PRUNE, name=name, dry_run=dry_run))
+
+    def verify(
+        self, name: str, checkpoint_id: str | None, on_progress: ProgressCallback | None = None
+    ) -> VerifyReport:
+        result = call(
+            self.path, Op.VERIFY, on_progress=on_progress, name=name, checkpoint_id=checkpoint_id
+        )
+        return cast(VerifyReport, result)
+
+    def pin(self, name: str, checkpoint_id: str, unpin: bool) -> PinReport:
+        result = call(self.path, Op.PIN, name=name, checkpoint_id=checkpoint_id, unpin=unpin)
+        return cast(PinReport, result)

@@ -1,41 +1,33 @@
 """The command line. Every command takes --config; every reporting command takes --json.
 
-Errors print one line (`error: ...`) and exit 1; usage errors exit 2. No tracebacks.
+Both may also come before the command name (`checkpointer --config FILE status`); given on
+both sides, the one after the command wins. Errors print one line (`error: ...`) and exit 1;
+usage errors exit 2. No tracebacks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from checkpointer import __version__
-from checkpointer.cli import client as api
+from checkpointer.cli import rendering as show
+from checkpointer.cli.client import Client
 from checkpointer.config import Config, load_config
-from checkpointer.config.durations import format_duration, parse_duration
+from checkpointer.config.durations import parse_duration
 from checkpointer.errors import CheckpointerError
 from storage import StorageError
 
 F = TypeVar("F", bound=Callable[..., Any])
-out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -43,20 +35,47 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+@dataclass(frozen=True)
+class GlobalOptions:
+    """--config and --json given before the command name (the group's options)."""
+
+    config_path: Path | None = None
+    as_json: bool = False
+
+
+def _before_command() -> GlobalOptions:
+    obj = click.get_current_context().find_root().obj
+    return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
+
+
+def _config_option() -> Callable[[F], F]:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="config file (default: $CHECKPOINTER_CONFIG, "
+        "/etc/checkpointer/config.yaml, or built-in defaults)",
+    )
+
+
 def common(reporting: bool = True) -> Callable[[F], F]:
-    """--config on every command, --json on reporting ones; turn known errors into one line."""
+    """--config on every command, --json on reporting ones; turn known errors into one line.
+
+    Either option left out after the command name takes its value from before it."""
 
     def wrap(fn: F) -> F:
-        @click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="config file (default: $CHECKPOINTER_CONFIG, "
-            "/etc/checkpointer/config.yaml, or built-in defaults)",
-        )
+        @_config_option()
         @functools.wraps(fn)
         def inner(config_path: Path | None, **kw: Any) -> Any:
+            before = _before_command()
+            if config_path is None:
+                config_path = before.config_path
+            if reporting:
+                kw["as_json"] = kw["as_json"] or before.as_json
+            elif before.as_json:
+                ctx = click.get_current_context()
+                raise click.UsageError(f"--json does not apply to {ctx.info_name}", ctx=ctx)
             try:
                 config = load_config(config_path)
                 return fn(config, **kw)
@@ -90,6 +109,14 @@ def _criu_flags(fn: F) -> F:
         fn = click.option(
             f"--{flag}", is_flag=True, help=f"pass --{flag} to CRIU for this workload"
         )(fn)
+    fn = click.option(
+        "--criu-opt",
+        "criu_opts",
+        multiple=True,
+        metavar="OPT",
+        help="another CRIU option from the allow-list, e.g. --criu-opt --manage-cgroups=full "
+        "or --criu-opt '--ghost-limit 64M' (repeatable)",
+    )(fn)
     return fn
 
 
@@ -116,8 +143,19 @@ def _schedule_flags(fn: F) -> F:
 
 
 def _options(kw: dict[str, Any]) -> dict[str, Any]:
-    """The workload options (config schema) from the flags; the daemon validates them."""
-    criu = {k: kw.pop(k) for k in ("tcp_established", "file_locks", "ext_unix_sk", "shell_job")}
+    """The workload options (config schema) from the flags, checked here (a usage error
+    before the daemon is asked) with the model the daemon validates them with again."""
+    from pydantic import ValidationError
+
+    from checkpointer.config import WorkloadOptions, format_validation_error
+    from checkpointer.errors import ConfigError
+
+    criu: dict[str, Any] = {
+        k: kw.pop(k) for k in ("tcp_established", "file_locks", "ext_unix_sk", "shell_job")
+    }
+    extra = list(kw.pop("criu_opts", ()) or ())
+    if extra:
+        criu["extra_options"] = extra
     restore: dict[str, Any] = {}
     if kw.pop("no_auto_restore"):
         restore["on_crash"] = False
@@ -131,23 +169,26 @@ def _options(kw: dict[str, Any]) -> dict[str, Any]:
     for key in ("every", "cron", "jitter"):
         value = kw.pop(key)
         if value is not None:
-            if key != "cron":
-                _duration(None, None, value)  # a usage error here, not in the daemon
             opts[key] = value
+    try:
+        WorkloadOptions.model_validate(opts)
+    except ValidationError as e:
+        raise ConfigError(f"invalid workload options: {format_validation_error(e, opts)}") from e
     return opts
-
-
-def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    else:
-        human()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="checkpointer")
-def cli() -> None:
-    """Periodic CRIU checkpoints of process trees, restored when they die."""
+@_config_option()
+@click.option(
+    "--json", "as_json", is_flag=True, help="print JSON instead of a table (reporting commands)"
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+    """Periodic CRIU checkpoints of process trees, restored when they die.
+
+    --config and --json work before the command name or after it; after wins."""
+    ctx.obj = GlobalOptions(config_path, as_json)
 
 
 @cli.command()
@@ -185,16 +226,14 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
             raise click.BadParameter(f"{item!r}: write KEY=VALUE", param_hint="--env")
         env[key] = value
     cwd = kw.pop("cwd")
-    result = api.call(
-        config.socket_path,
-        "run",
-        name=name,
-        command=list(command),
+    result = Client(config.socket_path).run(
+        name,
+        list(command),
         options=_options(kw),
         env=env,
         cwd=str(cwd.resolve() if cwd else Path.cwd()),
     )
-    _emit(as_json, result, lambda: click.echo(f"started {name}: pid {result['pid']}"))
+    show.emit(as_json, result, lambda: show.started(name, result))
 
 
 @cli.command()
@@ -210,15 +249,10 @@ def register(
     """Adopt an existing process tree as workload NAME."""
     if (pid is None) == (pidfile is None):
         raise click.UsageError("give exactly one of --pid and --pidfile")
-    result = api.call(
-        config.socket_path,
-        "register",
-        name=name,
-        pid=pid,
-        pidfile=str(pidfile.resolve()) if pidfile else None,
-        options=_options(kw),
+    result = Client(config.socket_path).register(
+        name, pid=pid, pidfile=str(pidfile.resolve()) if pidfile else None, options=_options(kw)
     )
-    _emit(as_json, result, lambda: click.echo(f"registered {name}: pid {result['pid']}"))
+    show.emit(as_json, result, lambda: show.registered(name, result))
 
 
 @cli.command()
@@ -231,14 +265,8 @@ def register(
 )
 def unregister(config: Config, as_json: bool, name: str, keep_running: bool) -> None:
     """Stop checkpointing NAME. Its checkpoints stay in the repository."""
-    result = api.call(config.socket_path, "unregister", name=name, keep_running=keep_running)
-    _emit(
-        as_json,
-        result,
-        lambda: click.echo(
-            f"unregistered {name}" + (" and stopped its processes" if result["stopped"] else "")
-        ),
-    )
+    result = Client(config.socket_path).unregister(name, keep_running=keep_running)
+    show.emit(as_json, result, lambda: show.unregistered(name, result))
 
 
 @cli.command()
@@ -246,32 +274,8 @@ def unregister(config: Config, as_json: bool, name: str, keep_running: bool) -> 
 @click.argument("name", required=False)
 def status(config: Config, as_json: bool, name: str | None) -> None:
     """Workloads: state, pid, last checkpoint and its age, next run."""
-    rows = api.call(config.socket_path, "status", name=name)
-
-    def human() -> None:
-        if not rows:
-            click.echo("no workloads registered")
-            return
-        t = Table(
-            "NAME", "KIND", "STATE", "PID", "SCHEDULE", "LAST CHECKPOINT", "AGE", "NEXT", "PROBLEM"
-        )
-        for r in rows:
-            age = r["last_checkpoint_age_seconds"]
-            state = r["state"] + (f" ({r['exit_status']})" if r["exit_status"] else "")
-            t.add_row(
-                r["name"],
-                r["kind"],
-                state,
-                str(r["pid"] or "-"),
-                r["schedule"],
-                r["last_checkpoint"] or "-",
-                format_duration(age) if age else "-",
-                _short_time(r["next_checkpoint"]),
-                r["last_error"] or "",
-            )
-        out.print(t)
-
-    _emit(as_json, rows, human)
+    rows = Client(config.socket_path).status(name)
+    show.emit(as_json, rows, lambda: show.status_table(rows))
 
 
 @cli.command()
@@ -279,16 +283,8 @@ def status(config: Config, as_json: bool, name: str | None) -> None:
 @click.argument("name")
 def checkpoint(config: Config, as_json: bool, name: str) -> None:
     """Checkpoint NAME now; prints the new checkpoint id."""
-    r = api.call(config.socket_path, "checkpoint", name=name)
-    _emit(
-        as_json,
-        r,
-        lambda: click.echo(
-            f"{r['id']}  {_mb(r['size_bytes'])} image, {_mb(r['new_bytes'])} newly stored, "
-            f"frozen {r['dump_stats']['frozen_time'] * 1000:.0f} ms, "
-            f"total {r['duration_seconds']:.2f} s"
-        ),
-    )
+    r = Client(config.socket_path).checkpoint(name)
+    show.emit(as_json, r, lambda: show.checkpointed(r))
 
 
 @cli.command(name="list")
@@ -296,25 +292,8 @@ def checkpoint(config: Config, as_json: bool, name: str) -> None:
 @click.argument("name")
 def list_(config: Config, as_json: bool, name: str) -> None:
     """Checkpoints of NAME, newest first."""
-    rows = api.call(config.socket_path, "list", name=name)
-
-    def human() -> None:
-        if not rows:
-            click.echo(f"{name} has no checkpoints")
-            return
-        t = Table("ID", "CREATED (UTC)", "IMAGE", "NEW", "FROZEN")
-        for r in rows:
-            frozen = r["frozen_seconds"]
-            t.add_row(
-                r["id"],
-                r["created"][:19].replace("T", " "),
-                _mb(r["size_bytes"]),
-                _mb(r["new_bytes"]),
-                f"{frozen * 1000:.0f} ms" if frozen else "-",
-            )
-        out.print(t)
-
-    _emit(as_json, rows, human)
+    rows = Client(config.socket_path).checkpoints(name)
+    show.emit(as_json, rows, lambda: show.checkpoints_table(name, rows))
 
 
 @cli.command()
@@ -325,22 +304,9 @@ def list_(config: Config, as_json: bool, name: str) -> None:
 )
 def restore(config: Config, as_json: bool, name: str, checkpoint_id: str | None) -> None:
     """Restore NAME, which must not be running, from a checkpoint."""
-    with _progress(as_json, f"restoring {name}") as on_progress:
-        r = api.call(
-            config.socket_path,
-            "restore",
-            on_progress=on_progress,
-            name=name,
-            checkpoint_id=checkpoint_id,
-        )
-    _emit(
-        as_json,
-        r,
-        lambda: click.echo(
-            f"restored {name} from {r['checkpoint']}: pid {r['pid']} "
-            f"in {r['duration_seconds']:.2f} s"
-        ),
-    )
+    with show.progress(as_json, f"restoring {name}") as on_progress:
+        r = Client(config.socket_path).restore(name, checkpoint_id, on_progress=on_progress)
+    show.emit(as_json, r, lambda: show.restored(name, r))
 
 
 @cli.command()
@@ -357,10 +323,8 @@ def rollback(config: Config, as_json: bool, name: str, to: str | None, back: int
     """Stop the running NAME and restore an older checkpoint. Its current state is lost."""
     if (to is None) == (back is None):
         raise click.UsageError("give exactly one of --to ID and --back N")
-    r = api.call(config.socket_path, "rollback", name=name, to=to, back=back)
-    _emit(
-        as_json, r, lambda: click.echo(f"rolled {name} back to {r['checkpoint']}: pid {r['pid']}")
-    )
+    r = Client(config.socket_path).rollback(name, to=to, back=back)
+    show.emit(as_json, r, lambda: show.rolled_back(name, r))
 
 
 @cli.command()
@@ -369,28 +333,8 @@ def rollback(config: Config, as_json: bool, name: str, to: str | None, back: int
 @click.option("--dry-run", is_flag=True, help="show what would be removed, remove nothing")
 def prune(config: Config, as_json: bool, name: str | None, dry_run: bool) -> None:
     """Apply retention now (NAME or every workload), then collect unreferenced packs."""
-    r = api.call(config.socket_path, "prune", name=name, dry_run=dry_run)
-
-    def human() -> None:
-        t = Table("WORKLOAD", "ID", "CREATED (UTC)", "ACTION", "WHY")
-        for c in r["checkpoints"]:
-            action = c["action"] if not dry_run or c["action"] == "keep" else "would remove"
-            t.add_row(
-                c["workload"],
-                c["id"],
-                c["created"][:19].replace("T", " "),
-                action,
-                ", ".join(c["reasons"]),
-            )
-        out.print(t)
-        gc = r["gc"]
-        verb = "would remove" if dry_run else "removed"
-        click.echo(
-            f"garbage collection: {verb} {gc['deleted_packs']} unreferenced pack(s); "
-            f"{gc['kept_young_unreferenced']} kept as younger than the grace period"
-        )
-
-    _emit(as_json, r, human)
+    r = Client(config.socket_path).prune(name, dry_run=dry_run)
+    show.emit(as_json, r, lambda: show.prune_report(r, dry_run))
 
 
 @cli.command()
@@ -399,22 +343,9 @@ def prune(config: Config, as_json: bool, name: str | None, dry_run: bool) -> Non
 @click.argument("checkpoint_id", required=False)
 def verify(config: Config, as_json: bool, name: str, checkpoint_id: str | None) -> None:
     """Re-hash every chunk of a checkpoint (default: the newest) in the repository."""
-    with _progress(as_json, f"verifying {name}") as on_progress:
-        r = api.call(
-            config.socket_path,
-            "verify",
-            on_progress=on_progress,
-            name=name,
-            checkpoint_id=checkpoint_id,
-        )
-    _emit(
-        as_json,
-        r,
-        lambda: click.echo(
-            f"{r['id']} of {name}: ok, {r['chunks']} chunks ({_mb(r['size_bytes'])}) verified "
-            f"in {r['duration_seconds']:.2f} s"
-        ),
-    )
+    with show.progress(as_json, f"verifying {name}") as on_progress:
+        r = Client(config.socket_path).verify(name, checkpoint_id, on_progress=on_progress)
+    show.emit(as_json, r, lambda: show.verified(name, r))
 
 
 @cli.command()
@@ -424,12 +355,8 @@ def verify(config: Config, as_json: bool, name: str, checkpoint_id: str | None) 
 @click.option("--remove", is_flag=True, help="unpin instead")
 def pin(config: Config, as_json: bool, name: str, checkpoint_id: str, remove: bool) -> None:
     """Keep a checkpoint whatever retention says (or --remove the pin)."""
-    r = api.call(config.socket_path, "pin", name=name, checkpoint_id=checkpoint_id, unpin=remove)
-    _emit(
-        as_json,
-        r,
-        lambda: click.echo(f"{'pinned' if r['pinned'] else 'unpinned'} {checkpoint_id} of {name}"),
-    )
+    r = Client(config.socket_path).pin(name, checkpoint_id, unpin=remove)
+    show.emit(as_json, r, lambda: show.pinned(name, checkpoint_id, r))
 
 
 @cli.command()
@@ -439,49 +366,9 @@ def doctor(config: Config, as_json: bool) -> None:
     from checkpointer.doctor import run_checks
 
     checks = run_checks(config)
-
-    def human() -> None:
-        t = Table("CHECK", "RESULT", "DETAIL", "FIX")
-        for c in checks:
-            mark = "ok" if c.ok else ("FAIL" if c.required else "missing")
-            t.add_row(c.name, mark, c.detail, c.fix)
-        out.print(t)
-
-    _emit(as_json, [c.as_dict() for c in checks], human)
+    show.emit(as_json, [c.as_dict() for c in checks], lambda: show.doctor_table(checks))
     if any(c.required and not c.ok for c in checks):
         sys.exit(1)
-
-
-@contextlib.contextmanager
-def _progress(as_json: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on a terminal (not with --json, not in a pipe)."""
-    if as_json or not sys.stderr.isatty():
-        yield None
-        return
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.1f} MB"
-
-
-def _short_time(iso: str | None) -> str:
-    if not iso:
-        return "-"
-    return datetime.fromisoformat(iso).strftime("%H:%M:%S")
 
 
 def _setup_logging(fmt: str) -> None:
@@ -506,6 +393,15 @@ def _setup_logging(fmt: str) -> None:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _add_key_commands() -> None:
+    from checkpointer.cli.key_commands import key  # imports `common` from here
+
+    cli.add_command(key)
+
+
+_add_key_commands()
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """Configuration: the YAML schema (model), its value types (types) and duration/byte grammar
 (durations). Everything the daemon accepts is validated here, with the key's path in errors."""
 
+from checkpointer.config.cron import check_cron
 from checkpointer.config.model import (
     Config,
     CriuConfig,
     CriuOptions,
     MetricsConfig,
+    RestorePolicy,
     Retention,
     RetryConfig,
     S3Config,
@@ -21,12 +23,14 @@ __all__ = [
     "CriuConfig",
     "CriuOptions",
     "MetricsConfig",
+    "RestorePolicy",
     "Retention",
     "RetryConfig",
     "S3Config",
     "StorageConfig",
     "WorkloadConfig",
     "WorkloadOptions",
+    "check_cron",
     "format_validation_error",
     "load_config",
 ]

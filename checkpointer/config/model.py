@@ -20,9 +20,11 @@ from pydantic import (
     model_validator,
 )
 
-from checkpointer.config.types import ByteSize, Duration
+from checkpointer.config.cron import check_cron
+from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval, Timeout
+from checkpointer.criu.driver import check_extra_options
 from checkpointer.errors import ConfigError
-from checkpointer.restore_policy import RestorePolicy
+from storage import retention
 from storage.manifest import check_workload_name
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/checkpointer/config.yaml"),)
@@ -40,10 +42,21 @@ class CriuOptions(_Strict):
     ext_unix_sk: bool = Field(False, description="allow unix sockets connected outside the tree")
     shell_job: bool = Field(False, description="the tree belongs to a terminal session")
     tcp_close: bool = Field(False, description="restore established TCP connections closed")
+    extra_options: list[str] = Field(
+        default_factory=list,
+        description="more CRIU options, from an allow-list (criu/driver.py), e.g. "
+        "--manage-cgroups=full, --ghost-limit=64M; kept in canonical --opt=value form",
+    )
+
+    @field_validator("extra_options")
+    @classmethod
+    def _extra_options(cls, v: list[str]) -> list[str]:
+        return check_extra_options(v)
 
 
 class Retention(_Strict):
-    """restic's `forget` rules, ORed (see storage/retention.py); UTC calendar buckets."""
+    """restic's `forget` rules, ORed (see storage/retention.py); UTC calendar buckets. The one
+    model of a retention policy: storage/ reads it through `retention.RetentionPolicy`."""
 
     keep_last: int | None = Field(None, ge=1)
     keep_hourly: int | None = Field(None, ge=1)
@@ -56,24 +69,51 @@ class Retention(_Strict):
 
     @model_validator(mode="after")
     def _not_empty(self) -> Retention:
-        rules = self.model_dump(exclude={"max_total_bytes"}, exclude_none=True)
-        if not rules:
-            raise ValueError(
-                "a retention policy needs at least one keep_* rule "
-                "(an empty one would remove every checkpoint)"
-            )
+        retention.check_policy(self)
         return self
+
+
+class RestorePolicy(_Strict):
+    """When and how a dead tree is brought back (checkpointer/restore_policy.py decides)."""
+
+    on_crash: bool = Field(True, description="restore by itself when the tree dies")
+    on_clean_exit: bool = Field(False, description="treat exit status 0 as a crash too")
+    crash_window: Duration = Field(60.0, description="a death this soon after a restore is a loop")
+    backoff_initial: Duration = Field(1.0, description="wait before the 2nd attempt of a loop")
+    backoff_max: Duration = Field(300.0, description="longest wait between attempts")
+    max_depth: int = Field(3, ge=1, description="checkpoints tried, newest first, in a loop")
+    cold_start: bool = Field(True, description="managed: start from the command after that")
+    max_attempts: int = Field(5, ge=1, description="attempts in one streak before `failed`")
 
 
 class WorkloadOptions(_Strict):
     """How a workload is checkpointed and restored, whichever way it was registered."""
 
-    every: Duration | None = None
+    every: Interval | None = None
     cron: str | None = None
-    jitter: Duration | None = Field(None, description="random delay added to each run")
+    jitter: Interval | None = Field(None, description="random delay added to each run")
     criu: CriuOptions = Field(default_factory=CriuOptions)
     retention: Retention | None = Field(None, description="default: the top-level retention")
     restore: RestorePolicy = Field(default_factory=RestorePolicy)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_cron(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from e
+        return v
+
+    @field_validator("restore")
+    @classmethod
+    def _restore_delays(cls, v: RestorePolicy) -> RestorePolicy:
+        # They end in threading.Timer and in time arithmetic: the bound of Interval.
+        for key in ("crash_window", "backoff_initial", "backoff_max"):
+            if getattr(v, key) > MAX_INTERVAL:
+                raise ValueError(f"{key}: a delay of the restore policy must be at most 366d")
+        return v
 
     @model_validator(mode="after")
     def _one_schedule(self) -> WorkloadOptions:
@@ -150,7 +190,17 @@ class StorageConfig(_Strict):
     concurrency: int = Field(4, ge=1, le=64, description="packs uploaded/downloaded at once")
     retries: RetryConfig = Field(default_factory=RetryConfig)
     gc_grace: Duration = Field(6 * 3600.0, description="unreferenced packs younger are kept")
-    gc_every: Duration | None = Field(3600.0, description="garbage collection interval")
+    gc_every: Interval | None = Field(3600.0, description="garbage collection interval")
+    encryption: bool = Field(
+        True, description="seal every object (AES-256-GCM) and key chunk ids (README: Encryption)"
+    )
+    key_file: Path = Field(
+        Path("/etc/checkpointer/repository.key"),
+        description="the repository access key (0600, root's); made with a new repository",
+    )
+    passphrase_file: Path | None = Field(
+        None, description="open the repository with a passphrase (scrypt) instead of key_file"
+    )
 
     @model_validator(mode="after")
     def _s3_needs_settings(self) -> StorageConfig:
@@ -164,7 +214,9 @@ class CriuConfig(_Strict):
     scratch_dir: Path | None = Field(
         None, description="where images are dumped before storing; default a tmpfs if it has room"
     )
-    timeout: Duration = Field(600.0, description="a dump or restore running longer is killed")
+    timeout: Timeout = Field(
+        600.0, description="a dump or restore running longer is killed; at most 1d"
+    )
     keep_latest_image: bool = Field(
         True, description="keep each workload's newest image in scratch for fast restores"
     )
@@ -216,6 +268,8 @@ class Config(_Strict):
         self.socket = fix(self.socket)
         self.storage.path = fix(self.storage.path)
         self.storage.cache_dir = fix(self.storage.cache_dir)
+        self.storage.key_file = fix(self.storage.key_file) or self.storage.key_file
+        self.storage.passphrase_file = fix(self.storage.passphrase_file)
         self.criu.scratch_dir = fix(self.criu.scratch_dir)
         for w in self.workloads:
             w.cwd = fix(w.cwd) if w.cwd else base

@@ -1,10 +1,27 @@
-"""Value types shared by config models."""
+"""Value types shared by config models.
+
+Every duration is finite and > 0; these bound it further where it ends in a limit of its own.
+"""
 
 from typing import Annotated
 
 from pydantic import BeforeValidator
 
-from checkpointer.config.durations import parse_bytes, parse_duration
+from checkpointer.config.durations import DAY, parse_bytes, parse_duration
+
+
+def _at_most(max_seconds: float) -> BeforeValidator:
+    return BeforeValidator(lambda v: parse_duration(v, max_seconds))
+
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# A timeout of a child process: subprocess waits with select.poll, whose timeout is a C int of
+# milliseconds (OverflowError past 2**31 ms, about 24.8 days, on every run). No CRIU dump or
+# restore needs more than a day: a tree that large has to be split anyway.
+Timeout = Annotated[float, _at_most(DAY)]
+# Intervals of scheduled jobs and delays of the restore policy: APScheduler adds them to
+# datetimes (OverflowError past year 9999: `every: 1000000w` registered, then the daemon failed
+# at every start), threading.Timer waits them. Nothing useful is scheduled beyond a year.
+MAX_INTERVAL = 366 * DAY
+Interval = Annotated[float, _at_most(MAX_INTERVAL)]
 ByteSize = Annotated[int, BeforeValidator(parse_bytes)]

@@ -66,16 +66,33 @@ class ApiServer:
                 },
             )
             return
-        line = conn.rfile.readline()
+        try:
+            line = _read_request_line(sock)
+        except _RequestTooLarge:
+            self._reply(
+                conn, _protocol_error(f"request too large (over {MAX_REQUEST_BYTES >> 20} MiB)")
+            )
+            return
+        except TimeoutError:
+            self._reply(
+                conn, _protocol_error(f"no complete request within {REQUEST_READ_TIMEOUT:g} s")
+            )
+            return
+        except OSError:
+            return  # the client went away
         try:
             req = json.loads(line)
-            op, args = req["op"], req.get("args", {})
-        except (ValueError, KeyError, TypeError):
-            self._reply(conn, {"ok": False, "kind": "protocol", "error": "malformed request"})
+        except (ValueError, RecursionError):
+            self._reply(conn, _protocol_error("malformed request: not a line of JSON"))
             return
+        problem = _request_problem(req)
+        if problem:
+            self._reply(conn, _protocol_error(f"malformed request: {problem}"))
+            return
+        op, args = req["op"], req.get("args", {})
         handler = self.handlers.get(op)
         if handler is None:
-            self._reply(conn, {"ok": False, "kind": "protocol", "error": f"unknown op {op!r}"})
+            self._reply(conn, _protocol_error(f"unknown op {op!r}"))
             return
         if req.get("progress") and "progress" in inspect.signature(handler).parameters:
             last = [0.0]
@@ -87,6 +104,11 @@ class ApiServer:
                     self._reply(conn, {"progress": [done, total]})
 
             args = {**args, "progress": progress}
+        try:
+            inspect.signature(handler).bind(**args)
+        except TypeError as e:
+            self._reply(conn, _protocol_error(f"bad arguments for op {op!r}: {e}"))
+            return
         try:
             result = handler(**args)
             reply: dict[str, Any] = {"ok": True, "result": result}
@@ -110,6 +132,73 @@ class ApiServer:
     def _reply(conn: socketserver.StreamRequestHandler, reply: dict[str, Any]) -> None:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
+
+
+MAX_REQUEST_BYTES = 1 << 20
+"""The longest request line the server reads (requests are small: an op and its arguments)."""
+REQUEST_READ_TIMEOUT = 10.0
+"""Seconds a client has to send its whole request line; replies may then take as long as the
+operation does (a checkpoint streams progress)."""
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+def _read_request_line(sock: socket.socket) -> bytes:
+    """The request line (up to and without its newline, or what came before EOF), read within
+    REQUEST_READ_TIMEOUT in all; one request per connection, so bytes after it are dropped.
+    Raises _RequestTooLarge past MAX_REQUEST_BYTES, TimeoutError past the deadline."""
+    deadline = time.monotonic() + REQUEST_READ_TIMEOUT
+    buf = bytearray()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            end = chunk.find(b"\n")
+            if end >= 0:
+                buf += chunk[:end]
+                break
+            buf += chunk
+            if len(buf) > MAX_REQUEST_BYTES:
+                raise _RequestTooLarge
+    finally:
+        sock.settimeout(None)
+    if len(buf) > MAX_REQUEST_BYTES:
+        raise _RequestTooLarge
+    return bytes(buf)
+
+
+def _request_problem(req: Any) -> str:
+    """What is wrong with a decoded request, or "" when it is an object with a str `op` and,
+    if given, a dict `args`."""
+    if not isinstance(req, dict):
+        return f"expected a JSON object, got {_json_type(req)}"
+    if "op" not in req:
+        return "no `op`"
+    if not isinstance(req["op"], str):
+        return f"`op` must be a string, got {_json_type(req['op'])}"
+    if not isinstance(req.get("args", {}), dict):
+        return f"`args` must be an object, got {_json_type(req['args'])}"
+    return ""
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "a number"
+    return names.get(type(value), type(value).__name__)
+
+
+def _protocol_error(message: str) -> dict[str, Any]:
+    return {"ok": False, "kind": "protocol", "error": message}
 
 
 def _claim_socket_path(path: Path) -> None:

@@ -8,7 +8,7 @@ Buckets are set per metric: the client's defaults stop at 10 s, too short for ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -311,6 +311,3 @@ class EngineCollector(Collector):
         )
         limit.add_metric([], float(self.limit))
         yield from (backlog, pending, online, limit)
-
-
-Callback = Callable[[str], None]

@@ -16,18 +16,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from checkpointer.errors import ConfigError
+from checkpointer.config import check_cron
 
 log = logging.getLogger(__name__)
-
-
-def check_cron(expr: str) -> None:
-    try:
-        CronTrigger.from_crontab(expr, timezone="UTC")
-    except ValueError as e:
-        raise ConfigError(
-            f"bad cron expression {expr!r}: {e} (use 5 fields: m h dom mon dow)"
-        ) from e
 
 
 class CheckpointScheduler:
@@ -40,8 +31,6 @@ class CheckpointScheduler:
             timezone="UTC",
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 60},
         )
-        self.skipped_overlap = 0
-        self.missed = 0
         self._sched.add_listener(self._on_event, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
 
     def start(self) -> None:
@@ -86,10 +75,8 @@ class CheckpointScheduler:
 
     def _on_event(self, event: JobExecutionEvent) -> None:
         if event.code == EVENT_JOB_MAX_INSTANCES:
-            self.skipped_overlap += 1
             self._on_skip("overlap")
             log.warning("checkpoint of %s skipped: the previous one is still running", event.job_id)
         else:
-            self.missed += 1
             self._on_skip("missed")
             log.warning("checkpoint of %s missed its time", event.job_id)

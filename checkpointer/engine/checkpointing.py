@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from checkpointer import hostinfo
 from checkpointer.api import CheckpointReport
@@ -33,7 +34,9 @@ class CheckpointPipeline:
         events: Events,
         keep_latest_image: bool,
         criu_version: Callable[[], str],
+        log_fifo: Callable[[str], Path],
     ) -> None:
+        self.log_fifo = log_fifo
         self.repo = repo
         self.criu = criu
         self.scratch = scratch
@@ -67,6 +70,9 @@ class CheckpointPipeline:
                     "command": w.command,
                     "cwd": w.cwd,
                     "criu": w.criu.model_dump(),
+                    # Where this host's log FIFO is: its path is in the image, and a restore
+                    # on a host with another state_dir hands its own FIFO in its place.
+                    "log_fifo": str(self.log_fifo(w.name)) if w.managed else None,
                 },
             }
             try:

@@ -10,12 +10,10 @@ maintenance (retention, GC, spool).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Protocol
 
 from checkpointer.api import (
@@ -31,6 +29,7 @@ from checkpointer.criu import Criu
 from checkpointer.engine import kept_image, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.events import Events
+from checkpointer.engine.lifecycle import Lifecycle
 from checkpointer.engine.maintenance import Maintenance
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths, RestorePipeline
@@ -41,10 +40,8 @@ from checkpointer.engine.workload import (
 )
 from checkpointer.errors import (
     CheckpointerError,
-    TeardownFailed,
     WorkloadBusy,
 )
-from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump
 from storage import Repository
 from storage.backends.spooled import SpooledBlobStore
@@ -74,12 +71,6 @@ class Hooks:
     down: Callable[[Workload, str], None] = lambda w, reason: None
 
 
-def describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
 class Engine:
     def __init__(
         self,
@@ -105,10 +96,17 @@ class Engine:
         self.scratch = Scratch(config.state_dir, config.criu.scratch_dir)
         self._criu_version: str | None = None
         self.checkpoints = CheckpointPipeline(
-            repo, criu, self.scratch, events, config.criu.keep_latest_image, self.criu_version
+            repo,
+            criu,
+            self.scratch,
+            events,
+            config.criu.keep_latest_image,
+            self.criu_version,
+            self.logs.fifo,
         )
         self.restores = RestorePipeline(repo, criu, self.scratch, pump, self.logs)
         self.maintenance = Maintenance(repo, events, spool, config.storage.spool_max_bytes)
+        self.lifecycle = Lifecycle(self.registry, pump, self.logs, lambda w: self.hooks.watch(w))
 
     # -- registry ----------------------------------------------------------------------
 
@@ -245,46 +243,13 @@ class Engine:
     # -- process lifecycle -------------------------------------------------------------
 
     def start(self, w: Workload) -> None:
-        """Start a managed workload's command (a new tree, no state)."""
-        assert w.command
-        self.pump.attach(w.name, self.logs.fifo(w.name), self.logs.log(w.name))
-        pid = managed.launch(
-            w.name, w.command, Path(w.cwd) if w.cwd else None, w.env, self.logs.fifo(w.name)
-        )
-        w.pid, w.started = pid, process.start_time(pid)
-        w.state, w.exit_status, w.last_error = WorkloadState.RUNNING, None, None
-        self.save()
-        self.hooks.watch(w)
-        log.info("workload %s started: pid %d, command %s", w.name, pid, w.command)
+        self.lifecycle.start(w)
 
     def teardown(self, w: Workload) -> None:
-        assert w.pid is not None
-        w.state = WorkloadState.STOPPING  # its death is ours: the supervisor must not restore it
-        left = process.teardown(w.pid, w.started)
-        if left:
-            raise TeardownFailed(
-                f"workload {w.name}: processes {left} did not go away after SIGKILL; "
-                "they may be stuck in the kernel (state D); check `ps -o pid,stat,cmd -p ...`"
-            )
-        w.state, w.exit_status = WorkloadState.STOPPED, "stopped by checkpointer"
-        self.save()
+        self.lifecycle.teardown(w)
 
     def mark_dead(self, pid: int, status: int | None) -> Workload | None:
-        """Record that a workload's root died (status None: not our child, status unknown).
-
-        Returns the workload if this death is news: it was running and nobody stopped it.
-        """
-        w = self.registry.running_with_pid(pid)
-        if w is None:
-            return None
-        if status is None:
-            w.state, w.exit_status = WorkloadState.CRASHED, "exited (status unknown: not our child)"
-        else:
-            w.state = WorkloadState.EXITED if status == 0 else WorkloadState.CRASHED
-            w.exit_status = describe_exit(status)
-        log.warning("workload %s (pid %d) %s", w.name, pid, w.exit_status)
-        self.save()
-        return w
+        return self.lifecycle.mark_dead(pid, status)
 
     def stop_managed(self) -> None:
         """Stop every managed tree (they stay registered, as `stopped`: nothing restores them)."""

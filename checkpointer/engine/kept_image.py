@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,26 @@ class KeptImage:
     stamp: Stamp
 
     def intact(self) -> bool:
-        return unchanged(self.path, self.stamp)
+        return trusted(self.path) and unchanged(self.path, self.stamp)
+
+
+def trusted(path: Path) -> bool:
+    """The folder, its `hot` parent and the scratch root above are real directories, ours,
+    0700. A path recorded in the registry outlives a reboot, and /dev/shm is emptied then:
+    whoever creates the root first (or a symlink in it) must not get us to read, or to
+    remove as root, a folder of theirs."""
+    for p in (path, path.parent, path.parent.parent):
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return False
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or stat.S_IMODE(st.st_mode) & 0o077
+        ):
+            return False
+    return True
 
 
 def keep(
@@ -65,5 +85,6 @@ def keep(
 
 
 def drop(kept: KeptImage | None) -> None:
-    if kept is not None:
+    """Remove a kept image, if it is still our own folder (else only forget it)."""
+    if kept is not None and trusted(kept.path):
         shutil.rmtree(kept.path, ignore_errors=True)

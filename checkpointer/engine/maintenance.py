@@ -8,7 +8,7 @@ import logging
 from checkpointer.api import GcReport, RetentionRow
 from checkpointer.config import Retention
 from checkpointer.engine.events import Events
-from storage import Repository, StorageError, retention
+from storage import Repository, StorageError, gc, retention
 from storage.backends.spooled import SpooledBlobStore
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Maintenance:
         infos = self.repo.checkpoints(name)
         good = [i.id for i in infos if i.id not in bad]
         verdicts = retention.decide(
-            retention.RetentionPolicy(**policy.model_dump(exclude_none=True)),
+            policy,
             [retention.Item(i.id, i.created, i.size_bytes) for i in infos],
             pinned=frozenset(self.repo.pins(name)),
             protected=frozenset(good[:1]),
@@ -72,7 +72,8 @@ class Maintenance:
         spool, limit = self.spool, self.spool_max_bytes
         if spool is None or spool.backlog_bytes() <= limit:
             return
-        dropped = self.repo.shed(spool.pending_keys(), spool.discard, spool.backlog_bytes, limit)
+        pending = spool.pending_keys()
+        dropped = gc.shed(self.repo, pending, spool.discard, spool.backlog_bytes, limit)
         self.events.spool_shed(len(dropped))
         log.error(
             "spool over %d bytes while the backend is unreachable: dropped %d checkpoint(s) "
@@ -83,7 +84,7 @@ class Maintenance:
         )
 
     def collect_garbage(self, dry_run: bool = False) -> GcReport:
-        report = self.repo.gc(dry_run=dry_run)
+        report = gc.collect_garbage(self.repo, dry_run=dry_run)
         if not dry_run:
             self.events.gc_collected(len(report.deleted_packs))
             if report.deleted_packs:

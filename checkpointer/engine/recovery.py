@@ -84,6 +84,9 @@ def rollback(
         except Exception as e:
             engine.events.restore_done(name, "rollback", ok=False)
             if w.alive():
+                if w.state is WorkloadState.STOPPING:  # the stop itself failed (TeardownFailed)
+                    w.state = WorkloadState.RUNNING  # still there: watched, checkpointed
+                    engine.save()
                 raise  # failed before the stop: the tree runs on, nothing changed
             _rollback_failed(engine, w, to, e)
             raise RestoreFailed(

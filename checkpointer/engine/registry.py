@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from checkpointer import hostinfo
-from checkpointer.config import CriuOptions, Retention
+from checkpointer.config import CriuOptions, RestorePolicy, Retention
 from checkpointer.engine.kept_image import KeptImage
 from checkpointer.engine.workload import (
     RestoreAttempt,
@@ -33,7 +33,7 @@ from checkpointer.engine.workload import (
     WorkloadState,
 )
 from checkpointer.errors import CheckpointerError, WorkloadExists, WorkloadNotFound
-from checkpointer.restore_policy import RestorePolicy, Streak
+from checkpointer.restore_policy import Streak
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ The caller holds the workload's lock, saves the registry and watches the new PID
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload, WorkloadState
 from checkpointer.errors import RestoreFailed
 from checkpointer.workloads import process
-from checkpointer.workloads.logs import LogPump, ensure_fifo
+from checkpointer.workloads.logs import LogPump, open_for_workload
 from storage import CheckpointNotFound, Repository, StorageError
 from storage.errors import StorageAccessError, TransientStorageError
 
@@ -211,14 +212,23 @@ class RestorePipeline:
     def criu_restore(
         self, w: Workload, checkpoint_id: str, images: Path, reason: str
     ) -> tuple[int, RestoreStats]:
+        inherit: list[tuple[int, str]] = []
         if w.managed:
-            ensure_fifo(self.logs.fifo(w.name))
-            self.pump.attach(w.name, self.logs.fifo(w.name), self.logs.log(w.name))
+            fifo = self.logs.fifo(w.name)
+            self.pump.attach(w.name, fifo, self.logs.log(w.name))
+            # The image names the FIFO of the host that took it (its state_dir): CRIU gets
+            # this host's FIFO for that path instead (CRIU names a file by its path without
+            # the leading slash), so a checkpoint restores on any host.
+            dumped = self._dumped_fifo(w, checkpoint_id) or str(fifo)
+            inherit.append((open_for_workload(fifo), dumped.lstrip("/")))
         try:
-            pid, stats = self.criu.restore(images, w.dump_options(), w.name)
+            pid, stats = self.criu.restore(images, w.dump_options(), w.name, inherit)
         except CriuError as e:
             w.last_error = str(e)
             raise
+        finally:
+            for fd, _ in inherit:
+                os.close(fd)
         w.pid, w.started = pid, process.start_time(pid)
         w.state, w.exit_status, w.last_error, w.failed_reason = (
             WorkloadState.RUNNING,
@@ -227,3 +237,12 @@ class RestorePipeline:
             None,
         )
         return pid, stats
+
+    def _dumped_fifo(self, w: Workload, checkpoint_id: str) -> str | None:
+        """The log FIFO path recorded with the checkpoint (absent before 2026-12)."""
+        try:
+            spec = self.repo.info(w.name, checkpoint_id).metadata.get("spec") or {}
+        except StorageError:
+            return None
+        path = spec.get("log_fifo") if isinstance(spec, dict) else None
+        return path if isinstance(path, str) and path.startswith("/") and "\n" not in path else None

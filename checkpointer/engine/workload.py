@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from checkpointer.config import CriuOptions, Retention
+from checkpointer.config import CriuOptions, RestorePolicy, Retention
 from checkpointer.criu import DumpOptions
 from checkpointer.engine.kept_image import KeptImage
-from checkpointer.restore_policy import RestorePolicy, Streak
+from checkpointer.restore_policy import Streak
 from checkpointer.workloads import process
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class Workload:
         return self.kind is WorkloadKind.MANAGED
 
     def dump_options(self) -> DumpOptions:
-        return DumpOptions(**self.criu.model_dump())
+        opts = self.criu.model_dump()
+        opts["extra_options"] = tuple(opts["extra_options"])
+        return DumpOptions(**opts)
 
     def alive(self) -> bool:
         return self.pid is not None and process.is_alive(self.pid, self.started)

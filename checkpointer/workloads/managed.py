@@ -13,6 +13,21 @@ from checkpointer.workloads.logs import open_for_workload
 
 _LAUNCHER = Path(__file__).with_name("launch.py")
 
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
+"""A managed workload's whole environment, before its own `env`. Nothing comes from the
+daemon's environment: it may hold credentials (AWS_* for the repository), and a workload's
+environment is readable in /proc/PID/environ and is saved in every checkpoint image. HOME is
+root's because workloads run as root, and many programs expect a HOME."""
+
+
+def workload_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment a managed workload starts with: BASE_ENV, then its own `env` on top."""
+    return {**BASE_ENV, **env}
+
 
 def launch(name: str, command: list[str], cwd: Path | None, env: dict[str, str], fifo: Path) -> int:
     """Start `command`; return the host PID of the tree's root (PID 1 of its namespace)."""
@@ -29,7 +44,7 @@ def launch(name: str, command: list[str], cwd: Path | None, env: dict[str, str],
             stderr=out_fd,
             pass_fds=(status_w,),
             cwd=cwd,
-            env={**os.environ, **env},
+            env=workload_env(env),
             start_new_session=True,
         )
         os.close(status_w)

@@ -61,18 +61,6 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def is_pidns_init(pid: int) -> bool:
-    """Whether `pid` is PID 1 of a PID namespace of its own (how managed workloads run)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                ids = line.split()[1:]
-                return len(ids) > 1 and ids[-1] == "1"
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return False
-
-
 def teardown(root: int, started: int | None, timeout: float = 10.0) -> list[int]:
     """SIGKILL the whole tree under `root` and wait until none of its PIDs is left.
 
@@ -105,3 +93,10 @@ def tree_rss(root: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def describe_exit(status: int) -> str:
+    """A wait status as a person reads it."""
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -56,9 +56,6 @@ class Reaper:
         self._wake.set()
         self._thread.join(timeout=5)
 
-    def reap_now(self) -> None:
-        self._wake.set()
-
     def _loop(self) -> None:
         while not self._stop.is_set():
             # SIGCHLD wakes us at once; the timeout is a safety net for a lost signal.

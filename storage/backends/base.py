@@ -15,6 +15,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
+from storage.errors import ConditionalWritesUnsupported
+
 
 class BlobStore(ABC):
     """Bytes by key. Keys are '/'-separated relative paths of safe characters."""
@@ -24,8 +26,12 @@ class BlobStore(ABC):
         """Store `data` under `key`, atomically and durably; raise BlobExists if it is taken."""
 
     @abstractmethod
-    def get(self, key: str) -> bytes:
-        """Return the whole blob; raise BlobNotFound if there is none."""
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """Return the whole blob; raise BlobNotFound if there is none.
+
+        With `limit`, a blob larger than `limit` bytes raises BlobTooLarge before it is read:
+        sizes in a shared bucket are chosen by whoever writes it, and must not make a host
+        allocate what they say."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:
@@ -38,6 +44,17 @@ class BlobStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""
+
+    def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
+        """The blob and its version (an ETag); BlobNotFound if there is none."""
+        raise ConditionalWritesUnsupported(f"{self.describe()} has no conditional writes")
+
+    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+        """Write `data` only if the blob is still at version `match` (None: only if there is
+        no blob); return the new version. PreconditionFailed if it is not. The one write that
+        replaces a blob: leases are renewed and handed over in place, and two hosts racing
+        for one are told apart by the store, not by their clocks."""
+        raise ConditionalWritesUnsupported(f"{self.describe()} has no conditional writes")
 
     def check(self) -> None:
         """Raise a clear StorageError if the store cannot be used at all (credentials, bucket).

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 from storage.backends.base import BlobStore
-from storage.errors import BlobExists, BlobNotFound, StorageError
+from storage.errors import BlobExists, BlobNotFound, PreconditionFailed, StorageError, too_large
 
 _TMP_PREFIX = ".tmp-"
 
@@ -59,11 +61,44 @@ class LocalBlobStore(BlobStore):
                 os.unlink(tmp)
         _fsync_dir(final.parent)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError as e:
             raise BlobNotFound(f"blob {key} not found in {self.root}") from e
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            if limit is not None and size > limit:
+                raise too_large(key, size, limit)
+            return f.read()
+
+    def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
+        data = self.get(key, limit)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+        """Compare and replace under an flock of the folder: atomic among processes of hosts
+        that share this file system's locks (one host, in practice)."""
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = os.open(self.root / f"{_TMP_PREFIX}conditional.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current: str | None = hashlib.sha256(final.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != match:
+                raise PreconditionFailed(f"{key} changed since it was read")
+            tmp = final.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            return hashlib.sha256(data).hexdigest()
+        finally:
+            os.close(lock)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

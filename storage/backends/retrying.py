@@ -7,7 +7,7 @@ botocore's own retries are turned off in the S3 backend so that attempts do not 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 from tenacity import (
@@ -20,13 +20,14 @@ from tenacity import (
 )
 
 from storage.backends.base import BlobStore
+from storage.backends.wrapper import WrappedBlobStore
 from storage.errors import TransientStorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RetryingBlobStore(BlobStore):
+class RetryingBlobStore(WrappedBlobStore):
     def __init__(
         self,
         inner: BlobStore,
@@ -36,7 +37,7 @@ class RetryingBlobStore(BlobStore):
         max_wait: float = 10.0,
         on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.attempts = attempts
         self.max_delay = max_delay
         self.initial_wait = initial_wait
@@ -44,10 +45,7 @@ class RetryingBlobStore(BlobStore):
         self.on_retry = on_retry
         self.retries = 0
 
-    def describe(self) -> str:
-        return self.inner.describe()
-
-    def _call(self, op: str, fn: Callable[[], T]) -> T:
+    def around(self, op: str, fn: Callable[[], T]) -> T:
         def before_sleep(state: RetryCallState) -> None:
             self.retries += 1
             if self.on_retry:
@@ -69,22 +67,3 @@ class RetryingBlobStore(BlobStore):
             before_sleep=before_sleep,
         )
         return retrying(fn)
-
-    def check(self) -> None:
-        self._call("check", self.inner.check)
-
-    def put(self, key: str, data: bytes) -> None:
-        self._call("put", lambda: self.inner.put(key, data))
-
-    def get(self, key: str) -> bytes:
-        return self._call("get", lambda: self.inner.get(key))
-
-    def exists(self, key: str) -> bool:
-        return self._call("exists", lambda: self.inner.exists(key))
-
-    def list(self, prefix: str) -> Iterator[str]:
-        # Listing is retried as a whole: a half-read listing is never returned.
-        return iter(self._call("list", lambda: list(self.inner.list(prefix))))
-
-    def delete(self, key: str) -> None:
-        self._call("delete", lambda: self.inner.delete(key))

@@ -24,9 +24,12 @@ from storage.backends.base import BlobStore
 from storage.errors import (
     BlobExists,
     BlobNotFound,
+    BlobTooLarge,
+    PreconditionFailed,
     StorageAccessError,
     StorageError,
     TransientStorageError,
+    too_large,
 )
 
 _ACCESS_CODES = {
@@ -172,12 +175,41 @@ class S3BlobStore(BlobStore):
         except Exception as e:
             raise self._translate(e, "list", self.prefix) from e
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        return self.get_versioned(key, limit)[0]
+
+    def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         try:
             r = self.client.get_object(Bucket=self.s.bucket, Key=self._key(key))
-            return bytes(r["Body"].read())
+            size = int(r.get("ContentLength", 0))
+            if limit is not None and size > limit:
+                r["Body"].close()
+                raise too_large(key, size, limit)
+            return bytes(r["Body"].read()), str(r["ETag"])
+        except BlobTooLarge:
+            raise
         except Exception as e:
             raise self._translate(e, "get", key) from e
+
+    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+        args: dict[str, Any] = {
+            "Bucket": self.s.bucket,
+            "Key": self._key(key),
+            "Body": data,
+            **self._extra(),
+        }
+        if match is None:
+            args["IfNoneMatch"] = "*"
+        else:
+            args["IfMatch"] = match
+        try:
+            return str(self.client.put_object(**args)["ETag"])
+        except Exception as e:
+            err = self._translate(e, "conditional put", key)
+            if isinstance(err, BlobExists | BlobNotFound):
+                # 412 (changed, or exists), or 404 (If-Match on a key that is gone)
+                raise PreconditionFailed(f"{key} changed since it was read") from e
+            raise err from e
 
     def exists(self, key: str) -> bool:
         try:

@@ -53,7 +53,6 @@ class SpooledBlobStore(BlobStore):
             (int(p.name) for p in self.queue_dir.iterdir() if p.name.isdigit()), default=0
         )
         self.online = True
-        self.last_error: str | None = None
         self._stop = False
         self._pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="upload")
         self._thread = threading.Thread(target=self._upload_loop, name="uploader", daemon=True)
@@ -68,12 +67,12 @@ class SpooledBlobStore(BlobStore):
         self.cache.put(key, data)  # BlobExists here: a local writer already has it
         self._enqueue("P", key)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self.cache.get(key)
+            return self.cache.get(key, limit)
         except BlobNotFound:
             pass
-        data = self.remote.get(key)
+        data = self.remote.get(key, limit)
         with contextlib.suppress(BlobExists, StorageError, OSError):
             self.cache.put(key, data)
         self._trim_cache()
@@ -175,14 +174,14 @@ class SpooledBlobStore(BlobStore):
             except StorageError as e:
                 if self.online:
                     log.error("remote storage unreachable, checkpoints are spooled locally: %s", e)
-                self.online, self.last_error = False, str(e)
+                self.online = False
                 with self._lock:
                     self._wake.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             if not self.online:
                 log.info("remote storage is back: uploading the spooled checkpoints")
-            self.online, self.last_error, backoff = True, None, 1.0
+            self.online, backoff = True, 1.0
             with self._lock:
                 for path, _, _ in batch:
                     path.unlink(missing_ok=True)

@@ -1,0 +1,191 @@
+"""How the CLI shows results: tables, one-line summaries, sizes, times and progress bars.
+
+`--json` bypasses all of this (see `emit`): the reports are printed as the daemon sent them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from checkpointer.api import (
+    CheckpointEntry,
+    CheckpointReport,
+    PinReport,
+    PruneReport,
+    RestoreReport,
+    StatusReport,
+    UnregisterReport,
+    VerifyReport,
+)
+from checkpointer.cli.client import ProgressCallback
+from checkpointer.config.durations import format_duration
+
+if TYPE_CHECKING:
+    from checkpointer.doctor import Check
+
+out = Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
+    """Print `data` as JSON with --json, else call `human` to render it."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human()
+
+
+@contextlib.contextmanager
+def progress(as_json: bool, label: str) -> Iterator[ProgressCallback | None]:
+    """A progress bar on a terminal (not with --json, not in a pipe)."""
+    if as_json or not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def short_time(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso).strftime("%H:%M:%S")
+
+
+def created(iso: str) -> str:
+    """An ISO timestamp as `YYYY-MM-DD HH:MM:SS`."""
+    return iso[:19].replace("T", " ")
+
+
+def started(name: str, r: StatusReport) -> None:
+    click.echo(f"started {name}: pid {r['pid']}")
+
+
+def registered(name: str, r: StatusReport) -> None:
+    click.echo(f"registered {name}: pid {r['pid']}")
+
+
+def unregistered(name: str, r: UnregisterReport) -> None:
+    click.echo(f"unregistered {name}" + (" and stopped its processes" if r["stopped"] else ""))
+
+
+def status_table(rows: Sequence[StatusReport]) -> None:
+    if not rows:
+        click.echo("no workloads registered")
+        return
+    t = Table(
+        "NAME", "KIND", "STATE", "PID", "SCHEDULE", "LAST CHECKPOINT", "AGE", "NEXT", "PROBLEM"
+    )
+    for r in rows:
+        age = r["last_checkpoint_age_seconds"]
+        state = r["state"] + (f" ({r['exit_status']})" if r["exit_status"] else "")
+        t.add_row(
+            r["name"],
+            r["kind"],
+            state,
+            str(r["pid"] or "-"),
+            r["schedule"],
+            r["last_checkpoint"] or "-",
+            format_duration(age) if age else "-",
+            short_time(r["next_checkpoint"]),
+            r["last_error"] or "",
+        )
+    out.print(t)
+
+
+def checkpointed(r: CheckpointReport) -> None:
+    click.echo(
+        f"{r['id']}  {mb(r['size_bytes'])} image, {mb(r['new_bytes'])} newly stored, "
+        f"frozen {r['dump_stats']['frozen_time'] * 1000:.0f} ms, "
+        f"total {r['duration_seconds']:.2f} s"
+    )
+
+
+def checkpoints_table(name: str, rows: Sequence[CheckpointEntry]) -> None:
+    if not rows:
+        click.echo(f"{name} has no checkpoints")
+        return
+    t = Table("ID", "CREATED (UTC)", "IMAGE", "NEW", "FROZEN")
+    for r in rows:
+        frozen = r["frozen_seconds"]
+        t.add_row(
+            r["id"],
+            created(r["created"]),
+            mb(r["size_bytes"]),
+            mb(r["new_bytes"]),
+            f"{frozen * 1000:.0f} ms" if frozen else "-",
+        )
+    out.print(t)
+
+
+def restored(name: str, r: RestoreReport) -> None:
+    click.echo(
+        f"restored {name} from {r['checkpoint']}: pid {r['pid']} in {r['duration_seconds']:.2f} s"
+    )
+
+
+def rolled_back(name: str, r: RestoreReport) -> None:
+    click.echo(f"rolled {name} back to {r['checkpoint']}: pid {r['pid']}")
+
+
+def prune_report(r: PruneReport, dry_run: bool) -> None:
+    t = Table("WORKLOAD", "ID", "CREATED (UTC)", "ACTION", "WHY")
+    for c in r["checkpoints"]:
+        action = c["action"] if not dry_run or c["action"] == "keep" else "would remove"
+        t.add_row(c["workload"], c["id"], created(c["created"]), action, ", ".join(c["reasons"]))
+    out.print(t)
+    gc = r["gc"]
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"garbage collection: {verb} {gc['deleted_packs']} unreferenced pack(s); "
+        f"{gc['kept_young_unreferenced']} kept as younger than the grace period"
+    )
+
+
+def verified(name: str, r: VerifyReport) -> None:
+    click.echo(
+        f"{r['id']} of {name}: ok, {r['chunks']} chunks ({mb(r['size_bytes'])}) verified "
+        f"in {r['duration_seconds']:.2f} s"
+    )
+
+
+def pinned(name: str, checkpoint_id: str, r: PinReport) -> None:
+    click.echo(f"{'pinned' if r['pinned'] else 'unpinned'} {checkpoint_id} of {name}")
+
+
+def doctor_table(checks: Sequence[Check]) -> None:
+    t = Table("CHECK", "RESULT", "DETAIL", "FIX")
+    for c in checks:
+        mark = "ok" if c.ok else ("FAIL" if c.required else "missing")
+        t.add_row(c.name, mark, c.detail, c.fix)
+    out.print(t)

@@ -1,0 +1,157 @@
+"""Every kind of object a repository stores, and the one place that builds and parses its key.
+
+restic's `FileType` is the model: a key spelled in several modules is several places to get
+wrong, and a key read back from a listing is input from whoever can write the bucket, so it is
+parsed strictly here (a name that does not parse is not ours and is ignored by listings).
+
+    config                              the sealed repository config (encrypted repositories)
+    keys/<key id>                       the master key wrapped by one access key
+    manifests/<workload>/<id>.json      a checkpoint: the commit point, written last
+    packs/<xx>/<pack id>.pack           chunks, compressed (and sealed)
+    packs/<xx>/<pack id>.idx            the pack's index, written after its pack
+    pins/<workload>/<id>                a checkpoint retention must keep
+    leases/<workload>                   which host owns the workload (storage/leases.py)
+    hosts/<host id>                     a host's heartbeat
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from storage.manifest import check_workload_name, is_checkpoint_id
+
+_PACK_ID_RE = re.compile(r"[0-9a-f]{8}[0-9a-f]{24}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{8,32}")
+
+CONFIG = "config"
+MANIFESTS = "manifests/"
+PACKS = "packs/"
+PINS = "pins/"
+KEYS = "keys/"
+LEASES = "leases/"
+HOSTS = "hosts/"
+_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+class FileType(StrEnum):
+    """The kinds of stored object."""
+
+    CONFIG = "config"
+    """The sealed repository config: proves a master key is this repository's."""
+    KEY = "key"
+    """The master key wrapped by one access key (restic's key files)."""
+    MANIFEST = "manifest"
+    """A checkpoint: its files as chunk lists, its packs, its metadata. Written last."""
+    PACK = "pack"
+    """Compressed chunks of one commit, one zstd frame each."""
+    INDEX = "index"
+    """Where each chunk of a pack lies; written after the pack, so it names a whole pack."""
+    PIN = "pin"
+    """A checkpoint that retention keeps whatever its rules say."""
+    LEASE = "lease"
+    """Which host owns a workload, replaced only with conditional writes."""
+    HOST = "host"
+    """A host's heartbeat: which hosts of the fleet are alive."""
+
+
+@dataclass(frozen=True)
+class ObjectName:
+    """A parsed key: its type and the names in it (workload and id, pack id or key id)."""
+
+    type: FileType
+    id: str = ""
+    workload: str = ""
+
+
+def manifest_key(workload: str, checkpoint_id: str) -> str:
+    return f"{MANIFESTS}{workload}/{checkpoint_id}.json"
+
+
+def manifests_of(workload: str) -> str:
+    """The listing prefix of a workload's manifests."""
+    return f"{MANIFESTS}{check_workload_name(workload)}/"
+
+
+def pack_key(pack_id: str) -> str:
+    return f"{PACKS}{pack_id[-2:]}/{pack_id}.pack"
+
+
+def index_key(pack_id: str) -> str:
+    return f"{PACKS}{pack_id[-2:]}/{pack_id}.idx"
+
+
+def pin_key(workload: str, checkpoint_id: str) -> str:
+    return f"{PINS}{workload}/{checkpoint_id}"
+
+
+def pins_of(workload: str) -> str:
+    return f"{PINS}{check_workload_name(workload)}/"
+
+
+def key_key(key_id: str) -> str:
+    return f"{KEYS}{key_id}"
+
+
+def lease_key(workload: str) -> str:
+    return f"{LEASES}{workload}"
+
+
+def host_key(host_id: str) -> str:
+    return f"{HOSTS}{check_host_id(host_id)}"
+
+
+def check_host_id(host_id: str) -> str:
+    """Host ids become keys: the workload names' alphabet."""
+    if not _HOST_RE.fullmatch(host_id):
+        raise ValueError(
+            f"invalid host id {host_id!r}: use 1-63 letters, digits, '_', '.', '-' (host.id)"
+        )
+    return host_id
+
+
+def is_pack_id(text: str) -> bool:
+    return bool(_PACK_ID_RE.fullmatch(text))
+
+
+def parse(key: str) -> ObjectName | None:
+    """The object a key names, or None if it is none of ours (never trust a listing)."""
+    if key == CONFIG:
+        return ObjectName(FileType.CONFIG)
+    parts = key.split("/")
+    if len(parts) == 2 and parts[0] + "/" == KEYS and _KEY_ID_RE.fullmatch(parts[1]):
+        return ObjectName(FileType.KEY, parts[1])
+    if len(parts) == 2 and parts[0] + "/" == HOSTS and _HOST_RE.fullmatch(parts[1]):
+        return ObjectName(FileType.HOST, parts[1])
+    if len(parts) == 2 and parts[0] + "/" == LEASES:
+        try:
+            return ObjectName(FileType.LEASE, workload=check_workload_name(parts[1]))
+        except ValueError:
+            return None
+    if len(parts) != 3:
+        return None
+    top, middle, name = parts[0] + "/", parts[1], parts[2]
+    if top == PACKS:
+        stem, dot, ext = name.rpartition(".")
+        if dot and is_pack_id(stem) and middle == stem[-2:]:
+            if ext == "pack":
+                return ObjectName(FileType.PACK, stem)
+            if ext == "idx":
+                return ObjectName(FileType.INDEX, stem)
+        return None
+    try:
+        check_workload_name(middle)
+    except ValueError:
+        return None
+    if top == MANIFESTS and name.endswith(".json") and is_checkpoint_id(name[: -len(".json")]):
+        return ObjectName(FileType.MANIFEST, name[: -len(".json")], middle)
+    if top == PINS and is_checkpoint_id(name):
+        return ObjectName(FileType.PIN, name, middle)
+    return None
+
+
+def parse_as(key: str, kind: FileType) -> ObjectName | None:
+    """`parse`, keeping only objects of one kind."""
+    name = parse(key)
+    return name if name is not None and name.type is kind else None

@@ -1,0 +1,302 @@
+"""Leases: which host owns each workload, kept in the bucket with conditional writes.
+
+A lease is one object per workload, `leases/<workload>`, sealed like every other object. It
+is only ever replaced with `put_if` (If-Match on the version read; If-None-Match for the first
+one), so when two hosts race for it, the store lets exactly one of them win, whatever their
+clocks say. Each new owner takes the next `generation`: the fencing token that checkpoints
+record, so that a checkpoint committed by a host that lost the lease without knowing it (it
+was partitioned or paused) is never restored by the new owner (`may_restore`).
+
+Expiry is the holder's clock plus the TTL. Another host treats a lease as expired only once
+its own clock is past `expires + skew`; the holder stops acting on it before `expires - skew`.
+Clocks drifting apart by less than `skew` therefore never let two hosts both act as owner.
+
+Hosts also keep a heartbeat object, `hosts/<host id>`, replaced the same way: `live_hosts`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+
+from storage.backends.base import BlobStore
+from storage.crypto import Codec
+from storage.errors import (
+    BlobExists,
+    BlobNotFound,
+    ConditionalWritesUnsupported,
+    CorruptCheckpoint,
+    PreconditionFailed,
+    StorageError,
+)
+from storage.keys import HOSTS, LEASES, FileType, host_key, lease_key, parse_as
+from storage.manifest import check_workload_name
+
+_MAX_BYTES = 16 * 1024
+PROBE = "fleet-probe"
+
+
+class LeaseState(StrEnum):
+    """What the holder does with the workload."""
+
+    HELD = "held"
+    """The holder runs and checkpoints it."""
+    HANDED = "handed"
+    """Migrated: the previous holder stopped it; the holder named restores it and takes it."""
+    RELEASED = "released"
+    """Nobody runs it (unregistered): any host may take it."""
+
+
+class LeaseHeld(StorageError):
+    """Another host holds the lease."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(
+            f"workload {lease.workload} is owned by host {lease.holder} "
+            f"(lease generation {lease.generation}, {lease.state})"
+        )
+        self.lease = lease
+
+
+class LeaseLost(StorageError):
+    """Our lease was taken over or changed: we are no longer the owner."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    workload: str
+    holder: str
+    generation: int
+    expires: float
+    state: LeaseState = LeaseState.HELD
+    previous_holder: str | None = None
+    newest_before: str | None = None  # the newest checkpoint when this generation began
+
+    def expired(self, now: float, skew: float) -> bool:
+        return now > self.expires + skew
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": 1, **asdict(self)}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, workload: str) -> Lease:
+        try:
+            d = json.loads(raw)
+            lease = cls(
+                workload=str(d["workload"]),
+                holder=str(d["holder"]),
+                generation=int(d["generation"]),
+                expires=float(d["expires"]),
+                state=LeaseState(d["state"]),
+                previous_holder=d.get("previous_holder"),
+                newest_before=d.get("newest_before"),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpoint(f"the lease of {workload} is unreadable ({e})") from e
+        if lease.workload != workload:
+            raise CorruptCheckpoint(f"the lease of {workload} names {lease.workload}")
+        return lease
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lease as this host last wrote or read it, with the version to replace it by."""
+
+    lease: Lease
+    version: str
+
+
+def may_restore(lease: Lease, checkpoint_id: str, generation: int | None) -> bool:
+    """Whether the owner under `lease` may restore this checkpoint: one taken under its own
+    generation, or one that existed when that generation began. A checkpoint an older owner
+    committed after losing the lease is neither."""
+    if generation == lease.generation:
+        return True
+    if generation is not None and generation > lease.generation:
+        return False
+    return lease.newest_before is not None and checkpoint_id <= lease.newest_before
+
+
+class Leases:
+    """The lease objects of one repository, read and written through its codec."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        codec: Codec,
+        host: str,
+        ttl: float = 30.0,
+        skew: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.codec = codec
+        self.host = host
+        self.ttl = ttl
+        self.skew = skew
+        self.clock = clock
+
+    # -- reading -----------------------------------------------------------------------
+
+    def read(self, workload: str) -> Held | None:
+        key = lease_key(check_workload_name(workload))
+        try:
+            blob, version = self.store.get_versioned(key, _MAX_BYTES)
+        except BlobNotFound:
+            return None
+        return Held(Lease.from_json(self.codec.open(key, blob), workload), version)
+
+    def all(self) -> list[Held]:
+        out = []
+        for key in self.store.list(LEASES):
+            name = parse_as(key, FileType.LEASE)
+            if name is None:
+                continue
+            try:
+                held = self.read(name.workload)
+            except CorruptCheckpoint:
+                continue  # planted or damaged: it leases nothing
+            if held is not None:
+                out.append(held)
+        return out
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _write(self, lease: Lease, version: str | None) -> Held:
+        key = lease_key(lease.workload)
+        new = self.store.put_if(key, self.codec.seal(key, lease.to_json()), version)
+        return Held(lease, new)
+
+    def acquire(self, workload: str, newest: str | None, taking_over: bool = False) -> Held:
+        """Take the lease if it is free (none yet, released, expired, or handed to us) or
+        already ours; raise LeaseHeld if another host holds it. `newest` is the newest
+        checkpoint now: what this generation may restore besides its own."""
+        current = self.read(workload)
+        if current is not None:
+            lease = current.lease
+            mine = lease.holder == self.host
+            free = (
+                lease.state is LeaseState.RELEASED
+                or lease.expired(self.clock(), self.skew)
+                or (lease.state is LeaseState.HANDED and mine)
+            )
+            if mine and lease.state is LeaseState.HELD:
+                return self.renew(current)
+            if not free:
+                raise LeaseHeld(lease)
+            if taking_over and not lease.expired(self.clock(), self.skew):
+                raise LeaseHeld(lease)
+        generation = current.lease.generation + 1 if current else 1
+        lease = Lease(
+            workload,
+            self.host,
+            generation,
+            self.clock() + self.ttl,
+            LeaseState.HELD,
+            previous_holder=current.lease.holder if current else None,
+            newest_before=newest,
+        )
+        try:
+            return self._write(lease, current.version if current else None)
+        except PreconditionFailed as e:
+            won = self.read(workload)  # a retried write of ours may have landed already
+            if won is not None and won.lease == lease:
+                return won
+            raise LeaseHeld(won.lease if won else lease) from e
+
+    def renew(self, held: Held) -> Held:
+        lease = replace(held.lease, expires=self.clock() + self.ttl)
+        return self._replace(held, lease)
+
+    def hand_over(self, held: Held, to: str) -> Held:
+        lease = replace(
+            held.lease,
+            holder=to,
+            state=LeaseState.HANDED,
+            previous_holder=self.host,
+            expires=self.clock() + self.ttl,
+        )
+        return self._replace(held, lease)
+
+    def release(self, held: Held) -> None:
+        self._replace(held, replace(held.lease, state=LeaseState.RELEASED))
+
+    def _replace(self, held: Held, lease: Lease) -> Held:
+        try:
+            return self._write(lease, held.version)
+        except PreconditionFailed as e:
+            now = self.read(lease.workload)
+            if now is not None and now.lease == lease:
+                return now  # our own write, retried after a lost answer
+            raise LeaseLost(
+                f"the lease of {lease.workload} changed under us"
+                + (f": now held by {now.lease.holder}" if now else ": it is gone")
+            ) from e
+
+    # -- hosts -------------------------------------------------------------------------
+
+    def heartbeat(self, version: str | None) -> str:
+        """Write this host's heartbeat; returns its new version (pass it next time)."""
+        key = host_key(self.host)
+        doc = json.dumps({"host": self.host, "seen": self.clock(), "ttl": self.ttl}).encode()
+        try:
+            return self.store.put_if(key, self.codec.seal(key, doc), version)
+        except PreconditionFailed:
+            _, current = self.store.get_versioned(key, _MAX_BYTES)
+            return self.store.put_if(key, self.codec.seal(key, doc), current)
+
+    def live_hosts(self) -> dict[str, float]:
+        """Host id -> when it was last seen, for hosts seen within their TTL."""
+        out: dict[str, float] = {}
+        now = self.clock()
+        for key in self.store.list(HOSTS):
+            name = parse_as(key, FileType.HOST)
+            if name is None:
+                continue
+            try:
+                blob, _ = self.store.get_versioned(key, _MAX_BYTES)
+                doc = json.loads(self.codec.open(key, blob))
+                seen, ttl = float(doc["seen"]), float(doc["ttl"])
+            except (BlobNotFound, CorruptCheckpoint, ValueError, KeyError, TypeError):
+                continue
+            if doc.get("host") == name.id and now <= seen + ttl + self.skew:
+                out[name.id] = seen
+        return out
+
+
+def probe_conditional_writes(store: BlobStore) -> None:
+    """Refuse a store that accepts conditional writes but does not enforce them (seen: s3rver
+    3.7 overwrites on a wrong If-Match): two hosts could then both take one lease."""
+    what = store.describe()
+    try:
+        try:
+            version = store.put_if(PROBE, b"probe", None)
+        except PreconditionFailed:
+            _, version = store.get_versioned(PROBE)
+        else:
+            try:
+                store.put_if(PROBE, b"again", None)
+            except PreconditionFailed:
+                pass
+            else:
+                raise ConditionalWritesUnsupported(
+                    f"{what} overwrote an existing object on a create-only put "
+                    "(If-None-Match: *): it cannot keep leases; run this host without fleet"
+                )
+        try:
+            store.put_if(PROBE, b"wrong", '"0000000000000000000000000000000"')
+        except PreconditionFailed:
+            pass
+        else:
+            raise ConditionalWritesUnsupported(
+                f"{what} accepted a put with a wrong If-Match: it cannot keep leases; run this "
+                "host without fleet"
+            )
+        store.put_if(PROBE, b"probe", version)
+    except PreconditionFailed:
+        pass  # another host probed at the same moment: it was enforced
+    except BlobExists as e:
+        raise ConditionalWritesUnsupported(f"{what}: conditional writes misbehave ({e})") from e

@@ -1,0 +1,141 @@
+"""A real checkpointer daemon on a private state folder, driven through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.host import require_root_and_criu
+from tests.support.net import free_port
+from tests.support.paths import CLI, ROOT
+from tests.support.processes import kill_tree, start_time
+
+
+class Daemon:
+    """A checkpointer daemon on its own state folder, and the CLI pointed at it. Fails the test
+    at once unless it runs as root with criu installed."""
+
+    def __init__(
+        self,
+        base: Path,
+        extra_config: str = "",
+        key_file: Path | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        """`key_file`: the repository's access key (default BASE/repository.key, made by the
+        daemon with a new repository); hosts sharing one repository pass the same file.
+        `state_dir`: the state folder (default BASE/state). `prefix` (set before start()) is
+        put before the daemon's and the CLI's commands, e.g. an nsenter into namespaces."""
+        require_root_and_criu()
+        self.base = base
+        self.state = state_dir or base / "state"
+        self.config = base / "config.yaml"
+        self.key_file = key_file or base / "repository.key"
+        self.metrics_port = free_port()
+        metrics = "" if "metrics:" in extra_config else f"metrics:\n  port: {self.metrics_port}\n"
+        key = f"  key_file: {self.key_file}\n"
+        if "storage:\n" in extra_config:
+            extra_config = extra_config.replace("storage:\n", "storage:\n" + key, 1)
+        else:
+            extra_config += "\nstorage:\n" + key
+        self.config.write_text(f"state_dir: {self.state}\n{metrics}{extra_config}")
+        self.log = base / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
+        self.args: list[str] = []
+        self.prefix: list[str] = []
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.prefix, *CLI, "daemon", "--config", str(self.config), *self.args],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                start_new_session=True,
+                env={**os.environ, **self.env},
+            )
+        deadline = time.monotonic() + 20
+        while self.cli("status", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [*self.prefix, *CLI, args[0], "--config", str(self.config), *args[1:]]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} failed ({r.returncode}): {r.stderr}"
+                f"\n--- daemon log ---\n{self.log.read_text()[-4000:]}"
+            )
+        return r
+
+    def wait_for(self, name: str, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll `status NAME` until pred(status) holds; fail with the daemon's log if never."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(name)
+            if pred(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"status never matched: {st}\n--- daemon log ---\n"
+                    f"{self.log.read_text()[-4000:]}"
+                )
+            time.sleep(0.1)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.json("status", name)[0])
+
+    def pid(self, name: str) -> int:
+        return int(self.status(name)["pid"])
+
+    def checkpoint(self, name: str) -> str:
+        return str(self.json("checkpoint", name)["id"])
+
+    def drop_kept_images(self) -> None:
+        """Forget the newest images kept in tmpfs (as a reboot would): restores then read the
+        repository, which is what tests of repository damage need."""
+        from checkpointer.engine import tmpfs_scratch_root
+
+        shutil.rmtree(tmpfs_scratch_root(self.state) / "hot", ignore_errors=True)
+
+    def workload_log(self, name: str) -> str:
+        path = self.state / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop the daemon first (so it restores nothing more), then every workload it had."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self.kill_workloads()
+        from checkpointer.engine import tmpfs_scratch_root
+
+        shutil.rmtree(tmpfs_scratch_root(self.state), ignore_errors=True)
+
+    def kill_workloads(self) -> None:
+        registry = self.state / "workloads.json"
+        if not registry.exists():
+            return
+        for w in json.loads(registry.read_text())["workloads"]:
+            if w["pid"] and start_time(int(w["pid"])) == w["started"]:
+                kill_tree(int(w["pid"]))

@@ -1,0 +1,246 @@
+"""The command line itself: global options before the command name, and what commands print.
+
+No CRIU and no real daemon here: either no daemon at all (the error must name the socket), or
+a fake one on a Unix socket that answers each request with a canned report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpointer.config.durations import format_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "checkpointer.cli"]
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], code: int) -> str:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "No such option" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ckpt-cli-"))  # short: a socket path has ~107 bytes
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def config(base: Path, name: str) -> Path:
+    """A config whose socket is base/NAME.sock, where nothing listens unless a test serves."""
+    path = base / f"{name}.yaml"
+    path.write_text(f"state_dir: {base / 'state'}\nsocket: {base / name}.sock\n")
+    return path
+
+
+def test_config_before_the_command_is_the_same_as_after(base: Path) -> None:
+    cfg = config(base, "a")
+    for command in (("status",), ("list", "web"), ("checkpoint", "web"), ("prune",)):
+        before = cli("--config", cfg, *command)
+        after = cli(*command, "--config", cfg)
+        msg = one_line_error(before, code=1)
+        assert "daemon is not running" in msg and f"{base / 'a'}.sock" in msg
+        assert (after.returncode, after.stdout, after.stderr) == (
+            before.returncode,
+            before.stdout,
+            before.stderr,
+        )
+
+
+def test_missing_config_before_the_command(base: Path) -> None:
+    missing = base / "nonexistent.yaml"
+    before = cli("--config", missing, "status")
+    msg = one_line_error(before, code=2)
+    assert f"config file {missing} does not exist" in msg
+    assert cli("status", "--config", missing).stderr == before.stderr
+    msg = one_line_error(cli("--config", "/nonexistent", "status"), code=2)
+    assert "config file /nonexistent does not exist" in msg
+
+
+def test_option_after_the_command_wins(base: Path) -> None:
+    a, b = config(base, "a"), config(base, "b")
+    msg = one_line_error(cli("--config", a, "status", "--config", b), code=1)
+    assert f"{base / 'b'}.sock" in msg and f"{base / 'a'}.sock" not in msg
+    msg = one_line_error(cli("--config", base / "nonexistent.yaml", "status", "--config", a), 1)
+    assert f"{base / 'a'}.sock" in msg
+    msg = one_line_error(cli("--config", a, "status", "--config", base / "nonexistent.yaml"), 2)
+    assert "nonexistent.yaml does not exist" in msg
+
+
+class FakeDaemon:
+    """Answers each request on a Unix socket with the canned result for its op."""
+
+    def __init__(self, path: Path, results: dict[str, Any]) -> None:
+        self.requests: list[dict[str, Any]] = []
+        fake = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                req = json.loads(self.rfile.readline())
+                fake.requests.append(req)
+                reply = {"ok": True, "result": results[req["op"]]}
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+        self.server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+STATUS = [
+    {
+        "name": "web",
+        "kind": "managed",
+        "state": "running",
+        "pid": 4242,
+        "exit_status": None,
+        "command": ["sleep", "1000"],
+        "schedule": "every 30s",
+        "last_checkpoint": "20240501T120000Z-ab12",
+        "last_checkpoint_age_seconds": 90.0,
+        "next_checkpoint": "2024-05-01T12:02:00+00:00",
+        "last_error": None,
+        "failed_reason": None,
+        "restores": [],
+        "bad_checkpoints": [],
+        "log": None,
+        "busy": False,
+    }
+]
+RESULTS: dict[str, Any] = {
+    "status": STATUS,
+    "run": STATUS[0],
+    "checkpoint": {
+        "workload": "web",
+        "id": "20240501T120000Z-ab12",
+        "size_bytes": 12_345_678,
+        "new_bytes": 1_500_000,
+        "duration_seconds": 1.234,
+        "dump_stats": {"frozen_time": 0.0421},
+    },
+    "list": [
+        {
+            "id": "20240501T120000Z-ab12",
+            "created": "2024-05-01T12:00:00.123456+00:00",
+            "size_bytes": 12_345_678,
+            "new_bytes": 1_500_000,
+            "frozen_seconds": 0.0421,
+            "host": "h",
+        }
+    ],
+    "unregister": {"workload": "web", "stopped": True},
+    "pin": {"workload": "web", "id": "20240501T120000Z-ab12", "pinned": True},
+    "rollback": {
+        "workload": "web",
+        "checkpoint": "20240501T120000Z-ab12",
+        "pid": 4343,
+        "reason": "rollback",
+        "duration_seconds": 0.5,
+        "restore_stats": {},
+        "source": "repository",
+    },
+    "prune": {
+        "dry_run": True,
+        "checkpoints": [
+            {
+                "workload": "web",
+                "id": "20240501T120000Z-ab12",
+                "created": "2024-05-01T12:00:00+00:00",
+                "action": "remove",
+                "reasons": ["beyond keep_last 1"],
+            }
+        ],
+        "gc": {"deleted_packs": 3, "kept_young_unreferenced": 1, "referenced_packs": 7},
+    },
+}
+
+
+@pytest.fixture
+def fake(base: Path) -> Iterator[tuple[FakeDaemon, Path]]:
+    cfg = config(base, "fake")
+    d = FakeDaemon(base / "fake.sock", RESULTS)
+    try:
+        yield d, cfg
+    finally:
+        d.close()
+
+
+def test_json_before_the_command(fake: tuple[FakeDaemon, Path]) -> None:
+    d, cfg = fake
+    before = cli("--json", "--config", cfg, "status")
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout) == STATUS
+    assert cli("status", "--config", cfg, "--json").stdout == before.stdout
+    assert cli("--json", "status", "--config", cfg).stdout == before.stdout
+    assert cli("--config", cfg, "status", "--json").stdout == before.stdout
+    table = cli("--config", cfg, "status")
+    assert table.returncode == 0 and "NAME" in table.stdout and "web" in table.stdout
+    assert [r["op"] for r in d.requests] == ["status"] * 5
+    assert d.requests[0]["args"] == {"name": None}
+
+
+def test_json_before_a_command_that_does_not_report_is_a_usage_error(base: Path) -> None:
+    r = cli("--json", "daemon", "--config", config(base, "a"))
+    assert r.returncode == 2 and "--json does not apply to daemon" in r.stderr
+
+
+def test_what_commands_print(fake: tuple[FakeDaemon, Path]) -> None:
+    d, cfg = fake
+
+    def out(*args: str) -> str:
+        r = cli("--config", cfg, *args)  # before: `run NAME -- CMD` takes all that follows
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert out("run", "web", "--", "sleep", "1000") == "started web: pid 4242\n"
+    assert out("checkpoint", "web") == (
+        "20240501T120000Z-ab12  12.3 MB image, 1.5 MB newly stored, frozen 42 ms, total 1.23 s\n"
+    )
+    assert out("unregister", "web") == "unregistered web and stopped its processes\n"
+    assert out("pin", "web", "20240501T120000Z-ab12") == "pinned 20240501T120000Z-ab12 of web\n"
+    assert out("rollback", "web", "--back", "1") == (
+        "rolled web back to 20240501T120000Z-ab12: pid 4343\n"
+    )
+    listing = out("list", "web")
+    assert "2024-05-01 12:00:00" in listing and "12.3 MB" in listing and "42 ms" in listing
+    status = out("status")
+    assert "running" in status and "4242" in status and format_duration(90.0) in status
+    assert "12:02:00" in status
+    prune = out("prune", "--dry-run")
+    assert "would remove" in prune and "beyond keep_last 1" in prune
+    assert prune.endswith(
+        "garbage collection: would remove 3 unreferenced pack(s); "
+        "1 kept as younger than the grace period\n"
+    )
+    ops = [r["op"] for r in d.requests]
+    assert ops == ["run", "checkpoint", "unregister", "pin", "rollback", "list", "status", "prune"]
+    assert d.requests[3]["args"] == {
+        "name": "web",
+        "checkpoint_id": "20240501T120000Z-ab12",
+        "unpin": False,
+    }
