@@ -23,6 +23,8 @@ class Op(StrEnum):
     VERIFY = "verify"
     PIN = "pin"
     PING = "ping"
+    MIGRATE = "migrate"
+    HOSTS = "hosts"
 
 
 class RestoreAttemptReport(TypedDict):
@@ -50,6 +52,21 @@ class StatusReport(TypedDict):
     bad_checkpoints: list[str]
     log: str | None
     busy: bool
+    owner: str | None  # fleet: the host that holds its lease
+
+
+class MigrateReport(TypedDict):
+    workload: str
+    to: str
+    checkpoint: str
+    duration_seconds: float
+
+
+class HostReport(TypedDict):
+    host: str
+    last_seen: float
+    this_host: bool
+    workloads: list[str]
 
 
 class CheckpointReport(TypedDict):

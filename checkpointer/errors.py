@@ -67,3 +67,19 @@ class TeardownFailed(CheckpointerError):
     """Processes of a tree survived SIGKILL (stuck in the kernel)."""
 
     kind = "teardown-failed"
+
+
+class NotOwner(CheckpointerError):
+    """Another host of the fleet owns the workload (or this host's lease could not be kept)."""
+
+    kind = "not-owner"
+
+
+class MigrationFailed(CheckpointerError):
+    kind = "migration-failed"
+
+
+class FleetUnavailable(CheckpointerError):
+    """Fleet mode cannot run here: no S3, or a store that does not enforce conditional writes."""
+
+    kind = "fleet-unavailable"

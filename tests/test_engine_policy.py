@@ -37,7 +37,9 @@ class FakeCriu:
     def version(self) -> str:
         return "4.2.1"
 
-    def dump(self, pid: int, images: Path, options: DumpOptions, label: str) -> DumpStats:
+    def dump(
+        self, pid: int, images: Path, options: DumpOptions, label: str, final: bool = False
+    ) -> DumpStats:
         self.dumps += 1
         (images / "pages-1.img").write_bytes(bytes([self.dumps]) * 4096 * 4)
         (images / "core-1.img").write_bytes(b"core")

@@ -12,6 +12,8 @@ from typing import Any, cast
 from checkpointer.api import (
     CheckpointEntry,
     CheckpointReport,
+    HostReport,
+    MigrateReport,
     Op,
     PinReport,
     PruneReport,
@@ -138,3 +140,9 @@ class Client:
     def pin(self, name: str, checkpoint_id: str, unpin: bool) -> PinReport:
         result = call(self.path, Op.PIN, name=name, checkpoint_id=checkpoint_id, unpin=unpin)
         return cast(PinReport, result)
+
+    def migrate(self, name: str, to: str) -> MigrateReport:
+        return cast(MigrateReport, call(self.path, Op.MIGRATE, name=name, to=to))
+
+    def hosts(self) -> list[HostReport]:
+        return cast(list[HostReport], call(self.path, Op.HOSTS))

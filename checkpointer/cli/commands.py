@@ -329,6 +329,24 @@ def rollback(config: Config, as_json: bool, name: str, to: str | None, back: int
 
 @cli.command()
 @common()
+@click.argument("name")
+@click.option("--to", "to", required=True, help="the host id of the fleet to move it to")
+def migrate(config: Config, as_json: bool, name: str, to: str) -> None:
+    """Move NAME to another host of the fleet: final checkpoint, hand-over, stopped here."""
+    r = Client(config.socket_path).migrate(name, to)
+    show.emit(as_json, r, lambda: show.migrated(r))
+
+
+@cli.command()
+@common()
+def hosts(config: Config, as_json: bool) -> None:
+    """The fleet's live hosts and the workloads each owns."""
+    rows = Client(config.socket_path).hosts()
+    show.emit(as_json, rows, lambda: show.hosts_table(rows))
+
+
+@cli.command()
+@common()
 @click.argument("name", required=False)
 @click.option("--dry-run", is_flag=True, help="show what would be removed, remove nothing")
 def prune(config: Config, as_json: bool, name: str | None, dry_run: bool) -> None:

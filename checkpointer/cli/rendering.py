@@ -26,6 +26,8 @@ from rich.table import Table
 from checkpointer.api import (
     CheckpointEntry,
     CheckpointReport,
+    HostReport,
+    MigrateReport,
     PinReport,
     PruneReport,
     RestoreReport,
@@ -188,4 +190,20 @@ def doctor_table(checks: Sequence[Check]) -> None:
     for c in checks:
         mark = "ok" if c.ok else ("FAIL" if c.required else "missing")
         t.add_row(c.name, mark, c.detail, c.fix)
+    out.print(t)
+
+
+def migrated(r: MigrateReport) -> None:
+    click.echo(
+        f"{r['workload']} migrated to {r['to']} (final checkpoint {r['checkpoint']}, "
+        f"{r['duration_seconds']:.2f}s); it runs there now"
+    )
+
+
+def hosts_table(rows: Sequence[HostReport]) -> None:
+    t = Table("HOST", "LAST SEEN", "WORKLOADS")
+    for r in rows:
+        name = r["host"] + (" (this host)" if r["this_host"] else "")
+        seen = datetime.fromtimestamp(r["last_seen"]).astimezone().strftime("%H:%M:%S")
+        t.add_row(name, seen, ", ".join(r["workloads"]) or "-")
     out.print(t)

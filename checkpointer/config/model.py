@@ -7,6 +7,7 @@ same from any working directory.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval
 from checkpointer.criu.driver import check_extra_options
 from checkpointer.errors import ConfigError
 from storage import retention
+from storage.keys import check_host_id
 from storage.manifest import check_workload_name
 
 DEFAULT_CONFIG_PATHS = (Path("/etc/checkpointer/config.yaml"),)
@@ -222,6 +224,36 @@ class CriuConfig(_Strict):
     )
 
 
+class HostConfig(_Strict):
+    id: str = Field(default_factory=socket.gethostname, description="this host's name in the fleet")
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, v: str) -> str:
+        return check_host_id(v)
+
+
+class FleetConfig(_Strict):
+    """Several hosts on one bucket (README: Fleet). Needs S3 with conditional writes."""
+
+    enabled: bool = Field(False, description="one owner per workload, kept as a lease")
+    failover: bool = Field(False, description="take over workloads whose owner's lease expired")
+    lease_ttl: Interval = Field(30.0, description="a lease not renewed for this long expires")
+    renew_every: Interval = Field(10.0, description="leases renewed, hand-overs looked for")
+    clock_skew: Interval = Field(
+        5.0, description="clocks of the fleet's hosts differ by less than this"
+    )
+
+    @model_validator(mode="after")
+    def _renew_well_before_expiry(self) -> FleetConfig:
+        if self.renew_every + self.clock_skew >= self.lease_ttl:
+            raise ValueError(
+                "fleet.renew_every + fleet.clock_skew must be less than fleet.lease_ttl "
+                "(a lease would expire between renewals)"
+            )
+        return self
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
     address: str = Field("127.0.0.1", description="loopback by default: put a proxy in front")
@@ -234,6 +266,8 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     criu: CriuConfig = Field(default_factory=CriuConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     retention: Retention = Field(default_factory=lambda: Retention(keep_last=10))
     workloads: list[WorkloadConfig] = Field(default_factory=list)
 

@@ -452,8 +452,12 @@ class Criu:
         )
         return out.returncode == 0, text.strip()
 
-    def dump(self, pid: int, images_dir: Path, opts: DumpOptions, label: str) -> DumpStats:
-        """Checkpoint the tree rooted at `pid` into `images_dir`; the tree keeps running."""
+    def dump(
+        self, pid: int, images_dir: Path, opts: DumpOptions, label: str, final: bool = False
+    ) -> DumpStats:
+        """Checkpoint the tree rooted at `pid` into `images_dir`; the tree keeps running, or
+        with `final` stays stopped (SIGSTOP) so that nothing changes after the checkpoint: a
+        migration then kills it, or thaws it (SIGCONT) if the hand-over failed."""
         log = images_dir.parent / f"{images_dir.name}.dump.log"
         cmd = [
             self._exe(),
@@ -462,7 +466,7 @@ class Criu:
             str(pid),
             "--images-dir",
             str(images_dir),
-            "--leave-running",
+            "--leave-stopped" if final else "--leave-running",
             "--log-file",
             str(log),
             "-v4",

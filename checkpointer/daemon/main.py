@@ -20,19 +20,23 @@ from checkpointer.api import Op
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu
 from checkpointer.daemon.api_server import ApiServer, Handler
+from checkpointer.daemon.fleet import Fleet, FleetHooks
 from checkpointer.daemon.metrics import EngineCollector, Metrics
 from checkpointer.daemon.scheduler import CheckpointScheduler
 from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine, Hooks, WorkloadState, registering, reports
-from checkpointer.errors import CheckpointerError, ConfigError
+from checkpointer.engine.ownership import SingleHost
+from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
 from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.workloads.logs import LogPump
 
 log = logging.getLogger(__name__)
 
 
-def build(config: Config) -> tuple[Engine, Supervisor, CheckpointScheduler, Metrics]:
+def build(
+    config: Config,
+) -> tuple[Engine, Supervisor, CheckpointScheduler, Metrics, Fleet | None]:
     """Construct and wire the daemon's parts; each gets what it uses when it is made."""
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(config.state_dir, 0o700)
@@ -40,6 +44,14 @@ def build(config: Config) -> tuple[Engine, Supervisor, CheckpointScheduler, Metr
     metrics = Metrics()
     metrics.build_info.labels(__version__, criu.require_version()).set(1)
     repo, spool = open_repository(config, metrics)
+    fleet = None
+    if config.fleet.enabled:
+        if spool is None:
+            raise FleetUnavailable(
+                "fleet mode needs S3 storage (storage.backend: s3): the hosts share a bucket"
+            )
+        fleet = Fleet(config, spool.remote, repo.codec)  # leases never go through the spool
+        fleet.check_store()
     # The scheduler and the hooks call into parts made after them: late-bound closures.
     scheduler = CheckpointScheduler(
         lambda name: engine.scheduled_checkpoint(name),
@@ -48,11 +60,23 @@ def build(config: Config) -> tuple[Engine, Supervisor, CheckpointScheduler, Metr
     hooks = Hooks(
         watch=lambda w: supervisor.track(w),
         down=lambda w, reason: supervisor.decide(w, reason),
+        restore_soon=lambda w, reason: supervisor.restore_soon(w, reason),
     )
-    engine = Engine(config, repo, criu, LogPump(), metrics, scheduler, hooks, spool)
+    engine = Engine(
+        config,
+        repo,
+        criu,
+        LogPump(),
+        metrics,
+        scheduler,
+        hooks,
+        spool,
+        fleet or SingleHost(),
+        fleet,
+    )
     supervisor = Supervisor(engine)
-    metrics.registry.register(EngineCollector(engine, spool, config.storage.spool_max_bytes))
-    return engine, supervisor, scheduler, metrics
+    metrics.registry.register(EngineCollector(engine, spool, config.storage.spool_max_bytes, fleet))
+    return engine, supervisor, scheduler, metrics, fleet
 
 
 def _handlers(engine: Engine) -> dict[str, Any]:
@@ -85,6 +109,8 @@ def _handlers(engine: Engine) -> dict[str, Any]:
         Op.VERIFY: functools.partial(reports.verify, engine),
         Op.PIN: engine.pin,
         Op.PING: lambda: {"pid": os.getpid()},
+        Op.MIGRATE: engine.migrate,
+        Op.HOSTS: functools.partial(reports.hosts, engine),
     }
     return {str(op): fn for op, fn in handlers.items()}
 
@@ -131,11 +157,19 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
 
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
-    engine, supervisor, scheduler, metrics = build(config)
+    engine, supervisor, scheduler, metrics, fleet = build(config)
     supervisor.start()
     engine.load()
     server = ApiServer(config.socket_path, _handlers(engine))
     supervisor.recover_at_start()
+    if fleet is not None:
+        fleet.start(
+            FleetHooks(
+                lost=engine.fence,
+                offered=engine.take_over,
+                known=lambda: [w.name for w in engine.workloads() if w.alive()],
+            )
+        )
     _start_declared(engine, supervisor, config.workloads)
     if config.storage.gc_every:
         scheduler.every(config.storage.gc_every, "gc", engine.maintenance.scheduled_gc)
@@ -163,6 +197,8 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
         engine.stop_managed()
     else:
         log.info("stopping: workloads keep running")
+    if fleet is not None:
+        fleet.stop()
     supervisor.stop()
     server.stop()
     engine.wait_idle()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from checkpointer.criu import DumpStats, RestoreStats
@@ -20,7 +20,7 @@ from checkpointer.engine import Workload, WorkloadState
 from storage.backends.spooled import SpooledBlobStore
 
 STATES = [s for s in WorkloadState if s is not WorkloadState.GONE]
-RESTORE_REASONS = ("crash", "boot", "rollback", "manual")
+RESTORE_REASONS = ("crash", "boot", "rollback", "manual", "migration", "failover")
 _SECONDS_LONG = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _SECONDS_PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _PAGES = (100, 1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
@@ -179,6 +179,17 @@ class Metrics:
             self.storage_retries.labels(op)
         for reason in ("overlap", "missed"):
             self.schedule_skipped.labels(reason)
+        self.migrations = Counter(
+            "checkpointer_migrations", "Migrations to another host by result", [*w, "result"],
+            registry=r,
+        )  # fmt: skip
+        self.migration_duration = Histogram(
+            "checkpointer_migration_duration_seconds",
+            "Final checkpoint, upload and hand-over of a migration (on the source host)",
+            w,
+            buckets=_SECONDS_LONG,
+            registry=r,
+        )
 
     # -- events (checkpointer.engine.events.Events) -------------------------------------
 
@@ -193,6 +204,12 @@ class Metrics:
         self.retention_deleted.labels(workload)
         self.stored_bytes.labels(workload)
         self.image_bytes_total.labels(workload)
+
+    def migration_done(self, workload: str, ok: bool, duration: float | None = None) -> None:
+        self.migrations.labels(workload, "success" if ok else "failure").inc()
+        self.migrations.labels(workload, "failure" if ok else "success")
+        if duration is not None:
+            self.migration_duration.labels(workload).observe(duration)
 
     def retention_removed(self, workload: str) -> None:
         self.retention_deleted.labels(workload).inc()
@@ -250,13 +267,29 @@ class Workloads(Protocol):
     def workloads(self) -> list[Workload]: ...
 
 
+class FleetView(Protocol):
+    """What the fleet gauges read (checkpointer/daemon/fleet.py)."""
+
+    renewal_failures: int
+    unowned: int
+
+    def holds(self, name: str) -> bool: ...
+
+
 class EngineCollector(Collector):
     """Gauges read at scrape time from the engine and the spool."""
 
-    def __init__(self, source: Workloads, spool: SpooledBlobStore | None, limit: int) -> None:
+    def __init__(
+        self,
+        source: Workloads,
+        spool: SpooledBlobStore | None,
+        limit: int,
+        fleet: FleetView | None = None,
+    ) -> None:
         self.source = source
         self.spool = spool
         self.limit = limit
+        self.fleet = fleet
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily(
@@ -287,6 +320,24 @@ class EngineCollector(Collector):
                 last.add_metric([w.name], w.last_checkpoint_at)
             interval.add_metric([w.name], w.every or 0.0)
         yield from (up, state, last, interval)
+        if self.fleet is not None:
+            held = GaugeMetricFamily(
+                "checkpointer_lease_held",
+                "1 if this host holds the workload's lease (fleet)",
+                labels=["workload"],
+            )
+            for w in self.source.workloads():
+                held.add_metric([w.name], 1.0 if self.fleet.holds(w.name) else 0.0)
+            failures = CounterMetricFamily(
+                "checkpointer_lease_renewal_failures", "Lease renewals that failed (fleet)"
+            )
+            failures.add_metric([], float(self.fleet.renewal_failures))
+            unowned = GaugeMetricFamily(
+                "checkpointer_fleet_unowned_workloads",
+                "Workloads whose lease expired and that no host took over (fleet)",
+            )
+            unowned.add_metric([], float(self.fleet.unowned))
+            yield from (held, failures, unowned)
         spool = self.spool
         backlog = GaugeMetricFamily(
             "checkpointer_spool_backlog_bytes", "Bytes written locally and not yet uploaded"

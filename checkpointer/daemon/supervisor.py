@@ -79,6 +79,13 @@ class Supervisor:
         w.state, w.exit_status, w.streak = WorkloadState.CRASHED, why, Streak()
         self.decide(w, "boot")
 
+    def restore_soon(self, w: Workload, reason: str) -> None:
+        """Restore now, whatever the crash policy says: the workload was handed to this host
+        (migration) or left by a host that died (failover)."""
+        w.state = WorkloadState.RESTORING
+        self.engine.save()
+        self._later(w.name, reason, 0.0)
+
     def _on_reaped(self, pid: int, status: int) -> None:
         self._on_death(pid, status)
 

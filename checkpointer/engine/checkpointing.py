@@ -44,7 +44,12 @@ class CheckpointPipeline:
         self.keep_latest_image = keep_latest_image
         self.criu_version = criu_version
 
-    def run(self, w: Workload) -> CheckpointReport:
+    def run(
+        self, w: Workload, generation: int | None = None, final: bool = False
+    ) -> CheckpointReport:
+        """Dump and store. `generation`: the fleet lease it is taken under (the fencing
+        token: a restore under a newer lease refuses checkpoints of an older one taken after
+        it began)."""
         if not w.alive():
             raise WorkloadNotRunning(
                 f"workload {w.name} is not running ({w.exit_status or w.state}); "
@@ -55,7 +60,7 @@ class CheckpointPipeline:
         images = self.scratch.new(w.name, "dump", w.pid)
         try:
             try:
-                stats = self.criu.dump(w.pid, images, w.dump_options(), w.name)
+                stats = self.criu.dump(w.pid, images, w.dump_options(), w.name, final)
             except CriuError as e:
                 w.last_error = str(e)
                 self.events.checkpoint_failed(w.name, e.category)
@@ -65,6 +70,7 @@ class CheckpointPipeline:
                 "criu_version": self.criu_version(),
                 "pid": w.pid,
                 "dump_stats": stats.as_dict(),
+                "lease_generation": generation,
                 "spec": {
                     "kind": str(w.kind),
                     "command": w.command,
@@ -81,7 +87,7 @@ class CheckpointPipeline:
                 w.last_error = f"storing the checkpoint failed: {e}"
                 self.events.checkpoint_failed(w.name, "storage")
                 raise CheckpointFailed(f"checkpoint of {w.name}: {w.last_error}") from e
-            if self.keep_latest_image:
+            if self.keep_latest_image and not final:
                 root = self.scratch.kept_root(images)
                 w.kept = kept_image.keep(images, root, w.name, manifest.id, w.kept)
         finally:

@@ -32,6 +32,8 @@ class Events(Protocol):
 
     def gc_collected(self, packs: int) -> None: ...
 
+    def migration_done(self, workload: str, ok: bool, duration: float | None = None) -> None: ...
+
 
 class Silent:
     """Events that go nowhere."""
@@ -64,4 +66,7 @@ class Silent:
         pass
 
     def gc_collected(self, packs: int) -> None:
+        pass
+
+    def migration_done(self, workload: str, ok: bool, duration: float | None = None) -> None:
         pass

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from checkpointer.api import (
     CheckpointReport,
+    MigrateReport,
     PinReport,
     PruneReport,
     RestoreReport,
@@ -26,11 +27,12 @@ from checkpointer.api import (
 )
 from checkpointer.config import Config, WorkloadOptions
 from checkpointer.criu import Criu
-from checkpointer.engine import kept_image, recovery
+from checkpointer.engine import kept_image, migration, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.events import Events
 from checkpointer.engine.lifecycle import Lifecycle
 from checkpointer.engine.maintenance import Maintenance
+from checkpointer.engine.ownership import Fleet, Ownership, SingleHost
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths, RestorePipeline
 from checkpointer.engine.scratch import Scratch
@@ -40,6 +42,7 @@ from checkpointer.engine.workload import (
 )
 from checkpointer.errors import (
     CheckpointerError,
+    NotOwner,
     WorkloadBusy,
 )
 from checkpointer.workloads.logs import LogPump
@@ -69,6 +72,7 @@ class Hooks:
 
     watch: Callable[[Workload], None] = lambda w: None
     down: Callable[[Workload, str], None] = lambda w, reason: None
+    restore_soon: Callable[[Workload, str], None] = lambda w, reason: None
 
 
 class Engine:
@@ -82,7 +86,11 @@ class Engine:
         schedule: Schedule,
         hooks: Hooks = Hooks(),
         spool: SpooledBlobStore | None = None,
+        ownership: Ownership | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
+        self.ownership: Ownership = ownership or SingleHost()
+        self.fleet = fleet
         self.config = config
         self.repo = repo
         self.criu = criu
@@ -162,6 +170,7 @@ class Engine:
                 self.teardown(w)
                 stopped = True
             self.forget(w)
+        self.ownership.release(name)
         return {"workload": name, "stopped": stopped}
 
     # -- checkpoint and maintenance ------------------------------------------------------
@@ -171,6 +180,8 @@ class Engine:
             self.checkpoint(name, wait=False)
         except WorkloadBusy:
             log.info("scheduled checkpoint of %s skipped: another operation is running", name)
+        except NotOwner as e:
+            log.warning("scheduled checkpoint of %s skipped: %s", name, e)
         except CheckpointerError as e:
             log.error("scheduled checkpoint of %s failed: %s", name, e)
         except Exception:
@@ -179,8 +190,9 @@ class Engine:
     def checkpoint(self, name: str, wait: bool = True) -> CheckpointReport:
         w = self.get(name)
         with self.locked(w, wait):
+            generation = self.ownership.hold(name)
             try:
-                report = self.checkpoints.run(w)
+                report = self.checkpoints.run(w, generation)
             finally:
                 self.save()
             self.maintenance.apply_retention(w.name, w.retention, w.bad_checkpoints)
@@ -188,8 +200,10 @@ class Engine:
             return report
 
     def prune(self, name: str | None = None, dry_run: bool = False) -> PruneReport:
-        """Apply retention now (one workload or all), then collect unreferenced packs."""
-        names = [name] if name else sorted(self.registry.names() | set(self.repo.workloads()))
+        """Apply retention now (one workload, or all of this host's), then collect
+        unreferenced packs. Without a name, workloads of other hosts sharing the repository
+        are left to them: their retention is not ours to decide."""
+        names = [name] if name else sorted(self.registry.names())
         rows: list[RetentionRow] = []
         for n in names:
             w = self.registry.find(n)
@@ -229,6 +243,18 @@ class Engine:
     def auto_restore(self, name: str, reason: str) -> bool:
         """Bring a dead workload back by its policy; True: try again later (see recovery)."""
         return recovery.auto_restore(self, name, reason)
+
+    # -- hosts of a fleet (checkpointer.engine.migration) --------------------------------
+
+    def migrate(self, name: str, to: str) -> MigrateReport:
+        """Move the workload to host `to`: final checkpoint, hand-over, stop here."""
+        return migration.migrate(self, name, to)
+
+    def fence(self, name: str, holder: str | None) -> None:
+        migration.fence(self, name, holder)
+
+    def take_over(self, name: str, reason: str) -> None:
+        migration.take_over(self, name, reason)
 
     def fail(self, w: Workload, why: str) -> None:
         w.state, w.failed_reason = WorkloadState.FAILED, why

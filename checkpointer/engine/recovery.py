@@ -18,7 +18,13 @@ from checkpointer.api import RestoreReport
 from checkpointer.config import WorkloadOptions
 from checkpointer.engine.restoring import Restored, is_transient
 from checkpointer.engine.workload import RestoreResult, Workload, WorkloadKind, WorkloadState
-from checkpointer.errors import CheckpointerError, RestoreFailed, TeardownFailed, WorkloadRunning
+from checkpointer.errors import (
+    CheckpointerError,
+    NotOwner,
+    RestoreFailed,
+    TeardownFailed,
+    WorkloadRunning,
+)
 from checkpointer.restore_policy import Streak, plan
 from storage import CheckpointNotFound
 from storage.errors import StorageAccessError, TransientStorageError
@@ -37,7 +43,7 @@ def restore(
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoreReport:
     """Restore a workload that is not running (registered here, or known to the repository)."""
-    w = engine.registry.find(name) or _workload_from_repository(engine, name, checkpoint_id)
+    w = engine.registry.find(name) or workload_from_repository(engine, name, checkpoint_id)
     with engine.locked(w, wait=True):
         if w.alive():
             raise WorkloadRunning(
@@ -45,6 +51,7 @@ def restore(
                 "replaces it with a checkpoint, or stop it first"
             )
         cid = checkpoint_id or engine.restores.newest(w)
+        engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: it runs elsewhere
         try:
             done = engine.restores.restore(w, cid, "manual", progress)
         except Exception:
@@ -63,6 +70,7 @@ def rollback(
     """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
     w = engine.get(name)
     with engine.locked(w, wait=True):
+        engine.ownership.hold(name)  # only the owner replaces the tree
         ids = [i.id for i in engine.repo.checkpoints(name)]
         if to is None:
             n = back or 0
@@ -115,7 +123,7 @@ def _after_restore(engine: Engine, w: Workload, reason: str, cid: str, done: Res
     engine.hooks.watch(w)
 
 
-def _workload_from_repository(engine: Engine, name: str, checkpoint_id: str | None) -> Workload:
+def workload_from_repository(engine: Engine, name: str, checkpoint_id: str | None) -> Workload:
     """A workload checkpointed elsewhere (another host: migration) becomes registered here."""
     check_workload_name(name)
     infos = engine.repo.checkpoints(name)
@@ -152,7 +160,23 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
         ):
             return False  # restored by hand, stopped or unregistered meanwhile
         try:
-            good = [c.id for c in engine.repo.checkpoints(name) if c.id not in w.bad_checkpoints]
+            infos = engine.repo.checkpoints(name)
+            # The lease first (fleet): a host back from a reboot or a partition must not
+            # start a tree that another host now runs.
+            engine.ownership.claim(name, infos[0].id if infos else None)
+            good = [
+                c.id
+                for c in infos
+                if c.id not in w.bad_checkpoints
+                and engine.ownership.may_restore(name, c.id, _generation(c.metadata))
+            ]
+        except NotOwner as e:
+            w.state, w.owner = WorkloadState.ELSEWHERE, engine.ownership.owner(name)
+            w.exit_status = f"runs on host {w.owner or '(another)'}"
+            log.warning("workload %s not restored here: %s", name, e)
+            engine.schedule.unschedule(name)
+            engine.save()
+            return False
         except Exception as e:
             if not is_transient(e) and not isinstance(
                 e, TransientStorageError | StorageAccessError
@@ -213,6 +237,11 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             + ("" if w.managed else "; adopted workloads cannot cold-start"),
         )
         return False
+
+
+def _generation(metadata: dict[str, object]) -> int | None:
+    g = metadata.get("lease_generation")
+    return g if isinstance(g, int) else None
 
 
 def _remote_reachable(engine: Engine) -> bool:

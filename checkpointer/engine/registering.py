@@ -11,6 +11,7 @@ from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import CheckpointerError, ProcessNotFound
 from checkpointer.workloads import process
+from storage import StorageError
 from storage.manifest import check_workload_name
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,10 @@ def run(
     )
     engine.add(w, options)
     try:
+        engine.ownership.claim(name, _newest(engine, name))
         with engine.locked(w, wait=True):
             engine.start(w)
-    except CheckpointerError:
+    except (CheckpointerError, StorageError):
         engine.forget(w)
         raise
     engine.scheduled(w)
@@ -63,6 +65,7 @@ def register(
         )
     if pid == os.getpid():
         raise ProcessNotFound("cannot register the checkpointer daemon itself")
+    engine.ownership.claim(name, _newest(engine, name))
     w = Workload(
         name=name,
         kind=WorkloadKind.ADOPTED,
@@ -75,3 +78,8 @@ def register(
     engine.scheduled(w)
     log.info("workload %s adopted: pid %d", name, pid)
     return w
+
+
+def _newest(engine: Engine, name: str) -> str | None:
+    infos = engine.repo.checkpoints(name)
+    return infos[0].id if infos else None

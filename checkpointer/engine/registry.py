@@ -184,6 +184,7 @@ def to_json(w: Workload) -> dict[str, Any]:
             {"id": w.kept.id, "path": str(w.kept.path), "stamp": w.kept.stamp} if w.kept else {}
         ),
         "history": [{**asdict(a), "result": str(a.result)} for a in w.history],
+        "owner": w.owner,
     }
 
 
@@ -226,4 +227,5 @@ def from_json(d: dict[str, Any]) -> Workload:
             )
             for a in d.get("history") or []
         ],
+        owner=d.get("owner"),
     )

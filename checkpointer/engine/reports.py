@@ -6,10 +6,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from checkpointer.api import CheckpointEntry, RestoreAttemptReport, StatusReport, VerifyReport
+from checkpointer.api import (
+    CheckpointEntry,
+    HostReport,
+    RestoreAttemptReport,
+    StatusReport,
+    VerifyReport,
+)
 from checkpointer.config.durations import format_duration
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import Workload, WorkloadState
+from checkpointer.errors import NotOwner
 from storage import CheckpointNotFound
 from storage.manifest import check_workload_name
 
@@ -54,6 +61,7 @@ def _status(engine: Engine, w: Workload, now: float) -> StatusReport:
         "bad_checkpoints": w.bad_checkpoints,
         "log": str(engine.logs.log(w.name)) if w.managed else None,
         "busy": w.lock.locked(),
+        "owner": w.owner or engine.ownership.owner(w.name),
     }
 
 
@@ -109,3 +117,24 @@ def verify(
         "chunks": m.total_chunks,
         "duration_seconds": round(time.monotonic() - t0, 3),
     }
+
+
+def hosts(engine: Engine) -> list[HostReport]:
+    """The fleet's live hosts and the workloads each holds the lease of."""
+    fleet = engine.fleet
+    if fleet is None:
+        raise NotOwner("this daemon is not in a fleet (fleet.enabled is false): no hosts to list")
+    live = fleet.live_hosts()
+    owned: dict[str, list[str]] = {}
+    for lease in fleet.view():
+        if lease.state != "released":
+            owned.setdefault(lease.holder, []).append(lease.workload)
+    return [
+        {
+            "host": h,
+            "last_seen": seen,
+            "this_host": h == fleet.host,
+            "workloads": sorted(owned.get(h, [])),
+        }
+        for h, seen in sorted(live.items())
+    ]

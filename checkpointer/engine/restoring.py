@@ -229,7 +229,7 @@ class RestorePipeline:
         finally:
             for fd, _ in inherit:
                 os.close(fd)
-        w.pid, w.started = pid, process.start_time(pid)
+        w.pid, w.started, w.owner = pid, process.start_time(pid), None
         w.state, w.exit_status, w.last_error, w.failed_reason = (
             WorkloadState.RUNNING,
             None,

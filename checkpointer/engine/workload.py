@@ -47,6 +47,9 @@ class WorkloadState(StrEnum):
     """The policy gave up; nothing happens until `checkpointer restore`."""
     GONE = "gone"
     """Reported only: recorded as running, but its process no longer exists."""
+    ELSEWHERE = "elsewhere"
+    """Another host of the fleet owns it (migrated away, taken over while this host was
+    away, or found owned elsewhere at boot): this host neither runs nor restores it."""
 
 
 class RestoreResult(StrEnum):
@@ -93,6 +96,7 @@ class Workload:
     bad_checkpoints: list[str] = field(default_factory=list)
     kept: KeptImage | None = None  # the newest image, kept in scratch
     history: list[RestoreAttempt] = field(default_factory=list)  # newest last
+    owner: str | None = None  # fleet: the host that owns it, when that is not this one
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property

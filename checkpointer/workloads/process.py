@@ -100,3 +100,10 @@ def describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def thaw(root: int) -> None:
+    """SIGCONT the whole tree (left stopped by a final dump)."""
+    for pid in [root, *descendants(root)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

@@ -1,0 +1,128 @@
+"""Moving a workload between hosts of a fleet: `migrate` hands it over, the fleet loop has a
+host take over what was handed to it or what a dead host left, and a host that lost a lease
+stops its copy.
+
+Migration order, so that nothing is lost and only one copy ever runs: the final checkpoint
+with the tree left stopped (nothing changes after it), uploaded, then the lease handed to the
+target, and only then the tree killed. A failure before the hand-over thaws the tree: it runs
+on here as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from checkpointer.api import MigrateReport
+from checkpointer.engine import kept_image
+from checkpointer.engine.workload import WorkloadState
+from checkpointer.errors import CheckpointerError, MigrationFailed, NotOwner, WorkloadNotRunning
+from checkpointer.restore_policy import Streak
+from checkpointer.workloads import process
+from storage import StorageError
+
+if TYPE_CHECKING:
+    from checkpointer.engine.facade import Engine
+
+log = logging.getLogger(__name__)
+
+UPLOAD_TIMEOUT = 300.0
+
+
+def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
+    fleet = engine.fleet
+    if fleet is None:
+        raise MigrationFailed(
+            "migrate needs fleet mode: set fleet.enabled (with S3 storage) on every host"
+        )
+    if to == fleet.host:
+        raise MigrationFailed(f"{name} already runs on {to}: give another host")
+    try:
+        live = fleet.live_hosts()
+    except StorageError as e:
+        raise MigrationFailed(f"cannot reach the bucket to find host {to}: {e}") from e
+    if to not in live:
+        raise MigrationFailed(
+            f"host {to} is not a live host of this fleet (live: {', '.join(sorted(live)) or 'none'}"
+            "); see `checkpointer hosts`"
+        )
+    w = engine.get(name)
+    t0 = time.monotonic()
+    with engine.locked(w, wait=True):
+        if not w.alive():
+            raise WorkloadNotRunning(f"workload {name} is not running here: nothing to migrate")
+        generation = engine.ownership.hold(name)  # NotOwner: it is not ours to move
+        assert w.pid is not None
+        try:
+            report = engine.checkpoints.run(w, generation, final=True)
+        except CheckpointerError:
+            process.thaw(w.pid)  # a failed dump leaves the tree running already; be sure
+            engine.events.migration_done(name, ok=False)
+            raise
+        try:
+            if engine.spool is not None and not engine.spool.wait_uploaded(UPLOAD_TIMEOUT):
+                raise MigrationFailed(
+                    f"the final checkpoint of {name} did not reach the bucket within "
+                    f"{UPLOAD_TIMEOUT:.0f}s"
+                )
+            fleet.hand_over(name, to)
+        except (CheckpointerError, StorageError) as e:
+            process.thaw(w.pid)
+            engine.events.migration_done(name, ok=False)
+            raise MigrationFailed(
+                f"migration of {name} to {to} failed before the hand-over ({e}); the tree runs "
+                "on here, nothing lost"
+            ) from e
+        engine.teardown(w)
+        w.state, w.owner, w.exit_status = WorkloadState.ELSEWHERE, to, f"migrated to {to}"
+        kept_image.drop(w.kept)
+        w.kept = None
+        engine.schedule.unschedule(name)
+        engine.save()
+    duration = time.monotonic() - t0
+    engine.events.migration_done(name, ok=True, duration=duration)
+    log.info("workload %s migrated to %s: checkpoint %s", name, to, report["id"])
+    return {"workload": name, "to": to, "checkpoint": report["id"], "duration_seconds": duration}
+
+
+def fence(engine: Engine, name: str, holder: str | None) -> None:
+    """This host lost the lease of `name`: stop the copy that runs here, for good."""
+    w = engine.registry.find(name)
+    if w is None:
+        return
+    with engine.locked(w, wait=True):
+        if w.alive():
+            log.error("workload %s: stopping it here, host %s owns it now", name, holder)
+            engine.teardown(w)
+        w.state, w.owner = WorkloadState.ELSEWHERE, holder
+        w.exit_status = f"owned by host {holder or '(another)'}"
+        engine.schedule.unschedule(name)
+        kept_image.drop(w.kept)
+        w.kept = None
+        engine.save()
+
+
+def take_over(engine: Engine, name: str, reason: str) -> None:
+    """Bring back here a workload handed to this host (`migration`) or left by a host whose
+    lease expired (`failover`). Registered from its newest checkpoint if unknown here; the
+    restore then claims the lease, so of two hosts racing, one restores and one stands by."""
+    from checkpointer.engine import recovery
+
+    w = engine.registry.find(name)
+    if w is None:
+        try:
+            w = recovery.workload_from_repository(engine, name, None)
+        except (CheckpointerError, StorageError) as e:
+            log.error("cannot take over %s: %s", name, e)
+            return
+    with engine.locked(w, wait=True):
+        if w.alive() or w.state is WorkloadState.RESTORING:
+            return
+        w.state, w.exit_status, w.streak = WorkloadState.CRASHED, f"{reason} to this host", Streak()
+        engine.save()
+    engine.scheduled(w)
+    engine.hooks.restore_soon(w, reason)
+
+
+__all__ = ["NotOwner", "fence", "migrate", "take_over"]

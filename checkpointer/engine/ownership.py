@@ -1,0 +1,64 @@
+"""Who may run a workload: this host alone (the default), or whichever host of the fleet
+holds its lease (checkpointer/daemon/fleet.py). The engine asks before every checkpoint,
+restore and start; it never talks to leases itself."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from storage.leases import Lease
+
+
+class Ownership(Protocol):
+    def hold(self, name: str) -> int | None:
+        """The lease generation to record in a checkpoint of `name` (None: no fleet).
+        Raises NotOwner unless this host holds a lease it can still act on."""
+        ...
+
+    def claim(self, name: str, newest: str | None) -> int | None:
+        """Take (or keep) the lease before starting or restoring `name`; `newest` is its
+        newest checkpoint. Raises NotOwner naming the host that owns it."""
+        ...
+
+    def release(self, name: str) -> None:
+        """Give the lease up (unregistered here)."""
+        ...
+
+    def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
+        """Whether a checkpoint may be restored under this host's lease (fencing)."""
+        ...
+
+    def owner(self, name: str) -> str | None:
+        """Which host owns `name`, as last seen (None: no fleet, or unknown)."""
+        ...
+
+
+class Fleet(Protocol):
+    """What `migrate` needs of fleet mode (checkpointer/daemon/fleet.py)."""
+
+    host: str
+
+    def live_hosts(self) -> dict[str, float]: ...
+
+    def hand_over(self, name: str, to: str) -> None: ...
+
+    def view(self) -> list[Lease]: ...
+
+
+class SingleHost:
+    """No fleet: this host owns every workload it knows."""
+
+    def hold(self, name: str) -> int | None:
+        return None
+
+    def claim(self, name: str, newest: str | None) -> int | None:
+        return None
+
+    def release(self, name: str) -> None:
+        return None
+
+    def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
+        return True
+
+    def owner(self, name: str) -> str | None:
+        return None
