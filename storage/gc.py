@@ -50,7 +50,7 @@ def collect_garbage(
         }
         doomed = set()
         for pid in sorted(present - referenced):
-            if pack_created(pid) > cutoff:
+            if pack_created(pid) > cutoff or _stored_after(repo, pid, cutoff):
                 report.kept_young += 1
                 continue
             doomed.add(pid)
@@ -62,6 +62,16 @@ def collect_garbage(
             repo.backend.delete(index_key(pid))
             repo.backend.delete(pack_key(pid))
     return report
+
+
+def _stored_after(repo: Repository, pack_id: str, cutoff: float) -> bool:
+    """A pack named long ago may have reached the store only now (its host's spool waited
+    out an outage, and its manifest is next in line): its age is when it was stored."""
+    for key in (pack_key(pack_id), index_key(pack_id)):
+        when = repo.backend.modified(key)
+        if when is not None and when > cutoff:
+            return True
+    return False
 
 
 def shed(

@@ -40,6 +40,7 @@ class PackWriter:
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="pack-writer")
         self._in_flight: list[tuple[Future[int], PackBuilder]] = []
         self._stored: list[PackBuilder] = []  # stored since between_blocks() last ran
+        self.written: set[str] = set()  # the packs this commit wrote
 
     def pack_of(self, digest: bytes, chunk: bytes | memoryview) -> str:
         """The pack that holds, or will hold, a chunk the index does not know."""
@@ -72,6 +73,7 @@ class PackWriter:
         self._spare.clear()
 
     def _write(self, b: PackBuilder) -> int:
+        self.written.add(b.pack_id)
         data, encoded_index = b.compress(self.level)
         pack, index = pack_key(b.pack_id), index_key(b.pack_id)
         # One seal (AES-GCM, one tag) per pack: a restore authenticates it in one call.

@@ -162,6 +162,7 @@ class Repository:
         finally:
             writer.close()
         new_bytes, new_chunks = writer.new_bytes, writer.new_chunks
+        self._check_reused_packs(workload, used_packs - writer.written)
 
         manifest = Manifest(
             id=cid,
@@ -182,6 +183,27 @@ class Repository:
         with self._lock:
             self._summaries[manifest_key(workload, cid)] = (info, tuple(manifest.packs))
         return manifest
+
+    def _check_reused_packs(self, workload: str, reused: set[str]) -> None:
+        """The packs a commit reuses must still be there when its manifest is written
+        (restic checks the same): another host may have collected one after our index was
+        refreshed, if every checkpoint naming it was removed meanwhile. Young packs are safe
+        (the grace period), and so are those of this workload's newest checkpoint (retention
+        keeps it); only the rest are looked up."""
+        cutoff = time.time() - self.gc_grace / 2
+        at_risk = {p for p in reused if pack_created(p) < cutoff}
+        if at_risk:
+            newest = self.checkpoints(workload)[:1]
+            if newest:
+                at_risk -= set(self.packs_of(workload, newest[0].id))
+        missing = {p for p in at_risk if not self.backend.exists(index_key(p))}
+        if missing:
+            self.forget_packs(missing)
+            raise StorageError(
+                f"{len(missing)} pack(s) this checkpoint of {workload} reuses were collected "
+                "meanwhile (by another host's garbage collection); nothing was committed, and "
+                "the next checkpoint stores those chunks again"
+            )
 
     def _chunk_index(self) -> ChunkIndex:
         """The chunks a new checkpoint may reference, by pack.

@@ -43,7 +43,14 @@ def restore(
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoreReport:
     """Restore a workload that is not running (registered here, or known to the repository)."""
-    w = engine.registry.find(name) or workload_from_repository(engine, name, checkpoint_id)
+    w = engine.registry.find(name)
+    if w is None:
+        check_workload_name(name)
+        infos = engine.repo.checkpoints(name)
+        # The lease before registering (fleet): a workload another host runs stays its own.
+        if infos:
+            engine.ownership.claim(name, infos[0].id)
+        w = workload_from_repository(engine, name, checkpoint_id)
     with engine.locked(w, wait=True):
         if w.alive():
             raise WorkloadRunning(

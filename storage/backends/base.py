@@ -45,6 +45,12 @@ class BlobStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""
 
+    def modified(self, key: str) -> float | None:
+        """When the blob was stored (Unix time), None if there is none. Garbage collection
+        measures a pack's age by this, not by its name: a pack named when its commit began
+        can reach the bucket much later (a spool that waited out an outage)."""
+        return None
+
     def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         """The blob and its version (an ETag); BlobNotFound if there is none."""
         raise ConditionalWritesUnsupported(f"{self.describe()} has no conditional writes")

@@ -72,6 +72,12 @@ class LocalBlobStore(BlobStore):
                 raise too_large(key, size, limit)
             return f.read()
 
+    def modified(self, key: str) -> float | None:
+        try:
+            return os.stat(self._path(key)).st_mtime
+        except FileNotFoundError:
+            return None
+
     def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         data = self.get(key, limit)
         return data, hashlib.sha256(data).hexdigest()

@@ -178,6 +178,16 @@ class S3BlobStore(BlobStore):
     def get(self, key: str, limit: int | None = None) -> bytes:
         return self.get_versioned(key, limit)[0]
 
+    def modified(self, key: str) -> float | None:
+        try:
+            r = self.client.head_object(Bucket=self.s.bucket, Key=self._key(key))
+            return float(r["LastModified"].timestamp())
+        except Exception as e:
+            err = self._translate(e, "head", key)
+            if isinstance(err, BlobNotFound):
+                return None
+            raise err from e
+
     def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         try:
             r = self.client.get_object(Bucket=self.s.bucket, Key=self._key(key))

@@ -78,6 +78,13 @@ class SpooledBlobStore(BlobStore):
         self._trim_cache()
         return data
 
+    def modified(self, key: str) -> float | None:
+        """The bucket's time; a blob still only in the spool is as young as can be."""
+        when = self.remote.modified(key)
+        if when is None and key in set(self.pending_keys()):
+            return time.time()
+        return when
+
     def exists(self, key: str) -> bool:
         return self.cache.exists(key) or self.remote.exists(key)
 

@@ -47,6 +47,9 @@ class WrappedBlobStore(BlobStore):
     def delete(self, key: str) -> None:
         self.around("delete", lambda: self.inner.delete(key))
 
+    def modified(self, key: str) -> float | None:
+        return self.around("exists", lambda: self.inner.modified(key))
+
     def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         return self.around("get", lambda: self.inner.get_versioned(key, limit))
 

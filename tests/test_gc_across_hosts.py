@@ -1,0 +1,104 @@
+"""Garbage collection on one host never deletes what another host's checkpoint needs.
+
+Two Repository objects on one bucket (a real moto_server over HTTP) play two hosts: no lock is
+shared between them, only the bucket."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from storage import Repository, keys
+from storage.backends.base import BlobStore
+from storage.backends.s3 import S3BlobStore, S3Settings
+from storage.backends.wrapper import WrappedBlobStore
+from storage.errors import StorageError
+from storage.gc import collect_garbage
+from tests.support import S3_ENV, Moto
+
+T = TypeVar("T")
+
+
+def bucket_store(moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch) -> S3BlobStore:
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    return S3BlobStore(
+        S3Settings(bucket=bucket, prefix="ckpt", endpoint_url=moto.url, region="us-east-1")
+    )
+
+
+class LateUploads(WrappedBlobStore):
+    """Host A behind an outage: its packs reach the bucket `delay` s after they were named
+    (they waited in its spool), and its manifest is held until released."""
+
+    def __init__(self, inner: BlobStore, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith(keys.PACKS):
+            time.sleep(self.delay)
+        if key.startswith(keys.MANIFESTS):
+            self.holding.set()
+            self.release.wait(60)
+        self.inner.put(key, data)
+
+    def around(self, op: str, fn: Callable[[], T]) -> T:
+        return fn()
+
+
+def test_packs_uploaded_late_are_young_to_another_hosts_gc(
+    tmp_path: Path, moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = bucket_store(moto, bucket, monkeypatch)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(1024 * 1024))
+    late = LateUploads(store, delay=4.0)
+    host_a = Repository(late, gc_grace=3600)
+    done: list[str] = []
+    writer = threading.Thread(target=lambda: done.append(host_a.commit("web", src).id))
+    writer.start()
+    assert late.holding.wait(60)  # A's packs are up, named 4 s ago; its manifest is next
+    report = collect_garbage(Repository(store, gc_grace=2.5))  # host B, grace shorter
+    assert report.deleted_packs == [] and report.kept_young >= 1
+    late.release.set()
+    writer.join(60)
+    Repository(store).verify("web", done[0])  # A's checkpoint is whole
+
+
+def test_a_pack_collected_by_another_host_is_never_referenced_again(
+    tmp_path: Path, moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = bucket_store(moto, bucket, monkeypatch)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(512 * 1024))
+    host_a = Repository(store, gc_grace=2.0)
+    first = host_a.commit("web", src)
+    time.sleep(2.5)  # its packs are past the grace period
+    host_b = Repository(store, gc_grace=2.0)
+    host_b.delete("web", first.id)  # B's retention removes it, B's GC its packs
+    assert collect_garbage(host_b).deleted_packs == sorted(first.packs)
+    # A's chunk index still knows those packs: the commit that would reference them stops
+    # before its manifest, and forgets them ...
+    with pytest.raises(StorageError, match="collected meanwhile"):
+        host_a.commit("web", src)
+    assert host_a.checkpoints("web") == []
+    # ... so the next one stores the chunks again, and is whole.
+    again = host_a.commit("web", src)
+    assert again.new_bytes > 0
+    host_a.verify("web", again.id)
+    # A later refresh of the index does not bring the deleted packs back either.
+    host_a._index_at = 0.0
+    third = host_a.commit("web", src)
+    assert set(third.packs) <= set(again.packs)
+    host_a.verify("web", third.id)
