@@ -19,7 +19,6 @@ from tests.support import COUNTER, Host, Network, free_port, s3_config
 
 
 def in_bucket(net: Network, bucket: str, checkpoint_id: str, timeout: float = 60) -> None:
-    assert net.moto is not None
     deadline = time.monotonic() + timeout
     while not any(k.endswith(f"/{checkpoint_id}.json") for k in net.moto.keys(bucket, "ckpt/")):
         assert time.monotonic() < deadline, "the checkpoint never reached the bucket"
@@ -33,8 +32,29 @@ def listens_here(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def assert_torn_down(net: Network, hosts: list[Host], pids: list[int]) -> None:
+def namespaces(hosts: list[Host]) -> set[tuple[int, int]]:
+    return {(st.st_dev, st.st_ino) for st in (os.stat(h.netns_file) for h in hosts)}
+
+
+def in_namespaces(ns: set[tuple[int, int]]) -> list[int]:
+    """The processes (not zombies) in any of these network namespaces."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in ns:
+            out.append(int(entry))
+    return out
+
+
+def assert_torn_down(
+    net: Network, hosts: list[Host], pids: list[int], ns: set[tuple[int, int]]
+) -> None:
     assert net.leftovers() == []
+    assert in_namespaces(ns) == []
+    assert all(h.anchor is None for h in hosts)
     assert not any(
         h.netns in subprocess.check_output(["ip", "netns", "list"], text=True) for h in hosts
     )
@@ -57,11 +77,13 @@ def test_a_workload_checkpointed_on_host_a_restores_on_host_b(workdir: Path) -> 
     port = free_port()
     seen: list[int] = []
     with Network(workdir) as net:
-        assert net.moto is not None
         assert net.moto.url.startswith(f"http://{net.gateway}:")
         bucket = net.moto.create_bucket(f"ckpt-hosts-{os.getpid()}")
         a = net.add_host("a", s3_config(net.moto, bucket))
         b = net.add_host("b", s3_config(net.moto, bucket))
+        ns = namespaces([a, b])
+        seen += [h.anchor.pid for h in (a, b) if h.anchor]
+        assert [h.run("hostname").stdout.strip() for h in (a, b)] == ["a", "b"]
         a.start()
         a.cli("run", "web", "--no-auto-restore", "--", sys.executable, str(COUNTER), str(port))
         assert a.serve(port, 5) == "5"
@@ -102,23 +124,26 @@ def test_a_workload_checkpointed_on_host_a_restores_on_host_b(workdir: Path) -> 
         print(f"\nA to B through the bucket: {time.monotonic() - t0:.1f}s")
     assert a_log.exists() and "daemon" in a_log.read_text().lower()  # read after teardown
     assert not listens_here(port)
-    assert_torn_down(net, [a, b], seen)
+    assert_torn_down(net, [a, b], seen, ns)
 
 
 def test_freeze_thaw_kill9_and_teardown_after_a_failure(workdir: Path) -> None:
     port = free_port()
     seen: list[int] = []
     with pytest.raises(RuntimeError, match="the test failed here"), Network(workdir) as net:
-        assert net.moto is not None
         bucket = net.moto.create_bucket(f"ckpt-freeze-{os.getpid()}")
         a = net.add_host("a", s3_config(net.moto, bucket))
+        ns = namespaces([a])
         a.start()
         a.cli("run", "web", "--no-auto-restore", "--", sys.executable, str(COUNTER), str(port))
         assert a.http_get(port) == "1"
         daemon, web = a.proc.pid if a.proc else 0, a.pid("web")
         seen += [daemon, web]
         a.freeze()
-        assert all(state(p) == "T" for p in (daemon, web))
+        deadline = time.monotonic() + 10  # each stops when it next runs
+        while not all(state(p) == "T" for p in (daemon, web)):
+            assert time.monotonic() < deadline, [state(p) for p in (daemon, web)]
+            time.sleep(0.01)
         assert not a.connects(port)  # stopped: the kernel accepts, nobody answers
         a.thaw()
         assert a.http_get(port) == "3"  # the frozen attempt was request 2
@@ -130,7 +155,7 @@ def test_freeze_thaw_kill9_and_teardown_after_a_failure(workdir: Path) -> None:
         assert names(a) == ["web"]
         seen.append(a.proc.pid if a.proc else 0)
         raise RuntimeError("the test failed here")
-    assert_torn_down(net, [a], seen)
+    assert_torn_down(net, [a], seen, ns)
 
 
 def names(host: Host) -> list[str]:
@@ -145,11 +170,12 @@ def state(pid: int) -> str:
 def test_the_routed_fallback_reaches_moto_and_runs_a_daemon(workdir: Path) -> None:
     """The set-up used where the kernel has no bridges: one routed veth pair per host."""
     with Network(workdir, routed=True) as net:
-        assert net.mode == "routed" and net.moto is not None
+        assert net.mode == "routed"
         bucket = net.moto.create_bucket(f"ckpt-routed-{os.getpid()}")
         a = net.add_host("a", s3_config(net.moto, bucket))
         b = net.add_host("b", s3_config(net.moto, bucket))
+        ns = namespaces([a, b])
         assert "moto" in b.http_get(net.moto.port, address=net.gateway, path="/moto-api/")
         a.start()
         assert names(a) == []
-    assert_torn_down(net, [a, b], [])
+    assert_torn_down(net, [a, b], [], ns)

@@ -188,7 +188,9 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(3600):
+    # Short waits: the kernel may deliver SIGTERM to another thread, and then nothing wakes a
+    # main thread blocked in a long wait (seen: a stop that hung until a second SIGTERM).
+    while not stop.wait(1.0):
         pass
     scheduler.shutdown()
     if stop_workloads_on_exit:

@@ -57,8 +57,8 @@ def restore(
                 f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
                 "replaces it with a checkpoint, or stop it first"
             )
-        cid = checkpoint_id or engine.restores.newest(w)
         engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: it runs elsewhere
+        cid = checkpoint_id or _restorable(engine, name)[0]
         try:
             done = engine.restores.restore(w, cid, "manual", progress)
         except Exception:
@@ -78,7 +78,7 @@ def rollback(
     w = engine.get(name)
     with engine.locked(w, wait=True):
         engine.ownership.hold(name)  # only the owner replaces the tree
-        ids = [i.id for i in engine.repo.checkpoints(name)]
+        ids = _restorable(engine, name)
         if to is None:
             n = back or 0
             if n < 0 or n >= len(ids):
@@ -89,6 +89,10 @@ def rollback(
             to = ids[n]
         elif to not in ids:
             engine.repo.read_manifest(name, to)  # raises the clear not-found error
+            raise RestoreFailed(
+                f"checkpoint {to} of {name} was taken by a host after it had lost the "
+                "workload's lease: it is never restored"
+            )
 
         def stop() -> None:
             if w.alive():
@@ -244,6 +248,22 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             + ("" if w.managed else "; adopted workloads cannot cold-start"),
         )
         return False
+
+
+def _restorable(engine: Engine, name: str) -> list[str]:
+    """Checkpoint ids newest first, without those a fleet lease fences off (taken by a host
+    that had lost the lease)."""
+    ids = [
+        c.id
+        for c in engine.repo.checkpoints(name)
+        if engine.ownership.may_restore(name, c.id, _generation(c.metadata))
+    ]
+    if not ids:
+        raise CheckpointNotFound(
+            f"workload {name} has no checkpoint this host may restore; "
+            f"take one with `checkpointer checkpoint {name}`"
+        )
+    return ids
 
 
 def _generation(metadata: dict[str, object]) -> int | None:

@@ -13,13 +13,14 @@ and moto_server listens on that address only. Each host gets a network namespace
 with its own loopback and one end of a veth pair (10.213.X.N/24; the other end is on the
 bridge), so 127.0.0.1:PORT on one host is not on another, and every host reaches moto at
 http://10.213.X.1:PORT. A kernel without bridges gets the fallback: one routed veth pair per
-host (`Network.mode` says which). Each host also gets a mount namespace (an "anchor" process,
-`sleep infinity` under `unshare --mount --propagation private`, holds it) with a fresh tmpfs
-on the network's folder /run/ckhosts-<id> and another on /dev/shm: the host's private folder
+host (`Network.mode` says which). Each host also gets a UTS namespace (hostname NAME, so the
+default host.id is NAME) and a mount namespace, held by an "anchor" process (`sleep infinity`
+under `unshare --mount --uts --propagation private`), with a fresh tmpfs on the network's
+folder /run/ckhosts-<id> and another on /dev/shm: the host's private folder
 /run/ckhosts-<id>/NAME (its state folder inside) exists in that namespace only, so no other
 host (nor the test, but through `Host.view`) sees it, and hosts share no scratch in /dev/shm.
-The daemon, the CLI and every helper run under `nsenter --target ANCHOR --mount --net`, which
-execs: the daemon's PID is the Popen's, and its workloads are its children (it is their
+The daemon, the CLI and every helper run under `nsenter --target ANCHOR --mount --uts --net`,
+which execs: the daemon's PID is the Popen's, and its workloads are its children (it is their
 subreaper). The host's disk outlives its daemon: stop() then start() finds the same state.
 The config, the key file and the daemon's log stay in BASE (WORKDIR/NAME, root's temp folder,
 seen by all), so the log can be read after the host is gone.
@@ -106,6 +107,14 @@ def _kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2]
+
+
 def _free_subnet() -> str:
     """10.213.X with X unused by any interface here (concurrent runs pick another)."""
     used = ip("-o", "-4", "addr", "show").stdout
@@ -136,7 +145,7 @@ class Network:
         self.bridge = f"ckb{self.id}"  # the bridge, or in routed mode the veth holding .1
         self.root = HOSTS_ROOT / f"ckhosts-{self.id}"
         self.hosts: list[Host] = []
-        self.moto: Moto | None = None
+        self._moto: Moto | None = None
         self.mode = "routed" if routed else "bridge"
         self._links: list[str] = []
         try:
@@ -153,10 +162,17 @@ class Network:
             else:
                 ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
-            self.moto = Moto(host=self.gateway)
+            self._moto = Moto(host=self.gateway)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def moto(self) -> Moto:
+        """The S3 server, at http://10.213.X.1:PORT (`moto.url`) for every host."""
+        if self._moto is None:
+            raise RuntimeError("the network is closed")
+        return self._moto
 
     def __enter__(self) -> Network:
         return self
@@ -194,12 +210,12 @@ class Network:
                 host.close()
             except Exception as e:  # every host is torn down regardless
                 errors.append(e)
-        if self.moto is not None:
+        if self._moto is not None:
             try:
-                self.moto.stop()
+                self._moto.stop()
             except Exception as e:
                 errors.append(e)
-            self.moto = None
+            self._moto = None
         for link in self._links:
             if ip("link", "show", link, check=False).returncode == 0:
                 r = ip("link", "del", link, check=False)
@@ -275,7 +291,7 @@ class Host(Daemon):
         self.anchor = subprocess.Popen(
             [
                 *("nsenter", f"--net={self.netns_file}", "--"),
-                *("unshare", "--mount", "--propagation", "private", "--"),
+                *("unshare", "--mount", "--uts", "--propagation", "private", "--"),
                 *("sleep", "infinity"),
             ],
             stdin=subprocess.DEVNULL,
@@ -301,6 +317,7 @@ class Host(Daemon):
             "nsenter",
             f"--target={self.anchor.pid}",
             "--mount",
+            "--uts",
             "--net",
             f"--wd={ROOT}",
             "--",
@@ -309,6 +326,7 @@ class Host(Daemon):
         self._must([*mount, "-o", "mode=0700", f"ckhost-{self.name}", str(self.net.root)])
         self._must([*mount, "-o", "mode=1777", f"ckshm-{self.name}", "/dev/shm"])
         self.view(self.folder).mkdir(mode=0o700)
+        self._must([*self.prefix, "hostname", self.name])  # the default host.id
 
     def _must(self, cmd: list[str]) -> None:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -433,10 +451,41 @@ class Host(Daemon):
         self._frozen = pids
 
     def thaw(self) -> None:
-        for pid in [*reversed(self._frozen), *self.processes()]:
+        """SIGCONT what freeze() stopped; returns once all run again and the daemon has taken
+        the SIGCHLDs this sends it (a SIGTERM sent while one is pending can be lost: see
+        _settle)."""
+        if not self._frozen:
+            return
+        pids = [*reversed(self._frozen), *self.processes()]
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         self._frozen = []
+        deadline = time.monotonic() + 5
+        while any(_state(p) == "T" for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Wait (at most 2 s) until the daemon has no signal pending. The kernel gives a
+        signal sent to a process to its main thread unless that one has a signal pending
+        already; then another thread takes it, and the daemon's main thread, blocked in
+        stop.wait(3600), misses a SIGTERM (checkpointer/daemon/main.py)."""
+        if self.proc is None:
+            return
+        status = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/status")
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                fields = dict(
+                    line.split(":", 1) for line in status.read_text().splitlines() if ":" in line
+                )
+            except OSError:
+                return
+            if int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
 
     def close(self) -> None:
         """Stop everything in the host, then remove its namespaces and veth."""

@@ -1,0 +1,121 @@
+"""A fleet of hosts on one bucket: one owner per workload, migration, failover, fencing.
+
+Each host is a daemon in network, mount and UTS namespaces of its own (tests/support/hosts.py):
+its own state folder (invisible to the others, at another path), its own /dev/shm, its own
+loopback (so a restored server takes the same port), all reaching one moto_server through a
+bridge the test creates. Leases are short here (TTL 6 s, renewed every second)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from tests.support import COUNTER, Host, Network, s3_config
+
+FLEET = (
+    "host:\n  id: {name}\n"
+    "fleet:\n  enabled: true\n  failover: {failover}\n"
+    "  lease_ttl: 6s\n  renew_every: 1s\n  clock_skew: 1s\n"
+)
+
+
+def fleet(net: Network, bucket: str, name: str, failover: bool, key: Path | None) -> Host:
+    extra = s3_config(net.moto, bucket) + FLEET.format(name=name, failover=str(failover).lower())
+    return net.add_host(name, extra, key_file=key)
+
+
+def until(what: str, pred: object, timeout: float, log: Host | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what + (
+            "\n--- log ---\n" + log.log.read_text()[-4000:] if log else ""
+        )
+        time.sleep(0.2)
+
+
+def test_migrate_moves_the_counter_to_another_host_with_its_count(workdir: Path) -> None:
+    port = 18080
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-fleet-m-{os.getpid()}")
+        a = fleet(net, bucket, "a", False, None)
+        a.start()
+        b = fleet(net, bucket, "b", False, a.key_file)
+        b.start()
+        a.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
+        assert a.serve(port, 15) == "15"
+        hosts = {h["host"]: h["workloads"] for h in a.json("hosts")}
+        assert hosts == {"a": ["web"], "b": []}
+        r = a.json("migrate", "web", "--to", "b")
+        assert r["to"] == "b"
+        assert not a.connects(port)  # stopped on A once handed over
+        st = b.wait_for("web", lambda s: s["state"] == "running", timeout=30)
+        assert st["restores"][-1]["reason"] == "migration"
+        assert b.http_get(port) == "16"  # its count + 1: nothing lost, on B
+        assert str(a.state) != str(b.state) and not b.view(a.folder).exists()
+        assert a.status("web")["state"] == "elsewhere" and a.status("web")["owner"] == "b"
+        assert b.status("web")["owner"] == "b"
+        until("hosts shows web on b", lambda: {h["host"]: h["workloads"] for h in a.json("hosts")}
+              == {"a": [], "b": ["web"]}, 10)  # fmt: skip
+        b.checkpoint("web")  # B checkpoints it now; A may not
+        r2 = a.cli("checkpoint", "web", check=False)
+        assert r2.returncode == 1 and "lease" in r2.stderr, r2.stderr
+
+
+def test_failover_takes_over_a_dead_hosts_workload_and_the_host_does_not_restore_it_on_return(
+    workdir: Path,
+) -> None:
+    port = 18081
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-fleet-f-{os.getpid()}")
+        a = fleet(net, bucket, "a", True, None)
+        a.start()
+        b = fleet(net, bucket, "b", True, a.key_file)
+        b.start()
+        a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        a.serve(port, 7)
+        a.checkpoint("web")
+        time.sleep(1.5)  # the spool uploads it
+        a.serve(port, 3)  # served after the last checkpoint: lost with the host
+        t0 = time.monotonic()
+        a.kill9()  # host A dies, daemon and workloads
+        first = b.http_get(port, timeout=40)  # answers once B took it over
+        took = time.monotonic() - t0
+        assert first == "8", b.log.read_text()[-3000:]  # the last checkpoint's count + 1
+        assert b.status("web")["restores"][-1]["reason"] == "failover"
+        assert took < 6 + 1 + 15, took
+        a.start()  # A comes back on its own disk: it finds web owned by B
+        st = a.wait_for("web", lambda s: s["state"] == "elsewhere", timeout=30)
+        assert st["owner"] == "b" and not a.connects(port)
+        assert b.http_get(port) == "9"  # still B's, undisturbed
+        print(f"\nfailover: kill -9 of host A to B serving: {took:.1f}s")
+
+
+def test_a_frozen_owner_loses_its_lease_stops_its_copy_and_checkpoints_nothing_restorable(
+    workdir: Path,
+) -> None:
+    port = 18082
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-fleet-s-{os.getpid()}")
+        a = fleet(net, bucket, "a", False, None)
+        a.start()
+        b = fleet(net, bucket, "b", True, a.key_file)
+        b.start()
+        a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        a.serve(port, 4)
+        before = a.checkpoint("web")
+        time.sleep(1.5)
+        a.freeze()  # partitioned or paused: A's daemon and its workload stop
+        assert b.http_get(port, timeout=40) == "5", b.log.read_text()[-3000:]
+        a.thaw()
+        # A wakes up: its lease is gone, it stops its own copy by itself and commits nothing.
+        until("A stopped its copy", lambda: a.status("web")["state"] == "elsewhere", 20, a)
+        assert not a.connects(port)
+        r = a.cli("checkpoint", "web", check=False)
+        assert r.returncode == 1, r.stdout
+        ids = [c["id"] for c in b.json("list", "web")]
+        assert before in ids
+        # B's own restores never pick a checkpoint A took under its old lease after losing it
+        b.cli("rollback", "web", "--back", "0")
+        assert b.http_get(port) == "5"  # B's newest restorable checkpoint is the one before
