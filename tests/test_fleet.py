@@ -119,3 +119,34 @@ def test_a_frozen_owner_loses_its_lease_stops_its_copy_and_checkpoints_nothing_r
         # B's own restores never pick a checkpoint A took under its old lease after losing it
         b.cli("rollback", "web", "--back", "0")
         assert b.http_get(port) == "5"  # B's newest restorable checkpoint is the one before
+
+
+def test_three_hosts_one_dies_exactly_one_of_the_other_two_takes_over(workdir: Path) -> None:
+    port = 18083
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-fleet-3-{os.getpid()}")
+        a = fleet(net, bucket, "a", True, None)
+        a.start()
+        b = fleet(net, bucket, "b", True, a.key_file)
+        c = fleet(net, bucket, "c", True, a.key_file)
+        b.start()
+        c.start()
+        a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        a.serve(port, 2)
+        a.checkpoint("web")
+        time.sleep(1.5)
+        a.kill9()
+
+        def taken() -> list[Host]:
+            return [h for h in (b, c) if "web" in {w["name"] for w in h.json("status")}
+                    and h.status("web")["state"] == "running"]  # fmt: skip
+
+        until("one of B and C took web over", lambda: taken(), 40, b)
+        time.sleep(4)  # time for a second, wrong, take-over to show
+        winners = taken()
+        assert len(winners) == 1, [h.name for h in winners]
+        loser = c if winners[0] is b else b
+        assert not loser.connects(port)
+        assert winners[0].http_get(port) == "3"
+        owners = {h["host"]: h["workloads"] for h in loser.json("hosts")}
+        assert owners[winners[0].name] == ["web"]
