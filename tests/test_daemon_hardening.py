@@ -189,6 +189,11 @@ def test_the_first_failed_restore_of_a_workload_fires_its_alert(workdir: Path) -
             assert time.monotonic() < deadline, "the failure series should exist at 0"
             time.sleep(0.5)
         time.sleep(2)  # a few scrapes of the 0
+        # the restore panels' histogram exists too, at 0, before any restore
+        count = prom.api(
+            "query", query='checkpointer_restore_duration_seconds_count{workload="web"}'
+        )
+        assert [r["value"][1] for r in count["data"]["result"]] == ["0"], count
         kill_tree(d.pid("web"))
         squatter = socket.socket()
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

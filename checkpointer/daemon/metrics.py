@@ -204,6 +204,18 @@ class Metrics:
         self.retention_deleted.labels(workload)
         self.stored_bytes.labels(workload)
         self.image_bytes_total.labels(workload)
+        for result in ("success", "failure"):
+            self.migrations.labels(workload, result)
+        # Histograms too: the dashboard's duration panels show 0, not "No data", until the
+        # first checkpoint or restore of the workload.
+        for histogram in (
+            self.duration,
+            self.frozen,
+            self.restore_duration,
+            self.restore_criu,
+            self.migration_duration,
+        ):
+            histogram.labels(workload)
 
     def migration_done(self, workload: str, ok: bool, duration: float | None = None) -> None:
         self.migrations.labels(workload, "success" if ok else "failure").inc()
