@@ -9,10 +9,12 @@ writes runs of consecutive pages with one pwritev each.
 
 from __future__ import annotations
 
+import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import numpy as np
@@ -23,6 +25,9 @@ from storage.chunk_index import digest_rows
 from storage.errors import CorruptCheckpoint
 from storage.manifest import DIGEST_SIZE, Manifest
 from storage.packs import IndexArrays
+
+if TYPE_CHECKING:
+    from storage.repository import ProgressFn, Repository
 
 _IOV_MAX = 1024  # buffers per pwritev (Linux's IOV_MAX)
 Sizes = npt.NDArray[np.uint64]
@@ -233,3 +238,77 @@ def pwritev_all(fd: int, buffers: list[Any], offset: int) -> int:
             n = os.pwrite(fd, rest, offset + done)
             rest, done = rest[n:], done + n
     return total
+
+
+def materialize(
+    repo: Repository,
+    workload: str,
+    checkpoint_id: str,
+    dest: Path,
+    progress: ProgressFn | None = None,
+    seed: tuple[str, Path] | None = None,
+) -> Manifest:
+    """Rebuild a checkpoint's folder in `dest`: see Repository.materialize."""
+    manifest = repo.read_manifest(workload, checkpoint_id)
+    where = f"checkpoint {checkpoint_id} of {workload}"
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Files are created relative to the folder's descriptor, by flat name, never following
+    # a symlink: a name in a manifest can only ever land inside `dest`.
+    dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fds: list[int] = []
+    try:
+        os.fchmod(dir_fd, 0o700)
+        for entry in manifest.files:
+            if "/" in entry.name or entry.name in (".", ".."):
+                raise CorruptCheckpoint(f"{where}: unsafe file name {entry.name!r}")
+            fd = os.open(
+                entry.name,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                0o600,
+                dir_fd=dir_fd,
+            )
+            fds.append(fd)
+            os.ftruncate(fd, entry.size)
+        wanted = WantedChunks(manifest, verify=not repo.codec.authenticates)
+        if seed is not None:
+            copied = wanted.copy_from_seed(
+                fds,
+                repo.read_manifest(workload, seed[0]),
+                seed[1],
+                [f.size for f in manifest.files],
+            )
+            if progress:
+                progress(copied)
+
+        def fetch(pack_id: str) -> PackChunks | None:
+            """Read and decompress (in a reader thread, off the GIL) what a pack holds
+            for this checkpoint; the main thread verifies and writes it."""
+            index = repo.index_for(pack_id, where)
+            matches = wanted.find(index.digests)
+            if not len(matches.entries):
+                return None
+            data = repo.pack_for(pack_id, where)
+            return decompress_pack(pack_id, index, matches, data, where, wanted.sizes)
+
+        with ThreadPoolExecutor(repo.concurrency, thread_name_prefix="pack-reader") as pool:
+            # A window of `concurrency` packs in flight keeps memory bounded.
+            packs = iter(manifest.packs)
+            window = [pool.submit(fetch, p) for p in itertools.islice(packs, repo.concurrency)]
+            while window:
+                fetched = window.pop(0).result()
+                nxt = next(packs, None)
+                if nxt is not None:
+                    window.append(pool.submit(fetch, nxt))
+                if fetched is not None:
+                    done = wanted.write(fds, fetched, where)
+                    if progress:
+                        progress(done)
+        wanted.check_complete(where)
+        for fd, entry in zip(fds, manifest.files, strict=True):
+            os.fsync(fd)
+            os.fchmod(fd, entry.mode & 0o700 or 0o600)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        os.close(dir_fd)
+    return manifest

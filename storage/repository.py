@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,7 +67,7 @@ from storage.packs import (
     decode_index_arrays,
     pack_created,
 )
-from storage.rebuild import PackChunks, WantedChunks, decompress_pack
+from storage.rebuild import materialize
 from storage.rwlock import RWLock
 
 _READ_BLOCK = 1024 * 1024
@@ -365,78 +363,16 @@ class Repository:
         `seed` is (checkpoint id, folder): a folder the caller knows to hold exactly the files
         of another checkpoint of the same workload (the kept newest image); the chunks found
         there are copied from it instead of fetched. Raises CorruptCheckpoint naming the
-        checkpoint if any chunk is missing or damaged.
+        checkpoint if any chunk is missing or damaged. (The work: storage/rebuild.py.)
         """
-        manifest = self.read_manifest(workload, checkpoint_id)
-        where = f"checkpoint {checkpoint_id} of {workload}"
-        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Files are created relative to the folder's descriptor, by flat name, never following
-        # a symlink: a name in a manifest can only ever land inside `dest`.
-        dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        fds: list[int] = []
-        try:
-            os.fchmod(dir_fd, 0o700)
-            for entry in manifest.files:
-                if "/" in entry.name or entry.name in (".", ".."):
-                    raise CorruptCheckpoint(f"{where}: unsafe file name {entry.name!r}")
-                fd = os.open(
-                    entry.name,
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                    0o600,
-                    dir_fd=dir_fd,
-                )
-                fds.append(fd)
-                os.ftruncate(fd, entry.size)
-            wanted = WantedChunks(manifest, verify=not self.codec.authenticates)
-            if seed is not None:
-                copied = wanted.copy_from_seed(
-                    fds,
-                    self.read_manifest(workload, seed[0]),
-                    seed[1],
-                    [f.size for f in manifest.files],
-                )
-                if progress:
-                    progress(copied)
-
-            def fetch(pack_id: str) -> PackChunks | None:
-                """Read and decompress (in a reader thread, off the GIL) what a pack holds
-                for this checkpoint; the main thread verifies and writes it."""
-                index = self._index_for(pack_id, where)
-                matches = wanted.find(index.digests)
-                if not len(matches.entries):
-                    return None
-                data = self._pack_for(pack_id, where)
-                return decompress_pack(pack_id, index, matches, data, where, wanted.sizes)
-
-            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="pack-reader") as pool:
-                # A window of `concurrency` packs in flight keeps memory bounded.
-                packs = iter(manifest.packs)
-                window = [pool.submit(fetch, p) for p in itertools.islice(packs, self.concurrency)]
-                while window:
-                    fetched = window.pop(0).result()
-                    nxt = next(packs, None)
-                    if nxt is not None:
-                        window.append(pool.submit(fetch, nxt))
-                    if fetched is not None:
-                        done = wanted.write(fds, fetched, where)
-                        if progress:
-                            progress(done)
-            wanted.check_complete(where)
-            for fd, entry in zip(fds, manifest.files, strict=True):
-                os.fsync(fd)
-                os.fchmod(fd, entry.mode & 0o700 or 0o600)
-        finally:
-            for fd in fds:
-                os.close(fd)
-            os.close(dir_fd)
-        return manifest
+        return materialize(self, workload, checkpoint_id, dest, progress, seed)
 
     def read_index(self, pack_id: str) -> IndexArrays:
         key = index_key(pack_id)
         raw = self.codec.open(key, self.backend.get(key, MAX_INDEX_BYTES))
         return decode_index_arrays(raw, key)
 
-    def _index_for(self, pack_id: str, where: str) -> IndexArrays:
+    def index_for(self, pack_id: str, where: str) -> IndexArrays:
         try:
             return self.read_index(pack_id)
         except BlobNotFound as e:
@@ -444,7 +380,7 @@ class Repository:
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
 
-    def _pack_for(self, pack_id: str, where: str) -> bytes:
+    def pack_for(self, pack_id: str, where: str) -> bytes:
         key = pack_key(pack_id)
         try:
             return self.codec.open(key, self.backend.get(key, MAX_PACK_BYTES))
