@@ -60,6 +60,7 @@ class MigrateReport(TypedDict):
     to: str
     checkpoint: str
     duration_seconds: float
+    frozen_at: float  # when the tree was frozen for the final checkpoint (Unix time)
 
 
 class HostReport(TypedDict):

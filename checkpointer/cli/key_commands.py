@@ -19,7 +19,6 @@ from rich.table import Table
 from checkpointer.cli import rendering as show
 from checkpointer.cli.commands import common
 from checkpointer.config import Config
-from checkpointer.daemon.storage_setup import remote_store
 from checkpointer.repository_key import (
     RepositoryKeyError,
     open_codec,
@@ -33,6 +32,8 @@ from storage.backends import BlobStore, LocalBlobStore
 def _backend(config: Config) -> BlobStore:
     if config.storage.backend == "local":
         return LocalBlobStore(config.repository_path)
+    from checkpointer.daemon.storage_setup import remote_store  # boto3: only when needed
+
     return remote_store(config, None)
 
 

@@ -54,6 +54,7 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
             raise WorkloadNotRunning(f"workload {name} is not running here: nothing to migrate")
         generation = engine.ownership.hold(name)  # NotOwner: it is not ours to move
         assert w.pid is not None
+        frozen_at = time.time()
         try:
             report = engine.checkpoints.run(w, generation, final=True)
         except CheckpointerError:
@@ -83,7 +84,13 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
     duration = time.monotonic() - t0
     engine.events.migration_done(name, ok=True, duration=duration)
     log.info("workload %s migrated to %s: checkpoint %s", name, to, report["id"])
-    return {"workload": name, "to": to, "checkpoint": report["id"], "duration_seconds": duration}
+    return {
+        "workload": name,
+        "to": to,
+        "checkpoint": report["id"],
+        "duration_seconds": duration,
+        "frozen_at": frozen_at,
+    }
 
 
 def fence(engine: Engine, name: str, holder: str | None) -> None:
