@@ -73,7 +73,29 @@ def run_checks(config: Config) -> list[Check]:
         checks.append(Check("criu version", False, str(e), INSTALL_HINT))
     checks.append(_folder_check("state folder", config.state_dir))
     checks.append(_folder_check("repository (local folder)", config.repository_path))
+    checks.append(_key_check(config))
     return checks
+
+
+def _key_check(config: Config) -> Check:
+    """The access key is there and only ours (the daemon refuses it otherwise)."""
+    from checkpointer.repository_key import RepositoryKeyError, find_secret
+
+    if not config.storage.encryption:
+        return Check("repository key", True, "encryption is off: checkpoints stored in clear")
+    try:
+        source = find_secret(config)
+    except RepositoryKeyError as e:
+        return Check("repository key", False, str(e), "fix the key file (README: Encryption)")
+    if source is None:
+        return Check(
+            "repository key",
+            True,
+            f"{config.storage.key_file} does not exist yet: the daemon makes it with a new "
+            "repository (a repository that has keys needs a copy of one)",
+            required=False,
+        )
+    return Check("repository key", True, f"{source.secret.kind} from {source.where}")
 
 
 def _folder_check(name: str, path: Path) -> Check:

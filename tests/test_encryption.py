@@ -131,6 +131,8 @@ def test_missing_wrong_or_exposed_key_stops_the_daemon_with_one_clear_error(
 
     d.key_file.chmod(0o644)
     assert "chmod 600" in daemon_fails(d.config)
+    doctor = d.cli("doctor", check=False)
+    assert doctor.returncode != 0 and "chmod 600" in doctor.stdout + doctor.stderr
 
     d.key_file.unlink()
     message = daemon_fails(d.config)
