@@ -32,7 +32,11 @@ from bench import report  # noqa: E402
 from bench.daemon import daemon_checkpoints, scheduler_at_scale  # noqa: E402
 from bench.harness import DISK, SHM, Recorder, kill, raw_dump  # noqa: E402
 from bench.methods.base import Method  # noqa: E402
-from bench.methods.checkpointer import CheckpointerLocal, CheckpointerS3  # noqa: E402
+from bench.methods.checkpointer import (  # noqa: E402
+    CheckpointerLocal,
+    CheckpointerS3,
+    restore_side_by_side,
+)
 from bench.methods.raw_criu import RawCriu  # noqa: E402
 from bench.methods.restic import ResticLocal, ResticS3  # noqa: E402
 from bench.methods.seeds import Seeds  # noqa: E402
@@ -44,14 +48,15 @@ from tests.support.moto_server import Moto  # noqa: E402
 
 
 def bench_workload(
-    w: Workload, rounds: int, moto: Moto | None, work: Path, skip_restic: bool, firsts: int = 3
+    w: Workload, rounds: int, moto: Moto | None, work: Path, skip_restic: bool, firsts: int = 4
 ) -> dict[str, Any]:
     """Every method on the live workload: `rounds` checkpoints each (the workload rewriting 1%
     between rounds), what their stores hold, their restores, then the daemon's own RSS.
 
     checkpointer local runs twice, encrypted (the default) and in clear, one after the other
     in every round, the one going first alternating; each also makes `firsts` first (full)
-    checkpoints in all, the extra ones into new repositories, for a median of first ones."""
+    checkpoints in all, the extra ones into new repositories, for a median of first ones; their
+    restores are interleaved one by one, 4 of each kind each."""
     criu = Criu("criu", work / "failed")
     rec = Recorder()
     bucket = moto.create_bucket(f"bench-{w.name.lower()}") if moto else None
@@ -87,7 +92,9 @@ def bench_workload(
     # Restores, each bringing the same tree back, so that the next one can kill it.
     pid = w.pid
     for m in methods:
-        pid = m.restore(pid)
+        if m not in pair:
+            pid = m.restore(pid)
+    pid = restore_side_by_side(pair, pid)
     w.pid = pid
     assert w.alive_check(), "the workload did not survive the benchmark's restores"
     rec.extend(daemon_checkpoints(w, moto, bucket, work))
@@ -104,7 +111,7 @@ def main() -> None:
     ap.add_argument(
         "--firsts",
         type=int,
-        default=3,
+        default=4,
         help="first checkpoints per checkpointer local variant (encrypted, clear)",
     )
     ap.add_argument("--skip-restic", action="store_true")

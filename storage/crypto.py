@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -75,6 +76,14 @@ class Codec(Protocol):
 
     def open(self, name: str, blob: bytes) -> bytes: ...
 
+    def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
+        """`seal` into a buffer of this thread's, reused: valid until its next call here."""
+        ...
+
+    def open_pack(self, name: str, blob: bytes) -> bytes | memoryview:
+        """`open` into a buffer of this thread's, reused: valid until its next call here."""
+        ...
+
 
 class Plain:
     """Repositories written before encryption: plain BLAKE3 ids, objects as they are.
@@ -99,6 +108,12 @@ class Plain:
     def seal(self, name: str, data: bytes) -> bytes:
         return data
 
+    def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
+        return data
+
+    def open_pack(self, name: str, blob: bytes) -> bytes | memoryview:
+        return self.open(name, blob)
+
     def open(self, name: str, blob: bytes) -> bytes:
         if blob[: len(MAGIC)] == MAGIC:
             raise StorageError(
@@ -119,6 +134,10 @@ class Sealed:
             raise ValueError("a repository master key is 32 bytes")
         self._chunk_key = _derive(_CHUNK_CONTEXT, master)
         self._aead = AESGCM(_derive(_OBJECT_CONTEXT, master))
+        # Packs are sealed and opened into buffers reused per thread: with the daemon's
+        # malloc tuning every fresh 4 MiB buffer is a new zero-filled mapping, and faulting
+        # two of them in per pack held sealing to ~0.6 GB/s; AES-GCM itself does 7 GB/s here.
+        self._buffers = threading.local()
 
     def chunk_id(self, chunk: bytes | memoryview) -> bytes:
         return blake3.blake3(chunk, key=self._chunk_key).digest()
@@ -137,19 +156,53 @@ class Sealed:
         return MAGIC + bytes([_FORMAT]) + nonce + self._aead.encrypt(nonce, data, name.encode())
 
     def open(self, name: str, blob: bytes) -> bytes:
+        nonce = self._check_header(name, blob)
+        try:
+            return self._aead.decrypt(nonce, memoryview(blob)[HEADER:], name.encode())
+        except InvalidTag as e:
+            raise _tampered(name) from e
+
+    def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
+        out = self._buffer("seal", OVERHEAD + len(data))
+        nonce = secrets.token_bytes(_NONCE)
+        out[: len(MAGIC)] = MAGIC
+        out[len(MAGIC)] = _FORMAT
+        out[len(MAGIC) + 1 : HEADER] = nonce
+        view = memoryview(out)[: OVERHEAD + len(data)]
+        self._aead.encrypt_into(nonce, data, name.encode(), view[HEADER:])
+        return view
+
+    def open_pack(self, name: str, blob: bytes) -> bytes | memoryview:
+        nonce = self._check_header(name, blob)
+        size = len(blob) - OVERHEAD
+        view = memoryview(self._buffer("open", size))[:size]
+        try:
+            self._aead.decrypt_into(nonce, memoryview(blob)[HEADER:], name.encode(), view)
+        except InvalidTag as e:
+            raise _tampered(name) from e
+        return view
+
+    def _buffer(self, which: str, size: int) -> bytearray:
+        buf: bytearray | None = getattr(self._buffers, which, None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(max(size, 4 * 1024 * 1024 + 128 * 1024))
+            setattr(self._buffers, which, buf)
+        return buf
+
+    def _check_header(self, name: str, blob: bytes) -> bytes:
         if len(blob) < OVERHEAD or blob[: len(MAGIC)] != MAGIC or blob[len(MAGIC)] != _FORMAT:
             raise CorruptCheckpoint(
                 f"{name} is not sealed with this repository's key format (planted, damaged, "
                 "or written unencrypted): refused"
             )
-        nonce = blob[len(MAGIC) + 1 : HEADER]
-        try:
-            return self._aead.decrypt(nonce, memoryview(blob)[HEADER:], name.encode())
-        except InvalidTag as e:
-            raise CorruptCheckpoint(
-                f"{name} fails authentication: it was changed, planted, moved from another "
-                "name or written with another repository's key; refused"
-            ) from e
+        return bytes(blob[len(MAGIC) + 1 : HEADER])
+
+
+def _tampered(name: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(
+        f"{name} fails authentication: it was changed, planted, moved from another name or "
+        "written with another repository's key; refused"
+    )
 
 
 def _derive(context: str, key: bytes) -> bytes:

@@ -44,6 +44,9 @@ class LeaseState(StrEnum):
 
     HELD = "held"
     """The holder runs and checkpoints it."""
+    PREPARING = "preparing"
+    """The holder runs it and is about to hand it to `next_holder`, which fetches its newest
+    checkpoint ahead, so that the migration waits only for what changed since."""
     HANDED = "handed"
     """Migrated: the previous holder stopped it; the holder named restores it and takes it."""
     RELEASED = "released"
@@ -74,6 +77,7 @@ class Lease:
     state: LeaseState = LeaseState.HELD
     previous_holder: str | None = None
     newest_before: str | None = None  # the newest checkpoint when this generation began
+    next_holder: str | None = None  # PREPARING: the host it will be handed to
 
     def expired(self, now: float, skew: float) -> bool:
         return now > self.expires + skew
@@ -93,6 +97,7 @@ class Lease:
                 state=LeaseState(d["state"]),
                 previous_holder=d.get("previous_holder"),
                 newest_before=d.get("newest_before"),
+                next_holder=d.get("next_holder"),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpoint(f"the lease of {workload} is unreadable ({e})") from e
@@ -183,7 +188,7 @@ class Leases:
                 or lease.expired(self.clock(), self.skew)
                 or (lease.state is LeaseState.HANDED and mine)
             )
-            if mine and lease.state is LeaseState.HELD:
+            if mine and lease.state in (LeaseState.HELD, LeaseState.PREPARING):
                 return self.renew(current)
             if not free:
                 raise LeaseHeld(lease)
@@ -211,12 +216,19 @@ class Leases:
         lease = replace(held.lease, expires=self.clock() + self.ttl)
         return self._replace(held, lease)
 
+    def prepare(self, held: Held, to: str | None) -> Held:
+        """Announce a hand-over to `to` (None: call it off); the holder keeps the lease."""
+        state = LeaseState.PREPARING if to else LeaseState.HELD
+        lease = replace(held.lease, state=state, next_holder=to, expires=self.clock() + self.ttl)
+        return self._replace(held, lease)
+
     def hand_over(self, held: Held, to: str) -> Held:
         lease = replace(
             held.lease,
             holder=to,
             state=LeaseState.HANDED,
             previous_holder=self.host,
+            next_holder=None,
             expires=self.clock() + self.ttl,
         )
         return self._replace(held, lease)
@@ -238,15 +250,30 @@ class Leases:
 
     # -- hosts -------------------------------------------------------------------------
 
-    def heartbeat(self, version: str | None) -> str:
-        """Write this host's heartbeat; returns its new version (pass it next time)."""
+    def heartbeat(self, version: str | None, prepared: dict[str, str] | None = None) -> str:
+        """Write this host's heartbeat; returns its new version (pass it next time).
+        `prepared`: workloads whose newest checkpoint this host fetched ahead of a hand-over
+        (workload -> checkpoint id), which the holder waits for."""
         key = host_key(self.host)
-        doc = json.dumps({"host": self.host, "seen": self.clock(), "ttl": self.ttl}).encode()
+        doc = json.dumps(
+            {"host": self.host, "seen": self.clock(), "ttl": self.ttl, "prepared": prepared or {}}
+        ).encode()
         try:
             return self.store.put_if(key, self.codec.seal(key, doc), version)
         except PreconditionFailed:
             _, current = self.store.get_versioned(key, _MAX_BYTES)
             return self.store.put_if(key, self.codec.seal(key, doc), current)
+
+    def prepared_by(self, host: str) -> dict[str, str]:
+        """What `host` says it fetched ahead of hand-overs (empty if it says nothing)."""
+        key = host_key(host)
+        try:
+            blob, _ = self.store.get_versioned(key, _MAX_BYTES)
+            doc = json.loads(self.codec.open(key, blob))
+            prepared = doc.get("prepared") or {}
+        except (BlobNotFound, CorruptCheckpoint, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in prepared.items()} if isinstance(prepared, dict) else {}
 
     def live_hosts(self) -> dict[str, float]:
         """Host id -> when it was last seen, for hosts seen within their TTL."""

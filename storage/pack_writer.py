@@ -77,7 +77,7 @@ class PackWriter:
         data, encoded_index = b.compress(self.level)
         pack, index = pack_key(b.pack_id), index_key(b.pack_id)
         # One seal (AES-GCM, one tag) per pack: a restore authenticates it in one call.
-        self.backend.put(pack, self.codec.seal(pack, data))
+        self.backend.put(pack, self.codec.seal_pack(pack, data))
         self.backend.put(index, self.codec.seal(index, encoded_index))  # after its pack
         self.index.add(b.pack_id, b.digests)
         return len(data)

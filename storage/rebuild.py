@@ -46,7 +46,12 @@ class PackChunks:
 
 
 def decompress_pack(
-    pack_id: str, index: IndexArrays, m: Matches, data: bytes, where: str, sizes: Sizes
+    pack_id: str,
+    index: IndexArrays,
+    m: Matches,
+    data: bytes | memoryview,
+    where: str,
+    sizes: Sizes,
 ) -> PackChunks:
     """Decompress the frames of the matched chunks; `sizes` is each manifest position's
     chunk size (the decompressor allocates exactly that, whatever a frame header says)."""

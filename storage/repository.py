@@ -380,10 +380,10 @@ class Repository:
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
 
-    def pack_for(self, pack_id: str, where: str) -> bytes:
+    def pack_for(self, pack_id: str, where: str) -> bytes | memoryview:
         key = pack_key(pack_id)
         try:
-            return self.codec.open(key, self.backend.get(key, MAX_PACK_BYTES))
+            return self.codec.open_pack(key, self.backend.get(key, MAX_PACK_BYTES))
         except BlobNotFound as e:
             raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
         except CorruptCheckpoint as e:

@@ -98,3 +98,32 @@ def test_a_key_never_reads_a_repository_stored_in_clear(tmp_path: Path) -> None:
     with pytest.raises(RepositoryNotEncrypted, match="encryption: false"):
         open_repository_codec(store, AccessSecret.generate(), "host-a")
     assert isinstance(open_repository_codec(store, None, "host-a").codec, Plain)
+
+
+def test_a_sealed_repository_round_trips_and_refuses_a_flipped_bit_in_a_pack(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from storage import Repository
+    from storage.keys import pack_key
+
+    repo = Repository(LocalBlobStore(tmp_path / "repo"), codec=Sealed(new_master()))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(9 * 1024 * 1024))  # several packs
+    (src / "core-1.img").write_bytes(b"core" * 1000)
+    m = repo.commit("web", src)
+    assert len(m.packs) >= 2
+    out = tmp_path / "out"
+    repo.materialize("web", m.id, out)
+    assert (out / "pages-1.img").read_bytes() == (src / "pages-1.img").read_bytes()
+    raw = (tmp_path / "repo" / pack_key(m.packs[0])).read_bytes()
+    assert (src / "pages-1.img").read_bytes()[:4096] not in raw  # not in clear
+    path = tmp_path / "repo" / pack_key(m.packs[0])
+    path.chmod(0o600)
+    flipped = bytearray(raw)
+    flipped[len(flipped) // 2] ^= 1
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptCheckpoint, match="fails authentication"):
+        repo.materialize("web", m.id, tmp_path / "again")

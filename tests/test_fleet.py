@@ -44,7 +44,9 @@ def test_migrate_moves_the_counter_to_another_host_with_its_count(workdir: Path)
         b = fleet(net, bucket, "b", False, a.key_file)
         b.start()
         a.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
-        assert a.serve(port, 15) == "15"
+        assert a.serve(port, 14) == "14"
+        a.checkpoint("web")  # what B fetches ahead; the migration then moves only the rest
+        assert a.serve(port, 1) == "15"
         hosts = {h["host"]: h["workloads"] for h in a.json("hosts")}
         assert hosts == {"a": ["web"], "b": []}
         r = a.json("migrate", "web", "--to", "b")
@@ -53,6 +55,8 @@ def test_migrate_moves_the_counter_to_another_host_with_its_count(workdir: Path)
         st = b.wait_for("web", lambda s: s["state"] == "running", timeout=30)
         assert st["restores"][-1]["reason"] == "migration"
         assert b.http_get(port) == "16"  # its count + 1: nothing lost, on B
+        log = b.log.read_text()  # B fetched the image ahead, then only what changed
+        assert "ahead of its hand-over" in log and "are copied from it" in log, log[-3000:]
         assert str(a.state) != str(b.state) and not b.view(a.folder).exists()
         assert a.status("web")["state"] == "elsewhere" and a.status("web")["owner"] == "b"
         assert b.status("web")["owner"] == "b"

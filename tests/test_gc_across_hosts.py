@@ -43,7 +43,7 @@ class LateUploads(WrappedBlobStore):
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         if key.startswith(keys.PACKS):
             time.sleep(self.delay)
         if key.startswith(keys.MANIFESTS):

@@ -296,7 +296,7 @@ class _HoldManifests(BlobStore):
         self.release = threading.Event()
         self.holding = threading.Event()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         if key.startswith(keys_mod.MANIFESTS):
             self.holding.set()
             self.release.wait(60)

@@ -75,9 +75,12 @@ class Checkpointer(Method):
         self.prev_id, self.last_id = self.last_id, o["id"]
         self.record_checkpoint(o, phase(round_))
 
-    def restores(self, pid: int, label: str, checkpoint_id: str, args: dict[str, Any]) -> int:
-        """Three restores of `checkpoint_id`, each killing the tree the one before brought back."""
-        for _ in range(3):
+    def restores(
+        self, pid: int, label: str, checkpoint_id: str, args: dict[str, Any], times: int = 3
+    ) -> int:
+        """`times` restores of `checkpoint_id`, each killing the tree the one before brought
+        back."""
+        for _ in range(times):
             if args["backend"] == "s3":
                 args["cache"] = str(Path(tempfile.mkdtemp(dir=DISK)))  # empty every time
             kill(pid)
@@ -141,12 +144,36 @@ class CheckpointerLocal(Checkpointer):
     def stored_bytes(self) -> int:
         return du(self.repo)
 
-    def restore(self, pid: int) -> int:
+    def restore_kind(self, pid: int, kind: str, times: int = 3) -> int:
+        """`kind`: "kept" (the newest, from the kept image), "older" (the previous one, rebuilt
+        with the kept image's chunks) or "rebuilt" (the newest, from the repository alone)."""
         newest = self.last_id
         kept = {"backend": "local", "repo": str(self.repo), "hot": str(self.hot), "hot_id": newest}
-        pid = self.restores(pid, self.kept_label, newest, kept)
-        pid = self.restores(pid, self.older_label, self.prev_id, kept)
-        return self.restores(pid, self.label, newest, {"backend": "local", "repo": str(self.repo)})
+        if kind == "kept":
+            return self.restores(pid, self.kept_label, newest, kept, times)
+        if kind == "older":
+            return self.restores(pid, self.older_label, self.prev_id, kept, times)
+        alone = {"backend": "local", "repo": str(self.repo)}
+        return self.restores(pid, self.label, newest, alone, times)
+
+    def restore(self, pid: int) -> int:
+        for kind in RESTORE_KINDS:
+            pid = self.restore_kind(pid, kind)
+        return pid
+
+
+RESTORE_KINDS = ("kept", "older", "rebuilt")
+
+
+def restore_side_by_side(pair: list[CheckpointerLocal], pid: int, times: int = 4) -> int:
+    """The restores of two variants (encrypted, clear) interleaved one by one, the one going
+    first alternating, `times` each per kind: their ratio is then measured under the same
+    load, not in two blocks a minute apart on a shared machine."""
+    for kind in RESTORE_KINDS:
+        for i in range(times):
+            for m in pair if i % 2 == 0 else pair[::-1]:
+                pid = m.restore_kind(pid, kind, 1)
+    return pid
 
 
 class CheckpointerS3(Checkpointer):

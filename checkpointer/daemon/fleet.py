@@ -38,6 +38,8 @@ from storage.leases import (
 
 log = logging.getLogger(__name__)
 
+NOTHING_FETCHED = "-"
+
 
 @dataclass(frozen=True)
 class FleetHooks:
@@ -47,6 +49,7 @@ class FleetHooks:
     lost: Callable[[str, str | None], None]
     offered: Callable[[str, str], None]
     known: Callable[[], list[str]]  # workloads registered here that are running
+    prefetch: Callable[[str], str | None]  # fetch the newest checkpoint ahead; its id
 
 
 class Fleet:
@@ -71,6 +74,8 @@ class Fleet:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
         self._heartbeat: str | None = None
+        self._prepared: dict[str, str] = {}  # fetched ahead of a hand-over: name -> id
+        self._preparing: set[str] = set()
         self.renewal_failures = 0
         self.unowned = 0
 
@@ -141,6 +146,31 @@ class Fleet:
 
     # -- migration ---------------------------------------------------------------------
 
+    def prepare(self, name: str, to: str | None) -> None:
+        """Tell `to` (through the lease) that `name` is coming: it fetches the newest
+        checkpoint ahead. None calls it off."""
+        with self._lock:
+            held = self._held.get(name)
+        if held is None:
+            raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
+        updated = self.leases.prepare(held, to)
+        with self._lock:
+            self._held[name] = updated
+            self._seen[name] = updated.lease
+
+    def wait_prepared(self, name: str, to: str, timeout: float) -> str | None:
+        """The checkpoint `to` fetched ahead, once it says so (None after `timeout`)."""
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            try:
+                done = self.leases.prepared_by(to).get(name)
+            except StorageError:
+                done = None
+            if done:
+                return None if done == NOTHING_FETCHED else done
+            time.sleep(0.2)
+        return None
+
     def hand_over(self, name: str, to: str) -> None:
         with self._lock:
             held = self._held.get(name)
@@ -174,7 +204,9 @@ class Fleet:
     def _tick(self) -> None:
         assert self.hooks is not None
         try:
-            self._heartbeat = self.leases.heartbeat(self._heartbeat)
+            with self._lock:
+                prepared = dict(self._prepared)
+            self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared)
         except StorageError as e:
             log.warning("fleet: heartbeat failed: %s", e)
         self._renew()
@@ -241,6 +273,18 @@ class Fleet:
                 now, self.leases.skew
             )
             unowned += expired
+            if (
+                lease.state is LeaseState.PREPARING
+                and lease.next_holder == self.host
+                and lease.workload not in self._preparing
+            ):
+                self._preparing.add(lease.workload)
+                threading.Thread(
+                    target=self._prepare_for,
+                    args=(lease.workload,),
+                    name=f"prefetch-{lease.workload}",
+                    daemon=True,
+                ).start()
             if lease.holder == self.host and lease.state is LeaseState.HANDED:
                 log.warning(
                     "fleet: %s was handed to this host by %s", lease.workload, lease.previous_holder
@@ -254,3 +298,36 @@ class Fleet:
                 )
                 self.hooks.offered(lease.workload, "failover")
         self.unowned = unowned
+
+    def _prepare_for(self, name: str) -> None:
+        """A hand-over to this host is coming: fetch the newest checkpoint now, while the
+        tree still runs on its host (the migration then waits only for the pages changed
+        since), say so in the heartbeat, and watch the lease closely until it arrives."""
+        assert self.hooks is not None
+        try:
+            fetched = self.hooks.prefetch(name)
+        except Exception:
+            log.exception("fleet: fetching %s ahead of its hand-over failed", name)
+            fetched = None
+        with self._lock:  # "-": nothing fetched, don't wait for us
+            self._prepared[name] = fetched or NOTHING_FETCHED
+            prepared = dict(self._prepared)
+        try:
+            self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared)
+        except StorageError as e:
+            log.warning("fleet: heartbeat failed: %s", e)
+        deadline = self.clock() + 120
+        try:
+            while self.clock() < deadline and not self._stop.is_set():
+                lease = self._read(name)
+                if lease is None or lease.state not in (LeaseState.PREPARING, LeaseState.HANDED):
+                    return  # called off
+                if lease.state is LeaseState.HANDED:
+                    if lease.holder == self.host:
+                        self.hooks.offered(name, "migration")
+                    return
+                time.sleep(0.1)
+        finally:
+            with self._lock:
+                self._preparing.discard(name)
+                self._prepared.pop(name, None)

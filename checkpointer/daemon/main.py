@@ -168,6 +168,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
                 lost=engine.fence,
                 offered=engine.take_over,
                 known=lambda: [w.name for w in engine.workloads() if w.alive()],
+                prefetch=engine.prefetch,
             )
         )
     _start_declared(engine, supervisor, config.workloads)

@@ -256,6 +256,9 @@ class Engine:
     def take_over(self, name: str, reason: str) -> None:
         migration.take_over(self, name, reason)
 
+    def prefetch(self, name: str) -> str | None:
+        return migration.prefetch(self, name)
+
     def fail(self, w: Workload, why: str) -> None:
         w.state, w.failed_reason = WorkloadState.FAILED, why
         log.error(

@@ -11,6 +11,7 @@ on here as if nothing happened.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING
 
@@ -24,10 +25,15 @@ from storage import StorageError
 
 if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
+    from checkpointer.engine.ownership import Fleet
 
 log = logging.getLogger(__name__)
 
 UPLOAD_TIMEOUT = 300.0
+# How long `migrate` lets the target fetch the newest checkpoint ahead while the tree still
+# runs (a 1 GB image from a bucket takes seconds); past it the hand-over goes on anyway and
+# the target fetches everything after it.
+PREPARE_TIMEOUT = 120.0
 
 
 def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
@@ -54,11 +60,18 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
             raise WorkloadNotRunning(f"workload {name} is not running here: nothing to migrate")
         generation = engine.ownership.hold(name)  # NotOwner: it is not ours to move
         assert w.pid is not None
+        # Pre-copy: the target fetches the newest checkpoint while the tree still runs; the
+        # freeze below then waits only for the pages changed since.
+        fleet.prepare(name, to)
+        ahead = fleet.wait_prepared(name, to, PREPARE_TIMEOUT)
+        if ahead is None:
+            log.warning("host %s did not fetch %s ahead: it fetches all of it after", to, name)
         frozen_at = time.time()
         try:
             report = engine.checkpoints.run(w, generation, final=True)
         except CheckpointerError:
             process.thaw(w.pid)  # a failed dump leaves the tree running already; be sure
+            _call_off(fleet, name)
             engine.events.migration_done(name, ok=False)
             raise
         try:
@@ -70,6 +83,7 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
             fleet.hand_over(name, to)
         except (CheckpointerError, StorageError) as e:
             process.thaw(w.pid)
+            _call_off(fleet, name)
             engine.events.migration_done(name, ok=False)
             raise MigrationFailed(
                 f"migration of {name} to {to} failed before the hand-over ({e}); the tree runs "
@@ -91,6 +105,46 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
         "duration_seconds": duration,
         "frozen_at": frozen_at,
     }
+
+
+def _call_off(fleet: Fleet, name: str) -> None:
+    try:
+        fleet.prepare(name, None)
+    except (CheckpointerError, StorageError) as e:
+        log.warning("could not call off the hand-over of %s: %s", name, e)
+
+
+def prefetch(engine: Engine, name: str) -> str | None:
+    """Fetch the newest checkpoint of a workload about to be handed to this host, as its kept
+    image: the restore after the hand-over copies the pages it shares with it and fetches
+    only the rest. Returns the checkpoint fetched."""
+    from checkpointer.engine import recovery
+
+    infos = engine.repo.checkpoints(name)
+    if not infos:
+        return None
+    w = engine.registry.find(name)
+    if w is None:
+        w = recovery.workload_from_repository(engine, name, None)
+        w.state, w.owner = WorkloadState.ELSEWHERE, engine.ownership.owner(name)
+    if w.alive():
+        return None
+    newest = infos[0].id
+    with engine.locked(w, wait=True):
+        if w.kept is not None and w.kept.id == newest and w.kept.intact():
+            return newest
+        t0 = time.monotonic()
+        images = engine.scratch.new(name, "prefetch")
+        try:
+            engine.restores.materialize(w, newest, images)
+            w.kept = kept_image.keep(images, engine.scratch.kept_root(images), name, newest, w.kept)
+        finally:
+            shutil.rmtree(images.parent, ignore_errors=True)
+        engine.save()
+    log.info(
+        "fetched %s of %s ahead of its hand-over in %.2fs", newest, name, time.monotonic() - t0
+    )
+    return newest
 
 
 def fence(engine: Engine, name: str, holder: str | None) -> None:

@@ -22,7 +22,7 @@ class BlobStore(ABC):
     """Bytes by key. Keys are '/'-separated relative paths of safe characters."""
 
     @abstractmethod
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         """Store `data` under `key`, atomically and durably; raise BlobExists if it is taken."""
 
     @abstractmethod

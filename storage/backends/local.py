@@ -42,7 +42,7 @@ class LocalBlobStore(BlobStore):
             raise StorageError(f"invalid blob key {key!r}")
         return self.root / key
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = final.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"

@@ -124,7 +124,8 @@ class S3BlobStore(BlobStore):
             extra["SSEKMSKeyId"] = self.s.sse_kms_key_id
         return extra
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        data = bytes(data)  # botocore wants bytes (a memoryview is a reused buffer: copy it)
         try:
             if len(data) > self.s.multipart_threshold:
                 self._put_multipart(key, data)

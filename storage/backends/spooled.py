@@ -63,7 +63,7 @@ class SpooledBlobStore(BlobStore):
 
     # -- the BlobStore interface -------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         self.cache.put(key, data)  # BlobExists here: a local writer already has it
         self._enqueue("P", key)
 

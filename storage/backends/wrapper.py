@@ -30,7 +30,7 @@ class WrappedBlobStore(BlobStore):
     def check(self) -> None:
         self.around("check", self.inner.check)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         self.around("put", lambda: self.inner.put(key, data))
 
     def get(self, key: str, limit: int | None = None) -> bytes:
