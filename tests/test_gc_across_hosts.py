@@ -102,3 +102,49 @@ def test_a_pack_collected_by_another_host_is_never_referenced_again(
     third = host_a.commit("web", src)
     assert set(third.packs) <= set(again.packs)
     host_a.verify("web", third.id)
+
+
+def test_a_manifest_that_cannot_be_read_stops_garbage_collection(tmp_path: Path) -> None:
+    from storage.backends import LocalBlobStore
+    from storage.errors import CorruptCheckpoint
+    from storage.keys import manifest_key
+    from storage.manifest import new_checkpoint_id
+
+    store = LocalBlobStore(tmp_path / "repo")
+    repo = Repository(store, gc_grace=0)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(os.urandom(64 * 1024))
+    kept = repo.commit("web", src)
+    # a manifest of a newer format, or damaged: the packs it names are unknown
+    store.put(manifest_key("web", new_checkpoint_id()), b'{"version": 99}')
+    with pytest.raises(CorruptCheckpoint, match="cannot be read"):
+        collect_garbage(repo)
+    repo.verify("web", kept.id)
+
+
+def test_prune_without_a_name_leaves_other_hosts_workloads_alone(workdir: Path) -> None:
+    import sys
+
+    from tests.support import COUNTER, Daemon, free_port, serve
+
+    shared = workdir / "shared-repository"
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    a = Daemon(workdir / "a", f"storage:\n  path: {shared}\n")
+    b = Daemon(
+        workdir / "b", f"storage:\n  path: {shared}\nretention:\n  keep_last: 1\n", a.key_file
+    )
+    port = free_port()
+    try:
+        a.start()
+        a.cli("run", "web", "--keep-last", "5", "--", sys.executable, str(COUNTER), str(port))
+        for _ in range(3):
+            serve(port, 1)
+            a.checkpoint("web")
+        b.start()
+        b.cli("prune")  # B's retention (keep 1) is not A's to apply
+        assert len(a.json("list", "web")) == 3
+    finally:
+        a.stop()
+        b.stop()
