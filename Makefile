@@ -16,7 +16,7 @@ criu:
 	@bash scripts/install-criu.sh
 
 setup: $(STAMP) criu
-	@bash scripts/install-system-deps.sh redis-server prometheus
+	@bash scripts/install-system-deps.sh redis-server prometheus iproute2 util-linux
 
 # The daemon in the foreground, on a local-folder repository under .state/, checkpointing the
 # example workload of configs/demo.yaml every 5 s. Ctrl-C stops the daemon and, for the demo

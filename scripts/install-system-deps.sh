@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the project needs beyond CRIU: Redis and Prometheus (with promtool) for the tests.
+# Debian packages the project needs beyond CRIU: Redis and Prometheus (with promtool) for the
+# tests, iproute2 and util-linux (ip, nsenter, unshare) for the fleet tests' hosts.
 # Idempotent: asks apt only for what is missing.
 set -euo pipefail
 want=("$@")
