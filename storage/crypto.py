@@ -72,7 +72,7 @@ class Codec(Protocol):
         """The ids of the consecutive chunks of `block`, concatenated."""
         ...
 
-    def seal(self, name: str, data: bytes) -> bytes: ...
+    def seal(self, name: str, data: bytes) -> bytes | memoryview: ...
 
     def open(self, name: str, blob: bytes) -> bytes: ...
 
@@ -105,7 +105,7 @@ class Plain:
             ]
         )
 
-    def seal(self, name: str, data: bytes) -> bytes:
+    def seal(self, name: str, data: bytes) -> bytes | memoryview:
         return data
 
     def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
@@ -133,6 +133,7 @@ class Sealed:
         if len(master) != 32:
             raise ValueError("a repository master key is 32 bytes")
         self._chunk_key = _derive(_CHUNK_CONTEXT, master)
+        self._keyed = blake3.blake3(key=self._chunk_key)
         self._aead = AESGCM(_derive(_OBJECT_CONTEXT, master))
         # Packs are sealed and opened into buffers reused per thread: with the daemon's
         # malloc tuning every fresh 4 MiB buffer is a new zero-filled mapping, and faulting
@@ -143,17 +144,24 @@ class Sealed:
         return blake3.blake3(chunk, key=self._chunk_key).digest()
 
     def chunk_ids(self, block: memoryview, chunk_size: int) -> bytes:
-        key = self._chunk_key
-        return b"".join(
-            [
-                blake3.blake3(block[o : o + chunk_size], key=key).digest()
-                for o in range(0, len(block), chunk_size)
-            ]
-        )
+        # A copy of one keyed hasher per chunk: measured a little faster than keying anew.
+        keyed = self._keyed
+        out = []
+        for o in range(0, len(block), chunk_size):
+            h = keyed.copy()
+            h.update(block[o : o + chunk_size])
+            out.append(h.digest())
+        return b"".join(out)
 
-    def seal(self, name: str, data: bytes) -> bytes:
+    def seal(self, name: str, data: bytes) -> bytes | memoryview:
+        """One allocation of the sealed size (a manifest of a 1 GB image is 11 MB)."""
         nonce = secrets.token_bytes(_NONCE)
-        return MAGIC + bytes([_FORMAT]) + nonce + self._aead.encrypt(nonce, data, name.encode())
+        out = bytearray(OVERHEAD + len(data))
+        out[: len(MAGIC)] = MAGIC
+        out[len(MAGIC)] = _FORMAT
+        out[len(MAGIC) + 1 : HEADER] = nonce
+        self._aead.encrypt_into(nonce, data, name.encode(), memoryview(out)[HEADER:])
+        return memoryview(out)
 
     def open(self, name: str, blob: bytes) -> bytes:
         nonce = self._check_header(name, blob)

@@ -118,7 +118,7 @@ def test_a_planted_lease_leases_nothing(tmp_path: Path) -> None:
 class IgnoresConditions(LocalBlobStore):
     """What s3rver 3.7 does: accepts If-None-Match and a wrong If-Match, and overwrites."""
 
-    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+    def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)

@@ -55,7 +55,7 @@ class BlobStore(ABC):
         """The blob and its version (an ETag); BlobNotFound if there is none."""
         raise ConditionalWritesUnsupported(f"{self.describe()} has no conditional writes")
 
-    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+    def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
         """Write `data` only if the blob is still at version `match` (None: only if there is
         no blob); return the new version. PreconditionFailed if it is not. The one write that
         replaces a blob: leases are renewed and handed over in place, and two hosts racing

@@ -82,7 +82,7 @@ class LocalBlobStore(BlobStore):
         data = self.get(key, limit)
         return data, hashlib.sha256(data).hexdigest()
 
-    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+    def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
         """Compare and replace under an flock of the folder: atomic among processes of hosts
         that share this file system's locks (one host, in practice)."""
         final = self._path(key)

@@ -202,11 +202,11 @@ class S3BlobStore(BlobStore):
         except Exception as e:
             raise self._translate(e, "get", key) from e
 
-    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+    def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
         args: dict[str, Any] = {
             "Bucket": self.s.bucket,
             "Key": self._key(key),
-            "Body": data,
+            "Body": bytes(data),
             **self._extra(),
         }
         if match is None:

@@ -53,5 +53,5 @@ class WrappedBlobStore(BlobStore):
     def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         return self.around("get", lambda: self.inner.get_versioned(key, limit))
 
-    def put_if(self, key: str, data: bytes, match: str | None) -> str:
+    def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
         return self.around("put", lambda: self.inner.put_if(key, data, match))
