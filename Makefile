@@ -29,10 +29,12 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 # Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and
-# writes bench/results/latest.json. Takes about 15 minutes; see bench/run.py --help.
+# writes bench/results/latest.json, then the migration downtime (bench/results/migration.json).
+# Takes about 30 minutes; see bench/run.py --help.
 bench: setup
 	@bash scripts/install-system-deps.sh restic zstd
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python -m bench.migration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check checkpointer storage tests bench
