@@ -115,8 +115,8 @@ class Daemon:
         path = self.state / "logs" / f"{name}.log"
         return path.read_text() if path.exists() else ""
 
-    def stop(self) -> None:
-        """Stop the daemon first (so it restores nothing more), then every workload it had."""
+    def terminate(self) -> None:
+        """SIGTERM the daemon and wait for it (SIGKILL after 60 s)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -127,6 +127,12 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def stop(self) -> None:
+        """Stop the daemon first (so it restores nothing more), then every workload it had."""
+        if self.proc is None:
+            return
+        self.terminate()
         self.kill_workloads()
         from checkpointer.engine import tmpfs_scratch_root
 

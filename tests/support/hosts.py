@@ -419,15 +419,7 @@ class Host(Daemon):
         """SIGTERM the daemon (it restores nothing more), then kill -9 every workload it had
         and anything else left in the host. Its state folder stays (start() finds it)."""
         self.thaw()
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
+        self.terminate()
         self.kill_workloads()
 
     def kill9(self) -> None:
