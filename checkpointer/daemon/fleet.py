@@ -50,6 +50,7 @@ class FleetHooks:
     offered: Callable[[str, str], None]
     known: Callable[[], list[str]]  # workloads registered here that are running
     prefetch: Callable[[str], str | None]  # fetch the newest checkpoint ahead; its id
+    newest: Callable[[str], str | None]  # the workload's newest checkpoint id
 
 
 class Fleet:
@@ -213,7 +214,8 @@ class Fleet:
         for name in self.hooks.known():  # running here (re-adopted at start, or ours)
             if not self.holds(name):
                 try:
-                    self.claim(name, None)
+                    # what this generation may restore besides its own: all there is now
+                    self.claim(name, self.hooks.newest(name))
                 except NotOwner as e:
                     log.error("fleet: %s; stopping the copy that runs here", e)
                     self.hooks.lost(name, self.owner(name))

@@ -169,6 +169,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
                 offered=engine.take_over,
                 known=lambda: [w.name for w in engine.workloads() if w.alive()],
                 prefetch=engine.prefetch,
+                newest=engine.newest_checkpoint,
             )
         )
     _start_declared(engine, supervisor, config.workloads)

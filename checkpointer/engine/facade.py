@@ -259,6 +259,10 @@ class Engine:
     def prefetch(self, name: str) -> str | None:
         return migration.prefetch(self, name)
 
+    def newest_checkpoint(self, name: str) -> str | None:
+        infos = self.repo.checkpoints(name)
+        return infos[0].id if infos else None
+
     def fail(self, w: Workload, why: str) -> None:
         w.state, w.failed_reason = WorkloadState.FAILED, why
         log.error(
