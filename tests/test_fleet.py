@@ -154,3 +154,26 @@ def test_three_hosts_one_dies_exactly_one_of_the_other_two_takes_over(workdir: P
         assert winners[0].http_get(port) == "3"
         owners = {h["host"]: h["workloads"] for h in loser.json("hosts")}
         assert owners[winners[0].name] == ["web"]
+
+
+def test_a_daemon_back_after_its_lease_expired_still_restores_the_older_checkpoints(
+    workdir: Path,
+) -> None:
+    """Nobody took the workload while its daemon was down past the TTL: the daemon keeps its
+    lease (renewed in place, the same generation) and its checkpoints stay restorable."""
+    port = 18084
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-fleet-r-{os.getpid()}")
+        a = fleet(net, bucket, "a", False, None)
+        a.start()
+        a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        a.serve(port, 6)
+        a.checkpoint("web")
+        time.sleep(1.5)
+        a.terminate()  # the daemon stops; its workload runs on
+        time.sleep(9)  # past the lease's TTL + skew
+        a.start()  # re-adopts web and renews its expired lease: nobody else took it
+        assert a.http_get(port) == "7"
+        os.kill(a.pid("web"), 9)
+        assert a.http_get(port, timeout=30) == "7", a.log.read_text()[-3000:]  # 6 + 1
+        assert a.status("web")["restores"][-1]["result"] == "ok"
