@@ -197,13 +197,24 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
             engine.save()
             return True
-        if not good and not _remote_reachable(engine):
+        if not good and engine.spool is not None:
             # After a reboot with the network not up yet, only the local spool answers:
-            # "no checkpoint" would cold-start the workload and lose its state.
-            w.last_error = "no checkpoint found locally and object storage is unreachable"
-            w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
-            engine.save()
-            return True
+            # "no checkpoint" would cold-start the workload and lose its state. A listing
+            # taken while the spool thought the bucket down came from the spool alone, even
+            # if the bucket answers by now: list again from it before deciding anything.
+            listed_offline = not engine.spool.online
+            reachable = _remote_reachable(engine)
+            if not reachable or listed_offline:
+                if reachable:
+                    engine.spool.mark_online()
+                w.last_error = (
+                    "the bucket answers again: listing its checkpoints"
+                    if reachable
+                    else "no checkpoint found locally and object storage is unreachable"
+                )
+                w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
+                engine.save()
+                return True
         steps = plan(w.restore, good, w.streak.depth, w.managed)
         for cid in steps.checkpoints:
             try:

@@ -149,6 +149,12 @@ class SpooledBlobStore(BlobStore):
                     path.unlink(missing_ok=True)
                     self.cache.delete(key)
 
+    def mark_online(self) -> None:
+        """The caller reached the remote: list from it again, and upload now."""
+        with self._lock:
+            self.online = True
+            self._wake.notify_all()
+
     def wait_uploaded(self, timeout: float) -> bool:
         """Wait until the queue is empty; False if it is not after `timeout` seconds."""
         deadline = time.monotonic() + timeout
