@@ -28,6 +28,7 @@ from typing import Any
 
 from bench.harness import CLI, DISK, ROOT, clean_env, kill, launch, reap
 from checkpointer.criu import Criu, DumpOptions
+from checkpointer.engine import tmpfs_scratch_root
 from tests.support.moto_server import S3_ENV, Moto
 from tests.support.net import free_port
 from tests.support.redis_server import redis_client, redis_command
@@ -150,6 +151,8 @@ def checkpointer_migration(mb: int, work: Path) -> dict[str, float]:
                         kill(int(w["pid"]))
         reap()
         moto.stop()
+        for host in configs:  # the daemons' scratch in /dev/shm holds images (RAM)
+            shutil.rmtree(tmpfs_scratch_root(work / host), ignore_errors=True)
 
 
 def raw_migration(mb: int, work: Path, seeds: bool) -> dict[str, float]:
