@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup criu run test lint bench
+.PHONY: setup criu containers run test lint bench
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ run: setup
 	$(VENV)/bin/checkpointer doctor --config $(CONFIG)
 	$(VENV)/bin/checkpointer daemon --config $(CONFIG) --stop-workloads-on-exit
 
-test: setup
+# LXC and Podman (runc) for the container workloads, and the tests' container rootfs (built
+# once with debootstrap, then cached in /var/cache/checkpointer-tests).
+containers:
+	@bash scripts/install-system-deps.sh lxc podman runc debootstrap netavark \
+		containernetworking-plugins catatonit fuse-overlayfs slirp4netns uidmap
+	@bash scripts/build-test-rootfs.sh
+
+test: setup containers
 	$(VENV)/bin/pytest -q
 
 # Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and

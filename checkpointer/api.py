@@ -53,6 +53,7 @@ class StatusReport(TypedDict):
     log: str | None
     busy: bool
     owner: str | None  # fleet: the host that holds its lease
+    container: str | None  # lxc, podman: the container's name in its runtime
 
 
 class MigrateReport(TypedDict):

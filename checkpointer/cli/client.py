@@ -97,9 +97,24 @@ class Client:
         return cast(StatusReport, result)
 
     def register(
-        self, name: str, pid: int | None, pidfile: str | None, options: dict[str, Any]
+        self,
+        name: str,
+        pid: int | None,
+        pidfile: str | None,
+        options: dict[str, Any],
+        lxc: str | None = None,
+        podman: str | None = None,
     ) -> StatusReport:
-        result = call(self.path, Op.REGISTER, name=name, pid=pid, pidfile=pidfile, options=options)
+        result = call(
+            self.path,
+            Op.REGISTER,
+            name=name,
+            pid=pid,
+            pidfile=pidfile,
+            options=options,
+            lxc=lxc,
+            podman=podman,
+        )
         return cast(StatusReport, result)
 
     def unregister(self, name: str, keep_running: bool) -> UnregisterReport:

@@ -241,16 +241,32 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
 @click.argument("name")
 @click.option("--pid", type=int, default=None)
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--lxc", "lxc", metavar="CONTAINER", default=None, help="an LXC container")
+@click.option(
+    "--podman", "podman", metavar="CONTAINER", default=None, help="a Podman container (runc)"
+)
 @_schedule_flags
 @_criu_flags
 def register(
-    config: Config, as_json: bool, name: str, pid: int | None, pidfile: Path | None, **kw: Any
+    config: Config,
+    as_json: bool,
+    name: str,
+    pid: int | None,
+    pidfile: Path | None,
+    lxc: str | None,
+    podman: str | None,
+    **kw: Any,
 ) -> None:
-    """Adopt an existing process tree as workload NAME."""
-    if (pid is None) == (pidfile is None):
-        raise click.UsageError("give exactly one of --pid and --pidfile")
+    """Adopt an existing process tree, or a container, as workload NAME."""
+    if sum(x is not None for x in (pid, pidfile, lxc, podman)) != 1:
+        raise click.UsageError("give exactly one of --pid, --pidfile, --lxc and --podman")
     result = Client(config.socket_path).register(
-        name, pid=pid, pidfile=str(pidfile.resolve()) if pidfile else None, options=_options(kw)
+        name,
+        pid=pid,
+        pidfile=str(pidfile.resolve()) if pidfile else None,
+        options=_options(kw),
+        lxc=lxc,
+        podman=podman,
     )
     show.emit(as_json, result, lambda: show.registered(name, result))
 

@@ -94,7 +94,8 @@ def started(name: str, r: StatusReport) -> None:
 
 
 def registered(name: str, r: StatusReport) -> None:
-    click.echo(f"registered {name}: pid {r['pid']}")
+    what = f"{r['kind']} container {r['container']}, " if r.get("container") else ""
+    click.echo(f"registered {name}: {what}pid {r['pid']}")
 
 
 def unregistered(name: str, r: UnregisterReport) -> None:

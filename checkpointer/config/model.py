@@ -125,7 +125,8 @@ class WorkloadOptions(_Strict):
 
 
 class WorkloadConfig(WorkloadOptions):
-    """A workload declared in the config: managed (`command`) or adopted (`pid`/`pidfile`)."""
+    """A workload declared in the config: managed (`command`), adopted (`pid`/`pidfile`) or a
+    container (`lxc`/`podman`: its name in that runtime)."""
 
     name: str
     command: list[str] | None = None
@@ -133,6 +134,8 @@ class WorkloadConfig(WorkloadOptions):
     env: dict[str, str] = Field(default_factory=dict)
     pid: int | None = None
     pidfile: Path | None = None
+    lxc: str | None = Field(None, description="an LXC container's name")
+    podman: str | None = Field(None, description="a Podman container's name (runtime runc)")
 
     def options(self) -> WorkloadOptions:
         return WorkloadOptions.model_validate(
@@ -153,9 +156,16 @@ class WorkloadConfig(WorkloadOptions):
 
     @model_validator(mode="after")
     def _one_source(self) -> WorkloadConfig:
-        sources = [x for x in (self.command, self.pid, self.pidfile) if x is not None]
+        sources = [
+            x
+            for x in (self.command, self.pid, self.pidfile, self.lxc, self.podman)
+            if x is not None
+        ]
         if len(sources) != 1:
-            raise ValueError("give exactly one of command (managed), pid or pidfile (adopted)")
+            raise ValueError(
+                "give exactly one of command (managed), pid or pidfile (adopted), "
+                "lxc or podman (a container)"
+            )
         return self
 
 

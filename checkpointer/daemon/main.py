@@ -25,7 +25,7 @@ from checkpointer.daemon.metrics import EngineCollector, Metrics
 from checkpointer.daemon.scheduler import CheckpointScheduler
 from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
-from checkpointer.engine import Engine, Hooks, WorkloadState, registering, reports
+from checkpointer.engine import Engine, Hooks, WorkloadKind, WorkloadState, registering, reports
 from checkpointer.engine.ownership import SingleHost
 from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
 from checkpointer.malloc_tuning import keep_heap_small
@@ -91,9 +91,22 @@ def _handlers(engine: Engine) -> dict[str, Any]:
         return reports.status(engine, w.name)[0]
 
     def register(
-        name: str, options: dict[str, Any], pid: int | None = None, pidfile: str | None = None
+        name: str,
+        options: dict[str, Any],
+        pid: int | None = None,
+        pidfile: str | None = None,
+        lxc: str | None = None,
+        podman: str | None = None,
     ) -> Any:
-        w = registering.register(engine, name, pid=pid, pidfile=pidfile, options=_options(options))
+        if lxc is not None or podman is not None:
+            kind = WorkloadKind.LXC if lxc is not None else WorkloadKind.PODMAN
+            container = lxc if lxc is not None else podman
+            assert container is not None
+            w = registering.register_container(engine, name, kind, container, _options(options))
+        else:
+            w = registering.register(
+                engine, name, pid=pid, pidfile=pidfile, options=_options(options)
+            )
         return reports.status(engine, w.name)[0]
 
     handlers: dict[Op, Handler] = {
@@ -143,6 +156,11 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
                     cwd=str(wc.cwd) if wc.cwd else None,
                     env=wc.env,
                 )
+            elif wc.lxc or wc.podman:
+                kind = WorkloadKind.LXC if wc.lxc else WorkloadKind.PODMAN
+                container = wc.lxc or wc.podman
+                assert container is not None
+                registering.register_container(engine, wc.name, kind, container, wc.options())
             else:
                 registering.register(
                     engine,

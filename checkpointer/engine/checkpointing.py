@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from checkpointer import hostinfo
 from checkpointer.api import CheckpointReport
-from checkpointer.criu import Criu, CriuError
+from checkpointer.containers import ContainerRuntime
+from checkpointer.criu import Criu, CriuError, DumpStats
 from checkpointer.engine import kept_image
 from checkpointer.engine.events import Events
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointFailed, WorkloadNotRunning
+from checkpointer.workloads import process
 from storage import Repository, StorageError
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,10 @@ class CheckpointPipeline:
         keep_latest_image: bool,
         criu_version: Callable[[], str],
         log_fifo: Callable[[str], Path],
+        runtimes: Mapping[str, ContainerRuntime],
     ) -> None:
         self.log_fifo = log_fifo
+        self.runtimes = runtimes
         self.repo = repo
         self.criu = criu
         self.scratch = scratch
@@ -60,7 +64,7 @@ class CheckpointPipeline:
         images = self.scratch.new(w.name, "dump", w.pid)
         try:
             try:
-                stats = self.criu.dump(w.pid, images, w.dump_options(), w.name, final)
+                stats = self.dump(w, images, final)
             except CriuError as e:
                 w.last_error = str(e)
                 self.events.checkpoint_failed(w.name, e.category)
@@ -79,6 +83,7 @@ class CheckpointPipeline:
                     # Where this host's log FIFO is: its path is in the image, and a restore
                     # on a host with another state_dir hands its own FIFO in its place.
                     "log_fifo": str(self.log_fifo(w.name)) if w.managed else None,
+                    "container": w.container,
                 },
             }
             try:
@@ -112,3 +117,17 @@ class CheckpointPipeline:
             "duration_seconds": round(duration, 3),
             "dump_stats": stats.as_dict(),
         }
+
+    def dump(self, w: Workload, images: Path, final: bool) -> DumpStats:
+        """CRIU on the tree, or the container's runtime (which runs CRIU its own way)."""
+        assert w.pid is not None
+        if w.container:
+            # A runtime stops a container for good after a final dump (LXC's -s, Podman without
+            # --leave-running): a migration whose hand-over then fails could not thaw it. It
+            # keeps running instead and is stopped here, as CRIU's --leave-stopped would.
+            runtime = self.runtimes[str(w.kind)]
+            stats = runtime.checkpoint(w.container, images, w.dump_options())
+            if final:
+                process.stop_tree(w.pid)
+            return stats
+        return self.criu.dump(w.pid, images, w.dump_options(), w.name, final)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from checkpointer import containers
 from checkpointer.api import (
     CheckpointReport,
     MigrateReport,
@@ -26,6 +27,7 @@ from checkpointer.api import (
     UnregisterReport,
 )
 from checkpointer.config import Config, WorkloadOptions
+from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu
 from checkpointer.engine import kept_image, migration, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
@@ -88,6 +90,7 @@ class Engine:
         spool: SpooledBlobStore | None = None,
         ownership: Ownership | None = None,
         fleet: Fleet | None = None,
+        runtimes: dict[str, ContainerRuntime] | None = None,
     ) -> None:
         self.ownership: Ownership = ownership or SingleHost()
         self.fleet = fleet
@@ -103,6 +106,13 @@ class Engine:
         self.registry = Registry(config.state_dir / "workloads.json")
         self.scratch = Scratch(config.state_dir, config.criu.scratch_dir)
         self._criu_version: str | None = None
+        self.runtimes = (
+            runtimes
+            if runtimes is not None
+            else containers.runtimes(
+                config.state_dir / "logs" / "container-failed", config.criu.timeout
+            )
+        )
         self.checkpoints = CheckpointPipeline(
             repo,
             criu,
@@ -111,10 +121,13 @@ class Engine:
             config.criu.keep_latest_image,
             self.criu_version,
             self.logs.fifo,
+            self.runtimes,
         )
-        self.restores = RestorePipeline(repo, criu, self.scratch, pump, self.logs)
+        self.restores = RestorePipeline(repo, criu, self.scratch, pump, self.logs, self.runtimes)
         self.maintenance = Maintenance(repo, events, spool, config.storage.spool_max_bytes)
-        self.lifecycle = Lifecycle(self.registry, pump, self.logs, lambda w: self.hooks.watch(w))
+        self.lifecycle = Lifecycle(
+            self.registry, pump, self.logs, lambda w: self.hooks.watch(w), self.runtimes
+        )
 
     # -- registry ----------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ reads themselves are checkpointer.workloads'.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from checkpointer.containers import ContainerRuntime
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths
 from checkpointer.engine.workload import Workload, WorkloadState
@@ -28,7 +29,9 @@ class Lifecycle:
         pump: LogPump,
         logs: LogPaths,
         watch: Callable[[Workload], None],
+        runtimes: Mapping[str, ContainerRuntime],
     ) -> None:
+        self.runtimes = runtimes
         self.registry = registry
         self.pump = pump
         self.logs = logs
@@ -51,6 +54,8 @@ class Lifecycle:
         """Stop the whole tree and wait until none of its PIDs is left."""
         assert w.pid is not None
         w.state = WorkloadState.STOPPING  # its death is ours: the supervisor must not restore it
+        if w.container:
+            self.runtimes[str(w.kind)].stop(w.container)  # its runtime cleans up after it
         left = process.teardown(w.pid, w.started)
         if left:
             raise TeardownFailed(

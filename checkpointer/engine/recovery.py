@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
 from checkpointer.config import WorkloadOptions
+from checkpointer.containers import check_container_name
 from checkpointer.engine.restoring import Restored, is_transient
 from checkpointer.engine.workload import RestoreResult, Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import (
@@ -142,11 +143,14 @@ def workload_from_repository(engine: Engine, name: str, checkpoint_id: str | Non
         engine.get(name)  # raises: unknown here and nothing stored
     meta = engine.repo.info(name, checkpoint_id).metadata if checkpoint_id else infos[0].metadata
     spec = meta.get("spec", {})
+    kind = WorkloadKind(spec.get("kind", "adopted"))
+    container = spec.get("container")
     w = Workload(
         name=name,
-        kind=WorkloadKind(spec.get("kind", "adopted")),
+        kind=kind,
         command=spec.get("command"),
         cwd=spec.get("cwd"),
+        container=check_container_name(container) if kind.container else None,
     )
     engine.add(w, WorkloadOptions.model_validate({"criu": spec.get("criu") or {}}))
     return w
@@ -256,7 +260,7 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             w,
             f"no checkpoint left to restore ({len(good)} good, stepped back "
             f"{w.streak.depth}, max_depth {w.restore.max_depth})"
-            + ("" if w.managed else "; adopted workloads cannot cold-start"),
+            + ("" if w.managed else f"; {w.kind} workloads cannot cold-start"),
         )
         return False
 

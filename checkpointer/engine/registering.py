@@ -7,9 +7,15 @@ import os
 from pathlib import Path
 
 from checkpointer.config import WorkloadOptions
+from checkpointer.containers import ContainerError, check_container_name
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
-from checkpointer.errors import CheckpointerError, ProcessNotFound
+from checkpointer.errors import (
+    CheckpointerError,
+    ProcessNotFound,
+    WorkloadExists,
+    WorkloadNotRunning,
+)
 from checkpointer.workloads import process
 from storage import StorageError
 from storage.manifest import check_workload_name
@@ -77,6 +83,50 @@ def register(
     engine.hooks.watch(w)
     engine.scheduled(w)
     log.info("workload %s adopted: pid %d", name, pid)
+    return w
+
+
+def register_container(
+    engine: Engine, name: str, kind: WorkloadKind, container: str, options: WorkloadOptions
+) -> Workload:
+    """Watch and checkpoint a running container. Refused, with the line to change, when its
+    set-up is known to make checkpoints or restores fail: a workload that can never be
+    restored is worse than none."""
+    check_workload_name(name)
+    check_container_name(container)
+    for other in engine.workloads():
+        if other.kind is kind and other.container == container:
+            raise WorkloadExists(
+                f"{kind} container {container} is already registered as {other.name}"
+            )
+    runtime = engine.runtimes[str(kind)]
+    problems = runtime.problems(container)
+    if problems:
+        raise ContainerError(
+            f"{kind} container {container} cannot be checkpointed: "
+            + "; ".join(str(p) for p in problems),
+            "config",
+        )
+    pid = runtime.pid(container)
+    if pid is None:
+        raise WorkloadNotRunning(
+            f"{kind} container {container} is not running; start it first"
+            + (f" (`lxc-start -n {container}`)" if kind is WorkloadKind.LXC else "")
+            + (f" (`podman start {container}`)" if kind is WorkloadKind.PODMAN else "")
+        )
+    engine.ownership.claim(name, _newest(engine, name))
+    w = Workload(
+        name=name,
+        kind=kind,
+        container=container,
+        pid=pid,
+        started=process.start_time(pid),
+        state=WorkloadState.RUNNING,
+    )
+    engine.add(w, options)
+    engine.hooks.watch(w)
+    engine.scheduled(w)
+    log.info("workload %s: %s container %s, init pid %d", name, kind, container, pid)
     return w
 
 

@@ -185,6 +185,7 @@ def to_json(w: Workload) -> dict[str, Any]:
         ),
         "history": [{**asdict(a), "result": str(a.result)} for a in w.history],
         "owner": w.owner,
+        "container": w.container,
     }
 
 
@@ -228,4 +229,5 @@ def from_json(d: dict[str, Any]) -> Workload:
             for a in d.get("history") or []
         ],
         owner=d.get("owner"),
+        container=d.get("container"),
     )

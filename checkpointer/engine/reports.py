@@ -39,6 +39,7 @@ def _status(engine: Engine, w: Workload, now: float) -> StatusReport:
     return {
         "name": w.name,
         "kind": str(w.kind),
+        "container": w.container,
         "state": str(state),
         "pid": w.pid,
         "exit_status": w.exit_status,

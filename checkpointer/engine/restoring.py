@@ -10,11 +10,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from checkpointer.api import RestoreReport
+from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
 from checkpointer.engine import kept_image
 from checkpointer.engine.scratch import Scratch
@@ -75,8 +76,15 @@ class LogPaths:
 
 class RestorePipeline:
     def __init__(
-        self, repo: Repository, criu: Criu, scratch: Scratch, pump: LogPump, logs: LogPaths
+        self,
+        repo: Repository,
+        criu: Criu,
+        scratch: Scratch,
+        pump: LogPump,
+        logs: LogPaths,
+        runtimes: Mapping[str, ContainerRuntime],
     ) -> None:
+        self.runtimes = runtimes
         self.repo = repo
         self.criu = criu
         self.scratch = scratch
@@ -102,7 +110,7 @@ class RestorePipeline:
         try:
             if kept is None:
                 self.materialize(w, checkpoint_id, images, progress)
-            pid, stats = self.criu_restore(w, checkpoint_id, images, reason)
+            pid, stats = self.restore_tree(w, checkpoint_id, images, reason)
         finally:
             if kept is None:
                 shutil.rmtree(images.parent, ignore_errors=True)
@@ -116,7 +124,7 @@ class RestorePipeline:
         try:
             self.materialize(w, checkpoint_id, images)
             stop()
-            pid, stats = self.criu_restore(w, checkpoint_id, images, "rollback")
+            pid, stats = self.restore_tree(w, checkpoint_id, images, "rollback")
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
         return self._restored(w, checkpoint_id, "rollback", pid, stats, t0, False)
@@ -209,7 +217,7 @@ class RestorePipeline:
         )
         return checkpoint_id, path
 
-    def criu_restore(
+    def restore_tree(
         self, w: Workload, checkpoint_id: str, images: Path, reason: str
     ) -> tuple[int, RestoreStats]:
         inherit: list[tuple[int, str]] = []
@@ -222,7 +230,11 @@ class RestorePipeline:
             dumped = self._dumped_fifo(w, checkpoint_id) or str(fifo)
             inherit.append((open_for_workload(fifo), dumped.lstrip("/")))
         try:
-            pid, stats = self.criu.restore(images, w.dump_options(), w.name, inherit)
+            if w.container:
+                runtime = self.runtimes[str(w.kind)]
+                pid, stats = runtime.restore(w.container, images, w.dump_options())
+            else:
+                pid, stats = self.criu.restore(images, w.dump_options(), w.name, inherit)
         except CriuError as e:
             w.last_error = str(e)
             raise

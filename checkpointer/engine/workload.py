@@ -28,6 +28,14 @@ class WorkloadKind(StrEnum):
     host PIDs, and a cold start can run its command again."""
     ADOPTED = "adopted"
     """Started elsewhere and registered by PID: a restore needs its old PIDs free."""
+    LXC = "lxc"
+    """An LXC container, checkpointed and restored by `lxc-checkpoint`."""
+    PODMAN = "podman"
+    """A Podman container (runtime runc), checkpointed and restored by Podman."""
+
+    @property
+    def container(self) -> bool:
+        return self in (WorkloadKind.LXC, WorkloadKind.PODMAN)
 
 
 class WorkloadState(StrEnum):
@@ -97,11 +105,19 @@ class Workload:
     kept: KeptImage | None = None  # the newest image, kept in scratch
     history: list[RestoreAttempt] = field(default_factory=list)  # newest last
     owner: str | None = None  # fleet: the host that owns it, when that is not this one
+    container: str | None = None  # lxc, podman: the container's name in its runtime
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def managed(self) -> bool:
         return self.kind is WorkloadKind.MANAGED
+
+    @property
+    def target(self) -> str:
+        """What the operator knows the tree as: a container's name, or its PID."""
+        if self.container:
+            return f"{self.kind} container {self.container}"
+        return f"pid {self.pid}"
 
     def dump_options(self) -> DumpOptions:
         opts = self.criu.model_dump()

@@ -107,3 +107,11 @@ def thaw(root: int) -> None:
     for pid in [root, *descendants(root)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def stop_tree(root: int) -> None:
+    """SIGSTOP the whole tree: what CRIU's --leave-stopped leaves, for a container whose
+    runtime can only leave it running or kill it."""
+    for pid in [root, *descendants(root)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)

@@ -1,0 +1,32 @@
+"""Containers as workloads: each runtime checkpoints and restores its own containers."""
+
+from pathlib import Path
+
+from checkpointer.containers.base import (
+    ContainerError,
+    ContainerRuntime,
+    Problem,
+    Tool,
+    check_container_name,
+)
+from checkpointer.containers.lxc import Lxc
+from checkpointer.containers.podman import Podman
+
+KINDS = ("lxc", "podman")
+
+
+def runtimes(failed_logs_dir: Path, timeout: float = 600.0) -> dict[str, ContainerRuntime]:
+    """One runtime per container kind, their failed runs' logs kept in `failed_logs_dir`."""
+    tool = Tool(failed_logs_dir, timeout)
+    return {"lxc": Lxc(tool), "podman": Podman(tool)}
+
+
+__all__ = [
+    "KINDS",
+    "ContainerError",
+    "ContainerRuntime",
+    "Problem",
+    "Tool",
+    "check_container_name",
+    "runtimes",
+]

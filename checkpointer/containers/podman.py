@@ -1,0 +1,179 @@
+"""Podman containers (runtime runc), through `podman container checkpoint --export` and
+`podman container restore --import`.
+
+The export is a tar of CRIU's images (`checkpoint/`) and Podman's own files (`config.dump`,
+`spec.dump`, `network.status`, `rootfs-diff.tar`, ...). Inside a tar, files sit on 512-byte
+boundaries, so the tar itself would defeat the repository's 4 KiB page dedup: the folder stored
+is the export unpacked, CRIU's images as they are and Podman's files prefixed with
+`podman.`; a restore packs them into a tar again. The export holds the rootfs changes against
+the base image, not the image itself: a host restoring it needs the base image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from checkpointer.containers.base import ContainerError, Problem, Tool
+from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
+from checkpointer.criu.stats import read_dump_stats
+
+PREFIX = "podman."
+IMAGES_DIR = "checkpoint"
+EMPTY_DIRS = ("artifacts",)
+INSTALL = "install Podman and runc (`apt-get install podman runc`, or `make setup`)"
+STATS = "stats-dump"  # CRIU's statistics, at the export's top: kept under its own name
+
+
+class Podman:
+    kind = "podman"
+
+    def __init__(self, tool: Tool) -> None:
+        self.tool = tool
+
+    def installed(self) -> str | None:
+        for exe in ("podman", "runc"):
+            if shutil.which(exe) is None:
+                return f"{exe} is not installed; {INSTALL}"
+        return None
+
+    def inspect(self, container: str) -> dict[str, Any] | None:
+        out = self.tool.output(["podman", "container", "inspect", "--format", "json", container])
+        if out.returncode != 0:
+            return None
+        try:
+            found = json.loads(out.stdout)
+        except ValueError:
+            return None
+        return (
+            found[0] if isinstance(found, list) and found and isinstance(found[0], dict) else None
+        )
+
+    def pid(self, container: str) -> int | None:
+        info = self.inspect(container)
+        state = (info or {}).get("State") or {}
+        pid = state.get("Pid")
+        return pid if state.get("Running") and isinstance(pid, int) and pid > 0 else None
+
+    def problems(self, container: str) -> list[Problem]:
+        missing = self.installed()
+        if missing:
+            return [Problem("Podman is missing", missing)]
+        info = self.inspect(container)
+        if info is None:
+            return [
+                Problem(f"no Podman container {container}", "check the name with `podman ps -a`")
+            ]
+        runtime = str(info.get("OCIRuntime") or "")
+        if runtime != "runc":
+            return [
+                Problem(
+                    f"container {container} runs with OCI runtime {runtime or '(unknown)'}: "
+                    "crun on these hosts has no CRIU support (and fails on their cgroup layout)",
+                    f"recreate it with `podman run --runtime runc ...` ({INSTALL})",
+                )
+            ]
+        return []
+
+    def checkpoint(self, container: str, images: Path, opts: DumpOptions) -> DumpStats:
+        export = images.parent / f"{images.name}.export.tar"
+        argv = ["podman", "container", "checkpoint", "--leave-running", "--export", str(export)]
+        argv += ["--compress", "none"]
+        if opts.tcp_established:
+            argv.append("--tcp-established")
+        if opts.file_locks:
+            argv.append("--file-locks")
+        try:
+            self.tool.run([*argv, container], container, "dump")
+            _unpack_export(export, images)
+        finally:
+            export.unlink(missing_ok=True)
+        return read_dump_stats(images)
+
+    def restore(self, container: str, images: Path, opts: DumpOptions) -> tuple[int, RestoreStats]:
+        if self.pid(container) is not None:
+            raise ContainerError(
+                f"container {container} is running; stop it first (`podman kill {container}`)",
+                "running",
+            )
+        export = images.parent / f"{images.name}.import.tar"
+        try:
+            _pack_export(images, export)
+            if self.inspect(container) is not None:
+                # The dead container's name must be free: the import creates it anew, rootfs
+                # changes included, from the base image.
+                self.tool.run(
+                    ["podman", "rm", "--force", "--time", "0", container], container, "rm"
+                )
+            argv = ["podman", "container", "restore", "--import", str(export)]
+            if opts.tcp_established:
+                argv.append("--tcp-established")
+            if opts.file_locks:
+                argv.append("--file-locks")
+            self.tool.run(argv, container, "restore")
+        finally:
+            export.unlink(missing_ok=True)
+        pid = self.pid(container)
+        if pid is None:
+            raise ContainerError(
+                f"container {container} is not running after its restore; see `podman logs "
+                f"{container}`",
+                "unknown",
+            )
+        return pid, RestoreStats(0.0, 0.0, 0)
+
+    def stop(self, container: str) -> None:
+        self.tool.output(["podman", "kill", container])
+        self.tool.output(["podman", "wait", container], timeout=60)
+
+
+def _unpack_export(export: Path, images: Path) -> None:
+    """The export's files into `images`, flat: `checkpoint/X` as X, a top-level F as podman.F.
+    Anything else (volumes, links, folders we do not know) is refused: a checkpoint we could
+    not restore is worse than a failed one."""
+    with tarfile.open(export, "r:") as tar:
+        for member in tar:
+            parts = member.name.strip("/").removeprefix("./").split("/")
+            if member.isdir() and len(parts) == 1 and parts[0] in (IMAGES_DIR, *EMPTY_DIRS):
+                continue
+            if member.isreg() and len(parts) == 1:
+                target = parts[0] if parts[0] == STATS else PREFIX + parts[0]
+            elif member.isreg() and len(parts) == 2 and parts[0] == IMAGES_DIR:
+                target = parts[1]
+            else:
+                raise ContainerError(
+                    f"podman's export holds {member.name!r}, which this service does not "
+                    "store (a volume or bind mount in the checkpoint?); checkpoint containers "
+                    "without volumes, or with `--ignore-volumes` data kept elsewhere",
+                    "unsupported",
+                )
+            src = tar.extractfile(member)
+            assert src is not None
+            fd = os.open(
+                images / target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
+            with src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _pack_export(images: Path, export: Path) -> None:
+    """The folder back into the tar `podman container restore --import` reads."""
+    with tarfile.open(export, "w", format=tarfile.PAX_FORMAT) as tar:
+        for folder in (IMAGES_DIR, *EMPTY_DIRS):
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode = tarfile.DIRTYPE, 0o700
+            tar.addfile(info)
+        for entry in sorted(os.scandir(images), key=lambda e: e.name):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.name.startswith(PREFIX) or entry.name == STATS:
+                arcname = entry.name.removeprefix(PREFIX)
+            elif entry.name == "stats-restore":
+                continue
+            else:
+                arcname = f"{IMAGES_DIR}/{entry.name}"
+            tar.add(entry.path, arcname, recursive=False)

@@ -1,0 +1,175 @@
+"""LXC and Podman containers for the tests: the counter server as a container's init, in a
+Debian rootfs built once by scripts/build-test-rootfs.sh (`make test` runs it).
+
+Each container gets its own network namespace (LXC: an empty one; Podman: the host's, which
+in a fleet test is the test host's own); requests reach it through nsenter into the
+container's init, so two containers may listen on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.paths import PROGRAMS, ROOT
+
+CACHE = Path("/var/cache/checkpointer-tests")
+ROOTFS = CACHE / "rootfs-v1"
+IMAGE = "localhost/checkpointer-test:v1"
+LXC_PATH = Path("/var/lib/lxc")
+COUNTER = "/srv/counter.py"
+
+_GET = r"""
+import socket, sys, time
+port, path, deadline = int(sys.argv[1]), sys.argv[2], time.monotonic() + float(sys.argv[3])
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        print(data.decode().split("\r\n\r\n", 1)[1].strip())
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+"""
+
+
+def require_rootfs() -> None:
+    """Build the rootfs (and Podman's image) if `make test` has not: about 40 s, once."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "build-test-rootfs.sh")], check=True)
+
+
+def ask(pid: int, port: int, path: str = "/", timeout: float = 10.0) -> str:
+    """GET PATH from the counter in the container whose init is PID (inside its network)."""
+    r = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", _GET, str(port), path,
+         str(timeout)],
+        capture_output=True, text=True, timeout=timeout + 10,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise AssertionError(f"container (pid {pid}) did not answer: {r.stderr.strip()[-500:]}")
+    return r.stdout.strip()
+
+
+LXC_CONFIG = """\
+lxc.uts.name = {name}
+lxc.rootfs.path = dir:{rootfs}
+lxc.net.0.type = empty
+lxc.tty.max = 0
+lxc.pty.max = 1
+lxc.mount.auto = proc:mixed sys:mixed
+lxc.autodev = 1
+lxc.init.cmd = /usr/bin/python3 {counter} {port} {mb}
+"""
+
+
+def make_lxc(
+    name: str,
+    port: int,
+    mb: int = 0,
+    lxc_path: Path = LXC_PATH,
+    extra: str = "",
+    run: list[str] | None = None,
+) -> Path:
+    """Create LXC container NAME (config + a copy of the rootfs with the counter in /srv).
+    `run` is put before the commands (nsenter into a test host's mount namespace)."""
+    require_rootfs()
+    prefix = run or []
+    folder = lxc_path / name
+    rootfs = folder / "rootfs"
+    subprocess.run([*prefix, "mkdir", "-p", "-m", "0700", str(folder)], check=True)
+    subprocess.run([*prefix, "cp", "-a", f"{ROOTFS}/.", str(rootfs)], check=True)
+    subprocess.run(
+        [*prefix, "cp", str(PROGRAMS / "container_counter.py"), f"{rootfs}{COUNTER}"], check=True
+    )
+    config = LXC_CONFIG.format(name=name, rootfs=rootfs, counter=COUNTER, port=port, mb=mb) + extra
+    subprocess.run(
+        [*prefix, "tee", str(folder / "config")],
+        input=config,
+        text=True,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return folder
+
+
+def start_lxc(name: str, run: list[str] | None = None) -> None:
+    subprocess.run(
+        [*(run or []), "lxc-start", "-n", name, "-d"],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def lxc_pid(name: str, run: list[str] | None = None, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(
+            [*(run or []), "lxc-info", "-n", name, "-p", "-H"], capture_output=True, text=True
+        )
+        if r.stdout.strip().isdigit():
+            return int(r.stdout.strip())
+        assert time.monotonic() < deadline, f"LXC container {name} is not running"
+        time.sleep(0.05)
+
+
+def remove_lxc(name: str, lxc_path: Path = LXC_PATH, run: list[str] | None = None) -> None:
+    prefix = run or []
+    subprocess.run([*prefix, "lxc-stop", "-k", "-n", name], capture_output=True)
+    subprocess.run([*prefix, "rm", "-rf", str(lxc_path / name)], capture_output=True)
+
+
+@contextlib.contextmanager
+def lxc_container(name: str, port: int, mb: int = 0, extra: str = "") -> Iterator[Path]:
+    """A running LXC container NAME serving the counter on PORT; removed afterwards."""
+    remove_lxc(name)
+    try:
+        folder = make_lxc(name, port, mb, extra=extra)
+        start_lxc(name)
+        yield folder
+    finally:
+        remove_lxc(name)
+
+
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["podman", *args], capture_output=True, text=True, check=check, stdin=subprocess.DEVNULL
+    )
+
+
+def podman_pid(name: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = podman("container", "inspect", "--format", "{{.State.Pid}}", name, check=False)
+        if r.returncode == 0 and r.stdout.strip().isdigit() and int(r.stdout.strip()) > 0:
+            return int(r.stdout.strip())
+        assert time.monotonic() < deadline, f"Podman container {name} is not running"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def podman_container(name: str, port: int, mb: int = 0, runtime: str = "runc") -> Iterator[str]:
+    """A running Podman container NAME (image IMAGE, host network) serving the counter on
+    PORT; removed afterwards. The program is passed as `python3 -c`: nothing to mount."""
+    require_rootfs()
+    podman("rm", "--force", "--time", "0", name, check=False)
+    source = (PROGRAMS / "container_counter.py").read_text()
+    try:
+        podman(
+            "run", "-d", "--name", name, "--runtime", runtime, "--network", "host",
+            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
+            IMAGE, "/usr/bin/python3", "-c", source, str(port), str(mb),
+        )  # fmt: skip
+        yield name
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)

@@ -1,0 +1,104 @@
+"""LXC containers as workloads: checkpointed on schedule, restored by the daemon when killed,
+rolled back, refused with the line to change when their config cannot be checkpointed, and
+restored on another host that has only the bucket."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support import Daemon, Network, s3_config
+from tests.support.containers import (
+    LXC_PATH,
+    ask,
+    lxc_container,
+    lxc_pid,
+    make_lxc,
+    remove_lxc,
+    start_lxc,
+)
+
+
+def checkpoint_after(d: Daemon, name: str, since: float, timeout: float = 30.0) -> str:
+    """The id of the first scheduled checkpoint of NAME taken after `since` (a wall time)."""
+    st = d.wait_for(name, lambda s: (s["last_checkpoint_age_seconds"] is not None
+                                     and time.time() - s["last_checkpoint_age_seconds"] > since),
+                    timeout)  # fmt: skip
+    return str(st["last_checkpoint"])
+
+
+def test_lxc_container_on_schedule_restored_after_lxc_stop_and_rolled_back(
+    daemon: Daemon,
+) -> None:
+    name, port = f"ckt-lxc-{os.getpid()}", 8080
+    with lxc_container(name, port):
+        daemon.cli("register", "web", "--lxc", name, "--every", "2s")
+        st = daemon.status("web")
+        assert st["kind"] == "lxc" and st["container"] == name and st["pid"] == lxc_pid(name)
+        assert [ask(st["pid"], port) for _ in range(3)] == ["1", "2", "3"]
+        older = checkpoint_after(daemon, "web", time.time())
+        again = daemon.cli("register", "web2", "--lxc", name, check=False)
+        assert again.returncode == 1 and "already registered as web" in again.stderr, again.stderr
+        assert ask(st["pid"], port) == "4" and ask(st["pid"], port) == "5"
+        newer = checkpoint_after(daemon, "web", time.time())
+        killed = time.monotonic()
+        subprocess.run(["lxc-stop", "-k", "-n", name], check=True, capture_output=True)
+        st = daemon.wait_for(
+            "web", lambda s: s["state"] == "running" and s["pid"] != st["pid"], timeout=30
+        )
+        assert time.monotonic() - killed < 15
+        assert st["restores"][-1]["reason"] == "crash", st["restores"]
+        assert st["restores"][-1]["checkpoint"] in (newer, daemon.status("web")["last_checkpoint"])
+        assert ask(lxc_pid(name), port) == "6"  # the count at the checkpoint, + 1
+        daemon.cli("rollback", "web", "--to", older)
+        assert ask(lxc_pid(name), port) == "4"  # the older checkpoint's count, + 1
+
+
+def test_lxc_config_that_cannot_be_checkpointed_is_refused_naming_the_line(
+    daemon: Daemon,
+) -> None:
+    name, port = f"ckt-lxctty-{os.getpid()}", 8080
+    with lxc_container(name, port, extra="lxc.tty.max = 5\n") as folder:
+        r = daemon.cli("register", "web", "--lxc", name, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{folder}/config:9: `lxc.tty.max = 5`" in r.stderr, r.stderr
+        assert "set `lxc.tty.max = 0`" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert ask(lxc_pid(name), port) == "1"  # it keeps running, untouched
+        assert daemon.json("status") == []
+
+
+def test_lxc_container_restores_on_another_host_from_the_bucket(workdir: Path) -> None:
+    name, port = f"ckt-lxcmig-{os.getpid()}", 8080
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-lxc-{os.getpid()}")
+        a = net.add_host("a", s3_config(net.moto, bucket))
+        b = net.add_host("b", s3_config(net.moto, bucket), key_file=a.key_file)
+        for host in (a, b):  # each host its own container folder: B's starts empty
+            host._must(
+                [*host.prefix, "mount", "-t", "tmpfs", "-o", "mode=0700", "lxc", str(LXC_PATH)]
+            )
+        try:
+            make_lxc(name, port, run=a.prefix)
+            start_lxc(name, run=a.prefix)
+            a.start()
+            a.cli("register", "web", "--lxc", name, "--every", "1h", "--no-auto-restore")
+            pid = a.pid("web")
+            assert [ask(pid, port) for _ in range(4)][-1] == "4"
+            a.checkpoint("web")
+            remove_lxc(name, run=a.prefix)  # host A is gone, container and all
+            a.stop()
+            assert not b.view(LXC_PATH / name).exists()
+            b.start()
+            r = b.json("restore", "web")
+            assert r["source"] == "repository"
+            assert b.view(LXC_PATH / name / "config").is_file()
+            assert ask(lxc_pid(name, run=b.prefix), port) == "5"
+            st = b.status("web")
+            assert st["kind"] == "lxc" and st["state"] == "running"
+        finally:
+            for host in (a, b):
+                if host.anchor is not None:
+                    remove_lxc(name, run=host.prefix)
