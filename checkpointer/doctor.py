@@ -74,7 +74,97 @@ def run_checks(config: Config) -> list[Check]:
     checks.append(_folder_check("state folder", config.state_dir))
     checks.append(_folder_check("repository (local folder)", config.repository_path))
     checks.append(_key_check(config))
+    checks += _container_checks(config)
     return checks
+
+
+def _container_checks(config: Config) -> list[Check]:
+    """The runtimes (required only when the config declares their containers), what their
+    defaults would break, and every declared container's known problems."""
+    from checkpointer import containers
+    from checkpointer.containers import lxc_config
+
+    runtimes = containers.runtimes(config.state_dir / "logs" / "container-failed")
+    declared = {
+        kind: [(wc.name, c) for wc in config.workloads if (c := getattr(wc, kind)) is not None]
+        for kind in containers.KINDS
+    }
+    checks = []
+    for kind, runtime in runtimes.items():
+        missing = runtime.installed()
+        required = bool(declared[kind])
+        if missing:
+            checks.append(Check(kind, False, missing, "`make setup` installs it", required))
+            continue
+        checks.append(Check(kind, True, _tool_version(kind), required=False))
+        for name, container in declared[kind]:
+            problems = runtime.problems(container)
+            checks.append(
+                Check(
+                    f"workload {name} ({kind} {container})",
+                    not problems,
+                    "; ".join(p.what for p in problems) or "no known problem",
+                    "; ".join(p.fix for p in problems),
+                )
+            )
+    default_conf = Path("/etc/lxc/default.conf")
+    if shutil.which("lxc-create") and default_conf.is_file():
+        problems = lxc_config.problems(lxc_config.read(default_conf))
+        problems = [p for p in problems if "lxc.rootfs.path" not in p.what]
+        checks.append(
+            Check(
+                "lxc defaults",
+                not problems,
+                "; ".join(p.what for p in problems)
+                or f"{default_conf}: nothing new containers inherit is known to fail",
+                "; ".join(p.fix for p in problems)
+                + (" (new containers copy these lines from lxc-create)" if problems else ""),
+                required=False,
+            )
+        )
+    if shutil.which("podman"):
+        default = _podman_default_runtime()
+        ok = default == "runc"
+        checks.append(
+            Check(
+                "podman runtime",
+                ok,
+                f"default OCI runtime: {default or 'unknown'}"
+                + ("" if ok else " (crun here has no CRIU support)"),
+                "" if ok else "create containers with `podman run --runtime runc ...`",
+                required=False,
+            )
+        )
+    return checks
+
+
+def _tool_version(kind: str) -> str:
+    from checkpointer import children
+
+    cmd = ["lxc-start", "--version"] if kind == "lxc" else ["podman", "--version"]
+    runc = ""
+    if kind == "podman" and shutil.which("runc"):
+        out = children.run(["runc", "--version"], timeout=30, capture_output=True)
+        runc = ", " + (out.stdout.splitlines() or ["runc"])[0]
+    try:
+        out = children.run(cmd, timeout=30, capture_output=True)
+    except OSError as e:
+        return f"{cmd[0]}: {e}"
+    return (out.stdout.strip().splitlines() or ["installed"])[0] + runc
+
+
+def _podman_default_runtime() -> str | None:
+    from checkpointer import children
+
+    try:
+        out = children.run(
+            ["podman", "info", "--format", "{{.Host.OCIRuntime.Name}}"],
+            timeout=60,
+            capture_output=True,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def _key_check(config: Config) -> Check:

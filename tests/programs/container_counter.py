@@ -18,7 +18,8 @@ def loopback_up() -> None:
     with socket.socket() as s:
         req = struct.pack("16sH", b"lo", 0)
         flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req)[:18])[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+        if not flags & IFF_UP:  # Podman's containers have it up (and no CAP_NET_ADMIN)
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
 
 
 def main() -> None:
