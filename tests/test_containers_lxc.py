@@ -102,3 +102,31 @@ def test_lxc_container_restores_on_another_host_from_the_bucket(workdir: Path) -
             for host in (a, b):
                 if host.anchor is not None:
                     remove_lxc(name, run=host.prefix)
+
+
+def test_lxc_container_declared_in_the_config_comes_back_after_a_reboot(workdir: Path) -> None:
+    """Declared in the config, checkpointed, then the host "reboots": the daemon stops, the
+    container dies, the kept image in /dev/shm is gone and the boot id changes. The daemon
+    started again restores the container from the repository with its count."""
+    name, port = f"ckt-lxcboot-{os.getpid()}", 8080
+    boot_id = workdir / "boot_id"
+    boot_id.write_text("boot-1\n")
+    d = Daemon(workdir, f"workloads:\n  - name: web\n    lxc: {name}\n    every: 1h\n")
+    d.env = {"CHECKPOINTER_BOOT_ID_FILE": str(boot_id)}
+    with lxc_container(name, port):
+        try:
+            d.start()
+            pid = d.pid("web")
+            assert [ask(pid, port) for _ in range(3)][-1] == "3"
+            d.checkpoint("web")
+            d.terminate()
+            subprocess.run(["lxc-stop", "-k", "-n", name], check=True, capture_output=True)
+            d.drop_kept_images()
+            boot_id.write_text("boot-2\n")
+            d.start()
+            st = d.wait_for("web", lambda s: s["state"] == "running" and s["pid"] != pid)
+            assert st["restores"][-1]["reason"] == "boot", st["restores"]
+            assert ask(lxc_pid(name), port) == "4"
+            assert st["restores"][-1]["detail"].endswith("from the repository"), st["restores"]
+        finally:
+            d.stop()

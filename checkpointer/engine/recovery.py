@@ -131,7 +131,9 @@ def _rollback_failed(engine: Engine, w: Workload, to: str, e: Exception) -> None
 
 def _after_restore(engine: Engine, w: Workload, reason: str, cid: str, done: Restored) -> None:
     engine.events.restore_done(w.name, reason, True, done.duration, done.stats)
-    w.record(reason, RestoreResult.OK, f"restored as pid {w.pid}", cid)
+    w.record(
+        reason, RestoreResult.OK, f"restored as pid {w.pid} from the {done.report['source']}", cid
+    )
     engine.hooks.watch(w)
 
 
