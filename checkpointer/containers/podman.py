@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,8 @@ def _unpack_export(export: Path, images: Path) -> None:
     """The export's files into `images`, flat: `checkpoint/X` as X, a top-level F as podman.F.
     Anything else (volumes, links, folders we do not know) is refused: a checkpoint we could
     not restore is worse than a failed one."""
-    with tarfile.open(export, "r:") as tar:
+    with open(export, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        tar_fd = raw.fileno()
         for member in tar:
             parts = member.name.strip("/").removeprefix("./").split("/")
             if member.isdir() and len(parts) == 1 and parts[0] in (IMAGES_DIR, *EMPTY_DIRS):
@@ -151,29 +153,59 @@ def _unpack_export(export: Path, images: Path) -> None:
                     "without volumes, or with `--ignore-volumes` data kept elsewhere",
                     "unsupported",
                 )
-            src = tar.extractfile(member)
-            assert src is not None
             fd = os.open(
                 images / target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
             )
-            with src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            try:
+                _copy_range(tar_fd, fd, member.offset_data, member.size)
+            finally:
+                os.close(fd)
+
+
+def _copy_range(src: int, dst: int, offset: int, size: int) -> None:
+    """`size` bytes of `src` from `offset` into `dst` at its position, in the kernel (no
+    Python buffers: a 300 MB export took 1.6 s through tarfile's file objects)."""
+    done = 0
+    while done < size:
+        n = os.copy_file_range(src, dst, size - done, offset + done)
+        if n == 0:
+            raise ContainerError("podman's export ended early (truncated tar)", "corrupt-image")
+        done += n
 
 
 def _pack_export(images: Path, export: Path) -> None:
-    """The folder back into the tar `podman container restore --import` reads."""
-    with tarfile.open(export, "w", format=tarfile.PAX_FORMAT) as tar:
-        for folder in (IMAGES_DIR, *EMPTY_DIRS):
-            info = tarfile.TarInfo(folder)
-            info.type, info.mode = tarfile.DIRTYPE, 0o700
-            tar.addfile(info)
-        for entry in sorted(os.scandir(images), key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
+    """The folder back into the tar `podman container restore --import` reads. Headers come
+    from tarfile, file data is copied in the kernel (tarfile's Python copy took 0.8 s for a
+    300 MB image)."""
+    members: list[tuple[tarfile.TarInfo, str | None]] = []
+    for folder in (IMAGES_DIR, *EMPTY_DIRS):
+        info = tarfile.TarInfo(folder)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o700, int(time.time())
+        members.append((info, None))
+    for entry in sorted(os.scandir(images), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False) or entry.name == "stats-restore":
+            continue
+        if entry.name.startswith(PREFIX) or entry.name == STATS:
+            arcname = entry.name.removeprefix(PREFIX)
+        else:
+            arcname = f"{IMAGES_DIR}/{entry.name}"
+        st = entry.stat(follow_symlinks=False)
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mode, info.mtime = st.st_size, st.st_mode & 0o7777, int(st.st_mtime)
+        members.append((info, entry.path))
+    fd = os.open(export, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        for info, path in members:
+            os.write(fd, info.tobuf(tarfile.PAX_FORMAT))
+            if path is None:
                 continue
-            if entry.name.startswith(PREFIX) or entry.name == STATS:
-                arcname = entry.name.removeprefix(PREFIX)
-            elif entry.name == "stats-restore":
-                continue
-            else:
-                arcname = f"{IMAGES_DIR}/{entry.name}"
-            tar.add(entry.path, arcname, recursive=False)
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                _copy_range(src, fd, 0, info.size)
+            finally:
+                os.close(src)
+            if info.size % tarfile.BLOCKSIZE:
+                os.write(fd, bytes(tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE))
+        os.write(fd, bytes(2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
+    finally:
+        os.close(fd)

@@ -1,7 +1,8 @@
 """The counter server as a container's init: counts requests in memory, standard library only
 (the test rootfs has python3-minimal). Optional ballast of MB megabytes of random bytes.
 
-GET /write/NAME writes the current count to /srv/NAME in the container's rootfs. In an LXC
+GET /touch changes one page in every MB of the ballast; GET /write/NAME writes the current
+count to /srv/NAME in the container's rootfs. In an LXC
 container with an empty network the loopback starts down: it brings it up itself.
 """
 
@@ -38,6 +39,9 @@ def main() -> None:
             line = conn.recv(4096).decode(errors="replace").split("\r\n", 1)[0]
             path = line.split(" ")[1] if line.count(" ") >= 2 else "/"
             count += 1
+            if path == "/touch":  # one page of every MB of the ballast changes
+                for i in range(0, len(ballast), 1 << 20):
+                    ballast[i : i + 16] = os.urandom(16)
             if path.startswith("/write/"):
                 with open("/srv/" + os.path.basename(path), "w") as f:
                     f.write(f"{count}\n")

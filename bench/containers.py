@@ -1,0 +1,193 @@
+"""A container checkpointed and restored: Podman's own export/import next to the service, in
+one run, on the same 300 MB container (the counter holding MB of random bytes, runc).
+
+- podman export: `podman container checkpoint --leave-running --export F` (uncompressed, and
+  with zstd, Podman's default), then `podman container restore --import F` of a removed
+  container. Every checkpoint is a whole export: what a user who keeps them stores.
+- checkpointer: the daemon on a local repository (encrypted, the default), `register --podman`,
+  checkpoints taken by hand; bytes stored are the new bytes of each (steady: the container
+  changed nothing in between, the dedup's best case, and once with a page per MB touched);
+  restores from the kept image and, with it dropped (after a reboot), rebuilt from the
+  repository.
+
+Pause is CRIU's frozen time (from the dump's stats-dump, whoever ran CRIU); restore time is
+from the command to the first answered request. Run: `python -m bench.containers --mb 300`
+(root; `make containers` first). Prints a table, writes bench/results/containers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import CLI, DISK, ROOT, clean_env, run_json
+from bench.report import summarize
+from checkpointer.criu.stats import read_dump_stats
+from checkpointer.engine import tmpfs_scratch_root
+from tests.support.containers import ask, podman, podman_container, podman_pid
+from tests.support.net import free_port
+
+ROUNDS = 3
+
+
+def frozen_time(export: Path, work: Path) -> float:
+    with tarfile.open(export) as tar:
+        member = tar.getmember("stats-dump")
+        tar.extract(member, work, filter="data")
+    return read_dump_stats(work).frozen_time
+
+
+def answered_after(t0: float, name: str, port: int) -> float:
+    ask(podman_pid(name, timeout=120), port, timeout=120)
+    return time.monotonic() - t0
+
+
+def podman_export(name: str, port: int, work: Path) -> dict[str, Any]:
+    pauses, seconds, sizes, zsizes, restores = [], [], [], [], []
+    for i in range(ROUNDS):
+        export = work / f"export-{i}.tar"
+        t0 = time.monotonic()
+        podman("container", "checkpoint", "--leave-running", "--export", str(export),
+               "--compress", "none", name)  # fmt: skip
+        seconds.append(time.monotonic() - t0)
+        pauses.append(frozen_time(export, work / f"stats-{i}"))
+        sizes.append(export.stat().st_size)
+        zexport = work / f"export-{i}.tar.zst"
+        podman("container", "checkpoint", "--leave-running", "--export", str(zexport), name)
+        zsizes.append(zexport.stat().st_size)
+        zexport.unlink()
+    for i in range(ROUNDS):
+        podman("rm", "--force", "--time", "0", name)
+        t0 = time.monotonic()
+        podman("container", "restore", "--import", str(work / f"export-{i}.tar"))
+        restores.append(answered_after(t0, name, port))
+    return {
+        "pause": summarize(pauses),
+        "checkpoint_seconds": summarize(seconds),
+        "stored_bytes_each": summarize([float(s) for s in sizes]),
+        "stored_bytes_each_zstd": summarize([float(s) for s in zsizes]),
+        "restore_seconds": summarize(restores),
+    }
+
+
+def service(name: str, port: int, work: Path) -> dict[str, Any]:
+    state = work / "state"
+    cfg = work / "config.yaml"
+    cfg.write_text(
+        f"state_dir: {state}\nmetrics: {{enabled: false}}\n"
+        f"storage:\n  key_file: {state / 'repository.key'}\n"
+    )
+    env = clean_env()
+
+    def call(*args: str) -> dict[str, Any]:
+        cmd = [*CLI, args[0], "--config", str(cfg), "--json", *args[1:]]
+        return run_json(cmd, f"checkpointer {' '.join(args)}", env)
+
+    log = open(work / "daemon.log", "w")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        [*CLI, "daemon", "--config", str(cfg)], stdout=log, stderr=log, cwd=ROOT, env=env
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([*CLI, "status", "--config", str(cfg)], capture_output=True,
+                             env=env).returncode != 0:  # fmt: skip
+            if time.monotonic() > deadline:
+                raise RuntimeError((work / "daemon.log").read_text())
+            time.sleep(0.2)
+        call("register", "web", "--podman", name, "--no-auto-restore")
+        reports = [call("checkpoint", "web") for _ in range(ROUNDS)]
+        ask(podman_pid(name), port, "/touch")  # one page of every MB of the ballast changes
+        touched = call("checkpoint", "web")
+        restores: dict[str, list[float]] = {"kept image": [], "repository": []}
+        for source in ("kept image", "repository"):
+            for _ in range(ROUNDS):
+                if source == "repository":
+                    shutil.rmtree(tmpfs_scratch_root(state) / "hot", ignore_errors=True)
+                podman("kill", name)
+                podman("wait", name, check=False)
+                t0 = time.monotonic()
+                r = call("restore", "web")
+                restores[source].append(answered_after(t0, name, port))
+                assert r["source"] == source, r
+                call("checkpoint", "web")  # the next round restores this one
+        return {
+            "pause": summarize([r["dump_stats"]["frozen_time"] for r in reports]),
+            "checkpoint_seconds": summarize([r["duration_seconds"] for r in reports]),
+            "first_checkpoint_new_bytes": reports[0]["new_bytes"],
+            "stored_bytes_each": summarize([float(r["new_bytes"]) for r in reports[1:]]),
+            "image_bytes": reports[0]["size_bytes"],
+            "touched_new_bytes": touched["new_bytes"],
+            "restore_seconds_kept": summarize(restores["kept image"]),
+            "restore_seconds_repository": summarize(restores["repository"]),
+        }
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+        log.close()
+        shutil.rmtree(tmpfs_scratch_root(state), ignore_errors=True)
+
+
+def table(results: dict[str, Any]) -> str:
+    p, c = results["podman export"], results["checkpointer"]
+    mb = 1024 * 1024
+
+    def med(d: dict[str, Any], k: str) -> float:
+        return float(d[k]["median"])
+
+    rows = [
+        ("pause (CRIU frozen time)", f"{med(p, 'pause'):.3f} s", f"{med(c, 'pause'):.3f} s"),
+        ("checkpoint, total", f"{med(p, 'checkpoint_seconds'):.2f} s",
+         f"{med(c, 'checkpoint_seconds'):.2f} s"),
+        ("stored per checkpoint, steady", f"{med(p, 'stored_bytes_each') / mb:.1f} MB "
+         f"({med(p, 'stored_bytes_each_zstd') / mb:.1f} zstd)",
+         f"{med(c, 'stored_bytes_each') / mb:.3f} MB"),
+        ("stored, first checkpoint", "same", f"{c['first_checkpoint_new_bytes'] / mb:.1f} MB"),
+        ("stored, one page per MB changed", "same", f"{c['touched_new_bytes'] / mb:.3f} MB"),
+        ("restore to first answer", f"{med(p, 'restore_seconds'):.2f} s",
+         f"{med(c, 'restore_seconds_kept'):.2f} s kept image, "
+         f"{med(c, 'restore_seconds_repository'):.2f} s from the repository"),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    title = f"Podman container, {results['mb']} MB of random bytes in memory (medians of {ROUNDS})"
+    lines = [title, "", f"{'':<{width}}  {'podman export/import':<26}  checkpointer"]
+    lines += [f"{a:<{width}}  {b:<26}  {c_}" for a, b, c_ in rows]
+    ratio = med(c, "restore_seconds_repository") / med(p, "restore_seconds")
+    lines += ["", f"restore from the repository / podman import: {ratio:.2f}x"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mb", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "containers.json")
+    args = parser.parse_args()
+    subprocess.run(["bash", str(ROOT / "scripts" / "build-test-rootfs.sh")], check=True)
+    results: dict[str, Any] = {"mb": args.mb, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    DISK.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-containers-", dir=DISK))
+    try:
+        for label, fn in (("podman export", podman_export), ("checkpointer", service)):
+            port = free_port()
+            name = f"bench-ctr-{label.split()[0]}"
+            with podman_container(name, port, args.mb):
+                ask(podman_pid(name), port, timeout=60)
+                sub = work / label.split()[0]
+                sub.mkdir()
+                results[label] = fn(name, port, sub)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = table(results)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
