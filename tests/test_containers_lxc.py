@@ -9,6 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from checkpointer import containers
+from checkpointer.criu import DumpOptions
 from tests.support import Daemon, Network, s3_config
 from tests.support.containers import (
     LXC_PATH,
@@ -57,7 +61,7 @@ def test_lxc_container_on_schedule_restored_after_lxc_stop_and_rolled_back(
 
 
 def test_lxc_config_that_cannot_be_checkpointed_is_refused_naming_the_line(
-    daemon: Daemon,
+    daemon: Daemon, workdir: Path
 ) -> None:
     name, port = f"ckt-lxctty-{os.getpid()}", 8080
     with lxc_container(name, port, extra="lxc.tty.max = 5\n") as folder:
@@ -68,6 +72,16 @@ def test_lxc_config_that_cannot_be_checkpointed_is_refused_naming_the_line(
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert ask(lxc_pid(name), port) == "1"  # it keeps running, untouched
         assert daemon.json("status") == []
+        # Had it been registered: lxc-checkpoint's own failure is one line with the fix, the
+        # full output kept, and the container still runs.
+        images = workdir / "images"
+        images.mkdir()
+        lxc = containers.runtimes(workdir / "failed")["lxc"]
+        with pytest.raises(containers.ContainerError) as e:
+            lxc.checkpoint(name, images, DumpOptions())
+        assert e.value.category == "tty" and "set `lxc.tty.max = 0`" in str(e.value)
+        assert e.value.log is not None and "Unable to find a master" in e.value.log.read_text()
+        assert ask(lxc_pid(name), port) == "2"
 
 
 def test_lxc_container_restores_on_another_host_from_the_bucket(workdir: Path) -> None:
