@@ -29,3 +29,8 @@ if command -v podman >/dev/null && ! podman image exists "$IMAGE"; then
     echo "importing $IMAGE into podman (once)"
     tar -C "$ROOTFS" -c . | podman import - "$IMAGE" >/dev/null 2>&1
 fi
+# The image as an archive, for test hosts whose container storage starts empty.
+if command -v podman >/dev/null && [ ! -s "$CACHE/image-$VERSION.tar" ]; then
+    podman save -o "$CACHE/.image-$VERSION.tar" "$IMAGE" >/dev/null 2>&1
+    mv "$CACHE/.image-$VERSION.tar" "$CACHE/image-$VERSION.tar"
+fi

@@ -147,6 +147,9 @@ def test_runtime_failures_are_one_line_with_the_fix() -> None:
     assert e.category == "tty" and "lxc.tty.max = 0" in str(e)
     e = failure("podman restore of p failed", 'Error: "localhost/x:1": image not known', None)
     assert e.category == "image-missing" and "podman load" in str(e)
+    pull = "Trying to pull localhost/app:1...\nError: initializing source docker://localhost/app:1"
+    e = failure("podman restore of p failed", pull, None)
+    assert e.category == "image-missing" and "`podman save -o F localhost/app:1`" in str(e)
     e = failure("x failed", "Error (criu/files-reg.c:2): File a/b has bad size 10 (expect 4)", None)
     assert e.category == "file-changed"
     assert "\n" not in str(failure("x failed", "some\nlines\nError: it broke\nmore", None))

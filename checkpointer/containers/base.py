@@ -181,6 +181,16 @@ _RUNTIME_CAUSES: list[tuple[str, str, str]] = [
 
 def failure(what: str, text: str, log: Path | None) -> ContainerError:
     """One line with the cause and its fix; the full output stays in `log`."""
+    pulled = re.search(r"Trying to pull (\S+?)\.\.\.", text)
+    if pulled and "Error" in text[pulled.end() :]:
+        image = pulled.group(1)
+        return ContainerError(
+            f"{what}: the container's base image {image} is not on this host and could not "
+            f"be pulled; copy it here (`podman save -o F {image}` where it is, `podman load "
+            "-i F` here) and restore again",
+            "image-missing",
+            log,
+        )
     for needle, category, advice in _RUNTIME_CAUSES:
         if needle in text:
             return ContainerError(f"{what}: {needle}; {advice}", category, log)

@@ -34,6 +34,7 @@ Progress = Callable[[int, int], None]
 # once the PID or port is free again. A checkpoint is marked bad only for its own faults.
 _ENVIRONMENT = frozenset(
     {"pid-in-use", "address-in-use", "permission", "criu-too-old", "criu-missing", "timeout"}
+    | {"image-missing", "runtime-missing", "running"}  # containers: the host, not the image
 )
 
 

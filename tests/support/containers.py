@@ -20,6 +20,8 @@ from tests.support.paths import PROGRAMS, ROOT
 CACHE = Path("/var/cache/checkpointer-tests")
 ROOTFS = CACHE / "rootfs-v1"
 IMAGE = "localhost/checkpointer-test:v1"
+IMAGE_ARCHIVE = CACHE / "image-v1.tar"  # `podman load` it where the storage starts empty
+PODMAN_STORAGE = ("/var/lib/containers", "/run/containers", "/run/libpod")
 LXC_PATH = Path("/var/lib/lxc")
 COUNTER = "/srv/counter.py"
 
