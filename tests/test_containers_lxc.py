@@ -144,3 +144,38 @@ def test_lxc_container_declared_in_the_config_comes_back_after_a_reboot(workdir:
             assert st["restores"][-1]["detail"].endswith("from the repository"), st["restores"]
         finally:
             d.stop()
+
+
+def test_lxc_container_migrates_to_another_host_of_the_fleet(workdir: Path) -> None:
+    """`migrate` moves a container: the final checkpoint stops it on A, B (its own, empty,
+    /var/lib/lxc) recreates it from the bucket and it answers with its count."""
+    from tests.test_fleet import fleet
+
+    name, port = f"ckt-lxcfleet-{os.getpid()}", 8080
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-lxcf-{os.getpid()}")
+        a = fleet(net, bucket, "a", False, None)
+        b = fleet(net, bucket, "b", False, a.key_file)
+        for host in (a, b):
+            host._must(
+                [*host.prefix, "mount", "-t", "tmpfs", "-o", "mode=0700", "lxc", str(LXC_PATH)]
+            )
+        try:
+            make_lxc(name, port, run=a.prefix)
+            start_lxc(name, run=a.prefix)
+            a.start()
+            b.start()
+            a.cli("register", "web", "--lxc", name, "--every", "1h")
+            old = a.pid("web")
+            assert [ask(old, port) for _ in range(5)][-1] == "5"
+            r = a.json("migrate", "web", "--to", "b")
+            assert r["to"] == "b"
+            st = b.wait_for("web", lambda s: s["state"] == "running", timeout=60)
+            assert st["kind"] == "lxc" and st["restores"][-1]["reason"] == "migration"
+            assert ask(lxc_pid(name, run=b.prefix), port) == "6"
+            assert a.status("web")["state"] == "elsewhere"
+            assert not os.path.exists(f"/proc/{old}")  # stopped on A
+        finally:
+            for host in (a, b):
+                if host.anchor is not None:
+                    remove_lxc(name, run=host.prefix)

@@ -72,6 +72,11 @@ class Fleet:
         self._held: dict[str, Held] = {}
         self._seen: dict[str, Lease] = {}
         self._lock = threading.Lock()
+        # One write at a time to this host's leases: a renewal and a hand-over (or prepare,
+        # release) racing from two threads would each write over the version the other just
+        # replaced, and the loser would think the lease lost. Seen: a container's final
+        # checkpoint took 4 s, a renewal fell in it, and the hand-over failed.
+        self._writing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
         self._heartbeat: str | None = None
@@ -129,11 +134,12 @@ class Fleet:
         return held.lease.generation
 
     def release(self, name: str) -> None:
-        with self._lock:
-            held = self._held.pop(name, None)
-        if held is not None:
-            with contextlib.suppress(LeaseLost, StorageError):
-                self.leases.release(held)
+        with self._writing:
+            with self._lock:
+                held = self._held.pop(name, None)
+            if held is not None:
+                with contextlib.suppress(LeaseLost, StorageError):
+                    self.leases.release(held)
 
     def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
         with self._lock:
@@ -150,14 +156,15 @@ class Fleet:
     def prepare(self, name: str, to: str | None) -> None:
         """Tell `to` (through the lease) that `name` is coming: it fetches the newest
         checkpoint ahead. None calls it off."""
-        with self._lock:
-            held = self._held.get(name)
-        if held is None:
-            raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
-        updated = self.leases.prepare(held, to)
-        with self._lock:
-            self._held[name] = updated
-            self._seen[name] = updated.lease
+        with self._writing:
+            with self._lock:
+                held = self._held.get(name)
+            if held is None:
+                raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
+            updated = self.leases.prepare(held, to)
+            with self._lock:
+                self._held[name] = updated
+                self._seen[name] = updated.lease
 
     def wait_prepared(self, name: str, to: str, timeout: float) -> str | None:
         """The checkpoint `to` fetched ahead, once it says so (None after `timeout`)."""
@@ -173,14 +180,15 @@ class Fleet:
         return None
 
     def hand_over(self, name: str, to: str) -> None:
-        with self._lock:
-            held = self._held.get(name)
-        if held is None:
-            raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
-        handed = self.leases.hand_over(held, to)
-        with self._lock:
-            self._held.pop(name, None)
-            self._seen[name] = handed.lease
+        with self._writing:
+            with self._lock:
+                held = self._held.get(name)
+            if held is None:
+                raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
+            handed = self.leases.hand_over(held, to)
+            with self._lock:
+                self._held.pop(name, None)
+                self._seen[name] = handed.lease
 
     def live_hosts(self) -> dict[str, float]:
         return self.leases.live_hosts()
@@ -226,31 +234,42 @@ class Fleet:
     def _renew(self) -> None:
         assert self.hooks is not None
         with self._lock:
-            held = list(self._held.items())
-        for name, h in held:
-            try:
-                renewed = self.leases.renew(h)
-            except LeaseLost as e:
-                self.renewal_failures += 1
+            names = list(self._held)
+        for name in names:
+            with self._writing:
+                lost = self._renew_one(name)
+            if lost is not None:  # outside the write lock: stopping the copy takes its lock
+                self.hooks.lost(name, lost or None)
+
+    def _renew_one(self, name: str) -> str | None:
+        """Renew one lease; None if kept, else who holds it now ("" unknown)."""
+        with self._lock:
+            h = self._held.get(name)
+        if h is None:
+            return None  # handed over or released since the list was taken
+        try:
+            renewed = self.leases.renew(h)
+        except LeaseLost as e:
+            self.renewal_failures += 1
+            with self._lock:
+                self._held.pop(name, None)
+            log.error("fleet: lost the lease of %s: %s", name, e)
+            current = self._read(name)
+            return current.holder if current else ""
+        except StorageError as e:
+            self.renewal_failures += 1
+            log.warning("fleet: cannot renew the lease of %s: %s", name, e)
+            if self.clock() > h.lease.expires - self.leases.skew:
                 with self._lock:
                     self._held.pop(name, None)
-                log.error("fleet: lost the lease of %s: %s", name, e)
-                current = self._read(name)
-                self.hooks.lost(name, current.holder if current else None)
-                continue
-            except StorageError as e:
-                self.renewal_failures += 1
-                log.warning("fleet: cannot renew the lease of %s: %s", name, e)
-                if self.clock() > h.lease.expires - self.leases.skew:
-                    with self._lock:
-                        self._held.pop(name, None)
-                    log.error("fleet: the lease of %s runs out: stopping it here", name)
-                    self.hooks.lost(name, None)
-                continue
-            with self._lock:
-                if name in self._held:
-                    self._held[name] = renewed
-                self._seen[name] = renewed.lease
+                log.error("fleet: the lease of %s runs out: stopping it here", name)
+                return ""
+            return None
+        with self._lock:
+            if name in self._held:
+                self._held[name] = renewed
+            self._seen[name] = renewed.lease
+        return None
 
     def _read(self, name: str) -> Lease | None:
         try:
