@@ -29,7 +29,7 @@ def test_podman_container_on_schedule_restored_with_its_rootfs_file_and_rolled_b
             "web", lambda s: s["state"] == "running" and s["pid"] != st["pid"], timeout=60
         )
         assert st["restores"][-1]["reason"] == "crash", st["restores"]
-        assert st["restores"][-1]["checkpoint"] in (newer, daemon.status("web")["last_checkpoint"])
+        assert st["restores"][-1]["checkpoint"] >= newer  # ids sort by time: newer or later
         assert ask(podman_pid(name), port) == "4"  # the count at the checkpoint, + 1
         assert podman("exec", name, "cat", "/srv/marker").stdout.strip() == "3"
         daemon.cli("rollback", "web", "--to", older)
