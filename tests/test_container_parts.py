@@ -191,3 +191,19 @@ def test_podman_exports_round_trip_flat_and_refuse_what_cannot_be_restored(tmp_p
     (images2 := tmp_path / "images2").mkdir()
     with pytest.raises(ContainerError, match=r"volumes/data\.tar"):
         _unpack_export(export, images2)
+
+
+def test_copy_range_works_across_filesystems(tmp_path: Path) -> None:
+    """A rootfs on disk archived into /dev/shm: copy_file_range refuses (EXDEV) and the
+    copy goes on with sendfile."""
+    from checkpointer.containers.base import copy_range
+
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    shm = Path("/dev/shm") / f"ckpt-test-copy-{os.getpid()}"
+    shm.write_bytes(data)
+    try:
+        with open(shm, "rb") as src, open(tmp_path / "out", "wb") as dst:
+            assert copy_range(src.fileno(), dst.fileno(), 5, len(data)) == len(data) - 5
+        assert (tmp_path / "out").read_bytes() == data[5:]
+    finally:
+        shm.unlink()

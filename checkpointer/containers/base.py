@@ -10,6 +10,7 @@ would make a checkpoint fail, found before the first one.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -200,3 +201,32 @@ def failure(what: str, text: str, log: Path | None) -> ContainerError:
         first = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else "no output")
         advice = "read the log for the cause"
     return ContainerError(f"{what}: {first}; {advice}", category, log)
+
+
+def copy_range(src: int, dst: int, offset: int, size: int) -> int:
+    """Copy `size` bytes of `src` from `offset` to `dst` at its position, in the kernel (a
+    300 MB Podman export took 1.6 s through tarfile's Python copy): copy_file_range, or
+    sendfile where the two files are on different filesystems (EXDEV: a rootfs on disk, the
+    image folder on /dev/shm). Returns the bytes copied, less than `size` only if `src` ended."""
+    done = 0
+    kernel_copy = True
+    while done < size:
+        try:
+            if kernel_copy:
+                n = os.copy_file_range(src, dst, size - done, offset + done)
+            else:
+                n = os.sendfile(dst, src, offset + done, size - done)
+        except OSError as e:
+            if kernel_copy and e.errno in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+            ):
+                kernel_copy = False
+                continue
+            raise
+        if n == 0:
+            break
+        done += n
+    return done

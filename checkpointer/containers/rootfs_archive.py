@@ -14,11 +14,14 @@ may land outside the destination or be written through a link, whatever its name
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from checkpointer.containers.base import copy_range
 
 ALIGN = 4096
 _BLOCK = tarfile.BLOCKSIZE
@@ -26,23 +29,53 @@ _BLOCK = tarfile.BLOCKSIZE
 
 def write(root: Path, archive: Path) -> int:
     """Archive the tree under `root` (not following symlinks, not crossing into other
-    filesystems mounted below it); returns the number of members."""
+    filesystems mounted below it); returns the number of members. Headers are tarfile's;
+    file data is copied in the kernel (through tarfile's Python copy a 100 MB rootfs took
+    0.8 s)."""
     dev = root.stat().st_dev
     count = 0
-    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+    # A TarFile writing nowhere, for gettarinfo: it turns a second name of an inode into a
+    # hard link to the first.
+    infos = tarfile.TarFile(fileobj=io.BytesIO(), mode="w", format=tarfile.PAX_FORMAT)
+    out = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    offset = 0
+
+    def emit(data: bytes) -> None:
+        nonlocal offset
+        os.write(out, data)
+        offset += len(data)
+
+    try:
         for path, arcname in _walk(root, dev):
-            info = tar.gettarinfo(str(path), arcname)
+            info = infos.gettarinfo(str(path), arcname)
             if info is None:  # a socket: nothing to archive
                 continue
             info.uname = info.gname = ""  # numeric ids only: names differ between hosts
-            if info.isreg():
-                _pad(tar, info)
-                with open(path, "rb") as f:
-                    tar.addfile(info, f)
+            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            if info.isreg() and info.size:
+                emit(_padding(offset + len(header)))
+                emit(header)
+                _copy_file(path, out, info.size)
+                offset += info.size
+                if info.size % _BLOCK:
+                    emit(bytes(_BLOCK - info.size % _BLOCK))
             else:
-                tar.addfile(info)
+                emit(header)
             count += 1
+        emit(bytes(2 * _BLOCK))  # the end-of-archive marker
+    finally:
+        os.close(out)
     return count
+
+
+def _copy_file(path: Path, out: int, size: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        done = copy_range(fd, out, 0, size)
+        if done < size:  # it shrank while being archived: keep the size the header says
+            os.write(out, bytes(size - done))
+    finally:
+        os.close(fd)
 
 
 def _walk(root: Path, dev: int) -> Iterator[tuple[Path, str]]:
@@ -64,21 +97,18 @@ def _walk(root: Path, dev: int) -> Iterator[tuple[Path, str]]:
                 )
 
 
-def _pad(tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
-    """Write a pax global header sized so that `info`'s data starts on an ALIGN boundary."""
-    header = len(info.tobuf(tar.format, tar.encoding, tar.errors))
-    gap = (-(tar.offset + header)) % ALIGN
+def _padding(end_of_header: int) -> bytes:
+    """A pax global header sized so that the data after a header ending at `end_of_header`
+    (once this padding is in front of it) starts on an ALIGN boundary; b"" if it already
+    does."""
+    gap = (-end_of_header) % ALIGN
     if gap == 0:
-        return
-    body = gap - _BLOCK  # the padding member's own header takes one block
+        return b""
     pad = tarfile.TarInfo("pad")
     pad.type = tarfile.XGLTYPE
-    data = _comment_record(body)
+    data = _comment_record(gap - _BLOCK)  # the padding member's own header takes one block
     pad.size = len(data)
-    assert tar.fileobj is not None
-    buf = pad.tobuf(tarfile.USTAR_FORMAT, tar.encoding, tar.errors)
-    tar.fileobj.write(buf + data)
-    tar.offset += len(buf) + len(data)
+    return pad.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data
 
 
 def _comment_record(size: int) -> bytes:
