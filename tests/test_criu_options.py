@@ -68,7 +68,7 @@ def test_allowed_forms_become_canonical(given: list[str], canonical: list[str]) 
         ("--prev-images-dir=../x", "full image"),
         ("--track-mem", "full image"),
         ("--auto-dedup", "full image"),
-        ("--lazy-pages", "second CRIU"),
+        ("--lazy-pages", "lazy-pages daemon"),
         ("--inherit-fd=fd[3]:x", "no file descriptors"),
         ("--display-stats", "statistics images"),
         ("-j", "criu.shell_job: true"),

@@ -174,7 +174,10 @@ _INCREMENTAL = (
     "every checkpoint is a full image, stored deduplicated: images of a previous dump are not "
     "kept where CRIU would look for them, and dedup would punch pages out of kept images"
 )
-_PAGE_SERVER = "needs a second CRIU serving pages; the service runs one CRIU per dump or restore"
+_PAGE_SERVER = (
+    "a lazy restore needs a page server and a lazy-pages daemon: the service runs both itself "
+    "(checkpointer/criu/lazy.py), with its own pages"
+)
 REFUSED_EXTRA_OPTIONS: dict[str, str] = {
     "--images-dir": "the service chooses where images go (scratch, then the repository)",
     "--work-dir": "the service reads CRIU's logs, pidfile and statistics where it put them",
@@ -415,7 +418,7 @@ class Criu:
         self.failed_logs_dir = failed_logs_dir
         self.timeout = timeout
 
-    def _exe(self) -> str:
+    def exe(self) -> str:
         found = shutil.which(self.binary)
         if not found:
             raise CriuError(
@@ -425,7 +428,7 @@ class Criu:
         return found
 
     def version(self) -> str:
-        out = children.run([self._exe(), "--version"], timeout=30, capture_output=True)
+        out = children.run([self.exe(), "--version"], timeout=30, capture_output=True)
         m = re.search(r"Version:\s*(\S+)", out.stdout)
         if not m:
             raise CriuError(
@@ -444,7 +447,7 @@ class Criu:
 
     def check(self, extra: list[str] | None = None) -> tuple[bool, str]:
         """`criu check` (plus `extra` args): whether it passed, and what it printed."""
-        out = children.run([self._exe(), "check", *(extra or [])], timeout=120, capture_output=True)
+        out = children.run([self.exe(), "check", *(extra or [])], timeout=120, capture_output=True)
         text = "\n".join(
             ln
             for ln in (out.stdout + out.stderr).splitlines()
@@ -460,7 +463,7 @@ class Criu:
         migration then kills it, or thaws it (SIGCONT) if the hand-over failed."""
         log = images_dir.parent / f"{images_dir.name}.dump.log"
         cmd = [
-            self._exe(),
+            self.exe(),
             "dump",
             "--tree",
             str(pid),
@@ -474,7 +477,7 @@ class Criu:
             *opts.extra_args("dump"),
         ]
         with _DUMP_LOCK:
-            self._run(cmd, log, label, "dump")
+            self.run_logged(cmd, log, label, "dump")
         log.unlink(missing_ok=True)
         return read_dump_stats(images_dir)
 
@@ -493,7 +496,7 @@ class Criu:
         pidfile = images_dir.parent / f"{images_dir.name}.pid"
         pidfile.unlink(missing_ok=True)
         cmd = [
-            self._exe(),
+            self.exe(),
             "restore",
             "--images-dir",
             str(images_dir),
@@ -510,7 +513,7 @@ class Criu:
             cmd += ["--inherit-fd", f"fd[{fd}]:{resource}"]
         if opts.tcp_close:
             cmd.append("--tcp-close")
-        self._run(cmd, log, label, "restore", pass_fds=tuple(fd for fd, _ in inherit))
+        self.run_logged(cmd, log, label, "restore", pass_fds=tuple(fd for fd, _ in inherit))
         try:
             pid = int(pidfile.read_text().strip())
         finally:
@@ -518,9 +521,11 @@ class Criu:
             log.unlink(missing_ok=True)
         return pid, read_restore_stats(images_dir)
 
-    def _run(
+    def run_logged(
         self, cmd: list[str], log: Path, label: str, op: str, pass_fds: tuple[int, ...] = ()
     ) -> None:
+        """Run one CRIU command writing `log`; a failure raises CriuError, classified, with
+        the log kept (lazy restores run their commands through here too)."""
         try:
             out = children.run(
                 cmd,
@@ -530,7 +535,7 @@ class Criu:
                 pass_fds=pass_fds,
             )
         except subprocess.TimeoutExpired as e:
-            kept = self._keep_log(log, label, op)
+            kept = self.keep_log(log, label, op)
             raise CriuError(
                 f"criu {op} of {label} took longer than {self.timeout:.0f}s and was "
                 "killed; raise criu.timeout if the tree is that large",
@@ -541,10 +546,11 @@ class Criu:
             return
         text = log.read_text(errors="replace") if log.exists() else out.stderr
         category, first, advice = classify(text + "\n" + out.stderr)
-        kept = self._keep_log(log, label, op)
+        kept = self.keep_log(log, label, op)
         raise CriuError(f"criu {op} of {label} failed: {first}; {advice}", category, kept)
 
-    def _keep_log(self, log: Path, label: str, op: str) -> Path | None:
+    def keep_log(self, log: Path, label: str, op: str) -> Path | None:
+        """Move a failed run's log among the kept ones; its new path (None if it has none)."""
         if not log.exists():
             return None
         self.failed_logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -11,6 +11,8 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from checkpointer.criu.pagemap import read_varint as _varint
+
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306
 
@@ -38,17 +40,6 @@ class RestoreStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
 
 
 def _fields(buf: bytes) -> dict[int, int | bytes]:
