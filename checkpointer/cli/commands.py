@@ -139,6 +139,11 @@ def _schedule_flags(fn: F) -> F:
     fn = click.option(
         "--no-auto-restore", is_flag=True, help="do not restore by itself when the tree dies"
     )(fn)
+    fn = click.option(
+        "--lazy-restore",
+        is_flag=True,
+        help="restores from the repository start the tree first, its memory on demand",
+    )(fn)
     return fn
 
 
@@ -159,6 +164,8 @@ def _options(kw: dict[str, Any]) -> dict[str, Any]:
     restore: dict[str, Any] = {}
     if kw.pop("no_auto_restore"):
         restore["on_crash"] = False
+    if kw.pop("lazy_restore"):
+        restore["lazy"] = True
     attempts = kw.pop("max_restore_attempts")
     if attempts:
         restore["max_attempts"] = attempts

@@ -86,6 +86,9 @@ class RestorePolicy(_Strict):
     max_depth: int = Field(3, ge=1, description="checkpoints tried, newest first, in a loop")
     cold_start: bool = Field(True, description="managed: start from the command after that")
     max_attempts: int = Field(5, ge=1, description="attempts in one streak before `failed`")
+    lazy: bool = Field(
+        False, description="from the repository: start the tree first, its pages on demand"
+    )
 
 
 class WorkloadOptions(_Strict):

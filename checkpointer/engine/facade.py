@@ -306,10 +306,16 @@ class Engine:
                     log.info("workload %s stopped with the daemon", w.name)
 
     def wait_idle(self, timeout: float = 60.0) -> None:
-        """Wait for operations in flight to finish (shutdown): take and drop every lock."""
+        """Wait for operations in flight to finish (shutdown): take and drop every lock, and
+        let lazy restores finish (their page server dies with the daemon: a tree still
+        missing pages then would be killed rather than left waiting for them forever)."""
         for w in self.workloads():
             if w.lock.acquire(timeout=timeout):
                 w.lock.release()
+            inflight = w.lazy
+            if inflight is not None and not inflight.restore.wait(timeout):
+                inflight.restore.abort("the daemon is stopping")
+                inflight.restore.wait(10)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -12,10 +12,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from checkpointer.containers import ContainerRuntime
+from checkpointer.engine import lazy_restoring
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths
 from checkpointer.engine.workload import Workload, WorkloadState
 from checkpointer.errors import TeardownFailed
+from checkpointer.restore_policy import Streak
 from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump
 
@@ -73,6 +75,10 @@ class Lifecycle:
         w = self.registry.running_with_pid(pid)
         if w is None:
             return None
+        if lazy_restoring.settle(w):
+            # Killed because its checkpoint is bad, now marked so: not a crash loop that
+            # should also step back past the good checkpoint before it.
+            w.streak = Streak()
         if status is None:
             w.state, w.exit_status = WorkloadState.CRASHED, "exited (status unknown: not our child)"
         else:

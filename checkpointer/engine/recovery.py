@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from checkpointer.api import RestoreReport
 from checkpointer.config import WorkloadOptions
 from checkpointer.containers import check_container_name
+from checkpointer.engine import lazy_restoring
 from checkpointer.engine.restoring import Restored, is_transient
 from checkpointer.engine.workload import RestoreResult, Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import (
@@ -170,6 +171,7 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
     if w is None:
         return False
     with engine.locked(w, wait=True):
+        lazy_restoring.settle(w)  # a lazy restore that failed marks its checkpoint bad first
         if w.alive() or w.state not in (
             WorkloadState.CRASHED,
             WorkloadState.EXITED,

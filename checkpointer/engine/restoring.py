@@ -107,6 +107,11 @@ class RestorePipeline:
         """Restore `checkpoint_id` as the workload's tree (which must not be running)."""
         t0 = time.monotonic()
         kept = self.kept(w, checkpoint_id)
+        if kept is None and w.restore.lazy and not w.container and not w.lazy_off:
+            from checkpointer.engine import lazy_restoring
+
+            pid, stats = lazy_restoring.start(self, w, checkpoint_id)
+            return self._restored(w, checkpoint_id, reason, pid, stats, t0, False, lazy=True)
         images = kept or self.scratch.new(w.name, "restore")
         try:
             if kept is None:
@@ -115,6 +120,7 @@ class RestorePipeline:
         finally:
             if kept is None:
                 shutil.rmtree(images.parent, ignore_errors=True)
+        w.lazy_off = False  # a full restore worked: the next one may be lazy again
         return self._restored(w, checkpoint_id, reason, pid, stats, t0, kept is not None)
 
     def replace(self, w: Workload, checkpoint_id: str, stop: Callable[[], None]) -> Restored:
@@ -139,6 +145,7 @@ class RestorePipeline:
         stats: RestoreStats,
         t0: float,
         from_kept: bool,
+        lazy: bool = False,
     ) -> Restored:
         duration = time.monotonic() - t0
         log.info(
@@ -156,7 +163,11 @@ class RestorePipeline:
             "reason": reason,
             "duration_seconds": round(duration, 3),
             "restore_stats": stats.as_dict(),
-            "source": "kept image" if from_kept else "repository",
+            "source": "kept image"
+            if from_kept
+            else "repository, lazily (pages on demand)"
+            if lazy
+            else "repository",
         }
         return Restored(report, stats, duration)
 
@@ -218,9 +229,8 @@ class RestorePipeline:
         )
         return checkpoint_id, path
 
-    def restore_tree(
-        self, w: Workload, checkpoint_id: str, images: Path, reason: str
-    ) -> tuple[int, RestoreStats]:
+    def log_fds(self, w: Workload, checkpoint_id: str) -> list[tuple[int, str]]:
+        """What CRIU is handed with `--inherit-fd` (the caller closes the fds)."""
         inherit: list[tuple[int, str]] = []
         if w.managed:
             fifo = self.logs.fifo(w.name)
@@ -230,6 +240,12 @@ class RestorePipeline:
             # the leading slash), so a checkpoint restores on any host.
             dumped = self._dumped_fifo(w, checkpoint_id) or str(fifo)
             inherit.append((open_for_workload(fifo), dumped.lstrip("/")))
+        return inherit
+
+    def restore_tree(
+        self, w: Workload, checkpoint_id: str, images: Path, reason: str
+    ) -> tuple[int, RestoreStats]:
+        inherit = self.log_fds(w, checkpoint_id)
         try:
             if w.container:
                 runtime = self.runtimes[str(w.kind)]
@@ -242,13 +258,7 @@ class RestorePipeline:
         finally:
             for fd, _ in inherit:
                 os.close(fd)
-        w.pid, w.started, w.owner = pid, process.start_time(pid), None
-        w.state, w.exit_status, w.last_error, w.failed_reason = (
-            WorkloadState.RUNNING,
-            None,
-            None,
-            None,
-        )
+        running(w, pid)
         return pid, stats
 
     def _dumped_fifo(self, w: Workload, checkpoint_id: str) -> str | None:
@@ -259,3 +269,14 @@ class RestorePipeline:
             return None
         path = spec.get("log_fifo") if isinstance(spec, dict) else None
         return path if isinstance(path, str) and path.startswith("/") and "\n" not in path else None
+
+
+def running(w: Workload, pid: int) -> None:
+    """Record that the restored tree runs as `pid`."""
+    w.pid, w.started, w.owner = pid, process.start_time(pid), None
+    w.state, w.exit_status, w.last_error, w.failed_reason = (
+        WorkloadState.RUNNING,
+        None,
+        None,
+        None,
+    )

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from checkpointer.config import CriuOptions, RestorePolicy, Retention
 from checkpointer.criu import DumpOptions
@@ -78,6 +79,15 @@ class RestoreAttempt:
 
 
 @dataclass
+class LazyInFlight:
+    """A lazy restore of `checkpoint` whose pages are still arriving (`restore`: its
+    checkpointer.criu.lazy.LazyRestore)."""
+
+    checkpoint: str
+    restore: Any
+
+
+@dataclass
 class Workload:
     """A registered process tree and what the daemon knows of it. Persisted across restarts."""
 
@@ -107,6 +117,10 @@ class Workload:
     owner: str | None = None  # fleet: the host that owns it, when that is not this one
     container: str | None = None  # lxc, podman: the container's name in its runtime
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # A lazy restore still fetching pages (not persisted: it ends with the daemon), and
+    # whether the next restore must be a full one (the last lazy one failed).
+    lazy: LazyInFlight | None = field(default=None, repr=False, compare=False)
+    lazy_off: bool = field(default=False, repr=False, compare=False)
 
     @property
     def managed(self) -> bool:
