@@ -121,3 +121,6 @@ def test_lazy_restore_is_off_by_default(daemon: Daemon) -> None:
     daemon.drop_kept_images()
     assert daemon.json("restore", "web")["source"] == "repository"
     assert Path(daemon.log).read_text().count("lazy") == 0
+    kill_tree(daemon.pid("web"))  # `restore --lazy` asks for one anyway
+    assert daemon.json("restore", "web", "--lazy")["source"].startswith("repository, lazily")
+    assert http_get(port) == "2"

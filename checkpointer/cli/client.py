@@ -131,10 +131,19 @@ class Client:
         return cast(list[CheckpointEntry], call(self.path, Op.LIST, name=name))
 
     def restore(
-        self, name: str, checkpoint_id: str | None, on_progress: ProgressCallback | None = None
+        self,
+        name: str,
+        checkpoint_id: str | None,
+        on_progress: ProgressCallback | None = None,
+        lazy: bool | None = None,
     ) -> RestoreReport:
         result = call(
-            self.path, Op.RESTORE, on_progress=on_progress, name=name, checkpoint_id=checkpoint_id
+            self.path,
+            Op.RESTORE,
+            on_progress=on_progress,
+            name=name,
+            checkpoint_id=checkpoint_id,
+            lazy=lazy,
         )
         return cast(RestoreReport, result)
 

@@ -325,10 +325,20 @@ def list_(config: Config, as_json: bool, name: str) -> None:
 @click.option(
     "--checkpoint", "checkpoint_id", default=None, help="checkpoint id (default: the latest)"
 )
-def restore(config: Config, as_json: bool, name: str, checkpoint_id: str | None) -> None:
+@click.option(
+    "--lazy/--full",
+    "lazy",
+    default=None,
+    help="from the repository: pages on demand, or all first (default: restore.lazy)",
+)
+def restore(
+    config: Config, as_json: bool, name: str, checkpoint_id: str | None, lazy: bool | None
+) -> None:
     """Restore NAME, which must not be running, from a checkpoint."""
     with show.progress(as_json, f"restoring {name}") as on_progress:
-        r = Client(config.socket_path).restore(name, checkpoint_id, on_progress=on_progress)
+        r = Client(config.socket_path).restore(
+            name, checkpoint_id, on_progress=on_progress, lazy=lazy
+        )
     show.emit(as_json, r, lambda: show.restored(name, r))
 
 

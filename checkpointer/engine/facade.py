@@ -245,9 +245,11 @@ class Engine:
         name: str,
         checkpoint_id: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        lazy: bool | None = None,
     ) -> RestoreReport:
-        """Restore a workload that is not running (registered here, or known to the repository)."""
-        return recovery.restore(self, name, checkpoint_id, progress)
+        """Restore a workload that is not running (registered here, or known to the repository);
+        `lazy` overrides its restore.lazy for this restore."""
+        return recovery.restore(self, name, checkpoint_id, progress, lazy)
 
     def rollback(self, name: str, to: str | None = None, back: int | None = None) -> RestoreReport:
         """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""

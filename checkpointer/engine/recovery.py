@@ -43,6 +43,7 @@ def restore(
     name: str,
     checkpoint_id: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lazy: bool | None = None,
 ) -> RestoreReport:
     """Restore a workload that is not running (registered here, or known to the repository)."""
     w = engine.registry.find(name)
@@ -62,7 +63,7 @@ def restore(
         engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: it runs elsewhere
         cid = checkpoint_id or _restorable(engine, name)[0]
         try:
-            done = engine.restores.restore(w, cid, "manual", progress)
+            done = engine.restores.restore(w, cid, "manual", progress, lazy)
         except Exception:
             engine.events.restore_done(w.name, "manual", ok=False)
             engine.save()

@@ -102,12 +102,21 @@ class RestorePipeline:
         return infos[0].id
 
     def restore(
-        self, w: Workload, checkpoint_id: str, reason: str, progress: Progress | None = None
+        self,
+        w: Workload,
+        checkpoint_id: str,
+        reason: str,
+        progress: Progress | None = None,
+        lazy: bool | None = None,
     ) -> Restored:
-        """Restore `checkpoint_id` as the workload's tree (which must not be running)."""
+        """Restore `checkpoint_id` as the workload's tree (which must not be running); from
+        the repository lazily if `lazy` (None: as its restore.lazy says, unless the last lazy
+        restore failed)."""
         t0 = time.monotonic()
         kept = self.kept(w, checkpoint_id)
-        if kept is None and w.restore.lazy and not w.container and not w.lazy_off:
+        if lazy is None:
+            lazy = w.restore.lazy and not w.lazy_off
+        if kept is None and lazy and not w.container:
             from checkpointer.engine import lazy_restoring
 
             pid, stats = lazy_restoring.start(self, w, checkpoint_id)
