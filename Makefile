@@ -37,13 +37,15 @@ test: setup containers
 
 # Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and
 # writes bench/results/latest.json, then the migration downtime (bench/results/migration.json)
-# and a Podman container against Podman's own export/import (bench/results/containers.json).
+# a Podman container against Podman's own export/import (bench/results/containers.json), and
+# restores of one Redis: raw CRIU, rebuilt, lazy, kept (bench/results/restore_speed.json).
 # Takes about 30 minutes; see bench/run.py --help.
 bench: setup containers
 	@bash scripts/install-system-deps.sh restic zstd
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 	$(VENV)/bin/python -m bench.migration
 	$(VENV)/bin/python -m bench.containers
+	$(VENV)/bin/python -m bench.restore_speed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check checkpointer storage tests bench
