@@ -99,6 +99,8 @@ def main() -> None:
         log.close()
         shutil.rmtree(tmpfs_scratch_root(state), ignore_errors=True)
         shutil.rmtree(raw_dir, ignore_errors=True)
+        if (work / "daemon.log").exists():
+            shutil.copy(work / "daemon.log", args.out.with_suffix(".daemon.log"))
         shutil.rmtree(work, ignore_errors=True)
     raw = summarize(times["raw criu"])["median"]
     results: dict[str, Any] = {

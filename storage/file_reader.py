@@ -54,6 +54,11 @@ class CheckpointFiles:
         self._entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
         self._order = np.argsort(self._rows[:, 0], kind="stable")
         self._keys = self._rows[self._order, 0]
+        # Where every chunk of every file is, found once for the whole manifest (a vectorised
+        # search: per-chunk lookups in Python held the transfer to ~30 MB/s).
+        self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            f.name: self._locate_all(f) for f in self.manifest.files
+        }
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._dctx = threading.local()
@@ -68,11 +73,18 @@ class CheckpointFiles:
         end = min(offset + length, f.size)
         if offset < 0 or offset > end:
             raise ValueError(f"{name}: no bytes at {offset}")
-        out = bytearray()
+        packs, entries = self._where[name]
+        parts = []
+        data: bytes = b""
+        current = -1
         for k in range(offset // chunk, -(-end // chunk)):
-            out += self._chunk(f, k)
+            pack_no = int(packs[k])
+            if pack_no != current:
+                data, current = self._pack(pack_no), pack_no
+            parts.append(self._chunk(f, k, pack_no, int(entries[k]), data))
+        out = b"".join(parts)
         skip = offset % chunk
-        return bytes(out[skip : skip + end - offset])
+        return out[skip : skip + end - offset]
 
     def _file(self, name: str) -> FileEntry:
         f = self.files.get(name)
@@ -80,13 +92,10 @@ class CheckpointFiles:
             raise CorruptCheckpoint(f"{self.where} has no file {name!r}")
         return f
 
-    def _chunk(self, f: FileEntry, k: int) -> bytes:
+    def _chunk(self, f: FileEntry, k: int, pack_no: int, entry: int, data: bytes) -> bytes:
         chunk = self.manifest.chunk_size
-        digest = bytes(f.digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE])
         size = min(chunk, f.size - k * chunk)
-        pack_no, entry = self._locate(digest)
         index = self._indexes[pack_no]
-        data = self._pack(pack_no)
         start, stored = int(index.offsets[entry]), int(index.lengths[entry])
         piece = data[start : start + stored]
         raw = getattr(index, "raw", None)  # indexes written before raw chunks have none
@@ -98,10 +107,27 @@ class CheckpointFiles:
             except zstandard.ZstdError as e:
                 raise self._bad(f"{f.name}: chunk {k} does not decompress ({e})") from e
         if len(out) != size or (
-            not self.repo.codec.authenticates and self.repo.codec.chunk_id(out) != digest
+            not self.repo.codec.authenticates
+            and self.repo.codec.chunk_id(out) != f.digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
         ):
             raise self._bad(f"{f.name}: chunk {k} does not match its digest")
         return out
+
+    def _locate_all(self, f: FileEntry) -> tuple[np.ndarray, np.ndarray]:
+        """(pack number, index entry) of each chunk of `f`, in file order."""
+        q = digest_rows(f.digests)
+        n = len(q)
+        packs = np.full(n, -1, dtype=np.int64)
+        entries = np.full(n, -1, dtype=np.int64)
+        if n and len(self._keys):
+            lo = np.searchsorted(self._keys, q[:, 0], side="left")
+            cand = self._order[np.minimum(lo, len(self._order) - 1)]
+            hit = (lo < len(self._keys)) & (self._rows[cand] == q).all(axis=1)
+            packs[hit], entries[hit] = self._pack_of[cand[hit]], self._entry_of[cand[hit]]
+        for k in np.flatnonzero(packs < 0).tolist():  # first words shared, or not held at all
+            digest = bytes(f.digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE])
+            packs[k], entries[k] = self._locate(digest)
+        return packs, entries
 
     def _locate(self, digest: bytes) -> tuple[int, int]:
         row = digest_rows(digest)[0]
