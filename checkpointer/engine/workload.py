@@ -126,13 +126,6 @@ class Workload:
     def managed(self) -> bool:
         return self.kind is WorkloadKind.MANAGED
 
-    @property
-    def target(self) -> str:
-        """What the operator knows the tree as: a container's name, or its PID."""
-        if self.container:
-            return f"{self.kind} container {self.container}"
-        return f"pid {self.pid}"
-
     def dump_options(self) -> DumpOptions:
         opts = self.criu.model_dump()
         opts["extra_options"] = tuple(opts["extra_options"])
