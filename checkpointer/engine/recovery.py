@@ -154,7 +154,7 @@ def workload_from_repository(engine: Engine, name: str, checkpoint_id: str | Non
         kind=kind,
         command=spec.get("command"),
         cwd=spec.get("cwd"),
-        container=check_container_name(container) if kind.container else None,
+        container=check_container_name(container) if kind.is_container else None,
     )
     engine.add(w, WorkloadOptions.model_validate({"criu": spec.get("criu") or {}}))
     return w

@@ -35,7 +35,7 @@ class WorkloadKind(StrEnum):
     """A Podman container (runtime runc), checkpointed and restored by Podman."""
 
     @property
-    def container(self) -> bool:
+    def is_container(self) -> bool:
         return self in (WorkloadKind.LXC, WorkloadKind.PODMAN)
 
 
