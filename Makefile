@@ -33,7 +33,7 @@ containers:
 	@bash scripts/build-test-rootfs.sh
 
 test: setup containers
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and
 # writes bench/results/latest.json, then the migration downtime (bench/results/migration.json)
