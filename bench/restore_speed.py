@@ -53,7 +53,8 @@ def main() -> None:
         return run_json([*CLI, a[0], "--config", str(cfg), "--json", *a[1:]], " ".join(a), env)
 
     log = open(work / "daemon.log", "w")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen([*CLI, "daemon", "--config", str(cfg)], stdout=log, stderr=log,
+    daemon = subprocess.Popen([*CLI, "daemon", "--config", str(cfg), "--stop-workloads-on-exit"],
+                              stdout=log, stderr=log,
                               cwd=ROOT, env=env)  # fmt: skip
     times: dict[str, list[float]] = {"raw criu": [], "after reboot": [], "lazy": [], "kept": []}
     lazy_all: list[float] = []

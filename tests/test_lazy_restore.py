@@ -74,6 +74,38 @@ def test_redis_with_200mb_restores_lazily_and_every_key_reads_back(daemon: Daemo
     assert first_answer < 30
 
 
+def test_the_daemon_killed_mid_transfer_takes_the_tree_with_it_never_zero_pages(
+    daemon: Daemon,
+) -> None:
+    """kill -9 of the daemon while pages are still coming: its guard kills the tree, which
+    meanwhile waits on the missing pages (the guard holds their userfaultfds) instead of
+    reading zeros; the tree never answers a wrong digest. Restarted, the daemon restores it."""
+    port = free_port()
+    daemon.cli("run", "sums", "--no-auto-restore", "--lazy-restore", "--", sys.executable,
+               str(PROGRAMS / "checksum_server.py"), str(port), "300", "7")  # fmt: skip
+    right = http_get(port, timeout=60)
+    daemon.checkpoint("sums")
+    kill_tree(daemon.pid("sums"))
+    daemon.drop_kept_images()
+    pid = daemon.json("restore", "sums")["pid"]
+    assert daemon.proc is not None
+    daemon.proc.kill()  # mid-transfer: 300 MB take over a second to arrive
+    daemon.proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        try:
+            answer = http_get(port, timeout=0.5)
+        except OSError:
+            continue
+        assert answer == right, "the tree ran on pages that never came"
+    assert not Path(f"/proc/{pid}").exists(), "the tree outlived its daemon and its pages"
+    # Killed by the guard, not by luck (a Python tree on zero pages usually crashes too).
+    assert f"killed the restored tree (pid {pid})" in daemon.log.read_text()
+    daemon.start()
+    daemon.cli("restore", "sums", "--full")
+    assert http_get(port, timeout=60) == right
+
+
 def test_a_pack_damaged_mid_transfer_kills_the_tree_and_the_one_before_is_restored(
     daemon: Daemon,
 ) -> None:

@@ -37,6 +37,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import threading
 import time
 from bisect import bisect_right
@@ -506,6 +507,8 @@ class LazyRestore:
         self._server: PageServer | None = None
         self._daemon: subprocess.Popen[bytes] | None = None
         self._hold: UffdHold | None = None
+        self._guard: subprocess.Popen[bytes] | None = None  # see checkpointer.criu.lazy_guard
+        self._guard_w = -1
 
     # The caller's view -------------------------------------------------------------------
 
@@ -601,6 +604,40 @@ class LazyRestore:
         if got != b"\0":
             raise self._daemon_error("did not start" if ready else "did not start in time")
         self._hold = UffdHold(self._daemon.pid)  # now: the daemon is our child, not reaped
+        self._start_guard(self._daemon.pid)
+
+    def _start_guard(self, daemon_pid: int) -> None:
+        """The guard holds the userfaultfds too, and kills the tree if this process dies
+        before the pages are all there (checkpointer.criu.lazy_guard)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with children.LOCK:
+                self._guard = subprocess.Popen(
+                    [sys.executable, "-m", "checkpointer.criu.lazy_guard", str(daemon_pid)],
+                    stdin=r,
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,  # it must outlive us, whatever kills us
+                )
+                children.OWN.add(self._guard.pid)
+        finally:
+            os.close(r)
+        self._guard_w = w
+
+    def _tell_guard(self, what: str) -> None:
+        if self._guard_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._guard_w, what.encode() + b"\n")
+
+    def _end_guard(self) -> None:
+        """The tree owns its memory, or is dead: the guard may let go."""
+        if self._guard_w >= 0:
+            self._tell_guard("done")
+            os.close(self._guard_w)
+            self._guard_w = -1
+        if self._guard is not None:
+            if _reap(self._guard, kill=False, timeout=5.0) is None:
+                log.warning("the guard of the lazy restore of %s did not exit", self.label)
+            self._guard = None
 
     def _restore(self, opts: DumpOptions, inherit: Sequence[tuple[int, str]]) -> None:
         pidfile = Path(f"{self.images_dir.parent / self.images_dir.name}.pid")
@@ -626,6 +663,7 @@ class LazyRestore:
         with contextlib.suppress(ProcessLookupError):  # gone already: nothing left to kill
             self._root = os.pidfd_open(pid)
         self.pid = pid
+        self._tell_guard(f"root {pid} {start_time(pid) or '-'}")
         self.restore_stats = read_restore_stats(self.images_dir)
         with self._lock:
             if self._reason is not None:  # failed while CRIU ran: the tree must not run
@@ -656,6 +694,7 @@ class LazyRestore:
             self._wait_tree_dead(10.0)
         if self._hold:
             self._hold.release()
+        self._end_guard()
         self._close_root()
         self._daemon_err.unlink(missing_ok=True)
         self._finished.set()
@@ -770,6 +809,7 @@ class LazyRestore:
                 return False
             self._done = True
         self._hold.release()  # at once: see the module docstring
+        self._end_guard()
         self._close_root()
         _reap(self._daemon, kill=False)
         for p in (self._daemon_log, self._daemon_err, self._restore_log):
@@ -784,6 +824,7 @@ class LazyRestore:
             log.error("lazy restore of %s: the tree does not die; holding its pages", self.label)
             return False
         self._hold.release()
+        self._end_guard()
         self._close_root()
         self._server.stop(timeout=1.0)
         _reap(self._daemon, kill=True)
