@@ -22,6 +22,7 @@ from tests.support import (
     kill_tree,
     serve,
 )
+from tests.support.redis_server import redis_client, redis_command
 
 
 def wait_serving(port: int, timeout: float = 30.0) -> tuple[str, float]:
@@ -218,26 +219,39 @@ def test_daemon_restart_readopts_running_workloads(workdir: Path, boot_id: Path)
 
 
 def test_simulated_reboot_restores_every_workload(workdir: Path, boot_id: Path) -> None:
-    web, tree = free_port(), free_port()
+    web, tree, cache = free_port(), free_port(), free_port()
     d = Daemon(workdir)
     d.env["CHECKPOINTER_BOOT_ID_FILE"] = str(boot_id)
     try:
         d.start()
         d.cli("run", "web", "--", sys.executable, str(COUNTER), str(web))
         d.cli("run", "tree", "--", sys.executable, str(PROGRAMS / "tree_server.py"), str(tree))
+        d.cli("run", "cache", "--", *redis_command(cache))
+        client = redis_client(cache)
+        client.mset({f"key:{i}": f"value {i}" for i in range(1000)})
+        client.close()
         serve(web, 4)
         serve(tree, 2)
-        d.checkpoint("web")
-        d.checkpoint("tree")
+        for name in ("web", "tree", "cache"):
+            d.checkpoint(name)
         serve(web, 2)
         d.stop()  # the daemon stops, then every workload dies: as in a power cut
+        d.drop_kept_images()  # /dev/shm does not survive a reboot
         boot_id.write_text("boot-2\n")
         d.start()
         assert wait_serving(web)[0] == "5"
         assert wait_serving(tree)[0] == "3 3 3"
-        for name in ("web", "tree"):
-            last = d.status(name)["restores"][-1]
+        client = redis_client(cache, timeout=30)
+        assert client.mget([f"key:{i}" for i in range(1000)]) == [
+            f"value {i}".encode() for i in range(1000)
+        ]
+        client.close()
+        for name in ("web", "tree", "cache"):
+            last = d.wait_for(name, lambda s: s["restores"] and s["state"] == "running")[
+                "restores"
+            ][-1]
             assert last["reason"] == "boot" and last["result"] == "ok"
+            assert last["detail"].endswith("from the repository"), last  # rebuilt: no kept image
     finally:
         d.stop()
 
