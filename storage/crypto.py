@@ -76,11 +76,11 @@ class Codec(Protocol):
 
     def open(self, name: str, blob: bytes) -> bytes: ...
 
-    def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
+    def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         """`seal` into a buffer of this thread's, reused: valid until its next call here."""
         ...
 
-    def open_pack(self, name: str, blob: bytes) -> bytes | memoryview:
+    def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
         """`open` into a buffer of this thread's, reused: valid until its next call here."""
         ...
 
@@ -108,19 +108,24 @@ class Plain:
     def seal(self, name: str, data: bytes) -> bytes | memoryview:
         return data
 
-    def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
+    def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         return data
 
-    def open_pack(self, name: str, blob: bytes) -> bytes | memoryview:
-        return self.open(name, blob)
+    def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
+        _refuse_sealed(name, blob)
+        return blob
 
     def open(self, name: str, blob: bytes) -> bytes:
-        if blob[: len(MAGIC)] == MAGIC:
-            raise StorageError(
-                f"{name} is encrypted and no repository key is configured: set "
-                "storage.key_file (see README, Encryption)"
-            )
+        _refuse_sealed(name, blob)
         return blob
+
+
+def _refuse_sealed(name: str, blob: bytes | memoryview) -> None:
+    if blob[: len(MAGIC)] == MAGIC:
+        raise StorageError(
+            f"{name} is encrypted and no repository key is configured: set "
+            "storage.key_file (see README, Encryption)"
+        )
 
 
 class Sealed:
@@ -170,7 +175,7 @@ class Sealed:
         except InvalidTag as e:
             raise _tampered(name) from e
 
-    def seal_pack(self, name: str, data: bytes) -> bytes | memoryview:
+    def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         out = self._buffer("seal", OVERHEAD + len(data))
         nonce = secrets.token_bytes(_NONCE)
         out[: len(MAGIC)] = MAGIC
@@ -180,7 +185,7 @@ class Sealed:
         self._aead.encrypt_into(nonce, data, name.encode(), view[HEADER:])
         return view
 
-    def open_pack(self, name: str, blob: bytes) -> bytes | memoryview:
+    def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
         nonce = self._check_header(name, blob)
         size = len(blob) - OVERHEAD
         view = memoryview(self._buffer("open", size))[:size]
@@ -197,7 +202,7 @@ class Sealed:
             setattr(self._buffers, which, buf)
         return buf
 
-    def _check_header(self, name: str, blob: bytes) -> bytes:
+    def _check_header(self, name: str, blob: bytes | memoryview) -> bytes:
         if len(blob) < OVERHEAD or blob[: len(MAGIC)] != MAGIC or blob[len(MAGIC)] != _FORMAT:
             raise CorruptCheckpoint(
                 f"{name} is not sealed with this repository's key format (planted, damaged, "

@@ -8,7 +8,13 @@ whose pack is not stored yet; once stored, the ChunkIndex does.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import operator
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
 
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
@@ -53,14 +59,48 @@ class PackWriter:
                 self._flush()
         return pack_id
 
+    def pack_pages(self, digests: bytes, block: memoryview, new: npt.NDArray[np.int64]) -> set[str]:
+        """`pack_of` for the whole pages `new` (indexes into `block` and its `digests`) at
+        once; the packs that hold or will hold them. A first checkpoint stores every page,
+        and one Python step per page here cost as much as hashing it: the dict work runs in
+        C (map, zip, dict), the copying in numpy."""
+        keys = list(map(digests.__getitem__, map(_digest_slice, new.tolist())))
+        held = list(map(self._pending.get, keys))
+        used = set(filter(None, held))
+        missing = list(map(operator.is_, held, itertools.repeat(None)))
+        # Each new digest once (zero pages repeat within a block); equal digests, equal pages.
+        fresh = dict(
+            zip(
+                itertools.compress(keys, missing),
+                itertools.compress(new.tolist(), missing),
+                strict=True,
+            )
+        )
+        at = np.fromiter(fresh.values(), dtype=np.int64, count=len(fresh))
+        fresh_keys = list(fresh)
+        done = 0
+        while done < len(at):
+            take = at[done : done + self._builder.room()]
+            self._builder.add_pages(digests, block, take)
+            pack_id = self._builder.pack_id
+            self._pending.update(
+                zip(fresh_keys[done : done + len(take)], itertools.repeat(pack_id))
+            )
+            used.add(pack_id)
+            self.new_chunks += len(take)
+            done += len(take)
+            if self._builder.full():
+                self._flush()
+        return used
+
     def between_blocks(self) -> None:
         """Drop from `pending` the chunks of stored packs (the index has them now). Only
         between blocks: a block's index lookups ran before a pack filled in its middle was
         stored, and `pending` must still answer for it."""
         for done in self._stored:
             d = bytes(done.digests)
-            for off in range(0, len(d), DIGEST_SIZE):
-                self._pending.pop(d[off : off + DIGEST_SIZE], None)
+            keys = map(d.__getitem__, map(_digest_slice, range(len(d) // DIGEST_SIZE)))
+            collections.deque(map(self._pending.pop, keys, itertools.repeat(None)), maxlen=0)
         self._stored.clear()
 
     def finish(self) -> None:
@@ -93,3 +133,7 @@ class PackWriter:
             self._settle(self.in_flight_max - 1)
             self._in_flight.append((self._pool.submit(self._write, self._builder), self._builder))
             self._builder = PackBuilder(self._spare)
+
+
+def _digest_slice(i: int) -> slice:
+    return slice(i * DIGEST_SIZE, (i + 1) * DIGEST_SIZE)

@@ -1,9 +1,23 @@
-"""Packs: many small compressed chunks in one blob, with a separate index blob.
+"""Packs: many small chunks in one blob, with a separate index blob.
 
 Memory images change page by page, scattered (DESIGN.md: 1% of Redis keys rewritten touches
 8.4% of 4 KiB pages), so chunks are small. Storing each as its own object would cost tens of
 thousands of objects per checkpoint; packs keep it to a handful. The index is written after
 its pack, so an index always names a complete pack; a pack without an index is garbage.
+
+A chunk is stored as a zstd frame, or raw (its bytes as they are) when zstd would not shrink
+it by a sixteenth: random memory (encrypted or compressed data, hash tables of random keys)
+does not compress, and trying costs more than hashing it (zstd -1 ran at ~590 MB/s on random
+4 KiB pages here, BLAKE3 at ~1.4 GB/s). Whether to try is decided from a 256-byte sample of the
+page, spread over it, compressed in one batch call (~0.35 s per GB of random pages); a page
+that passes the sample but not the full try is stored raw too. A pack holds its raw chunks
+first, then its frames: a restore copies the raw run and decodes the frame run in one call
+each, however finely random and compressible pages alternate.
+
+Index format (all little-endian): the magic, a u32 count, then per chunk its 32-byte digest,
+a u32 offset in the pack and a u32 whose low 31 bits are the stored length and whose top bit
+says "stored raw". `CKPTIDX1` (written before raw chunks existed) has the same layout and no
+raw chunk; both are read. A raw chunk's stored length is its size; a frame's is the frame.
 """
 
 from __future__ import annotations
@@ -12,16 +26,18 @@ import array
 import itertools
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
 from storage.errors import CorruptCheckpoint
-from storage.manifest import DIGEST_SIZE
+from storage.manifest import CHUNK_SIZE, DIGEST_SIZE
 
 # Three pack buffers live at once (one filling, two compressing and storing), so the pack size
 # sets most of a checkpoint's memory. Measured on 1 GB of Redis pages in the daemon: 8 MiB packs
@@ -30,12 +46,22 @@ PACK_TARGET_BYTES = 4 * 1024 * 1024
 _SLACK = 64 * 1024  # room past the target for the chunk that fills a pack
 # Many tiny chunks (small image files) would make an index big: a pack closes at this many.
 MAX_PACK_CHUNKS = 1 << 16
-_IDX_MAGIC = b"CKPTIDX1"
-_IDX_ENTRY = struct.Struct(f"<{DIGEST_SIZE}sII")  # digest, offset, compressed length
+IDX_MAGIC_V1 = b"CKPTIDX1"  # every chunk a zstd frame
+IDX_MAGIC = b"CKPTIDX2"  # the top bit of a length flags a raw chunk
+RAW_FLAG = 1 << 31
+_IDX_ENTRY = struct.Struct(f"<{DIGEST_SIZE}sII")  # digest, offset, stored length (| RAW_FLAG)
+_IDX_DTYPE = np.dtype([("digest", f"V{DIGEST_SIZE}"), ("offset", "<u4"), ("length", "<u4")])
 # What a reader accepts before reading a blob whole (a bucket writer picks sizes). Packs of the
 # first releases were 16 MiB; incompressible frames are a little larger than their chunks.
 MAX_PACK_BYTES = 64 * 1024 * 1024
 MAX_INDEX_BYTES = 1024 + MAX_PACK_CHUNKS * _IDX_ENTRY.size + 1024
+# The sample: 8 pieces of 32 bytes, one every 512 bytes of the page. zstd -1 shrank such
+# samples of random pages to 104% of their size and of hex text (the benchmark's Redis values)
+# to 64%; below 15/16 the whole page is tried.
+_SAMPLE_PIECES, _SAMPLE_PIECE = 8, 32
+_SAMPLE_BYTES = _SAMPLE_PIECES * _SAMPLE_PIECE
+_SAMPLE_KEEP = _SAMPLE_BYTES * 15 // 16
+_PIECE_STARTS = np.arange(_SAMPLE_PIECES, dtype=np.int64) * (CHUNK_SIZE // _SAMPLE_PIECES)
 
 
 def new_pack_id() -> str:
@@ -51,50 +77,69 @@ def pack_created(pack_id: str) -> float:
         return 0.0
 
 
-def encode_index(digests: bytes, offsets: Sequence[int], lengths: Sequence[int]) -> bytes:
-    """The index of a pack: each chunk's digest with where its frame lies in the pack."""
-    out = bytearray(_IDX_MAGIC)
-    out += struct.pack("<I", len(offsets))
-    for i, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
-        out += _IDX_ENTRY.pack(digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE], offset, length)
-    return bytes(out)
+def encode_index(
+    digests: bytes,
+    offsets: Sequence[int] | npt.NDArray[np.integer],
+    lengths: Sequence[int] | npt.NDArray[np.integer],
+    raw: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+) -> bytes:
+    """The index of a pack: each chunk's digest with where it lies in the pack, and whether it
+    is stored raw (see the module's docstring for the bytes)."""
+    n = len(offsets)
+    entries = np.empty(n, dtype=_IDX_DTYPE)
+    entries["digest"] = np.frombuffer(digests, dtype=f"V{DIGEST_SIZE}", count=n)
+    entries["offset"] = offsets
+    length = np.asarray(lengths, dtype=np.uint32)
+    if raw is not None:
+        length = length | (np.asarray(raw, dtype=np.uint32) << np.uint32(31))
+    entries["length"] = length
+    return IDX_MAGIC + struct.pack("<I", n) + entries.tobytes()
 
 
-def _index_body(raw: bytes, where: str) -> memoryview:
-    if raw[: len(_IDX_MAGIC)] != _IDX_MAGIC or len(raw) < len(_IDX_MAGIC) + 4:
+def _index_body(raw: bytes, where: str) -> tuple[memoryview, bool]:
+    """The entries, and whether the format has raw chunks (version 2)."""
+    magic = raw[: len(IDX_MAGIC)]
+    if magic not in (IDX_MAGIC, IDX_MAGIC_V1) or len(raw) < len(IDX_MAGIC) + 4:
         raise CorruptCheckpoint(f"pack index {where} is damaged (bad header)")
-    (count,) = struct.unpack_from("<I", raw, len(_IDX_MAGIC))
-    start = len(_IDX_MAGIC) + 4
+    (count,) = struct.unpack_from("<I", raw, len(IDX_MAGIC))
+    start = len(IDX_MAGIC) + 4
     if len(raw) != start + count * _IDX_ENTRY.size:
         raise CorruptCheckpoint(f"pack index {where} is damaged (truncated)")
-    return memoryview(raw)[start:]
+    return memoryview(raw)[start:], magic == IDX_MAGIC
 
 
 @dataclass(frozen=True)
 class IndexArrays:
-    """A pack index as arrays: digests concatenated, frame offsets and lengths."""
+    """A pack index as arrays: digests concatenated, offsets, stored lengths, raw flags."""
 
     digests: bytes
     offsets: npt.NDArray[np.uint32]
     lengths: npt.NDArray[np.uint32]
+    raw: npt.NDArray[np.bool_]
 
 
 def decode_index_arrays(raw: bytes, where: str) -> IndexArrays:
     """The index without a Python object per chunk (restores and index loads use this)."""
-    body = np.frombuffer(_index_body(raw, where), dtype=np.uint8).reshape(-1, _IDX_ENTRY.size)
-    fields = body[:, DIGEST_SIZE:].copy().view("<u4")
+    body, has_raw = _index_body(raw, where)
+    entries = np.frombuffer(body, dtype=_IDX_DTYPE)
+    field = entries["length"]
+    flags = (field >> np.uint32(31)).astype(bool) if has_raw else np.zeros(len(field), bool)
     return IndexArrays(
-        body[:, :DIGEST_SIZE].tobytes(), fields[:, 0].astype(np.uint32), fields[:, 1].copy()
+        entries["digest"].tobytes(),
+        entries["offset"].astype(np.uint32),
+        (field & np.uint32(RAW_FLAG - 1)).astype(np.uint32),
+        flags,
     )
 
 
 class PackBuilder:
-    """Collects new chunks until the pack is big enough, then compresses them all at once.
+    """Collects new chunks until the pack is big enough, then packs them all at once.
 
-    Chunks are copied into one buffer (no object per chunk) and compressed in one call (zstd's
-    multi_compress_to_buffer, a frame per chunk) that runs without the GIL in a writer thread,
-    so the next pack's chunks are hashed meanwhile. One thread per pack, two packs in flight:
-    measured faster on two cores than zstd's own threads, which fight the hashing thread.
+    Chunks are copied into one buffer (no object per chunk); sampling, compressing (zstd's
+    multi_compress_to_buffer, a frame per chunk) and laying out run as a few batch calls
+    without the GIL in a writer thread, so the next pack's chunks are hashed meanwhile. One
+    thread per pack, two packs in flight: measured faster on two cores than zstd's own
+    threads, which fight the hashing thread.
     """
 
     def __init__(self, spare: list[bytearray] | None = None) -> None:
@@ -120,20 +165,130 @@ class PackBuilder:
         self.digests += digest
         self.raw_bytes = end
 
+    def add_pages(self, digests: bytes, block: memoryview, at: npt.NDArray[np.int64]) -> None:
+        """`add` the whole pages `at` of `block` (their digests in `digests`), in one copy."""
+        start, end = self.raw_bytes, self.raw_bytes + len(at) * CHUNK_SIZE
+        if end > len(self.raw):
+            self.raw.extend(bytes(end - len(self.raw)))
+        dest = np.frombuffer(self.raw, dtype=f"V{CHUNK_SIZE}", count=len(at), offset=start)
+        pages = np.frombuffer(block, dtype=f"V{CHUNK_SIZE}", count=len(block) // CHUNK_SIZE)
+        np.take(pages, at, out=dest, mode="clip")
+        del dest  # an export of self.raw would stop it from growing
+        segments = np.empty((len(at), 2), dtype="<u8")
+        segments[:, 0] = start + np.arange(len(at), dtype=np.uint64) * CHUNK_SIZE
+        segments[:, 1] = CHUNK_SIZE
+        self._segments.frombytes(segments.tobytes())
+        self.digests += np.frombuffer(digests, dtype=f"V{DIGEST_SIZE}")[at].tobytes()
+        self.raw_bytes = end
+
+    def room(self) -> int:
+        """How many more whole pages fill the pack (at least one)."""
+        pages = -(-(PACK_TARGET_BYTES - self.raw_bytes) // CHUNK_SIZE)
+        return max(1, min(pages, MAX_PACK_CHUNKS - len(self)))
+
     def full(self) -> bool:
         return self.raw_bytes >= PACK_TARGET_BYTES or len(self) >= MAX_PACK_CHUNKS
 
     def __len__(self) -> int:
         return len(self._segments) // 2
 
-    def compress(self, level: int) -> tuple[bytes, bytes]:
-        """The pack's bytes (zstd frames, one per chunk) and its encoded index."""
-        frames = zstandard.ZstdCompressor(level=level).multi_compress_to_buffer(
-            zstandard.BufferWithSegments(self.raw, self._segments.tobytes()), threads=1
-        )
-        self._spare.append(self.raw)  # list.append is atomic: compressing runs in other threads
+    def compress(self, level: int) -> tuple[memoryview, bytes]:
+        """The pack's bytes (raw chunks, then zstd frames) and its encoded index. The bytes
+        are a view of a buffer of this thread's, valid until its next call here."""
+        packed = self._pack(level)
+        # Reused only once no view of it is left (a failed pack's may be, in its traceback).
+        self._spare.append(self.raw)  # list.append is atomic: packing runs in other threads
         self.raw = bytearray()
-        lengths = [len(frames[i]) for i in range(len(frames))]
-        offsets = list(itertools.accumulate(lengths, initial=0))[:-1]
-        data = b"".join(frames[i] for i in range(len(frames)))  # type: ignore[misc]
-        return data, encode_index(bytes(self.digests), offsets, lengths)
+        return packed
+
+    def _pack(self, level: int) -> tuple[memoryview, bytes]:
+        segs = np.frombuffer(self._segments, dtype="<u8").reshape(-1, 2).astype(np.int64)
+        starts, sizes = segs[:, 0], segs[:, 1]
+        buf = np.frombuffer(self.raw, dtype=np.uint8)
+        zc = zstandard.ZstdCompressor(level=level)
+        # Only whole pages may be stored raw (a restore copies them as rows of CHUNK_SIZE).
+        raw = sizes == CHUNK_SIZE
+        if raw.any():
+            raw[raw] = ~_sample_compresses(zc, buf, starts[raw])
+        tried = np.flatnonzero(~raw)
+        frames: Any = None  # a BufferWithSegmentsCollection: iterable, not typed so
+        frame_lengths = np.zeros(0, dtype=np.int64)
+        keep = np.zeros(0, dtype=bool)
+        if len(tried):
+            frames = zc.multi_compress_to_buffer(
+                zstandard.BufferWithSegments(self.raw, segs[tried].astype("<u8").tobytes()),
+                threads=1,
+            )
+            frame_lengths = np.fromiter(map(len, frames), dtype=np.int64, count=len(tried))
+            # A page zstd shrinks by less than a sixteenth is cheaper to keep raw (a restore
+            # copies it instead of decoding it); a short chunk stays a frame.
+            worse = (frame_lengths * 16 > sizes[tried] * 15) & (sizes[tried] == CHUNK_SIZE)
+            raw[tried[worse]] = True
+            keep = ~worse
+        raw_at = np.flatnonzero(raw)
+        raw_bytes = len(raw_at) * CHUNK_SIZE
+        kept = tried[keep]
+        total = raw_bytes + int(frame_lengths[keep].sum())
+        out = _out_buffer(total)
+        # Raw pages: rows gathered from the buffer straight into the output, then the frames.
+        _gather_pages(
+            buf, starts[raw_at], np.frombuffer(out, dtype=f"V{CHUNK_SIZE}", count=len(raw_at))
+        )
+        del buf  # no export of self.raw may outlive this: the buffer is reused
+        view = memoryview(out)[:total]
+        if len(kept):
+            view[raw_bytes:] = b"".join(itertools.compress(frames, keep.tolist()))
+        offsets = np.empty(len(self), dtype=np.int64)
+        lengths = sizes.copy()
+        offsets[raw_at] = np.arange(len(raw_at), dtype=np.int64) * CHUNK_SIZE
+        lengths[kept] = frame_lengths[keep]
+        offsets[kept] = raw_bytes + np.cumsum(frame_lengths[keep]) - frame_lengths[keep]
+        return view, encode_index(bytes(self.digests), offsets, lengths, raw)
+
+
+def _gather_pages(buf: npt.NDArray[np.uint8], starts: npt.NDArray[np.int64], out: Any) -> None:
+    """Copy the pages at byte offsets `starts` of `buf` into the rows of `out` (CHUNK_SIZE
+    bytes each). In one take when they all lie on page boundaries (a pack of whole pages);
+    else through a strided view of `buf` (never handed to np.take: it would copy it whole)."""
+    if not len(starts):
+        return
+    if not (starts % CHUNK_SIZE).any():
+        pages = buf[: (len(buf) // CHUNK_SIZE) * CHUNK_SIZE].view(f"V{CHUNK_SIZE}")
+        np.take(pages, starts // CHUNK_SIZE, out=out, mode="clip")  # clip: no temporary
+        return
+    rows = np.lib.stride_tricks.as_strided(
+        buf, shape=(len(buf) - CHUNK_SIZE + 1, CHUNK_SIZE), strides=(1, 1)
+    )
+    out.view(np.uint8).reshape(-1, CHUNK_SIZE)[:] = rows[starts]
+
+
+_thread_out = threading.local()
+
+
+def _out_buffer(size: int) -> bytearray:
+    """The writer thread's output buffer (a fresh 4 MiB per pack costs its page faults);
+    replaced, never resized, when too small, as views of the old one may be alive."""
+    buf: bytearray | None = getattr(_thread_out, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _thread_out.buf = bytearray(max(size + size // 4, PACK_TARGET_BYTES + 2 * _SLACK))
+    return buf
+
+
+def _sample_compresses(
+    zc: zstandard.ZstdCompressor, buf: npt.NDArray[np.uint8], starts: npt.NDArray[np.int64]
+) -> npt.NDArray[np.bool_]:
+    """Whether zstd shrinks a 256-byte sample of each page (at `starts` in `buf`) below 15/16:
+    the pages whose samples do not are stored raw without compressing them whole."""
+    pieces = np.lib.stride_tricks.as_strided(
+        buf, shape=(len(buf) - _SAMPLE_PIECE + 1, _SAMPLE_PIECE), strides=(1, 1)
+    )
+    samples = pieces[(starts[:, None] + _PIECE_STARTS[None, :]).ravel()].tobytes()
+    del pieces
+    segments = np.empty((len(starts), 2), dtype="<u8")
+    segments[:, 0] = np.arange(len(starts), dtype=np.uint64) * _SAMPLE_BYTES
+    segments[:, 1] = _SAMPLE_BYTES
+    out: Any = zc.multi_compress_to_buffer(
+        zstandard.BufferWithSegments(samples, segments.tobytes()), threads=1
+    )
+    lengths = np.fromiter(map(len, out), dtype=np.int64, count=len(starts))
+    return lengths < _SAMPLE_KEEP

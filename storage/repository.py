@@ -4,13 +4,14 @@ Write path (commit): every file is cut into fixed CHUNK_SIZE chunks (4 KiB: memo
 raw pages, so page-sized chunks dedup scattered page changes, and a page inserted in the middle
 shifts the rest by whole chunks), each hashed with BLAKE3; chunks the repository already holds
 (the ChunkIndex, looked up a 1 MiB block at a time) are only referenced, new ones are copied
-into packs that writer threads compress and store while the next pack fills. Packs and their
-indexes are written first, the manifest last: a checkpoint without a manifest does not exist.
+into packs that writer threads compress (or keep raw, when zstd would not shrink them: see
+storage/packs.py) and store while the next pack fills. Packs and their indexes are written
+first, the manifest last: a checkpoint without a manifest does not exist.
 
-Read path (materialize): the manifest's packs are fetched a few at a time; the chunks of a pack
-the checkpoint needs are found with one vectorised search, decompressed on every core, verified
-and written where they belong. Memory is a few packs plus 44 bytes a chunk, with no Python
-object per chunk.
+Read path (materialize, storage/rebuild.py): the manifest's packs are fetched a few at a time;
+the chunks of a pack the checkpoint needs are found with one vectorised search, and each pack is
+opened, decoded and written by one reader thread, one per core. Memory is a few pack-sized
+buffers per thread plus 44 bytes a chunk, with no Python object per chunk.
 
 Encryption (storage/crypto.py) is the codec's business: chunk ids are keyed hashes, and every
 object is sealed under its own name. A sealed pack's tag verifies all its frames in one call,
@@ -150,7 +151,10 @@ class Repository:
                         where = index.lookup(block_digests)
                         total_chunks += len(where)
                         used_packs.update(index.pack_id(p) for p in np.unique(where[where >= 0]))
-                        for i in np.flatnonzero(where < 0).tolist():
+                        new = np.flatnonzero(where < 0)
+                        pages = n // CHUNK_SIZE  # the file's short last chunk goes alone
+                        used_packs |= writer.pack_pages(block_digests, block, new[new < pages])
+                        for i in new[new >= pages].tolist():
                             digest = block_digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
                             chunk = block[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
                             used_packs.add(writer.pack_of(digest, chunk))
@@ -380,10 +384,19 @@ class Repository:
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
 
-    def pack_for(self, pack_id: str, where: str) -> bytes | memoryview:
+    def pack_for(
+        self, pack_id: str, where: str, buffer: Callable[[int], bytearray] | None = None
+    ) -> bytes | memoryview:
+        """A pack's bytes, opened. With `buffer` (see BlobStore.get_into) it is read into the
+        caller's buffer, and the result is valid only until that buffer is reused."""
         key = pack_key(pack_id)
         try:
-            return self.codec.open_pack(key, self.backend.get(key, MAX_PACK_BYTES))
+            blob = (
+                self.backend.get(key, MAX_PACK_BYTES)
+                if buffer is None
+                else self.backend.get_into(key, buffer, MAX_PACK_BYTES)
+            )
+            return self.codec.open_pack(key, blob)
         except BlobNotFound as e:
             raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
         except CorruptCheckpoint as e:

@@ -13,7 +13,7 @@ What the repository relies on, and so what every backend must guarantee:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from storage.errors import ConditionalWritesUnsupported
 
@@ -32,6 +32,15 @@ class BlobStore(ABC):
         With `limit`, a blob larger than `limit` bytes raises BlobTooLarge before it is read:
         sizes in a shared bucket are chosen by whoever writes it, and must not make a host
         allocate what they say."""
+
+    def get_into(
+        self, key: str, buffer: Callable[[int], bytearray], limit: int | None = None
+    ) -> bytes | memoryview:
+        """`get`, into a buffer the caller reuses where the store can: `buffer(n)` returns
+        one of at least n bytes. The result may be a view of it, valid until the caller
+        reuses it. (A restore reads hundreds of 4 MiB packs; a fresh 4 MiB each was a third
+        of its reading time, in page faults.) The default is `get`."""
+        return self.get(key, limit)
 
     @abstractmethod
     def exists(self, key: str) -> bool:

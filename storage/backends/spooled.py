@@ -78,6 +78,15 @@ class SpooledBlobStore(BlobStore):
         self._trim_cache()
         return data
 
+    def get_into(
+        self, key: str, buffer: Callable[[int], bytearray], limit: int | None = None
+    ) -> bytes | memoryview:
+        """From the local copy into the caller's buffer when there is one, else `get`."""
+        try:
+            return self.cache.get_into(key, buffer, limit)
+        except BlobNotFound:
+            return self.get(key, limit)
+
     def modified(self, key: str) -> float | None:
         """The bucket's time; a blob still only in the spool is as young as can be."""
         when = self.remote.modified(key)

@@ -36,6 +36,11 @@ class WrappedBlobStore(BlobStore):
     def get(self, key: str, limit: int | None = None) -> bytes:
         return self.around("get", lambda: self.inner.get(key, limit))
 
+    def get_into(
+        self, key: str, buffer: Callable[[int], bytearray], limit: int | None = None
+    ) -> bytes | memoryview:
+        return self.around("get", lambda: self.inner.get_into(key, buffer, limit))
+
     def exists(self, key: str) -> bool:
         return self.around("exists", lambda: self.inner.exists(key))
 
