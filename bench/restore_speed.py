@@ -101,7 +101,7 @@ def main() -> None:
         shutil.rmtree(tmpfs_scratch_root(state), ignore_errors=True)
         shutil.rmtree(raw_dir, ignore_errors=True)
         if (work / "daemon.log").exists():
-            shutil.copy(work / "daemon.log", args.out.with_suffix(".daemon.log"))
+            shutil.copy(work / "daemon.log", DISK / "restore_speed.daemon.log")  # to read after
         shutil.rmtree(work, ignore_errors=True)
     raw = summarize(times["raw criu"])["median"]
     results: dict[str, Any] = {
