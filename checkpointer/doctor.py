@@ -94,7 +94,7 @@ def _container_checks(config: Config) -> list[Check]:
         missing = runtime.installed()
         required = bool(declared[kind])
         if missing:
-            checks.append(Check(kind, False, missing, "`make setup` installs it", required))
+            checks.append(Check(kind, False, missing, "`make containers` installs it", required))
             continue
         checks.append(Check(kind, True, _tool_version(kind), required=False))
         for name, container in declared[kind]:

@@ -87,6 +87,16 @@ class ContainerRuntime(Protocol):
         ...
 
 
+def _which(program: str) -> str:
+    exe = shutil.which(program)
+    if exe is None:
+        raise ContainerError(
+            f"{program} is not installed; run `make containers` (or apt-get install it)",
+            "runtime-missing",
+        )
+    return exe
+
+
 @dataclass(frozen=True)
 class Tool:
     """Runs a runtime's command-line tool with its output in a log file, never a pipe.
@@ -102,9 +112,7 @@ class Tool:
     def run(self, argv: Sequence[str], label: str, op: str, criu_logs: Sequence[Path] = ()) -> str:
         """Run; its output on success. A failure raises, classified on the tool's output and
         the CRIU logs it left (`criu_logs`), all of them kept in one log file."""
-        exe = shutil.which(argv[0])
-        if exe is None:
-            raise ContainerError(f"{argv[0]} is not installed; run `make setup`", "runtime-missing")
+        exe = _which(argv[0])
         self.failed_logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         log = self.failed_logs_dir / f"{label}-{stamp}-{os.getpid()}-{op}.log"
@@ -140,9 +148,7 @@ class Tool:
         self, argv: Sequence[str], timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
         """A short query (state, PID): its output captured; the caller reads the status."""
-        exe = shutil.which(argv[0])
-        if exe is None:
-            raise ContainerError(f"{argv[0]} is not installed; run `make setup`", "runtime-missing")
+        exe = _which(argv[0])
         return children.run(
             [exe, *argv[1:]], timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True
         )

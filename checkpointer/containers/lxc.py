@@ -29,7 +29,7 @@ from checkpointer.criu.stats import read_dump_stats, read_restore_stats
 
 CONFIG = "lxc.config"
 ROOTFS = "lxc.rootfs.tar"
-INSTALL = "install LXC (`apt-get install lxc`, or `make setup`)"
+INSTALL = "install LXC (`apt-get install lxc`, or `make containers`)"
 
 
 class Lxc:

@@ -26,7 +26,7 @@ from checkpointer.criu.stats import read_dump_stats
 PREFIX = "podman."
 IMAGES_DIR = "checkpoint"
 EMPTY_DIRS = ("artifacts",)
-INSTALL = "install Podman and runc (`apt-get install podman runc`, or `make setup`)"
+INSTALL = "install Podman and runc (`apt-get install podman runc`, or `make containers`)"
 STATS = "stats-dump"  # CRIU's statistics, at the export's top: kept under its own name
 
 
