@@ -57,14 +57,22 @@ def all_objects(moto: Moto, bucket: str) -> Iterator[tuple[str, bytes]]:
 
 
 def decompressed(data: bytes) -> bytes:
-    """Whatever zstd frames `data` holds, decompressed (b"" if it holds none)."""
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            io.BytesIO(data), read_across_frames=True
-        )
-        return reader.read()
-    except zstandard.ZstdError:
-        return b""
+    """Whatever zstd frames `data` holds, decompressed (b"" if it holds none). A pack holds
+    its raw chunks first and its frames after them: the frames start at the first zstd magic
+    from which they all decode (an earlier one may be chance bytes of a raw chunk)."""
+    pos = data.find(ZSTD_MAGIC)
+    while pos >= 0:
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data[pos:]), read_across_frames=True
+            )
+            return reader.read()
+        except zstandard.ZstdError:
+            pos = data.find(ZSTD_MAGIC, pos + 1)
+    return b""
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @pytest.mark.parametrize("encrypted", [True, False])
