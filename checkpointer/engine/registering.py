@@ -71,17 +71,7 @@ def register(
         )
     if pid == os.getpid():
         raise ProcessNotFound("cannot register the checkpointer daemon itself")
-    engine.ownership.claim(name, _newest(engine, name))
-    w = Workload(
-        name=name,
-        kind=WorkloadKind.ADOPTED,
-        pid=pid,
-        started=process.start_time(pid),
-        state=WorkloadState.RUNNING,
-    )
-    engine.add(w, options)
-    engine.hooks.watch(w)
-    engine.scheduled(w)
+    w = _watch_running(engine, name, WorkloadKind.ADOPTED, pid, options)
     log.info("workload %s adopted: pid %d", name, pid)
     return w
 
@@ -114,6 +104,20 @@ def register_container(
             + (f" (`lxc-start -n {container}`)" if kind is WorkloadKind.LXC else "")
             + (f" (`podman start {container}`)" if kind is WorkloadKind.PODMAN else "")
         )
+    w = _watch_running(engine, name, kind, pid, options, container)
+    log.info("workload %s: %s container %s, init pid %d", name, kind, container, pid)
+    return w
+
+
+def _watch_running(
+    engine: Engine,
+    name: str,
+    kind: WorkloadKind,
+    pid: int,
+    options: WorkloadOptions,
+    container: str | None = None,
+) -> Workload:
+    """Register a tree that runs already (adopted, or a container's): lease, watch, schedule."""
     engine.ownership.claim(name, _newest(engine, name))
     w = Workload(
         name=name,
@@ -126,7 +130,6 @@ def register_container(
     engine.add(w, options)
     engine.hooks.watch(w)
     engine.scheduled(w)
-    log.info("workload %s: %s container %s, init pid %d", name, kind, container, pid)
     return w
 
 
