@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -44,13 +45,14 @@ def test_rollback_to_id_and_back_n(counter: tuple[Daemon, int]) -> None:
     assert serve(port, 5) == "10"
     d.checkpoint("web")
     assert serve(port, 4) == "14"
-    d.cli("rollback", "web", "--to", first)
+    assert d.json("rollback", "web", "--to", first)["source"] == "disk image"
     assert http_get(port) == "6"
-    # Rebuilt partly from the kept image of the newest checkpoint, and still exact.
-    assert "are copied from it" in d.log.read_text()
     serve(port, 3)  # 9
+    # Without disk images: rebuilt partly from the kept image of the newest, and still exact.
+    shutil.rmtree(d.state / "images")
     d.cli("rollback", "web", "--back", "1")  # newest is the one at 10; one back: the one at 5
     assert http_get(port) == "6"
+    assert "are copied from it" in d.log.read_text()
     d.cli("rollback", "web", "--back", "0")
     assert http_get(port) == "11"
     listed = d.json("list", "web")
@@ -285,6 +287,14 @@ def test_restore_uses_the_kept_image_only_if_it_matches(counter: tuple[Daemon, i
     data = bytearray(pages[0].read_bytes())
     data[len(data) // 2] ^= 0xFF
     pages[0].write_bytes(bytes(data))
+    kill_tree(d.pid("web"))
+    r = d.json("restore", "web")
+    assert r["source"] == "disk image" and http_get(port) == "6"
+    # And with the disk image damaged too (same boot: its stamps tell), the repository.
+    for p in (d.state / "images" / "web").glob("*/pages-*.img"):
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
     kill_tree(d.pid("web"))
     r = d.json("restore", "web")
     assert r["source"] == "repository" and http_get(port) == "6"

@@ -235,6 +235,13 @@ class CriuConfig(_Strict):
     keep_latest_image: bool = Field(
         True, description="keep each workload's newest image in scratch for fast restores"
     )
+    disk_images: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="newest images also kept on disk (STATE_DIR/images, unencrypted, 0700): "
+        "restores after a reboot and rollbacks read them; 0 keeps none",
+    )
 
 
 class HostConfig(_Strict):

@@ -17,12 +17,14 @@ from checkpointer.api import CheckpointReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, DumpStats
 from checkpointer.engine import kept_image
+from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointFailed, WorkloadNotRunning
 from checkpointer.workloads import process
 from storage import Repository, StorageError
+from storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ class CheckpointPipeline:
         criu_version: Callable[[], str],
         log_fifo: Callable[[str], Path],
         runtimes: Mapping[str, ContainerRuntime],
+        disk: DiskImages,
     ) -> None:
+        self.disk = disk
         self.log_fifo = log_fifo
         self.runtimes = runtimes
         self.repo = repo
@@ -99,6 +103,8 @@ class CheckpointPipeline:
             shutil.rmtree(images.parent, ignore_errors=True)
         w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None
         duration = time.monotonic() - t0
+        if w.kept is not None and w.kept.id == manifest.id:
+            self.store_on_disk(w, w.kept.path, manifest)
         self.events.checkpoint_ok(w.name, duration, stats, manifest.size_bytes, manifest.new_bytes)
         log.info(
             "checkpoint %s of %s: %d bytes, %d new (stored), frozen %.3fs, total %.2fs",
@@ -117,6 +123,22 @@ class CheckpointPipeline:
             "duration_seconds": round(duration, 3),
             "dump_stats": stats.as_dict(),
         }
+
+    def store_on_disk(self, w: Workload, source: Path, manifest: Manifest) -> None:
+        """Copy the kept image into a disk slot (checkpointer/engine/disk_images.py). The
+        checkpoint is durable already: a failure here costs a fast restore, nothing else."""
+        if self.disk.slots <= 0:
+            return
+        t0 = time.monotonic()
+        try:
+            w.disk = self.disk.store(w.name, w.disk, source, manifest)
+        except OSError as e:
+            log.warning("disk image of %s not written (%s): %s", w.name, manifest.id, e)
+            w.disk = [d for d in w.disk if d.path.exists() and d.id != manifest.id]
+            return
+        log.info(
+            "disk image of %s (%s) written in %.2fs", w.name, manifest.id, time.monotonic() - t0
+        )
 
     def dump(self, w: Workload, images: Path, final: bool) -> DumpStats:
         """CRIU on the tree, or the container's runtime (which runs CRIU its own way)."""

@@ -31,6 +31,7 @@ from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu
 from checkpointer.engine import kept_image, migration, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
+from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
 from checkpointer.engine.lifecycle import Lifecycle
 from checkpointer.engine.maintenance import Maintenance
@@ -105,6 +106,7 @@ class Engine:
         self.logs = LogPaths(config.state_dir / "logs")
         self.registry = Registry(config.state_dir / "workloads.json")
         self.scratch = Scratch(config.state_dir, config.criu.scratch_dir)
+        self.disk = DiskImages(config.state_dir / "images", config.criu.disk_images)
         self._criu_version: str | None = None
         self.runtimes = (
             runtimes
@@ -122,8 +124,11 @@ class Engine:
             self.criu_version,
             self.logs.fifo,
             self.runtimes,
+            self.disk,
         )
-        self.restores = RestorePipeline(repo, criu, self.scratch, pump, self.logs, self.runtimes)
+        self.restores = RestorePipeline(
+            repo, criu, self.scratch, pump, self.logs, self.runtimes, self.disk
+        )
         self.maintenance = Maintenance(repo, events, spool, config.storage.spool_max_bytes)
         self.lifecycle = Lifecycle(
             self.registry, pump, self.logs, lambda w: self.hooks.watch(w), self.runtimes
@@ -168,10 +173,16 @@ class Engine:
     def forget(self, w: Workload) -> None:
         self.schedule.unschedule(w.name)
         self.registry.remove(w.name)
-        kept_image.drop(w.kept)
-        w.kept = None
+        self.drop_images(w)
         if w.managed:
             self.pump.detach(w.name)
+
+    def drop_images(self, w: Workload) -> None:
+        """The kept image and the disk images of a workload no longer ours to restore."""
+        kept_image.drop(w.kept)
+        w.kept = None
+        self.disk.drop_all(w.name)
+        w.disk = []
 
     def unregister(self, name: str, keep_running: bool = False) -> UnregisterReport:
         """Stop checkpointing; a managed tree is stopped unless `keep_running`."""

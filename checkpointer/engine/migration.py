@@ -91,8 +91,7 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
             ) from e
         engine.teardown(w)
         w.state, w.owner, w.exit_status = WorkloadState.ELSEWHERE, to, f"migrated to {to}"
-        kept_image.drop(w.kept)
-        w.kept = None
+        engine.drop_images(w)
         engine.schedule.unschedule(name)
         engine.save()
     duration = time.monotonic() - t0
@@ -159,8 +158,7 @@ def fence(engine: Engine, name: str, holder: str | None) -> None:
         w.state, w.owner = WorkloadState.ELSEWHERE, holder
         w.exit_status = f"owned by host {holder or '(another)'}"
         engine.schedule.unschedule(name)
-        kept_image.drop(w.kept)
-        w.kept = None
+        engine.drop_images(w)
         engine.save()
 
 

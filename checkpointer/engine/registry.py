@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from checkpointer import hostinfo
 from checkpointer.config import CriuOptions, RestorePolicy, Retention
+from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
 from checkpointer.engine.workload import (
     RestoreAttempt,
@@ -183,6 +184,7 @@ def to_json(w: Workload) -> dict[str, Any]:
         "hot_image": (
             {"id": w.kept.id, "path": str(w.kept.path), "stamp": w.kept.stamp} if w.kept else {}
         ),
+        "disk_images": [d.as_json() for d in w.disk],
         "history": [{**asdict(a), "result": str(a.result)} for a in w.history],
         "owner": w.owner,
         "container": w.container,
@@ -218,6 +220,7 @@ def from_json(d: dict[str, Any]) -> Workload:
             if hot.get("id") and hot.get("path")
             else None
         ),
+        disk=_disk_images(d.get("disk_images")),
         history=[
             RestoreAttempt(
                 time=a["time"],
@@ -231,3 +234,15 @@ def from_json(d: dict[str, Any]) -> Workload:
         owner=d.get("owner"),
         container=d.get("container"),
     )
+
+
+def _disk_images(raw: Any) -> list[DiskImage]:
+    """The disk slots a registry lists; one it cannot read is forgotten (its folder is
+    overwritten by the next checkpoint), never a reason to refuse the registry."""
+    out = []
+    for d in raw or []:
+        try:
+            out.append(DiskImage.from_json(d))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            log.warning("registry: a disk image record is unreadable (%s): ignored", e)
+    return out

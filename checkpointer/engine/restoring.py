@@ -1,5 +1,5 @@
-"""The restore pipeline: choose a checkpoint, get its image (kept, or rebuilt from the
-repository, seeded from the kept newest image), and have CRIU restore it.
+"""The restore pipeline: choose a checkpoint, get its image (kept in tmpfs, kept on disk, or
+rebuilt from the repository, seeded from the kept newest image), and have CRIU restore it.
 
 The caller holds the workload's lock, saves the registry and watches the new PID.
 """
@@ -14,10 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpointer import hostinfo
 from checkpointer.api import RestoreReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
 from checkpointer.engine import kept_image
+from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload, WorkloadState
 from checkpointer.errors import RestoreFailed
@@ -84,7 +86,9 @@ class RestorePipeline:
         pump: LogPump,
         logs: LogPaths,
         runtimes: Mapping[str, ContainerRuntime],
+        disk: DiskImages,
     ) -> None:
+        self.disk = disk
         self.runtimes = runtimes
         self.repo = repo
         self.criu = criu
@@ -113,37 +117,63 @@ class RestorePipeline:
         the repository lazily if `lazy` (None: as its restore.lazy says, unless the last lazy
         restore failed)."""
         t0 = time.monotonic()
-        kept = self.kept(w, checkpoint_id)
+        images, source = self.ready_image(w, checkpoint_id, lazy_asked=lazy is True)
         if lazy is None:
             lazy = w.restore.lazy and not w.lazy_off
-        if kept is None and lazy and not w.container:
+        if images is None and lazy and not w.container:
             from checkpointer.engine import lazy_restoring
 
             pid, stats = lazy_restoring.start(self, w, checkpoint_id)
-            return self._restored(w, checkpoint_id, reason, pid, stats, t0, False, lazy=True)
-        images = kept or self.scratch.new(w.name, "restore")
+            return self._restored(
+                w, checkpoint_id, reason, pid, stats, t0, "repository, lazily (pages on demand)"
+            )
+        built = images is None
+        images = images or self.scratch.new(w.name, "restore")
         try:
-            if kept is None:
+            if built:
                 self.materialize(w, checkpoint_id, images, progress)
             pid, stats = self.restore_tree(w, checkpoint_id, images, reason)
         finally:
-            if kept is None:
+            if built:
                 shutil.rmtree(images.parent, ignore_errors=True)
         w.lazy_off = False  # a full restore worked: the next one may be lazy again
-        return self._restored(w, checkpoint_id, reason, pid, stats, t0, kept is not None)
+        return self._restored(w, checkpoint_id, reason, pid, stats, t0, source)
 
     def replace(self, w: Workload, checkpoint_id: str, stop: Callable[[], None]) -> Restored:
-        """Rollback: rebuild `checkpoint_id` first (a damaged checkpoint leaves the running
-        tree alone), then `stop` the tree and restore it."""
+        """Rollback: get `checkpoint_id`'s image first (a damaged checkpoint leaves the
+        running tree alone), then `stop` the tree and restore it."""
         t0 = time.monotonic()
-        images = self.scratch.new(w.name, "restore")
+        images, source = self.ready_image(w, checkpoint_id)
+        built = images is None
+        images = images or self.scratch.new(w.name, "restore")
         try:
-            self.materialize(w, checkpoint_id, images)
+            if built:
+                self.materialize(w, checkpoint_id, images)
             stop()
             pid, stats = self.restore_tree(w, checkpoint_id, images, "rollback")
         finally:
-            shutil.rmtree(images.parent, ignore_errors=True)
-        return self._restored(w, checkpoint_id, "rollback", pid, stats, t0, False)
+            if built:
+                shutil.rmtree(images.parent, ignore_errors=True)
+        return self._restored(w, checkpoint_id, "rollback", pid, stats, t0, source)
+
+    def ready_image(
+        self, w: Workload, checkpoint_id: str, lazy_asked: bool = False
+    ) -> tuple[Path | None, str]:
+        """A folder that already holds `checkpoint_id`'s image, checked, and what it is:
+        the kept image, else a disk image (unless a lazy restore was asked for by name),
+        else None: the image must come from the repository."""
+        kept = self.kept(w, checkpoint_id)
+        if kept is not None:
+            return kept, "kept image"
+        if not lazy_asked:
+            image = self.disk.find(w.name, w.disk, checkpoint_id)
+            if image is not None:
+                if image.boot != hostinfo.boot_id():
+                    fresh = self.disk.revalidated(image)
+                    w.disk = [fresh if d is image else d for d in w.disk]
+                return image.path, "disk image"
+            w.disk = [d for d in w.disk if d.id != checkpoint_id]
+        return None, "repository"
 
     def _restored(
         self,
@@ -153,8 +183,7 @@ class RestorePipeline:
         pid: int,
         stats: RestoreStats,
         t0: float,
-        from_kept: bool,
-        lazy: bool = False,
+        source: str,
     ) -> Restored:
         duration = time.monotonic() - t0
         log.info(
@@ -172,11 +201,7 @@ class RestorePipeline:
             "reason": reason,
             "duration_seconds": round(duration, 3),
             "restore_stats": stats.as_dict(),
-            "source": "kept image"
-            if from_kept
-            else "repository, lazily (pages on demand)"
-            if lazy
-            else "repository",
+            "source": source,
         }
         return Restored(report, stats, duration)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from checkpointer.config import CriuOptions, RestorePolicy, Retention
 from checkpointer.criu import DumpOptions
+from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
 from checkpointer.restore_policy import Streak
 from checkpointer.workloads import process
@@ -113,6 +114,7 @@ class Workload:
     streak: Streak = field(default_factory=Streak)
     bad_checkpoints: list[str] = field(default_factory=list)
     kept: KeptImage | None = None  # the newest image, kept in scratch
+    disk: list[DiskImage] = field(default_factory=list)  # the newest images, kept on disk
     history: list[RestoreAttempt] = field(default_factory=list)  # newest last
     owner: str | None = None  # fleet: the host that owns it, when that is not this one
     container: str | None = None  # lxc, podman: the container's name in its runtime

@@ -104,12 +104,15 @@ class Daemon:
     def checkpoint(self, name: str) -> str:
         return str(self.json("checkpoint", name)["id"])
 
-    def drop_kept_images(self) -> None:
-        """Forget the newest images kept in tmpfs (as a reboot would): restores then read the
-        repository, which is what tests of repository damage need."""
+    def drop_kept_images(self, disk: bool = True) -> None:
+        """Forget the newest images kept in tmpfs (as a reboot would) and, unless `disk` is
+        False, those kept on disk: restores then read the repository, which is what tests of
+        repository damage need."""
         from checkpointer.engine import tmpfs_scratch_root
 
         shutil.rmtree(tmpfs_scratch_root(self.state) / "hot", ignore_errors=True)
+        if disk:
+            shutil.rmtree(self.state / "images", ignore_errors=True)
 
     def workload_log(self, name: str) -> str:
         path = self.state / "logs" / f"{name}.log"

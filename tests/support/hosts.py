@@ -389,10 +389,12 @@ class Host(Daemon):
         path = self.view(self.state / "logs" / f"{name}.log")
         return path.read_text() if path.exists() else ""
 
-    def drop_kept_images(self) -> None:
+    def drop_kept_images(self, disk: bool = True) -> None:
         from checkpointer.engine import tmpfs_scratch_root
 
         shutil.rmtree(self.view(tmpfs_scratch_root(self.state) / "hot"), ignore_errors=True)
+        if disk:
+            shutil.rmtree(self.view(self.state / "images"), ignore_errors=True)
 
     def kill_workloads(self) -> None:
         if self.anchor is None:
