@@ -37,15 +37,20 @@ test: setup containers
 
 # Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and
 # writes bench/results/latest.json, then the migration downtime (bench/results/migration.json)
-# a Podman container against Podman's own export/import (bench/results/containers.json), and
-# restores of one Redis: raw CRIU, rebuilt, lazy, kept (bench/results/restore_speed.json).
-# Takes about 30 minutes; see bench/run.py --help.
+# a Podman container against Podman's own export/import (bench/results/containers.json),
+# restores of one Redis: raw CRIU, kept, disk image after a reboot, rebuilt, lazy, rollback
+# (bench/results/restore_speed.json), a restore from the bucket against plain parallel GETs
+# (bucket_download.json), the daemon's memory on a 4 GB Redis (big_checkpoint.json); then the
+# targets table of latest.md again, with all of them. About 40 minutes; bench/run.py --help.
 bench: setup containers
 	@bash scripts/install-system-deps.sh restic zstd
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 	$(VENV)/bin/python -m bench.migration
 	$(VENV)/bin/python -m bench.containers
 	$(VENV)/bin/python -m bench.restore_speed
+	$(VENV)/bin/python -m bench.bucket_download
+	$(VENV)/bin/python -m bench.big_checkpoint
+	$(VENV)/bin/python bench/run.py --report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check checkpointer storage tests bench

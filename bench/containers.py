@@ -108,8 +108,9 @@ def service(name: str, port: int, work: Path) -> dict[str, Any]:
         restores: dict[str, list[float]] = {"kept image": [], "repository": []}
         for source in ("kept image", "repository"):
             for _ in range(ROUNDS):
-                if source == "repository":
+                if source == "repository":  # no kept image, no disk image
                     shutil.rmtree(tmpfs_scratch_root(state) / "hot", ignore_errors=True)
+                    shutil.rmtree(state / "images", ignore_errors=True)
                 podman("kill", name)
                 podman("wait", name, check=False)
                 t0 = time.monotonic()

@@ -3,9 +3,11 @@ the daemon would, timings and sizes, the figures recorded, and the checkpointer 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +134,77 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     """One checkpointer checkpoint or restore in a process of its own (bench/worker.py)."""
     cmd = [PY, str(ROOT / "bench" / "worker.py"), json.dumps(args)]
     return run_json(cmd, "worker", clean_env())
+
+
+class BenchDaemon:
+    """The checkpointer daemon on a private state folder (local repository, encrypted as by
+    default), driven through the real CLI as a user would; `extra` is added to its config."""
+
+    def __init__(self, work: Path, extra: str = "", **env: str) -> None:
+        self.work = work
+        self.state = work / "state"
+        self.config = work / "config.yaml"
+        self.config.write_text(
+            f"state_dir: {self.state}\nmetrics: {{enabled: false}}\n"
+            f"storage:\n  key_file: {self.state / 'repository.key'}\n{extra}"
+        )
+        self.env = clean_env(**env)
+        self.log_path = work / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> BenchDaemon:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*CLI, "daemon", "--config", str(self.config), "--stop-workloads-on-exit"],
+                stdout=log, stderr=log, cwd=ROOT, env=self.env,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while subprocess.run([*CLI, "status", "--config", str(self.config)],
+                             capture_output=True, env=self.env).returncode != 0:  # fmt: skip
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from checkpointer.engine import tmpfs_scratch_root
+
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=120)
+        shutil.rmtree(tmpfs_scratch_root(self.state), ignore_errors=True)
+
+    def call(self, *args: str) -> dict[str, Any]:
+        """`checkpointer ARGS --json`, its output."""
+        cmd = [*CLI, args[0], "--config", str(self.config), "--json", *args[1:]]
+        return run_json(cmd, f"checkpointer {' '.join(args)}", self.env)
+
+    def pid(self, name: str) -> int:
+        out = subprocess.run([*CLI, "status", name, "--config", str(self.config), "--json"],
+                             capture_output=True, text=True, env=self.env, check=True)  # fmt: skip
+        return int(json.loads(out.stdout)[0]["pid"])
+
+    def drop_images(self, disk: bool = True) -> None:
+        """As a reboot would: the kept image in tmpfs, and (`disk`) the disk images too."""
+        from checkpointer.engine import tmpfs_scratch_root
+
+        shutil.rmtree(tmpfs_scratch_root(self.state) / "hot", ignore_errors=True)
+        if disk:
+            shutil.rmtree(self.state / "images", ignore_errors=True)
+
+    def peak_rss_mb(self) -> float:
+        """The daemon's peak resident memory so far (VmHWM), in MB."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in the daemon's status")
+
+
+def bench_args(doc: str | None, mb: int, rounds: int, out: str) -> argparse.Namespace:
+    """--mb, --rounds and --out (default bench/results/OUT) of a benchmark module."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--mb", type=int, default=mb)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
+    return parser.parse_args()

@@ -151,6 +151,7 @@ def targets(results: dict[str, Any]) -> str:
                     )
     for wname, ms in results["workloads"].items():
         lines.extend(_encryption_targets(wname, ms))
+    lines.extend(restore_targets(RESULTS))
     scale = results.get("scheduler_at_scale")
     if scale:
         # A run that left no checkpoint in the log is missed too, whatever the log said.
@@ -167,6 +168,53 @@ def targets(results: dict[str, Any]) -> str:
             "{:.0f} missed/late",
         )
     return "\n".join(lines)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def restore_targets(folder: Path) -> list[str]:
+    """The rows of the other benchmarks' targets, from their results beside ours (written by
+    `make bench` after bench/run.py, which then renders this table again)."""
+    out = []
+
+    def row(target: str, what: str, value: float, ok: bool, fmt: str) -> None:
+        out.append(f"| {target} | {what} | {fmt.format(value)} | {'met' if ok else 'MISSED'} |")
+
+    speed = _load(folder / "restore_speed.json")
+    if speed:
+        what = f"redis-{speed['mb']}MB (bench.restore_speed)"
+        for k, limit in speed.get("targets", {}).items():
+            ratio = speed["ratio_to_raw"].get(k)
+            if ratio is not None:
+                row(f"{k} <= {limit} x raw CRIU restore", what, ratio, ratio <= limit, "{:.2f}")
+    bucket = _load(folder / "bucket_download.json")
+    if bucket:
+        row(
+            f"restore from the bucket >= {bucket['target']} x plain parallel GET",
+            f"{bucket['mb']} MB image (bench.bucket_download)",
+            bucket["ratio"],
+            bucket["ratio"] >= bucket["target"],
+            "{:.2f}",
+        )
+    big = _load(folder / "big_checkpoint.json")
+    if big:
+        peak = max(big["daemon_peak_rss_mb"].values())
+        row(
+            f"daemon peak RSS <= {big['target_mb']} MB",
+            f"redis-{big['mb']}MB (bench.big_checkpoint)",
+            peak,
+            peak <= big["target_mb"],
+            "{:.0f} MB",
+        )
+    return out
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def _encryption_targets(wname: str, ms: dict[str, Any]) -> list[str]:

@@ -96,7 +96,7 @@ class RestoreReport(TypedDict):
     reason: str
     duration_seconds: float
     restore_stats: dict[str, Any]
-    source: str  # "kept image" or "repository"
+    source: str  # "kept image", "disk image", "repository" or "repository, lazily (...)"
 
 
 class RetentionRow(TypedDict):
