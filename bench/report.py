@@ -64,6 +64,8 @@ def table(results: dict[str, Any]) -> str:
             tp = [_med(d, f"throughput_{p}") for p in ("first", "steady")]
             if m == "raw blake3+zstd pass":
                 tp_text = f"{_fmt(_med(d, 'bytes_per_second'), 'MB/s')} (1 core)"
+                if _med(d, "disk_bytes_per_second"):
+                    tp_text += f"; disk write {_fmt(_med(d, 'disk_bytes_per_second'), 'MB/s')}"
             elif tp[0]:
                 tp_text = " / ".join(
                     f"{_fmt(t, 'MB/s')} ({t / raw_pass:.2f})" if t and raw_pass else "-" for t in tp
@@ -104,6 +106,7 @@ def targets(results: dict[str, Any]) -> str:
     for wname, ms in results["workloads"].items():
         raw = ms["raw criu (tmpfs)"]
         raw_pass = _med(ms.get("raw blake3+zstd pass", {}), "bytes_per_second")
+        disk_pass = _med(ms.get("raw blake3+zstd pass", {}), "disk_bytes_per_second")
         for label in ("checkpointer local", "checkpointer s3"):
             d = ms.get(label)
             if not d:
@@ -124,6 +127,16 @@ def targets(results: dict[str, Any]) -> str:
                         False,
                         "{:.2f}",
                     )
+                    if disk_pass and phase == "first":
+                        bound = "disk write" if disk_pass < raw_pass else "raw pass"
+                        add(
+                            f"throughput >= 0.70 x the lower of raw pass and disk write ({phase})",
+                            f"{wname} (bound: {bound})",
+                            t / min(raw_pass, disk_pass),
+                            0.70,
+                            False,
+                            "{:.2f}",
+                        )
         floor = _med(ms.get("floor", {}), "changed_page_bytes")
         ck = _med(ms.get("checkpointer local", {}), "stored_steady")
         if floor and ck:

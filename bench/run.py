@@ -61,7 +61,7 @@ def bench_workload(
     rec = Recorder()
     bucket = moto.create_bucket(f"bench-{w.name.lower()}") if moto else None
     raw = RawCriu(rec, criu)
-    methods: list[Method] = [raw, Yardstick(rec, raw), Seeds(rec, criu, work)]
+    methods: list[Method] = [raw, Yardstick(rec, raw, work), Seeds(rec, criu, work)]
     if not skip_restic:
         methods.append(ResticLocal(rec, criu, work))
         if moto:

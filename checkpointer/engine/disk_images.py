@@ -9,8 +9,9 @@ checkpoints then each have a folder CRIU restores from directly.
 Cost: each slot is one image on disk (unencrypted: like the kept image in /dev/shm it is the
 process's memory, readable by root only; `criu.disk_images: 0` keeps none), and each
 checkpoint writes the pages that differ from what the slot held (page digests compared at the
-same offset: the whole image the first time, a slot's share of the changes after), plus one
-BLAKE3 pass over the image (0.2 s a GB, multithreaded). Nothing is fsynced: a crash before
+same offset, the slot's digests kept beside it in NAME/SLOT.pages/: the whole image the first
+time, a slot's share of the changes after), plus one BLAKE3 pass over the image (0.16 s a GB,
+multithreaded). Nothing is fsynced: a crash before
 writeback leaves a file that no longer matches its digest, and the restore falls back to the
 repository.
 
@@ -88,10 +89,6 @@ class DiskImages:
     def __init__(self, root: Path, slots: int) -> None:
         self.root = root
         self.slots = slots
-        # (workload, slot) -> the page digests of each file the slot holds, as the manifest
-        # of its checkpoint lists them: what the next copy into it compares against. Known
-        # only for slots this daemon wrote; any other is copied whole.
-        self._pages: dict[tuple[str, int], dict[str, bytes]] = {}
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -108,20 +105,22 @@ class DiskImages:
         slot = free[0] if free else min(held, key=lambda d: d.id).slot
         kept = [d for d in held if d.slot != slot]
         folder = self._slot_dir(name, slot)
-        old_pages = self._pages.pop((name, slot), None)
+        sidecar = private_dir(folder.parent / f"{slot}.pages")
         previous = next((d for d in held if d.slot == slot), None)
-        if previous is None or not kept_image.unchanged(folder, previous.stamp):
-            old_pages = None  # what the slot holds is not known page by page: copy it whole
-        pages = {f.name: bytes(f.digests) for f in manifest.files}
+        # What the slot holds, page by page, is known only if its files are exactly as the
+        # store that wrote them left them (their stamps), with their digests beside them.
+        known = previous is not None and kept_image.unchanged(folder, previous.stamp)
         digests: dict[str, str] = {}
-        wanted = set(pages)
-        for entry in os.scandir(folder):
-            if entry.name not in wanted:
-                _remove(Path(entry.path))
-        for fname in sorted(wanted):
-            src, dst = source / fname, folder / fname
-            digests[fname] = _copy(src, dst, pages[fname], (old_pages or {}).get(fname))
-        self._pages[(name, slot)] = pages
+        wanted = {f.name for f in manifest.files}
+        for place in (folder, sidecar):
+            for entry in os.scandir(place):
+                if entry.name not in wanted:
+                    _remove(Path(entry.path))
+        for f in sorted(manifest.files, key=lambda f: f.name):
+            old = _read_pages(sidecar / f.name) if known else None
+            (sidecar / f.name).unlink(missing_ok=True)  # stale while the file changes
+            digests[f.name] = _copy(source / f.name, folder / f.name, f.digests, old)
+            _write_pages(sidecar / f.name, f.digests)
         image = DiskImage(
             manifest.id, slot, folder, digests, kept_image.stamp(folder), hostinfo.boot_id()
         )
@@ -181,14 +180,12 @@ class DiskImages:
     # -- removing --------------------------------------------------------------------------
 
     def drop(self, name: str, image: DiskImage) -> None:
-        self._pages.pop((name, image.slot), None)
         if image.path == self.root / name / str(image.slot) and _ours(image.path):
             shutil.rmtree(image.path, ignore_errors=True)
+            shutil.rmtree(image.path.parent / f"{image.slot}.pages", ignore_errors=True)
 
     def drop_all(self, name: str) -> None:
         """Every slot of a workload (unregistered, or handed to another host)."""
-        for slot in range(max(self.slots, 8)):
-            self._pages.pop((name, slot), None)
         folder = self.root / name
         if _ours(folder) and _ours(self.root):
             shutil.rmtree(folder, ignore_errors=True)
@@ -213,7 +210,23 @@ def file_digest(path: Path) -> str:
         os.close(fd)
 
 
-def _copy(src: Path, dst: Path, pages: bytes, old: bytes | None) -> str:
+def _read_pages(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _write_pages(path: Path, digests: bytes | bytearray) -> None:
+    """The page digests of a slot's file (the next store compares against them): beside the
+    slot, not in it, where CRIU and the runtimes would see an unknown file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(digests)
+
+
+def _copy(src: Path, dst: Path, pages: bytes | bytearray, old: bytes | None) -> str:
     """Make `dst` a copy of `src` (whose page digests are `pages`); `old`: the page digests
     `dst` holds now, or None (then it is copied whole). The BLAKE3 of `src`."""
     sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
@@ -237,7 +250,7 @@ def _copy(src: Path, dst: Path, pages: bytes, old: bytes | None) -> str:
     return file_digest(src)
 
 
-def _changed_runs(pages: bytes, old: bytes | None, size: int) -> list[tuple[int, int]]:
+def _changed_runs(pages: bytes | bytearray, old: bytes | None, size: int) -> list[tuple[int, int]]:
     """(offset, length) of the runs of pages whose digest differs from the one at the same
     place in `old` (everything if `old` is None), clipped to `size`."""
     count = len(pages) // DIGEST_SIZE
