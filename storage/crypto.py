@@ -72,7 +72,7 @@ class Codec(Protocol):
         """The ids of the consecutive chunks of `block`, concatenated."""
         ...
 
-    def seal(self, name: str, data: bytes) -> bytes | memoryview: ...
+    def seal(self, name: str, data: bytes | bytearray) -> bytes | memoryview: ...
 
     def open(self, name: str, blob: bytes) -> bytes: ...
 
@@ -105,8 +105,8 @@ class Plain:
             ]
         )
 
-    def seal(self, name: str, data: bytes) -> bytes | memoryview:
-        return data
+    def seal(self, name: str, data: bytes | bytearray) -> bytes | memoryview:
+        return data if isinstance(data, bytes) else memoryview(data)
 
     def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         return data
@@ -158,7 +158,7 @@ class Sealed:
             out.append(h.digest())
         return b"".join(out)
 
-    def seal(self, name: str, data: bytes) -> bytes | memoryview:
+    def seal(self, name: str, data: bytes | bytearray) -> bytes | memoryview:
         """One allocation of the sealed size (a manifest of a 1 GB image is 11 MB)."""
         nonce = secrets.token_bytes(_NONCE)
         out = bytearray(OVERHEAD + len(data))
