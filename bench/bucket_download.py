@@ -175,11 +175,11 @@ def render(r: dict[str, Any]) -> str:
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _cpu(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    main()

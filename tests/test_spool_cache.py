@@ -1,6 +1,6 @@
 """The spool's cache of blobs read from the remote (storage/backends/spooled.py): filled by a
-thread of its own, so a restore from the bucket never waits for the local disk, and still
-kept under its size limit."""
+thread of its own, so a restore from the bucket never waits for the local disk, kept under its
+size limit, and never given the packs a restore reads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_blobs_read_from_the_remote_are_cached_and_the_cache_kept_under_its_limi
     tmp_path: Path,
 ) -> None:
     remote = LocalBlobStore(tmp_path / "remote")
-    blobs = {f"packs/aa/{i:032x}.pack": os.urandom(100_000) for i in range(8)}
+    blobs = {f"packs/aa/{i:032x}.idx": os.urandom(100_000) for i in range(8)}
     for key, data in blobs.items():
         remote.put(key, data)
     spool = SpooledBlobStore(remote, tmp_path / "spool", cache_max_bytes=450_000)
@@ -30,5 +30,9 @@ def test_blobs_read_from_the_remote_are_cached_and_the_cache_kept_under_its_limi
         # A cached blob is served from the cache, even with the remote gone.
         remote.delete(newest)
         assert spool.get(newest) == blobs[newest]
+        # Packs read from the remote are not copied (what they rebuild is kept instead).
+        remote.put("packs/bb/" + "b" * 32 + ".pack", b"pack")
+        assert spool.get("packs/bb/" + "b" * 32 + ".pack") == b"pack"
+        assert spool.wait_cached() and not list(spool.cache.list("packs/bb/"))
     finally:
         spool.close()
