@@ -210,6 +210,21 @@ def restore_targets(folder: Path) -> list[str]:
             bucket["ratio"] >= bucket["target"],
             "{:.2f}",
         )
+    incompressible = _load(folder / "incompressible.json")
+    if incompressible:  # bench/run.py --sizes "" --pyarray 256 --out .../incompressible.json
+        for wname, ms in incompressible["workloads"].items():
+            d, yard = ms.get("checkpointer local", {}), ms.get("raw blake3+zstd pass", {})
+            t = _med(d, "throughput_first")
+            bounds = [b for b in (_med(yard, "bytes_per_second"),
+                                  _med(yard, "disk_bytes_per_second")) if b]  # fmt: skip
+            if t and bounds:
+                row(
+                    "first checkpoint >= 0.70 x the lower of raw pass and disk write",
+                    f"{wname} (incompressible.json)",
+                    t / min(bounds),
+                    t / min(bounds) >= 0.70,
+                    "{:.2f}",
+                )
     big = _load(folder / "big_checkpoint.json")
     if big:
         peak = max(big["daemon_peak_rss_mb"].values())
