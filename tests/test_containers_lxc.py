@@ -21,6 +21,7 @@ from tests.support.containers import (
     lxc_pid,
     make_lxc,
     remove_lxc,
+    restored_since,
     start_lxc,
 )
 
@@ -51,9 +52,8 @@ def test_lxc_container_on_schedule_restored_after_lxc_stop_and_rolled_back(
         newer = checkpoint_after(daemon, "web", time.time())
         killed = time.monotonic()
         subprocess.run(["lxc-stop", "-k", "-n", name], check=True, capture_output=True)
-        st = daemon.wait_for(
-            "web", lambda s: s["state"] == "running" and s["pid"] != st["pid"], timeout=30
-        )
+        # The new PID shows before the restore is recorded: wait for the record too.
+        st = daemon.wait_for("web", lambda s: restored_since(s, st), timeout=30)
         assert time.monotonic() - killed < 15
         assert st["restores"][-1]["reason"] == "crash", st["restores"]
         assert st["restores"][-1]["checkpoint"] >= newer  # ids sort by time: newer or later
@@ -140,7 +140,7 @@ def test_lxc_container_declared_in_the_config_comes_back_after_a_reboot(workdir:
             d.drop_kept_images()
             boot_id.write_text("boot-2\n")
             d.start()
-            st = d.wait_for("web", lambda s: s["state"] == "running" and s["pid"] != pid)
+            st = d.wait_for("web", lambda s: s["state"] == "running" and s["restores"])
             assert st["restores"][-1]["reason"] == "boot", st["restores"]
             assert ask(lxc_pid(name), port) == "4"
             assert st["restores"][-1]["detail"].endswith("from the repository"), st["restores"]

@@ -7,7 +7,7 @@ import os
 import time
 
 from tests.support import Daemon, free_port
-from tests.support.containers import ask, podman, podman_container, podman_pid
+from tests.support.containers import ask, podman, podman_container, podman_pid, restored_since
 from tests.test_containers_lxc import checkpoint_after
 
 
@@ -25,9 +25,8 @@ def test_podman_container_on_schedule_restored_with_its_rootfs_file_and_rolled_b
         newer = checkpoint_after(daemon, "web", time.time())
         assert ask(st["pid"], port) == "4"
         podman("kill", name)
-        st = daemon.wait_for(
-            "web", lambda s: s["state"] == "running" and s["pid"] != st["pid"], timeout=60
-        )
+        # The new PID shows before the restore is recorded: wait for the record too.
+        st = daemon.wait_for("web", lambda s: restored_since(s, st), timeout=60)
         assert st["restores"][-1]["reason"] == "crash", st["restores"]
         assert st["restores"][-1]["checkpoint"] >= newer  # ids sort by time: newer or later
         assert ask(podman_pid(name), port) == "4"  # the count at the checkpoint, + 1

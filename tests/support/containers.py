@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.support.paths import PROGRAMS, ROOT
 
@@ -175,3 +176,13 @@ def podman_container(name: str, port: int, mb: int = 0, runtime: str = "runc") -
         yield name
     finally:
         podman("rm", "--force", "--time", "0", name, check=False)
+
+
+def restored_since(now: dict[str, Any], before: dict[str, Any]) -> bool:
+    """A status `now` whose container runs again under a new PID after a restore recorded
+    since status `before`. The new PID is visible before the restore's record is written."""
+    return (
+        now["state"] == "running"
+        and now["pid"] != before["pid"]
+        and len(now["restores"]) > len(before["restores"])
+    )
