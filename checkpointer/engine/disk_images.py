@@ -40,7 +40,7 @@ import numpy as np
 from checkpointer import hostinfo
 from checkpointer.engine import kept_image
 from checkpointer.engine.kept_image import Stamp
-from checkpointer.engine.scratch import UnsafeFolder, private_dir
+from checkpointer.engine.scratch import private_dir
 from storage.manifest import CHUNK_SIZE, DIGEST_SIZE, Manifest
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class DiskImages:
     def _problem(self, name: str, image: DiskImage) -> str | None:
         if not image.path.exists():
             return "its folder is gone"
-        if image.path != self.root / name / str(image.slot) or not _ours(image.path):
+        if image.path != self.root / name / str(image.slot) or not kept_image.trusted(image.path):
             return "its folder is not the daemon's own"
         if not image.digests:
             return "no digests recorded"
@@ -180,14 +180,14 @@ class DiskImages:
     # -- removing --------------------------------------------------------------------------
 
     def drop(self, name: str, image: DiskImage) -> None:
-        if image.path == self.root / name / str(image.slot) and _ours(image.path):
+        if image.path == self.root / name / str(image.slot) and kept_image.trusted(image.path):
             shutil.rmtree(image.path, ignore_errors=True)
             shutil.rmtree(image.path.parent / f"{image.slot}.pages", ignore_errors=True)
 
     def drop_all(self, name: str) -> None:
         """Every slot of a workload (unregistered, or handed to another host)."""
         folder = self.root / name
-        if _ours(folder) and _ours(self.root):
+        if kept_image.private_folder(folder) and kept_image.private_folder(self.root):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -293,18 +293,6 @@ def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:
         done += n
 
 
-def _ours(path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.geteuid()
-        and not stat.S_IMODE(st.st_mode) & 0o077
-    )
-
-
 def _remove(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.is_dir() and not path.is_symlink():
@@ -313,4 +301,4 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-__all__ = ["DiskImage", "DiskImages", "UnsafeFolder", "file_digest"]
+__all__ = ["DiskImage", "DiskImages", "file_digest"]

@@ -57,18 +57,20 @@ def trusted(path: Path) -> bool:
     0700. A path recorded in the registry outlives a reboot, and /dev/shm is emptied then:
     whoever creates the root first (or a symlink in it) must not get us to read, or to
     remove as root, a folder of theirs."""
-    for p in (path, path.parent, path.parent.parent):
-        try:
-            st = os.lstat(p)
-        except OSError:
-            return False
-        if (
-            not stat.S_ISDIR(st.st_mode)
-            or st.st_uid != os.geteuid()
-            or stat.S_IMODE(st.st_mode) & 0o077
-        ):
-            return False
-    return True
+    return all(private_folder(p) for p in (path, path.parent, path.parent.parent))
+
+
+def private_folder(path: Path) -> bool:
+    """A real directory (not a symlink), ours, 0700."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not stat.S_IMODE(st.st_mode) & 0o077
+    )
 
 
 def keep(
