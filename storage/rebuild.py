@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -400,43 +400,6 @@ class _Step:
         return written
 
 
-class _IndexPrefetch:
-    """The packs' indexes, fetched ahead of the packs by threads of their own: a pack's reader
-    then rarely waits for its index first (two round trips a pack, one after the other, cost a
-    restore from a bucket a third of its rate). A few dozen ahead, so memory stays small."""
-
-    AHEAD = 8  # per reader thread
-
-    def __init__(self, repo: Repository, packs: list[str], where: str) -> None:
-        self._repo, self._where = repo, where
-        self._pool = ThreadPoolExecutor(repo.concurrency, thread_name_prefix="index-reader")
-        self._lock = threading.Lock()
-        self._next = iter(packs)
-        self._futures: dict[str, Future[IndexArrays]] = {}
-        self._ahead(self.AHEAD * repo.concurrency)
-
-    def _ahead(self, n: int) -> None:
-        with self._lock:
-            for p in itertools.islice(self._next, n):
-                if p not in self._futures:
-                    self._futures[p] = self._pool.submit(self._repo.index_for, p, self._where)
-
-    def take(self, pack_id: str) -> IndexArrays:
-        with self._lock:
-            fut = self._futures.pop(pack_id, None)
-        self._ahead(1)
-        if fut is None:  # a pack listed twice, or asked out of order
-            return self._repo.index_for(pack_id, self._where)
-        return fut.result()
-
-    def close(self) -> None:
-        with self._lock:
-            for fut in self._futures.values():
-                fut.cancel()
-            self._futures.clear()
-        self._pool.shutdown(wait=True)
-
-
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     """pwrite until every byte is written (a short write is legal, if rare on local files)."""
     view, done = memoryview(data), 0
@@ -495,12 +458,10 @@ def materialize(
         # one per core is decoded and written: more only contend for the cores and the caches.
         cores = threading.BoundedSemaphore(min(repo.concurrency, os.cpu_count() or 1))
 
-        indexes = _IndexPrefetch(repo, manifest.packs, where)
-
         def rebuild(pack_id: str) -> int:
             """Read, open, decode and write (in a reader thread) what a pack holds for this
             checkpoint; bytes written."""
-            index = indexes.take(pack_id)
+            index = repo.index_for(pack_id, where)
             matches = wanted.find(index.digests)
             if not len(matches.entries):
                 return 0  # a pack whose chunks are all written (or zero pages) is not read
@@ -533,7 +494,6 @@ def materialize(
             finally:
                 for fut in pending:
                     fut.cancel()
-                indexes.close()
         wanted.check_complete(where)
         for fd, entry in zip(fds, manifest.files, strict=True):
             os.fsync(fd)
