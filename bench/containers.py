@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import CLI, DISK, ROOT, clean_env, run_json
+from bench.harness import DISK, ROOT, BenchDaemon
 from bench.report import summarize
 from checkpointer.criu.stats import read_dump_stats
-from checkpointer.engine import tmpfs_scratch_root
 from tests.support.containers import ask, podman, podman_container, podman_pid
 from tests.support.net import free_port
 
@@ -78,29 +77,8 @@ def podman_export(name: str, port: int, work: Path) -> dict[str, Any]:
 
 
 def service(name: str, port: int, work: Path) -> dict[str, Any]:
-    state = work / "state"
-    cfg = work / "config.yaml"
-    cfg.write_text(
-        f"state_dir: {state}\nmetrics: {{enabled: false}}\n"
-        f"storage:\n  key_file: {state / 'repository.key'}\n"
-    )
-    env = clean_env()
-
-    def call(*args: str) -> dict[str, Any]:
-        cmd = [*CLI, args[0], "--config", str(cfg), "--json", *args[1:]]
-        return run_json(cmd, f"checkpointer {' '.join(args)}", env)
-
-    log = open(work / "daemon.log", "w")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [*CLI, "daemon", "--config", str(cfg)], stdout=log, stderr=log, cwd=ROOT, env=env
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while subprocess.run([*CLI, "status", "--config", str(cfg)], capture_output=True,
-                             env=env).returncode != 0:  # fmt: skip
-            if time.monotonic() > deadline:
-                raise RuntimeError((work / "daemon.log").read_text())
-            time.sleep(0.2)
+    with BenchDaemon(work) as d:
+        call = d.call
         call("register", "web", "--podman", name, "--no-auto-restore")
         reports = [call("checkpoint", "web") for _ in range(ROUNDS)]
         ask(podman_pid(name), port, "/touch")  # one page of every MB of the ballast changes
@@ -109,8 +87,7 @@ def service(name: str, port: int, work: Path) -> dict[str, Any]:
         for source in ("kept image", "repository"):
             for _ in range(ROUNDS):
                 if source == "repository":  # no kept image, no disk image
-                    shutil.rmtree(tmpfs_scratch_root(state) / "hot", ignore_errors=True)
-                    shutil.rmtree(state / "images", ignore_errors=True)
+                    d.drop_images()
                 podman("kill", name)
                 podman("wait", name, check=False)
                 t0 = time.monotonic()
@@ -128,11 +105,6 @@ def service(name: str, port: int, work: Path) -> dict[str, Any]:
             "restore_seconds_kept": summarize(restores["kept image"]),
             "restore_seconds_repository": summarize(restores["repository"]),
         }
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
-        log.close()
-        shutil.rmtree(tmpfs_scratch_root(state), ignore_errors=True)
 
 
 def table(results: dict[str, Any]) -> str:
