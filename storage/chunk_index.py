@@ -2,9 +2,16 @@
 
 A 1 GB image is 262,144 chunks. A dict of 32-byte digests costs about 130 bytes a chunk (a
 bytes object and a hash-table slot each), so the index of a few GB of images alone would
-exceed the daemon's memory budget. Here a chunk costs 44 bytes: its digest as four 64-bit
-words in one sorted numpy array, its first word again as the search key, and a 32-bit pack
-number. A block of digests is looked up in one vectorised binary search.
+exceed the daemon's memory budget. Here a chunk costs 20 bytes: the first 128 bits of its
+digest as two 64-bit words in two sorted numpy arrays (the first is the search key) and a
+32-bit pack number. A block of digests is looked up in one vectorised binary search.
+
+128 bits decide, not 256: two different chunks of one repository sharing them would take
+2^64 chunks to meet by chance, and to craft on purpose a birthday attack on BLAKE3 (its keyed
+form in an encrypted repository, whose key an attacker lacks). Were it to happen anyway, the
+pack's own index would not list the chunk's full digest and its restore would refuse the
+checkpoint rather than return the other chunk. At 4 GB of distinct pages this is 20 MB, where
+the whole digests cost 44 MB, and twice that while a merge holds old and new arrays.
 
 Additions go to a small dict first and are merged into the sorted arrays in batches, so adding
 one pack does not re-sort everything.
@@ -21,14 +28,22 @@ import numpy.typing as npt
 from storage.manifest import DIGEST_SIZE
 
 _WORDS = DIGEST_SIZE // 8
+_KEY_BYTES = 16  # the part of a digest the index keeps and compares
 _MERGE_AT = 1 << 14  # recent additions merged into the sorted arrays past this many
 
 Rows = npt.NDArray[np.uint64]
+Words = npt.NDArray[np.uint64]
 
 
 def digest_rows(digests: bytes | bytearray | memoryview) -> Rows:
     """Concatenated 32-byte digests as an (n, 4) array of words, without copying."""
     return np.frombuffer(digests, dtype="<u8").reshape(-1, _WORDS)
+
+
+def _key_words(digests: bytes | bytearray | memoryview) -> tuple[Words, Words]:
+    """The two words the index keeps of each digest, each contiguous."""
+    rows = digest_rows(digests)
+    return np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1])
 
 
 class ChunkIndex:
@@ -38,10 +53,10 @@ class ChunkIndex:
         self._lock = threading.Lock()
         self._pack_ids: list[str] = []
         self._pack_no: dict[str, int] = {}
-        self._rows: Rows = np.empty((0, _WORDS), dtype="<u8")  # sorted by first word
-        self._keys: Rows = np.empty(0, dtype="<u8")  # first word of each row, contiguous
+        self._keys: Words = np.empty(0, dtype="<u8")  # first word, sorted
+        self._seconds: Words = np.empty(0, dtype="<u8")  # second word, in the same order
         self._packs: npt.NDArray[np.uint32] = np.empty(0, dtype=np.uint32)
-        self._recent: dict[bytes, int] = {}
+        self._recent: dict[bytes, int] = {}  # first _KEY_BYTES of the digest -> pack number
 
     def __len__(self) -> int:
         with self._lock:
@@ -55,32 +70,37 @@ class ChunkIndex:
         raw = bytes(digests)
         with self._lock:
             number = self._number(pack_id)
-            held = self._find_sorted(digest_rows(raw))
+            held = self._find_sorted(*_key_words(raw))
             for i in np.flatnonzero(held < 0).tolist():
-                self._recent.setdefault(raw[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE], number)
+                self._recent.setdefault(raw[i * DIGEST_SIZE : i * DIGEST_SIZE + _KEY_BYTES], number)
             if len(self._recent) >= _MERGE_AT:
                 self._merge()
 
     def add_many(self, packs: Iterable[tuple[str, bytes]]) -> None:
         """Bulk load (pack id, digests) pairs: one sort at the end instead of merges."""
-        rows: list[Rows] = []
+        firsts: list[Words] = []
+        seconds: list[Words] = []
         numbers: list[npt.NDArray[np.uint32]] = []
         with self._lock:
             for pack_id, digests in packs:
-                r = digest_rows(digests)
-                rows.append(r)
-                numbers.append(np.full(len(r), self._number(pack_id), dtype=np.uint32))
-            if rows:
-                self._insert(np.concatenate(rows), np.concatenate(numbers))
+                k, s = _key_words(digests)
+                firsts.append(k)
+                seconds.append(s)
+                numbers.append(np.full(len(k), self._number(pack_id), dtype=np.uint32))
+            if firsts:
+                self._insert(
+                    np.concatenate(firsts), np.concatenate(seconds), np.concatenate(numbers)
+                )
 
     def lookup(self, digests: bytes | bytearray | memoryview) -> npt.NDArray[np.int64]:
         """Pack number of each digest (see `pack_id`), or -1 for chunks not held."""
         with self._lock:
-            out = self._find_sorted(digest_rows(digests))
+            out = self._find_sorted(*_key_words(digests))
             if self._recent:
                 raw = bytes(digests)
                 for i in np.flatnonzero(out < 0).tolist():
-                    out[i] = self._recent.get(raw[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE], -1)
+                    key = raw[i * DIGEST_SIZE : i * DIGEST_SIZE + _KEY_BYTES]
+                    out[i] = self._recent.get(key, -1)
             return out
 
     def forget(self, pack_ids: set[str]) -> None:
@@ -90,9 +110,9 @@ class ChunkIndex:
             if not gone:
                 return
             keep = ~np.isin(self._packs, gone)
-            self._rows, self._keys, self._packs = (
-                self._rows[keep],
+            self._keys, self._seconds, self._packs = (
                 self._keys[keep],
+                self._seconds[keep],
                 self._packs[keep],
             )
             gone_set = set(gone)
@@ -104,15 +124,16 @@ class ChunkIndex:
         a pack not listed any more was deleted)."""
         with self._lock:
             self._merge()
-            rows, packs, ids = self._rows, self._packs, list(self._pack_ids)
+            keys, seconds, packs = self._keys, self._seconds, self._packs
+            ids = list(self._pack_ids)
         kept = np.array([keep(i) for i in ids], dtype=bool)
-        if len(rows) and len(ids):
+        if len(keys) and len(ids):
             sel = kept[packs]
-            rows, packs = rows[sel], packs[sel]
+            keys, seconds, packs = keys[sel], seconds[sel], packs[sel]
         with other._lock:
             remap = np.array([other._number(i) for i in ids], dtype=np.uint32)
-            if len(rows):
-                other._insert(rows, remap[packs])
+            if len(keys):
+                other._insert(keys, seconds, remap[packs])
 
     # -- internals, called with the lock held ------------------------------------------
 
@@ -123,16 +144,17 @@ class ChunkIndex:
             self._pack_ids.append(pack_id)
         return number
 
-    def _find_sorted(self, q: Rows) -> npt.NDArray[np.int64]:
-        """Pack numbers of rows `q` in the sorted arrays, -1 where absent."""
-        out = np.full(len(q), -1, dtype=np.int64)
+    def _find_sorted(self, k: Words, s: Words) -> npt.NDArray[np.int64]:
+        """Pack numbers of the keys (`k`, `s`) in the sorted arrays, -1 where absent."""
+        out = np.full(len(k), -1, dtype=np.int64)
         if len(self._keys):
-            pos = np.minimum(np.searchsorted(self._keys, q[:, 0]), len(self._keys) - 1)
-            hit = (self._rows[pos] == q).all(axis=1)
+            pos = np.minimum(np.searchsorted(self._keys, k), len(self._keys) - 1)
+            first = self._keys[pos] == k
+            hit = first & (self._seconds[pos] == s)
             out[hit] = self._packs[pos[hit]]
             # Two digests sharing their first 64 bits: check the run one by one (rare).
-            for i in np.flatnonzero(~hit & (self._keys[pos] == q[:, 0])).tolist():
-                out[i] = self._scan(int(pos[i]), q[i])
+            for i in np.flatnonzero(first & ~hit).tolist():
+                out[i] = self._scan(int(pos[i]), k[i], s[i])
         return out
 
     def _merge(self) -> None:
@@ -141,31 +163,30 @@ class ChunkIndex:
         raw = b"".join(self._recent)
         numbers = np.fromiter(self._recent.values(), dtype=np.uint32, count=len(self._recent))
         self._recent = {}
-        self._insert(digest_rows(raw), numbers)
+        rows = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+        self._insert(np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1]), numbers)
 
-    def _insert(self, rows: Rows, numbers: npt.NDArray[np.uint32]) -> None:
-        """Insert rows not held yet, keeping the arrays sorted (a merge, not a full sort)."""
+    def _insert(self, k: Words, s: Words, numbers: npt.NDArray[np.uint32]) -> None:
+        """Insert keys not held yet, keeping the arrays sorted (a merge, not a full sort)."""
         if len(self._keys):
-            pos = np.minimum(np.searchsorted(self._keys, rows[:, 0]), len(self._keys) - 1)
-            new = ~(self._rows[pos] == rows).all(axis=1)
-            rows, numbers = rows[new], numbers[new]
-        order = np.argsort(rows[:, 0], kind="stable")
-        rows, numbers = rows[order], numbers[order]
-        if len(rows) > 1:  # the same chunk added twice (two packs hold it): keep the first
-            dup = np.zeros(len(rows), dtype=bool)
-            dup[1:] = (rows[1:] == rows[:-1]).all(axis=1)
+            new = self._find_sorted(k, s) < 0
+            k, s, numbers = k[new], s[new], numbers[new]
+        order = np.lexsort((s, k))  # by first word, then second: duplicates adjacent
+        k, s, numbers = k[order], s[order], numbers[order]
+        if len(k) > 1:  # the same chunk added twice (two packs hold it): keep the first
+            dup = np.zeros(len(k), dtype=bool)
+            dup[1:] = (k[1:] == k[:-1]) & (s[1:] == s[:-1])
             if dup.any():
-                rows, numbers = rows[~dup], numbers[~dup]
-        at = np.searchsorted(self._keys, rows[:, 0])
-        self._rows = np.insert(self._rows, at, rows, axis=0)
-        self._keys = np.insert(self._keys, at, rows[:, 0])
+                k, s, numbers = k[~dup], s[~dup], numbers[~dup]
+        at = np.searchsorted(self._keys, k)
+        self._keys = np.insert(self._keys, at, k)
+        self._seconds = np.insert(self._seconds, at, s)
         self._packs = np.insert(self._packs, at, numbers)
 
-    def _scan(self, pos: int, row: Rows) -> int:
-        key = self._keys[pos]
+    def _scan(self, pos: int, k: np.uint64, s: np.uint64) -> int:
         for p in range(pos, len(self._keys)):
-            if self._keys[p] != key:
+            if self._keys[p] != k:
                 break
-            if (self._rows[p] == row).all():
+            if self._seconds[p] == s:
                 return int(self._packs[p])
         return -1

@@ -28,11 +28,13 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import blake3
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from storage.errors import CorruptCheckpoint, StorageError
@@ -74,6 +76,14 @@ class Codec(Protocol):
 
     def seal(self, name: str, data: bytes | bytearray) -> bytes | memoryview: ...
 
+    def seal_stream(
+        self, name: str, pieces: Iterable[bytes | memoryview]
+    ) -> Iterator[bytes | memoryview]:
+        """`seal` of the concatenation of `pieces`, the same object, yielded a piece at a
+        time (BlobStore.put_pieces writes them as they come): a 4 GB image's manifest is
+        43 MB, which `seal` holds twice, plaintext and sealed, at the commit's peak."""
+        ...
+
     def open(self, name: str, blob: bytes) -> bytes: ...
 
     def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
@@ -108,6 +118,11 @@ class Plain:
     def seal(self, name: str, data: bytes | bytearray) -> bytes | memoryview:
         return data if isinstance(data, bytes) else memoryview(data)
 
+    def seal_stream(
+        self, name: str, pieces: Iterable[bytes | memoryview]
+    ) -> Iterator[bytes | memoryview]:
+        return iter(pieces)
+
     def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         return data
 
@@ -139,7 +154,8 @@ class Sealed:
             raise ValueError("a repository master key is 32 bytes")
         self._chunk_key = _derive(_CHUNK_CONTEXT, master)
         self._keyed = blake3.blake3(key=self._chunk_key)
-        self._aead = AESGCM(_derive(_OBJECT_CONTEXT, master))
+        self._object_key = _derive(_OBJECT_CONTEXT, master)
+        self._aead = AESGCM(self._object_key)
         # Packs are sealed and opened into buffers reused per thread: with the daemon's
         # malloc tuning every fresh 4 MiB buffer is a new zero-filled mapping, and faulting
         # two of them in per pack held sealing to ~0.6 GB/s; AES-GCM itself does 7 GB/s here.
@@ -167,6 +183,20 @@ class Sealed:
         out[len(MAGIC) + 1 : HEADER] = nonce
         self._aead.encrypt_into(nonce, data, name.encode(), memoryview(out)[HEADER:])
         return memoryview(out)
+
+    def seal_stream(
+        self, name: str, pieces: Iterable[bytes | memoryview]
+    ) -> Iterator[bytes | memoryview]:
+        # The same bytes as AESGCM.encrypt over the joined pieces (GCM is a stream cipher
+        # with one tag over the whole): `open` cannot tell the two apart.
+        nonce = secrets.token_bytes(_NONCE)
+        enc = Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(name.encode())
+        yield MAGIC + bytes([_FORMAT]) + nonce
+        for piece in pieces:
+            yield enc.update(piece)
+        enc.finalize()
+        yield enc.tag
 
     def open(self, name: str, blob: bytes) -> bytes:
         nonce = self._check_header(name, blob)

@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -76,9 +77,19 @@ class Manifest:
     total_chunks: int = 0
 
     def to_json(self) -> bytearray:
-        """The manifest as JSON. The chunk lists (base64, 43 bytes per 4 KiB chunk: ~11 MB for
-        a 1 GB image) are spliced in as bytes rather than built into one big str and encoded,
-        which would hold three copies at once."""
+        """The manifest as JSON, in one buffer (see `json_pieces`)."""
+        out = bytearray()
+        for piece in self.json_pieces():
+            out += piece
+        return out
+
+    def json_pieces(self) -> Iterator[bytes]:
+        """The manifest's JSON, in pieces, in order.
+
+        The chunk lists (base64, 43 bytes per 4 KiB chunk: 43 MB for a 4 GB image) are
+        encoded a slice at a time as the pieces are consumed, so a commit seals and writes
+        the manifest (Codec.seal_stream, BlobStore.put_pieces) without its JSON ever being
+        whole in memory."""
         doc = {
             "version": FORMAT_VERSION,
             "id": self.id,
@@ -101,24 +112,16 @@ class Manifest:
         parts = json.dumps(doc, indent=1).encode().split(json.dumps(_SPLICE).encode())
         if len(parts) != len(self.files) + 1:  # the marker also appeared elsewhere
             raise ValueError("manifest metadata contains the chunk-list marker")
-        # One buffer of the final size, each chunk list base64-encoded into it a slice at a
-        # time: joining whole encodings held the manifest twice (86 MB at 4 GB of image).
-        sizes = [4 * -(-len(f.digests) // 3) + 2 for f in self.files]
-        out = bytearray(sum(map(len, parts)) + sum(sizes))
-        at = len(parts[0])
-        out[:at] = parts[0]
+        return self._pieces(parts)
+
+    def _pieces(self, parts: list[bytes]) -> Iterator[bytes]:
+        yield parts[0]
         for f, rest in zip(self.files, parts[1:], strict=True):
-            out[at] = ord('"')
-            at += 1
+            yield b'"'
             view = memoryview(f.digests)
             for start in range(0, len(view), _B64_STEP):
-                piece = base64.b64encode(view[start : start + _B64_STEP])
-                out[at : at + len(piece)] = piece
-                at += len(piece)
-            out[at : at + 1 + len(rest)] = b'"' + rest
-            at += 1 + len(rest)
-        assert at == len(out)
-        return out
+                yield base64.b64encode(view[start : start + _B64_STEP])
+            yield b'"' + rest
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:

@@ -180,7 +180,8 @@ class Repository:
             total_chunks=total_chunks,
         )
         key = manifest_key(workload, cid)
-        self.backend.put(key, self.codec.seal(key, manifest.to_json()))
+        # Sealed and written a piece at a time: the whole manifest is never in memory.
+        self.backend.put_pieces(key, lambda: self.codec.seal_stream(key, manifest.json_pieces()))
         info = CheckpointInfo(cid, workload, manifest.created, size_bytes, new_bytes, metadata)
         with self._lock:
             self._summaries[manifest_key(workload, cid)] = (info, tuple(manifest.packs))

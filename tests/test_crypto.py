@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import blake3
@@ -34,6 +35,23 @@ def test_sealed_objects_open_only_unchanged_under_their_own_name_and_key() -> No
         Sealed(new_master()).open("manifests/web/1.json", blob)  # another repository's key
     with pytest.raises(CorruptCheckpoint, match="not sealed"):
         codec.open("manifests/web/1.json", b'{"version": 1}')  # planted in clear
+
+
+def test_an_object_sealed_in_pieces_opens_like_one_sealed_whole() -> None:
+    codec = Sealed(new_master())
+    name = "manifests/web/1.json"
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    pieces = [data[:1], data[1:70_000], b"", data[70_000:]]  # uneven, one empty
+    blob = b"".join(codec.seal_stream(name, pieces))
+    assert len(blob) == len(codec.seal(name, data))
+    assert codec.open(name, blob) == data
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 1
+    with pytest.raises(CorruptCheckpoint, match="fails authentication"):
+        codec.open(name, bytes(flipped))
+    with pytest.raises(CorruptCheckpoint, match="fails authentication"):
+        codec.open(name, blob[:-1])  # cut short
+    assert b"".join(Plain().seal_stream(name, pieces)) == data
 
 
 def test_chunk_ids_are_keyed_per_repository() -> None:

@@ -13,7 +13,7 @@ What the repository relies on, and so what every backend must guarantee:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from storage.errors import ConditionalWritesUnsupported
 
@@ -24,6 +24,12 @@ class BlobStore(ABC):
     @abstractmethod
     def put(self, key: str, data: bytes | memoryview) -> None:
         """Store `data` under `key`, atomically and durably; raise BlobExists if it is taken."""
+
+    def put_pieces(self, key: str, pieces: Callable[[], Iterable[bytes | memoryview]]) -> None:
+        """`put` of the concatenation of what `pieces()` yields, called once per attempt. A
+        store that writes files writes them a piece at a time, so a big object (a manifest
+        is 43 MB at 4 GB of image) is never whole in memory; this default joins them."""
+        self.put(key, b"".join(pieces()))
 
     @abstractmethod
     def get(self, key: str, limit: int | None = None) -> bytes:

@@ -7,7 +7,7 @@ import fcntl
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from storage.backends.base import BlobStore
@@ -43,14 +43,19 @@ class LocalBlobStore(BlobStore):
         return self.root / key
 
     def put(self, key: str, data: bytes | memoryview) -> None:
+        self.put_pieces(key, lambda: (data,))
+
+    def put_pieces(self, key: str, pieces: Callable[[], Iterable[bytes | memoryview]]) -> None:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = final.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb", closefd=True) as f:
-                f.write(data)
-                f.flush()
+            with os.fdopen(fd, "wb", buffering=0, closefd=True) as f:
+                for piece in pieces():
+                    view = memoryview(piece)
+                    while view:  # a raw write may take less than it was given
+                        view = view[f.write(view) or 0 :]
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, final)

@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +81,10 @@ class SpooledBlobStore(BlobStore):
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         self.cache.put(key, data)  # BlobExists here: a local writer already has it
+        self._enqueue("P", key)
+
+    def put_pieces(self, key: str, pieces: Callable[[], Iterable[bytes | memoryview]]) -> None:
+        self.cache.put_pieces(key, pieces)
         self._enqueue("P", key)
 
     def get(self, key: str, limit: int | None = None) -> bytes:

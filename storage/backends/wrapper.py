@@ -8,7 +8,7 @@ forwarding methods (and a new method of BlobStore is forwarded once, here).
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from storage.backends.base import BlobStore
@@ -32,6 +32,9 @@ class WrappedBlobStore(BlobStore):
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         self.around("put", lambda: self.inner.put(key, data))
+
+    def put_pieces(self, key: str, pieces: Callable[[], Iterable[bytes | memoryview]]) -> None:
+        self.around("put", lambda: self.inner.put_pieces(key, pieces))
 
     def get(self, key: str, limit: int | None = None) -> bytes:
         return self.around("get", lambda: self.inner.get(key, limit))
