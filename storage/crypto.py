@@ -86,10 +86,6 @@ class Codec(Protocol):
 
     def open(self, name: str, blob: bytes) -> bytes: ...
 
-    def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
-        """`seal` into a buffer of this thread's, reused: valid until its next call here."""
-        ...
-
     def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
         """`open` into a buffer of this thread's, reused: valid until its next call here."""
         ...
@@ -123,9 +119,6 @@ class Plain:
     ) -> Iterator[bytes | memoryview]:
         return iter(pieces)
 
-    def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
-        return data
-
     def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
         _refuse_sealed(name, blob)
         return blob
@@ -156,9 +149,10 @@ class Sealed:
         self._keyed = blake3.blake3(key=self._chunk_key)
         self._object_key = _derive(_OBJECT_CONTEXT, master)
         self._aead = AESGCM(self._object_key)
-        # Packs are sealed and opened into buffers reused per thread: with the daemon's
-        # malloc tuning every fresh 4 MiB buffer is a new zero-filled mapping, and faulting
-        # two of them in per pack held sealing to ~0.6 GB/s; AES-GCM itself does 7 GB/s here.
+        # Packs are opened into buffers reused per thread: with the daemon's malloc tuning
+        # every fresh 4 MiB buffer is a new zero-filled mapping, and faulting two of them in
+        # per pack held sealing to ~0.6 GB/s; AES-GCM itself does 7 GB/s here. (Sealing
+        # streams instead: seal_stream, in slices.)
         self._buffers = threading.local()
 
     def chunk_id(self, chunk: bytes | memoryview) -> bytes:
@@ -204,16 +198,6 @@ class Sealed:
             return self._aead.decrypt(nonce, memoryview(blob)[HEADER:], name.encode())
         except InvalidTag as e:
             raise _tampered(name) from e
-
-    def seal_pack(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
-        out = self._buffer("seal", OVERHEAD + len(data))
-        nonce = secrets.token_bytes(_NONCE)
-        out[: len(MAGIC)] = MAGIC
-        out[len(MAGIC)] = _FORMAT
-        out[len(MAGIC) + 1 : HEADER] = nonce
-        view = memoryview(out)[: OVERHEAD + len(data)]
-        self._aead.encrypt_into(nonce, data, name.encode(), view[HEADER:])
-        return view
 
     def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
         nonce = self._check_header(name, blob)

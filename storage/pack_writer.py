@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import itertools
 import operator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -21,7 +22,11 @@ from storage.chunk_index import ChunkIndex
 from storage.crypto import Codec
 from storage.keys import index_key, pack_key
 from storage.manifest import DIGEST_SIZE
-from storage.packs import PackBuilder
+from storage.packs import PackBuilder, Piece
+
+# Sealed and written this much at a time: below malloc's mmap threshold, so each sealed
+# slice reuses heap memory instead of faulting in a fresh mapping.
+_SEAL_STEP = 128 * 1024
 
 
 class PackWriter:
@@ -114,13 +119,17 @@ class PackWriter:
 
     def _write(self, b: PackBuilder) -> int:
         self.written.add(b.pack_id)
-        data, encoded_index = b.compress(self.level)
+        pieces, encoded_index = b.compress(self.level)
         pack, index = pack_key(b.pack_id), index_key(b.pack_id)
-        # One seal (AES-GCM, one tag) per pack: a restore authenticates it in one call.
-        self.backend.put(pack, self.codec.seal_pack(pack, data))
+        # One seal (AES-GCM, one tag) per pack: a restore authenticates it in one call. It
+        # is sealed a slice at a time as it is written: no copy of the pack is held.
+        self.backend.put_pieces(pack, lambda: self.codec.seal_stream(pack, _slices(pieces)))
         self.backend.put(index, self.codec.seal(index, encoded_index))  # after its pack
         self.index.add(b.pack_id, b.digests)
-        return len(data)
+        size = sum(map(len, pieces))
+        pieces.clear()  # the views of the builder's buffer go before it is reused
+        b.recycle()  # not after a failure: a view of its buffer may live in the traceback
+        return size
 
     def _settle(self, keep: int) -> None:
         while len(self._in_flight) > keep:
@@ -133,6 +142,28 @@ class PackWriter:
             self._settle(self.in_flight_max - 1)
             self._in_flight.append((self._pool.submit(self._write, self._builder), self._builder))
             self._builder = PackBuilder(self._spare)
+
+
+def _slices(pieces: list[Piece]) -> Iterator[bytes | memoryview]:
+    """The pieces of a pack in slices of about _SEAL_STEP: runs of raw pages cut, frames (a
+    few KB each) joined, so that neither the cipher nor the file sees a call per chunk."""
+    batch: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        if len(piece) >= _SEAL_STEP:
+            if batch:
+                yield b"".join(batch)
+                batch, size = [], 0
+            view = memoryview(piece)
+            yield from (view[at : at + _SEAL_STEP] for at in range(0, len(view), _SEAL_STEP))
+            continue
+        batch.append(piece)
+        size += len(piece)
+        if size >= _SEAL_STEP:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
 
 
 def _digest_slice(i: int) -> slice:

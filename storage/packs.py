@@ -26,7 +26,6 @@ import array
 import itertools
 import secrets
 import struct
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ import zstandard
 
 from storage.errors import CorruptCheckpoint
 from storage.manifest import CHUNK_SIZE, DIGEST_SIZE
+
+Piece = Any  # memoryview, or a zstd BufferSegment (buffer protocol, no typing of its own)
 
 # Three pack buffers live at once (one filling, two compressing and storing), so the pack size
 # sets most of a checkpoint's memory. Measured on 1 GB of Redis pages in the daemon: 8 MiB packs
@@ -192,16 +193,19 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self._segments) // 2
 
-    def compress(self, level: int) -> tuple[memoryview, bytes]:
-        """The pack's bytes (raw chunks, then zstd frames) and its encoded index. The bytes
-        are a view of a buffer of this thread's, valid until its next call here."""
-        packed = self._pack(level)
-        # Reused only once no view of it is left (a failed pack's may be, in its traceback).
+    def compress(self, level: int) -> tuple[list[Piece], bytes]:
+        """The pack's bytes, as pieces to be written in order (raw chunks, then zstd
+        frames), and its encoded index. Raw chunks are views of this builder's buffer and
+        frames of zstd's output: no copy of the pack is made (two writer threads each held
+        one, 10 MB of a checkpoint's peak). The pieces are valid until `recycle`."""
+        return self._pack(level)
+
+    def recycle(self) -> None:
+        """Hand the buffer to the next pack, once no piece of this one is in use."""
         self._spare.append(self.raw)  # list.append is atomic: packing runs in other threads
         self.raw = bytearray()
-        return packed
 
-    def _pack(self, level: int) -> tuple[memoryview, bytes]:
+    def _pack(self, level: int) -> tuple[list[Piece], bytes]:
         segs = np.frombuffer(self._segments, dtype="<u8").reshape(-1, 2).astype(np.int64)
         starts, sizes = segs[:, 0], segs[:, 1]
         buf = np.frombuffer(self.raw, dtype=np.uint8)
@@ -228,50 +232,28 @@ class PackBuilder:
         raw_at = np.flatnonzero(raw)
         raw_bytes = len(raw_at) * CHUNK_SIZE
         kept = tried[keep]
-        total = raw_bytes + int(frame_lengths[keep].sum())
-        out = _out_buffer(total)
-        # Raw pages: rows gathered from the buffer straight into the output, then the frames.
-        _gather_pages(
-            buf, starts[raw_at], np.frombuffer(out, dtype=f"V{CHUNK_SIZE}", count=len(raw_at))
-        )
-        del buf  # no export of self.raw may outlive this: the buffer is reused
-        view = memoryview(out)[:total]
+        del buf
+        pieces: list[Piece] = _runs(memoryview(self.raw), starts[raw_at])
         if len(kept):
-            view[raw_bytes:] = b"".join(itertools.compress(frames, keep.tolist()))
+            pieces.extend(itertools.compress(frames, keep.tolist()))
         offsets = np.empty(len(self), dtype=np.int64)
         lengths = sizes.copy()
         offsets[raw_at] = np.arange(len(raw_at), dtype=np.int64) * CHUNK_SIZE
         lengths[kept] = frame_lengths[keep]
         offsets[kept] = raw_bytes + np.cumsum(frame_lengths[keep]) - frame_lengths[keep]
-        return view, encode_index(bytes(self.digests), offsets, lengths, raw)
+        return pieces, encode_index(bytes(self.digests), offsets, lengths, raw)
 
 
-def _gather_pages(buf: npt.NDArray[np.uint8], starts: npt.NDArray[np.int64], out: Any) -> None:
-    """Copy the pages at byte offsets `starts` of `buf` into the rows of `out` (CHUNK_SIZE
-    bytes each). In one take when they all lie on page boundaries (a pack of whole pages);
-    else through a strided view of `buf` (never handed to np.take: it would copy it whole)."""
+def _runs(raw: memoryview, starts: npt.NDArray[np.int64]) -> list[Piece]:
+    """The whole pages at byte offsets `starts` of `raw`, in order, as views: one per run of
+    pages that lie back to back in it."""
     if not len(starts):
-        return
-    if not (starts % CHUNK_SIZE).any():
-        pages = buf[: (len(buf) // CHUNK_SIZE) * CHUNK_SIZE].view(f"V{CHUNK_SIZE}")
-        np.take(pages, starts // CHUNK_SIZE, out=out, mode="clip")  # clip: no temporary
-        return
-    rows = np.lib.stride_tricks.as_strided(
-        buf, shape=(len(buf) - CHUNK_SIZE + 1, CHUNK_SIZE), strides=(1, 1)
-    )
-    out.view(np.uint8).reshape(-1, CHUNK_SIZE)[:] = rows[starts]
-
-
-_thread_out = threading.local()
-
-
-def _out_buffer(size: int) -> bytearray:
-    """The writer thread's output buffer (a fresh 4 MiB per pack costs its page faults);
-    replaced, never resized, when too small, as views of the old one may be alive."""
-    buf: bytearray | None = getattr(_thread_out, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = _thread_out.buf = bytearray(max(size + size // 4, PACK_TARGET_BYTES + 2 * _SLACK))
-    return buf
+        return []
+    cut = np.flatnonzero(np.diff(starts) != CHUNK_SIZE) + 1
+    firsts = np.concatenate(([0], cut)).tolist()
+    ends = np.concatenate((cut, [len(starts)])).tolist()
+    at = starts.tolist()
+    return [raw[at[i] : at[i] + (j - i) * CHUNK_SIZE] for i, j in zip(firsts, ends, strict=True)]
 
 
 def _sample_compresses(

@@ -105,8 +105,8 @@ def test_random_pages_are_stored_raw_and_compressible_ones_as_frames() -> None:
     chunks = [random_page(), text_page(), bytes(PAGE), b"short" * 20, random_page(), text_page()]
     for i, c in enumerate(chunks):
         b.add(bytes([i]) * DIGEST_SIZE, c)
-    view, encoded = b.compress(1)
-    data = bytes(view)
+    pieces, encoded = b.compress(1)
+    data = b"".join(pieces)
     assert encoded[:8] == IDX_MAGIC
     index = decode_index_arrays(encoded, "test")
     assert index.raw.tolist() == [True, False, False, False, True, False]
@@ -132,10 +132,10 @@ def test_a_page_that_passes_the_sample_but_does_not_shrink_is_stored_raw() -> No
         page[start : start + 32] = bytes(32)
     b = PackBuilder()
     b.add(b"\x01" * DIGEST_SIZE, bytes(page))
-    view, encoded = b.compress(1)
+    pieces, encoded = b.compress(1)
     index = decode_index_arrays(encoded, "test")
     assert index.raw.tolist() == [True]
-    assert bytes(view) == bytes(page)
+    assert b"".join(pieces) == bytes(page)
 
 
 def test_the_index_flag_is_the_top_bit_of_the_length() -> None:
@@ -327,22 +327,20 @@ def test_a_raw_flag_on_a_chunk_of_another_size_is_refused(tmp_path: Path) -> Non
 # -- repositories written before raw chunks ------------------------------------------------
 
 
-def old_compress(self: PackBuilder, level: int) -> tuple[bytes, bytes]:
+def old_compress(self: PackBuilder, level: int) -> tuple[list[bytes], bytes]:
     """PackBuilder.compress as it was before raw chunks: a zstd frame per chunk, in the
     order added, and a CKPTIDX1 index (digest, offset, frame length per chunk)."""
     segments = self._segments.tobytes()
     frames = zstandard.ZstdCompressor(level=level).multi_compress_to_buffer(
         zstandard.BufferWithSegments(self.raw, segments), threads=1
     )
-    self._spare.append(self.raw)
-    self.raw = bytearray()
     lengths = [len(frames[i]) for i in range(len(frames))]
     offsets = list(itertools.accumulate(lengths, initial=0))[:-1]
     out = bytearray(IDX_MAGIC_V1 + struct.pack("<I", len(offsets)))
     for i, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
         out += self.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
         out += struct.pack("<II", offset, length)
-    return b"".join(frames[i] for i in range(len(frames))), bytes(out)  # type: ignore[misc]
+    return [b"".join(frames[i] for i in range(len(frames)))], bytes(out)  # type: ignore[misc]
 
 
 def test_a_repository_written_before_raw_chunks_still_reads(
