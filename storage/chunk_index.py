@@ -19,6 +19,8 @@ one pack does not re-sort everything.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
 from collections.abc import Callable, Iterable
 
@@ -29,6 +31,7 @@ from storage.manifest import DIGEST_SIZE
 
 _WORDS = DIGEST_SIZE // 8
 _KEY_BYTES = 16  # the part of a digest the index keeps and compares
+_KEYED = np.dtype([("key", f"V{_KEY_BYTES}"), ("rest", f"V{DIGEST_SIZE - _KEY_BYTES}")])
 _MERGE_AT = 1 << 14  # recent additions merged into the sorted arrays past this many
 
 Rows = npt.NDArray[np.uint64]
@@ -71,8 +74,8 @@ class ChunkIndex:
         with self._lock:
             number = self._number(pack_id)
             held = self._find_sorted(*_key_words(raw))
-            for i in np.flatnonzero(held < 0).tolist():
-                self._recent.setdefault(raw[i * DIGEST_SIZE : i * DIGEST_SIZE + _KEY_BYTES], number)
+            keys = np.frombuffer(raw, dtype=_KEYED)["key"][held < 0].tolist()
+            collections.deque(map(self._recent.setdefault, keys, itertools.repeat(number)), 0)
             if len(self._recent) >= _MERGE_AT:
                 self._merge()
 
@@ -97,10 +100,9 @@ class ChunkIndex:
         with self._lock:
             out = self._find_sorted(*_key_words(digests))
             if self._recent:
-                raw = bytes(digests)
-                for i in np.flatnonzero(out < 0).tolist():
-                    key = raw[i * DIGEST_SIZE : i * DIGEST_SIZE + _KEY_BYTES]
-                    out[i] = self._recent.get(key, -1)
+                missing = np.flatnonzero(out < 0)
+                keys = np.frombuffer(digests, dtype=_KEYED)["key"][missing].tolist()
+                out[missing] = list(map(self._recent.get, keys, itertools.repeat(-1)))
             return out
 
     def forget(self, pack_ids: set[str]) -> None:

@@ -27,6 +27,7 @@ from storage.packs import PackBuilder, Piece
 # Sealed and written this much at a time: below malloc's mmap threshold, so each sealed
 # slice reuses heap memory instead of faulting in a fresh mapping.
 _SEAL_STEP = 128 * 1024
+_DIGEST = np.dtype(f"V{DIGEST_SIZE}")  # a digest as one numpy item: tolist() gives bytes
 
 
 class PackWriter:
@@ -69,7 +70,7 @@ class PackWriter:
         once; the packs that hold or will hold them. A first checkpoint stores every page,
         and one Python step per page here cost as much as hashing it: the dict work runs in
         C (map, zip, dict), the copying in numpy."""
-        keys = list(map(digests.__getitem__, map(_digest_slice, new.tolist())))
+        keys = np.frombuffer(digests, dtype=_DIGEST)[new].tolist()  # bytes objects, in C
         held = list(map(self._pending.get, keys))
         used = set(filter(None, held))
         missing = list(map(operator.is_, held, itertools.repeat(None)))
@@ -103,8 +104,7 @@ class PackWriter:
         between blocks: a block's index lookups ran before a pack filled in its middle was
         stored, and `pending` must still answer for it."""
         for done in self._stored:
-            d = bytes(done.digests)
-            keys = map(d.__getitem__, map(_digest_slice, range(len(d) // DIGEST_SIZE)))
+            keys = np.frombuffer(done.digests, dtype=_DIGEST).tolist()
             collections.deque(map(self._pending.pop, keys, itertools.repeat(None)), maxlen=0)
         self._stored.clear()
 
@@ -164,7 +164,3 @@ def _slices(pieces: list[Piece]) -> Iterator[bytes | memoryview]:
             batch, size = [], 0
     if batch:
         yield b"".join(batch)
-
-
-def _digest_slice(i: int) -> slice:
-    return slice(i * DIGEST_SIZE, (i + 1) * DIGEST_SIZE)
