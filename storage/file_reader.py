@@ -52,7 +52,7 @@ class CheckpointFiles:
         self._rows = np.concatenate(rows) if rows else np.empty((0, 4), dtype="<u8")
         self._pack_of = np.concatenate(packs) if packs else np.empty(0, dtype=np.int32)
         self._entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
-        self._order = np.argsort(self._rows[:, 0], kind="stable")
+        self._order = np.argsort(self._rows[:, 0])
         self._keys = self._rows[self._order, 0]
         # Where every chunk of every file is, found once for the whole manifest (a vectorised
         # search: per-chunk lookups in Python held the transfer to ~30 MB/s).
@@ -122,7 +122,7 @@ class CheckpointFiles:
         if n and len(self._keys):
             # Searched in sorted order (each search then starts near the one before: twice as
             # fast on a 1 GB image's 256k chunks), the answers put back in file order.
-            by_key = np.argsort(q[:, 0], kind="stable")
+            by_key = np.argsort(q[:, 0])
             lo = np.empty(n, dtype=np.int64)
             lo[by_key] = np.searchsorted(self._keys, q[by_key, 0], side="left")
             cand = self._order[np.minimum(lo, len(self._order) - 1)]

@@ -83,7 +83,7 @@ class WantedChunks:
         self.rows = digest_rows(b"".join(f.digests for f in manifest.files))
         counts = [len(f.digests) // DIGEST_SIZE for f in manifest.files]
         self.file_starts = np.cumsum([0, *counts])[:-1]
-        self.order = np.argsort(self.rows[:, 0], kind="stable")
+        self.order = np.argsort(self.rows[:, 0])
         self.keys = self.rows[self.order, 0]
         self.done = np.zeros(len(self.rows), dtype=bool)
         self._claiming = threading.Lock()  # reader threads claim what they will write
@@ -98,7 +98,7 @@ class WantedChunks:
         q = digest_rows(pack_digests)
         # Searched in sorted order: numpy narrows each search from the one before (measured
         # 6% of a restore's CPU time searched in a pack's order).
-        by_key = np.argsort(q[:, 0], kind="stable")
+        by_key = np.argsort(q[:, 0])
         lo, hi = np.empty(len(q), dtype=np.int64), np.empty(len(q), dtype=np.int64)
         lo[by_key] = np.searchsorted(self.keys, q[by_key, 0], side="left")
         hi[by_key] = np.searchsorted(self.keys, q[by_key, 0], side="right")
@@ -157,7 +157,7 @@ class WantedChunks:
         digests = np.frombuffer(index.digests, dtype=f"V{DIGEST_SIZE}")[needed]
         step = _Step(self, fds, m, inverse, len(needed), data, scratch, chunk_id, corrupt)
         whole = np.flatnonzero(sizes == self.chunk_size)
-        whole = whole[np.argsort(offsets[whole], kind="stable")]  # the order they are stored in
+        whole = whole[np.argsort(offsets[whole])]  # the order they are stored in
         written = 0
         for g in range(0, len(whole), _GROUP):
             sel = whole[g : g + _GROUP]
@@ -183,7 +183,7 @@ class WantedChunks:
         rows = digest_rows(b"".join(f.digests for f in seed.files))
         # Each distinct chunk once (zero pages repeat thousands of times: pairing every copy
         # in the seed with every place it goes would be quadratic).
-        order = np.argsort(rows[:, 0], kind="stable")
+        order = np.argsort(rows[:, 0])
         repeat = np.zeros(len(order), dtype=bool)
         repeat[1:] = (rows[order[1:]] == rows[order[:-1]]).all(axis=1)
         first = order[~repeat]
@@ -192,7 +192,7 @@ class WantedChunks:
         if not len(m.entries):
             return 0
         seed_starts = np.cumsum([0, *(len(f.digests) // DIGEST_SIZE for f in seed.files)])[:-1]
-        order = np.argsort(m.positions, kind="stable")
+        order = np.argsort(m.positions)
         dst, src = m.positions[order], m.entries[order]
         dst_files = np.searchsorted(self.file_starts, dst, side="right") - 1
         src_files = np.searchsorted(seed_starts, src, side="right") - 1
@@ -279,7 +279,7 @@ class _Step:
         rows = row[self.inverse]
         keep = rows >= 0
         rows, positions = rows[keep], self.m.positions[keep]
-        order = np.argsort(positions, kind="stable")
+        order = np.argsort(positions)
         rows, positions = rows[order], positions[order]
         # Pieces: pages consecutive in the file that are stored back to back in one run.
         run_of = np.concatenate([[0], np.cumsum(run_breaks)])

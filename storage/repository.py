@@ -181,7 +181,7 @@ class Repository:
         )
         key = manifest_key(workload, cid)
         # Sealed and written a piece at a time: the whole manifest is never in memory.
-        self.backend.put_pieces(key, lambda: self.codec.seal_stream(key, manifest.json_pieces()))
+        self.backend.put_pieces(key, lambda: self.codec.seal_stream(key, manifest.pieces()))
         info = CheckpointInfo(cid, workload, manifest.created, size_bytes, new_bytes, metadata)
         with self._lock:
             self._summaries[manifest_key(workload, cid)] = (info, tuple(manifest.packs))
@@ -347,7 +347,7 @@ class Repository:
             ) from e
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where}: {e}") from e
-        manifest = Manifest.from_json(raw, where)
+        manifest = Manifest.parse(raw, where)
         if manifest.id != checkpoint_id or manifest.workload != workload:
             raise CorruptCheckpoint(
                 f"checkpoint {checkpoint_id} of {workload}: manifest names "

@@ -193,14 +193,9 @@ def tamper(d: Daemon, case: str, older: str, newer: str, pwned: Path) -> str:
     elif case == "manifest":
         flip(root / manifest_key("web", newer), 200)
     elif case in ("other-repository", "plain-spec"):
-        raw = bytearray(
-            repo.codec.open(
-                manifest_key("web", newer), (root / manifest_key("web", newer)).read_bytes()
-            )
-        )
-        doc = json.loads(raw)
-        doc["metadata"]["spec"]["command"] = ["/bin/sh", "-c", f"touch {pwned}"]
-        planted = json.dumps(doc).encode()
+        manifest = repo.read_manifest("web", newer)
+        manifest.metadata["spec"]["command"] = ["/bin/sh", "-c", f"touch {pwned}"]
+        planted = b"".join(manifest.pieces())
         if case == "other-repository":
             planted = Sealed(new_master()).seal(manifest_key("web", newer), planted)
         target = root / manifest_key("web", newer)

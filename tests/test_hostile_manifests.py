@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from storage import CorruptCheckpoint, Repository
 from storage.backends import LocalBlobStore
 from storage.keys import index_key, manifest_key
-from storage.manifest import check_workload_name, is_checkpoint_id
+from storage.manifest import DIGEST_SIZE, Manifest, check_workload_name, is_checkpoint_id
 from storage.packs import MAX_INDEX_BYTES
 
 
@@ -34,14 +35,33 @@ def setup(tmp_path: Path) -> tuple[Repository, Path, str, Path]:
 
 
 def rewrite(
-    repo: Repository, root: Path, cid: str, change: Callable[[dict[str, Any]], None]
+    repo: Repository,
+    root: Path,
+    cid: str,
+    change: Callable[[dict[str, Any]], None],
+    fmt: str = "json",
 ) -> None:
+    """Plant the checkpoint's manifest changed by `change` (given as a format 1 document),
+    written in format 1 (`json`) or 2 (`binary`: each file's chunk list becomes its count
+    and its digests, whatever their length, follow the header)."""
     path = root / "repo" / manifest_key("web", cid)
-    doc = json.loads(path.read_bytes())
+    doc = json.loads(bytes(Manifest.parse(path.read_bytes(), "test").to_json()))
     change(doc)
     path.chmod(0o600)
-    path.write_text(json.dumps(doc))
+    path.write_bytes(json.dumps(doc).encode() if fmt == "json" else binary(doc))
     repo._summaries.clear()
+
+
+def binary(doc: dict[str, Any], extra: bytes = b"") -> bytes:
+    digests = b""
+    if isinstance(doc.get("files"), list):
+        for f in doc["files"]:
+            d = base64.b64decode(f["chunks"])
+            f["chunks"] = -(-len(d) // DIGEST_SIZE)
+            digests += d
+    doc["version"] = 2
+    header = json.dumps(doc).encode()
+    return b"CKPTMAN2" + struct.pack("<I", len(header)) + header + digests + extra
 
 
 def first_file(doc: dict[str, Any]) -> dict[str, Any]:
@@ -64,12 +84,13 @@ CASES: dict[str, Callable[[dict[str, Any], Path], None]] = {
 }
 
 
+@pytest.mark.parametrize("fmt", ["json", "binary"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_crafted_manifest_is_refused_and_writes_nothing_outside(
-    setup: tuple[Repository, Path, str, Path], case: str
+    setup: tuple[Repository, Path, str, Path], case: str, fmt: str
 ) -> None:
     repo, root, cid, victim = setup
-    rewrite(repo, root, cid, lambda d: CASES[case](d, victim))
+    rewrite(repo, root, cid, lambda d: CASES[case](d, victim), fmt)
     for attempt in (
         lambda: repo.materialize("web", cid, root / "out"),
         lambda: repo.verify("web", cid),
@@ -79,6 +100,43 @@ def test_crafted_manifest_is_refused_and_writes_nothing_outside(
         assert victim.read_text() == "precious"
         assert not (root / "sub").exists()
     assert repo.checkpoints("web") == []  # listed as nothing restorable, not a crash
+
+
+def test_a_manifest_of_either_format_reads_back_the_same(
+    setup: tuple[Repository, Path, str, Path],
+) -> None:
+    repo, root, cid, _ = setup
+    path = root / "repo" / manifest_key("web", cid)
+    assert path.read_bytes()[:8] == b"CKPTMAN2"  # what a commit writes now
+    before = repo.read_manifest("web", cid)
+    for fmt in ("json", "binary"):
+        rewrite(repo, root, cid, lambda d: None, fmt)
+        assert repo.read_manifest("web", cid) == before
+        repo.materialize("web", cid, root / f"out-{fmt}")
+        assert (root / f"out-{fmt}" / "core-1.img").read_bytes() == b"core" * 100
+
+
+BINARY_CASES: dict[str, Callable[[bytes], bytes]] = {
+    "cut in its header": lambda raw: raw[:20],
+    "header length past the end": lambda raw: raw[:8] + struct.pack("<I", len(raw)) + raw[12:],
+    "a digest short": lambda raw: raw[:-1],
+    "bytes after the digests": lambda raw: raw + b"\0" * 32,
+    "only the magic": lambda raw: raw[:8],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BINARY_CASES))
+def test_a_format_2_manifest_whose_lengths_do_not_add_up_is_refused(
+    setup: tuple[Repository, Path, str, Path], case: str
+) -> None:
+    repo, root, cid, _ = setup
+    path = root / "repo" / manifest_key("web", cid)
+    path.chmod(0o600)
+    path.write_bytes(BINARY_CASES[case](path.read_bytes()))
+    repo._summaries.clear()
+    with pytest.raises(CorruptCheckpoint, match="unreadable"):
+        repo.read_manifest("web", cid)
+    assert repo.checkpoints("web") == []
 
 
 def test_oversized_objects_are_refused_unread(setup: tuple[Repository, Path, str, Path]) -> None:

@@ -30,6 +30,6 @@ def test_chunk_lists_of_every_size_round_trip() -> None:
     raw = bytes(m.to_json())
     doc = json.loads(raw)
     assert [base64.b64decode(f["chunks"]) for f in doc["files"]] == [f.digests for f in files]
-    back = Manifest.from_json(raw, "test")
+    back = Manifest.parse(raw, "test")
     assert [bytes(f.digests) for f in back.files] == [f.digests for f in files]
     assert back.metadata == {"note": "chunks"} and back.packs == ["0" * 32]
