@@ -14,6 +14,7 @@ on wrong memory.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from storage.repository import Repository
 
 CACHED_PACKS = 8  # opened packs kept: 8 x 4 MiB of raw chunks at most
+_LOCATE_RANGE = 256  # chunks: a read of at most this many of a file not located yet locates them
 
 
 class CheckpointFiles:
@@ -40,11 +42,13 @@ class CheckpointFiles:
         self.manifest: Manifest = repo.read_manifest(workload, checkpoint_id)
         self.where = f"checkpoint {checkpoint_id} of {workload}"
         self.files: dict[str, FileEntry] = {f.name: f for f in self.manifest.files}
-        self._indexes: list[IndexArrays] = []
+        # One after the other: read by 4 threads they took three times as long (1 GB: 250
+        # indexes, 11 ms), the GIL passed back and forth.
+        self._indexes: list[IndexArrays] = [
+            repo.index_for(p, self.where) for p in self.manifest.packs
+        ]
         rows, packs, entries = [], [], []
-        for n, pack_id in enumerate(self.manifest.packs):
-            index = repo.index_for(pack_id, self.where)
-            self._indexes.append(index)
+        for n, index in enumerate(self._indexes):
             count = len(index.offsets)
             rows.append(digest_rows(index.digests))
             packs.append(np.full(count, n, dtype=np.int32))
@@ -54,14 +58,34 @@ class CheckpointFiles:
         self._entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
         self._order = np.argsort(self._rows[:, 0])
         self._keys = self._rows[self._order, 0]
-        # Where every chunk of every file is, found once for the whole manifest (a vectorised
-        # search: per-chunk lookups in Python held the transfer to ~30 MB/s).
-        self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            f.name: self._locate_all(f) for f in self.manifest.files
-        }
+        # Where every chunk of a file is, found once for the whole file when it is first
+        # read, or ahead of that (`locate_ahead`), by a vectorised search: per-chunk lookups
+        # in Python held the transfer to ~30 MB/s.
+        self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._locating = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._dctx = threading.local()
+
+    def locate_ahead(self, names: list[str]) -> None:
+        """Find the chunks of these files in a thread of their own, so that the caller goes
+        on meanwhile (a lazy restore starts CRIU while the pages' chunks are located: 30 ms
+        of 1 GB); a read of one of them waits for it. A chunk in none of the packs is then
+        the error of that read, as it would have been here."""
+
+        def locate() -> None:
+            for name in names:
+                with contextlib.suppress(CorruptCheckpoint):  # raised again by the read
+                    self._located(name)
+
+        threading.Thread(target=locate, name="locate-chunks", daemon=True).start()
+
+    def _located(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        with self._locating:
+            where = self._where.get(name)
+            if where is None:
+                where = self._where[name] = self._locate_all(self._file(name))
+            return where
 
     def size(self, name: str) -> int:
         return self._file(name).size
@@ -73,15 +97,23 @@ class CheckpointFiles:
         end = min(offset + length, f.size)
         if offset < 0 or offset > end:
             raise ValueError(f"{name}: no bytes at {offset}")
-        packs, entries = self._where[name]
+        first, stop = offset // chunk, -(-end // chunk)
+        if name not in self._where and stop - first <= _LOCATE_RANGE:
+            # A few chunks of a file not located yet (the small images of a lazy restore,
+            # while its pages are located meanwhile): just those, without waiting.
+            packs, entries = self._locate_all(f, first, stop)
+            base = first
+        else:
+            packs, entries = self._located(name)
+            base = 0
         parts = []
         data: bytes = b""
         current = -1
-        for k in range(offset // chunk, -(-end // chunk)):
-            pack_no = int(packs[k])
+        for k in range(first, stop):
+            pack_no = int(packs[k - base])
             if pack_no != current:
                 data, current = self._pack(pack_no), pack_no
-            parts.append(self._chunk(f, k, pack_no, int(entries[k]), data))
+            parts.append(self._chunk(f, k, pack_no, int(entries[k - base]), data))
         out = b"".join(parts)
         skip = offset % chunk
         return out[skip : skip + end - offset]
@@ -113,9 +145,12 @@ class CheckpointFiles:
             raise self._bad(f"{f.name}: chunk {k} does not match its digest")
         return out
 
-    def _locate_all(self, f: FileEntry) -> tuple[np.ndarray, np.ndarray]:
-        """(pack number, index entry) of each chunk of `f`, in file order."""
-        q = digest_rows(f.digests)
+    def _locate_all(
+        self, f: FileEntry, first: int = 0, stop: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(pack number, index entry) of each chunk of `f` (of chunks `first` to `stop`), in
+        file order."""
+        q = digest_rows(f.digests)[first:stop]
         n = len(q)
         packs = np.full(n, -1, dtype=np.int64)
         entries = np.full(n, -1, dtype=np.int64)
@@ -129,7 +164,7 @@ class CheckpointFiles:
             hit = (lo < len(self._keys)) & (self._rows[cand] == q).all(axis=1)
             packs[hit], entries[hit] = self._pack_of[cand[hit]], self._entry_of[cand[hit]]
         for k in np.flatnonzero(packs < 0).tolist():  # first words shared, or not held at all
-            digest = bytes(f.digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE])
+            digest = q[k].tobytes()
             packs[k], entries[k] = self._locate(digest)
         return packs, entries
 

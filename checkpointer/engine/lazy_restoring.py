@@ -55,6 +55,7 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
     try:
         try:
             files = CheckpointFiles(p.repo, w.name, checkpoint_id)
+            files.locate_ahead([n for n in files.files if _PAGES.fullmatch(n)])  # while CRIU runs
             t_index = time.monotonic()
             for name, entry in files.files.items():
                 if not _PAGES.fullmatch(name):
