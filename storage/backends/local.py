@@ -55,7 +55,10 @@ class LocalBlobStore(BlobStore):
                 for piece in pieces():
                     view = memoryview(piece)
                     while view:  # a raw write may take less than it was given
-                        view = view[f.write(view) or 0 :]
+                        n = f.write(view)
+                        if not n:
+                            raise StorageError(f"cannot write {tmp}: nothing was written")
+                        view = view[n:]
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, final)
