@@ -66,6 +66,7 @@ class CheckpointFiles:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._dctx = threading.local()
+        self._frame_sizes: dict[int, np.ndarray] = {}  # pack number -> IndexArrays.frame_pages
 
     def locate_ahead(self, names: list[str]) -> None:
         """Find the chunks of these files in a thread of their own, so that the caller goes
@@ -109,11 +110,13 @@ class CheckpointFiles:
         parts = []
         data: bytes = b""
         current = -1
+        frame: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # the last one decoded
         for k in range(first, stop):
             pack_no = int(packs[k - base])
             if pack_no != current:
                 data, current = self._pack(pack_no), pack_no
-            parts.append(self._chunk(f, k, pack_no, int(entries[k - base]), data))
+            piece, frame = self._chunk(f, k, pack_no, int(entries[k - base]), data, frame)
+            parts.append(piece)
         out = b"".join(parts)
         skip = offset % chunk
         return out[skip : skip + end - offset]
@@ -124,26 +127,50 @@ class CheckpointFiles:
             raise CorruptCheckpoint(f"{self.where} has no file {name!r}")
         return f
 
-    def _chunk(self, f: FileEntry, k: int, pack_no: int, entry: int, data: bytes) -> bytes:
+    def _chunk(
+        self,
+        f: FileEntry,
+        k: int,
+        pack_no: int,
+        entry: int,
+        data: bytes,
+        frame: tuple[tuple[int, int], bytes],
+    ) -> tuple[bytes, tuple[tuple[int, int], bytes]]:
+        """Chunk `k` of `f`, checked, and the frame decoded last (consecutive pages share
+        one: each frame is decoded once per read, not once per page)."""
         chunk = self.manifest.chunk_size
         size = min(chunk, f.size - k * chunk)
         index = self._indexes[pack_no]
         start, stored = int(index.offsets[entry]), int(index.lengths[entry])
-        piece = data[start : start + stored]
-        raw = getattr(index, "raw", None)  # indexes written before raw chunks have none
-        if raw is not None and raw[entry]:
-            out = bytes(piece)
+        if index.raw[entry]:
+            out = bytes(data[start : start + stored])
         else:
-            try:
-                out = self._decompressor().decompress(piece, max_output_size=size)
-            except zstandard.ZstdError as e:
-                raise self._bad(f"{f.name}: chunk {k} does not decompress ({e})") from e
+            slot = int(index.slots[entry])
+            if frame[0] != (pack_no, start):
+                pages = int(self._frame_pages(pack_no)[entry])
+                expected = size if pages == 1 else pages * chunk
+                try:
+                    decoded = self._decompressor().decompress(
+                        data[start : start + stored], max_output_size=expected
+                    )
+                except zstandard.ZstdError as e:
+                    raise self._bad(f"{f.name}: chunk {k} does not decompress ({e})") from e
+                if len(decoded) != expected:
+                    raise self._bad(f"{f.name}: chunk {k}'s frame is not {expected} bytes")
+                frame = ((pack_no, start), decoded)
+            out = frame[1][slot * chunk : slot * chunk + size]
         if len(out) != size or (
             not self.repo.codec.authenticates
             and self.repo.codec.chunk_id(out) != f.digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
         ):
             raise self._bad(f"{f.name}: chunk {k} does not match its digest")
-        return out
+        return out, frame
+
+    def _frame_pages(self, pack_no: int) -> np.ndarray:
+        pages = self._frame_sizes.get(pack_no)
+        if pages is None:
+            pages = self._frame_sizes[pack_no] = self._indexes[pack_no].frame_pages()
+        return pages
 
     def _locate_all(
         self, f: FileEntry, first: int = 0, stop: int | None = None

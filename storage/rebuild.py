@@ -50,6 +50,17 @@ class Matches:
     positions: npt.NDArray[np.int64]
 
 
+@dataclass
+class _Units:
+    """What holds a pack's whole pages, in stored order: raw pages (one each) and frames (up
+    to GROUP_PAGES each), with where each lies and how many pages it decodes to."""
+
+    offsets: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
+    raw: npt.NDArray[np.bool_]
+    pages: npt.NDArray[np.int64]
+
+
 class _Scratch(threading.local):
     """Each reader thread's buffers, reused from pack to pack (a fresh 8 MiB would cost more
     in page faults than the copying into it), and its zstd decoding context."""
@@ -150,18 +161,45 @@ class WantedChunks:
         offsets = index.offsets[needed].astype(np.int64)
         lengths = index.lengths[needed].astype(np.int64)
         raw = index.raw[needed]
+        slots = index.slots[needed].astype(np.int64)
+        frame_pages = index.frame_pages()[needed]
         if len(needed) and int((offsets + lengths).max()) > len(data):
             raise CorruptCheckpoint(f"{corrupt} is truncated")
         if (raw & (lengths != sizes)).any():
             raise CorruptCheckpoint(f"{corrupt} has a raw chunk of the wrong size")
+        short = sizes != self.chunk_size
+        if (short & (frame_pages != 1)).any():
+            raise CorruptCheckpoint(f"{corrupt} has a short chunk in a frame of pages")
         digests = np.frombuffer(index.digests, dtype=f"V{DIGEST_SIZE}")[needed]
-        step = _Step(self, fds, m, inverse, len(needed), data, scratch, chunk_id, corrupt)
-        whole = np.flatnonzero(sizes == self.chunk_size)
-        whole = whole[np.argsort(offsets[whole])]  # the order they are stored in
+        step = _Step(self, fds, m, inverse, digests, data, scratch, chunk_id, corrupt)
+        # The whole pages by what holds them (a raw page, or a frame of up to GROUP_PAGES),
+        # in the order those are stored; each unit decoded once however many of its pages
+        # this checkpoint needs.
+        whole = np.flatnonzero(~short)
+        _, first_of_unit, unit_of = np.unique(
+            offsets[whole] * 2 + raw[whole], return_index=True, return_inverse=True
+        )
+        units = whole[first_of_unit]  # an entry of each unit
+        unit_pages = frame_pages[units]
         written = 0
-        for g in range(0, len(whole), _GROUP):
-            sel = whole[g : g + _GROUP]
-            written += step.pages(sel, offsets[sel], lengths[sel], raw[sel], digests[sel])
+        ends = np.cumsum(unit_pages)
+        # Steps of about _GROUP pages, whole units each (a frame is 16 pages at most).
+        cuts = np.searchsorted(
+            ends, np.arange(_GROUP, int(ends[-1]) if len(ends) else 0, _GROUP), side="right"
+        )
+        bounds = [0, *np.unique(cuts).tolist(), len(units)]
+        for ua, ub in itertools.pairwise(bounds):
+            if ua == ub:
+                continue
+            in_step = (unit_of >= ua) & (unit_of < ub)
+            sel = whole[in_step]
+            u = units[ua:ub]
+            written += step.pages(
+                sel,
+                unit_of[in_step] - ua,
+                slots[sel],
+                _Units(offsets[u], lengths[u], raw[u], unit_pages[ua:ub]),
+            )
         # A file's last chunk, shorter than a page: one at a time (a handful per checkpoint).
         for k in np.flatnonzero(sizes != self.chunk_size).tolist():
             written += step.short(
@@ -250,93 +288,109 @@ class _Step:
         fds: list[int],
         m: Matches,
         inverse: npt.NDArray[np.int64],
-        needed: int,
+        digests: npt.NDArray[Any],
         data: bytes | memoryview,
         scratch: _Scratch,
         chunk_id: Any,
         corrupt: str,
     ) -> None:
-        self.w, self.fds, self.m, self.inverse, self.needed = wanted, fds, m, inverse, needed
+        self.w, self.fds, self.m, self.inverse = wanted, fds, m, inverse
+        self.digests, self.needed = digests, len(digests)  # of each needed entry
         self.data = memoryview(data)
         self.scratch, self.chunk_id, self.corrupt = scratch, chunk_id, corrupt
 
     def pages(
         self,
         sel: npt.NDArray[np.int64],
-        offsets: npt.NDArray[np.int64],
-        lengths: npt.NDArray[np.int64],
-        raw: npt.NDArray[np.bool_],
-        digests: npt.NDArray[Any],
+        unit_of: npt.NDArray[np.int64],
+        slots: npt.NDArray[np.int64],
+        units: _Units,
     ) -> int:
-        """Whole pages `sel` (needed entries, in the order they are stored): decoded, checked,
-        put in file order and written run by run."""
-        cs, n = self.w.chunk_size, len(sel)
-        # Runs of entries stored back to back and of one kind: one copy or one decode each.
-        run_breaks = (raw[1:] != raw[:-1]) | (offsets[1:] != offsets[:-1] + lengths[:-1])
-        # Every place each page goes, in file order: `rows[k]` is the stored page of the k-th.
+        """Whole pages `sel` (needed entries; each in unit `unit_of` of `units`, at `slots`):
+        decoded, checked, put in file order and written run by run."""
+        cs, total = self.w.chunk_size, int(units.pages.sum())
+        unit_at = np.cumsum(units.pages) - units.pages  # each unit's first page, decoded
+        # Every place each page goes, in file order: `rows[k]` is the decoded page of the k-th.
         row = np.full(self.needed, -1, dtype=np.int64)
-        row[sel] = np.arange(n)
+        row[sel] = unit_at[unit_of] + slots
         rows = row[self.inverse]
-        keep = rows >= 0
+        keep = np.flatnonzero(rows >= 0)
+        keep = keep[np.argsort(self.m.positions[keep])]
         rows, positions = rows[keep], self.m.positions[keep]
-        order = np.argsort(positions)
-        rows, positions = rows[order], positions[order]
-        # Pieces: pages consecutive in the file that are stored back to back in one run.
-        run_of = np.concatenate([[0], np.cumsum(run_breaks)])
-        piece_breaks = (np.diff(rows) != 1) | (np.diff(run_of[rows]) != 0)
-        pieces = int(piece_breaks.sum()) + 1
-        if len(rows) == n and pieces <= max(4, n // 8):
-            # Each page once, in few pieces (a first checkpoint, random and compressible pages
-            # in runs): copied or decoded straight into file order.
-            bounds = [0, *(np.flatnonzero(piece_breaks) + 1).tolist(), n]
-            if pieces == 1 and raw[rows[0]]:  # all raw and in order: written from the pack
-                at = int(offsets[rows[0]])
-                src = self.data[at : at + n * cs]
-            else:
-                out = self.scratch.buffer("out", n * cs)
-                for a, b in itertools.pairwise(bounds):
-                    self._decode(out, a, rows[a:b], offsets, lengths, raw)
-                src = memoryview(out)[: n * cs]
-            expected = digests[rows]
+        # Runs of units stored back to back and of one kind: one copy or one decode each.
+        run_breaks = (units.raw[1:] != units.raw[:-1]) | (
+            units.offsets[1:] != units.offsets[:-1] + units.lengths[:-1]
+        )
+        direct = self._direct(rows, total, unit_at, units, run_breaks)
+        if direct is not None:
+            # Each page once, and each unit's pages in file order (a first checkpoint):
+            # decoded straight into place, piece by piece.
+            out = self.scratch.buffer("out", total * cs)
+            for a, b, at in direct:
+                self._decode(out, at, units, a, b)
+            src = memoryview(out)[: total * cs]
         else:
-            # Pages repeated, or finely interleaved: decoded in stored order, then gathered.
-            stage = self.scratch.buffer("stage", n * cs)
-            bounds = [0, *(np.flatnonzero(run_breaks) + 1).tolist(), n]
+            # Pages repeated, or not all of a frame needed: decoded in stored order, then
+            # gathered.
+            stage = self.scratch.buffer("stage", total * cs)
+            bounds = [0, *(np.flatnonzero(run_breaks) + 1).tolist(), len(units.pages)]
             for a, b in itertools.pairwise(bounds):
-                self._decode(stage, a, np.arange(a, b), offsets, lengths, raw)
+                self._decode(stage, int(unit_at[a]), units, a, b)
             out = self.scratch.buffer("out", len(rows) * cs)
             out_rows = np.frombuffer(out, dtype=f"V{cs}", count=len(rows))
             # mode="clip": with the default, numpy copies into a temporary first (the rows
             # are in range by construction).
-            pages = np.frombuffer(stage, dtype=f"V{cs}", count=n)
+            pages = np.frombuffer(stage, dtype=f"V{cs}", count=total)
             np.take(pages, rows, out=out_rows, mode="clip")
             del out_rows, pages
             src = memoryview(out)[: len(rows) * cs]
-            expected = digests[rows]
-        if self.chunk_id is not None:
-            self._check(src, expected)
+        if self.chunk_id is not None:  # each place against the digest its entry names
+            self._check(src, self.digests[self.inverse[keep]])
         return self._write_runs(src, positions)
 
-    def _decode(
-        self,
-        dst: bytearray,
-        at: int,
-        stored: npt.NDArray[np.int64],
-        offsets: npt.NDArray[np.int64],
-        lengths: npt.NDArray[np.int64],
-        raw: npt.NDArray[np.bool_],
-    ) -> None:
-        """Pages `stored` (consecutive, back to back in the pack, of one kind) into `dst` from
-        page `at`: one copy, or one decode of their frames."""
-        cs, first, count = self.w.chunk_size, int(stored[0]), len(stored)
-        if raw[first]:  # (through a memoryview: bytearray slice assignment copies twice)
-            start = int(offsets[first])
+    @staticmethod
+    def _direct(
+        rows: npt.NDArray[np.int64],
+        total: int,
+        unit_at: npt.NDArray[np.int64],
+        units: _Units,
+        run_breaks: npt.NDArray[np.bool_],
+    ) -> list[tuple[int, int, int]] | None:
+        """(first unit, end unit, page in file order) of pieces that decode straight into
+        file order, or None: only when every decoded page goes to exactly one place, each
+        unit's pages in order, in few pieces."""
+        if len(rows) != total:
+            return None
+        place = np.full(total, -1, dtype=np.int64)
+        place[rows] = np.arange(total)
+        if (place < 0).any():
+            return None  # a page twice, so another not at all
+        follows = np.diff(place) == 1
+        inside = np.ones(max(total - 1, 0), dtype=bool)
+        inside[unit_at[1:] - 1] = False  # the step from a unit's last page to the next's first
+        if not follows[inside].all():
+            return None
+        # Units join a piece when their kind and storage runs on and so does the file order.
+        joins = ~run_breaks & follows[unit_at[1:] - 1]
+        starts = [0, *(np.flatnonzero(~joins) + 1).tolist()]
+        if len(starts) > max(4, total // 8):
+            return None
+        ends = [*starts[1:], len(units.pages)]
+        return [(a, b, int(place[unit_at[a]])) for a, b in zip(starts, ends, strict=True)]
+
+    def _decode(self, dst: bytearray, at: int, units: _Units, a: int, b: int) -> None:
+        """Units `a` to `b` (back to back in the pack, of one kind) into `dst` from page
+        `at`: one copy, or one decode of their frames."""
+        cs = self.w.chunk_size
+        start = int(units.offsets[a])
+        if units.raw[a]:  # (through a memoryview: bytearray slice assignment copies twice)
+            count = b - a
             memoryview(dst)[at * cs : (at + count) * cs] = self.data[start : start + count * cs]
             return
         try:
             self.scratch.decoder.decode_into(
-                dst, at * cs, self.data, offsets[first : first + count],
-                lengths[first : first + count], np.full(count, cs, dtype=np.int64),
+                dst, at * cs, self.data, units.offsets[a:b], units.lengths[a:b],
+                units.pages[a:b] * cs,
             )  # fmt: skip
         except FrameError as err:
             raise self._undecodable(err) from err

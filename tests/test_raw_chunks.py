@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,14 +21,18 @@ import zstandard
 
 from storage import CorruptCheckpoint, Repository
 from storage import frames as frames_module
+from storage import packs as packs_module
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed, new_master
+from storage.file_reader import CheckpointFiles
 from storage.frames import FrameDecoder, FrameError
 from storage.keys import index_key, pack_key
 from storage.manifest import CHUNK_SIZE, DIGEST_SIZE, Manifest
 from storage.packs import (
+    GROUP_PAGES,
     IDX_MAGIC,
     IDX_MAGIC_V1,
+    IDX_MAGIC_V2,
     IndexArrays,
     PackBuilder,
     decode_index_arrays,
@@ -111,17 +116,42 @@ def test_random_pages_are_stored_raw_and_compressible_ones_as_frames() -> None:
     index = decode_index_arrays(encoded, "test")
     assert index.raw.tolist() == [True, False, False, False, True, False]
     assert index.digests == b"".join(bytes([i]) * DIGEST_SIZE for i in range(len(chunks)))
-    # Raw pages first, back to back, then the frames.
+    # Raw pages first, back to back, then the frames: the text page and the zero page after
+    # it share one (slots 0 and 1), the short chunk and the last text page have their own.
     assert sorted(index.offsets[index.raw].tolist()) == [0, PAGE]
+    assert index.slots.tolist() == [0, 0, 1, 0, 0, 0]
+    assert index.offsets[1] == index.offsets[2] and len(set(index.offsets.tolist())) == 5
+    assert index.frame_pages().tolist() == [1, 2, 2, 1, 1, 1]
     for i, chunk in enumerate(chunks):
         o, n = int(index.offsets[i]), int(index.lengths[i])
         stored = data[o : o + n]
         if index.raw[i]:
             assert stored == chunk
         else:
-            assert zstandard.ZstdDecompressor().decompress(stored) == chunk
-            assert n < len(chunk)
-    assert len(data) == sum(index.lengths.tolist())
+            at = int(index.slots[i]) * PAGE
+            assert zstandard.ZstdDecompressor().decompress(stored)[at : at + len(chunk)] == chunk
+            assert n < len(chunk) * (2 if i in (1, 2) else 1)
+    frames = {(int(o), int(n)) for o, n in zip(index.offsets, index.lengths, strict=True)}
+    assert len(data) == sum(n for _, n in frames)
+
+
+def test_compressible_pages_back_to_back_share_frames_of_sixteen() -> None:
+    """40 text pages in a row: frames of 16, 16 and 8 pages, each page at its slot."""
+    b = PackBuilder()
+    pages = [text_page() for _ in range(40)]
+    for i, c in enumerate(pages):
+        b.add(i.to_bytes(2, "big") * (DIGEST_SIZE // 2), c)
+    pieces, encoded = b.compress(1)
+    data = b"".join(pieces)
+    index = decode_index_arrays(encoded, "test")
+    assert GROUP_PAGES == 16
+    assert index.slots.tolist() == [*range(16), *range(16), *range(8)]
+    assert index.frame_pages().tolist() == [16] * 32 + [8] * 8
+    assert len(set(index.offsets.tolist())) == 3 and not index.raw.any()
+    for i, page in enumerate(pages):
+        o, n, at = int(index.offsets[i]), int(index.lengths[i]), int(index.slots[i]) * PAGE
+        assert zstandard.ZstdDecompressor().decompress(data[o : o + n])[at : at + PAGE] == page
+    assert len(data) < 40 * PAGE * 0.6
 
 
 def test_a_page_that_passes_the_sample_but_does_not_shrink_is_stored_raw() -> None:
@@ -138,29 +168,47 @@ def test_a_page_that_passes_the_sample_but_does_not_shrink_is_stored_raw() -> No
     assert b"".join(pieces) == bytes(page)
 
 
-def test_the_index_flag_is_the_top_bit_of_the_length() -> None:
-    encoded = encode_index(b"\xaa" * 32 + b"\xbb" * 32, [0, 4096], [4096, 77], [True, False])
+def test_the_index_flag_is_the_top_bit_of_the_length_and_the_slot_follows() -> None:
+    encoded = encode_index(
+        b"\xaa" * 32 + b"\xbb" * 32, [0, 4096], [4096, 77], [True, False], [0, 3]
+    )
     assert encoded == (
-        b"CKPTIDX2"
+        b"CKPTIDX3"
         + struct.pack("<I", 2)
         + b"\xaa" * 32
-        + struct.pack("<II", 0, 4096 | 1 << 31)
+        + struct.pack("<IIH", 0, 4096 | 1 << 31, 0)
         + b"\xbb" * 32
-        + struct.pack("<II", 4096, 77)
+        + struct.pack("<IIH", 4096, 77, 3)
     )
     index = decode_index_arrays(encoded, "test")
     assert index.lengths.tolist() == [4096, 77] and index.raw.tolist() == [True, False]
+    assert index.slots.tolist() == [0, 3]
 
 
-def test_an_index_written_before_raw_chunks_reads_with_no_chunk_raw() -> None:
-    """CKPTIDX1 had the same entries; a length's top bit never meant anything there."""
-    old = IDX_MAGIC_V1 + struct.pack("<I", 1) + b"\xcc" * 32 + struct.pack("<II", 0, 4106)
-    index = decode_index_arrays(old, "test")
+def test_older_indexes_read_with_every_frame_one_chunk() -> None:
+    """CKPTIDX1 (no raw chunks) and CKPTIDX2 (raw chunks, no slots): a frame per chunk."""
+    v1 = IDX_MAGIC_V1 + struct.pack("<I", 1) + b"\xcc" * 32 + struct.pack("<II", 0, 4106)
+    index = decode_index_arrays(v1, "test")
     assert index.raw.tolist() == [False] and index.lengths.tolist() == [4106]
+    assert index.slots.tolist() == [0] and index.frame_pages().tolist() == [1]
+    v2 = IDX_MAGIC_V2 + struct.pack("<I", 2) + b"\xcc" * 32 + struct.pack("<II", 0, 4096 | 1 << 31)
+    v2 += b"\xdd" * 32 + struct.pack("<II", 4096, 900)
+    index = decode_index_arrays(v2, "test")
+    assert index.raw.tolist() == [True, False] and index.lengths.tolist() == [4096, 900]
+    assert index.slots.tolist() == [0, 0]
     with pytest.raises(CorruptCheckpoint, match="bad header"):
-        decode_index_arrays(b"CKPTIDX3" + old[8:], "test")
-    with pytest.raises(CorruptCheckpoint, match="truncated"):
-        decode_index_arrays(old[:-1], "test")
+        decode_index_arrays(b"CKPTIDX9" + v1[8:], "test")
+    for damaged in (v1[:-1], v2[:-1], IDX_MAGIC + v1[8:]):  # v3 entries are 2 bytes longer
+        with pytest.raises(CorruptCheckpoint, match="truncated"):
+            decode_index_arrays(damaged, "test")
+
+
+@pytest.mark.parametrize("slots", [[16], [1]], ids=["past-a-frame", "on-a-raw-chunk"])
+def test_a_slot_out_of_range_is_refused(slots: list[int]) -> None:
+    raw = [slots == [1]]
+    encoded = encode_index(b"\xaa" * 32, [0], [4096], raw, slots)
+    with pytest.raises(CorruptCheckpoint, match="slot out of range"):
+        decode_index_arrays(encoded, "test")
 
 
 @pytest.mark.parametrize("use_libzstd", [True, False])
@@ -370,3 +418,75 @@ def test_a_repository_written_before_raw_chunks_still_reads(
     flip(tmp_path / "repo" / pack_key(pack_id), (21 if repo.codec.encrypted else 0) + offset)
     with pytest.raises(CorruptCheckpoint):
         repo.materialize("w", old.id, tmp_path / "out3")
+
+
+# -- repositories written before frames of several pages -----------------------------------
+
+
+def v2_compress(self: PackBuilder, level: int) -> tuple[list[Any], bytes]:
+    """PackBuilder.compress as it was before frames of several pages: raw chunks, then a
+    frame per chunk, and a CKPTIDX2 index (the same entries without their slot). Run with
+    GROUP_PAGES at 1."""
+    pieces, encoded = _compress(self, level)
+    index = decode_index_arrays(encoded, "v2")
+    assert not index.slots.any()
+    length = index.lengths | (index.raw.astype(np.uint32) << np.uint32(31))
+    out = bytearray(IDX_MAGIC_V2 + struct.pack("<I", len(length)))
+    for i in range(len(length)):
+        out += index.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+        out += struct.pack("<II", int(index.offsets[i]), int(length[i]))
+    return pieces, bytes(out)
+
+
+_compress = PackBuilder.compress
+
+
+def test_a_repository_of_one_chunk_frames_still_reads(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packs written before frames of several pages (CKPTIDX2) rebuild, lazily read, and a
+    new checkpoint dedups against them, mixing both formats in one restore."""
+    src = mixed_image(tmp_path / "src")
+    with monkeypatch.context() as patch:
+        patch.setattr(PackBuilder, "compress", v2_compress)
+        patch.setattr(packs_module, "GROUP_PAGES", 1)
+        old = repo.commit("w", src)
+    for pack_id in old.packs:
+        raw = (tmp_path / "repo" / index_key(pack_id)).read_bytes()
+        assert repo.codec.encrypted or raw[:8] == IDX_MAGIC_V2
+    repo.materialize("w", old.id, tmp_path / "out")
+    assert files_of(tmp_path / "out") == files_of(src)
+    with open(src / "pages-1.img", "r+b") as f:
+        f.seek(40 * PAGE)
+        f.write(b"".join(text_page() for _ in range(40)))
+    new = repo.commit("w", src)
+    assert new.new_chunks == 40 and set(old.packs) < set(new.packs)
+    repo.materialize("w", new.id, tmp_path / "out2")
+    assert files_of(tmp_path / "out2") == files_of(src)
+    files = CheckpointFiles(repo, "w", new.id)
+    pages = (src / "pages-1.img").read_bytes()
+    assert files.read("pages-1.img", 30 * PAGE, 60 * PAGE) == pages[30 * PAGE : 90 * PAGE]
+
+
+def test_an_index_whose_slots_disagree_with_its_frame_is_refused(tmp_path: Path) -> None:
+    """In clear, whoever can write the folder can write an index: a frame of 16 pages whose
+    entries say 15 does not decode to what they say, and neither a restore nor a lazy read
+    returns its pages."""
+    repo = Repository(LocalBlobStore(tmp_path / "repo"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(b"".join(text_page() for _ in range(16)))
+    m = repo.commit("w", src)
+    path = tmp_path / "repo" / index_key(m.packs[0])
+    raw = bytearray(path.read_bytes())
+    assert raw[:8] == IDX_MAGIC
+    entry = 32 + 4 + 4 + 2
+    last = 12 + 15 * entry + 40  # the slot of the 16th page
+    assert struct.unpack_from("<H", raw, last) == (15,)
+    struct.pack_into("<H", raw, last, 14)
+    path.chmod(0o600)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpoint, match=r"does not decompress|not .* bytes"):
+        repo.materialize("w", m.id, tmp_path / "out")
+    with pytest.raises(CorruptCheckpoint, match=r"not .* bytes|does not match"):
+        CheckpointFiles(repo, "w", m.id).read("pages-1.img", 0, 16 * PAGE)

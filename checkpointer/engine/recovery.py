@@ -136,6 +136,7 @@ def _after_restore(engine: Engine, w: Workload, reason: str, cid: str, done: Res
     w.record(
         reason, RestoreResult.OK, f"restored as pid {w.pid} from the {done.report['source']}", cid
     )
+    w.state = WorkloadState.RUNNING  # after its record: see restoring.running
     engine.hooks.watch(w)
 
 

@@ -21,7 +21,7 @@ from checkpointer.criu import Criu, CriuError, RestoreStats
 from checkpointer.engine import kept_image
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.scratch import Scratch
-from checkpointer.engine.workload import Workload, WorkloadState
+from checkpointer.engine.workload import Workload
 from checkpointer.errors import RestoreFailed
 from checkpointer.workloads import process
 from checkpointer.workloads.logs import LogPump, open_for_workload
@@ -306,11 +306,8 @@ class RestorePipeline:
 
 
 def running(w: Workload, pid: int) -> None:
-    """Record that the restored tree runs as `pid`."""
+    """Record that the restored tree runs as `pid`. Its state turns `running` only once the
+    restore is in its history (recovery._after_restore): `status` reads without the lock,
+    and must never show the tree running while its last restore record is an older one."""
     w.pid, w.started, w.owner = pid, process.start_time(pid), None
-    w.state, w.exit_status, w.last_error, w.failed_reason = (
-        WorkloadState.RUNNING,
-        None,
-        None,
-        None,
-    )
+    w.exit_status, w.last_error, w.failed_reason = None, None, None
