@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zstandard
 
-from storage.chunk_index import digest_rows
+from storage.chunk_index import ChunkIndex, digest_rows
 from storage.errors import CorruptCheckpoint
 from storage.manifest import DIGEST_SIZE, FileEntry, Manifest
 from storage.packs import IndexArrays
@@ -37,27 +37,28 @@ _LOCATE_RANGE = 256  # chunks: a read of at most this many of a file not located
 class CheckpointFiles:
     """Reads ranges of the files of one checkpoint. Safe to use from several threads."""
 
-    def __init__(self, repo: Repository, workload: str, checkpoint_id: str) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        workload: str,
+        checkpoint_id: str,
+        hints: ChunkIndex | None = None,
+    ) -> None:
+        """`hints`: the repository's chunk index, if this process holds one (a daemon that
+        has committed): it says which pack holds a chunk, so a few chunks are located by
+        reading their packs' indexes alone. Without it, or where it does not know a chunk
+        (or names a pack this checkpoint does not use), every index of the checkpoint is
+        read once and searched together, as for a whole file."""
         self.repo = repo
         self.manifest: Manifest = repo.read_manifest(workload, checkpoint_id)
         self.where = f"checkpoint {checkpoint_id} of {workload}"
         self.files: dict[str, FileEntry] = {f.name: f for f in self.manifest.files}
-        # One after the other: read by 4 threads they took three times as long (1 GB: 250
-        # indexes, 11 ms), the GIL passed back and forth.
-        self._indexes: list[IndexArrays] = [
-            repo.index_for(p, self.where) for p in self.manifest.packs
-        ]
-        rows, packs, entries = [], [], []
-        for n, index in enumerate(self._indexes):
-            count = len(index.offsets)
-            rows.append(digest_rows(index.digests))
-            packs.append(np.full(count, n, dtype=np.int32))
-            entries.append(np.arange(count, dtype=np.int32))
-        self._rows = np.concatenate(rows) if rows else np.empty((0, 4), dtype="<u8")
-        self._pack_of = np.concatenate(packs) if packs else np.empty(0, dtype=np.int32)
-        self._entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
-        self._order = np.argsort(self._rows[:, 0])
-        self._keys = self._rows[self._order, 0]
+        self._hints = hints
+        self._pack_no = {pack: n for n, pack in enumerate(self.manifest.packs)}
+        self._indexes: dict[int, IndexArrays] = {}
+        self._by_digest: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._all: _AllIndexes | None = None
+        self._reading_all = threading.Lock()
         # Where every chunk of a file is, found once for the whole file when it is first
         # read, or ahead of that (`locate_ahead`), by a vectorised search: per-chunk lookups
         # in Python held the transfer to ~30 MB/s.
@@ -67,6 +68,8 @@ class CheckpointFiles:
         self._lock = threading.Lock()
         self._dctx = threading.local()
         self._frame_sizes: dict[int, np.ndarray] = {}  # pack number -> IndexArrays.frame_pages
+        if hints is None:
+            self._every_index()  # errors of a missing or damaged index here, as before
 
     def locate_ahead(self, names: list[str]) -> None:
         """Find the chunks of these files in a thread of their own, so that the caller goes
@@ -140,7 +143,7 @@ class CheckpointFiles:
         one: each frame is decoded once per read, not once per page)."""
         chunk = self.manifest.chunk_size
         size = min(chunk, f.size - k * chunk)
-        index = self._indexes[pack_no]
+        index = self._index(pack_no)
         start, stored = int(index.offsets[entry]), int(index.lengths[entry])
         if index.raw[entry]:
             out = bytes(data[start : start + stored])
@@ -169,7 +172,7 @@ class CheckpointFiles:
     def _frame_pages(self, pack_no: int) -> np.ndarray:
         pages = self._frame_sizes.get(pack_no)
         if pages is None:
-            pages = self._frame_sizes[pack_no] = self._indexes[pack_no].frame_pages()
+            pages = self._frame_sizes[pack_no] = self._index(pack_no).frame_pages()
         return pages
 
     def _locate_all(
@@ -178,30 +181,90 @@ class CheckpointFiles:
         """(pack number, index entry) of each chunk of `f` (of chunks `first` to `stop`), in
         file order."""
         q = digest_rows(f.digests)[first:stop]
+        if self._all is None and self._hints is not None and len(q) <= _LOCATE_RANGE:
+            end = len(q) + first
+            hinted = self._locate_hinted(f.digests[first * DIGEST_SIZE : end * DIGEST_SIZE], q)
+            if hinted is not None:
+                return hinted
+        every = self._every_index()
         n = len(q)
         packs = np.full(n, -1, dtype=np.int64)
         entries = np.full(n, -1, dtype=np.int64)
-        if n and len(self._keys):
+        if n and len(every.keys):
             # Searched in sorted order (each search then starts near the one before: twice as
             # fast on a 1 GB image's 256k chunks), the answers put back in file order.
             by_key = np.argsort(q[:, 0])
             lo = np.empty(n, dtype=np.int64)
-            lo[by_key] = np.searchsorted(self._keys, q[by_key, 0], side="left")
-            cand = self._order[np.minimum(lo, len(self._order) - 1)]
-            hit = (lo < len(self._keys)) & (self._rows[cand] == q).all(axis=1)
-            packs[hit], entries[hit] = self._pack_of[cand[hit]], self._entry_of[cand[hit]]
+            lo[by_key] = np.searchsorted(every.keys, q[by_key, 0], side="left")
+            cand = every.order[np.minimum(lo, len(every.order) - 1)]
+            hit = (lo < len(every.keys)) & (every.rows[cand] == q).all(axis=1)
+            packs[hit], entries[hit] = every.pack_of[cand[hit]], every.entry_of[cand[hit]]
         for k in np.flatnonzero(packs < 0).tolist():  # first words shared, or not held at all
             digest = q[k].tobytes()
-            packs[k], entries[k] = self._locate(digest)
+            packs[k], entries[k] = self._locate(every, digest)
         return packs, entries
 
-    def _locate(self, digest: bytes) -> tuple[int, int]:
+    def _locate_hinted(
+        self, digests: bytes | bytearray, q: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The chunks located through the hints and their packs' indexes, or None if any
+        one is not found that way. A wrong hint costs a search, never a wrong chunk: the
+        entry is the one whose digest is the chunk's, in a pack of this checkpoint."""
+        assert self._hints is not None
+        numbers = self._hints.lookup(digests)
+        if (numbers < 0).any():
+            return None
+        packs = np.empty(len(q), dtype=np.int64)
+        entries = np.empty(len(q), dtype=np.int64)
+        for number in np.unique(numbers).tolist():
+            pack_no = self._pack_no.get(self._hints.pack_id(number))
+            if pack_no is None:
+                return None
+            sel = np.flatnonzero(numbers == number)
+            order, keys, rows = self._sorted_index(pack_no)
+            if not len(keys):
+                return None
+            lo = np.minimum(np.searchsorted(keys, q[sel, 0]), len(keys) - 1)
+            cand = order[lo]
+            if not (rows[cand] == q[sel]).all():
+                return None  # not there, or two digests sharing a first word: the slow way
+            packs[sel], entries[sel] = pack_no, cand
+        return packs, entries
+
+    def _index(self, pack_no: int) -> IndexArrays:
+        index = self._indexes.get(pack_no)
+        if index is None:
+            index = self._indexes.setdefault(
+                pack_no, self.repo.index_for(self.manifest.packs[pack_no], self.where)
+            )
+        return index
+
+    def _sorted_index(self, pack_no: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One pack's index sorted by digest: (order, first words sorted, rows)."""
+        found = self._by_digest.get(pack_no)
+        if found is None:
+            rows = digest_rows(self._index(pack_no).digests)
+            order = np.argsort(rows[:, 0])
+            found = self._by_digest[pack_no] = (order, rows[order, 0], rows)
+        return found
+
+    def _every_index(self) -> _AllIndexes:
+        """Every index of the checkpoint, read once and searchable together."""
+        with self._reading_all:
+            if self._all is None:
+                # One after the other: read by 4 threads they took three times as long (1 GB:
+                # 250 indexes, 11 ms), the GIL passed back and forth.
+                indexes = [self._index(n) for n in range(len(self.manifest.packs))]
+                self._all = _AllIndexes(indexes)
+            return self._all
+
+    def _locate(self, every: _AllIndexes, digest: bytes) -> tuple[int, int]:
         row = digest_rows(digest)[0]
-        lo = int(np.searchsorted(self._keys, row[0], side="left"))
-        hi = int(np.searchsorted(self._keys, row[0], side="right"))
-        for i in self._order[lo:hi]:
-            if (self._rows[i] == row).all():
-                return int(self._pack_of[i]), int(self._entry_of[i])
+        lo = int(np.searchsorted(every.keys, row[0], side="left"))
+        hi = int(np.searchsorted(every.keys, row[0], side="right"))
+        for i in every.order[lo:hi]:
+            if (every.rows[i] == row).all():
+                return int(every.pack_of[i]), int(every.entry_of[i])
         raise self._bad(f"chunk {digest.hex()[:16]} is in none of its packs")
 
     def _pack(self, pack_no: int) -> bytes:
@@ -226,3 +289,20 @@ class CheckpointFiles:
 
     def _bad(self, what: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"{self.where} is corrupt: {what}")
+
+
+class _AllIndexes:
+    """The entries of every index of a checkpoint, sorted by their digests' first words."""
+
+    def __init__(self, indexes: list[IndexArrays]) -> None:
+        rows, packs, entries = [], [], []
+        for n, index in enumerate(indexes):
+            count = len(index.offsets)
+            rows.append(digest_rows(index.digests))
+            packs.append(np.full(count, n, dtype=np.int32))
+            entries.append(np.arange(count, dtype=np.int32))
+        self.rows = np.concatenate(rows) if rows else np.empty((0, 4), dtype="<u8")
+        self.pack_of = np.concatenate(packs) if packs else np.empty(0, dtype=np.int32)
+        self.entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
+        self.order = np.argsort(self.rows[:, 0])
+        self.keys = self.rows[self.order, 0]

@@ -244,6 +244,12 @@ class Repository:
             self._index, self._index_at = fresh, time.monotonic()
             return fresh
 
+    def known_chunks(self) -> ChunkIndex | None:
+        """The chunk index this process holds (after its first commit), as it is, without
+        loading or refreshing it: a lazy restore reads it as hints of where chunks are."""
+        with self._lock:
+            return self._index
+
     def forget_packs(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""
         with self._lock:

@@ -10,6 +10,7 @@ import pytest
 
 from storage import Repository
 from storage.backends.local import LocalBlobStore
+from storage.chunk_index import ChunkIndex
 from storage.crypto import Sealed, new_master
 from storage.errors import CorruptCheckpoint
 from storage.file_reader import CheckpointFiles
@@ -56,3 +57,56 @@ def test_a_flipped_byte_in_a_pack_is_refused_not_returned(tmp_path: Path, sealed
     with pytest.raises(CorruptCheckpoint):
         for offset in range(0, files.size("pages-1.img"), 64 * 4096):
             files.read("pages-1.img", offset, 64 * 4096)
+
+
+class CountingStore(LocalBlobStore):
+    """Counts the pack indexes read."""
+
+    indexes_read = 0
+
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        CountingStore.indexes_read += key.endswith(".idx")
+        return super().get(key, limit)
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_with_hints_a_small_read_reads_only_its_packs_indexes(tmp_path: Path, sealed: bool) -> None:
+    """A daemon that has committed knows which pack holds each chunk: the first small reads
+    of a lazy restore (its small images) read one or two indexes, not all of them, and a
+    whole file is still located with every index, returning the same bytes."""
+    src = folder(tmp_path / "src")
+    (src / "pages-1.img").write_bytes(os.urandom(3000 * 4096))  # ~12 MB: three packs or more
+    codec = Sealed(new_master()) if sealed else None
+    store = CountingStore(tmp_path / "repo")
+    repo = Repository(store, **({"codec": codec} if codec else {}))
+    m = repo.commit("w", src)
+    assert len(m.packs) >= 3
+    hints = repo.known_chunks()
+    assert hints is not None
+    CountingStore.indexes_read = 0
+    files = CheckpointFiles(repo, "w", m.id, hints)
+    assert files.read("core-1.img", 0, 400) == b"core" * 100
+    data = (src / "pages-1.img").read_bytes()
+    assert files.read("pages-1.img", 4096 * 10, 4096 * 3) == data[4096 * 10 : 4096 * 13]
+    assert CountingStore.indexes_read <= 2
+    assert files.read("pages-1.img", 0, len(data)) == data  # the whole file: every index
+    assert CountingStore.indexes_read == len(m.packs)
+
+
+def test_a_hint_that_names_the_wrong_pack_still_finds_the_right_chunk(tmp_path: Path) -> None:
+    """Hints are never trusted: an index that says every chunk is in the wrong pack (or a
+    pack of another checkpoint) only costs the search of every index."""
+    src = folder(tmp_path / "src")
+    (src / "pages-1.img").write_bytes(os.urandom(2000 * 4096))
+    repo = Repository(LocalBlobStore(tmp_path / "repo"))
+    m = repo.commit("w", src)
+    first = next(f for f in m.files if f.name == "pages-1.img").digests[:32]
+    elsewhere = next(p for p in m.packs if first not in repo.read_index(p).digests)
+    wrong = ChunkIndex()
+    everything = b"".join(f.digests for f in m.files)
+    wrong.add(elsewhere, everything)  # every chunk said to be in a pack without the first
+    wrong.add("0" * 32, bytes(32))  # and one in a pack that is not this checkpoint's
+    files = CheckpointFiles(repo, "w", m.id, wrong)
+    data = (src / "pages-1.img").read_bytes()
+    assert files.read("pages-1.img", 0, 4096 * 5) == data[: 4096 * 5]
+    assert files.read("core-1.img", 0, 400) == b"core" * 100

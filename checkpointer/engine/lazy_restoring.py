@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PAGES = re.compile(r"pages-(\d+)\.img")
+_EARLY = re.compile(r"(inventory|pstree|core-\d+|ids-\d+)\.img")
 
 
 class RepositoryPages:
@@ -52,32 +53,45 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
     """Start the lazy restore of `checkpoint_id`; the restored root's PID once it runs."""
     t0 = time.monotonic()
     images = p.scratch.new(w.name, "lazy")
+    lazy: LazyRestore | None = None
+    ran = False  # LazyRestore.run undoes its own failures; before it, they are undone here
     try:
         try:
-            files = CheckpointFiles(p.repo, w.name, checkpoint_id)
-            files.locate_ahead([n for n in files.files if _PAGES.fullmatch(n)])  # while CRIU runs
+            files = CheckpointFiles(p.repo, w.name, checkpoint_id, p.repo.known_chunks())
             t_index = time.monotonic()
-            for name, entry in files.files.items():
-                if not _PAGES.fullmatch(name):
-                    _write(images / name, files.read(name, 0, entry.size))
+            # What CRIU's lazy-pages daemon reads as it starts (the inventory and the process
+            # tree: lazy_pages_prepare_pstree, criu/uffd.c) first: it starts (~50 ms) while
+            # the rest is written and prepared. It reads the pagemaps only once the restore
+            # hands it the tree's userfaultfds, after all of them are ready.
+            others = [n for n in files.files if not _PAGES.fullmatch(n)]
+            early = [n for n in others if _EARLY.fullmatch(n)]
+            last_early = early[-1] if early else None
+            for name in [*early, *(n for n in others if n not in early)]:
+                _write(images / name, files.read(name, 0, files.files[name].size))
+                if name == last_early:
+                    lazy = LazyRestore.begin(p.criu, images, w.name)
             t_files = time.monotonic()
             source = RepositoryPages(files)
             index = prepare_restore_dir(images, source)
+            # The pages' chunks located while CRIU runs (another process: ours waits), not
+            # sooner: with hints, the small reads above need no search of every index, and a
+            # thread searching meanwhile only slowed them down (GIL).
+            files.locate_ahead([n for n in files.files if _PAGES.fullmatch(n)])
             t_pages = time.monotonic()
         except (StorageError, OSError) as e:
             w.last_error = str(e)
             raise RestoreFailed(
                 f"cannot restore {w.name} lazily: {e}", transient=isinstance(e, OSError)
             ) from e
+        if lazy is None:  # none of them: the daemon says what it makes of that
+            lazy = LazyRestore.begin(p.criu, images, w.name)
         inherit = p.log_fds(w, checkpoint_id)
         try:
-            lazy = LazyRestore.start(
-                p.criu,
-                images,
+            ran = True
+            lazy.run(
                 index,
                 source,
                 w.dump_options(),
-                w.name,
                 inherit=inherit,
                 on_finish=lambda lr: _finished(w, lr, images, t0),
             )
@@ -85,10 +99,14 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
             for fd, _ in inherit:
                 os.close(fd)
     except (CriuError, RestoreFailed) as e:
+        if lazy is not None and not ran:
+            lazy.cancel()
         w.last_error = str(e)
         shutil.rmtree(images.parent, ignore_errors=True)
         raise
     except BaseException:
+        if lazy is not None and not ran:
+            lazy.cancel()
         shutil.rmtree(images.parent, ignore_errors=True)
         raise
     assert lazy.pid is not None
@@ -98,7 +116,8 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
     w.lazy = LazyInFlight(checkpoint_id, lazy)
     log.info(
         "lazy restore of %s from %s: the tree runs as pid %d, %d pages to come on demand "
-        "(pack indexes %.2fs, other images %.2fs, %d local pages %.2fs, CRIU %.2fs)",
+        "(manifest and first indexes %.2fs, other images %.2fs, %d local pages %.2fs, CRIU %.2fs: "
+        "lazy-pages daemon %.2fs, criu restore %.2fs)",
         w.name,
         checkpoint_id,
         lazy.pid,
@@ -108,6 +127,7 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
         index.local_pages,
         t_pages - t_files,
         time.monotonic() - t_pages,
+        *lazy.started_in,
     )
     return lazy.pid, lazy.restore_stats or RestoreStats(0.0, 0.0, 0)
 

@@ -7,7 +7,8 @@ the kernel fills every page still missing with zeros under a running tree. The g
 own copies and watches a pipe from the daemon: "done" (every page arrived) lets it go; the
 pipe closing without it, or "kill", makes it SIGKILL the tree, and only then let go.
 
-Run as `python -m checkpointer.criu.lazy_guard LAZY_PAGES_PID`, the pipe as stdin. The tree's
+Started by checkpointer.criu.lazy with `main()` and LAZY_PAGES_PID as its argument, the
+pipe as stdin; it imports the standard library only (see _start_guard there). The tree's
 root comes later on the pipe as "root PID START_TIME" (it exists only once CRIU restored it);
 until then the copies alone keep the tree from wrong memory.
 """
@@ -21,7 +22,7 @@ import signal
 import sys
 import time
 
-from checkpointer.criu.lazy import UffdHold
+from checkpointer.uffd_hold import UffdHold
 from checkpointer.workloads.process import descendants, is_alive, start_time
 
 _TICK = 0.05
