@@ -10,8 +10,19 @@ stored in clear. Two keys are derived from it (BLAKE3's key derivation):
   read without the key, changed without failing its tag, or moved to another name (a manifest
   replayed under a new id, an old index put beside another pack) without failing its tag.
 
-AES-GCM runs at 7-8 GB/s per core here and releases the GIL; one tag per 4 MiB pack replaces
+AES-GCM runs at 7-8 GB/s per core here and releases the GIL; a few tags per 4 MiB pack replace
 the per-chunk BLAKE3 re-hash of restores (~0.8 s per GB in Python).
+
+Packs are sealed in segments (format 2): a header (magic, format, a random nonce, the segment
+size, the plaintext's length), then each 64 KiB segment of the plaintext sealed on its own,
+with a nonce of its own (the header's, its last 32 bits XORed with the segment's number) and
+the object's name, the whole header and the segment's number as associated data. A segment
+cannot be moved within the pack or to another, the header not changed, the pack not cut or
+lengthened (the header's length says how many segments there are) without failing a tag. A
+restore still checks every segment; a lazy restore reads only the segments holding the pages
+the tree asks for: 64 KiB read and opened for a page, not 4 MiB (measured 1.5 ms a random
+page with the whole pack, ~0.05 ms with its segment). Format 1 packs (one tag over the whole
+pack, written before) are still read.
 
 The master key is stored only wrapped: each `keys/<id>` object holds it sealed with a key-
 encryption key that comes from an access secret the operator keeps (a key file, or a
@@ -26,6 +37,7 @@ import hashlib
 import json
 import os
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -42,10 +54,14 @@ from storage.keys import key_key
 
 MAGIC = b"CKPTSEAL"  # 8 bytes, then the format byte, then the 12-byte nonce
 _FORMAT = 1
+_SEGMENTED = 2  # packs: see the module's docstring
+SEGMENT = 64 * 1024
+_LAYOUT = struct.Struct("<IQ")  # segment size, plaintext length (after MAGIC, format, nonce)
 _NONCE = 12
 _TAG = 16
 HEADER = len(MAGIC) + 1 + _NONCE
 OVERHEAD = HEADER + _TAG
+SEGMENTED_HEADER = HEADER + _LAYOUT.size
 _CHUNK_CONTEXT = "checkpointer 2026-11 chunk id"
 _OBJECT_CONTEXT = "checkpointer 2026-11 object seal"
 _WRAP_CONTEXT = "checkpointer 2026-11 key wrap"
@@ -90,6 +106,22 @@ class Codec(Protocol):
         """`open` into a buffer of this thread's, reused: valid until its next call here."""
         ...
 
+    def seal_pack(
+        self, name: str, pieces: Iterable[bytes | memoryview], size: int
+    ) -> Iterator[bytes | memoryview]:
+        """A pack of `size` bytes (the concatenation of `pieces`) as stored, a piece at a
+        time; `open_pack` opens it whole, `pack_layout` and `open_segment` a part."""
+        ...
+
+    def pack_layout(self, name: str, head: bytes, blob_size: int) -> PackLayout | None:
+        """How a stored pack is cut in segments, from its first SEGMENTED_HEADER bytes (or
+        fewer, if it is that short); None if it can only be opened whole (format 1)."""
+        ...
+
+    def open_segment(self, name: str, layout: PackLayout, i: int, stored: bytes) -> bytes:
+        """Segment `i`'s plaintext from its stored bytes (layout.span(i))."""
+        ...
+
 
 class Plain:
     """Repositories written before encryption: plain BLAKE3 ids, objects as they are.
@@ -118,6 +150,18 @@ class Plain:
         self, name: str, pieces: Iterable[bytes | memoryview]
     ) -> Iterator[bytes | memoryview]:
         return iter(pieces)
+
+    def seal_pack(
+        self, name: str, pieces: Iterable[bytes | memoryview], size: int
+    ) -> Iterator[bytes | memoryview]:
+        return iter(pieces)
+
+    def pack_layout(self, name: str, head: bytes, blob_size: int) -> PackLayout | None:
+        _refuse_sealed(name, head)
+        return PackLayout(0, SEGMENT, blob_size, 0, b"", b"")
+
+    def open_segment(self, name: str, layout: PackLayout, i: int, stored: bytes) -> bytes:
+        return stored
 
     def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
         _refuse_sealed(name, blob)
@@ -200,6 +244,8 @@ class Sealed:
             raise _tampered(name) from e
 
     def open_pack(self, name: str, blob: bytes | memoryview) -> bytes | memoryview:
+        if len(blob) > len(MAGIC) and blob[len(MAGIC)] == _SEGMENTED:
+            return self._open_segmented(name, blob)
         nonce = self._check_header(name, blob)
         size = len(blob) - OVERHEAD
         view = memoryview(self._buffer("open", size))[:size]
@@ -208,6 +254,86 @@ class Sealed:
         except InvalidTag as e:
             raise _tampered(name) from e
         return view
+
+    def seal_pack(
+        self, name: str, pieces: Iterable[bytes | memoryview], size: int
+    ) -> Iterator[bytes | memoryview]:
+        nonce = secrets.token_bytes(_NONCE)
+        header = MAGIC + bytes([_SEGMENTED]) + nonce + _LAYOUT.pack(SEGMENT, size)
+        aad = name.encode() + header
+        yield header
+        pending = bytearray()
+        number = done = 0
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            done += len(view)
+            while view:
+                if not pending and len(view) >= SEGMENT:  # straight from the piece
+                    segment, view = view[:SEGMENT], view[SEGMENT:]
+                else:
+                    take = SEGMENT - len(pending)
+                    pending += view[:take]
+                    view = view[take:]
+                    if len(pending) < SEGMENT:
+                        continue
+                    segment = memoryview(pending)
+                yield self._aead.encrypt(_segment_nonce(nonce, number), segment, _aad(aad, number))
+                del segment
+                pending.clear()
+                number += 1
+        if done != size:
+            raise ValueError(f"{name}: {done} bytes of pack, not the {size} announced")
+        if pending or number == 0:
+            yield self._aead.encrypt(
+                _segment_nonce(nonce, number), bytes(pending), _aad(aad, number)
+            )
+
+    def pack_layout(self, name: str, head: bytes, blob_size: int) -> PackLayout | None:
+        if len(head) > len(MAGIC) and head[: len(MAGIC)] == MAGIC and head[len(MAGIC)] == _FORMAT:
+            return None
+        if (
+            len(head) < SEGMENTED_HEADER
+            or head[: len(MAGIC)] != MAGIC
+            or head[len(MAGIC)] != _SEGMENTED
+        ):
+            self._check_header(name, head)  # raises: not sealed as this repository seals
+            raise _tampered(name)
+        header = bytes(head[:SEGMENTED_HEADER])
+        segment, size = _LAYOUT.unpack_from(header, HEADER)
+        layout = PackLayout(
+            SEGMENTED_HEADER, segment, size, _TAG, header[len(MAGIC) + 1 : HEADER], header
+        )
+        if segment == 0 or blob_size != layout.stored_size():
+            raise _tampered(name)  # cut, lengthened, or a header that lies
+        return layout
+
+    def open_segment(self, name: str, layout: PackLayout, i: int, stored: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(
+                _segment_nonce(layout.nonce, i), stored, _aad(name.encode() + layout.header, i)
+            )
+        except InvalidTag as e:
+            raise _tampered(name) from e
+
+    def _open_segmented(self, name: str, blob: bytes | memoryview) -> memoryview:
+        layout = self.pack_layout(name, bytes(blob[:SEGMENTED_HEADER]), len(blob))
+        assert layout is not None
+        out = memoryview(self._buffer("open", layout.size))[: layout.size]
+        aad = name.encode() + layout.header
+        src = memoryview(blob)
+        try:
+            for i in range(layout.segments()):
+                at, length = layout.span(i)
+                start = i * layout.segment
+                self._aead.decrypt_into(
+                    _segment_nonce(layout.nonce, i),
+                    src[at : at + length],
+                    _aad(aad, i),
+                    out[start : start + length - _TAG],
+                )
+        except InvalidTag as e:
+            raise _tampered(name) from e
+        return out
 
     def _buffer(self, which: str, size: int) -> bytearray:
         buf: bytearray | None = getattr(self._buffers, which, None)
@@ -223,6 +349,38 @@ class Sealed:
                 "or written unencrypted): refused"
             )
         return bytes(blob[len(MAGIC) + 1 : HEADER])
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """Where the segments of a stored pack lie: after `start` bytes of header, each
+    `segment` bytes of plaintext plus `overhead` (a tag; none in clear), the last shorter."""
+
+    start: int
+    segment: int
+    size: int  # of the plaintext
+    overhead: int
+    nonce: bytes
+    header: bytes
+
+    def segments(self) -> int:
+        return max(1, -(-self.size // self.segment))
+
+    def stored_size(self) -> int:
+        return self.start + self.size + self.segments() * self.overhead
+
+    def span(self, i: int) -> tuple[int, int]:
+        """(offset, length) of segment `i` as stored."""
+        plain = min(self.segment, self.size - i * self.segment)
+        return self.start + i * (self.segment + self.overhead), plain + self.overhead
+
+
+def _segment_nonce(nonce: bytes, number: int) -> bytes:
+    return nonce[:8] + (int.from_bytes(nonce[8:], "big") ^ number).to_bytes(4, "big")
+
+
+def _aad(prefix: bytes, number: int) -> bytes:
+    return prefix + number.to_bytes(4, "little")
 
 
 def _tampered(name: str) -> CorruptCheckpoint:

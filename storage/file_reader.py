@@ -23,14 +23,17 @@ import numpy as np
 import zstandard
 
 from storage.chunk_index import ChunkIndex, digest_rows
-from storage.errors import CorruptCheckpoint
+from storage.crypto import SEGMENTED_HEADER, PackLayout
+from storage.errors import BlobNotFound, CorruptCheckpoint
+from storage.keys import pack_key
 from storage.manifest import DIGEST_SIZE, FileEntry, Manifest
 from storage.packs import IndexArrays
 
 if TYPE_CHECKING:
     from storage.repository import Repository
 
-CACHED_PACKS = 8  # opened packs kept: 8 x 4 MiB of raw chunks at most
+CACHED_PACKS = 8  # packs sealed whole (format 1) kept opened: 8 x 4 MiB at most
+CACHED_SEGMENTS = 512  # opened 64 KiB segments kept: 32 MiB at most
 _LOCATE_RANGE = 256  # chunks: a read of at most this many of a file not located yet locates them
 
 
@@ -65,6 +68,8 @@ class CheckpointFiles:
         self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._locating = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._segments: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._layouts: dict[int, PackLayout | None] = {}
         self._lock = threading.Lock()
         self._dctx = threading.local()
         self._frame_sizes: dict[int, np.ndarray] = {}  # pack number -> IndexArrays.frame_pages
@@ -110,15 +115,11 @@ class CheckpointFiles:
         else:
             packs, entries = self._located(name)
             base = 0
+        self._read_ahead(packs[first - base : stop - base], entries[first - base : stop - base])
         parts = []
-        data: bytes = b""
-        current = -1
         frame: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # the last one decoded
         for k in range(first, stop):
-            pack_no = int(packs[k - base])
-            if pack_no != current:
-                data, current = self._pack(pack_no), pack_no
-            piece, frame = self._chunk(f, k, pack_no, int(entries[k - base]), data, frame)
+            piece, frame = self._chunk(f, k, int(packs[k - base]), int(entries[k - base]), frame)
             parts.append(piece)
         out = b"".join(parts)
         skip = offset % chunk
@@ -136,7 +137,6 @@ class CheckpointFiles:
         k: int,
         pack_no: int,
         entry: int,
-        data: bytes,
         frame: tuple[tuple[int, int], bytes],
     ) -> tuple[bytes, tuple[tuple[int, int], bytes]]:
         """Chunk `k` of `f`, checked, and the frame decoded last (consecutive pages share
@@ -146,7 +146,7 @@ class CheckpointFiles:
         index = self._index(pack_no)
         start, stored = int(index.offsets[entry]), int(index.lengths[entry])
         if index.raw[entry]:
-            out = bytes(data[start : start + stored])
+            out = self._stored(pack_no, start, stored)
         else:
             slot = int(index.slots[entry])
             if frame[0] != (pack_no, start):
@@ -154,7 +154,7 @@ class CheckpointFiles:
                 expected = size if pages == 1 else pages * chunk
                 try:
                     decoded = self._decompressor().decompress(
-                        data[start : start + stored], max_output_size=expected
+                        self._stored(pack_no, start, stored), max_output_size=expected
                     )
                 except zstandard.ZstdError as e:
                     raise self._bad(f"{f.name}: chunk {k} does not decompress ({e})") from e
@@ -267,7 +267,91 @@ class CheckpointFiles:
                 return int(every.pack_of[i]), int(every.entry_of[i])
         raise self._bad(f"chunk {digest.hex()[:16]} is in none of its packs")
 
-    def _pack(self, pack_no: int) -> bytes:
+    def _read_ahead(self, packs: np.ndarray, entries: np.ndarray) -> None:
+        """Fetch, for each pack a read touches, the span of its segments that read needs,
+        in one request: a bucket then sees one GET per pack and read, not one per segment."""
+        for pack_no in np.unique(packs).tolist():
+            index = self._index(pack_no)
+            mine = entries[packs == pack_no]
+            starts = index.offsets[mine].astype(np.int64)
+            lo, hi = int(starts.min()), int((starts + index.lengths[mine]).max())
+            self._stored(pack_no, lo, hi - lo, keep_only=True)
+
+    def _stored(self, pack_no: int, start: int, length: int, keep_only: bool = False) -> bytes:
+        """Bytes `start` to `start + length` of a pack as its index counts them (opened),
+        read and verified a segment at a time (crypto.py), the segments kept a while
+        (`keep_only`: only that, nothing returned)."""
+        key = pack_key(self.manifest.packs[pack_no])
+        layout = self._layout(pack_no, key)
+        if layout is None:  # sealed whole (format 1): opened whole
+            data = self._whole(pack_no)
+            if keep_only:
+                return b""
+            if start + length > len(data):
+                raise self._bad(f"pack {self.manifest.packs[pack_no]} is shorter than its index")
+            return data[start : start + length]
+        if length <= 0:
+            return b""
+        if start < 0 or start + length > layout.size:
+            raise self._bad(f"pack {self.manifest.packs[pack_no]} is shorter than its index")
+        first, last = start // layout.segment, (start + length - 1) // layout.segment
+        with self._lock:
+            have = {i: self._segments.get((pack_no, i)) for i in range(first, last + 1)}
+            for i, seg in have.items():
+                if seg is not None:
+                    self._segments.move_to_end((pack_no, i))
+        missing = [i for i, seg in have.items() if seg is None]
+        if missing:
+            have.update(self._fetch(pack_no, key, layout, missing[0], missing[-1]))
+        if keep_only:
+            return b""
+        data = b"".join(seg for seg in have.values() if seg is not None)  # in segment order
+        at = start - first * layout.segment
+        return data[at : at + length]
+
+    def _fetch(
+        self, pack_no: int, key: str, layout: PackLayout, lo: int, hi: int
+    ) -> dict[int, bytes]:
+        """Segments `lo` to `hi` of a pack, in one read, opened, and kept."""
+        at = layout.span(lo)[0]
+        end = sum(layout.span(hi))
+        try:
+            stored, _ = self.repo.backend.get_range(key, at, end - at)
+        except BlobNotFound as e:
+            raise self._bad(f"pack {self.manifest.packs[pack_no]} is missing") from e
+        if len(stored) != end - at:
+            raise self._bad(f"pack {self.manifest.packs[pack_no]} is truncated")
+        out: dict[int, bytes] = {}
+        for i in range(lo, hi + 1):
+            offset, length = layout.span(i)
+            try:
+                out[i] = self.repo.codec.open_segment(
+                    key, layout, i, stored[offset - at : offset - at + length]
+                )
+            except CorruptCheckpoint as e:
+                raise self._bad(str(e)) from e
+        with self._lock:
+            for i, seg in out.items():
+                self._segments[(pack_no, i)] = seg
+            while len(self._segments) > CACHED_SEGMENTS:
+                self._segments.popitem(last=False)
+        return out
+
+    def _layout(self, pack_no: int, key: str) -> PackLayout | None:
+        if pack_no in self._layouts:
+            return self._layouts[pack_no]
+        try:
+            head, size = self.repo.backend.get_range(key, 0, SEGMENTED_HEADER)
+        except BlobNotFound as e:
+            raise self._bad(f"pack {self.manifest.packs[pack_no]} is missing") from e
+        try:
+            layout = self.repo.codec.pack_layout(key, head, size)
+        except CorruptCheckpoint as e:
+            raise self._bad(str(e)) from e
+        self._layouts[pack_no] = layout
+        return layout
+
+    def _whole(self, pack_no: int) -> bytes:
         with self._lock:
             data = self._cache.get(pack_no)
             if data is not None:

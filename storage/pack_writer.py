@@ -121,12 +121,12 @@ class PackWriter:
         self.written.add(b.pack_id)
         pieces, encoded_index = b.compress(self.level)
         pack, index = pack_key(b.pack_id), index_key(b.pack_id)
-        # One seal (AES-GCM, one tag) per pack: a restore authenticates it in one call. It
-        # is sealed a slice at a time as it is written: no copy of the pack is held.
-        self.backend.put_pieces(pack, lambda: self.codec.seal_stream(pack, _slices(pieces)))
+        # Sealed in 64 KiB segments (storage/crypto.py: a lazy restore opens only the ones
+        # it needs), a slice at a time as it is written: no copy of the pack is held.
+        size = sum(map(len, pieces))
+        self.backend.put_pieces(pack, lambda: self.codec.seal_pack(pack, _slices(pieces), size))
         self.backend.put(index, self.codec.seal(index, encoded_index))  # after its pack
         self.index.add(b.pack_id, b.digests)
-        size = sum(map(len, pieces))
         pieces.clear()  # the views of the builder's buffer go before it is reused
         b.recycle()  # not after a failure: a view of its buffer may live in the traceback
         return size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -9,7 +10,15 @@ import blake3
 import pytest
 
 from storage.backends import LocalBlobStore
-from storage.crypto import AccessSecret, Plain, Sealed, WrongKey, new_master
+from storage.crypto import (
+    SEGMENT,
+    SEGMENTED_HEADER,
+    AccessSecret,
+    Plain,
+    Sealed,
+    WrongKey,
+    new_master,
+)
 from storage.errors import CorruptCheckpoint, StorageError
 from storage.keyring import (
     RepositoryNotEncrypted,
@@ -52,6 +61,72 @@ def test_an_object_sealed_in_pieces_opens_like_one_sealed_whole() -> None:
     with pytest.raises(CorruptCheckpoint, match="fails authentication"):
         codec.open(name, blob[:-1])  # cut short
     assert b"".join(Plain().seal_stream(name, pieces)) == data
+
+
+def _sealed_pack(codec: Sealed, name: str, plain: bytes) -> bytes:
+    # Pieces of uneven sizes, some larger than a segment: cut and joined as they come.
+    cuts = [0, 1000, 1000 + 3 * SEGMENT + 7, len(plain)]
+    pieces = [memoryview(plain)[a:b] for a, b in itertools.pairwise(cuts) if a < b]
+    return b"".join(codec.seal_pack(name, pieces, len(plain)))
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 5 * SEGMENT + 77])
+def test_a_pack_sealed_in_segments_opens_whole_and_a_segment_at_a_time(size: int) -> None:
+    codec = Sealed(new_master())
+    plain = os.urandom(size)
+    blob = _sealed_pack(codec, "packs/ab/x.pack", plain)
+    assert bytes(codec.open_pack("packs/ab/x.pack", blob)) == plain
+    layout = codec.pack_layout("packs/ab/x.pack", blob[:SEGMENTED_HEADER], len(blob))
+    assert layout is not None and layout.stored_size() == len(blob)
+    got = b""
+    for i in range(layout.segments()):
+        at, length = layout.span(i)
+        got += codec.open_segment("packs/ab/x.pack", layout, i, blob[at : at + length])
+    assert got == plain
+
+
+def test_a_segmented_pack_refuses_every_change_a_bucket_writer_could_make() -> None:
+    """A flipped bit, two segments swapped, the last one cut or one added, a header that
+    lies about the length, a segment of another pack, the pack under another name."""
+    codec = Sealed(new_master())
+    name = "packs/ab/x.pack"
+    plain = os.urandom(3 * SEGMENT + 100)
+    blob = _sealed_pack(codec, name, plain)
+    layout = codec.pack_layout(name, blob[:SEGMENTED_HEADER], len(blob))
+    assert layout is not None
+    spans = [layout.span(i) for i in range(layout.segments())]
+    (a0, n0), (a1, n1) = spans[0], spans[1]
+    flipped = bytearray(blob)
+    flipped[a1 + 10] ^= 1
+    swapped = blob[:a0] + blob[a1 : a1 + n1] + blob[a0 : a0 + n0] + blob[a1 + n1 :]
+    cut = blob[: spans[-1][0]]
+    longer = blob + blob[spans[-1][0] :]
+    lying = bytearray(blob)
+    lying[SEGMENTED_HEADER - 8 : SEGMENTED_HEADER] = (2 * SEGMENT).to_bytes(8, "little")
+    lying = lying[: layout.span(1)[0] + layout.span(1)[1]]  # as long as its lie says
+    other = _sealed_pack(codec, "packs/cd/y.pack", os.urandom(len(plain)))
+    spliced = blob[:a1] + other[a1 : a1 + n1] + blob[a1 + n1 :]
+    for bad, at in [
+        (bytes(flipped), name),
+        (swapped, name),
+        (cut, name),
+        (longer, name),
+        (bytes(lying), name),
+        (spliced, name),
+        (blob, "packs/cd/y.pack"),
+    ]:
+        with pytest.raises(CorruptCheckpoint):
+            codec.open_pack(at, bad)
+    with pytest.raises(CorruptCheckpoint):  # and one segment alone, flipped
+        codec.open_segment(name, layout, 1, bytes(flipped[a1 : a1 + n1]))
+
+
+def test_packs_sealed_whole_before_segments_still_open() -> None:
+    codec = Sealed(new_master())
+    plain = os.urandom(100_000)
+    blob = b"".join(codec.seal_stream("packs/ab/x.pack", [plain]))
+    assert codec.pack_layout("packs/ab/x.pack", blob[:SEGMENTED_HEADER], len(blob)) is None
+    assert bytes(codec.open_pack("packs/ab/x.pack", blob)) == plain
 
 
 def test_chunk_ids_are_keyed_per_repository() -> None:

@@ -11,7 +11,7 @@ import pytest
 from storage import Repository
 from storage.backends.local import LocalBlobStore
 from storage.chunk_index import ChunkIndex
-from storage.crypto import Sealed, new_master
+from storage.crypto import SEGMENT, SEGMENTED_HEADER, Sealed, new_master
 from storage.errors import CorruptCheckpoint
 from storage.file_reader import CheckpointFiles
 
@@ -110,3 +110,64 @@ def test_a_hint_that_names_the_wrong_pack_still_finds_the_right_chunk(tmp_path: 
     data = (src / "pages-1.img").read_bytes()
     assert files.read("pages-1.img", 0, 4096 * 5) == data[: 4096 * 5]
     assert files.read("core-1.img", 0, 400) == b"core" * 100
+
+
+class RangeCountingStore(LocalBlobStore):
+    """Counts what is read of packs, whole or by range."""
+
+    pack_bytes = 0
+
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:
+        data, size = super().get_range(key, offset, length)
+        RangeCountingStore.pack_bytes += len(data) * key.endswith(".pack")
+        return data, size
+
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        data = super().get(key, limit)
+        RangeCountingStore.pack_bytes += len(data) * key.endswith(".pack")
+        return data
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_a_page_is_read_from_its_segment_not_its_whole_pack(tmp_path: Path, sealed: bool) -> None:
+    """A lazy restore's page fault reads the 64 KiB segment (or two) that holds its chunk,
+    not the 4 MiB pack, and it is still checked (a flipped bit in another segment of the
+    same pack goes unread; one in its own segment is refused)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(1000 * 4096)
+    (src / "pages-1.img").write_bytes(data)
+    codec = Sealed(new_master()) if sealed else None
+    repo = Repository(RangeCountingStore(tmp_path / "repo"), **({"codec": codec} if codec else {}))
+    m = repo.commit("w", src)
+    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    RangeCountingStore.pack_bytes = 0
+    assert files.read("pages-1.img", 500 * 4096, 4096) == data[500 * 4096 : 501 * 4096]
+    assert 0 < RangeCountingStore.pack_bytes <= 2 * (SEGMENT + 16) + SEGMENTED_HEADER
+    (pack,) = (tmp_path / "repo").rglob("*.pack")
+    raw = bytearray(pack.read_bytes())
+    raw[len(raw) - 100] ^= 0x01  # the last segment: pages near the end
+    pack.chmod(0o600)
+    pack.write_bytes(bytes(raw))
+    fresh = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    assert fresh.read("pages-1.img", 0, 4096) == data[:4096]
+    with pytest.raises(CorruptCheckpoint):
+        fresh.read("pages-1.img", len(data) - 4096, 4096)
+
+
+def test_packs_sealed_whole_before_segments_still_read_and_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = folder(tmp_path / "src")
+    repo = Repository(LocalBlobStore(tmp_path / "repo"), codec=Sealed(new_master()))
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            Sealed, "seal_pack", lambda self, name, pieces, size: self.seal_stream(name, pieces)
+        )
+        m = repo.commit("w", src)
+    data = (src / "pages-1.img").read_bytes()
+    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    assert files.read("pages-1.img", 4096 * 299, 3 * 4096) == data[4096 * 299 : 4096 * 302]
+    assert files.read("pages-1.img", 0, len(data)) == data
+    repo.materialize("w", m.id, tmp_path / "out")
+    assert (tmp_path / "out" / "pages-1.img").read_bytes() == data

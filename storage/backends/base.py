@@ -48,6 +48,13 @@ class BlobStore(ABC):
         of its reading time, in page faults.) The default is `get`."""
         return self.get(key, limit)
 
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:
+        """`length` bytes of a blob from `offset` (fewer where it ends), and the blob's
+        whole size; BlobNotFound if there is none. A lazy restore reads a pack's 64 KiB
+        segments this way, not the 4 MiB pack. The default reads the whole blob."""
+        data = self.get(key)
+        return data[offset : offset + length], len(data)
+
     @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether a blob is stored under `key`."""

@@ -97,6 +97,21 @@ class LocalBlobStore(BlobStore):
                 got += n
             return view[:got]  # shorter only if the file shrank meanwhile: its reader finds out
 
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError as e:
+            raise BlobNotFound(f"blob {key} not found in {self.root}") from e
+        try:
+            size = os.fstat(fd).st_size
+            parts, at, end = [], offset, min(offset + length, size)
+            while at < end and (part := os.pread(fd, end - at, at)):
+                parts.append(part)
+                at += len(part)
+            return b"".join(parts), size
+        finally:
+            os.close(fd)
+
     def modified(self, key: str) -> float | None:
         try:
             return os.stat(self._path(key)).st_mtime

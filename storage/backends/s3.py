@@ -202,6 +202,32 @@ class S3BlobStore(BlobStore):
         except Exception as e:
             raise self._translate(e, "get", key) from e
 
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:
+        if length <= 0:
+            return b"", self._size(key)
+        try:
+            r = self.client.get_object(
+                Bucket=self.s.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            data = bytes(r["Body"].read())
+            total = str(r.get("ContentRange", "")).rpartition("/")[2]
+        except Exception as e:
+            err = self._translate(e, "get", key)
+            if "InvalidRange" not in str(e):
+                raise err from e
+            return b"", self._size(key)  # from past the end: nothing, as a file would
+        return data, int(total) if total.isdigit() else offset + len(data)
+
+    def _size(self, key: str) -> int:
+        try:
+            return int(
+                self.client.head_object(Bucket=self.s.bucket, Key=self._key(key))["ContentLength"]
+            )
+        except Exception as e:
+            raise self._translate(e, "head", key) from e
+
     def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
         args: dict[str, Any] = {
             "Bucket": self.s.bucket,

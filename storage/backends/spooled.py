@@ -106,6 +106,13 @@ class SpooledBlobStore(BlobStore):
         except BlobNotFound:
             return self.get(key, limit)
 
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:
+        """From the local copy when there is one, else from the bucket (not cached: a part)."""
+        try:
+            return self.cache.get_range(key, offset, length)
+        except BlobNotFound:
+            return self.remote.get_range(key, offset, length)
+
     def modified(self, key: str) -> float | None:
         """The bucket's time; a blob still only in the spool is as young as can be."""
         when = self.remote.modified(key)

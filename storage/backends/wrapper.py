@@ -44,6 +44,9 @@ class WrappedBlobStore(BlobStore):
     ) -> bytes | memoryview:
         return self.around("get", lambda: self.inner.get_into(key, buffer, limit))
 
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:
+        return self.around("get", lambda: self.inner.get_range(key, offset, length))
+
     def exists(self, key: str) -> bool:
         return self.around("exists", lambda: self.inner.exists(key))
 
