@@ -35,6 +35,8 @@ CacheFiles = list[tuple[float, int, str]]
 
 _PACK_SUFFIX = ".pack"
 _CACHE_QUEUE_MAX = 256 * 1024 * 1024  # bytes of blobs waiting to be copied into the cache
+_CACHE_SETTLE = 0.5  # seconds without a new blob read before the copies are written
+_CACHE_BATCH_MAX = 16 * 1024 * 1024  # or once this much waits (~1.5 GB of image's indexes)
 
 
 class SpooledBlobStore(BlobStore):
@@ -280,15 +282,27 @@ class SpooledBlobStore(BlobStore):
 
     def _cache_loop(self) -> None:
         while (item := self._to_cache.get()) is not None:
-            key, data = item
-            with contextlib.suppress(BlobExists, StorageError, OSError):
-                self.cache.put(key, data)
-            with self._caching_lock:
-                self._caching_bytes -= len(data)
-                idle = self._caching_bytes == 0
-            if idle:  # once a burst of reads is in: one scan of the cache, not one per blob
-                with contextlib.suppress(OSError):
-                    self._trim_cache()
+            # A restore reads its pack indexes in a burst: their copies are written once it
+            # is over, not as they come (two fsyncs a copy took 0.2 s of CPU, of 1.8 s, from
+            # a bucket restore on two cores). Held in memory meanwhile, _CACHE_BATCH_MAX at most.
+            batch, size = [item], len(item[1])
+            while size < _CACHE_BATCH_MAX:
+                try:
+                    more = self._to_cache.get(timeout=_CACHE_SETTLE)
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._to_cache.put(None)  # stop once this batch is in
+                    break
+                batch.append(more)
+                size += len(more[1])
+            for key, data in batch:
+                with contextlib.suppress(BlobExists, StorageError, OSError):
+                    self.cache.put(key, data)
+                with self._caching_lock:
+                    self._caching_bytes -= len(data)
+            with contextlib.suppress(OSError):  # one scan of the cache a burst, not one a blob
+                self._trim_cache()
 
     def wait_cached(self, timeout: float = 30.0) -> bool:
         """Wait until every blob read so far is in the cache (tests, benchmarks)."""
