@@ -544,10 +544,10 @@ class LazyRestore:
         stall_timeout: float = 30.0,
         ready_timeout: float = 30.0,
     ) -> LazyRestore:
-        """`start` in two halves: the lazy-pages daemon (and its guard) now, on a folder that
-        holds pstree.img so far (all the daemon reads before the restore connects to it:
-        lazy_pages_prepare_pstree in criu/uffd.c), then `run` once the caller has put the
-        other images there, or `cancel`. The daemon's start (~50 ms, measured on 1 GB of
+        """`start` in two halves: the lazy-pages daemon now, on a folder that holds so far
+        the inventory and the process tree (what the daemon reads before the restore connects
+        to it: lazy_pages_prepare_pstree in criu/uffd.c), then `run` once the caller has put
+        the other images there, or `cancel`. The daemon's start (~50 ms, measured on 1 GB of
         Redis) then overlaps the caller's own preparing instead of following it: `begin`
         only spawns it, `run` waits until it listens."""
         _check_private_dir(images_dir)
@@ -629,12 +629,15 @@ class LazyRestore:
         """The guard holds the userfaultfds too, and kills the tree if this process dies
         before the pages are all there (checkpointer.lazy_guard). Without site (-S) and with
         nothing but the standard library to import, it starts in ~30 ms of CPU, not the ~110
-        of `-m` through the package: it starts while CRIU restores, on the same two cores."""
+        of `-m` through the package: it starts while CRIU restores, on the same two cores.
+        Isolated (-I: neither the working folder nor PYTHON* variables on its path), as it
+        runs as root: only the standard library and our own package are imported."""
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             with children.LOCK:
                 self._guard = subprocess.Popen(
-                    [sys.executable, "-S", "-c", _GUARD, _PACKAGE_ROOT, str(daemon_pid)],
+                    [sys.executable, "-I", "-S", "-c", _GUARD, _PACKAGE_ROOT, str(daemon_pid)],
+                    cwd="/",
                     stdin=r,
                     stdout=subprocess.DEVNULL,
                     start_new_session=True,  # it must outlive us, whatever kills us

@@ -98,15 +98,11 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
         finally:
             for fd, _ in inherit:
                 os.close(fd)
-    except (CriuError, RestoreFailed) as e:
+    except BaseException as e:
         if lazy is not None and not ran:
             lazy.cancel()
-        w.last_error = str(e)
-        shutil.rmtree(images.parent, ignore_errors=True)
-        raise
-    except BaseException:
-        if lazy is not None and not ran:
-            lazy.cancel()
+        if isinstance(e, CriuError | RestoreFailed):
+            w.last_error = str(e)
         shutil.rmtree(images.parent, ignore_errors=True)
         raise
     assert lazy.pid is not None
