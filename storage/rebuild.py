@@ -322,7 +322,11 @@ class _Step:
             units.offsets[1:] != units.offsets[:-1] + units.lengths[:-1]
         )
         direct = self._direct(rows, total, unit_at, units, run_breaks)
-        if direct is not None:
+        if direct is not None and len(direct) == 1 and units.raw[0]:
+            # All raw and in order (random memory, a first checkpoint): written from the pack.
+            at = int(units.offsets[0])
+            src = self.data[at : at + total * cs]
+        elif direct is not None:
             # Each page once, and each unit's pages in file order (a first checkpoint):
             # decoded straight into place, piece by piece.
             out = self.scratch.buffer("out", total * cs)
