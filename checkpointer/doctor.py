@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpointer.config import Config
-from checkpointer.criu import Criu, CriuError
+from checkpointer.criu import Criu, CriuError, kdat_cache
 from checkpointer.criu.driver import INSTALL_HINT
 
 TESTED_CRIU = "4.2.1"
@@ -54,6 +54,16 @@ def run_checks(config: Config) -> list[Check]:
                 ok,
                 "passes" if ok else _last_line(text),
                 "" if ok else "run `criu check` to see what the kernel lacks",
+            )
+        )
+        cached, detail = kdat_cache.status(criu.exe())
+        checks.append(
+            Check(
+                "criu probe cache",
+                cached,
+                detail,
+                "" if cached else "the daemon mounts it as it starts (or run `make setup`)",
+                required=False,
             )
         )
         dirty, _ = criu.check(["--feature", "mem_dirty_track"])

@@ -15,6 +15,11 @@ export CRIU_FLOOR=4.2.1
 KNOWN_TARBALL=criu_4.2.1.orig.tar.xz
 KNOWN_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 PREFIX=/usr/local
+# CRIU probes the kernel at every start (~25-50 ms here) unless its cache of the probes
+# (criu.kdat) is on tmpfs, and it looks for that cache in RUNDIR (/run by default). /run is
+# not a tmpfs on these machines, so the CRIU built here looks in a folder of its own, which
+# this script and the daemon make a root-only tmpfs (checkpointer/criu/kdat_cache.py).
+KDAT_DIR=/run/checkpointer-criu
 BUILD_ROOT=${CRIU_BUILD_ROOT:-/var/cache/checkpointer/criu-build}
 BUILD_DEPS=(build-essential libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   libprotobuf-dev python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libnftables-dev
@@ -38,7 +43,29 @@ version_ok() {
   return 0
 }
 
-if version_ok; then
+kdat_dir() {
+  # A root-only tmpfs for the probe cache of the CRIU built here (a reboot empties it, as
+  # CRIU wants); nothing to do for another CRIU, or where the folder already is one.
+  grep -qa "$KDAT_DIR/criu.kdat" "$PREFIX/sbin/criu" 2>/dev/null || return 0
+  [ "$(id -u)" -eq 0 ] || return 0
+  if [ -L "$KDAT_DIR" ] || { [ -e "$KDAT_DIR" ] && [ ! -d "$KDAT_DIR" ]; }; then
+    log "$KDAT_DIR is not a folder: CRIU runs without its probe cache"; return 0
+  fi
+  mkdir -p -m 0700 "$KDAT_DIR"
+  if [ "$(stat -f -c %T "$KDAT_DIR")" != tmpfs ]; then
+    mount -t tmpfs -o mode=0700,size=1m,nosuid,nodev,noexec checkpointer-criu "$KDAT_DIR" ||
+      log "cannot mount a tmpfs on $KDAT_DIR: CRIU runs without its probe cache"
+  fi
+  return 0
+}
+
+built_here() {
+  # The CRIU on PATH is the one this script installs, built before the probe cache moved.
+  [ "$(command -v criu)" = "$PREFIX/sbin/criu" ] && ! grep -qa "$KDAT_DIR/criu.kdat" "$PREFIX/sbin/criu"
+}
+
+if version_ok && ! built_here; then
+  kdat_dir
   log "criu $(criu --version | awk '/^Version:/ {print $2}') works: nothing to do"
   exit 0
 fi
@@ -104,7 +131,7 @@ if ! echo "$sha256  $tarball" | sha256sum -c --status 2>/dev/null; then
 fi
 
 srcdir="$BUILD_ROOT/criu-$version"
-if [ ! -x "$srcdir/criu/criu" ]; then
+if [ ! -x "$srcdir/criu/criu" ] || ! grep -qa "$KDAT_DIR/criu.kdat" "$srcdir/criu/criu"; then
   rm -rf "$srcdir"
   tar -xf "$tarball"
   if [ ! -d "$srcdir" ]; then
@@ -112,7 +139,7 @@ if [ ! -x "$srcdir/criu/criu" ]; then
     exit 1
   fi
   log "building criu $version (about a minute)"
-  make -C "$srcdir" -j"$(nproc)" criu >"$BUILD_ROOT/build.log" 2>&1 || {
+  make -C "$srcdir" -j"$(nproc)" RUNDIR="$KDAT_DIR" criu >"$BUILD_ROOT/build.log" 2>&1 || {
     log "build failed; see $BUILD_ROOT/build.log"; tail -n 20 "$BUILD_ROOT/build.log" >&2; exit 1; }
 fi
 install -m 0755 "$srcdir/criu/criu" "$PREFIX/sbin/criu"
@@ -121,4 +148,5 @@ if ! version_ok; then
   log "installed $PREFIX/sbin/criu but it does not pass 'criu check': run 'criu check' to see why"
   exit 1
 fi
+kdat_dir
 log "criu $(criu --version | awk '/^Version:/ {print $2}') installed at $PREFIX/sbin/criu"

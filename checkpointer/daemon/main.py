@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from checkpointer import __version__
 from checkpointer.api import Op
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
-from checkpointer.criu import Criu
+from checkpointer.criu import Criu, kdat_cache
 from checkpointer.daemon.api_server import ApiServer, Handler
 from checkpointer.daemon.fleet import Fleet, FleetHooks
 from checkpointer.daemon.metrics import EngineCollector, Metrics
@@ -43,6 +43,7 @@ def build(
     criu = Criu(config.criu.binary, config.state_dir / "logs" / "criu-failed", config.criu.timeout)
     metrics = Metrics()
     metrics.build_info.labels(__version__, criu.require_version()).set(1)
+    log.info("%s", kdat_cache.ensure(criu.exe()))
     repo, spool = open_repository(config, metrics)
     fleet = None
     if config.fleet.enabled:
