@@ -60,8 +60,16 @@ kdat_dir() {
 }
 
 built_here() {
-  # The CRIU on PATH is the one this script installs, built before the probe cache moved.
-  [ "$(command -v criu)" = "$PREFIX/sbin/criu" ] && ! grep -qa "$KDAT_DIR/criu.kdat" "$PREFIX/sbin/criu"
+  # The CRIU on PATH is one this script built before the probe cache moved (the same bytes
+  # as a build here without the folder in it): rebuilt once. Any other CRIU is left alone.
+  local b
+  [ "$(command -v criu)" = "$PREFIX/sbin/criu" ] || return 1
+  for b in "$BUILD_ROOT"/criu-*/criu/criu; do
+    if [ -x "$b" ] && cmp -s "$b" "$PREFIX/sbin/criu" && ! grep -qa "$KDAT_DIR/criu.kdat" "$b"; then
+      return 0
+    fi
+  done
+  return 1
 }
 
 if version_ok && ! built_here; then
