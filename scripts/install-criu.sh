@@ -51,7 +51,10 @@ kdat_dir() {
   if [ -L "$KDAT_DIR" ] || { [ -e "$KDAT_DIR" ] && [ ! -d "$KDAT_DIR" ]; }; then
     log "$KDAT_DIR is not a folder: CRIU runs without its probe cache"; return 0
   fi
-  mkdir -p -m 0700 "$KDAT_DIR"
+  mkdir -p -m 0700 "$KDAT_DIR" || { log "cannot make $KDAT_DIR: CRIU runs without its probe cache"; return 0; }
+  if [ "$(stat -c %u:%a "$KDAT_DIR")" != 0:700 ]; then
+    log "$KDAT_DIR is not root's with mode 0700: CRIU runs without its probe cache"; return 0
+  fi
   if [ "$(stat -f -c %T "$KDAT_DIR")" != tmpfs ]; then
     mount -t tmpfs -o mode=0700,size=1m,nosuid,nodev,noexec checkpointer-criu "$KDAT_DIR" ||
       log "cannot mount a tmpfs on $KDAT_DIR: CRIU runs without its probe cache"

@@ -33,7 +33,7 @@ def in_own_mount_namespace(code: str) -> subprocess.CompletedProcess[str]:
     CRIU is None or not kdat_cache.uses_folder(CRIU),
     reason="the CRIU on PATH is not the one scripts/install-criu.sh builds",
 )
-def test_criu_starts_from_the_cache_once_the_daemon_mounted_it() -> None:
+def test_criu_starts_from_the_cache_once_the_daemon_mounted_it(tmp_path: Path) -> None:
     # The folder starts as a plain directory on the root file system (as after a reboot on
     # a host whose /run is not tmpfs); ensure() mounts the tmpfs and the second CRIU run
     # loads what the first one probed.
@@ -49,10 +49,12 @@ def test_criu_starts_from_the_cache_once_the_daemon_mounted_it() -> None:
         print(kdat_cache.status({CRIU!r})[0])
         print("type", kdat_cache.fs_type(d), oct(d.stat().st_mode & 0o777), d.stat().st_uid)
         for n in (1, 2):
-            subprocess.run([{CRIU!r}, "check", "-v4", "--log-file", f"/tmp/kdat-{{n}}.log"],
+            subprocess.run([{CRIU!r}, "check", "-v4", "--log-file", f"{tmp_path}/kdat-{{n}}.log"],
                            check=True, capture_output=True)
-        print(open("/tmp/kdat-2.log").read())
+        print(open("{tmp_path}/kdat-2.log").read())
+        (d / "criu.kdat.tmp").write_bytes(b"")  # as a CRIU killed mid-save leaves it
         print(kdat_cache.ensure({CRIU!r}))
+        print("stale tmp", (d / "criu.kdat.tmp").exists())
     """)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -61,9 +63,8 @@ def test_criu_starts_from_the_cache_once_the_daemon_mounted_it() -> None:
     assert lines[2] == "True"
     assert lines[3] == "type tmpfs 0o700 0"
     assert f"Loaded kdat cache from {kdat_cache.KDAT_DIR}/criu.kdat" in r.stdout
-    assert lines[-1] == f"CRIU keeps its probe cache in {kdat_cache.KDAT_DIR} (tmpfs)"
-    for n in (1, 2):
-        Path(f"/tmp/kdat-{n}.log").unlink(missing_ok=True)
+    assert lines[-2] == f"CRIU keeps its probe cache in {kdat_cache.KDAT_DIR} (tmpfs)"
+    assert lines[-1] == "stale tmp False"  # else every later save would give up
 
 
 def test_another_criu_is_left_alone(tmp_path: Path) -> None:
@@ -81,7 +82,26 @@ def test_a_folder_of_another_user_is_not_mounted_over(tmp_path: Path) -> None:
     fake = tmp_path / "criu"
     fake.write_bytes(f"...{folder}/criu.kdat...".encode())
     said = kdat_cache.ensure(str(fake), folder)
-    assert said == f"{folder} is not a folder of root's: CRIU runs without its probe cache"
+    assert said == (
+        f"{folder} is not a folder of root's with mode 0700: CRIU runs without its probe cache"
+    )
+    assert kdat_cache.fs_type(folder) != "tmpfs"
+
+
+def test_a_folder_others_may_write_is_not_trusted(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    fake = tmp_path / "criu"
+    fake.write_bytes(f"...{folder}/criu.kdat...".encode())
+    folder.chmod(0o755)
+    assert "with mode 0700" in kdat_cache.ensure(str(fake), folder)
+    folder.chmod(0o700)
+    tmp_path.chmod(0o777)  # the folder is fine, but anyone could swap it for their own
+    try:
+        said = kdat_cache.ensure(str(fake), folder)
+    finally:
+        tmp_path.chmod(0o700)
+    assert said == f"{tmp_path} is writable by others than root: CRIU runs without its probe cache"
     assert kdat_cache.fs_type(folder) != "tmpfs"
 
 

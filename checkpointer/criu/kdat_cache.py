@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 from checkpointer import children
@@ -47,24 +48,39 @@ def ensure(criu_exe: str, folder: Path = KDAT_DIR) -> str:
         except FileNotFoundError:
             folder.mkdir(mode=0o700)
             st = os.lstat(folder)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-            return f"{folder} is not a folder of root's: CRIU runs without its probe cache"
-        if fs_type(folder) == "tmpfs":
-            os.chmod(folder, 0o700)
-            return f"CRIU keeps its probe cache in {folder} (tmpfs)"
-        out = children.run(
-            ["mount", "-t", "tmpfs", "-o", _MOUNT_OPTIONS, "checkpointer-criu", str(folder)],
-            timeout=30,
-            capture_output=True,
-        )
-    except (OSError, ValueError) as e:
+        refused = _untrusted(folder, st)
+        if refused:
+            return f"{refused}: CRIU runs without its probe cache"
+        if fs_type(folder) != "tmpfs":
+            out = children.run(
+                ["mount", "-t", "tmpfs", "-o", _MOUNT_OPTIONS, "checkpointer-criu", str(folder)],
+                timeout=30,
+                capture_output=True,
+            )
+            if out.returncode != 0 or fs_type(folder) != "tmpfs":
+                return (
+                    f"cannot mount a tmpfs on {folder} ({out.stderr.strip() or 'not mounted'}): "
+                    "CRIU runs without its probe cache"
+                )
+            return f"mounted a tmpfs on {folder} for CRIU's probe cache"
+        # A CRIU killed between creating its temporary file and renaming it leaves the file,
+        # and every later save then gives up (O_EXCL): none runs while the daemon starts.
+        (folder / "criu.kdat.tmp").unlink(missing_ok=True)
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
         return f"cannot prepare {folder} ({e}): CRIU runs without its probe cache"
-    if out.returncode != 0 or fs_type(folder) != "tmpfs":
-        return (
-            f"cannot mount a tmpfs on {folder} ({out.stderr.strip() or 'not mounted'}): "
-            "CRIU runs without its probe cache"
-        )
-    return f"mounted a tmpfs on {folder} for CRIU's probe cache"
+    return f"CRIU keeps its probe cache in {folder} (tmpfs)"
+
+
+def _untrusted(folder: Path, st: os.stat_result) -> str | None:
+    """Why the folder cannot hold what every CRIU run as root trusts, or None: it and its
+    parent must be root's and writable by no one else (a cache planted by anyone else would
+    be loaded as the kernel's own answers)."""
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        return f"{folder} is not a folder of root's with mode 0700"
+    parent = os.lstat(folder.parent)
+    if parent.st_uid != 0 or parent.st_mode & 0o022:
+        return f"{folder.parent} is writable by others than root"
+    return None
 
 
 def status(criu_exe: str, folder: Path = KDAT_DIR) -> tuple[bool, str]:
@@ -77,16 +93,15 @@ def status(criu_exe: str, folder: Path = KDAT_DIR) -> tuple[bool, str]:
 
 
 def fs_type(path: Path) -> str:
-    """The file system type of the mount `path` lies on (this process's mount namespace)."""
-    target = os.path.realpath(path)
-    best, kind = "", ""
-    with open("/proc/self/mountinfo") as f:
+    """The file system type of what holds `path` (this process's mount namespace): the mount
+    whose device is the path's, as the kernel names both, so no mount point is parsed."""
+    dev = os.stat(path).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}".encode()
+    kind = b""
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
+            # id parent MAJOR:MINOR root mountpoint options [optional...] - FSTYPE source ...
             fields = line.split()
-            # id parent dev root MOUNTPOINT options [optional...] - FSTYPE source options
-            point = fields[4].encode().decode("unicode_escape")
-            fstype = fields[fields.index("-") + 1]
-            inside = target == point or target.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):  # the last of equals is the top one
-                best, kind = point, fstype
-    return kind
+            if len(fields) > 2 and fields[2] == want and b"-" in fields:
+                kind = fields[fields.index(b"-") + 1]
+    return kind.decode(errors="replace")
