@@ -14,15 +14,12 @@ restore), so it gains the probe twice; every dump and restore gains it once.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import subprocess
 from pathlib import Path
 
 from checkpointer import children
-
-log = logging.getLogger(__name__)
 
 KDAT_DIR = Path("/run/checkpointer-criu")  # RUNDIR of the build in scripts/install-criu.sh
 _MOUNT_OPTIONS = "mode=0700,size=1m,nosuid,nodev,noexec"
@@ -87,6 +84,12 @@ def status(criu_exe: str, folder: Path = KDAT_DIR) -> tuple[bool, str]:
     """For `doctor`, changing nothing: whether CRIU can keep its probe cache, and where."""
     if not uses_folder(criu_exe, folder):
         return True, "where this CRIU was built to keep it (/run/criu.kdat if /run is a tmpfs)"
+    try:
+        refused = _untrusted(folder, os.lstat(folder))
+    except OSError:
+        refused = None
+    if refused:
+        return False, f"{refused}: the daemon will not use it"
     if folder.is_dir() and not folder.is_symlink() and fs_type(folder) == "tmpfs":
         return True, f"{folder} (tmpfs): CRIU starts without probing the kernel"
     return False, f"{folder} is not a tmpfs yet: every CRIU run probes the kernel (~25-50 ms)"

@@ -49,6 +49,9 @@ import checkpointer
 from checkpointer import children
 from checkpointer.criu.driver import Criu, CriuError, DumpOptions, classify
 from checkpointer.criu.pagemap import (
+    FLAG_LAZY,
+    FLAG_PARENT,
+    FLAG_PRESENT,
     PAGE_SIZE,
     PageFlag,
     PagemapEntry,
@@ -72,9 +75,6 @@ _PS_CMD_MASK = 0xFFFF
 _ANSWER_CMD = PS_IOV_ADD_F | int(PageFlag.PRESENT) << 16
 _COPY_SLICE_PAGES = 256  # 1 MiB per PageSource read when copying the non-lazy pages
 _TICK = 0.05
-# PageFlag bits as ints for the loops over every pagemap entry (an IntFlag operand makes each
-# `&` an enum operation, ~1 us; a 1 GB Redis has a thousand entries, and the restore waits).
-_PARENT, _LAZY, _PRESENT = int(PageFlag.PARENT), int(PageFlag.LAZY), int(PageFlag.PRESENT)
 # The guard's entry point, and the folder that holds the checkpointer package (a checkout or
 # site-packages): given as an argument, never spliced into the code.
 _GUARD = (
@@ -198,7 +198,7 @@ def prepare_restore_dir(images_dir: Path, source: PageSource) -> PageIndex:
         task = tasks.get(path)
         with open(images_dir / f"pages-{pagemap.pages_id}.img", "xb") as out:
             for entry, offset in pagemap.present():
-                if task is not None and entry.flags & _LAZY:
+                if task is not None and entry.flags & FLAG_LAZY:
                     rng = LazyRange(entry.vaddr, entry.nr_pages, pagemap.pages_id, offset)
                     ranges.setdefault(task, []).append(rng)
                 else:
@@ -216,9 +216,9 @@ def _refuse_unusable(
 ) -> None:
     for e in entries:
         flags = e.flags
-        if flags & _PARENT:
+        if flags & FLAG_PARENT:
             raise CriuError(f"{path.name}: pages in a parent image; not restorable", "bad-images")
-        if flags & _LAZY and not flags & _PRESENT:
+        if flags & FLAG_LAZY and not flags & FLAG_PRESENT:
             raise CriuError(
                 f"{path.name} has lazy pages that are not in the image: the folder was already "
                 "prepared, or dumped with --lazy-pages; prepare it from the checkpoint again",

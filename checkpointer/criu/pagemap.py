@@ -42,9 +42,10 @@ class PageFlag(enum.IntFlag):
     """The pages are in this image's pages file."""
 
 
-# The flags as plain ints for the loops over every entry (an IntFlag operation costs ~1 us;
-# a 1 GB Redis has a thousand entries, and a lazy restore waits for these loops).
-_PARENT, _LAZY, _PRESENT = int(PageFlag.PARENT), int(PageFlag.LAZY), int(PageFlag.PRESENT)
+# The flags as plain ints for the loops over every entry (an IntFlag operand makes each `&`
+# an enum operation, ~1 us; a 1 GB Redis has a thousand entries, and a lazy restore waits).
+FLAG_PARENT, FLAG_LAZY = int(PageFlag.PARENT), int(PageFlag.LAZY)
+FLAG_PRESENT = int(PageFlag.PRESENT)
 
 
 class PagemapError(ValueError):
@@ -77,7 +78,7 @@ class Pagemap:
         """(entry, byte offset in pages-<pages_id>.img) for every PRESENT entry."""
         offset = 0
         for e in self.entries:
-            if e.flags & _PRESENT:
+            if e.flags & FLAG_PRESENT:
                 yield e, offset
                 offset += e.nr_pages * PAGE_SIZE
 
@@ -144,7 +145,7 @@ def _entry(fields: dict[int, int]) -> PagemapEntry:
         raise PagemapError("an entry has no vaddr")
     nr = fields.get(_NR_PAGES, fields.get(_COMPAT_NR_PAGES, 0))
     # CRIU's own default for images older than the flags field (criu/pagemap.c).
-    default = _PARENT if fields.get(_IN_PARENT) else _PRESENT
+    default = FLAG_PARENT if fields.get(_IN_PARENT) else FLAG_PRESENT
     flags = fields.get(_FLAGS, default) & 0x7
     return PagemapEntry(fields[_VADDR], nr, flags, fields)
 
@@ -209,11 +210,13 @@ def without_lazy_pages(pagemap: Pagemap) -> Pagemap:
     """The pagemap a lazy restore reads: LAZY entries lose PRESENT (their pages are served
     remotely and are not in the pages file), the rest is unchanged. This is the shape
     `criu dump --lazy-pages` writes (ppb_xfer_flags in criu/page-xfer.c)."""
-    keep = ~_PRESENT
+    keep = ~FLAG_PRESENT
     return replace(
         pagemap,
         entries=tuple(
-            PagemapEntry(e.vaddr, e.nr_pages, e.flags & keep, e.fields) if e.flags & _LAZY else e
+            PagemapEntry(e.vaddr, e.nr_pages, e.flags & keep, e.fields)
+            if e.flags & FLAG_LAZY
+            else e
             for e in pagemap.entries
         ),
     )
