@@ -7,8 +7,8 @@ parallel GET of the same objects from the same endpoint, alternated in one run.
 - plain GET: the same objects fetched with boto3 by as many threads as the repository's
   `storage.concurrency`, bodies read and dropped.
 
-The image is synthetic (no CRIU needed): pages of random hex text like Redis values, half of
-them repeated from earlier pages. The endpoint is moto_server on loopback, as in the tests.
+The image is synthetic (no CRIU needed): pages of random hex text like Redis values (each page
+unique, compressing about 2:1). The endpoint is moto_server on loopback, as in the tests.
 
 Run: `python -m bench.bucket_download --mb 512`. Prints a table, writes
 bench/results/bucket_download.json.
@@ -29,10 +29,10 @@ import boto3
 
 from bench.harness import DISK, SHM, bench_args
 from bench.report import summarize
-from checkpointer.config import Config
 from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.malloc_tuning import keep_heap_small
 from storage.keys import index_key, manifest_key, pack_key
-from tests.support.moto_server import Moto
+from tests.support.moto_server import Moto, s3_repository_config
 
 ROUNDS = 3
 TARGET = 0.8
@@ -49,28 +49,9 @@ def image(folder: Path, mb: int) -> None:
     (folder / "core-1.img").write_bytes(os.urandom(3000))
 
 
-def config(state: Path, key_file: Path, url: str, bucket: str) -> Config:
-    return Config.model_validate(
-        {
-            "state_dir": str(state),
-            "metrics": {"enabled": False},
-            "storage": {
-                "backend": "s3",
-                "key_file": str(key_file),
-                "s3": {
-                    "bucket": bucket,
-                    "prefix": "bench",
-                    "endpoint_url": url,
-                    "region": "us-east-1",
-                    "addressing_style": "path",
-                },
-            },
-        }
-    )
-
-
 def main() -> None:
     args = bench_args(__doc__, 512, ROUNDS, "bucket_download.json")
+    keep_heap_small()  # as the daemon, which restores, does
     DISK.mkdir(parents=True, exist_ok=True)
     SHM.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-bucket-", dir=DISK))
@@ -93,7 +74,7 @@ def main() -> None:
         client = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
         client.create_bucket(Bucket=bucket)
         key_file = work / "repository.key"
-        first = config(work / "host-a", key_file, moto.url, bucket)
+        first = s3_repository_config(work / "host-a", key_file, moto.url, bucket, "bench")
         repo, spool = open_repository(first)
         image(work / "image", args.mb)
         manifest = repo.commit("bench", work / "image")
@@ -108,7 +89,7 @@ def main() -> None:
         concurrency = first.storage.concurrency
         for n in range(args.rounds):
             # Another host each time: its own state folder, nothing cached.
-            other = config(work / f"host-b{n}", key_file, moto.url, bucket)
+            other = s3_repository_config(work / f"host-b{n}", key_file, moto.url, bucket, "bench")
             repo_b, spool_b = open_repository(other)
             folder = out / f"restore-{n}"
             t0, c0, m0 = time.monotonic(), time.process_time(), _cpu(moto.proc.pid)

@@ -102,10 +102,13 @@ class SpooledBlobStore(BlobStore):
     def get_into(
         self, key: str, buffer: Callable[[int], bytearray], limit: int | None = None
     ) -> bytes | memoryview:
-        """From the local copy into the caller's buffer when there is one, else `get`."""
+        """From the local copy into the caller's buffer when there is one; else a pack (never
+        cached) from the remote into it, and any other blob by `get`."""
         try:
             return self.cache.get_into(key, buffer, limit)
         except BlobNotFound:
+            if key.endswith(_PACK_SUFFIX):
+                return self.remote.get_into(key, buffer, limit)
             return self.get(key, limit)
 
     def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int]:

@@ -7,7 +7,7 @@ process trees, the daemon driven through the real CLI. The fixtures stay in test
 from tests.support.daemon import Daemon
 from tests.support.host import require_root_and_criu
 from tests.support.hosts import Host, Network
-from tests.support.moto_server import S3_ENV, Moto, s3_config
+from tests.support.moto_server import S3_ENV, Moto, s3_config, s3_repository_config
 from tests.support.net import free_port, http_get, serve
 from tests.support.paths import CLI, COUNTER, PROGRAMS, ROOT
 from tests.support.processes import counter_started_elsewhere, kill_tree, start_time, tree_pids
@@ -31,6 +31,7 @@ __all__ = [
     "redis_command",
     "require_root_and_criu",
     "s3_config",
+    "s3_repository_config",
     "serve",
     "start_time",
     "tree_pids",

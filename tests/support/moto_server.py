@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+from checkpointer.config import Config
 from tests.support.net import free_port
 
 S3_ENV = {
@@ -105,3 +107,28 @@ def s3_config(moto: Moto, bucket: str, extra: str = "") -> str:
     connect_timeout: 2s
     read_timeout: 3s
 {extra}"""
+
+
+def s3_repository_config(
+    state: Path, key_file: Path, url: str, bucket: str, prefix: str = "ckpt"
+) -> Config:
+    """The config of a host whose repository is in `bucket` at `url`: what a test or bench
+    that opens the daemon's storage stack itself (no daemon) needs."""
+    return Config.model_validate(
+        {
+            "state_dir": str(state),
+            "metrics": {"enabled": False},
+            "storage": {
+                "backend": "s3",
+                "key_file": str(key_file),
+                "retries": {"attempts": 2, "max_delay": "3s"},
+                "s3": {
+                    "bucket": bucket,
+                    "prefix": prefix,
+                    "endpoint_url": url,
+                    "region": "us-east-1",
+                    "addressing_style": "path",
+                },
+            },
+        }
+    )
