@@ -201,10 +201,19 @@ class BenchDaemon:
         raise RuntimeError("no VmHWM in the daemon's status")
 
 
-def bench_args(doc: str | None, mb: int, rounds: int, out: str) -> argparse.Namespace:
-    """--mb, --rounds and --out (default bench/results/OUT) of a benchmark module."""
+def bench_args(
+    doc: str | None,
+    mb: int,
+    rounds: int,
+    out: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """--mb, --rounds and --out (default bench/results/OUT) of a benchmark module, and what
+    `extra` adds."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--mb", type=int, default=mb)
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()

@@ -514,16 +514,22 @@ def materialize(
         scratch = _Scratch()
         # `concurrency` packs are fetched at once (a bucket's latency wants several), but only
         # one per core is decoded and written: more only contend for the cores and the caches.
-        cores = threading.BoundedSemaphore(min(repo.concurrency, os.cpu_count() or 1))
+        # A thread that has its pack gives its fetching slot up before it waits for a core, so
+        # `concurrency` downloads stay in flight while packs are decoded: a link to a bucket
+        # is never left idle by the decoding.
+        n_cores = min(repo.concurrency, os.cpu_count() or 1)
+        fetching = threading.BoundedSemaphore(repo.concurrency)
+        cores = threading.BoundedSemaphore(n_cores)
 
         def rebuild(pack_id: str) -> int:
             """Read, open, decode and write (in a reader thread) what a pack holds for this
             checkpoint; bytes written."""
-            index = repo.index_for(pack_id, where)
-            matches = wanted.find(index.digests)
-            if not len(matches.entries):
-                return 0  # a pack whose chunks are all written (or zero pages) is not read
-            data = repo.pack_for(pack_id, where, scratch.pack_buffer)
+            with fetching:
+                index = repo.index_for(pack_id, where)
+                matches = wanted.find(index.digests)
+                if not len(matches.entries):
+                    return 0  # a pack whose chunks are all written (or zero pages) is not read
+                data = repo.pack_for(pack_id, where, scratch.pack_buffer)
             claimed = wanted.claim(matches)
             if not len(claimed.entries):
                 return 0
@@ -532,13 +538,12 @@ def materialize(
                     fds, pack_id, index, claimed, data, scratch, chunk_id, where
                 )
 
-        with ThreadPoolExecutor(repo.concurrency, thread_name_prefix="pack-reader") as pool:
+        threads = repo.concurrency + n_cores
+        with ThreadPoolExecutor(threads, thread_name_prefix="pack-reader") as pool:
             # Packs go to whichever thread is free; a few queued per thread keep them busy
             # (memory is each thread's buffers, not the queue).
             packs = iter(manifest.packs)
-            pending = {
-                pool.submit(rebuild, p) for p in itertools.islice(packs, 4 * repo.concurrency)
-            }
+            pending = {pool.submit(rebuild, p) for p in itertools.islice(packs, 4 * threads)}
             try:
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)

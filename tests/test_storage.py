@@ -6,14 +6,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from storage import CheckpointNotFound, CorruptCheckpoint, Repository
 from storage.backends import LocalBlobStore
+from storage.rebuild import WantedChunks
 from storage.repository import CHUNK_SIZE
 
 
@@ -253,3 +256,47 @@ def test_older_checkpoint_is_rebuilt_from_the_newer_folder_where_they_share_page
     # Only the pack holding the 11 chunks the newer folder lacks was read, not all 6.
     assert len(older.packs) >= 6
     assert store.packs_read == 1
+
+
+def test_pack_downloads_stay_in_flight_while_packs_are_decoded(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a bucket, a restore keeps `concurrency` pack fetches going while a pack is decoded
+    (a thread that has its pack gives its fetching slot up before it waits for a core), so the
+    decoding never leaves the link idle. Slow fetches and a slow decode on one core show it."""
+
+    class SlowStore(LocalBlobStore):
+        in_flight = 0
+        lock = threading.Lock()
+
+        def get_into(
+            self, key: str, buffer: Callable[[int], bytearray], limit: int | None = None
+        ) -> bytes | memoryview:
+            with self.lock:
+                self.in_flight += 1
+            try:
+                time.sleep(0.12)  # a link slower than the decoding
+                return super().get_into(key, buffer, limit)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+
+    store = SlowStore(workdir / "repo")
+    in_flight_at_decode: list[int] = []
+    write_pack = WantedChunks.write_pack
+
+    def slow_write_pack(self: WantedChunks, *args: Any) -> int:
+        at_start = store.in_flight
+        time.sleep(0.02)
+        in_flight_at_decode.append(max(at_start, store.in_flight))
+        return write_pack(self, *args)
+
+    repo = Repository(store, concurrency=3)
+    src = make_folder(workdir / "src", {"pages-1.img": 40 * 1024 * 1024})
+    m = repo.commit("w", src)
+    monkeypatch.setattr(WantedChunks, "write_pack", slow_write_pack)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    repo.materialize("w", m.id, workdir / "out")
+    assert same_files(src, workdir / "out")
+    assert len(in_flight_at_decode) >= 8  # one per pack
+    assert max(in_flight_at_decode) == 3, in_flight_at_decode

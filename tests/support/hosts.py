@@ -115,7 +115,7 @@ def _state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
-def _free_subnet() -> str:
+def free_subnet() -> str:
     """10.213.X with X unused by any interface here (concurrent runs pick another)."""
     used = ip("-o", "-4", "addr", "show").stdout
     for _ in range(100):
@@ -140,7 +140,7 @@ class Network:
                 raise RuntimeError(f"the hosts need {tool} (util-linux)")
         self.workdir = workdir
         self.id = secrets.token_hex(3)
-        self.subnet = _free_subnet()
+        self.subnet = free_subnet()
         self.gateway = f"{self.subnet}.1"
         self.bridge = f"ckb{self.id}"  # the bridge, or in routed mode the veth holding .1
         self.root = HOSTS_ROOT / f"ckhosts-{self.id}"

@@ -26,12 +26,17 @@ class Moto:
     """An S3 server (moto_server) on loopback, spoken to over HTTP like any S3 endpoint.
     Raises RuntimeError if it is missing or does not answer within 30 s."""
 
-    def __init__(self, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> None:
-        """`host`: the address to listen on (another local one, e.g. a test bridge's)."""
+    def __init__(
+        self, env: dict[str, str] | None = None, host: str = "127.0.0.1", netns: str = ""
+    ) -> None:
+        """`host`: the address to listen on (another local one, e.g. a test bridge's);
+        `netns`: a named network namespace to run it in (`ip netns exec` execs, so `proc` is
+        moto_server itself)."""
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
+        enter = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen(  # what the venv's moto_server script runs
-            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(self.port)],
+            [*enter, sys.executable, "-m", "moto.server", "-H", host, "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
