@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -188,3 +191,53 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
         time.sleep(1)
     assert ("CheckpointerCheckpointsFailing", "web") not in firing
     assert not any(name == "CheckpointerDaemonDown" for name, _ in firing)
+
+
+def test_a_tree_killed_while_it_is_dumped_is_a_crash_not_a_failed_checkpoint(
+    daemon: Daemon,
+) -> None:
+    """A crash that lands while CRIU dumps the tree fails that dump; it is the crash the
+    daemon restores, not a checkpoint failure (which would count and page as one)."""
+    d, port = daemon, free_port()
+    d.cli("run", "big", "--", sys.executable, str(PROGRAMS / "ballast_server.py"), str(port),
+          "300")  # fmt: skip
+    http_get(port, timeout=60)  # serving: the ballast is written
+    pid, daemon_pid = d.pid("big"), d.proc.pid if d.proc else 0
+    done: dict[str, subprocess.CompletedProcess[str]] = {}
+    t = threading.Thread(target=lambda: done.update(r=d.cli("checkpoint", "big", check=False)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while not any(
+        "dump" in args and str(pid) in args for args in children_args(daemon_pid, "criu")
+    ):
+        assert time.monotonic() < deadline and t.is_alive(), "CRIU never started to dump"
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    t.join(120)
+    r = done["r"]
+    assert r.returncode != 0, r.stdout
+    assert "exited while it was being checkpointed" in r.stdout + r.stderr
+    m = scrape(d)
+    failures = [
+        v
+        for k, v in m.get("checkpointer_checkpoints_total", {}).items()
+        if ("workload", "big") in k and ("result", "failure") in k
+    ]
+    assert sum(failures) == 0, m.get("checkpointer_checkpoints_total")
+    http_get(port, timeout=60)  # the daemon brought it back, as after any crash
+
+
+def children_args(parent: int, name: str) -> list[list[str]]:
+    """The command lines of `parent`'s children called `name`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) != parent:
+                continue
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if args and Path(args[0]).name == name:
+            out.append(args)
+    return out

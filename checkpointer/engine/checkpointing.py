@@ -27,6 +27,8 @@ from storage import Repository, StorageError
 from storage.manifest import Manifest
 
 log = logging.getLogger(__name__)
+# How long a dump that lost a task waits for the tree's root to finish dying (see _died).
+DEATH_GRACE = 2.0
 
 
 class CheckpointPipeline:
@@ -52,6 +54,18 @@ class CheckpointPipeline:
         self.keep_latest_image = keep_latest_image
         self.criu_version = criu_version
 
+    @staticmethod
+    def _died(w: Workload, e: CriuError) -> bool:
+        """Whether a failed dump failed because the tree died under it. A task killed while
+        CRIU holds it is still exiting when CRIU gives up on it, so a "process gone" failure
+        waits a moment for the root to be a zombie before it is counted as a failure."""
+        deadline = time.monotonic() + (DEATH_GRACE if e.category == "process-gone" else 0)
+        while w.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def run(
         self, w: Workload, generation: int | None = None, final: bool = False
     ) -> CheckpointReport:
@@ -70,6 +84,13 @@ class CheckpointPipeline:
             try:
                 stats = self.dump(w, images, final)
             except CriuError as e:
+                if self._died(w, e):
+                    # The tree died while CRIU dumped it: a crash, which the supervisor
+                    # restores, not a checkpoint that failed (no failure counted, no alert).
+                    raise WorkloadNotRunning(
+                        f"workload {w.name} exited while it was being checkpointed; the "
+                        "daemon restores it from its latest checkpoint as after any crash"
+                    ) from e
                 w.last_error = str(e)
                 self.events.checkpoint_failed(w.name, e.category)
                 raise

@@ -47,6 +47,7 @@ from checkpointer.errors import (
     CheckpointerError,
     NotOwner,
     WorkloadBusy,
+    WorkloadNotRunning,
 )
 from checkpointer.workloads.logs import LogPump
 from storage import Repository
@@ -206,6 +207,8 @@ class Engine:
             log.info("scheduled checkpoint of %s skipped: another operation is running", name)
         except NotOwner as e:
             log.warning("scheduled checkpoint of %s skipped: %s", name, e)
+        except WorkloadNotRunning as e:  # a crash the supervisor sees to
+            log.info("scheduled checkpoint of %s skipped: %s", name, e)
         except CheckpointerError as e:
             log.error("scheduled checkpoint of %s failed: %s", name, e)
         except Exception:
