@@ -33,7 +33,13 @@ class BlobTooLarge(CorruptCheckpoint):
     """A blob is larger than any the repository writes of its kind: refused unread."""
 
 
-def too_large(key: str, size: int, limit: int) -> BlobTooLarge:
+def too_large(key: str, size: int | None, limit: int) -> BlobTooLarge:
+    """`size` None: a body whose length was not said, refused once it passed `limit`."""
+    if size is None:
+        return BlobTooLarge(
+            f"{key} is more than the {limit} bytes any checkpointer writes for it: refused "
+            "once that much was read (planted or damaged)"
+        )
     return BlobTooLarge(
         f"{key} is {size} bytes, more than the {limit} any checkpointer writes for it: "
         "refused unread (planted or damaged)"

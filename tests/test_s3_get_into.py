@@ -92,6 +92,7 @@ class Endpoint:
         self.body = b""
         self.length = 0
         self.reset = False  # end a short body with a TCP reset, not a close
+        self.chunked = False  # no Content-Length: Transfer-Encoding: chunked
         self.connections = 0
         self.gets = 0
         endpoint = self
@@ -107,6 +108,16 @@ class Endpoint:
                 endpoint.gets += 1
                 body, length = endpoint.body, endpoint.length
                 self.send_response(200)
+                if endpoint.chunked:  # no length said: the body streamed in chunks
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("ETag", '"e"')
+                    self.end_headers()
+                    for at in range(0, len(body), 65536):
+                        piece = body[at : at + 65536]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    return
                 self.send_header("Content-Length", str(length))
                 self.send_header("ETag", '"e"')
                 self.end_headers()
@@ -193,6 +204,25 @@ def test_a_body_longer_than_its_length_yields_only_the_length(endpoint: Endpoint
     assert bytes(got) == data
     endpoint.serve(os.urandom(50_000))
     assert bytes(store.get_into("packs/p.pack", buffers)) == endpoint.body
+
+
+def test_a_body_of_unsaid_length_is_refused_once_it_passes_the_limit(endpoint: Endpoint) -> None:
+    """An endpoint that streams an object without a Content-Length (chunked) cannot make a
+    read take more than the limit into memory: `get` and `get_into` refuse it as soon as it
+    passes the limit, and read it whole when it is within."""
+    endpoint.chunked = True
+    data = os.urandom(300_000)
+    endpoint.serve(data)
+    store = store_at(endpoint.url, "bucket")
+    buffers = Buffers()
+    assert bytes(store.get_into("packs/p.pack", buffers, 300_000)) == data
+    assert store.get("packs/p.pack", 300_000) == data
+    with pytest.raises(BlobTooLarge, match=r"more than the 200000 bytes .* once that much"):
+        store.get_into("packs/p.pack", buffers, 200_000)
+    with pytest.raises(BlobTooLarge, match=r"more than the 200000 bytes .* once that much"):
+        store.get("packs/p.pack", 200_000)
+    assert buffers.asked == []  # a body of unsaid length never asks for a buffer
+    assert store.get("packs/p.pack") == data  # no limit: whole
 
 
 def test_a_restore_from_the_bucket_is_whole_and_refuses_a_flipped_byte_in_a_pack(

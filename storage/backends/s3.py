@@ -194,11 +194,10 @@ class S3BlobStore(BlobStore):
     def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
         try:
             r = self.client.get_object(Bucket=self.s.bucket, Key=self._key(key))
-            size = int(r.get("ContentLength", 0))
-            if limit is not None and size > limit:
+            if limit is not None and int(r.get("ContentLength", 0)) > limit:
                 r["Body"].close()
-                raise too_large(key, size, limit)
-            return bytes(r["Body"].read()), str(r["ETag"])
+                raise too_large(key, int(r["ContentLength"]), limit)
+            return _read_capped(r["Body"], key, limit), str(r["ETag"])
         except BlobTooLarge:
             raise
         except Exception as e:
@@ -213,11 +212,8 @@ class S3BlobStore(BlobStore):
         try:
             r = self.client.get_object(Bucket=self.s.bucket, Key=self._key(key))
             body = r["Body"]
-            if "ContentLength" not in r:  # no length said (chunked): read as `get` would
-                data = bytes(body.read())
-                if limit is not None and len(data) > limit:
-                    raise too_large(key, len(data), limit)
-                return data
+            if "ContentLength" not in r:  # no length said (chunked): read as `get` does
+                return _read_capped(body, key, limit)
             size = int(r["ContentLength"])
             if limit is not None and size > limit:
                 body.close()
@@ -371,6 +367,22 @@ class S3BlobStore(BlobStore):
                 return TransientStorageError(f"{where}: {code}: {msg}")
             return StorageError(f"{where}: {code}: {msg}")
         return StorageError(f"{where}: {e}")
+
+
+def _read_capped(body: Any, key: str, limit: int | None) -> bytes:
+    """The whole body; one whose length was not said (chunked) is refused as soon as it
+    passes `limit`, never read whole into memory first."""
+    if limit is None:
+        return bytes(body.read())
+    parts: list[bytes] = []
+    total = 0
+    while piece := body.read(1 << 20):
+        total += len(piece)
+        if total > limit:
+            body.close()
+            raise too_large(key, None, limit)
+        parts.append(piece)
+    return b"".join(parts)
 
 
 def _read_body_into(body: Any, view: memoryview) -> int:
