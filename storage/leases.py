@@ -125,6 +125,20 @@ def may_restore(lease: Lease, checkpoint_id: str, generation: int | None) -> boo
     return lease.newest_before is not None and checkpoint_id <= lease.newest_before
 
 
+def _same_step(found: Lease, meant: Lease) -> bool:
+    """Whether `found` is the lease `meant` by a write of this host (or, for a lease it keeps,
+    one it wrote before in the same generation): same workload and generation, and either the
+    same holder and state, or still held by the same host. Nobody else writes a lease with
+    this host as holder in this generation: a takeover, and the next holder's acquire after a
+    hand-over, both start a new generation."""
+    if found.workload != meant.workload or found.generation != meant.generation:
+        return False
+    if found.holder == meant.holder and found.state is meant.state:
+        return True
+    keeps = (LeaseState.HELD, LeaseState.PREPARING)
+    return found.holder == meant.holder and found.state in keeps and meant.state in keeps
+
+
 class Leases:
     """The lease objects of one repository, read and written through its codec."""
 
@@ -208,8 +222,8 @@ class Leases:
             return self._write(lease, current.version if current else None)
         except PreconditionFailed as e:
             won = self.read(workload)  # a retried write of ours may have landed already
-            if won is not None and won.lease == lease:
-                return won
+            if won is not None and _same_step(won.lease, lease):
+                return self.renew(won)  # written again by this call: see _replace
             raise LeaseHeld(won.lease if won else lease) from e
 
     def renew(self, held: Held) -> Held:
@@ -237,12 +251,25 @@ class Leases:
         self._replace(held, replace(held.lease, state=LeaseState.RELEASED))
 
     def _replace(self, held: Held, lease: Lease) -> Held:
+        """Write `lease` over the version of `held`. A write of ours may have landed with its
+        reply lost (the caller then still has the older version): the lease found in its
+        place is recognised as ours by holder, generation and state, never by exact equality
+        (its expiry, and the bytes, differ from one attempt to the next), so a renewal after
+        a lost reply does not fence this host off its own lease."""
         try:
             return self._write(lease, held.version)
         except PreconditionFailed as e:
             now = self.read(lease.workload)
-            if now is not None and now.lease == lease:
-                return now  # our own write, retried after a lost answer
+            if now is not None and _same_step(now.lease, lease):
+                if lease.state in (LeaseState.HANDED, LeaseState.RELEASED):
+                    return now  # given away: the next holder may be writing it already
+                # Still ours (an earlier renewal or prepare of ours landed): write it again
+                # on the version found, so that what the store holds is this call's write,
+                # sent after the caller's clock started (see the watchdog in fleet.py).
+                try:
+                    return self._write(replace(lease, expires=self.clock() + self.ttl), now.version)
+                except PreconditionFailed:
+                    now = self.read(lease.workload)
             raise LeaseLost(
                 f"the lease of {lease.workload} changed under us"
                 + (f": now held by {now.lease.holder}" if now else ": it is gone")

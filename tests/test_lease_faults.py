@@ -1,0 +1,82 @@
+"""Leases under faults of the store: lost replies, replayed objects, stores that only pretend
+to write conditionally. Unit-level, through storage/leases.py on moto (or a local folder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from storage.backends import LocalBlobStore
+from storage.backends.base import BlobStore
+from storage.backends.retrying import RetryingBlobStore
+from storage.backends.wrapper import WrappedBlobStore
+from storage.crypto import Sealed, new_master
+from storage.errors import TransientStorageError
+from storage.leases import Leases, LeaseState
+from tests.support import Moto
+from tests.test_leases import s3_store
+
+T = TypeVar("T")
+
+
+class LosesReplies(WrappedBlobStore):
+    """Applies a conditional write, then loses its reply (`lose` more times): what a dropped
+    connection after the request reached the store looks like to the writer."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        super().__init__(inner)
+        self.lose = 0
+
+    def around(self, op: str, fn: Callable[[], T]) -> T:
+        result = fn()
+        if op == "put" and self.lose > 0:
+            self.lose -= 1
+            raise TransientStorageError("the reply was lost (connection reset)")
+        return result
+
+
+def test_a_lease_write_that_landed_but_whose_reply_was_lost_is_not_a_lost_lease(
+    moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lossy = LosesReplies(s3_store(moto, bucket, monkeypatch))
+    codec = Sealed(new_master())
+    a = Leases(lossy, codec, "a")
+    held = a.acquire("web", newest=None)
+    # A renewal lands but its reply is lost: the fleet keeps the version it had.
+    lossy.lose = 1
+    with pytest.raises(TransientStorageError):
+        a.renew(held)
+    renewed = a.renew(held)  # the next renewal finds our own write: not a lost lease
+    assert renewed.lease.holder == "a" and renewed.lease.generation == held.lease.generation
+    # A prepare lands, its reply is lost; calling it off still finds the lease ours.
+    lossy.lose = 1
+    with pytest.raises(TransientStorageError):
+        a.prepare(renewed, "b")
+    called_off = a.prepare(renewed, None)
+    assert called_off.lease.state is LeaseState.HELD
+    # A hand-over lands, its reply is lost: asked again, it is done (not "changed under us").
+    lossy.lose = 1
+    with pytest.raises(TransientStorageError):
+        a.hand_over(called_off, "b")
+    handed = a.hand_over(called_off, "b")
+    assert handed.lease.holder == "b" and handed.lease.state is LeaseState.HANDED
+    lossy.lose = 1  # B's acquire lands, its reply is lost, the retrying layer asks again
+    retrying = Leases(RetryingBlobStore(lossy, initial_wait=0.01), codec, "b")
+    taken = retrying.acquire("web", newest=None)
+    assert taken.lease.holder == "b" and taken.lease.generation == held.lease.generation + 1
+    assert retrying.renew(taken).lease.holder == "b"
+
+
+def test_lost_replies_on_a_local_store_too(tmp_path: Path) -> None:
+    """The same on the local store (no S3 in the way): renew twice after a lost reply."""
+    lossy = LosesReplies(LocalBlobStore(tmp_path / "repo"))
+    a = Leases(lossy, Sealed(new_master()), "a")
+    held = a.acquire("web", newest=None)
+    for _ in range(3):
+        lossy.lose = 1
+        with pytest.raises(TransientStorageError):
+            a.renew(held)
+    assert a.renew(held).lease.generation == 1
