@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +73,7 @@ from storage.packs import (
 from storage.rebuild import materialize
 from storage.rwlock import RWLock
 
+log = logging.getLogger(__name__)
 _READ_BLOCK = 1024 * 1024
 _PACKS_IN_FLIGHT = 2
 _ZSTD_LEVEL = 1
@@ -128,7 +131,16 @@ class Repository:
         """Store the files under `folder` as a new checkpoint of `workload`; return its manifest."""
         check_workload_name(workload)
         with self.gc_lock.shared():
-            return self._commit(workload, folder, metadata or {})
+            try:
+                return self._commit(workload, folder, metadata or {})
+            except _ReusedPacksGone as e:
+                # Forgotten by the index now: this pass stores their chunks again (and
+                # reuses the packs the first pass wrote).
+                log.warning("%s; storing those chunks again", e)
+            try:
+                return self._commit(workload, folder, metadata or {})
+            except _ReusedPacksGone as e:
+                raise StorageError(f"{e}; nothing was committed") from e
 
     def _commit(self, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
         index = self._chunk_index()
@@ -188,24 +200,33 @@ class Repository:
         return manifest
 
     def _check_reused_packs(self, workload: str, reused: set[str]) -> None:
-        """The packs a commit reuses must still be there when its manifest is written
-        (restic checks the same): another host may have collected one after our index was
-        refreshed, if every checkpoint naming it was removed meanwhile. Young packs are safe
-        (the grace period), and so are those of this workload's newest checkpoint (retention
-        keeps it); only the rest are looked up."""
+        """The packs a commit reuses must be in the store when its manifest is written
+        (restic checks the same): another host's GC collects a pack once every checkpoint
+        naming it is gone, and no cache here can know that (docs/fleet.md, R2). Packs
+        younger than half the grace period are safe (GC spares them a whole grace); every
+        other one is looked up in the store, those of the workload's newest checkpoint
+        included (another host may have removed that checkpoint too). A pack the store
+        says is gone, or that it cannot vouch for (unreachable), is forgotten, and the
+        commit stores its chunks again: checkpoints go on during an outage, without dedup."""
         cutoff = time.time() - self.gc_grace / 2
-        at_risk = {p for p in reused if pack_created(p) < cutoff}
-        if at_risk:
-            newest = self.checkpoints(workload)[:1]
-            if newest:
-                at_risk -= set(self.packs_of(workload, newest[0].id))
-        missing = {p for p in at_risk if not self.backend.exists(index_key(p))}
+        at_risk = sorted(p for p in reused if pack_created(p) < cutoff)
+        if not at_risk:
+            return
+
+        def gone(pid: str) -> bool:
+            try:
+                return not self.backend.exists(index_key(pid))
+            except StorageError:
+                return True  # cannot vouch for it: don't reference it
+
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="recheck") as pool:
+            missing = {p for p, out in zip(at_risk, pool.map(gone, at_risk), strict=True) if out}
         if missing:
             self.forget_packs(missing)
-            raise StorageError(
-                f"{len(missing)} pack(s) this checkpoint of {workload} reuses were collected "
-                "meanwhile (by another host's garbage collection); nothing was committed, and "
-                "the next checkpoint stores those chunks again"
+            raise _ReusedPacksGone(
+                f"{len(missing)} of the {len(at_risk)} older pack(s) this checkpoint of "
+                f"{workload} reuses are not in the store (collected by another host, or the "
+                "store cannot say)"
             )
 
     def _chunk_index(self) -> ChunkIndex:
@@ -413,9 +434,31 @@ class Repository:
         self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
     ) -> Manifest:
         """Check every chunk of a checkpoint (its pack's tag, or its hash in a repository in
-        clear) by materialising it into a private scratch folder."""
+        clear) by materialising it into a private scratch folder. What is checked is the
+        store's copy (the bucket's, not a local cache's), unless the checkpoint has not been
+        uploaded yet."""
+        source = self
+        truth = self.backend.authoritative()
+        if truth is not self.backend and not self.backend.is_pending(
+            manifest_key(workload, checkpoint_id)
+        ):
+            source = Repository(truth, self.concurrency, self.gc_grace, self.codec)
         with tempfile.TemporaryDirectory(prefix="checkpointer-verify-") as tmp:
-            return self.materialize(workload, checkpoint_id, Path(tmp) / "images", progress)
+            return source.materialize(workload, checkpoint_id, Path(tmp) / "images", progress)
+
+    def checkpoints_local(self, workload: str) -> list[CheckpointInfo]:
+        """`checkpoints` from what this host holds locally (its spool and cache), for the one
+        decision an outage allows (docs/fleet.md, R1): partial by nature, never a listing of
+        the repository."""
+        infos = []
+        for key in self.backend.list_local(keys.manifests_of(workload)):
+            name = keys.parse_as(key, FileType.MANIFEST)
+            if name is None or name.workload != workload:
+                continue
+            with contextlib.suppress(StorageError):
+                infos.append(self.info(workload, name.id))
+        infos.sort(key=lambda i: i.id, reverse=True)
+        return infos
 
     # -- delete and pins ---------------------------------------------------------------
 
@@ -453,6 +496,10 @@ class Repository:
         if not is_checkpoint_id(checkpoint_id):
             raise CheckpointNotFound(f"{checkpoint_id!r} is not a checkpoint id")
         self.backend.delete(pin_key(workload, checkpoint_id))
+
+
+class _ReusedPacksGone(StorageError):
+    """A commit referenced packs the store cannot vouch for; they were forgotten."""
 
 
 def _read_full(f: io.FileIO, buf: bytearray) -> int:

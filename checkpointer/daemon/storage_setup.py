@@ -75,6 +75,7 @@ def open_repository(
         s.concurrency,
         s.cache_max_bytes,
         on_upload=metrics.uploaded_bytes.inc if metrics else None,
+        recheck_after=s.gc_grace / 2,
     )
     keys_copy = LocalBlobStore(config.state_dir / "repository-keys")
     if reachable:

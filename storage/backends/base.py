@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from storage.errors import ConditionalWritesUnsupported
 
+KeyList = list[str]
+
 
 class BlobStore(ABC):
     """Bytes by key. Keys are '/'-separated relative paths of safe characters."""
@@ -66,6 +68,19 @@ class BlobStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""
+
+    def list_local(self, prefix: str) -> KeyList:
+        """The keys under `prefix` this host holds without asking anyone: for a store that
+        is all local, its listing; a spool answers from its cache (partial)."""
+        return sorted(self.list(prefix))
+
+    def authoritative(self) -> BlobStore:
+        """The store that holds the truth (a spool's remote): what `verify` checks."""
+        return self
+
+    def is_pending(self, key: str) -> bool:
+        """Whether `key` was written here and has not reached the authoritative store."""
+        return False
 
     def modified(self, key: str) -> float | None:
         """When the blob was stored (Unix time), None if there is none. Garbage collection

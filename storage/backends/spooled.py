@@ -3,17 +3,21 @@
 Every put lands in a local folder first (durable, like any LocalBlobStore put) and is queued;
 an uploader thread sends the queue to the remote strictly in order, so the remote sees packs
 before the manifest that names them, exactly as a direct writer would have written them.
-Deletes are queued the same way. Reads are served from the local copy when there is one (the
-latest checkpoints stay restorable during an outage) and otherwise fetched and kept.
+Deletes are queued the same way (storage/backends/spool_queue.py: it survives a restart).
 
-The queue is a folder of numbered files, one per operation, so it survives a daemon restart.
+The remote is the truth about what exists; the local copies are only a cache of immutable
+blobs by exact key (docs/fleet.md, R1). So `exists` and `list` ask the remote, adding what this
+host has queued and not uploaded yet and taking away what it queued for deletion, and raise
+when the remote cannot answer: a cached copy of a manifest another host deleted, or a pack
+another host collected, must never look present. A listing forgets the cached copies of what
+it no longer shows. `list_local` is the explicit, partial answer for an outage. Reads by key
+are served from the local copy when there is one, and otherwise fetched (and kept).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -23,13 +27,12 @@ from pathlib import Path
 
 from storage.backends.base import BlobStore
 from storage.backends.local import LocalBlobStore
+from storage.backends.spool_queue import Entries, SpoolQueue, older_than
 from storage.errors import BlobExists, BlobNotFound, StorageError, TransientStorageError
+from storage.keys import MANIFESTS
 
 log = logging.getLogger(__name__)
-Entry = tuple[Path, str, str]  # queue file, "P" (put) or "D" (delete), key
-Entries = list[Entry]
 KeyList = list[str]
-PendingOps = list[tuple[str, str]]
 CacheFiles = list[tuple[float, int, str]]
 
 
@@ -47,18 +50,20 @@ class SpooledBlobStore(BlobStore):
         upload_concurrency: int = 4,
         cache_max_bytes: int = 2 * 1024**3,
         on_upload: Callable[[int], None] | None = None,
+        recheck_after: float = 3 * 3600,
     ) -> None:
+        """`recheck_after`: packs that reached the remote longer ago than this before the
+        manifest that names them are looked up again first (half the GC grace: another
+        host's GC may have found them unreferenced meanwhile)."""
         self.remote = remote
         self.cache = LocalBlobStore(folder / "blobs")
         self.queue_dir = folder / "queue"
-        self.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.queue = SpoolQueue(self.queue_dir)
         self.cache_max_bytes = cache_max_bytes
         self.on_upload = on_upload
+        self.recheck_after = recheck_after
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._seq = max(
-            (int(p.name) for p in self.queue_dir.iterdir() if p.name.isdigit()), default=0
-        )
         self.online = True
         self._stop = False
         self._pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="upload")
@@ -126,18 +131,55 @@ class SpooledBlobStore(BlobStore):
         return when
 
     def exists(self, key: str) -> bool:
-        return self.cache.exists(key) or self.remote.exists(key)
+        """The remote's answer, or this host's own pending write or delete of `key`; never
+        the cache's (another host may have collected what is cached here)."""
+        with self._lock:
+            if self.queue.pending_put(key):
+                return True
+            if self.queue.pending_delete(key):
+                return False
+        self._refuse_offline(f"look up {key}")
+        return self.remote.exists(key)
 
     def list(self, prefix: str) -> Iterator[str]:
-        keys = set(self.cache.list(prefix))
-        deleted = {k for op, k in self._pending() if op == "D"}
-        if not self.online:  # the uploader found the remote down: don't wait for it here
-            return iter(sorted(keys - deleted))
-        try:
-            keys |= set(self.remote.list(prefix))
-        except TransientStorageError as e:
-            log.warning("listing %s from the local spool only: %s", prefix, e)
-        return iter(sorted(keys - deleted))
+        """The remote's listing with this host's pending puts added and pending deletes taken
+        away; raises TransientStorageError when the remote cannot answer (never a listing of
+        the cache alone: see list_local). Cached copies the listing no longer shows are
+        forgotten: another host deleted them."""
+        self._refuse_offline(f"list {prefix}")
+        with self._lock:
+            puts, deletes = self.queue.pending_puts(), self.queue.pending_deletes()
+        remote = set(self.remote.list(prefix))
+        with self._lock:  # what was uploaded (or deleted) while the remote listed
+            puts |= self.queue.pending_puts()
+            deletes |= self.queue.pending_deletes()
+            keys = (remote | {k for k in puts if k.startswith(prefix)}) - deletes
+            for key in set(self.cache.list(prefix)) - keys - puts:
+                self.cache.delete(key)
+        return iter(sorted(keys))
+
+    def list_local(self, prefix: str) -> KeyList:
+        """What this host holds locally under `prefix` (its cache and its pending uploads),
+        less its pending deletes: partial by nature, for a decision that must be taken
+        during an outage and knows it (docs/fleet.md, R1)."""
+        with self._lock:
+            deletes = self.queue.pending_deletes()
+        return sorted(set(self.cache.list(prefix)) - deletes)
+
+    def authoritative(self) -> BlobStore:
+        return self.remote
+
+    def is_pending(self, key: str) -> bool:
+        """Whether `key` was written here and has not reached the remote yet."""
+        with self._lock:
+            return self.queue.pending_put(key)
+
+    def _refuse_offline(self, what: str) -> None:
+        if not self.online:  # the uploader found the remote down: fail now, not after retries
+            raise TransientStorageError(
+                f"cannot {what}: object storage ({self.remote.describe()}) is unreachable "
+                "(the spool's uploads are failing); the answer must come from the bucket"
+            )
 
     def delete(self, key: str) -> None:
         self.cache.delete(key)
@@ -147,32 +189,15 @@ class SpooledBlobStore(BlobStore):
 
     def _enqueue(self, op: str, key: str) -> None:
         with self._lock:
-            self._seq += 1
-            path = self.queue_dir / f"{self._seq:016d}"
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w") as f:
-                f.write(f"{op} {key}")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            self.queue.add(op, key)
             self._wake.notify_all()
 
     def _entries(self) -> Entries:
-        out = []
-        for p in sorted(self.queue_dir.iterdir()):
-            if not p.name.isdigit():
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                op, key = p.read_text().split(" ", 1)
-                out.append((p, op, key))
-        return out
-
-    def _pending(self) -> PendingOps:
-        return [(op, key) for _, op, key in self._entries()]
+        return self.queue.entries()
 
     def pending_keys(self) -> KeyList:
         """Keys written locally and not yet uploaded, oldest first."""
-        return [key for op, key in self._pending() if op == "P"]
+        return [key for _, op, key in self._entries() if op == "P"]
 
     def backlog_bytes(self) -> int:
         total = 0
@@ -184,9 +209,10 @@ class SpooledBlobStore(BlobStore):
     def discard(self, keys: set[str]) -> None:
         """Forget pending uploads (the spool is full): they never reach the remote."""
         with self._lock:
-            for path, op, key in self._entries():
+            for entry in self._entries():
+                _, op, key = entry
                 if op == "P" and key in keys:
-                    path.unlink(missing_ok=True)
+                    self.queue.remove(entry)
                     self.cache.delete(key)
 
     def mark_online(self) -> None:
@@ -225,7 +251,8 @@ class SpooledBlobStore(BlobStore):
                     return
                 batch = self._next_batch()
             try:
-                self._send(batch)
+                if self._recheck_before(batch):
+                    self._send(batch)
             except StorageError as e:
                 if self.online:
                     log.error("remote storage unreachable, checkpoints are spooled locally: %s", e)
@@ -238,8 +265,7 @@ class SpooledBlobStore(BlobStore):
                 log.info("remote storage is back: uploading the spooled checkpoints")
             self.online, backoff = True, 1.0
             with self._lock:
-                for path, _, _ in batch:
-                    path.unlink(missing_ok=True)
+                self.queue.done(batch)
                 self._wake.notify_all()
             self._trim_cache()
 
@@ -255,6 +281,39 @@ class SpooledBlobStore(BlobStore):
             if barrier:
                 break
         return batch
+
+    def _recheck_before(self, batch: Entries) -> bool:
+        """Before a manifest goes up: the packs queued before it that reached the remote
+        long ago may have been collected meanwhile by another host's GC (they were
+        unreferenced until now: an outage held the manifest back). Look them up, and send
+        the missing ones again from the local copy; the manifest never names a pack gone.
+        False: the manifest was dropped instead (a pack gone with no local copy left)."""
+        head = batch[0]
+        if head[1] != "P" or not head[2].startswith(MANIFESTS):
+            return True
+        with self._lock:
+            uploaded = self.queue.uploaded(before=self.queue.seq_of(head))
+        for _, key, _ in older_than(uploaded, self.recheck_after):
+            if self.remote.exists(key):
+                continue
+            try:
+                data = self.cache.get(key)
+            except BlobNotFound:
+                log.error(
+                    "%s was collected from the bucket while %s waited in the spool, and no "
+                    "local copy is left: that checkpoint is dropped, never uploaded half",
+                    key,
+                    head[2],
+                )
+                with self._lock:
+                    self.queue.remove(head)
+                    self.cache.delete(head[2])
+                    self._wake.notify_all()
+                return False
+            log.warning("%s was collected from the bucket during the outage: sending it again", key)
+            with contextlib.suppress(BlobExists):
+                self.remote.put(key, data)
+        return True
 
     def _send(self, batch: Entries) -> None:
         def one(op: str, key: str) -> None:
@@ -318,8 +377,11 @@ class SpooledBlobStore(BlobStore):
         return False
 
     def _trim_cache(self) -> None:
-        """Keep the local copies under cache_max_bytes, dropping the oldest uploaded ones."""
-        pending = set(self.pending_keys())
+        """Keep the local copies under cache_max_bytes, dropping the oldest uploaded ones
+        (never one still queued, nor an uploaded pack whose manifest is not: see
+        _recheck_before)."""
+        with self._lock:
+            pending = self.queue.pending_puts() | {key for _, key, _ in self.queue.uploaded()}
         files: CacheFiles = []
         total = 0
         for key in self.cache.list(""):

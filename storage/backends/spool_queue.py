@@ -1,0 +1,126 @@
+"""The spool's queue: operations waiting for the remote store, in a folder that survives restarts.
+
+One numbered file per operation ("P key" put, "D key" delete), written with fsync and renamed
+into place, so a daemon killed at any instant finds every operation it had accepted. A pack
+(or pack index) that reached the remote stays in the folder as `<n>.up` until the manifest
+queued after it is uploaded too: until then another host may see it as unreferenced, and the
+uploader must be able to check it is still there, and send it again from the local copy if it
+is not, before the manifest that names it goes up (docs/fleet.md, R2).
+
+Callers hold the spool's lock around every method; an in-memory mirror of what is pending
+answers `exists` and `list` without reading the folder each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from storage.keys import MANIFESTS, PACKS
+
+Entry = tuple[Path, str, str]  # queue file, "P" (put) or "D" (delete), key
+Entries = list[Entry]
+Uploaded = list[tuple[Path, str, float]]  # `.up` file, key, when it reached the remote
+
+_UP = ".up"
+
+
+def _seq(path: Path) -> int:
+    return int(path.name.removesuffix(_UP))
+
+
+class SpoolQueue:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in folder.glob("*.tmp"):  # a write killed before its rename: never accepted
+            stale.unlink(missing_ok=True)
+        names = [p for p in folder.iterdir() if p.name.removesuffix(_UP).isdigit()]
+        self._seq = max((_seq(p) for p in names), default=0)
+        self._puts: Counter[str] = Counter()
+        self._deletes: Counter[str] = Counter()
+        for _, op, key in self.entries():
+            (self._puts if op == "P" else self._deletes)[key] += 1
+
+    def add(self, op: str, key: str) -> None:
+        self._seq += 1
+        path = self.folder / f"{self._seq:016d}"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{op} {key}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        (self._puts if op == "P" else self._deletes)[key] += 1
+
+    def entries(self) -> Entries:
+        """The operations not yet done, oldest first."""
+        out = []
+        for p in sorted(self.folder.iterdir()):
+            if not p.name.isdigit():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                op, key = p.read_text().split(" ", 1)
+                out.append((p, op, key))
+        return out
+
+    def pending_put(self, key: str) -> bool:
+        return self._puts[key] > 0
+
+    def pending_delete(self, key: str) -> bool:
+        return self._deletes[key] > 0
+
+    def pending_puts(self) -> set[str]:
+        return {k for k, n in self._puts.items() if n > 0}
+
+    def pending_deletes(self) -> set[str]:
+        return {k for k, n in self._deletes.items() if n > 0}
+
+    def remove(self, entry: Entry) -> None:
+        """An operation that will never be done (discarded)."""
+        path, op, key = entry
+        path.unlink(missing_ok=True)
+        self._forget(op, key)
+
+    def done(self, batch: Entries) -> None:
+        """The remote has these. Packs wait as `.up` for the manifest after them; a manifest
+        releases every `.up` queued before it."""
+        for path, op, key in batch:
+            if op == "P" and key.startswith(MANIFESTS):
+                for up, _, _ in self.uploaded(before=_seq(path)):
+                    up.unlink(missing_ok=True)
+            if op == "P" and key.startswith(PACKS):
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(path, None)  # when it reached the remote
+                    path.rename(path.with_name(path.name + _UP))
+            else:
+                path.unlink(missing_ok=True)
+            self._forget(op, key)
+
+    def uploaded(self, before: int | None = None) -> Uploaded:
+        """Packs on the remote whose manifest is not, oldest first (queued before `before`)."""
+        out: Uploaded = []
+        for p in sorted(self.folder.glob(f"*{_UP}")):
+            if before is not None and _seq(p) >= before:
+                continue
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                _, key = p.read_text().split(" ", 1)
+                out.append((p, key, p.stat().st_mtime))
+        return out
+
+    def seq_of(self, entry: Entry) -> int:
+        return _seq(entry[0])
+
+    def _forget(self, op: str, key: str) -> None:
+        counts = self._puts if op == "P" else self._deletes
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
+
+
+def older_than(uploaded: Uploaded, age: float) -> Uploaded:
+    cutoff = time.time() - age
+    return [u for u in uploaded if u[2] < cutoff]

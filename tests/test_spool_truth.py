@@ -1,0 +1,138 @@
+"""A shared bucket never loses a listed checkpoint to another host's retention or GC.
+
+Every host here is the daemon's own storage stack (`open_repository`: spool and cache,
+retrying, S3 on a real moto_server over HTTP), with its own state folder: no lock is shared,
+only the bucket. Garbage collection runs with a grace of a few seconds, so that it really
+deletes (docs/fleet.md, R1 and R2).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpointer.daemon.storage_setup import open_repository
+from storage import Repository
+from storage.backends.spooled import SpooledBlobStore
+from storage.errors import TransientStorageError
+from storage.gc import collect_garbage
+from tests.support import S3_ENV, Moto, s3_repository_config
+from tests.support.s3_proxy import S3Proxy
+
+GRACE = 2.0
+
+Host = tuple[Repository, SpooledBlobStore]
+
+
+@pytest.fixture
+def hosts(
+    tmp_path: Path, moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, Host]]:
+    """Hosts opened on demand by name (`open_host(name, url)`), closed at the end."""
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    opened: dict[str, Host] = {}
+    yield opened
+    for _, spool in opened.values():
+        spool.close()
+
+
+def open_host(opened: dict[str, Host], tmp_path: Path, name: str, url: str, bucket: str) -> Host:
+    config = s3_repository_config(tmp_path / name, tmp_path / "repository.key", url, bucket)
+    config.storage.gc_grace = GRACE
+    repo, spool = open_repository(config)
+    assert spool is not None
+    opened[name] = (repo, spool)
+    return repo, spool
+
+
+def image(folder: Path, seed: int) -> Path:
+    """A checkpoint-like folder of incompressible pages (several packs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rnd = __import__("random").Random(seed)
+    (folder / "pages-1.img").write_bytes(rnd.randbytes(6 * 1024 * 1024))
+    (folder / "core-1.img").write_bytes(rnd.randbytes(3000))
+    return folder
+
+
+def restorable_everywhere(hosts: dict[str, Host], workload: str) -> list[str]:
+    """Every checkpoint any host lists verifies from the bucket; the ids listed."""
+    listed: set[str] = set()
+    for repo, _ in hosts.values():
+        for info in repo.checkpoints(workload):
+            repo.verify(workload, info.id)
+            listed.add(info.id)
+    return sorted(listed)
+
+
+def test_another_hosts_retention_and_gc_between_two_commits_of_the_same_pages(
+    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+) -> None:
+    b_repo, b_spool = open_host(hosts, tmp_path, "b", moto.url, bucket)
+    a_repo, a_spool = open_host(hosts, tmp_path, "a", moto.url, bucket)
+    c_repo, c_spool = open_host(hosts, tmp_path, "c", moto.url, bucket)
+    pages = image(tmp_path / "img", 1)
+    x = b_repo.commit("w", pages)
+    assert b_spool.wait_uploaded(60)
+    assert [i.id for i in b_repo.checkpoints("w")] == [x.id]  # B's cache holds X now
+
+    a_repo.delete("w", x.id)  # A's retention removes X ...
+    assert a_spool.wait_uploaded(60)
+    time.sleep(GRACE + 0.5)
+    gc = collect_garbage(c_repo)  # ... and C's garbage collection its packs
+    assert set(x.packs) <= set(gc.deleted_packs)
+    assert c_spool.wait_uploaded(60)
+
+    # B lists what the bucket has, not its cache; and its next commit of the very same
+    # pages must not reference the packs that were collected.
+    assert b_repo.checkpoints("w") == []
+    y = b_repo.commit("w", pages)
+    assert y.new_bytes > 0
+    assert b_spool.wait_uploaded(60)
+    assert restorable_everywhere(hosts, "w") == [y.id]
+    assert not b_spool.cache.exists(f"manifests/w/{x.id}.json")  # the cache forgot X
+
+
+def test_an_outage_longer_than_gc_grace_between_packs_and_manifest(
+    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+) -> None:
+    proxy = S3Proxy(moto.url)
+    try:
+        a_repo, a_spool = open_host(hosts, tmp_path, "a", proxy.url, bucket)
+        c_repo, c_spool = open_host(hosts, tmp_path, "c", moto.url, bucket)
+        # A's link lets packs through and loses the manifest: its outage begins between them.
+        proxy.refuse = lambda method, path: method == "PUT" and "/manifests/" in path
+        first = a_repo.commit("w", image(tmp_path / "img", 2))
+        deadline = time.monotonic() + 60
+        while not all(any(p in k for k in moto.keys(bucket, "ckpt/packs/")) for p in first.packs):
+            assert time.monotonic() < deadline, "A's packs never reached the bucket"
+            time.sleep(0.2)
+        assert proxy.refused > 0
+        proxy.refuse = lambda method, path: True  # now all of A's link is down
+        with pytest.raises(TransientStorageError):
+            a_repo.checkpoints("w")  # a listing is the bucket's or an error, never the cache's
+        assert [i.id for i in a_repo.checkpoints_local("w")] == [first.id]  # said as partial
+        time.sleep(GRACE + 0.5)
+        gc = collect_garbage(c_repo)  # C finds A's packs old and unreferenced
+        assert set(first.packs) <= set(gc.deleted_packs)
+        assert c_spool.wait_uploaded(60)  # its deletes are done in the bucket
+
+        proxy.refuse = lambda method, path: False  # A is back
+        a_spool.mark_online()
+        assert a_spool.wait_uploaded(90)
+        assert restorable_everywhere(hosts, "w") == [first.id]
+
+        # A's next commit of pages it had already stored reuses them only where the bucket
+        # still has them.
+        again = image(tmp_path / "img2", 2)
+        os.rename(again / "core-1.img", again / "core-2.img")
+        second = a_repo.commit("w", again)
+        assert a_spool.wait_uploaded(60)
+        assert restorable_everywhere(hosts, "w") == sorted([first.id, second.id])
+        assert second.new_bytes < first.new_bytes / 2  # what the bucket has is still deduped
+    finally:
+        proxy.close()
