@@ -19,8 +19,9 @@ from pathlib import Path
 from checkpointer.config import Config
 from checkpointer.errors import CheckpointerError
 from storage import keyring
+from storage.access_keys import AccessSecret
 from storage.backends.base import BlobStore
-from storage.crypto import AccessSecret, WrongKey
+from storage.crypto import WrongKey
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,13 @@ def write_new_key_file(path: Path) -> AccessSecret:
     return secret
 
 
-def open_codec(config: Config, backend: BlobStore, host: str) -> keyring.Opened:
+def open_codec(
+    config: Config, backend: BlobStore, host: str, create: bool = True
+) -> keyring.Opened:
     """Open the repository as the config says; a new, empty repository is created encrypted,
-    with a new key file, on first use. Every refusal is one RepositoryKeyError naming the fix.
+    with a new key file, on first use (unless not `create`: a local copy of the keys, which
+    must never create or replace a repository's config). Every refusal is one
+    RepositoryKeyError naming the fix.
     """
     try:
         if not config.storage.encryption:
@@ -134,7 +139,7 @@ def open_codec(config: Config, backend: BlobStore, host: str) -> keyring.Opened:
             key_file = config.storage.key_file
             if not keyring.is_new(backend):
                 if not keyring.has_keys(backend):  # checkpoints in clear: say that, not "key"
-                    keyring.open_repository_codec(backend, AccessSecret.generate(), host)
+                    keyring.open_repository_codec(backend, AccessSecret.generate(), host, False)
                 raise RepositoryKeyError(
                     f"the repository at {backend.describe()} already holds checkpoints or keys "
                     f"and the key file {key_file} does not exist: copy the key file from a host "
@@ -147,10 +152,10 @@ def open_codec(config: Config, backend: BlobStore, host: str) -> keyring.Opened:
                 key_file,
             )
             source = KeySource(secret, str(key_file))
-        opened = keyring.open_repository_codec(backend, source.secret, host)
+        opened = keyring.open_repository_codec(backend, source.secret, host, create)
     except RepositoryKeyError:
         raise
-    except (WrongKey, keyring.RepositoryNotEncrypted) as e:
+    except (WrongKey, keyring.KeyringError) as e:
         raise RepositoryKeyError(str(e)) from e
     log.info("repository opened with key %s from %s", opened.key_id, source.where)
     return opened

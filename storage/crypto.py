@@ -24,25 +24,18 @@ the tree asks for: 64 KiB read and opened for a page, not 4 MiB (measured 1.5 ms
 page with the whole pack, ~0.05 ms with its segment). Format 1 packs (one tag over the whole
 pack, written before) are still read.
 
-The master key is stored only wrapped: each `keys/<id>` object holds it sealed with a key-
-encryption key that comes from an access secret the operator keeps (a key file, or a
-passphrase through scrypt). Several access keys open one repository; adding or removing one
-never re-encrypts data (restic's model).
+The master key is stored only wrapped, by access keys: storage/access_keys.py.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import os
 import secrets
 import struct
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -50,7 +43,6 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from storage.errors import CorruptCheckpoint, StorageError
-from storage.keys import key_key
 
 MAGIC = b"CKPTSEAL"  # 8 bytes, then the format byte, then the 12-byte nonce
 _FORMAT = 1
@@ -64,10 +56,6 @@ OVERHEAD = HEADER + _TAG
 SEGMENTED_HEADER = HEADER + _LAYOUT.size
 _CHUNK_CONTEXT = "checkpointer 2026-11 chunk id"
 _OBJECT_CONTEXT = "checkpointer 2026-11 object seal"
-_WRAP_CONTEXT = "checkpointer 2026-11 key wrap"
-# scrypt for passphrases: 2^15 x 8 x 128 B = 32 MiB and ~0.1 s here per try (RFC 7914's
-# interactive setting); key files hold 256 random bits and need no stretching.
-_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 
 
 class WrongKey(StorageError):
@@ -392,105 +380,6 @@ def _tampered(name: str) -> CorruptCheckpoint:
 
 def _derive(context: str, key: bytes) -> bytes:
     return blake3.blake3(key, derive_key_context=context).digest()
-
-
-# -- access keys -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AccessSecret:
-    """What the operator holds: 32 random bytes (a key file), or a passphrase."""
-
-    secret: bytes
-    kind: str  # "file" or "passphrase"
-
-    @classmethod
-    def generate(cls) -> AccessSecret:
-        return cls(secrets.token_bytes(32), "file")
-
-    @classmethod
-    def from_file_text(cls, text: str, where: str) -> AccessSecret:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-        try:
-            raw = base64.b64decode(lines[0], validate=True) if len(lines) == 1 else b""
-        except ValueError:
-            raw = b""
-        if len(raw) != 32:
-            raise WrongKey(
-                f"{where} does not hold a repository key (one line of base64, 32 bytes); "
-                "make one with `checkpointer key add --new-key-file FILE`"
-            )
-        return cls(raw, "file")
-
-    def file_text(self) -> str:
-        return (
-            "# checkpointer repository access key: keep it secret, keep a copy off this host.\n"
-            + base64.b64encode(self.secret).decode()
-            + "\n"
-        )
-
-    def kek(self, salt: bytes, params: dict[str, int]) -> bytes:
-        if self.kind == "passphrase":
-            n, r, p = params["n"], params["r"], params["p"]
-            return hashlib.scrypt(self.secret, salt=salt, n=n, r=r, p=p, maxmem=128 << 20, dklen=32)
-        return blake3.blake3(salt + self.secret, derive_key_context=_WRAP_CONTEXT).digest()
-
-
-def wrap(master: bytes, access: AccessSecret, key_id: str, host: str) -> bytes:
-    """A `keys/<id>` object: the master key sealed with the access secret's wrapping key."""
-    salt = secrets.token_bytes(16)
-    params = _SCRYPT if access.kind == "passphrase" else {}
-    nonce = secrets.token_bytes(_NONCE)
-    wrapped = AESGCM(access.kek(salt, params)).encrypt(nonce, master, key_key(key_id).encode())
-    doc: dict[str, Any] = {
-        "version": 1,
-        "id": key_id,
-        "kind": access.kind,
-        "created": time.time(),
-        "host": host,
-        "salt": base64.b64encode(salt).decode(),
-        "kdf": params,
-        "wrapped": base64.b64encode(nonce + wrapped).decode(),
-    }
-    return json.dumps(doc).encode()
-
-
-def unwrap(blob: bytes, access: AccessSecret, key_id: str) -> bytes | None:
-    """The master key if `access` opens this key object; None if it does not."""
-    try:
-        doc = json.loads(blob)
-        if doc.get("kind") != access.kind:
-            return None
-        salt = base64.b64decode(doc["salt"])
-        params = (
-            {k: int(doc["kdf"][k]) for k in ("n", "r", "p")} if access.kind == "passphrase" else {}
-        )
-        if params and (params["n"] > 2**20 or params["r"] > 32 or params["p"] > 16):
-            return None  # a planted key object must not make us allocate gigabytes
-        raw = base64.b64decode(doc["wrapped"])
-    except (ValueError, KeyError, TypeError):
-        return None
-    if len(raw) != _NONCE + 32 + _TAG:
-        return None
-    try:
-        return AESGCM(access.kek(salt, params)).decrypt(
-            raw[:_NONCE], raw[_NONCE:], key_key(key_id).encode()
-        )
-    except InvalidTag:
-        return None
-
-
-def describe_key(blob: bytes) -> dict[str, Any]:
-    """What `key list` shows of a key object (no secret in it)."""
-    try:
-        doc = json.loads(blob)
-        return {k: doc.get(k) for k in ("id", "kind", "created", "host")}
-    except ValueError:
-        return {"id": None, "kind": "damaged", "created": None, "host": None}
-
-
-def new_key_id() -> str:
-    return f"{int(time.time()):08x}{secrets.token_hex(4)}"
 
 
 def new_master() -> bytes:

@@ -9,11 +9,11 @@ from pathlib import Path
 import blake3
 import pytest
 
+from storage.access_keys import AccessSecret
 from storage.backends import LocalBlobStore
 from storage.crypto import (
     SEGMENT,
     SEGMENTED_HEADER,
-    AccessSecret,
     Plain,
     Sealed,
     WrongKey,

@@ -300,6 +300,23 @@ class Config(_Strict):
             seen.add(w.name)
         return self
 
+    @model_validator(mode="after")
+    def _fleet_needs_encryption(self) -> Config:
+        # In clear, whoever can write the bucket can hand a host a lease together with a
+        # planted checkpoint, which that host then restores as root (issue 26).
+        if self.fleet.enabled and not self.storage.encryption:
+            raise ValueError(
+                "fleet.enabled needs storage.encryption (it is false): in clear, anyone who "
+                "can write the bucket can hand a host a lease with a planted checkpoint to "
+                "restore. To migrate to an encrypted repository: point storage.s3.bucket or "
+                "storage.s3.prefix at a new, empty location with storage.encryption: true "
+                "(the first daemon to start creates the repository there and writes its key "
+                "file: copy that file to the other hosts) and start the workloads there; the "
+                "old checkpoints stay readable at the old location with encryption: false and "
+                "fleet off (README: Encryption, repositories written in clear)"
+            )
+        return self
+
     @property
     def socket_path(self) -> Path:
         return self.socket or self.state_dir / "checkpointer.sock"
