@@ -15,7 +15,7 @@ from storage.backends.retrying import RetryingBlobStore
 from storage.backends.wrapper import WrappedBlobStore
 from storage.crypto import Sealed, new_master
 from storage.errors import TransientStorageError
-from storage.leases import Leases, LeaseState
+from storage.leases import LeaseHeld, LeaseReplayed, Leases, LeaseState
 from tests.support import Moto
 from tests.test_leases import s3_store
 
@@ -80,3 +80,46 @@ def test_lost_replies_on_a_local_store_too(tmp_path: Path) -> None:
         with pytest.raises(TransientStorageError):
             a.renew(held)
     assert a.renew(held).lease.generation == 1
+
+
+def test_expiry_is_judged_on_the_observers_monotonic_clock_never_by_wall_clocks(
+    tmp_path: Path,
+) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    codec = Sealed(new_master())
+    mono = [0.0]
+    # A's wall clock is an hour behind B's: by wall clocks its lease expired long ago.
+    a = Leases(store, codec, "a", ttl=10, skew=2, clock=lambda: 1000.0, monotonic=lambda: mono[0])
+    b = Leases(store, codec, "b", ttl=10, skew=2, clock=lambda: 4600.0, monotonic=lambda: mono[0])
+    held = a.acquire("web", newest=None)
+    for _ in range(100):  # 100 renewals, B looking every second: never taken over
+        mono[0] += 1
+        held = a.renew(held)
+        with pytest.raises(LeaseHeld):
+            b.acquire("web", newest=None, taking_over=True)
+    mono[0] += 12  # unchanged for TTL + skew since B first saw this version: still not
+    with pytest.raises(LeaseHeld):
+        b.acquire("web", newest=None, taking_over=True)
+    mono[0] += 0.5
+    assert b.acquire("web", newest=None, taking_over=True).lease.generation == 2
+
+
+def test_a_replayed_older_lease_is_refused_not_obeyed(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    codec = Sealed(new_master())
+    a, b = Leases(store, codec, "a"), Leases(store, codec, "b")
+    held = a.acquire("web", newest=None)
+    old_sealed = store.get("leases/web")  # a bucket writer keeps generation 1, held by a
+    handed = a.hand_over(held, "b")
+    taken = b.acquire("web", newest=None)
+    assert taken.lease.generation == 2
+    current = store.get_versioned("leases/web")[1]
+    store.put_if("leases/web", old_sealed, current)  # ... and puts it back
+    with pytest.raises(LeaseReplayed, match="older than generation 2"):
+        b.read("web")
+    with pytest.raises(LeaseReplayed):
+        a.read("web")  # a handed generation 1 over: it is not a's again
+    assert a.all() == [] and b.all() == []  # nobody obeys it
+    with pytest.raises(LeaseReplayed):
+        a.acquire("web", newest=None)
+    assert handed.lease.state is LeaseState.HANDED

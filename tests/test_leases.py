@@ -72,15 +72,15 @@ def test_expiry_takeover_and_fencing(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "repo")
     codec = Sealed(new_master())
     now = [1000.0]
-    a = Leases(store, codec, "a", ttl=30, skew=5, clock=lambda: now[0])
-    b = Leases(store, codec, "b", ttl=30, skew=5, clock=lambda: now[0])
+    a = Leases(store, codec, "a", ttl=30, skew=5, clock=lambda: now[0], monotonic=lambda: now[0])
+    b = Leases(store, codec, "b", ttl=30, skew=5, clock=lambda: 9e9, monotonic=lambda: now[0])
     held_a = a.acquire("web", newest=None)
     with pytest.raises(LeaseHeld, match="owned by host a"):
-        b.acquire("web", newest="c1")
-    now[0] += 34  # past expiry, within the skew: still a's
+        b.acquire("web", newest="c1")  # b sees it first now (its wall clock is far ahead)
+    now[0] += 34  # unchanged for 34 s, less than TTL + skew: still a's
     with pytest.raises(LeaseHeld):
         b.acquire("web", newest="c1", taking_over=True)
-    now[0] += 2  # past expiry + skew
+    now[0] += 2  # seen unchanged for more than TTL + skew
     held_b = b.acquire("web", newest="c1", taking_over=True)
     assert held_b.lease.generation == 2 and held_b.lease.previous_holder == "a"
     with pytest.raises(LeaseLost, match="held by b"):

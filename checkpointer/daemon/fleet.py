@@ -1,23 +1,51 @@
 """Fleet mode: hosts sharing one bucket, each workload owned by one host at a time.
 
 Ownership is a lease in the bucket (storage/leases.py), taken and renewed with conditional
-writes. This module keeps this host's leases: it renews them every `renew_every`, tells the
-engine when one is lost (another host took it while this one was partitioned or paused: the
-engine then stops the tree, so that only one copy runs), and looks at every lease for work
-offered to this host: a workload handed over by `migrate`, or, with `failover`, one whose
-owner stopped renewing. It also keeps this host's heartbeat (`checkpointer hosts`).
+writes. This module keeps this host's leases and looks at every lease for work offered to this
+host: a workload handed over by `migrate`, or, with `failover`, one whose owner stopped
+renewing (judged by storage/leases.py on this host's monotonic clock). It also keeps this
+host's heartbeat (`checkpointer hosts`).
 
-Before any of it, the store must prove that it enforces conditional writes; a store that
-only pretends to (seen: s3rver) would let two hosts own one workload.
+Three kinds of threads, so that nothing slow stands between a lease and its deadline:
+
+- the watchdog (one thread) never calls the store and never takes a workload's lock: it
+  starts renewals, and at each lease's local deadline stops this host's copy of the
+  workload (SIGSTOP of its tree, `FleetHooks.freeze`) whether or not the bucket answers;
+- renewals run on a pool, one call in flight per lease, all leases in parallel. A call may
+  block as long as the retrying layer likes (~60 s): the watchdog never waits for it;
+- the scan (one thread): heartbeat, clock check, leases offered to this host; the engine's
+  `lost` and `offered` hooks, which wait for a workload's lock (up to 600 s), run on a
+  second pool, never on the scan's or the watchdog's thread.
+
+The timing argument. A renewal sent at monotonic time t0 gives the local deadline
+t0 + TTL - skew. The version it wrote cannot land in the bucket, nor be read by another
+host, before t0. Another host takes the lease over only after it has seen that version
+unchanged for TTL + skew on its own monotonic clock, counted from the end of a read that
+returned it (so from a time after t0): not before t0 + TTL + skew. This host's copy is
+therefore stopped at least 2 x skew before another host may start its own, whatever the
+wall clocks say; the 2 x skew covers the monotonic clocks' difference in rate, the watchdog's
+reaction time (it wakes at each deadline) and the time SIGSTOP takes to reach a tree. A
+renewal that fails, hangs or is lost changes nothing: the deadline stays that of the last
+write known to have landed. A renewal that lands after the deadline (the lease is still
+ours: the write was conditional on our version) resumes the stopped copy; a lease found
+taken has the copy killed (`lost`), which it already could not run.
+
+What it cannot cover: a pause of the whole daemon (SIGSTOP, a stalled VM) stops the
+watchdog too; it acts the moment the daemon runs again, before any storage call.
+
+Before any of it, the store must prove that it enforces conditional writes, also under
+concurrency, and that its clock agrees with this host's within `clock_skew`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from checkpointer.config import Config
@@ -39,18 +67,27 @@ from storage.leases import (
 log = logging.getLogger(__name__)
 
 NOTHING_FETCHED = "-"
+# How often the scan asks the store for its clock (one LIST): a clock drifts slowly.
+CLOCK_CHECK_EVERY = 60.0
 
 
 @dataclass(frozen=True)
 class FleetHooks:
     """What the fleet asks of the engine: stop a tree whose lease is lost; bring back one
-    offered to this host (reason "migration" or "failover")."""
+    offered to this host (reason "migration" or "failover"); stop (SIGSTOP) and resume this
+    host's copy at once, without the workload's lock (the watchdog's deadline)."""
 
     lost: Callable[[str, str | None], None]
     offered: Callable[[str, str], None]
     known: Callable[[], list[str]]  # workloads registered here that are running
     prefetch: Callable[[str], str | None]  # fetch the newest checkpoint ahead; its id
     newest: Callable[[str], str | None]  # the workload's newest checkpoint id
+    freeze: Callable[[str], bool] = lambda name: False  # True: a running tree was stopped
+    thaw: Callable[[str], None] = lambda name: None
+
+
+class ClockSkewed(FleetUnavailable):
+    """This host's clock and the store's differ by more than fleet.clock_skew."""
 
 
 class Fleet:
@@ -60,57 +97,105 @@ class Fleet:
         store: BlobStore,
         codec: Codec,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         f = config.fleet
         self.host = config.host.id
         self.store = store
-        self.leases = Leases(store, codec, self.host, f.lease_ttl, f.clock_skew, clock)
+        self.leases = Leases(store, codec, self.host, f.lease_ttl, f.clock_skew, clock, monotonic)
+        self.ttl = f.lease_ttl
+        self.skew = f.clock_skew
         self.renew_every = f.renew_every
         self.failover = f.failover
         self.clock = clock
+        self.monotonic = monotonic
         self.hooks: FleetHooks | None = None
         self._held: dict[str, Held] = {}
+        self._deadline: dict[str, float] = {}  # monotonic: stop acting on the lease then
+        self._sent: dict[str, float] = {}  # when the last renewal was sent (monotonic)
+        self._renewing: dict[str, Future[None]] = {}
+        self._frozen: set[str] = set()  # copies stopped at their deadline, outcome unknown
         self._seen: dict[str, Lease] = {}
         self._lock = threading.Lock()
-        # One write at a time to this host's leases: a renewal and a hand-over (or prepare,
-        # release) racing from two threads would each write over the version the other just
-        # replaced, and the loser would think the lease lost. Seen: a container's final
-        # checkpoint took 4 s, a renewal fell in it, and the hand-over failed.
-        self._writing = threading.Lock()
+        # One write at a time to each lease: a renewal and a hand-over (or prepare, release)
+        # racing from two threads would each write over the version the other just replaced.
+        # Seen: a container's final checkpoint took 4 s, a renewal fell in it, and the
+        # hand-over failed. Per lease, so that one slow write holds up no other lease.
+        self._writing: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
+        self._wake = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="lease-watchdog", daemon=True)
+        self._scanner = threading.Thread(target=self._scan_loop, name="fleet-scan", daemon=True)
+        self._renewals = ThreadPoolExecutor(16, thread_name_prefix="lease-renewal")
+        self._hook_pool = ThreadPoolExecutor(4, thread_name_prefix="fleet-hook")
+        self._hooks_running: set[tuple[str, str]] = set()
         self._heartbeat: str | None = None
         self._prepared: dict[str, str] = {}  # fetched ahead of a hand-over: name -> id
         self._preparing: set[str] = set()
+        self._clock_checked = float("-inf")
         self.renewal_failures = 0
         self.unowned = 0
+        self.clock_offset: float | None = None  # the store's clock minus ours, last seen
 
     def check_store(self) -> None:
+        """Refuse fleet mode on a store that does not enforce conditional writes (also under
+        concurrency), or whose clock differs from ours by more than clock_skew."""
         try:
             probe_conditional_writes(self.store)
         except ConditionalWritesUnsupported as e:
             raise FleetUnavailable(str(e)) from e
+        self.check_clock()
+
+    def check_clock(self) -> float | None:
+        """Compare this host's clock with the store's (its HTTP Date: whole seconds); raise
+        ClockSkewed when they surely differ by more than clock_skew. Leases do not depend on
+        it (their expiry is judged on monotonic clocks), but checkpoint ids and "newest" are
+        wall-clock times, and a host far off would order them wrongly."""
+        before = self.clock()
+        server = self.store.server_time()
+        after = self.clock()
+        self._clock_checked = self.monotonic()
+        if server is None:
+            return None
+        # The Date header truncates to the second: the server's time when it answered lies
+        # in [server, server + 1), ours in [before, after].
+        offset = server + 0.5 - (before + after) / 2
+        self.clock_offset = offset
+        if abs(offset) - (0.5 + (after - before) / 2) > self.skew:
+            raise ClockSkewed(
+                f"this host's clock differs from the store's ({self.store.describe()}) by "
+                f"{offset:+.1f}s, more than fleet.clock_skew ({self.skew:g}s): fleet mode is "
+                "refused until the clock is synchronised (check chronyd / systemd-timesyncd: "
+                "`timedatectl status`)"
+            )
+        return offset
 
     def start(self, hooks: FleetHooks) -> None:
         self.hooks = hooks
-        self._tick()
-        self._thread.start()
+        self._scan_tick()
+        self._watchdog.start()
+        self._scanner.start()
 
     def stop(self) -> None:
         """Leases are kept (the workloads run on without the daemon); they expire unless the
         daemon is back within the TTL."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._wake.set()
+        for t in (self._watchdog, self._scanner):
+            if t.is_alive():
+                t.join(timeout=10)
+        self._renewals.shutdown(wait=False, cancel_futures=True)
+        self._hook_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- Ownership (what the engine asks) ----------------------------------------------
 
     def hold(self, name: str) -> int | None:
         with self._lock:
             held = self._held.get(name)
+            deadline = self._deadline.get(name, float("-inf"))
         if held is None:
             raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
-        if self.clock() > held.lease.expires - self.leases.skew:
+        if self.monotonic() >= deadline:
             raise NotOwner(
                 f"the lease of {name} could not be renewed in time: this host ({self.host}) "
                 "no longer acts as its owner"
@@ -118,25 +203,26 @@ class Fleet:
         return held.lease.generation
 
     def claim(self, name: str, newest: str | None) -> int | None:
+        sent = self.monotonic()
         try:
-            held = self.leases.acquire(name, newest)
+            with self._write_lock(name):
+                held = self.leases.acquire(name, newest)
         except LeaseHeld as e:
             with self._lock:
                 self._seen[name] = e.lease
-                self._held.pop(name, None)
+                self._forget(name)
             raise NotOwner(
                 f"workload {name} is owned by host {e.lease.holder} ({e.lease.state}): it runs "
                 f"there; `checkpointer migrate {name} --to {self.host}` on that host moves it"
             ) from e
-        with self._lock:
-            self._held[name] = held
-            self._seen[name] = held.lease
+        self._kept(name, held, sent)
         return held.lease.generation
 
     def release(self, name: str) -> None:
-        with self._writing:
+        with self._write_lock(name):
             with self._lock:
-                held = self._held.pop(name, None)
+                held = self._held.get(name)
+                self._forget(name)
             if held is not None:
                 with contextlib.suppress(LeaseLost, StorageError):
                     self.leases.release(held)
@@ -156,20 +242,19 @@ class Fleet:
     def prepare(self, name: str, to: str | None) -> None:
         """Tell `to` (through the lease) that `name` is coming: it fetches the newest
         checkpoint ahead. None calls it off."""
-        with self._writing:
+        sent = self.monotonic()
+        with self._write_lock(name):
             with self._lock:
                 held = self._held.get(name)
             if held is None:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
             updated = self.leases.prepare(held, to)
-            with self._lock:
-                self._held[name] = updated
-                self._seen[name] = updated.lease
+        self._kept(name, updated, sent)
 
     def wait_prepared(self, name: str, to: str, timeout: float) -> str | None:
         """The checkpoint `to` fetched ahead, once it says so (None after `timeout`)."""
-        deadline = self.clock() + timeout
-        while self.clock() < deadline:
+        deadline = self.monotonic() + timeout
+        while self.monotonic() < deadline:
             try:
                 done = self.leases.prepared_by(to).get(name)
             except StorageError:
@@ -180,14 +265,14 @@ class Fleet:
         return None
 
     def hand_over(self, name: str, to: str) -> None:
-        with self._writing:
+        with self._write_lock(name):
             with self._lock:
                 held = self._held.get(name)
             if held is None:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
             handed = self.leases.hand_over(held, to)
             with self._lock:
-                self._held.pop(name, None)
+                self._forget(name)
                 self._seen[name] = handed.lease
 
     def live_hosts(self) -> dict[str, float]:
@@ -201,16 +286,167 @@ class Fleet:
         with self._lock:
             return name in self._held
 
-    # -- the loop ----------------------------------------------------------------------
+    # -- this host's leases ------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _write_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._writing.setdefault(name, threading.Lock())
+
+    def _kept(self, name: str, held: Held, sent: float) -> None:
+        """`held` was written by a call sent at `sent` (monotonic): the lease is ours until
+        sent + TTL - skew (module docstring). A copy the watchdog stopped runs again."""
+        deadline = sent + self.ttl - self.skew
+        with self._lock:
+            self._held[name] = held
+            self._seen[name] = held.lease
+            self._deadline[name] = max(deadline, self._deadline.get(name, float("-inf")))
+            self._sent[name] = max(sent, self._sent.get(name, float("-inf")))
+            resume = name in self._frozen and self.monotonic() < self._deadline[name]
+            if resume:
+                self._frozen.discard(name)
+        if resume and self.hooks is not None:
+            log.warning("fleet: the lease of %s was renewed after all: its copy runs again", name)
+            self.hooks.thaw(name)
+        self._wake.set()  # the watchdog's next deadline may have changed
+
+    def _forget(self, name: str) -> None:
+        """No longer ours (caller holds self._lock)."""
+        self._held.pop(name, None)
+        self._deadline.pop(name, None)
+        self._sent.pop(name, None)
+
+    def _watch(self) -> None:
+        """The watchdog: start each lease's renewal when it is due, and stop this host's copy
+        of every workload whose lease reached its deadline. Never calls the store, never takes
+        a workload's lock: the only work here is a dictionary walk and SIGSTOP."""
+        while not self._stop.is_set():
+            now = self.monotonic()
+            wake = now + self.renew_every
+            with self._lock:
+                due = [
+                    (name, self._deadline[name], self._sent.get(name, float("-inf")))
+                    for name in self._held
+                ]
+            for name, deadline, sent in due:
+                if now >= deadline:
+                    self._freeze(name)
+                else:
+                    wake = min(wake, deadline)
+                if now >= sent + self.renew_every:
+                    self._start_renewal(name)
+                else:
+                    wake = min(wake, sent + self.renew_every)
+            self._wake.wait(max(0.01, min(wake - self.monotonic(), 0.5)))
+            self._wake.clear()
+
+    def _freeze(self, name: str) -> None:
+        with self._lock:
+            if name in self._frozen:
+                return
+        assert self.hooks is not None
+        try:
+            stopped = self.hooks.freeze(name)
+        except Exception:
+            log.exception("fleet: stopping the copy of %s failed", name)
+            return
+        if stopped:
+            with self._lock:
+                self._frozen.add(name)
+            log.error(
+                "fleet: the lease of %s reached its deadline unrenewed: its copy here is "
+                "stopped until the bucket says whose it is",
+                name,
+            )
+
+    def _start_renewal(self, name: str) -> None:
+        with self._lock:
+            if name in self._renewing or name not in self._held:
+                return
+            self._sent[name] = self.monotonic()  # due again renew_every after this try
+            try:
+                self._renewing[name] = self._renewals.submit(self._renew, name)
+            except RuntimeError:  # shut down
+                return
+
+    def _renew(self, name: str) -> None:
+        """One renewal, on a pool thread; it may block as long as the store does."""
+        sent = self.monotonic()
+        try:
+            with self._write_lock(name):
+                with self._lock:
+                    held = self._held.get(name)
+                if held is None:
+                    return  # handed over or released meanwhile
+                try:
+                    renewed = self.leases.renew(held)
+                except LeaseLost as e:
+                    self.renewal_failures += 1
+                    log.error("fleet: lost the lease of %s: %s", name, e)
+                    self._lose(name)
+                    return
+                except StorageError as e:
+                    self.renewal_failures += 1
+                    log.warning("fleet: cannot renew the lease of %s: %s", name, e)
+                    return
+                self._kept(name, renewed, sent)
+        except Exception:
+            log.exception("fleet: renewing the lease of %s failed", name)
+        finally:
+            with self._lock:
+                self._renewing.pop(name, None)
+
+    def _lose(self, name: str) -> None:
+        """Another host owns `name` now: stop the copy here at once (no lock needed), then
+        let the engine kill it for good, on a hook thread (it waits for the workload's lock)."""
+        with self._lock:
+            self._forget(name)
+        assert self.hooks is not None
+        try:
+            self.hooks.freeze(name)
+        except Exception:
+            log.exception("fleet: stopping the copy of %s failed", name)
+        current = self._read(name)
+        with self._lock:
+            self._frozen.discard(name)
+        holder = current.holder if current else None
+        self._hook("lost", name, functools.partial(self._call_lost, name, holder))
+
+    def _call_lost(self, name: str, holder: str | None) -> None:
+        assert self.hooks is not None
+        self.hooks.lost(name, holder)
+
+    def _hook(self, kind: str, name: str, fn: Callable[[], None]) -> None:
+        """Run an engine hook on the hook pool, one at a time per (kind, workload)."""
+        with self._lock:
+            if (kind, name) in self._hooks_running:
+                return
+            self._hooks_running.add((kind, name))
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("fleet: the %s hook of %s failed", kind, name)
+            finally:
+                with self._lock:
+                    self._hooks_running.discard((kind, name))
+
+        try:
+            self._hook_pool.submit(run)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._hooks_running.discard((kind, name))
+
+    # -- the scan ----------------------------------------------------------------------
+
+    def _scan_loop(self) -> None:
         while not self._stop.wait(self.renew_every):
             try:
-                self._tick()
+                self._scan_tick()
             except Exception:
-                log.exception("fleet: lease round failed")
+                log.exception("fleet: lease scan failed")
 
-    def _tick(self) -> None:
+    def _scan_tick(self) -> None:
         assert self.hooks is not None
         try:
             with self._lock:
@@ -218,7 +454,13 @@ class Fleet:
             self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared)
         except StorageError as e:
             log.warning("fleet: heartbeat failed: %s", e)
-        self._renew()
+        if self.monotonic() - self._clock_checked >= CLOCK_CHECK_EVERY:
+            try:
+                self.check_clock()
+            except ClockSkewed as e:
+                log.error("fleet: %s", e)
+            except StorageError as e:
+                log.warning("fleet: cannot read the store's clock: %s", e)
         for name in self.hooks.known():  # running here (re-adopted at start, or ours)
             if not self.holds(name):
                 try:
@@ -226,50 +468,14 @@ class Fleet:
                     self.claim(name, self.hooks.newest(name))
                 except NotOwner as e:
                     log.error("fleet: %s; stopping the copy that runs here", e)
-                    self.hooks.lost(name, self.owner(name))
+                    self.hooks.freeze(name)
+                    holder = self.owner(name)
+                    self._hook("lost", name, functools.partial(self._call_lost, name, holder))
                 except StorageError as e:
                     log.warning("fleet: cannot claim %s yet: %s", name, e)
+                else:
+                    self.hooks.thaw(name)  # stopped by a daemon before this one, maybe
         self._scan()
-
-    def _renew(self) -> None:
-        assert self.hooks is not None
-        with self._lock:
-            names = list(self._held)
-        for name in names:
-            with self._writing:
-                lost = self._renew_one(name)
-            if lost is not None:  # outside the write lock: stopping the copy takes its lock
-                self.hooks.lost(name, lost or None)
-
-    def _renew_one(self, name: str) -> str | None:
-        """Renew one lease; None if kept, else who holds it now ("" unknown)."""
-        with self._lock:
-            h = self._held.get(name)
-        if h is None:
-            return None  # handed over or released since the list was taken
-        try:
-            renewed = self.leases.renew(h)
-        except LeaseLost as e:
-            self.renewal_failures += 1
-            with self._lock:
-                self._held.pop(name, None)
-            log.error("fleet: lost the lease of %s: %s", name, e)
-            current = self._read(name)
-            return current.holder if current else ""
-        except StorageError as e:
-            self.renewal_failures += 1
-            log.warning("fleet: cannot renew the lease of %s: %s", name, e)
-            if self.clock() > h.lease.expires - self.leases.skew:
-                with self._lock:
-                    self._held.pop(name, None)
-                log.error("fleet: the lease of %s runs out: stopping it here", name)
-                return ""
-            return None
-        with self._lock:
-            if name in self._held:
-                self._held[name] = renewed
-            self._seen[name] = renewed.lease
-        return None
 
     def _read(self, name: str) -> Lease | None:
         try:
@@ -285,14 +491,12 @@ class Fleet:
         except StorageError as e:
             log.warning("fleet: cannot list leases: %s", e)
             return
-        now, unowned = self.clock(), 0
+        unowned = 0
         for h in everything:
             lease = h.lease
             with self._lock:
                 self._seen[lease.workload] = lease
-            expired = lease.state is not LeaseState.RELEASED and lease.expired(
-                now, self.leases.skew
-            )
+            expired = self.leases.expired(h)
             unowned += expired
             if (
                 lease.state is LeaseState.PREPARING
@@ -310,15 +514,21 @@ class Fleet:
                 log.warning(
                     "fleet: %s was handed to this host by %s", lease.workload, lease.previous_holder
                 )
-                self.hooks.offered(lease.workload, "migration")
+                self._offer(lease.workload, "migration")
             elif self.failover and expired and lease.holder != self.host:
                 log.warning(
-                    "fleet: the lease of %s (host %s) expired: taking it over",
+                    "fleet: the lease of %s (host %s) was unchanged for its TTL + skew: "
+                    "taking it over",
                     lease.workload,
                     lease.holder,
                 )
-                self.hooks.offered(lease.workload, "failover")
+                self._offer(lease.workload, "failover")
         self.unowned = unowned
+
+    def _offer(self, name: str, reason: str) -> None:
+        assert self.hooks is not None
+        hooks = self.hooks
+        self._hook("offered", name, lambda: hooks.offered(name, reason))
 
     def _prepare_for(self, name: str) -> None:
         """A hand-over to this host is coming: fetch the newest checkpoint now, while the
@@ -337,9 +547,9 @@ class Fleet:
             self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared)
         except StorageError as e:
             log.warning("fleet: heartbeat failed: %s", e)
-        deadline = self.clock() + 120
+        deadline = self.monotonic() + 120
         try:
-            while self.clock() < deadline and not self._stop.is_set():
+            while self.monotonic() < deadline and not self._stop.is_set():
                 lease = self._read(name)
                 if lease is None or lease.state not in (LeaseState.PREPARING, LeaseState.HANDED):
                     return  # called off

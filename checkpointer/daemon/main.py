@@ -26,7 +26,7 @@ from checkpointer.daemon.scheduler import CheckpointScheduler
 from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine, Hooks, WorkloadKind, WorkloadState, registering, reports
-from checkpointer.engine.ownership import SingleHost
+from checkpointer.engine.ownership import LocalCopies, SingleHost
 from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
 from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.workloads.logs import LogPump
@@ -182,6 +182,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     server = ApiServer(config.socket_path, _handlers(engine))
     supervisor.recover_at_start()
     if fleet is not None:
+        copies = LocalCopies(engine.registry.find)
         fleet.start(
             FleetHooks(
                 lost=engine.fence,
@@ -189,6 +190,8 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
                 known=lambda: [w.name for w in engine.workloads() if w.alive()],
                 prefetch=engine.prefetch,
                 newest=engine.newest_checkpoint,
+                freeze=copies.freeze,
+                thaw=copies.thaw,
             )
         )
     _start_declared(engine, supervisor, config.workloads)

@@ -284,6 +284,7 @@ class FleetView(Protocol):
 
     renewal_failures: int
     unowned: int
+    clock_offset: float | None
 
     def holds(self, name: str) -> bool: ...
 
@@ -350,6 +351,14 @@ class EngineCollector(Collector):
             )
             unowned.add_metric([], float(self.fleet.unowned))
             yield from (held, failures, unowned)
+            if self.fleet.clock_offset is not None:
+                offset = GaugeMetricFamily(
+                    "checkpointer_clock_offset_seconds",
+                    "The store's clock minus this host's, from its Date header (fleet; alert "
+                    "beyond fleet.clock_skew)",
+                )
+                offset.add_metric([], self.fleet.clock_offset)
+                yield offset
         spool = self.spool
         backlog = GaugeMetricFamily(
             "checkpointer_spool_backlog_bytes", "Bytes written locally and not yet uploaded"

@@ -4,9 +4,15 @@ restore and start; it never talks to leases itself."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
+from checkpointer.engine.workload import Workload
+from checkpointer.workloads import process
 from storage.leases import Lease
+
+log = logging.getLogger(__name__)
 
 
 class Ownership(Protocol):
@@ -66,3 +72,30 @@ class SingleHost:
 
     def owner(self, name: str) -> str | None:
         return None
+
+
+class LocalCopies:
+    """This host's copy of a workload, stopped and resumed by the fleet's lease watchdog the
+    moment a lease reaches its deadline, without the workload's lock: the lock may be held
+    for minutes by a checkpoint or a restore, and the deadline does not wait. SIGSTOP, not
+    SIGKILL: if the lease turns out to be still ours (the bucket was only slow), the tree
+    runs on with nothing lost; if another host took it, the engine's `fence` kills it (a
+    stopped tree dies as well as a running one)."""
+
+    def __init__(self, find: Callable[[str], Workload | None]) -> None:
+        self.find = find
+
+    def freeze(self, name: str) -> bool:
+        """Stop the tree of `name` if it runs here; whether one was stopped."""
+        w = self.find(name)
+        if w is None or w.pid is None or not w.alive():
+            return False
+        process.stop_tree(w.pid)
+        log.warning("workload %s: stopped (SIGSTOP): its lease could not be kept", name)
+        return True
+
+    def thaw(self, name: str) -> None:
+        """Resume the tree of `name` (its lease is ours again)."""
+        w = self.find(name)
+        if w is not None and w.pid is not None and w.alive():
+            process.thaw(w.pid)

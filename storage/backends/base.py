@@ -99,6 +99,12 @@ class BlobStore(ABC):
         for one are told apart by the store, not by their clocks."""
         raise ConditionalWritesUnsupported(f"{self.describe()} has no conditional writes")
 
+    def server_time(self) -> float | None:
+        """The store's clock (Unix time) as one cheap request reports it, None if it reports
+        none (a local folder). Fleet mode compares it with this host's clock and refuses to
+        run when they differ by more than fleet.clock_skew."""
+        return None
+
     def check(self) -> None:
         """Raise a clear StorageError if the store cannot be used at all (credentials, bucket).
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import http.client
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from storage.errors import (
     BlobExists,
     BlobNotFound,
     BlobTooLarge,
+    ConditionalWritesUnsupported,
     PreconditionFailed,
     StorageAccessError,
     StorageError,
@@ -178,6 +180,15 @@ class S3BlobStore(BlobStore):
         except Exception as e:
             raise self._translate(e, "list", self.prefix) from e
 
+    def server_time(self) -> float | None:
+        """The HTTP Date of a one-key listing (whole seconds; every S3 response has one)."""
+        try:
+            r = self.client.list_objects_v2(Bucket=self.s.bucket, Prefix=self.prefix, MaxKeys=1)
+        except Exception as e:
+            raise self._translate(e, "list", self.prefix) from e
+        date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else None
+
     def get(self, key: str, limit: int | None = None) -> bytes:
         return self.get_versioned(key, limit)[0]
 
@@ -278,6 +289,16 @@ class S3BlobStore(BlobStore):
         try:
             return str(self.client.put_object(**args)["ETag"])
         except Exception as e:
+            if isinstance(e, bex.ClientError) and (
+                e.response.get("Error", {}).get("Code") == "NotImplemented"
+                or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
+            ):  # Backblaze B2: a refusal of the headers, not an outage to retry
+                raise ConditionalWritesUnsupported(
+                    f"{self.describe()}: this store does not support conditional writes (it "
+                    "answered 501 NotImplemented to If-Match / If-None-Match): it cannot keep "
+                    "leases; run this host without fleet, or use a store that supports them "
+                    "(AWS S3, MinIO, Ceph RGW, Cloudflare R2)"
+                ) from e
             err = self._translate(e, "conditional put", key)
             if isinstance(err, BlobExists | BlobNotFound):
                 # 412 (changed, or exists), or 404 (If-Match on a key that is gone)

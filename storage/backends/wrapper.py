@@ -30,6 +30,9 @@ class WrappedBlobStore(BlobStore):
     def check(self) -> None:
         self.around("check", self.inner.check)
 
+    def server_time(self) -> float | None:
+        return self.around("check", self.inner.server_time)
+
     def put(self, key: str, data: bytes | memoryview) -> None:
         self.around("put", lambda: self.inner.put(key, data))
 
