@@ -16,7 +16,7 @@ from checkpointer import hostinfo
 from checkpointer.api import CheckpointReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, DumpStats
-from checkpointer.engine import kept_image
+from checkpointer.engine import kept_image, spec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
 from checkpointer.engine.scratch import Scratch
@@ -100,16 +100,9 @@ class CheckpointPipeline:
                 "pid": w.pid,
                 "dump_stats": stats.as_dict(),
                 "lease_generation": generation,
-                "spec": {
-                    "kind": str(w.kind),
-                    "command": w.command,
-                    "cwd": w.cwd,
-                    "criu": w.criu.model_dump(),
-                    # Where this host's log FIFO is: its path is in the image, and a restore
-                    # on a host with another state_dir hands its own FIFO in its place.
-                    "log_fifo": str(self.log_fifo(w.name)) if w.managed else None,
-                    "container": w.container,
-                },
+                # The tree and its options: a host that takes the workload over runs it as
+                # this one does (checkpointer/engine/spec.py).
+                "spec": spec.describe(w, str(self.log_fifo(w.name)) if w.managed else None),
             }
             try:
                 manifest = self.repo.commit(w.name, images, metadata)

@@ -164,11 +164,14 @@ def fence(engine: Engine, name: str, holder: str | None) -> None:
 
 def take_over(engine: Engine, name: str, reason: str) -> None:
     """Bring back here a workload handed to this host (`migration`) or left by a host whose
-    lease expired (`failover`). Registered from its newest checkpoint if unknown here; the
-    restore then claims the lease, so of two hosts racing, one restores and one stands by."""
+    lease expired (`failover`), with the options its newest checkpoint carries (schedule,
+    retention, restore policy, env: checkpointer/engine/spec.py). Registered from that
+    checkpoint if unknown here; the restore then claims the lease, so of two hosts racing,
+    one restores and one stands by."""
     from checkpointer.engine import recovery
 
     w = engine.registry.find(name)
+    known = w is not None
     if w is None:
         try:
             w = recovery.workload_from_repository(engine, name, None)
@@ -178,6 +181,8 @@ def take_over(engine: Engine, name: str, reason: str) -> None:
     with engine.locked(w, wait=True):
         if w.alive() or w.state is WorkloadState.RESTORING:
             return
+        if known:  # registered before (it ran here, or was fetched ahead): the owner's options
+            recovery.take_carried_options(engine, w)
         w.state, w.exit_status, w.streak = WorkloadState.CRASHED, f"{reason} to this host", Streak()
         engine.save()
     engine.scheduled(w)

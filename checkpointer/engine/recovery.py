@@ -15,11 +15,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
-from checkpointer.config import WorkloadOptions
-from checkpointer.containers import check_container_name
-from checkpointer.engine import lazy_restoring
+from checkpointer.engine import lazy_restoring, spec
 from checkpointer.engine.restoring import Restored, is_transient
-from checkpointer.engine.workload import RestoreResult, Workload, WorkloadKind, WorkloadState
+from checkpointer.engine.workload import RestoreResult, Workload, WorkloadState
 from checkpointer.errors import (
     CheckpointerError,
     NotOwner,
@@ -28,12 +26,13 @@ from checkpointer.errors import (
     WorkloadRunning,
 )
 from checkpointer.restore_policy import Streak, plan
-from storage import CheckpointNotFound
+from storage import CheckpointNotFound, StorageError
 from storage.errors import StorageAccessError, TransientStorageError
 from storage.manifest import check_workload_name
 
 if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
+    from storage.repository import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,8 @@ def restore(
             )
         engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: it runs elsewhere
         cid = checkpoint_id or _restorable(engine, name)[0]
+        if w.state is WorkloadState.ELSEWHERE:  # it ran on another host since: its options
+            take_carried_options(engine, w, cid)
         try:
             done = engine.restores.restore(w, cid, "manual", progress, lazy)
         except Exception:
@@ -70,6 +71,7 @@ def restore(
             raise
         _after_restore(engine, w, "manual", done.report["checkpoint"], done)
         w.streak = Streak()
+        engine.scheduled(w)  # registered from the repository just now, or back from elsewhere
         engine.save()
         return done.report
 
@@ -141,24 +143,67 @@ def _after_restore(engine: Engine, w: Workload, reason: str, cid: str, done: Res
 
 
 def workload_from_repository(engine: Engine, name: str, checkpoint_id: str | None) -> Workload:
-    """A workload checkpointed elsewhere (another host: migration) becomes registered here."""
+    """A workload checkpointed elsewhere (another host: migration) becomes registered here,
+    with the options its checkpoint carries (schedule, retention, restore policy, env): it
+    runs here as it ran there. Not scheduled yet: the caller does that once it may run it."""
     check_workload_name(name)
     infos = engine.repo.checkpoints(name)
     if not infos:
         engine.get(name)  # raises: unknown here and nothing stored
-    meta = engine.repo.info(name, checkpoint_id).metadata if checkpoint_id else infos[0].metadata
-    spec = meta.get("spec", {})
-    kind = WorkloadKind(spec.get("kind", "adopted"))
-    container = spec.get("container")
+    info = engine.repo.info(name, checkpoint_id) if checkpoint_id else _newest(engine, infos)
+    s = spec.read(info.metadata, name, info.id)  # RestoreFailed: a malformed tree
     w = Workload(
-        name=name,
-        kind=kind,
-        command=spec.get("command"),
-        cwd=spec.get("cwd"),
-        container=check_container_name(container) if kind.is_container else None,
+        name=name, kind=s.kind, command=s.command, cwd=s.cwd, env=s.env, container=s.container
     )
-    engine.add(w, WorkloadOptions.model_validate({"criu": spec.get("criu") or {}}))
+    engine.add(w, s.options)
+    _options_problem(
+        w,
+        s,
+        "it runs here with the defaults (no schedule, the top-level retention and restore "
+        "policy); declare it in this host's config (workloads:) to give it its options",
+    )
     return w
+
+
+def take_carried_options(engine: Engine, w: Workload, checkpoint_id: str | None = None) -> None:
+    """A workload registered here that another host ran since (migrated back, taken over
+    again) takes the options its checkpoint (default: the newest) carries: that host's, which
+    may differ from what this host registered. A checkpoint that carries none (an older
+    version wrote it) or that cannot be read leaves this host's options in place. The caller
+    holds the workload's lock; the workload is scheduled by its new options."""
+    try:
+        if checkpoint_id is None:
+            infos = engine.repo.checkpoints(w.name)
+            if not infos:
+                return
+            info = _newest(engine, infos)
+        else:
+            info = engine.repo.info(w.name, checkpoint_id)
+        s = spec.read(info.metadata, w.name, info.id)
+    except (CheckpointerError, StorageError) as e:
+        log.warning("workload %s keeps the options registered here: %s", w.name, e)
+        return
+    _options_problem(w, s, "it keeps the options registered here")
+    if s.carried:
+        w.env = s.env
+        engine.update_options(w.name, s.options)
+
+
+def _newest(engine: Engine, infos: list[CheckpointInfo]) -> CheckpointInfo:
+    """The newest checkpoint whose options count: one the fleet's lease does not fence off
+    (a stale owner's options are not the workload's), else the newest, as before fencing."""
+    allowed = (
+        c for c in infos if engine.ownership.may_restore(c.workload, c.id, _generation(c.metadata))
+    )
+    return next(allowed, infos[0])
+
+
+def _options_problem(w: Workload, s: spec.Spec, outcome: str) -> None:
+    """Malformed options in a checkpoint, and what this host does instead (`outcome`): said
+    in the log, and in `status` (last_error) until the workload's next restore or checkpoint."""
+    if s.problem:
+        w.last_error = f"{s.problem}: {outcome}"
+        log.error("workload %s: %s", w.name, w.last_error)
 
 
 def auto_restore(engine: Engine, name: str, reason: str) -> bool:

@@ -26,6 +26,7 @@ from checkpointer import hostinfo
 from checkpointer.config import CriuOptions, RestorePolicy, Retention
 from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
+from checkpointer.engine.spec import options_json
 from checkpointer.engine.workload import (
     RestoreAttempt,
     RestoreResult,
@@ -164,13 +165,7 @@ def to_json(w: Workload) -> dict[str, Any]:
         "kind": str(w.kind),
         "command": w.command,
         "cwd": w.cwd,
-        "env": w.env,
-        "every": w.every,
-        "cron": w.cron,
-        "jitter": w.jitter,
-        "criu": w.criu.model_dump(),
-        "retention": w.retention.model_dump(exclude_none=True),
-        "restore": w.restore.model_dump(),
+        **options_json(w),  # the same list a checkpoint carries (spec.py)
         "pid": w.pid,
         "started": w.started,
         "state": str(w.state),

@@ -18,7 +18,7 @@ from checkpointer import hostinfo
 from checkpointer.api import RestoreReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
-from checkpointer.engine import kept_image
+from checkpointer.engine import kept_image, spec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
@@ -298,11 +298,10 @@ class RestorePipeline:
     def _dumped_fifo(self, w: Workload, checkpoint_id: str) -> str | None:
         """The log FIFO path recorded with the checkpoint (absent before 2026-12)."""
         try:
-            spec = self.repo.info(w.name, checkpoint_id).metadata.get("spec") or {}
-        except StorageError:
-            return None
-        path = spec.get("log_fifo") if isinstance(spec, dict) else None
-        return path if isinstance(path, str) and path.startswith("/") and "\n" not in path else None
+            metadata = self.repo.info(w.name, checkpoint_id).metadata
+            return spec.read(metadata, w.name, checkpoint_id).log_fifo
+        except (StorageError, RestoreFailed):
+            return None  # this host's own FIFO path: right unless the state_dirs differ
 
 
 def running(w: Workload, pid: int) -> None:
