@@ -84,6 +84,10 @@ class FleetHooks:
     newest: Callable[[str], str | None]  # the workload's newest checkpoint id
     freeze: Callable[[str], bool] = lambda name: False  # True: a running tree was stopped
     thaw: Callable[[str], None] = lambda name: None
+    # The deadman (checkpointer/workloads/deadman.py), a process that stops the copy at the
+    # deadline even while this daemon is paused: told every deadline, and when there is none.
+    guard: Callable[[str, float], None] = lambda name, deadline: None
+    unguard: Callable[[str], None] = lambda name: None
 
 
 class ClockSkewed(FleetUnavailable):
@@ -172,7 +176,16 @@ class Fleet:
 
     def start(self, hooks: FleetHooks) -> None:
         self.hooks = hooks
+        with self._lock:
+            claimed = dict(self._deadline)  # claimed at start, before there were hooks
+        for name, deadline in claimed.items():
+            hooks.guard(name, deadline)
         self._scan_tick()
+        # A deadman of the previous daemon may have stopped trees whose leases are still
+        # ours (the daemon was down past their deadlines): they run again.
+        for name in hooks.known():
+            if self.holds(name):
+                hooks.thaw(name)
         self._watchdog.start()
         self._scanner.start()
 
@@ -210,7 +223,7 @@ class Fleet:
         except LeaseHeld as e:
             with self._lock:
                 self._seen[name] = e.lease
-                self._forget(name)
+            self._drop(name)
             raise NotOwner(
                 f"workload {name} is owned by host {e.lease.holder} ({e.lease.state}): it runs "
                 f"there; `checkpointer migrate {name} --to {self.host}` on that host moves it"
@@ -222,7 +235,7 @@ class Fleet:
         with self._write_lock(name):
             with self._lock:
                 held = self._held.get(name)
-                self._forget(name)
+            self._drop(name)
             if held is not None:
                 with contextlib.suppress(LeaseLost, StorageError):
                     self.leases.release(held)
@@ -272,8 +285,8 @@ class Fleet:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
             handed = self.leases.hand_over(held, to)
             with self._lock:
-                self._forget(name)
                 self._seen[name] = handed.lease
+            self._drop(name)
 
     def live_hosts(self) -> dict[str, float]:
         return self.leases.live_hosts()
@@ -301,19 +314,25 @@ class Fleet:
             self._seen[name] = held.lease
             self._deadline[name] = max(deadline, self._deadline.get(name, float("-inf")))
             self._sent[name] = max(sent, self._sent.get(name, float("-inf")))
-            resume = name in self._frozen and self.monotonic() < self._deadline[name]
+            deadline = self._deadline[name]
+            resume = name in self._frozen and self.monotonic() < deadline
             if resume:
                 self._frozen.discard(name)
-        if resume and self.hooks is not None:
-            log.warning("fleet: the lease of %s was renewed after all: its copy runs again", name)
-            self.hooks.thaw(name)
+        if self.hooks is not None:
+            self.hooks.guard(name, deadline)  # the deadman's copy of the deadline, first
+            if resume:
+                log.warning("fleet: the lease of %s was renewed after all: its copy runs", name)
+                self.hooks.thaw(name)
         self._wake.set()  # the watchdog's next deadline may have changed
 
-    def _forget(self, name: str) -> None:
-        """No longer ours (caller holds self._lock)."""
-        self._held.pop(name, None)
-        self._deadline.pop(name, None)
-        self._sent.pop(name, None)
+    def _drop(self, name: str) -> None:
+        """No longer ours: nothing to renew, no deadline to keep."""
+        with self._lock:
+            self._held.pop(name, None)
+            self._deadline.pop(name, None)
+            self._sent.pop(name, None)
+        if self.hooks is not None:
+            self.hooks.unguard(name)
 
     def _watch(self) -> None:
         """The watchdog: start each lease's renewal when it is due, and stop this host's copy
@@ -398,8 +417,7 @@ class Fleet:
     def _lose(self, name: str) -> None:
         """Another host owns `name` now: stop the copy here at once (no lock needed), then
         let the engine kill it for good, on a hook thread (it waits for the workload's lock)."""
-        with self._lock:
-            self._forget(name)
+        self._drop(name)
         assert self.hooks is not None
         try:
             self.hooks.freeze(name)

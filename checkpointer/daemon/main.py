@@ -29,6 +29,7 @@ from checkpointer.engine import Engine, Hooks, WorkloadKind, WorkloadState, regi
 from checkpointer.engine.ownership import LocalCopies, SingleHost
 from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
 from checkpointer.malloc_tuning import keep_heap_small
+from checkpointer.workloads.deadman import Deadman
 from checkpointer.workloads.logs import LogPump
 
 log = logging.getLogger(__name__)
@@ -177,12 +178,17 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
     engine, supervisor, scheduler, metrics, fleet = build(config)
+    deadman = None
+    if fleet is not None:  # first: a previous daemon's deadman must not stop what we restore
+        deadman = Deadman(config.state_dir)
+        deadman.start()
     supervisor.start()
     engine.load()
     server = ApiServer(config.socket_path, _handlers(engine))
     supervisor.recover_at_start()
     if fleet is not None:
-        copies = LocalCopies(engine.registry.find)
+        assert deadman is not None
+        copies = LocalCopies(engine.registry.find, deadman)
         fleet.start(
             FleetHooks(
                 lost=engine.fence,
@@ -192,6 +198,8 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
                 newest=engine.newest_checkpoint,
                 freeze=copies.freeze,
                 thaw=copies.thaw,
+                guard=copies.guard,
+                unguard=copies.unguard,
             )
         )
     _start_declared(engine, supervisor, config.workloads)
@@ -225,6 +233,8 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
         log.info("stopping: workloads keep running")
     if fleet is not None:
         fleet.stop()
+    if deadman is not None:
+        deadman.close()  # it keeps the deadlines it has: the leases are renewed no more
     supervisor.stop()
     server.stop()
     engine.wait_idle()

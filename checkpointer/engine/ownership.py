@@ -10,6 +10,7 @@ from typing import Protocol
 
 from checkpointer.engine.workload import Workload
 from checkpointer.workloads import process
+from checkpointer.workloads.deadman import Deadman
 from storage.leases import Lease
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,22 @@ class LocalCopies:
     runs on with nothing lost; if another host took it, the engine's `fence` kills it (a
     stopped tree dies as well as a running one)."""
 
-    def __init__(self, find: Callable[[str], Workload | None]) -> None:
+    def __init__(
+        self, find: Callable[[str], Workload | None], deadman: Deadman | None = None
+    ) -> None:
         self.find = find
+        self.deadman = deadman
+
+    def guard(self, name: str, deadline: float) -> None:
+        """Have the deadman stop the tree at `deadline` (monotonic) unless moved on before:
+        the daemon may be paused then (checkpointer/workloads/deadman.py)."""
+        w = self.find(name)
+        if self.deadman is not None and w is not None and w.pid is not None:
+            self.deadman.arm(name, w.pid, w.started, deadline)
+
+    def unguard(self, name: str) -> None:
+        if self.deadman is not None:
+            self.deadman.disarm(name)
 
     def freeze(self, name: str) -> bool:
         """Stop the tree of `name` if it runs here; whether one was stopped."""

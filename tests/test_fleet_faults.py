@@ -1,0 +1,164 @@
+"""A fleet under faults of its own hosts: at no instant do two copies of a workload answer.
+
+Each test pauses or cuts off the owner A while B waits with failover on, and a poller asks
+both hosts' copy of the counter (127.0.0.1:PORT inside each host) every 50 ms from a thread
+that entered the host's network namespace, so that the poller itself is never paused or cut
+off with the host. Every answer is an interval [request sent, answer read] on the test's
+monotonic clock (the hosts share this kernel's clock); A's and B's intervals must never
+overlap, and A's copy must stop answering no later than its lease's local deadline: the last
+renewal A can have sent (before the fault) + TTL - skew."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support import COUNTER, Host, Network
+from tests.test_fleet import fleet, until
+
+CLONE_NEWNET = 0x40000000
+TTL, SKEW = 6.0, 1.0  # tests/test_fleet.py's FLEET
+
+
+class Poller:
+    """Asks 127.0.0.1:PORT inside one host every 50 ms; keeps (sent, answered) of each
+    answer. Each request may take 0.3 s: longer is no answer (a stopped copy never answers,
+    and one that answers late would be seen as late)."""
+
+    def __init__(self, host: Host, port: int) -> None:
+        self.host, self.port = host, port
+        self.answers: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._entered = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"poll-{host.name}", daemon=True)
+        self._thread.start()
+        assert self._entered.wait(10), self.error
+
+    def _run(self) -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(self.host.netns_file, os.O_RDONLY)
+            try:  # this thread alone enters the host's network namespace
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            self.error = e
+            return
+        self._entered.set()
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=0.3)
+                try:
+                    conn.request("GET", "/")
+                    body = conn.getresponse().read()
+                finally:
+                    conn.close()
+                if body.strip().isdigit():
+                    self.answers.append((sent, time.monotonic()))
+            except OSError:
+                pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.answers
+
+
+@contextlib.contextmanager
+def pollers(a: Host, b: Host, port: int) -> Iterator[tuple[Poller, Poller]]:
+    pa, pb = Poller(a, port), Poller(b, port)
+    try:
+        yield pa, pb
+    finally:
+        pa.stop()
+        pb.stop()
+
+
+def assert_never_both(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> None:
+    """No answer of A's copy overlaps one of B's: A's last ends before B's first begins."""
+    assert a and b, (len(a), len(b))
+    overlapping = [x for x in a if x[1] >= b[0][0]]
+    assert not overlapping, (
+        f"A's copy answered {len(overlapping)} times after B's began answering "
+        f"(B first asked at {b[0][0]:.2f}, A's last answer at {a[-1][1]:.2f})"
+    )
+
+
+def started_copy(net: Network, port: int) -> tuple[Host, Host]:
+    bucket = net.moto.create_bucket(f"ckpt-fleet-x-{os.getpid()}-{port}")
+    a = fleet(net, bucket, "a", True, None)
+    a.start()
+    b = fleet(net, bucket, "b", True, a.key_file)
+    b.start()
+    a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+    a.serve(port, 3)
+    a.checkpoint("web")
+    time.sleep(1.5)  # the spool uploads it
+    return a, b
+
+
+def test_a_paused_daemons_workload_never_answers_beside_the_new_owners(workdir: Path) -> None:
+    """SIGSTOP of A's daemon alone (a stall, a debugger): its workload is another process and
+    runs on; the deadman, a process of its own, stops it at the lease's deadline."""
+    port = 18086
+    with Network(workdir) as net:
+        a, b = started_copy(net, port)
+        assert a.proc is not None
+        with pollers(a, b, port) as (pa, pb):
+            paused = time.monotonic()
+            os.kill(a.proc.pid, signal.SIGSTOP)
+            try:
+                until("B answers", lambda: pb.answers, 40, b)
+                time.sleep(2)  # both copies would be answering now
+            finally:
+                os.kill(a.proc.pid, signal.SIGCONT)
+            until("A knows web is B's", lambda: a.status("web")["state"] == "elsewhere", 30, a)
+            time.sleep(1)
+        assert_never_both(pa.answers, pb.answers)
+        last_a = pa.answers[-1][1]
+        assert last_a <= paused + TTL - SKEW + 0.5, (last_a - paused, a.log.read_text()[-3000:])
+        assert "deadman: the lease of web" in a.log.read_text()
+        print(f"\npaused daemon: A's last answer {last_a - paused:.2f}s after the pause, "
+              f"B's first {pb.answers[0][1] - paused:.2f}s")  # fmt: skip
+
+
+def test_a_partitioned_owner_stops_its_copy_by_its_deadline_and_b_takes_over(
+    workdir: Path,
+) -> None:
+    """A's traffic to the bucket is dropped (iptables in A's network namespace): its renewals
+    hang in the retrying layer; the watchdog stops A's copy at the deadline all the same, B
+    takes over, and when the link is back A's daemon kills its copy for good."""
+    port = 18087
+    with Network(workdir) as net:
+        a, b = started_copy(net, port)
+        rule = ["-d", net.gateway, "-p", "tcp", "--dport", str(net.moto.port), "-j", "DROP"]
+        with pollers(a, b, port) as (pa, pb):
+            cut = time.monotonic()
+            a.run("iptables", "-I", "OUTPUT", *rule).check_returncode()
+            try:
+                until("B answers", lambda: pb.answers, 40, b)
+                time.sleep(2)
+            finally:
+                r = a.run("iptables", "-D", "OUTPUT", *rule)
+                assert r.returncode == 0, r.stderr
+            until("A knows web is B's", lambda: a.status("web")["state"] == "elsewhere", 90, a)
+        assert_never_both(pa.answers, pb.answers)
+        last_a = pa.answers[-1][1]
+        assert last_a <= cut + TTL - SKEW + 0.5, (last_a - cut, a.log.read_text()[-3000:])
+        assert not a.connects(port)
+        assert b.http_get(port).isdigit()
+        print(f"\npartition: A's last answer {last_a - cut:.2f}s after the cut, "
+              f"B's first {pb.answers[0][1] - cut:.2f}s")  # fmt: skip
