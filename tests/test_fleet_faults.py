@@ -162,3 +162,30 @@ def test_a_partitioned_owner_stops_its_copy_by_its_deadline_and_b_takes_over(
         assert b.http_get(port).isdigit()
         print(f"\npartition: A's last answer {last_a - cut:.2f}s after the cut, "
               f"B's first {pb.answers[0][1] - cut:.2f}s")  # fmt: skip
+
+
+def test_a_frozen_host_stops_its_copy_the_moment_it_runs_again(workdir: Path) -> None:
+    """Host.freeze: the daemon, the deadman and the workload all SIGSTOPped (a machine that
+    hangs) past the TTL; B takes over. The copy on A was paused too; when A runs again its
+    deadline has passed and the deadman and the watchdog stop the copy at once. The one thing
+    no local clock can prevent: a request already queued at A's copy may be answered in that
+    instant (the test thaws the workload before the daemon). A request sent 0.25 s after the
+    thaw is never answered by A."""
+    port = 18088
+    with Network(workdir) as net:
+        a, b = started_copy(net, port)
+        with pollers(a, b, port) as (pa, pb):
+            a.freeze()
+            try:
+                until("B answers", lambda: pb.answers, 40, b)
+                time.sleep(2)
+            finally:
+                a.thaw()
+            thawed = time.monotonic()
+            until("A knows web is B's", lambda: a.status("web")["state"] == "elsewhere", 30, a)
+            time.sleep(1)
+        late = [x for x in pa.answers if x[0] > thawed + 0.25]
+        assert not late, f"A's copy answered {len(late)} requests sent after it ran again"
+        in_flight = [x for x in pa.answers if x[1] >= pb.answers[0][0]]
+        assert len(in_flight) <= 1, in_flight
+        assert not a.connects(port) and b.http_get(port).isdigit()

@@ -1,6 +1,7 @@
-"""The conditional-write probe fleet mode runs at start: a store that refuses the headers
-(Backblaze B2 answers 501), or enforces them one request at a time but not under concurrency
-(check-then-set), is refused with words that say so; moto passes it."""
+"""What fleet mode checks of the store at start: conditional writes (a store that refuses the
+headers, as Backblaze B2 does with 501, or enforces them one request at a time but not under
+concurrency, is refused with words that say so; moto passes) and its clock (the Date header)
+against this host's."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from checkpointer.config import Config
+from checkpointer.daemon.fleet import ClockSkewed, Fleet
+from checkpointer.daemon.metrics import EngineCollector
+from checkpointer.engine.workload import Workload
 from storage.backends import LocalBlobStore
+from storage.backends.base import BlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings
+from storage.crypto import Sealed, new_master
 from storage.errors import BlobNotFound, ConditionalWritesUnsupported, PreconditionFailed
 from storage.leases import probe_conditional_writes
 from tests.support import S3_ENV, Moto
@@ -111,3 +118,38 @@ def test_moto_and_the_local_store_pass_the_probe_again_and_again(
     local = LocalBlobStore(tmp_path / "repo")
     probe_conditional_writes(local)
     assert not [k for k in moto.keys(bucket) if "fleet-probe-" in k]  # raced keys deleted
+
+
+def fleet_of(store: BlobStore, offset: float) -> Fleet:
+    config = Config.model_validate(
+        {"host": {"id": "a"}, "fleet": {"enabled": True, "lease_ttl": "6s",
+                                        "renew_every": "1s", "clock_skew": "2s"}}
+    )  # fmt: skip
+    return Fleet(config, store, Sealed(new_master()), clock=lambda: time.time() + offset)
+
+
+def test_a_host_whose_clock_is_off_by_more_than_clock_skew_refuses_fleet_mode(
+    moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto answers with this machine's clock in its Date header: a host whose clock is 30 s
+    ahead (or 4 s behind, with clock_skew 2 s) is refused with one clear error; one within
+    the skew runs, and the offset is exported as a metric."""
+    store = s3_store(moto, bucket, monkeypatch)
+    for offset in (30.0, -4.0):
+        with pytest.raises(ClockSkewed, match=r"differs from the store's .* more than") as e:
+            fleet_of(store, offset).check_store()
+        assert "fleet.clock_skew (2s)" in str(e.value) and "timedatectl" in str(e.value)
+    ok = fleet_of(store, 0.6)
+    ok.check_store()
+    assert ok.clock_offset is not None and abs(ok.clock_offset + 0.6) <= 1.5
+    scraped = {
+        m.name: m.samples[0].value
+        for m in EngineCollector(_NoWorkloads(), None, 0, ok).collect()
+        if m.samples
+    }
+    assert abs(scraped["checkpointer_clock_offset_seconds"] + 0.6) <= 1.5
+
+
+class _NoWorkloads:
+    def workloads(self) -> list[Workload]:
+        return []

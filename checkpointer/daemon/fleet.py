@@ -6,32 +6,12 @@ host: a workload handed over by `migrate`, or, with `failover`, one whose owner 
 renewing (judged by storage/leases.py on this host's monotonic clock). It also keeps this
 host's heartbeat (`checkpointer hosts`).
 
-Three kinds of threads, so that nothing slow stands between a lease and its deadline:
-
-- the watchdog (one thread) never calls the store and never takes a workload's lock: it
-  starts renewals, and at each lease's local deadline stops this host's copy of the
-  workload (SIGSTOP of its tree, `FleetHooks.freeze`) whether or not the bucket answers;
-- renewals run on a pool, one call in flight per lease, all leases in parallel. A call may
-  block as long as the retrying layer likes (~60 s): the watchdog never waits for it;
-- the scan (one thread): heartbeat, clock check, leases offered to this host; the engine's
-  `lost` and `offered` hooks, which wait for a workload's lock (up to 600 s), run on a
-  second pool, never on the scan's or the watchdog's thread.
-
-The timing argument. A renewal sent at monotonic time t0 gives the local deadline
-t0 + TTL - skew. The version it wrote cannot land in the bucket, nor be read by another
-host, before t0. Another host takes the lease over only after it has seen that version
-unchanged for TTL + skew on its own monotonic clock, counted from the end of a read that
-returned it (so from a time after t0): not before t0 + TTL + skew. This host's copy is
-therefore stopped at least 2 x skew before another host may start its own, whatever the
-wall clocks say; the 2 x skew covers the monotonic clocks' difference in rate, the watchdog's
-reaction time (it wakes at each deadline) and the time SIGSTOP takes to reach a tree. A
-renewal that fails, hangs or is lost changes nothing: the deadline stays that of the last
-write known to have landed. A renewal that lands after the deadline (the lease is still
-ours: the write was conditional on our version) resumes the stopped copy; a lease found
-taken has the copy killed (`lost`), which it already could not run.
-
-What it cannot cover: a pause of the whole daemon (SIGSTOP, a stalled VM) stops the
-watchdog too; it acts the moment the daemon runs again, before any storage call.
+This host's own leases are kept by the lease watchdog (lease_watchdog.py: renewals in
+parallel, deadlines on the monotonic clock, the copy stopped at a deadline whatever the
+bucket says; the timing argument is there). The scan runs on a thread of its own (heartbeat,
+clock check, leases offered to this host), and the engine's `lost` and `offered` hooks, which
+wait for a workload's lock (up to 600 s), run on a pool, never on the scan's thread nor the
+watchdog's.
 
 Before any of it, the store must prove that it enforces conditional writes, also under
 concurrency, and that its clock agrees with this host's within `clock_skew`.
@@ -45,10 +25,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from checkpointer.config import Config
+from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.errors import FleetUnavailable, NotOwner
 from storage.backends.base import BlobStore
 from storage.crypto import Codec
@@ -114,30 +95,20 @@ class Fleet:
         self.clock = clock
         self.monotonic = monotonic
         self.hooks: FleetHooks | None = None
-        self._held: dict[str, Held] = {}
-        self._deadline: dict[str, float] = {}  # monotonic: stop acting on the lease then
-        self._sent: dict[str, float] = {}  # when the last renewal was sent (monotonic)
-        self._renewing: dict[str, Future[None]] = {}
-        self._frozen: set[str] = set()  # copies stopped at their deadline, outcome unknown
+        self.renewal_failures = 0
+        self.watchdog = LeaseWatchdog(
+            self.leases, self.renew_every, self._on_kept, self._on_lost, self._on_failure, monotonic
+        )
         self._seen: dict[str, Lease] = {}
         self._lock = threading.Lock()
-        # One write at a time to each lease: a renewal and a hand-over (or prepare, release)
-        # racing from two threads would each write over the version the other just replaced.
-        # Seen: a container's final checkpoint took 4 s, a renewal fell in it, and the
-        # hand-over failed. Per lease, so that one slow write holds up no other lease.
-        self._writing: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, name="lease-watchdog", daemon=True)
         self._scanner = threading.Thread(target=self._scan_loop, name="fleet-scan", daemon=True)
-        self._renewals = ThreadPoolExecutor(16, thread_name_prefix="lease-renewal")
         self._hook_pool = ThreadPoolExecutor(4, thread_name_prefix="fleet-hook")
         self._hooks_running: set[tuple[str, str]] = set()
         self._heartbeat: str | None = None
         self._prepared: dict[str, str] = {}  # fetched ahead of a hand-over: name -> id
         self._preparing: set[str] = set()
         self._clock_checked = float("-inf")
-        self.renewal_failures = 0
         self.unowned = 0
         self.clock_offset: float | None = None  # the store's clock minus ours, last seen
 
@@ -176,39 +147,31 @@ class Fleet:
 
     def start(self, hooks: FleetHooks) -> None:
         self.hooks = hooks
-        with self._lock:
-            claimed = dict(self._deadline)  # claimed at start, before there were hooks
-        for name, deadline in claimed.items():
-            hooks.guard(name, deadline)
+        self.watchdog.start(hooks)
         self._scan_tick()
         # A deadman of the previous daemon may have stopped trees whose leases are still
         # ours (the daemon was down past their deadlines): they run again.
         for name in hooks.known():
             if self.holds(name):
                 hooks.thaw(name)
-        self._watchdog.start()
         self._scanner.start()
 
     def stop(self) -> None:
         """Leases are kept (the workloads run on without the daemon); they expire unless the
-        daemon is back within the TTL."""
+        daemon is back within the TTL (the deadman stops the trees by then)."""
         self._stop.set()
-        self._wake.set()
-        for t in (self._watchdog, self._scanner):
-            if t.is_alive():
-                t.join(timeout=10)
-        self._renewals.shutdown(wait=False, cancel_futures=True)
+        if self._scanner.is_alive():
+            self._scanner.join(timeout=10)
+        self.watchdog.stop()
         self._hook_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- Ownership (what the engine asks) ----------------------------------------------
 
     def hold(self, name: str) -> int | None:
-        with self._lock:
-            held = self._held.get(name)
-            deadline = self._deadline.get(name, float("-inf"))
+        held = self.watchdog.held(name)
         if held is None:
             raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
-        if self.monotonic() >= deadline:
+        if not self.watchdog.acting(name):
             raise NotOwner(
                 f"the lease of {name} could not be renewed in time: this host ({self.host}) "
                 "no longer acts as its owner"
@@ -218,31 +181,28 @@ class Fleet:
     def claim(self, name: str, newest: str | None) -> int | None:
         sent = self.monotonic()
         try:
-            with self._write_lock(name):
+            with self.watchdog.write_lock(name):
                 held = self.leases.acquire(name, newest)
         except LeaseHeld as e:
             with self._lock:
                 self._seen[name] = e.lease
-            self._drop(name)
+            self.watchdog.drop(name)
             raise NotOwner(
                 f"workload {name} is owned by host {e.lease.holder} ({e.lease.state}): it runs "
                 f"there; `checkpointer migrate {name} --to {self.host}` on that host moves it"
             ) from e
-        self._kept(name, held, sent)
+        self.watchdog.kept(name, held, sent)
         return held.lease.generation
 
     def release(self, name: str) -> None:
-        with self._write_lock(name):
-            with self._lock:
-                held = self._held.get(name)
-            self._drop(name)
+        with self.watchdog.write_lock(name):
+            held = self.watchdog.drop(name)
             if held is not None:
                 with contextlib.suppress(LeaseLost, StorageError):
                     self.leases.release(held)
 
     def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
-        with self._lock:
-            held = self._held.get(name)
+        held = self.watchdog.held(name)
         return held is None or may_restore(held.lease, checkpoint_id, generation)
 
     def owner(self, name: str) -> str | None:
@@ -256,13 +216,12 @@ class Fleet:
         """Tell `to` (through the lease) that `name` is coming: it fetches the newest
         checkpoint ahead. None calls it off."""
         sent = self.monotonic()
-        with self._write_lock(name):
-            with self._lock:
-                held = self._held.get(name)
+        with self.watchdog.write_lock(name):
+            held = self.watchdog.held(name)
             if held is None:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
             updated = self.leases.prepare(held, to)
-        self._kept(name, updated, sent)
+            self.watchdog.kept(name, updated, sent)
 
     def wait_prepared(self, name: str, to: str, timeout: float) -> str | None:
         """The checkpoint `to` fetched ahead, once it says so (None after `timeout`)."""
@@ -278,15 +237,14 @@ class Fleet:
         return None
 
     def hand_over(self, name: str, to: str) -> None:
-        with self._write_lock(name):
-            with self._lock:
-                held = self._held.get(name)
+        with self.watchdog.write_lock(name):
+            held = self.watchdog.held(name)
             if held is None:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
             handed = self.leases.hand_over(held, to)
             with self._lock:
                 self._seen[name] = handed.lease
-            self._drop(name)
+            self.watchdog.drop(name)
 
     def live_hosts(self) -> dict[str, float]:
         return self.leases.live_hosts()
@@ -296,138 +254,23 @@ class Fleet:
             return sorted(self._seen.values(), key=lambda lease: lease.workload)
 
     def holds(self, name: str) -> bool:
+        return self.watchdog.held(name) is not None
+
+    # -- what the watchdog tells -------------------------------------------------------
+
+    def _on_kept(self, held: Held) -> None:
         with self._lock:
-            return name in self._held
+            self._seen[held.lease.workload] = held.lease
 
-    # -- this host's leases ------------------------------------------------------------
-
-    def _write_lock(self, name: str) -> threading.Lock:
-        with self._lock:
-            return self._writing.setdefault(name, threading.Lock())
-
-    def _kept(self, name: str, held: Held, sent: float) -> None:
-        """`held` was written by a call sent at `sent` (monotonic): the lease is ours until
-        sent + TTL - skew (module docstring). A copy the watchdog stopped runs again."""
-        deadline = sent + self.ttl - self.skew
-        with self._lock:
-            self._held[name] = held
-            self._seen[name] = held.lease
-            self._deadline[name] = max(deadline, self._deadline.get(name, float("-inf")))
-            self._sent[name] = max(sent, self._sent.get(name, float("-inf")))
-            deadline = self._deadline[name]
-            resume = name in self._frozen and self.monotonic() < deadline
-            if resume:
-                self._frozen.discard(name)
-        if self.hooks is not None:
-            self.hooks.guard(name, deadline)  # the deadman's copy of the deadline, first
-            if resume:
-                log.warning("fleet: the lease of %s was renewed after all: its copy runs", name)
-                self.hooks.thaw(name)
-        self._wake.set()  # the watchdog's next deadline may have changed
-
-    def _drop(self, name: str) -> None:
-        """No longer ours: nothing to renew, no deadline to keep."""
-        with self._lock:
-            self._held.pop(name, None)
-            self._deadline.pop(name, None)
-            self._sent.pop(name, None)
-        if self.hooks is not None:
-            self.hooks.unguard(name)
-
-    def _watch(self) -> None:
-        """The watchdog: start each lease's renewal when it is due, and stop this host's copy
-        of every workload whose lease reached its deadline. Never calls the store, never takes
-        a workload's lock: the only work here is a dictionary walk and SIGSTOP."""
-        while not self._stop.is_set():
-            now = self.monotonic()
-            wake = now + self.renew_every
-            with self._lock:
-                due = [
-                    (name, self._deadline[name], self._sent.get(name, float("-inf")))
-                    for name in self._held
-                ]
-            for name, deadline, sent in due:
-                if now >= deadline:
-                    self._freeze(name)
-                else:
-                    wake = min(wake, deadline)
-                if now >= sent + self.renew_every:
-                    self._start_renewal(name)
-                else:
-                    wake = min(wake, sent + self.renew_every)
-            self._wake.wait(max(0.01, min(wake - self.monotonic(), 0.5)))
-            self._wake.clear()
-
-    def _freeze(self, name: str) -> None:
-        with self._lock:
-            if name in self._frozen:
-                return
-        assert self.hooks is not None
-        try:
-            stopped = self.hooks.freeze(name)
-        except Exception:
-            log.exception("fleet: stopping the copy of %s failed", name)
-            return
-        if stopped:
-            with self._lock:
-                self._frozen.add(name)
-            log.error(
-                "fleet: the lease of %s reached its deadline unrenewed: its copy here is "
-                "stopped until the bucket says whose it is",
-                name,
-            )
-
-    def _start_renewal(self, name: str) -> None:
-        with self._lock:
-            if name in self._renewing or name not in self._held:
-                return
-            self._sent[name] = self.monotonic()  # due again renew_every after this try
-            try:
-                self._renewing[name] = self._renewals.submit(self._renew, name)
-            except RuntimeError:  # shut down
-                return
-
-    def _renew(self, name: str) -> None:
-        """One renewal, on a pool thread; it may block as long as the store does."""
-        sent = self.monotonic()
-        try:
-            with self._write_lock(name):
-                with self._lock:
-                    held = self._held.get(name)
-                if held is None:
-                    return  # handed over or released meanwhile
-                try:
-                    renewed = self.leases.renew(held)
-                except LeaseLost as e:
-                    self.renewal_failures += 1
-                    log.error("fleet: lost the lease of %s: %s", name, e)
-                    self._lose(name)
-                    return
-                except StorageError as e:
-                    self.renewal_failures += 1
-                    log.warning("fleet: cannot renew the lease of %s: %s", name, e)
-                    return
-                self._kept(name, renewed, sent)
-        except Exception:
-            log.exception("fleet: renewing the lease of %s failed", name)
-        finally:
-            with self._lock:
-                self._renewing.pop(name, None)
-
-    def _lose(self, name: str) -> None:
-        """Another host owns `name` now: stop the copy here at once (no lock needed), then
-        let the engine kill it for good, on a hook thread (it waits for the workload's lock)."""
-        self._drop(name)
-        assert self.hooks is not None
-        try:
-            self.hooks.freeze(name)
-        except Exception:
-            log.exception("fleet: stopping the copy of %s failed", name)
+    def _on_lost(self, name: str) -> None:
+        """Another host holds `name` (the copy here is stopped already): the engine kills it
+        for good, on a hook thread."""
         current = self._read(name)
-        with self._lock:
-            self._frozen.discard(name)
         holder = current.holder if current else None
         self._hook("lost", name, functools.partial(self._call_lost, name, holder))
+
+    def _on_failure(self) -> None:
+        self.renewal_failures += 1
 
     def _call_lost(self, name: str, holder: str | None) -> None:
         assert self.hooks is not None
