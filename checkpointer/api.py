@@ -87,6 +87,7 @@ class CheckpointEntry(TypedDict):
     new_bytes: int
     frozen_seconds: float | None
     host: str | None
+    local_only: str | None  # the bucket could not be listed: why (only this host's copies)
 
 
 class RestoreReport(TypedDict):

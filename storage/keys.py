@@ -11,6 +11,7 @@ parsed strictly here (a name that does not parse is not ours and is ignored by l
     packs/<xx>/<pack id>.idx            the pack's index, written after its pack
     pins/<workload>/<id>                a checkpoint retention must keep
     leases/<workload>                   which host owns the workload (storage/leases.py)
+    heads/<workload>                    which checkpoints exist, fleet mode (storage/heads.py)
     hosts/<host id>                     a host's heartbeat
 """
 
@@ -32,6 +33,7 @@ PINS = "pins/"
 KEYS = "keys/"
 LEASES = "leases/"
 HOSTS = "hosts/"
+HEADS = "heads/"
 _HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -54,6 +56,8 @@ class FileType(StrEnum):
     """Which host owns a workload, replaced only with conditional writes."""
     HOST = "host"
     """A host's heartbeat: which hosts of the fleet are alive."""
+    HEAD = "head"
+    """Which checkpoints of a workload exist (its generation and chain), fleet mode."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,10 @@ def lease_key(workload: str) -> str:
     return f"{LEASES}{workload}"
 
 
+def head_key(workload: str) -> str:
+    return f"{HEADS}{workload}"
+
+
 def host_key(host_id: str) -> str:
     return f"{HOSTS}{check_host_id(host_id)}"
 
@@ -124,9 +132,10 @@ def parse(key: str) -> ObjectName | None:
         return ObjectName(FileType.KEY, parts[1])
     if len(parts) == 2 and parts[0] + "/" == HOSTS and _HOST_RE.fullmatch(parts[1]):
         return ObjectName(FileType.HOST, parts[1])
-    if len(parts) == 2 and parts[0] + "/" == LEASES:
+    if len(parts) == 2 and parts[0] + "/" in (LEASES, HEADS):
+        kind = FileType.LEASE if parts[0] + "/" == LEASES else FileType.HEAD
         try:
-            return ObjectName(FileType.LEASE, workload=check_workload_name(parts[1]))
+            return ObjectName(kind, workload=check_workload_name(parts[1]))
         except ValueError:
             return None
     if len(parts) != 3:

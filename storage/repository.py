@@ -25,14 +25,10 @@ Garbage collection and spool shedding live in storage/gc.py.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import os
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from storage import keys
+from storage import keys, pins
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
 from storage.crypto import Codec, Plain
+from storage.dedup_index import DedupIndex, ReusedPacksGone
 from storage.errors import (
     BlobExists,
     BlobNotFound,
@@ -51,7 +48,10 @@ from storage.errors import (
     CorruptCheckpoint,
     StorageError,
 )
-from storage.keys import FileType, index_key, manifest_key, pack_key, pin_key
+from storage.fencing import Fencing
+from storage.heads import Heads
+from storage.image_folder import image_files, read_full
+from storage.keys import FileType, index_key, manifest_key, pack_key
 from storage.manifest import (
     CHUNK_SIZE,
     DIGEST_SIZE,
@@ -68,7 +68,6 @@ from storage.packs import (
     MAX_PACK_BYTES,
     IndexArrays,
     decode_index_arrays,
-    pack_created,
 )
 from storage.rebuild import materialize
 from storage.rwlock import RWLock
@@ -93,7 +92,6 @@ class CheckpointInfo:
 
 
 ProgressFn = Callable[[int], None]  # called with bytes just done
-KNOWN_TTL = 900.0  # reload the digests of other writers' packs this often
 
 
 class Repository:
@@ -111,38 +109,70 @@ class Repository:
         concurrency: int = 4,
         gc_grace: float = 6 * 3600,
         codec: Codec | None = None,
+        heads: Heads | None = None,
     ) -> None:
+        """`heads`: fenced mode (fleet), see storage/fencing.py."""
         self.backend = backend
         self.codec: Codec = codec or Plain()
         self.concurrency = max(1, concurrency)
         self.gc_grace = gc_grace
         self._lock = threading.Lock()
         self.gc_lock = RWLock()  # commits shared; storage/gc.py exclusive
-        self._index: ChunkIndex | None = None  # durable packs only
-        self._index_at = 0.0
+        self.dedup = DedupIndex(self)
+        self.fencing = Fencing(heads, backend, self._listed_ids) if heads else None
         # manifest key -> (info, packs): see _summary
         self._summaries: dict[str, tuple[CheckpointInfo, tuple[str, ...]]] = {}
 
     # -- write -------------------------------------------------------------------------
 
     def commit(
-        self, workload: str, folder: Path, metadata: dict[str, Any] | None = None
+        self,
+        workload: str,
+        folder: Path,
+        metadata: dict[str, Any] | None = None,
+        generation: int | None = None,
     ) -> Manifest:
-        """Store the files under `folder` as a new checkpoint of `workload`; return its manifest."""
+        """Store the files under `folder` as a new checkpoint of `workload`; return its
+        manifest. Fenced (fleet): under `generation` (default: the one `fence` gave)."""
         check_workload_name(workload)
+        fenced = self.fencing.generation(workload, generation) if self.fencing else None
         with self.gc_lock.shared():
             try:
-                return self._commit(workload, folder, metadata or {})
-            except _ReusedPacksGone as e:
+                return self._commit(workload, folder, metadata or {}, fenced)
+            except ReusedPacksGone as e:
                 # Forgotten by the index now: this pass stores their chunks again (and
                 # reuses the packs the first pass wrote).
                 log.warning("%s; storing those chunks again", e)
             try:
-                return self._commit(workload, folder, metadata or {})
-            except _ReusedPacksGone as e:
+                return self._commit(workload, folder, metadata or {}, fenced)
+            except ReusedPacksGone as e:
                 raise StorageError(f"{e}; nothing was committed") from e
 
-    def _commit(self, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
+    def fence(self, workload: str, generation: int | None) -> None:
+        """This host owns `workload` under lease `generation` (fleet mode; None: no lease):
+        from now on, commits and removals of older generations are refused by the store."""
+        if self.fencing is not None and generation is not None:
+            self.fencing.fence(workload, generation)
+
+    def remove_strays(self, workload: str) -> list[str]:
+        """Fleet mode: delete the manifests of `workload` its head does not name (a stale
+        owner's commits), once older than the grace period; their ids."""
+        if self.fencing is None:
+            return []
+        gone = self.fencing.strays(workload, self.gc_grace)
+        for checkpoint_id in gone:
+            self.backend.delete(manifest_key(workload, checkpoint_id))
+        return gone
+
+    def require_committed(self, workload: str, checkpoint_id: str) -> None:
+        """CheckpointNotFound unless the checkpoint exists (in fleet mode: its head names it),
+        whatever copy of it this host keeps locally."""
+        if self.fencing is not None:
+            self.fencing.require(workload, checkpoint_id)
+
+    def _commit(
+        self, workload: str, folder: Path, metadata: dict[str, Any], generation: int | None
+    ) -> Manifest:
         index = self._chunk_index()
         cid = new_checkpoint_id()
         writer = PackWriter(self.backend, self.codec, index, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
@@ -151,11 +181,11 @@ class Repository:
         size_bytes = total_chunks = 0
         buf = bytearray(_READ_BLOCK)
         try:
-            for rel, path in _image_files(folder):
+            for rel, path in image_files(folder):
                 st = path.stat()
                 digests = bytearray()
                 with open(path, "rb", buffering=0) as f:
-                    while n := _read_full(f, buf):
+                    while n := read_full(f, buf):
                         writer.between_blocks()
                         block = memoryview(buf)[:n]
                         block_digests = self.codec.chunk_ids(block, CHUNK_SIZE)
@@ -194,88 +224,27 @@ class Repository:
         key = manifest_key(workload, cid)
         # Sealed and written a piece at a time: the whole manifest is never in memory.
         self.backend.put_pieces(key, lambda: self.codec.seal_stream(key, manifest.pieces()))
+        if self.fencing is not None and generation is not None:
+            self.fencing.committed(workload, cid, generation)
         info = CheckpointInfo(cid, workload, manifest.created, size_bytes, new_bytes, metadata)
         with self._lock:
             self._summaries[manifest_key(workload, cid)] = (info, tuple(manifest.packs))
         return manifest
 
     def _check_reused_packs(self, workload: str, reused: set[str]) -> None:
-        """The packs a commit reuses must be in the store when its manifest is written
-        (restic checks the same): another host's GC collects a pack once every checkpoint
-        naming it is gone, and no cache here can know that (docs/fleet.md, R2). Packs
-        younger than half the grace period are safe (GC spares them a whole grace); every
-        other one is looked up in the store, those of the workload's newest checkpoint
-        included (another host may have removed that checkpoint too). A pack the store
-        says is gone, or that it cannot vouch for (unreachable), is forgotten, and the
-        commit stores its chunks again: checkpoints go on during an outage, without dedup."""
-        cutoff = time.time() - self.gc_grace / 2
-        at_risk = sorted(p for p in reused if pack_created(p) < cutoff)
-        if not at_risk:
-            return
-
-        def gone(pid: str) -> bool:
-            try:
-                return not self.backend.exists(index_key(pid))
-            except StorageError:
-                return True  # cannot vouch for it: don't reference it
-
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="recheck") as pool:
-            missing = {p for p, out in zip(at_risk, pool.map(gone, at_risk), strict=True) if out}
-        if missing:
-            self.forget_packs(missing)
-            raise _ReusedPacksGone(
-                f"{len(missing)} of the {len(at_risk)} older pack(s) this checkpoint of "
-                f"{workload} reuses are not in the store (collected by another host, or the "
-                "store cannot say)"
-            )
+        self.dedup.check_reused(workload, reused)
 
     def _chunk_index(self) -> ChunkIndex:
-        """The chunks a new checkpoint may reference, by pack.
-
-        A pack is trusted if a manifest references it, or if it is young: an old pack that no
-        manifest references (a killed writer's) may be collected by another host at any moment.
-        """
-        with self._lock:
-            if self._index is not None and time.monotonic() - self._index_at < KNOWN_TTL:
-                return self._index
-        listed_at = time.time()
-        referenced = self.referenced_packs(strict=False)
-        cutoff = listed_at - self.gc_grace / 2
-
-        def trusted() -> Iterator[tuple[str, bytes]]:
-            for key in self.backend.list(keys.PACKS):
-                name = keys.parse_as(key, FileType.INDEX)
-                if name is None:
-                    continue
-                if name.id not in referenced and pack_created(name.id) < cutoff:
-                    continue
-                try:
-                    yield name.id, self.read_index(name.id).digests
-                except (BlobNotFound, CorruptCheckpoint):
-                    continue  # collected meanwhile, or damaged: don't dedup against it
-
-        fresh = ChunkIndex()
-        fresh.add_many(trusted())
-        with self._lock:
-            if self._index is not None:
-                # Keep what this process's commits added while we listed, and nothing older:
-                # a pack that was in the old index but is not listed now was collected
-                # (perhaps by another host), and a new checkpoint must never reference it.
-                self._index.merge_into(fresh, lambda pid: pack_created(pid) >= listed_at - 2)
-            self._index, self._index_at = fresh, time.monotonic()
-            return fresh
+        return self.dedup.current()
 
     def known_chunks(self) -> ChunkIndex | None:
         """The chunk index this process holds (after its first commit), as it is, without
         loading or refreshing it: a lazy restore reads it as hints of where chunks are."""
-        with self._lock:
-            return self._index
+        return self.dedup.known()
 
     def forget_packs(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""
-        with self._lock:
-            if self._index is not None:
-                self._index.forget(pack_ids)
+        self.dedup.forget(pack_ids)
 
     def manifest_names(self, prefix: str = keys.MANIFESTS) -> list[keys.ObjectName]:
         """The manifests listed under `prefix` whose keys parse (anything else is not ours)."""
@@ -315,8 +284,18 @@ class Repository:
 
     # -- read --------------------------------------------------------------------------
 
+    def _listed_ids(self, workload: str) -> list[str]:
+        names = self.manifest_names(keys.manifests_of(workload))
+        return [n.id for n in names if n.workload == workload]
+
     def checkpoints(self, workload: str) -> list[CheckpointInfo]:
-        """Committed checkpoints of `workload`, newest first."""
+        """Committed checkpoints of `workload`, newest first (fenced: in the head's order)."""
+        if self.fencing is not None:
+            out = []
+            for cid in reversed(self.fencing.ids(workload)):
+                with contextlib.suppress(StorageError):  # unreadable: `verify` reports it
+                    out.append(self._summary(workload, cid)[0])
+            return out
         infos = []
         for name in self.manifest_names(keys.manifests_of(workload)):
             if name.workload != workload:
@@ -397,6 +376,7 @@ class Repository:
         there are copied from it instead of fetched. Raises CorruptCheckpoint naming the
         checkpoint if any chunk is missing or damaged. (The work: storage/rebuild.py.)
         """
+        self.require_committed(workload, checkpoint_id)
         return materialize(self, workload, checkpoint_id, dest, progress, seed)
 
     def read_index(self, pack_id: str) -> IndexArrays:
@@ -467,61 +447,22 @@ class Repository:
         key = manifest_key(workload, checkpoint_id)
         with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
             self._summary(workload, checkpoint_id)  # a clear error for an unknown id
+        if self.fencing is not None:
+            self.fencing.remove(workload, checkpoint_id)  # the head first: then it is gone
         self.backend.delete(key)
         with self._lock:
             self._summaries.pop(key, None)
 
     def pins(self, workload: str) -> set[str]:
         """Pinned checkpoint ids. A pin that does not open (planted) pins nothing."""
-        out = set()
-        for key in self.backend.list(keys.pins_of(workload)):
-            name = keys.parse_as(key, FileType.PIN)
-            if name is None or name.workload != workload:
-                continue
-            try:
-                self.codec.open(key, self.backend.get(key, _MAX_PIN_BYTES))
-            except (BlobNotFound, CorruptCheckpoint):
-                continue
-            out.add(name.id)
-        return out
+        return pins.pinned(self.backend, self.codec, workload)
 
     def pin(self, workload: str, checkpoint_id: str) -> None:
-        self._summary(workload, checkpoint_id)
-        key = pin_key(workload, checkpoint_id)
-        with contextlib.suppress(BlobExists):
-            self.backend.put(key, self.codec.seal(key, b""))
+        self._summary(workload, checkpoint_id)  # a clear error for an unknown id
+        pins.pin(self.backend, self.codec, workload, checkpoint_id)
 
     def unpin(self, workload: str, checkpoint_id: str) -> None:
-        check_workload_name(workload)
-        if not is_checkpoint_id(checkpoint_id):
-            raise CheckpointNotFound(f"{checkpoint_id!r} is not a checkpoint id")
-        self.backend.delete(pin_key(workload, checkpoint_id))
-
-
-class _ReusedPacksGone(StorageError):
-    """A commit referenced packs the store cannot vouch for; they were forgotten."""
-
-
-def _read_full(f: io.FileIO, buf: bytearray) -> int:
-    """Fill `buf` unless the file ends first: chunks must start at multiples of CHUNK_SIZE."""
-    view, got = memoryview(buf), 0
-    while got < len(buf):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _image_files(folder: Path) -> Iterator[tuple[str, Path]]:
-    """The regular files of `folder`, sorted, as (name, path). A checkpoint is a flat folder
-    (CRIU's image folder): a subfolder is refused rather than silently left out."""
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            raise StorageError(f"{folder} has a subfolder {e.name}: checkpoints are flat folders")
-        if e.is_file(follow_symlinks=False):
-            yield e.name, Path(e.path)
+        pins.unpin(self.backend, workload, checkpoint_id)
 
 
 __all__ = ["CHUNK_SIZE", "BlobExists", "CheckpointInfo", "Repository"]

@@ -9,6 +9,8 @@ deletes (docs/fleet.md, R1 and R2).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from storage import Repository
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import TransientStorageError
 from storage.gc import collect_garbage
-from tests.support import S3_ENV, Moto, s3_repository_config
+from tests.support import ROOT, S3_ENV, Moto, s3_repository_config
 from tests.support.s3_proxy import S3Proxy
 
 GRACE = 2.0
@@ -134,5 +136,46 @@ def test_an_outage_longer_than_gc_grace_between_packs_and_manifest(
         assert a_spool.wait_uploaded(60)
         assert restorable_everywhere(hosts, "w") == sorted([first.id, second.id])
         assert second.new_bytes < first.new_bytes / 2  # what the bucket has is still deduped
+    finally:
+        proxy.close()
+
+
+_SPOOLING_HOST = """
+import sys, time
+from pathlib import Path
+from checkpointer.daemon.storage_setup import open_repository
+from tests.support import s3_repository_config
+state, key, url, bucket, *images = sys.argv[1:]
+repo, spool = open_repository(s3_repository_config(Path(state), Path(key), url, bucket))
+print(" ".join(repo.commit("w", Path(i)).id for i in images), flush=True)
+time.sleep(600)  # killed -9 here, its uploads still queued
+"""
+
+
+def test_a_host_killed_with_uploads_queued_uploads_them_in_order_when_it_starts_again(
+    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+) -> None:
+    c_repo, _ = open_host(hosts, tmp_path, "c", moto.url, bucket)  # creates the repository
+    proxy = S3Proxy(moto.url)
+    try:
+        proxy.refuse = lambda method, path: method == "PUT"  # A's uploads fail
+        first, second = image(tmp_path / "one", 3), image(tmp_path / "two", 4)
+        a = subprocess.Popen(
+            [sys.executable, "-c", _SPOOLING_HOST, str(tmp_path / "a"),
+             str(tmp_path / "repository.key"), proxy.url, bucket, str(first), str(second)],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **S3_ENV},
+        )  # fmt: skip
+        try:
+            assert a.stdout is not None
+            ids = a.stdout.readline().split()
+        finally:
+            a.kill()
+            a.wait()
+        assert len(ids) == 2 and not moto.keys(bucket, "ckpt/manifests/")
+        proxy.refuse = lambda method, path: False
+        _, a_spool = open_host(hosts, tmp_path, "a", proxy.url, bucket)  # A starts again
+        assert a_spool.wait_uploaded(90)
+        assert restorable_everywhere(hosts, "w") == sorted(ids)
+        assert [i.id for i in c_repo.checkpoints("w")] == sorted(ids, reverse=True)
     finally:
         proxy.close()

@@ -149,6 +149,8 @@ def checkpoints_table(name: str, rows: Sequence[CheckpointEntry]) -> None:
             f"{frozen * 1000:.0f} ms" if frozen else "-",
         )
     out.print(t)
+    if rows[0].get("local_only"):
+        click.echo(f"warning: {rows[0]['local_only']}", err=True)
 
 
 def restored(name: str, r: RestoreReport) -> None:

@@ -3,6 +3,7 @@
 local:  Repository (codec: sealed or plain) → Instrumented → LocalBlobStore
 s3:     Repository → SpooledBlobStore (local spool and cache) → RetryingBlobStore
                    → Instrumented → S3BlobStore
+        (fleet: the heads, like the leases, on the RetryingBlobStore, past the spool)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from storage.backends.instrumented import InstrumentedBlobStore
 from storage.backends.retrying import RetryingBlobStore
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import StorageError, TransientStorageError
+from storage.heads import Heads
 from storage.keys import CONFIG, KEYS
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,11 @@ def open_repository(
                 "object storage is unreachable and this host has never opened the repository "
                 "(no copy of its keys in the state folder): start again when it is reachable"
             )
-        opened = open_codec(config, keys_copy, host)
-    return Repository(spool, s.concurrency, s.gc_grace, opened.codec), spool
+        opened = open_codec(config, keys_copy, host, create=False)
+    # Fleet: which checkpoints exist is what each workload's head says, written only with
+    # conditional writes on the bucket itself (storage/heads.py), never through the spool.
+    heads = Heads(remote, opened.codec) if config.fleet.enabled else None
+    return Repository(spool, s.concurrency, s.gc_grace, opened.codec, heads), spool
 
 
 def _mirror_keys(remote: BlobStore, copy: BlobStore) -> None:

@@ -105,7 +105,7 @@ class CheckpointPipeline:
                 "spec": spec.describe(w, str(self.log_fifo(w.name)) if w.managed else None),
             }
             try:
-                manifest = self.repo.commit(w.name, images, metadata)
+                manifest = self.repo.commit(w.name, images, metadata, generation)
             except (StorageError, OSError) as e:
                 w.last_error = f"storing the checkpoint failed: {e}"
                 self.events.checkpoint_failed(w.name, "storage")

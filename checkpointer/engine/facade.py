@@ -33,6 +33,7 @@ from checkpointer.engine import kept_image, migration, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
+from checkpointer.engine.fenced_ownership import FencedOwnership
 from checkpointer.engine.lifecycle import Lifecycle
 from checkpointer.engine.maintenance import Maintenance
 from checkpointer.engine.ownership import Fleet, Ownership, SingleHost
@@ -94,7 +95,10 @@ class Engine:
         fleet: Fleet | None = None,
         runtimes: dict[str, ContainerRuntime] | None = None,
     ) -> None:
-        self.ownership: Ownership = ownership or SingleHost()
+        # Fleet: claiming a lease also fences the workload's head (fenced_ownership.py).
+        self.ownership: Ownership = (
+            FencedOwnership(ownership, repo) if ownership is not None else SingleHost()
+        )
         self.fleet = fleet
         self.config = config
         self.repo = repo

@@ -10,6 +10,7 @@ from checkpointer.config import Retention
 from checkpointer.engine.events import Events
 from storage import Repository, StorageError, gc, retention
 from storage.backends.spooled import SpooledBlobStore
+from storage.errors import TransientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,20 @@ class Maintenance:
     ) -> list[RetentionRow]:
         """Decide keep/remove for every checkpoint of `name`, and remove (unless dry_run).
 
-        The newest good checkpoint is always kept: it is what a crash restores.
+        The newest good checkpoint is always kept: it is what a crash restores. Nothing is
+        decided from a partial view: while the bucket cannot be listed, retention waits.
         """
-        infos = self.repo.checkpoints(name)
+        try:
+            infos = self.repo.checkpoints(name)
+        except TransientStorageError as e:
+            log.warning("retention of %s waits for object storage: %s", name, e)
+            return []
+        if not dry_run:
+            try:
+                for stray in self.repo.remove_strays(name):
+                    log.warning("removed %s of %s: its head never named it (fenced)", stray, name)
+            except StorageError as e:
+                log.warning("retention: cannot remove fenced checkpoints of %s: %s", name, e)
         good = [i.id for i in infos if i.id not in bad]
         verdicts = retention.decide(
             policy,

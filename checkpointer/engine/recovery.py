@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
-from checkpointer.engine import lazy_restoring, spec
+from checkpointer.engine import lazy_restoring, listing, spec
 from checkpointer.engine.restoring import Restored, is_transient
 from checkpointer.engine.workload import RestoreResult, Workload, WorkloadState
 from checkpointer.errors import (
@@ -226,7 +226,8 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
         ):
             return False  # restored by hand, stopped or unregistered meanwhile
         try:
-            infos = engine.repo.checkpoints(name)
+            # During an outage only this host's own newest checkpoint (listing.py).
+            infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
             # The lease first (fleet): a host back from a reboot or a partition must not
             # start a tree that another host now runs.
             engine.ownership.claim(name, infos[0].id if infos else None)
@@ -319,9 +320,12 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
 def _restorable(engine: Engine, name: str) -> list[str]:
     """Checkpoint ids newest first, without those a fleet lease fences off (taken by a host
     that had lost the lease)."""
+    w = engine.registry.find(name)
     ids = [
         c.id
-        for c in engine.repo.checkpoints(name)
+        for c in listing.checkpoints(
+            engine.repo, name, w.last_checkpoint if w else None
+        ).checkpoints
         if engine.ownership.may_restore(name, c.id, _generation(c.metadata))
     ]
     if not ids:

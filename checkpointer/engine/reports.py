@@ -14,6 +14,7 @@ from checkpointer.api import (
     VerifyReport,
 )
 from checkpointer.config.durations import format_duration
+from checkpointer.engine import listing
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import Workload, WorkloadState
 from checkpointer.errors import NotOwner
@@ -68,7 +69,8 @@ def _status(engine: Engine, w: Workload, now: float) -> StatusReport:
 
 def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
     check_workload_name(name)
-    infos = engine.repo.checkpoints(name)
+    seen = listing.local_view(engine.repo, name)  # during an outage: this host's, said so
+    infos = seen.checkpoints
     if not infos and engine.registry.find(name) is None:
         engine.get(name)  # unknown and nothing stored: say so
     return [
@@ -79,6 +81,7 @@ def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
             "new_bytes": i.new_bytes,
             "frozen_seconds": i.metadata.get("dump_stats", {}).get("frozen_time"),
             "host": i.metadata.get("host"),
+            "local_only": seen.local_only,
         }
         for i in infos
     ]

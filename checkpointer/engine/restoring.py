@@ -18,7 +18,7 @@ from checkpointer import hostinfo
 from checkpointer.api import RestoreReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
-from checkpointer.engine import kept_image, spec
+from checkpointer.engine import kept_image, listing, spec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
@@ -97,7 +97,7 @@ class RestorePipeline:
         self.logs = logs
 
     def newest(self, w: Workload) -> str:
-        infos = self.repo.checkpoints(w.name)
+        infos = listing.checkpoints(self.repo, w.name, w.last_checkpoint).checkpoints
         if not infos:
             raise CheckpointNotFound(
                 f"workload {w.name} has no checkpoint to restore; "
@@ -117,6 +117,9 @@ class RestorePipeline:
         the repository lazily if `lazy` (None: as its restore.lazy says, unless the last lazy
         restore failed)."""
         t0 = time.monotonic()
+        # Fleet: only what the head names exists, whatever image of it this host keeps (a
+        # kept image may be of a checkpoint this host took after it lost the workload).
+        self.repo.require_committed(w.name, checkpoint_id)
         images, source = self.ready_image(w, checkpoint_id, lazy_asked=lazy is True)
         if lazy is None:
             lazy = w.restore.lazy and not w.lazy_off

@@ -69,6 +69,22 @@ class BlobStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""
 
+    def handle_records(self, apply: Callable[[str], None]) -> None:
+        """Who applies `after_uploads` records (the repository, which writes heads)."""
+        self._apply_record = apply
+
+    def apply_record(self, record: str) -> None:
+        self._apply_record(record)
+
+    def after_uploads(self, record: str) -> None:
+        """Apply `record` once every blob written before it is in the authoritative store:
+        at once for a store that writes through; a spool queues it behind its uploads."""
+        self.apply_record(record)
+
+    def pending_records(self) -> KeyList:
+        """Records queued by `after_uploads` and not applied yet, oldest first."""
+        return []
+
     def list_local(self, prefix: str) -> KeyList:
         """The keys under `prefix` this host holds without asking anyone: for a store that
         is all local, its listing; a spool answers from its cache (partial)."""

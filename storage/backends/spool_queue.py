@@ -42,8 +42,9 @@ class SpoolQueue:
         self._seq = max((_seq(p) for p in names), default=0)
         self._puts: Counter[str] = Counter()
         self._deletes: Counter[str] = Counter()
+        self._records: Counter[str] = Counter()  # "R": applied after the uploads before them
         for _, op, key in self.entries():
-            (self._puts if op == "P" else self._deletes)[key] += 1
+            self._count(op)[key] += 1
 
     def add(self, op: str, key: str) -> None:
         self._seq += 1
@@ -54,7 +55,7 @@ class SpoolQueue:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        (self._puts if op == "P" else self._deletes)[key] += 1
+        self._count(op)[key] += 1
 
     def entries(self) -> Entries:
         """The operations not yet done, oldest first."""
@@ -114,8 +115,11 @@ class SpoolQueue:
     def seq_of(self, entry: Entry) -> int:
         return _seq(entry[0])
 
+    def _count(self, op: str) -> Counter[str]:
+        return {"P": self._puts, "D": self._deletes}.get(op, self._records)
+
     def _forget(self, op: str, key: str) -> None:
-        counts = self._puts if op == "P" else self._deletes
+        counts = self._count(op)
         counts[key] -= 1
         if counts[key] <= 0:
             del counts[key]

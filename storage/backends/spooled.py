@@ -64,6 +64,7 @@ class SpooledBlobStore(BlobStore):
         self.recheck_after = recheck_after
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._records = threading.Event()  # set once a handler of records is registered
         self.online = True
         self._stop = False
         self._pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="upload")
@@ -185,6 +186,14 @@ class SpooledBlobStore(BlobStore):
         self.cache.delete(key)
         self._enqueue("D", key)
 
+    def after_uploads(self, record: str) -> None:
+        """Queued: applied (`handle_records`) once everything queued before it is uploaded,
+        in order, after a restart too. A head may only name a manifest the bucket has."""
+        self._enqueue("R", record)
+
+    def pending_records(self) -> KeyList:
+        return [key for _, op, key in self._entries() if op == "R"]
+
     # -- the queue ---------------------------------------------------------------------
 
     def _enqueue(self, op: str, key: str) -> None:
@@ -241,6 +250,10 @@ class SpooledBlobStore(BlobStore):
         self._cacher.join(timeout=10)
         self._pool.shutdown(wait=False)
 
+    def handle_records(self, apply: Callable[[str], None]) -> None:
+        super().handle_records(apply)
+        self._records.set()
+
     def _upload_loop(self) -> None:
         backoff = 1.0
         while True:
@@ -250,6 +263,10 @@ class SpooledBlobStore(BlobStore):
                 if self._stop:
                     return
                 batch = self._next_batch()
+            if batch[0][1] == "R" and not self._records.is_set():
+                with self._lock:  # queued before a restart: wait for the repository's handler
+                    self._wake.wait(0.2)
+                continue
             try:
                 if self._recheck_before(batch):
                     self._send(batch)
@@ -274,7 +291,7 @@ class SpooledBlobStore(BlobStore):
         entries = self._entries()
         batch: Entries = []
         for path, op, key in entries:
-            barrier = op == "D" or key.startswith("manifests/")
+            barrier = op in ("D", "R") or key.startswith(MANIFESTS)
             if barrier and batch:
                 break
             batch.append((path, op, key))
@@ -317,6 +334,9 @@ class SpooledBlobStore(BlobStore):
 
     def _send(self, batch: Entries) -> None:
         def one(op: str, key: str) -> None:
+            if op == "R":
+                self.apply_record(key)
+                return
             if op == "D":
                 self.remote.delete(key)
                 return

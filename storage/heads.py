@@ -1,0 +1,172 @@
+"""Heads: the one object per workload that says which of its checkpoints exist (fleet mode).
+
+`heads/<workload>` holds the owner's lease generation and the chain of committed checkpoint
+ids, oldest first. It is only ever replaced with a conditional write on the version read
+(If-Match; If-None-Match for the first), and a writer whose generation is older than the
+head's is refused: storage-side fencing, as SlateDB and Delta Lake keep their manifests
+(docs/fleet.md, R4). So a host that lost its lease without knowing it (partitioned, paused)
+may still upload a manifest, but can never make it exist: what the head does not name is not
+restored, rolled back to, or counted by retention, on any host, in any later generation.
+"Newest" is the chain's order, never a sort by the writer's wall clock.
+
+A new owner first `bump`s the head to its generation (after winning the lease): from then on
+every write of an older generation fails. A commit appends its id after its manifest is in
+the store; retention removes ids from the head before it deletes their manifests.
+
+The head is read back as hostile input: sealed with the repository's codec (authenticated in
+an encrypted repository), parsed strictly, and a head older than one this process already
+saw (a lower generation or serial: a bucket writer replaying an old object) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from storage.backends.base import BlobStore
+from storage.crypto import Codec
+from storage.errors import BlobNotFound, CorruptCheckpoint, PreconditionFailed, StorageError
+from storage.keys import head_key
+from storage.manifest import check_workload_name, is_checkpoint_id
+
+Initial = Callable[[], tuple[str, ...]]  # the chain of a workload that has no head yet
+MAX_HEAD_BYTES = 256 * 1024  # ~7,000 ids: far more than any retention keeps
+_CAS_ATTEMPTS = 8
+
+
+class Fenced(StorageError):
+    """This host's generation is older than the head's: another host owns the workload now."""
+
+
+@dataclass(frozen=True)
+class Head:
+    workload: str
+    generation: int
+    chain: tuple[str, ...] = ()  # committed checkpoint ids, oldest first
+    serial: int = 0  # +1 on every write: a replayed older head is told apart
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "version": 1,
+                "workload": self.workload,
+                "generation": self.generation,
+                "serial": self.serial,
+                "chain": list(self.chain),
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, workload: str) -> Head:
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict) or d.get("version") != 1:
+                raise ValueError("not a version 1 head")
+            chain = d["chain"]
+            if not isinstance(chain, list) or not all(
+                isinstance(c, str) and is_checkpoint_id(c) for c in chain
+            ):
+                raise ValueError("its chain is not a list of checkpoint ids")
+            head = cls(str(d["workload"]), int(d["generation"]), tuple(chain), int(d["serial"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpoint(f"the head of {workload} is unreadable ({e})") from e
+        if head.workload != workload:
+            raise CorruptCheckpoint(f"the head of {workload} names {head.workload}")
+        if len(set(head.chain)) != len(head.chain):
+            raise CorruptCheckpoint(f"the head of {workload} names a checkpoint twice")
+        return head
+
+
+class Heads:
+    """The heads of one repository, read and written through its codec, on the store that
+    holds the truth (never a spool's cache)."""
+
+    def __init__(self, store: BlobStore, codec: Codec) -> None:
+        self.store = store
+        self.codec = codec
+        self._seen: dict[str, tuple[int, int]] = {}  # workload -> (generation, serial)
+        self._lock = threading.Lock()
+
+    def read(self, workload: str) -> tuple[Head, str] | None:
+        """The head and its version, None if the workload has none yet."""
+        key = head_key(check_workload_name(workload))
+        try:
+            blob, version = self.store.get_versioned(key, MAX_HEAD_BYTES)
+        except BlobNotFound:
+            return None
+        head = Head.from_json(self.codec.open(key, blob), workload)
+        with self._lock:
+            seen = self._seen.get(workload, (0, 0))
+            if (head.generation, head.serial) < seen:
+                raise CorruptCheckpoint(
+                    f"the head of {workload} went back to generation {head.generation} "
+                    f"(serial {head.serial}) after {seen[0]} ({seen[1]}) was seen: an old copy "
+                    "was written back (a bucket writer replaying it?); refused"
+                )
+            self._seen[workload] = (head.generation, head.serial)
+        return head, version
+
+    def bump(self, workload: str, generation: int, initial: Initial = tuple) -> Head:
+        """Make `generation` the head's (a new owner, once it holds the lease): writers of
+        older generations are refused from now on. `initial`: the chain of a workload that
+        has no head yet (its checkpoints from before heads existed, oldest first)."""
+        return self._update(workload, generation, lambda h: h, initial)
+
+    def append(
+        self, workload: str, checkpoint_id: str, generation: int, initial: Initial = tuple
+    ) -> Head:
+        """Name a checkpoint whose manifest is in the store (its commit point)."""
+
+        def add(h: Head) -> Head:
+            if checkpoint_id in h.chain:
+                return h  # our own write, landed with its reply lost
+            return replace(h, chain=(*h.chain, checkpoint_id))
+
+        return self._update(workload, generation, add, initial)
+
+    def remove(self, workload: str, ids: set[str], generation: int) -> Head:
+        """Stop naming checkpoints (retention), before their manifests are deleted."""
+
+        def drop(h: Head) -> Head:
+            return replace(h, chain=tuple(c for c in h.chain if c not in ids))
+
+        return self._update(workload, generation, drop, tuple)
+
+    def _update(
+        self,
+        workload: str,
+        generation: int,
+        change: Callable[[Head], Head],
+        initial: Initial,
+    ) -> Head:
+        key = head_key(check_workload_name(workload))
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.read(workload)
+            if current is None:
+                base, version = Head(workload, generation, tuple(initial())), None
+            else:
+                base, version = current
+            if base.generation > generation:
+                raise Fenced(
+                    f"workload {workload} is at lease generation {base.generation} in the "
+                    f"bucket, this host acts under {generation}: another host took it over; "
+                    "nothing this host commits or removes for it counts any more"
+                )
+            new = change(replace(base, generation=generation))
+            if current is not None and new == base:
+                return base  # nothing to change (or our own write, landed with its reply lost)
+            new = replace(new, serial=base.serial + 1)
+            try:
+                self.store.put_if(key, self.codec.seal(key, new.to_json()), version)
+            except PreconditionFailed:
+                continue  # changed meanwhile (or our write landed, reply lost): read again
+            with self._lock:
+                self._seen[workload] = max(
+                    self._seen.get(workload, (0, 0)), (new.generation, new.serial)
+                )
+            return new
+        raise StorageError(
+            f"the head of {workload} kept changing under {_CAS_ATTEMPTS} writes; try again"
+        )
