@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from storage.chunk_index import digest_rows
 from storage.errors import CorruptCheckpoint
+from storage.file_copy import copy_range
 from storage.frames import FrameDecoder, FrameError
 from storage.manifest import DIGEST_SIZE, Manifest
 from storage.packs import IndexArrays
@@ -217,7 +218,9 @@ class WantedChunks:
         caller vouches for) already holds, copying runs in the kernel; bytes written.
 
         A rollback to the previous checkpoint shares ~90% of its pages with the newest one,
-        which is kept on tmpfs: those need no download, no decompression and no re-hash."""
+        which is kept on tmpfs: those need no download, no decompression and no re-hash. The
+        folder being rebuilt may be on another filesystem (disk, when tmpfs lacks room):
+        copy_range falls back to sendfile there."""
         rows = digest_rows(b"".join(f.digests for f in seed.files))
         # Each distinct chunk once (zero pages repeat thousands of times: pairing every copy
         # in the seed with every place it goes would be quadratic).
@@ -253,7 +256,7 @@ class WantedChunks:
                 dst_off = (int(dst[start]) - int(self.file_starts[fi])) * self.chunk_size
                 src_off = (int(src[start]) - int(seed_starts[si])) * self.chunk_size
                 length = min((end - start) * self.chunk_size, sizes[fi] - dst_off)
-                written += _copy_range(src_fds[si], fds[fi], length, src_off, dst_off)
+                written += copy_range(src_fds[si], fds[fi], length, src_off, dst_off)
         finally:
             for fd in src_fds.values():
                 os.close(fd)
@@ -267,16 +270,6 @@ class WantedChunks:
                 f"{self.rows[first].tobytes().hex()[:16]}) are in none of its packs; restore "
                 "an older checkpoint"
             )
-
-
-def _copy_range(src: int, dst: int, length: int, src_off: int, dst_off: int) -> int:
-    done = 0
-    while done < length:
-        n = os.copy_file_range(src, dst, length - done, src_off + done, dst_off + done)
-        if n == 0:
-            raise OSError(f"seed file ended {length - done} bytes early")
-        done += n
-    return done
 
 
 class _Step:

@@ -25,7 +25,6 @@ was copied. A mismatch drops the slot and the restore reads the repository.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
@@ -42,11 +41,11 @@ from checkpointer import hostinfo
 from checkpointer.engine import kept_image
 from checkpointer.engine.kept_image import Stamp
 from checkpointer.engine.scratch import private_dir
+from storage.file_copy import copy_range
 from storage.manifest import CHUNK_SIZE, DIGEST_SIZE, Manifest
 
 log = logging.getLogger(__name__)
 
-_COPY_STEP = 1 << 30  # copy_file_range moves at most this much per call here
 _DIGEST_WINDOW = 1 << 20  # old page digests compared this many bytes at a time (32K pages)
 _HASH_WINDOW = 8 << 20  # mapped and hashed at a time (resident while mapped): 0.18 s a GB
 
@@ -258,7 +257,7 @@ def _copy(src: Path, dst: Path, changed: npt.NDArray[np.bool_] | None) -> str:
         dfd = os.open(dst, flags, 0o600)
         try:
             for offset, length in _changed_runs(changed, st.st_size):
-                _copy_range(sfd, dfd, offset, length)
+                copy_range(sfd, dfd, length, offset, offset)  # tmpfs to disk: sendfile
             os.ftruncate(dfd, st.st_size)
             os.fchmod(dfd, stat.S_IMODE(st.st_mode) & 0o700)
         finally:
@@ -281,28 +280,6 @@ def _changed_runs(changed: npt.NDArray[np.bool_] | None, size: int) -> list[tupl
         offset = start * CHUNK_SIZE
         runs.append((offset, min(end * CHUNK_SIZE, size) - offset))
     return [(o, n) for o, n in runs if n > 0]
-
-
-def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:
-    """`length` bytes at `offset` of one file to the same offset of the other, in the kernel:
-    copy_file_range on one filesystem, else sendfile (tmpfs to disk is EXDEV)."""
-    done, kernel_copy = 0, True
-    while done < length:
-        at, n = offset + done, min(length - done, _COPY_STEP)
-        if kernel_copy:
-            try:
-                n = os.copy_file_range(sfd, dfd, n, at, at)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                kernel_copy = False
-                continue
-        else:
-            os.lseek(dfd, at, os.SEEK_SET)
-            n = os.sendfile(dfd, sfd, at, n)
-        if n == 0:
-            raise OSError(f"the source ended at {at} bytes while it was copied")
-        done += n
 
 
 def _remove(path: Path) -> None:
