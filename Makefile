@@ -25,10 +25,11 @@ run: setup
 	$(VENV)/bin/checkpointer doctor --config $(CONFIG)
 	$(VENV)/bin/checkpointer daemon --config $(CONFIG) --stop-workloads-on-exit
 
-# LXC and Podman (runc) for the container workloads, and the tests' container rootfs (built
+# LXC and Podman (runc) for the container workloads (rsync and acl: the tests judge a restored
+# rootfs with `rsync -aHAX` and give files ACLs with setfacl), and the tests' container rootfs (built
 # once with debootstrap, then cached in /var/cache/checkpointer-tests).
 containers:
-	@bash scripts/install-system-deps.sh lxc podman runc debootstrap netavark \
+	@bash scripts/install-system-deps.sh lxc podman runc debootstrap netavark rsync acl \
 		containernetworking-plugins catatonit fuse-overlayfs slirp4netns uidmap
 	@bash scripts/build-test-rootfs.sh
 

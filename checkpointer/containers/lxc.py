@@ -22,7 +22,7 @@ import shutil
 from functools import cached_property
 from pathlib import Path
 
-from checkpointer.containers import lxc_config, rootfs_archive
+from checkpointer.containers import lxc_config, rootfs_archive, rootfs_extract
 from checkpointer.containers.base import ContainerError, Problem, Tool
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
 from checkpointer.criu.stats import read_dump_stats, read_restore_stats
@@ -145,8 +145,8 @@ class Lxc:
                 shutil.rmtree(leftover)
         new.mkdir(mode=0o755)
         try:
-            rootfs_archive.extract(archive, new)
-        except (rootfs_archive.UnsafeArchive, OSError) as e:
+            rootfs_extract.extract(archive, new)
+        except (rootfs_extract.UnsafeArchive, OSError) as e:
             shutil.rmtree(new, ignore_errors=True)
             raise ContainerError(
                 f"cannot unpack the container's rootfs: {e}", "corrupt-image"

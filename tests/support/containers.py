@@ -9,6 +9,8 @@ container's init, so two containers may listen on the same port.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -186,3 +188,44 @@ def restored_since(now: dict[str, Any], before: dict[str, Any]) -> bool:
         and now["pid"] != before["pid"]
         and len(now["restores"]) > len(before["restores"])
     )
+
+
+def plant_attributes(root: Path, prefix: str = "srv/attrs") -> Path:
+    """Under ROOT/PREFIX, one of every kind of file attribute a rootfs must keep: a setuid and
+    setgid binary with a second (hard-linked) name, a file capability, `user.` and `trusted.`
+    extended attributes, an ACL and a default ACL, a sticky folder, a device node, a FIFO, a
+    symlink, and times to the nanosecond. Returns the folder."""
+    folder = root / prefix
+    folder.mkdir(parents=True)
+    (folder / "suid").write_bytes(Path("/bin/true").read_bytes())
+    (folder / "suid").chmod(0o6755)
+    os.link(folder / "suid", folder / "suid-link")
+    (folder / "cap").write_bytes(b"#!/bin/sh\n")
+    subprocess.run(["setcap", "cap_net_raw+ep", str(folder / "cap")], check=True)
+    (folder / "xattr").write_text("x\n")
+    os.setxattr(folder / "xattr", "user.note", b"kept")
+    os.setxattr(folder / "xattr", "trusted.note", b"\x00\xffbinary")
+    (folder / "acl").write_text("a\n")
+    subprocess.run(["setfacl", "-m", "u:1234:rw,g:55:r", str(folder / "acl")], check=True)
+    (folder / "acl-dir").mkdir()
+    subprocess.run(["setfacl", "-d", "-m", "g:55:rx", str(folder / "acl-dir")], check=True)
+    (folder / "sticky").mkdir(mode=0o1777)
+    (folder / "sticky").chmod(0o1777)
+    os.mknod(folder / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(folder / "fifo")
+    os.chown(folder / "fifo", 1234, 55)
+    (folder / "link").symlink_to("suid")
+    os.utime(folder / "xattr", ns=(1, 1_000_000_123))
+    return folder
+
+
+def rsync_differences(original: Path, restored: Path) -> list[str]:
+    """What `rsync -aHAX` would change to make RESTORED like ORIGINAL (content, modes,
+    owners, hard links, ACLs, xattrs, times, nodes): an independent judge of a restored rootfs.
+    Empty when they are the same."""
+    r = subprocess.run(
+        ["rsync", "-aHAXn", "--numeric-ids", "--itemize-changes", "--delete",
+         f"{original}/", f"{restored}/"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return r.stdout.splitlines()
