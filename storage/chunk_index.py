@@ -120,6 +120,12 @@ class ChunkIndex:
             gone_set = set(gone)
             self._recent = {d: n for d, n in self._recent.items() if n not in gone_set}
 
+    def held_packs(self) -> set[str]:
+        """The packs at least one chunk of which this index holds."""
+        with self._lock:
+            numbers = set(np.unique(self._packs).tolist()) | set(self._recent.values())
+            return {self._pack_ids[n] for n in numbers}
+
     def merge_into(self, other: ChunkIndex, keep: Callable[[str], bool]) -> None:
         """Add to `other` the chunks it lacks from this index, of the packs `keep` accepts (a
         refresh built from a listing keeps what commits added while it listed, and only that:

@@ -1,8 +1,16 @@
-"""The chunk index a commit dedups against: which packs hold which chunks, and which of them
-a new checkpoint may still reference.
+"""The chunk indexes commits dedup against, one per workload: which packs hold which chunks,
+and which of them a new checkpoint may still reference.
 
-Kept per process, refreshed from the store every KNOWN_TTL, trimmed of what GC collects here,
-and never trusted blindly for packs other hosts may collect (docs/fleet.md, R2).
+Scoped to the workload (docs/fleet.md, R3): a commit of W reuses only packs W's committed
+checkpoints reference, or that this process wrote for W. Measured on the bench's workloads
+(`python -m bench.cross_dedup`), dedup across workloads saved nothing worth keeping (0.0% of
+the bytes stored, 1.4% at most between two Redis holding the same data: allocators and ASLR
+place equal data on different pages), while a fleet-wide index costs every host the whole
+fleet's digests in memory and a read of every pack index in the bucket at every refresh.
+Per workload, a host holds the indexes of its own workloads only, reads a pack's index once
+(digests never change), and a refresh reads only the packs it does not hold yet.
+
+Never trusted blindly for packs other hosts may collect (docs/fleet.md, R2).
 """
 
 from __future__ import annotations
@@ -14,11 +22,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from storage import keys
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
 from storage.errors import BlobNotFound, CorruptCheckpoint, StorageError, TransientStorageError
-from storage.keys import FileType, index_key
+from storage.keys import index_key
 from storage.packs import IndexArrays, pack_created
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,7 @@ class PackSource(Protocol):
     gc_grace: float
     concurrency: int
 
-    def referenced_packs(self, strict: bool) -> set[str]: ...
+    def packs_of_workload(self, workload: str) -> set[str]: ...
 
     def read_index(self, pack_id: str) -> IndexArrays: ...
 
@@ -45,8 +52,7 @@ class DedupIndex:
     def __init__(self, repo: PackSource) -> None:
         self.repo = repo
         self._lock = threading.Lock()
-        self._index: ChunkIndex | None = None  # durable packs only
-        self._index_at = 0.0
+        self._indexes: dict[str, tuple[ChunkIndex, float]] = {}  # workload -> (index, when)
 
     def check_reused(self, workload: str, reused: set[str]) -> None:
         """The packs a commit reuses must be in the store when its manifest is written
@@ -78,65 +84,68 @@ class DedupIndex:
                 "store cannot say)"
             )
 
-    def current(self) -> ChunkIndex:
-        """The chunks a new checkpoint may reference, by pack.
-
-        A pack is trusted if a manifest references it, or if it is young: an old pack that no
-        manifest references (a killed writer's) may be collected by another host at any moment.
-        """
+    def current(self, workload: str) -> ChunkIndex:
+        """The chunks a new checkpoint of `workload` may reference, by pack: those of its
+        committed checkpoints, and those this process's commits of it added (until a refresh
+        finds them referenced by none: a failed commit's)."""
         with self._lock:
-            if self._index is not None and time.monotonic() - self._index_at < KNOWN_TTL:
-                return self._index
+            held = self._indexes.get(workload)
+            if held is not None and time.monotonic() - held[1] < KNOWN_TTL:
+                return held[0]
         listed_at = time.time()
+        old = held[0] if held is not None else None
         try:
-            fresh = self._from_store(listed_at)
+            fresh = self._from_store(workload, old, listed_at)
         except TransientStorageError as e:
             # The bucket cannot be listed: go on with what this process knows (nothing, at
             # first), refreshing at the next commit. Safe: every older pack reused is looked
             # up before the manifest (check_reused), and during the outage that look-up
             # fails, so its chunks are stored again; only young packs are reused unchecked.
-            log.warning("chunk index not refreshed, object storage unreachable: %s", e)
+            log.warning("chunk index of %s not refreshed: %s", workload, e)
             with self._lock:
-                if self._index is None:
-                    self._index = ChunkIndex()
-                return self._index
+                index = old if old is not None else ChunkIndex()
+                self._indexes.setdefault(workload, (index, 0.0))
+                return self._indexes[workload][0]
         with self._lock:
-            if self._index is not None:
-                # Keep what this process's commits added while we listed, and nothing older:
-                # a pack that was in the old index but is not listed now was collected
-                # (perhaps by another host), and a new checkpoint must never reference it.
-                self._index.merge_into(fresh, lambda pid: pack_created(pid) >= listed_at - 2)
-            self._index, self._index_at = fresh, time.monotonic()
-            return fresh
+            self._indexes[workload] = (fresh, time.monotonic())
+        return fresh
 
-    def _from_store(self, listed_at: float) -> ChunkIndex:
-        referenced = self.repo.referenced_packs(strict=False)
-        cutoff = listed_at - self.repo.gc_grace / 2
+    def _from_store(self, workload: str, old: ChunkIndex | None, listed_at: float) -> ChunkIndex:
+        referenced = self.repo.packs_of_workload(workload)
+        known = old.held_packs() if old is not None else set()
 
-        def trusted() -> Iterator[tuple[str, bytes]]:
-            for key in self.repo.backend.list(keys.PACKS):
-                name = keys.parse_as(key, FileType.INDEX)
-                if name is None:
-                    continue
-                if name.id not in referenced and pack_created(name.id) < cutoff:
-                    continue
+        def unread() -> Iterator[tuple[str, bytes]]:
+            for pid in sorted(referenced - known):
                 try:
-                    yield name.id, self.repo.read_index(name.id).digests
+                    yield pid, self.repo.read_index(pid).digests
                 except (BlobNotFound, CorruptCheckpoint):
                     continue  # collected meanwhile, or damaged: don't dedup against it
 
         fresh = ChunkIndex()
-        fresh.add_many(trusted())
+        fresh.add_many(unread())
+        if old is not None:
+            # What it held and is still referenced, and what commits added while we listed
+            # (nothing older: a pack referenced by none was a failed commit's, or collected).
+            old.merge_into(
+                fresh, lambda pid: pid in referenced or pack_created(pid) >= listed_at - 2
+            )
         return fresh
 
-    def known(self) -> ChunkIndex | None:
-        """The chunk index this process holds (after its first commit), as it is, without
-        loading or refreshing it: a lazy restore reads it as hints of where chunks are."""
+    def known(self, workload: str) -> ChunkIndex | None:
+        """The chunk index this process holds of `workload` (after its first commit), as it
+        is, without loading or refreshing it: a lazy restore reads it as hints."""
         with self._lock:
-            return self._index
+            held = self._indexes.get(workload)
+            return held[0] if held is not None else None
 
     def forget(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""
         with self._lock:
-            if self._index is not None:
-                self._index.forget(pack_ids)
+            indexes = [index for index, _ in self._indexes.values()]
+        for index in indexes:
+            index.forget(pack_ids)
+
+    def expire(self) -> None:
+        """Refresh every index at its next use (tests; after a restore of the store)."""
+        with self._lock:
+            self._indexes = {w: (index, 0.0) for w, (index, _) in self._indexes.items()}

@@ -173,7 +173,7 @@ class Repository:
     def _commit(
         self, workload: str, folder: Path, metadata: dict[str, Any], generation: int | None
     ) -> Manifest:
-        index = self._chunk_index()
+        index = self.dedup.current(workload)
         cid = new_checkpoint_id()
         writer = PackWriter(self.backend, self.codec, index, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
         used_packs: set[str] = set()
@@ -234,13 +234,19 @@ class Repository:
     def _check_reused_packs(self, workload: str, reused: set[str]) -> None:
         self.dedup.check_reused(workload, reused)
 
-    def _chunk_index(self) -> ChunkIndex:
-        return self.dedup.current()
+    def known_chunks(self, workload: str | None = None) -> ChunkIndex | None:
+        """The chunk index this process holds of `workload` (after its first commit of it),
+        as it is, without loading or refreshing it: a lazy restore reads it as hints."""
+        return self.dedup.known(workload) if workload is not None else None
 
-    def known_chunks(self) -> ChunkIndex | None:
-        """The chunk index this process holds (after its first commit), as it is, without
-        loading or refreshing it: a lazy restore reads it as hints of where chunks are."""
-        return self.dedup.known()
+    def packs_of_workload(self, workload: str) -> set[str]:
+        """The packs the committed checkpoints of `workload` reference (what its commits may
+        dedup against: storage/dedup_index.py)."""
+        out: set[str] = set()
+        for info in self.checkpoints(workload):
+            with contextlib.suppress(StorageError):
+                out.update(self.packs_of(workload, info.id))
+        return out
 
     def forget_packs(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""

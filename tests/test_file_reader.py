@@ -81,7 +81,7 @@ def test_with_hints_a_small_read_reads_only_its_packs_indexes(tmp_path: Path, se
     repo = Repository(store, **({"codec": codec} if codec else {}))
     m = repo.commit("w", src)
     assert len(m.packs) >= 3
-    hints = repo.known_chunks()
+    hints = repo.known_chunks("w")
     assert hints is not None
     CountingStore.indexes_read = 0
     files = CheckpointFiles(repo, "w", m.id, hints)
@@ -140,7 +140,7 @@ def test_a_page_is_read_from_its_segment_not_its_whole_pack(tmp_path: Path, seal
     codec = Sealed(new_master()) if sealed else None
     repo = Repository(RangeCountingStore(tmp_path / "repo"), **({"codec": codec} if codec else {}))
     m = repo.commit("w", src)
-    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks("w"))
     RangeCountingStore.pack_bytes = 0
     assert files.read("pages-1.img", 500 * 4096, 4096) == data[500 * 4096 : 501 * 4096]
     assert 0 < RangeCountingStore.pack_bytes <= 2 * (SEGMENT + 16) + SEGMENTED_HEADER
@@ -149,7 +149,7 @@ def test_a_page_is_read_from_its_segment_not_its_whole_pack(tmp_path: Path, seal
     raw[len(raw) - 100] ^= 0x01  # the last segment: pages near the end
     pack.chmod(0o600)
     pack.write_bytes(bytes(raw))
-    fresh = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    fresh = CheckpointFiles(repo, "w", m.id, repo.known_chunks("w"))
     assert fresh.read("pages-1.img", 0, 4096) == data[:4096]
     with pytest.raises(CorruptCheckpoint):
         fresh.read("pages-1.img", len(data) - 4096, 4096)
@@ -166,7 +166,7 @@ def test_packs_sealed_whole_before_segments_still_read_and_restore(
         )
         m = repo.commit("w", src)
     data = (src / "pages-1.img").read_bytes()
-    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks("w"))
     assert files.read("pages-1.img", 4096 * 299, 3 * 4096) == data[4096 * 299 : 4096 * 302]
     assert files.read("pages-1.img", 0, len(data)) == data
     repo.materialize("w", m.id, tmp_path / "out")

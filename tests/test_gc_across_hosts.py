@@ -97,7 +97,7 @@ def test_a_pack_collected_by_another_host_is_never_referenced_again(
     assert [c.id for c in host_a.checkpoints("web")] == [again.id]
     host_a.verify("web", again.id)
     # A later refresh of the index does not bring the deleted packs back either.
-    host_a._index_at = 0.0
+    host_a.dedup.expire()
     third = host_a.commit("web", src)
     assert set(third.packs) <= set(again.packs)
     host_a.verify("web", third.id)

@@ -448,7 +448,7 @@ def test_a_lazy_read_from_the_bucket_gets_a_segment_by_range(
     (src / "pages-1.img").write_bytes(pages)
     m = repo.commit("w", src)
     fetched.clear()
-    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks())
+    files = CheckpointFiles(repo, "w", m.id, repo.known_chunks("w"))
     assert files.read("pages-1.img", 800 * 4096, 4096) == pages[800 * 4096 : 801 * 4096]
     assert 0 < sum(fetched) < 3 * 65536
     key = pack_key(m.packs[0])
