@@ -74,8 +74,8 @@ def test_fleet_mode_needs_object_storage_and_migrate_needs_a_fleet(workdir: Path
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )  # fmt: skip
     assert r.returncode == 1 and "fleet mode needs S3 storage" in r.stderr, r.stderr
-    plain = Daemon(workdir / "plain") if (workdir / "plain").mkdir() is None else None
-    assert plain is not None
+    (workdir / "plain").mkdir()
+    plain = Daemon(workdir / "plain")
     port = free_port()
     try:
         plain.start()

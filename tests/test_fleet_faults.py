@@ -21,8 +21,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support import COUNTER, Host, Network
+from checkpointer.workloads import process
+from tests.support import COUNTER, Host, Moto, Network, free_port, http_get
 from tests.test_fleet import fleet, until
+from tests.test_fleet_errors import fleet_host
 
 CLONE_NEWNET = 0x40000000
 TTL, SKEW = 6.0, 1.0  # tests/test_fleet.py's FLEET
@@ -189,3 +191,30 @@ def test_a_frozen_host_stops_its_copy_the_moment_it_runs_again(workdir: Path) ->
         in_flight = [x for x in pa.answers if x[1] >= pb.answers[0][0]]
         assert len(in_flight) <= 1, in_flight
         assert not a.connects(port) and b.http_get(port).isdigit()
+
+
+def test_a_copy_stopped_by_the_deadman_runs_on_when_the_lease_proves_still_ours(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    """No failover, one host: its daemon paused past the deadline has its copy stopped (it
+    cannot know nobody took over); once the daemon runs again and renews the lease, which
+    nobody changed, the copy resumes with its state."""
+    d = fleet_host(workdir, moto, bucket, "host-a")
+    port = free_port()
+    try:
+        d.start()
+        d.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        http_get(port)
+        root = d.pid("web")
+        assert d.proc is not None
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(TTL)  # past the deadline (TTL - skew after the last renewal)
+            assert process.state(root) == "T"  # stopped by the deadman
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        assert http_get(port, timeout=15) == "2"  # its count, kept
+        assert d.status("web")["state"] == "running"
+        assert "deadman: the lease of web" in d.log.read_text()
+    finally:
+        d.stop()

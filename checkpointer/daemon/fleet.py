@@ -256,6 +256,10 @@ class Fleet:
     def holds(self, name: str) -> bool:
         return self.watchdog.held(name) is not None
 
+    def tree_started(self, name: str) -> None:
+        """The tree of `name` has a new PID: the deadman guards that one now."""
+        self.watchdog.reguard(name)
+
     # -- what the watchdog tells -------------------------------------------------------
 
     def _on_kept(self, held: Held) -> None:

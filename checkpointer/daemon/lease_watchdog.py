@@ -148,6 +148,13 @@ class LeaseWatchdog:
                 self.copies.thaw(name)
         self._wake.set()  # the next deadline may have changed
 
+    def reguard(self, name: str) -> None:
+        """The tree of `name` has a new PID (started, restored): the deadman must know it."""
+        with self._lock:
+            deadline = self._deadline.get(name)
+        if deadline is not None and self.copies is not None:
+            self.copies.guard(name, deadline)
+
     def drop(self, name: str) -> Held | None:
         """No longer ours: nothing to renew, no deadline to keep. What we held, if anything."""
         with self._lock:

@@ -27,6 +27,7 @@ from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine, Hooks, WorkloadKind, WorkloadState, registering, reports
 from checkpointer.engine.ownership import LocalCopies, SingleHost
+from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
 from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.workloads.deadman import Deadman
@@ -59,8 +60,14 @@ def build(
         lambda name: engine.scheduled_checkpoint(name),
         on_skip=lambda reason: metrics.schedule_skipped.labels(reason).inc(),
     )
+
+    def watch(w: Workload) -> None:
+        supervisor.track(w)
+        if fleet is not None:
+            fleet.tree_started(w.name)  # the deadman learns the new PID at once
+
     hooks = Hooks(
-        watch=lambda w: supervisor.track(w),
+        watch=watch,
         down=lambda w, reason: supervisor.decide(w, reason),
         restore_soon=lambda w, reason: supervisor.restore_soon(w, reason),
     )

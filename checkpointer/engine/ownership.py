@@ -101,10 +101,15 @@ class LocalCopies:
             self.deadman.disarm(name)
 
     def freeze(self, name: str) -> bool:
-        """Stop the tree of `name` if it runs here; whether one was stopped."""
+        """Stop the tree of `name` if it runs here; True if it is now stopped for its lease
+        (and so to be resumed if the lease proves ours). A tree found stopped already was
+        stopped by the deadman (ours), or by an operation that holds the workload's lock (a
+        migration's final dump: not ours to resume; asked again once the lock is free)."""
         w = self.find(name)
         if w is None or w.pid is None or not w.alive():
             return False
+        if process.state(w.pid) in ("T", "t"):
+            return not w.lock.locked()
         process.stop_tree(w.pid)
         log.warning("workload %s: stopped (SIGSTOP): its lease could not be kept", name)
         return True
