@@ -217,6 +217,18 @@ class Leases:
             if seen is None or seen[0] != version:
                 self._first_seen[lease.workload] = (version, now)
 
+    def newest_seen(self) -> dict[str, tuple[int, int]]:
+        """Per workload, the newest lease this host saw or wrote (`Lease.order()`): what a
+        host keeps across restarts so that a replay is refused after one too."""
+        with self._lock:
+            return dict(self._newest)
+
+    def remember(self, newest: dict[str, tuple[int, int]]) -> None:
+        """Take back what `newest_seen` returned before (a restart)."""
+        with self._lock:
+            for workload, order in newest.items():
+                self._newest[workload] = max(order, self._newest.get(workload, (0, 0)))
+
     def expired(self, held: Held) -> bool:
         """Whether this host has seen `held` unchanged (same version) for the holder's TTL +
         skew on its own monotonic clock. Never by comparing its wall clock with the

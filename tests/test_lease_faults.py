@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import pytest
 
+from checkpointer.config import Config
+from checkpointer.daemon.fleet import Fleet
 from storage.backends import LocalBlobStore
 from storage.backends.base import BlobStore
 from storage.backends.retrying import RetryingBlobStore
@@ -123,3 +125,22 @@ def test_a_replayed_older_lease_is_refused_not_obeyed(tmp_path: Path) -> None:
     with pytest.raises(LeaseReplayed):
         a.acquire("web", newest=None)
     assert handed.lease.state is LeaseState.HANDED
+
+
+def test_a_replay_is_refused_after_the_host_restarts_too(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "repo")
+    codec = Sealed(new_master())
+    config = Config.model_validate({"state_dir": str(tmp_path / "state"), "host": {"id": "b"}})
+    (tmp_path / "state").mkdir()
+    a = Leases(store, codec, "a")
+    held = a.acquire("web", newest=None)
+    old_sealed = store.get("leases/web")
+    a.hand_over(held, "b")
+    b = Fleet(config, store, codec)
+    assert b.leases.acquire("web", newest=None).lease.generation == 2
+    b.stop()  # the daemon stops (or restarts): what it saw is kept in its state folder
+    store.put_if("leases/web", old_sealed, store.get_versioned("leases/web")[1])
+    again = Fleet(config, store, codec)
+    with pytest.raises(LeaseReplayed, match="older than generation 2"):
+        again.leases.read("web")
+    again.stop()

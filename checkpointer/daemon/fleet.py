@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -109,6 +111,11 @@ class Fleet:
         self._prepared: dict[str, str] = {}  # fetched ahead of a hand-over: name -> id
         self._preparing: set[str] = set()
         self._clock_checked = float("-inf")
+        # The newest lease generation seen per workload, kept across restarts: a replayed
+        # older lease is refused after a restart too (storage/leases.py).
+        self._seen_file = config.state_dir / "lease-generations.json"
+        self._saved_seen: dict[str, tuple[int, int]] = {}
+        self._load_seen()
         self.unowned = 0
         self.clock_offset: float | None = None  # the store's clock minus ours, last seen
 
@@ -164,6 +171,7 @@ class Fleet:
             self._scanner.join(timeout=10)
         self.watchdog.stop()
         self._hook_pool.shutdown(wait=False, cancel_futures=True)
+        self._save_seen()
 
     # -- Ownership (what the engine asks) ----------------------------------------------
 
@@ -341,6 +349,29 @@ class Fleet:
                 else:
                     self.hooks.thaw(name)  # stopped by a daemon before this one, maybe
         self._scan()
+        self._save_seen()
+
+    def _load_seen(self) -> None:
+        try:
+            raw = json.loads(self._seen_file.read_text())
+            seen = {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            return  # none yet, or unreadable: start from what the bucket shows
+        self.leases.remember(seen)
+        self._saved_seen = seen
+
+    def _save_seen(self) -> None:
+        seen = self.leases.newest_seen()
+        if seen == self._saved_seen:
+            return
+        tmp = self._seen_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({k: list(v) for k, v in seen.items()}))
+            os.replace(tmp, self._seen_file)
+        except OSError as e:
+            log.warning("fleet: cannot save %s: %s", self._seen_file, e)
+            return
+        self._saved_seen = seen
 
     def _read(self, name: str) -> Lease | None:
         try:
