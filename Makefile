@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup criu containers run test lint bench
+.PHONY: setup criu containers run test lint bench install uninstall deb
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,27 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check checkpointer storage tests bench
 	$(VENV)/bin/ruff format --check checkpointer storage tests bench
 	$(VENV)/bin/mypy
+
+# Install on this server (scripts/install.sh says what goes where): PREFIX/venv with the
+# dependencies from PyPI, /usr/local/bin/checkpointer, the systemd unit, and
+# /etc/checkpointer/config.yaml and env from configs/ unless they exist (never overwritten; key
+# files never touched). Fast when nothing changed; an upgrade restarts a running daemon, which
+# re-adopts its workloads. DESTDIR installs into another root (packages, tests).
+# `make uninstall` keeps /etc/checkpointer and the state folder (PURGE=config|all: see script).
+PREFIX ?= /opt/checkpointer
+INSTALL_VARS = PREFIX=$(PREFIX) $(foreach v,DESTDIR BINDIR UNITDIR SYSCONFDIR STATEDIR \
+	BUILDDIR REBUILD PURGE,$(if $($(v)),$(v)=$($(v))))
+
+install:
+	@bash scripts/install-system-deps.sh python3-venv
+	@$(INSTALL_VARS) bash scripts/install.sh install
+
+uninstall:
+	@$(INSTALL_VARS) bash scripts/install.sh uninstall
+
+# checkpointer_VERSION_ARCH.deb (OUTDIR, default here): the same files as `make install`, for
+# `apt install ./checkpointer_*.deb` (scripts/build-deb.sh).
+deb:
+	@bash scripts/install-system-deps.sh python3-venv
+	@$(if $(BUILDDIR),BUILDDIR=$(BUILDDIR)) $(if $(OUTDIR),OUTDIR=$(OUTDIR)) \
+		bash scripts/build-deb.sh
