@@ -49,6 +49,7 @@ class StatusReport(TypedDict):
     last_error: str | None
     failed_reason: str | None
     restores: list[RestoreAttemptReport]
+    restore_retries: int  # the same restore tried again after failures outside the checkpoint
     bad_checkpoints: list[str]
     log: str | None
     busy: bool

@@ -6,7 +6,10 @@ Pure logic, no processes: the engine feeds it the facts and carries out its deci
   the newest good checkpoint at once.
 - A death within `crash_window` of a restore is a crash loop: the newest checkpoint may hold
   the state that crashes, so step back one older checkpoint each time, waiting exponentially
-  longer (`backoff_initial` doubling up to `backoff_max`).
+  longer (`backoff_initial` doubling up to `backoff_max`). The checkpoint that crashed is
+  remembered for the streak: a manual restore does not pick it unless named.
+- A restore that failed for a reason outside the checkpoint (storage down, a PID or port
+  taken) is tried again, with the same back-off, without limit (`retry_later`).
 - Past `max_depth` checkpoints, a managed workload is cold-started from its command (if
   `cold_start`); after `max_attempts` attempts in one streak, the workload is marked failed.
 
@@ -15,7 +18,7 @@ The policy's settings are config (`checkpointer.config.RestorePolicy`); this mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from checkpointer.config import RestorePolicy
@@ -28,6 +31,12 @@ class Streak:
     attempts: int = 0  # restore attempts in this streak
     depth: int = 0  # how many good checkpoints to step back from the newest
     last_restore_at: float | None = None
+    retries: int = 0  # the same restore tried again after failures outside the checkpoint
+    crash_looped: tuple[str, ...] = ()  # checkpoints that died within crash_window of restore
+
+    def __post_init__(self) -> None:
+        # The registry stores the streak as JSON, where a tuple comes back as a list.
+        object.__setattr__(self, "crash_looped", tuple(self.crash_looped))
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,38 @@ class Decision:
     why: str
 
 
-def on_death(policy: RestorePolicy, streak: Streak, now: float, clean_exit: bool) -> Decision:
+# 2.0**1023 is the largest power of two a float holds: `backoff_initial * 2**1024` raises
+# OverflowError (which once killed the supervisor's retry timer after 1024 attempts), and
+# long before that exponent every wait is `backoff_max` anyway.
+_MAX_DOUBLINGS = 1023
+
+# Checkpoints remembered as crash-looped per streak: a streak ends at max_attempts, which a
+# config may set high; the newest are the ones a manual restore would otherwise pick.
+_CRASH_LOOPED_KEPT = 100
+
+
+def backoff(policy: RestorePolicy, n: int) -> float:
+    """The wait before attempt n + 2 of a loop or of a retry: `backoff_initial` doubled `n`
+    times, at most `backoff_max`. The one back-off formula: crash loops and retries alike."""
+    return min(policy.backoff_max, policy.backoff_initial * 2.0 ** min(n, _MAX_DOUBLINGS))
+
+
+def retry_later(policy: RestorePolicy, streak: Streak) -> tuple[Streak, float]:
+    """A restore failed for a reason outside the checkpoint: the streak with one more retry,
+    and how long to wait before the same restore is tried again. No limit: giving up would
+    lose the state the checkpoints hold."""
+    return replace(streak, retries=streak.retries + 1), backoff(policy, streak.retries)
+
+
+def on_death(
+    policy: RestorePolicy,
+    streak: Streak,
+    now: float,
+    clean_exit: bool,
+    restored_from: str | None = None,
+) -> Decision:
+    """`restored_from`: the checkpoint the tree was last restored from (None: a cold start, or
+    unknown); remembered as crash-looped if the tree died within crash_window of it."""
     if clean_exit and not policy.on_clean_exit:
         return Decision("ignore", 0.0, Streak(), "exited cleanly: finished, not restored")
     if not policy.on_crash:
@@ -47,8 +87,13 @@ def on_death(policy: RestorePolicy, streak: Streak, now: float, clean_exit: bool
         policy.crash_window
     )
     if looping:
-        nxt = Streak(streak.attempts + 1, streak.depth + 1, streak.last_restore_at)
-        delay = min(policy.backoff_initial * 2 ** (streak.depth), policy.backoff_max)
+        looped = streak.crash_looped
+        if restored_from is not None and restored_from not in looped:
+            looped = (*looped, restored_from)[-_CRASH_LOOPED_KEPT:]
+        nxt = Streak(
+            streak.attempts + 1, streak.depth + 1, streak.last_restore_at, crash_looped=looped
+        )
+        delay = backoff(policy, streak.depth)
         why = (
             f"died {now - (streak.last_restore_at or now):.1f}s after its last restore "
             f"(crash loop): stepping back to checkpoint #{nxt.depth + 1} from the newest"

@@ -112,6 +112,9 @@ def status_table(rows: Sequence[StatusReport]) -> None:
     for r in rows:
         age = r["last_checkpoint_age_seconds"]
         state = r["state"] + (f" ({r['exit_status']})" if r["exit_status"] else "")
+        problem = r["last_error"] or ""
+        if r.get("restore_retries"):  # absent from an older daemon's answer
+            problem = f"{problem} (restore retried {r['restore_retries']} times)".lstrip()
         t.add_row(
             r["name"],
             r["kind"],
@@ -121,7 +124,7 @@ def status_table(rows: Sequence[StatusReport]) -> None:
             r["last_checkpoint"] or "-",
             format_duration(age) if age else "-",
             short_time(r["next_checkpoint"]),
-            r["last_error"] or "",
+            problem,
         )
     out.print(t)
 

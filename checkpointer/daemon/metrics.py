@@ -21,6 +21,9 @@ from storage.backends.spooled import SpooledBlobStore
 
 STATES = [s for s in WorkloadState if s is not WorkloadState.GONE]
 RESTORE_REASONS = ("crash", "boot", "rollback", "manual", "migration", "failover")
+# `retry`: failed for a reason outside the checkpoint (storage down, a PID taken) and tried
+# again by the daemon; only `failure` pages (configs/prometheus-alerts.yaml).
+RESTORE_RESULTS = ("success", "failure", "retry")
 _SECONDS_LONG = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _SECONDS_PAUSE = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _PAGES = (100, 1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
@@ -105,7 +108,8 @@ class Metrics:
         )
         self.restores = Counter(
             "checkpointer_restores",
-            "Restores by reason (crash, boot, rollback, manual) and result",
+            "Restores by reason (crash, boot, rollback, manual, ...) and result (success, "
+            "failure, retry: failed outside the checkpoint and tried again)",
             [*w, "reason", "result"],
             registry=r,
         )
@@ -199,6 +203,7 @@ class Metrics:
         anything but "No data" for a series that does not exist yet."""
         for result in ("success", "failure"):
             self.checkpoints.labels(workload, result)
+        for result in RESTORE_RESULTS:
             for reason in RESTORE_REASONS:
                 self.restores.labels(workload, reason, result)
         self.retention_deleted.labels(workload)
@@ -268,6 +273,9 @@ class Metrics:
             self.restore_criu.labels(workload).observe(stats.restore_time)
             self.restore_forking.labels(workload).observe(stats.forking_time)
             self.restore_pages.labels(workload).observe(stats.pages_restored)
+
+    def restore_retried(self, workload: str, reason: str) -> None:
+        self.restores.labels(workload, reason, "retry").inc()
 
     def serve(self, address: str, port: int) -> None:
         start_http_server(port, addr=address, registry=self.registry)

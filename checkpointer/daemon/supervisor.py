@@ -14,7 +14,8 @@ import time
 
 from checkpointer import hostinfo
 from checkpointer.engine import Engine, Workload, WorkloadState
-from checkpointer.restore_policy import Streak, on_death
+from checkpointer.engine.workload import RestoreResult
+from checkpointer.restore_policy import Streak, on_death, retry_later
 from checkpointer.workloads import process
 from checkpointer.workloads.reaper import Reaper
 from checkpointer.workloads.watcher import ExitWatcher
@@ -36,7 +37,6 @@ class Supervisor:
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        self._retries: dict[str, int] = {}  # restores retried after failures not the image's
 
     def start(self) -> None:
         self.reaper.start()
@@ -98,9 +98,8 @@ class Supervisor:
 
     def decide(self, w: Workload, reason: str, clean: bool = False) -> None:
         """A workload is down: let the restore policy say whether, when and from what."""
-        d = on_death(w.restore, w.streak, time.time(), clean)
+        d = on_death(w.restore, w.streak, time.time(), clean, _restored_from(w))
         w.streak = d.streak
-        self._retries.pop(w.name, None)
         if d.action == "ignore":
             log.info("workload %s: %s", w.name, d.why)
             self.engine.save()
@@ -145,13 +144,24 @@ class Supervisor:
         if again:
             # Storage down or a PID/port taken: the checkpoints are fine. Try the same again,
             # backing off as in a crash loop, without limit: giving up would lose the state.
+            # The count lives in the streak: `status` shows it, and a restart continues it.
             w = self.engine.registry.find(name)
             if w is None:
                 return
-            n = self._retries.get(name, 0)
-            self._retries[name] = n + 1
-            delay = min(w.restore.backoff_max, w.restore.backoff_initial * 2**n)
-            log.warning("restore of %s will be tried again in %.1fs", name, delay)
+            w.streak, delay = retry_later(w.restore, w.streak)
+            log.warning(
+                "restore of %s will be tried again in %.1fs (retry %d)",
+                name,
+                delay,
+                w.streak.retries,
+            )
             self._later(name, reason, delay)
-        else:
-            self._retries.pop(name, None)
+
+
+def _restored_from(w: Workload) -> str | None:
+    """The checkpoint the workload's tree was last restored from, per its history (None: it
+    was cold-started, or its history holds no restore)."""
+    for attempt in reversed(w.history):
+        if attempt.result is RestoreResult.OK:
+            return attempt.checkpoint
+    return None

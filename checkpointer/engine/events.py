@@ -26,6 +26,11 @@ class Events(Protocol):
         stats: RestoreStats | None = None,
     ) -> None: ...
 
+    def restore_retried(self, workload: str, reason: str) -> None:
+        """A restore failed for a reason outside the checkpoint (storage down, a PID taken)
+        and will be tried again: not a failure (`restore_done`), nothing to page about."""
+        ...
+
     def retention_removed(self, workload: str) -> None: ...
 
     def spool_shed(self, checkpoints: int) -> None: ...
@@ -57,6 +62,9 @@ class Silent:
         duration: float | None = None,
         stats: RestoreStats | None = None,
     ) -> None:
+        pass
+
+    def restore_retried(self, workload: str, reason: str) -> None:
         pass
 
     def retention_removed(self, workload: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
@@ -250,9 +251,7 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             ):
                 raise
             w.last_error = f"cannot list checkpoints: {e}"
-            w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
-            engine.save()
-            return True
+            return _retry_later(engine, w, reason, w.last_error)
         if not good and engine.spool is not None:
             # After a reboot with the network not up yet, only the local spool answers:
             # "no checkpoint" would cold-start the workload and lose its state. A listing
@@ -268,19 +267,15 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
                     if reachable
                     else "no checkpoint found locally and object storage is unreachable"
                 )
-                w.record(reason, RestoreResult.RETRY, f"{w.last_error}; trying again later")
-                engine.save()
-                return True
+                return _retry_later(engine, w, reason, w.last_error)
         steps = plan(w.restore, good, w.streak.depth, w.managed)
         for cid in steps.checkpoints:
             try:
                 done = engine.restores.restore(w, cid, reason)
             except Exception as e:
-                engine.events.restore_done(w.name, reason, ok=False)
                 if is_transient(e):
-                    w.record(reason, RestoreResult.RETRY, f"{e}; trying again later", cid)
-                    engine.save()
-                    return True
+                    return _retry_later(engine, w, reason, str(e), cid)
+                engine.events.restore_done(w.name, reason, ok=False)
                 if not isinstance(e, CheckpointerError | CheckpointNotFound):
                     log.exception("restore of %s from %s failed unexpectedly", name, cid)
                 w.mark_bad(cid)
@@ -315,6 +310,18 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             + ("" if w.managed else f"; {w.kind} workloads cannot cold-start"),
         )
         return False
+
+
+def _retry_later(
+    engine: Engine, w: Workload, reason: str, why: str, checkpoint: str | None = None
+) -> bool:
+    """A restore that failed outside the checkpoint: recorded and counted as a retry (not a
+    failure: the restore-failed alert must not page through every storage outage); True,
+    for auto_restore's caller to try again later."""
+    w.record(reason, RestoreResult.RETRY, f"{why}; trying again later", checkpoint)
+    engine.events.restore_retried(w.name, reason)
+    engine.save()
+    return True
 
 
 def _restorable(engine: Engine, name: str) -> list[str]:
@@ -352,5 +359,7 @@ def _remote_reachable(engine: Engine) -> bool:
 
 
 def _restored(engine: Engine, w: Workload) -> None:
-    w.streak = Streak(w.streak.attempts, w.streak.depth, time.time())
+    """The policy's restore worked: the streak goes on (a death soon is a crash loop, and
+    the checkpoints that crash-looped stay known), its retries are over."""
+    w.streak = replace(w.streak, last_restore_at=time.time(), retries=0)
     engine.save()

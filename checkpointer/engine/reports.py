@@ -60,6 +60,7 @@ def _status(engine: Engine, w: Workload, now: float) -> StatusReport:
         "last_error": w.last_error,
         "failed_reason": w.failed_reason,
         "restores": restores,
+        "restore_retries": w.streak.retries,
         "bad_checkpoints": w.bad_checkpoints,
         "log": str(engine.logs.log(w.name)) if w.managed else None,
         "busy": w.lock.locked(),
