@@ -15,6 +15,7 @@ import pytest
 from checkpointer.containers import lxc_config, rootfs_archive, rootfs_extract
 from checkpointer.containers.base import ContainerError, check_container_name, failure
 from checkpointer.containers.podman import _pack_export, _unpack_export
+from checkpointer.criu import DumpOptions
 
 
 def tree(root: Path) -> None:
@@ -207,3 +208,57 @@ def test_copy_range_works_across_filesystems(tmp_path: Path) -> None:
         assert (tmp_path / "out").read_bytes() == data[5:]
     finally:
         shm.unlink()
+
+
+def test_a_restored_lxc_config_adds_no_hook_and_no_host_mount_the_host_lacks(
+    tmp_path: Path,
+) -> None:
+    """Whoever can write a repository in clear could put a hook into a checkpoint's config:
+    only the lines the host's own config has may come back, LXC's packaged includes too."""
+    host = tmp_path / "lxc" / "c" / "config"
+    host.parent.mkdir(parents=True)
+    host.write_text(
+        f"lxc.rootfs.path = dir:{host.parent}/rootfs\n"
+        "lxc.mount.entry = /srv/data srv/data none bind 0 0\n"
+    )
+    restored = (
+        "lxc.include = /usr/share/lxc/config/common.conf\n"  # packaged: LXC's own
+        "lxc.mount.entry = /srv/data  srv/data none bind 0 0\n"  # the host has it
+        "lxc.mount.entry = proc dev/.lxc/proc proc create=dir,optional 0 0\n"  # no host path
+        "lxc.mount.entry = /etc etc2 none bind 0 0\n"
+        "lxc.hook.pre-start = /tmp/evil\n"
+        "lxc.net.0.script.up = /tmp/evil\n"
+        "lxc.include = /var/lib/lxc/other/config\n"
+        "lxc.log.file = /etc/shadow\n"
+    )
+    added = lxc_config.added_host_access(restored, lxc_config.read_granted(host))
+    assert [f"{ln.key} = {ln.value}" for ln in added] == [
+        "lxc.mount.entry = /etc etc2 none bind 0 0",
+        "lxc.hook.pre-start = /tmp/evil",
+        "lxc.net.0.script.up = /tmp/evil",
+        "lxc.include = /var/lib/lxc/other/config",
+        "lxc.log.file = /etc/shadow",
+    ]
+    assert added[1].where == "the checkpoint's lxc.config:5"
+    assert lxc_config.added_host_access(host.read_text(), lxc_config.read_granted(host)) == []
+    # No config for the container on this host: nothing is granted.
+    assert len(lxc_config.added_host_access(restored, [])) == 6
+
+
+def test_an_lxc_restore_refuses_a_hook_the_host_lacks_and_writes_nothing(tmp_path: Path) -> None:
+    from checkpointer.containers.base import Tool
+    from checkpointer.containers.lxc import Lxc
+
+    host = tmp_path / "lxc" / "c" / "config"
+    host.parent.mkdir(parents=True)
+    host.write_text(f"lxc.rootfs.path = dir:{host.parent}/rootfs\nlxc.tty.max = 0\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "lxc.config").write_text(host.read_text() + "lxc.hook.start-host = /tmp/evil\n")
+    (images / "lxc.rootfs.tar").write_bytes(b"")
+    lxc = Lxc(Tool(tmp_path / "failed"), lxc_path=tmp_path / "lxc")
+    before = host.read_text()
+    with pytest.raises(ContainerError) as e:
+        lxc.restore("c", images, DumpOptions())
+    assert "`lxc.hook.start-host = /tmp/evil` (the checkpoint's lxc.config:3)" in str(e.value)
+    assert host.read_text() == before and not (tmp_path / "lxc" / "c" / "rootfs").exists()

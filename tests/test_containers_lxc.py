@@ -20,8 +20,11 @@ from tests.support.containers import (
     lxc_container,
     lxc_pid,
     make_lxc,
+    plant_attributes,
     remove_lxc,
     restored_since,
+    rsync_differences,
+    setuid_init,
     start_lxc,
 )
 
@@ -60,6 +63,36 @@ def test_lxc_container_on_schedule_restored_after_lxc_stop_and_rolled_back(
         assert ask(lxc_pid(name), port) == "6"  # the count at the checkpoint, + 1
         daemon.cli("rollback", "web", "--to", older)
         assert ask(lxc_pid(name), port) == "4"  # the older checkpoint's count, + 1
+
+
+def test_lxc_rootfs_comes_back_attribute_for_attribute_after_a_crash(
+    daemon: Daemon, workdir: Path
+) -> None:
+    """Init a setuid binary with a second hard-linked name (the busybox whose restore failed
+    with `bad mode`), plus a file capability, xattrs, ACLs, a device node and a FIFO: killed,
+    restored by the daemon, and the restored rootfs is what `rsync -aHAX` calls the same."""
+    name, port = f"ckt-lxcattr-{os.getpid()}", 8080
+    remove_lxc(name)
+    try:
+        folder = make_lxc(name, port)
+        plant_attributes(folder / "rootfs")
+        with open(folder / "config", "a") as config:
+            config.write(setuid_init(folder / "rootfs", port))
+        start_lxc(name)
+        assert os.readlink(f"/proc/{lxc_pid(name)}/exe").endswith("/srv/attrs/python-again")
+        daemon.cli("register", "web", "--lxc", name, "--every", "1h")
+        st = daemon.status("web")
+        assert [ask(st["pid"], port) for _ in range(2)][-1] == "2"
+        daemon.checkpoint("web")
+        reference = workdir / "reference"
+        subprocess.run(["rsync", "-aHAX", f"{folder}/rootfs/", f"{reference}/"], check=True)
+        subprocess.run(["lxc-stop", "-k", "-n", name], check=True, capture_output=True)
+        st = daemon.wait_for("web", lambda s: restored_since(s, st), timeout=60)
+        assert st["restores"][-1]["result"] == "ok", st["restores"]
+        assert ask(lxc_pid(name), port) == "3"
+        assert rsync_differences(reference, folder / "rootfs") == []
+    finally:
+        remove_lxc(name)
 
 
 def test_lxc_config_that_cannot_be_checkpointed_is_refused_naming_the_line(

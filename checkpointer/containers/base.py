@@ -83,7 +83,18 @@ class ContainerRuntime(Protocol):
         ...
 
     def stop(self, container: str) -> None:
-        """Kill the container now (a rollback, an unregister that stops it)."""
+        """Kill the container now (a rollback, an unregister that stops it); works on a
+        frozen container too."""
+        ...
+
+    def freeze(self, container: str) -> bool:
+        """Stop every process of the container (cgroup freezer) until `thaw`: a checkpoint of
+        a frozen container works and leaves it frozen, so that nothing it does after the dump
+        is lost (a migration's final checkpoint). False when this runtime cannot."""
+        ...
+
+    def thaw(self, container: str) -> None:
+        """Let a frozen container run again (a migration whose hand-over failed)."""
         ...
 
 

@@ -12,7 +12,11 @@ The rootfs is archived just after CRIU's dump, while the container runs again: a
 changes in that window is newer in the archive than in memory (Podman's export has the same
 window). CRIU checks the size of every file the container holds open; one that grew in the
 window makes that checkpoint's restore fail with `file-changed`, and the restore policy
-moves on to the one before.
+moves on to the one before. A migration's final checkpoint has no such window: the container
+is frozen (`freeze`) before the dump and stays frozen until it is killed after the hand-over.
+
+A restore writes the checkpoint's config only if it adds no hook and no host path that this
+host's config for the container lacks (lxc_config.added_host_access).
 """
 
 from __future__ import annotations
@@ -106,7 +110,20 @@ class Lxc:
                     f"checkpoint of container {container} lacks its {name}", "corrupt-image"
                 )
         rootfs = self._rootfs(container)
-        self._write_config(container, (images / CONFIG).read_text(), rootfs)
+        text = (images / CONFIG).read_text(errors="replace")
+        added = lxc_config.added_host_access(
+            text, lxc_config.read_granted(self.config_path(container))
+        )
+        if added:
+            ln = added[0]
+            raise ContainerError(
+                f"the checkpoint's config of container {container} has `{ln.key} = {ln.value}` "
+                f"({ln.where}), which this host's {self.config_path(container)} does not: a "
+                "restore runs no hook and mounts no host path that the host's own config does "
+                "not grant; add the line there if it is meant, then restore again",
+                "config",
+            )
+        self._write_config(container, text, rootfs)
         self._replace_rootfs(images / ROOTFS, rootfs)
         argv = ["lxc-checkpoint", "-r", "-P", str(self.lxc_path), "-n", container]
         try:
@@ -126,6 +143,15 @@ class Lxc:
 
     def stop(self, container: str) -> None:
         self.tool.output(["lxc-stop", "-P", str(self.lxc_path), "-k", "-n", container])
+
+    def freeze(self, container: str) -> bool:
+        # Tried on these hosts: lxc-checkpoint dumps a frozen container and leaves it frozen,
+        # lxc-stop -k kills it frozen, and its images restore running.
+        out = self.tool.output(["lxc-freeze", "-P", str(self.lxc_path), "-n", container])
+        return out.returncode == 0
+
+    def thaw(self, container: str) -> None:
+        self.tool.output(["lxc-unfreeze", "-P", str(self.lxc_path), "-n", container])
 
     def _write_config(self, container: str, text: str, rootfs: Path) -> None:
         folder = self.lxc_path / container

@@ -140,3 +140,50 @@ def with_rootfs(text: str, rootfs: Path) -> str:
     if pattern.search(text):
         return pattern.sub(lambda _: line, text)
     return text.rstrip("\n") + "\n" + line + "\n"
+
+
+# Lines by which a config acts on the host as root rather than inside the container: programs
+# LXC runs on the host (hooks, network scripts), host paths it mounts, reads or writes.
+_HOST_KEYS = re.compile(
+    r"lxc\.hook\..+|lxc\.net\.\d+\.script\..+|lxc\.mount\.fstab|lxc\.mount\.entry|"
+    r"lxc\.include|lxc\.console\.(logfile|path)|lxc\.log\.file|lxc\.seccomp\.profile"
+)
+# LXC's own packaged configs (the templates include common.conf from here): root's files on
+# this host, with their hooks and mounts, not the checkpoint's.
+PACKAGED = Path("/usr/share/lxc/config")
+
+
+def _host_access(line: Line) -> bool:
+    if not _HOST_KEYS.fullmatch(line.key):
+        return False
+    if line.key == "lxc.mount.entry":
+        fields = line.value.split()
+        source = fields[0] if fields else ""
+        options = fields[3].split(",") if len(fields) > 3 else []
+        # proc, sysfs, tmpfs...: a kernel filesystem, not a host path; a bind mount is the host's
+        return source.startswith("/") or "bind" in options or "rbind" in options
+    if line.key == "lxc.include":
+        return not Path(os.path.normpath(line.value)).is_relative_to(PACKAGED)
+    return True
+
+
+def added_host_access(restored: str, host: list[Line]) -> list[Line]:
+    """The lines of a checkpoint's config (`restored`) that would run a program on the host
+    or reach a host path, and that the host's own config for the container (`host`, read with
+    its includes; [] when it has none) does not have word for word. A checkpoint's config is
+    the container's as it was, but whoever can write the repository in clear could have put a
+    hook there that a restore would run as root: only what this host's config grants already
+    may come back."""
+    granted = {(ln.key, " ".join(ln.value.split())) for ln in host}
+    return [
+        ln
+        for ln in parse(restored, "the checkpoint's lxc.config")
+        if _host_access(ln) and (ln.key, " ".join(ln.value.split())) not in granted
+    ]
+
+
+def read_granted(path: Path) -> list[Line]:
+    """The host's own config lines, its include lines as well as what they include."""
+    if not path.is_file():
+        return []
+    return parse(path.read_text(errors="replace"), str(path)) + read(path)

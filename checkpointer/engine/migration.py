@@ -26,6 +26,7 @@ from storage import StorageError
 if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
     from checkpointer.engine.ownership import Fleet
+    from checkpointer.engine.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,14 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
         if ahead is None:
             log.warning("host %s did not fetch %s ahead: it fetches all of it after", to, name)
         frozen_at = time.time()
+        frozen = _freeze_container(engine, w)
         try:
             report = engine.checkpoints.run(w, generation, final=True)
-        except CheckpointerError:
-            process.thaw(w.pid)  # a failed dump leaves the tree running already; be sure
-            _call_off(fleet, name)
-            engine.events.migration_done(name, ok=False)
+        except BaseException as e:
+            _thaw(engine, w, frozen)  # a failed dump leaves the tree running already; be sure
+            if isinstance(e, CheckpointerError):
+                _call_off(fleet, name)
+                engine.events.migration_done(name, ok=False)
             raise
         try:
             if engine.spool is not None and not engine.spool.wait_uploaded(UPLOAD_TIMEOUT):
@@ -82,7 +85,7 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
                 )
             fleet.hand_over(name, to)
         except (CheckpointerError, StorageError) as e:
-            process.thaw(w.pid)
+            _thaw(engine, w, frozen)
             _call_off(fleet, name)
             engine.events.migration_done(name, ok=False)
             raise MigrationFailed(
@@ -104,6 +107,26 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
         "duration_seconds": duration,
         "frozen_at": frozen_at,
     }
+
+
+def _freeze_container(engine: Engine, w: Workload) -> bool:
+    """A container is frozen from before its final dump until it is killed after the
+    hand-over: its runtime dumps with the container left running (a stopped one could not be
+    thawed if the hand-over fails), then archives its rootfs or exports it, and whatever the
+    container wrote in between would be in the files but not in the memory the target
+    restores. A frozen container is dumped as it is and stays frozen. True if frozen."""
+    if not w.container:
+        return False
+    runtime = engine.runtimes[str(w.kind)]
+    return runtime.freeze(w.container)
+
+
+def _thaw(engine: Engine, w: Workload, frozen: bool) -> None:
+    """The tree runs on here: the migration failed before the hand-over."""
+    if frozen and w.container:
+        engine.runtimes[str(w.kind)].thaw(w.container)
+    if w.pid is not None:
+        process.thaw(w.pid)
 
 
 def _call_off(fleet: Fleet, name: str) -> None:

@@ -229,3 +229,17 @@ def rsync_differences(original: Path, restored: Path) -> list[str]:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return r.stdout.splitlines()
+
+
+def setuid_init(rootfs: Path, port: int) -> str:
+    """The counter's python as a setuid and setgid binary with a second, hard-linked name,
+    planted in ROOTFS (plant_attributes' folder): the config line that makes it the
+    container's init. CRIU checks the mode of a running executable on restore (`File ... has
+    bad mode`), so it fails if the restored rootfs lost the bits on either name."""
+    folder = rootfs / "srv/attrs"
+    python = (rootfs / "usr/bin/python3").resolve()  # python3 -> python3.11, relative
+    assert python.is_relative_to(rootfs), python
+    (folder / "python").write_bytes(python.read_bytes())
+    (folder / "python").chmod(0o6755)
+    os.link(folder / "python", folder / "python-again")
+    return f"lxc.init.cmd = /srv/attrs/python-again {COUNTER} {port} 0\n"
