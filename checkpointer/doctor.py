@@ -5,16 +5,22 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpointer.config import Config
 from checkpointer.criu import Criu, CriuError, kdat_cache
 from checkpointer.criu.driver import INSTALL_HINT
+from storage.backends import BlobStore
 
 TESTED_CRIU = "4.2.1"
 """The CRIU version the test suite ran on; scripts/install-criu.sh builds it, or a newer one
 when Debian no longer offers it."""
+
+UNIT_ENV_FILE = Path("/etc/checkpointer/env")
+"""The systemd unit's EnvironmentFile (S3 credentials, a repository key): doctor, started from
+a shell, reads it too, so that it checks the storage with what the daemon will use."""
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Check:
 
 def run_checks(config: Config) -> list[Check]:
     checks = [Check("kernel", True, platform.release(), required=False)]
+    checks += _unit_environment(UNIT_ENV_FILE)
     root = os.geteuid() == 0
     checks.append(
         Check(
@@ -82,8 +89,8 @@ def run_checks(config: Config) -> list[Check]:
     except CriuError as e:
         checks.append(Check("criu version", False, str(e), INSTALL_HINT))
     checks.append(_folder_check("state folder", config.state_dir))
-    checks.append(_folder_check("repository (local folder)", config.repository_path))
     checks.append(_key_check(config))
+    checks += storage_checks(config)
     checks += _container_checks(config)
     return checks
 
@@ -175,6 +182,144 @@ def _podman_default_runtime() -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+def storage_checks(config: Config) -> list[Check]:
+    """The configured storage, for real and without writing to it (but for the fleet's
+    conditional-write probe, which the daemon runs at every start too): the bucket answers,
+    the credentials are accepted, and the configured key opens the repository."""
+    if config.storage.backend == "local":
+        path = config.repository_path
+        checks = [_folder_check("repository (local folder)", path)]
+        if path.is_dir():  # opening a LocalBlobStore creates a missing folder
+            from storage.backends import LocalBlobStore
+
+            checks.append(_repository_check(config, LocalBlobStore(path)))
+        return checks
+    from checkpointer.daemon.storage_setup import remote_store
+    from storage.errors import StorageAccessError, StorageError, TransientStorageError
+
+    # One attempt: the daemon's retries (up to a minute) would only make doctor slow to say
+    # what one request already says.
+    s = config.storage
+    once = config.model_copy(
+        update={
+            "storage": s.model_copy(
+                update={"retries": s.retries.model_copy(update={"attempts": 1})}
+            )
+        }
+    )
+    try:
+        store = remote_store(once, None)
+        where = store.describe()
+        store.check()
+    except StorageAccessError as e:
+        missing = "does not exist" in str(e)
+        return [
+            Check(
+                "s3 bucket" if missing else "s3 credentials",
+                False,
+                str(e),
+                "create the bucket, or fix storage.s3.bucket (and storage.s3.prefix)"
+                if missing
+                else "put the right AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+                f"in {UNIT_ENV_FILE}, which the unit passes to the daemon, and check the "
+                "bucket policy allows List, Get, Put and Delete under the prefix",
+            )
+        ]
+    except TransientStorageError as e:
+        return [
+            Check(
+                "s3 bucket",
+                False,
+                f"unreachable: {e}",
+                "check the endpoint (storage.s3.endpoint_url, region) and the network path to "
+                "it; the daemon starts anyway and spools checkpoints until it answers",
+            )
+        ]
+    except StorageError as e:
+        return [Check("s3 bucket", False, str(e), "see the S3 error code above")]
+    checks = [Check("s3 bucket", True, f"{where}: bucket reachable, credentials accepted")]
+    if config.fleet.enabled:
+        checks.append(_conditional_writes_check(store))
+    checks.append(_repository_check(config, store))
+    return checks
+
+
+def _conditional_writes_check(store: BlobStore) -> Check:
+    from storage.errors import ConditionalWritesUnsupported, StorageError
+    from storage.leases import probe_conditional_writes
+
+    try:
+        probe_conditional_writes(store)
+    except (ConditionalWritesUnsupported, StorageError) as e:
+        return Check(
+            "conditional writes",
+            False,
+            str(e),
+            "fleet mode needs a store that enforces If-None-Match and If-Match (README: Fleet); "
+            "set fleet.enabled: false, or move the bucket to one that does",
+        )
+    return Check(
+        "conditional writes",
+        True,
+        "enforced (create-only and If-Match puts, also with concurrent writers): leases hold",
+    )
+
+
+def _repository_check(config: Config, backend: BlobStore) -> Check:
+    """Open the repository as the daemon will, but never create one, nor a key file."""
+    from checkpointer.repository_key import RepositoryKeyError, open_codec
+    from storage import keyring
+    from storage.errors import StorageError
+
+    where = backend.describe()
+    try:
+        if keyring.is_new(backend):
+            made = config.storage.encryption and not config.storage.key_file.exists()
+            return Check(
+                "repository",
+                True,
+                f"no repository at {where} yet: the daemon creates it at its first start"
+                + (f" and writes its key to {config.storage.key_file}" if made else ""),
+                required=False,
+            )
+        opened = open_codec(config, backend, socket.gethostname(), create=False)
+    except RepositoryKeyError as e:
+        return Check(
+            "repository",
+            False,
+            str(e),
+            "use this repository's key file, from the host that created it or your backup "
+            "(README: Encryption)",
+        )
+    except StorageError as e:
+        return Check("repository", False, f"{where}: {e}", "check the storage (above)")
+    if opened.key_id is None:
+        return Check("repository", True, f"{where}: opened, not encrypted")
+    return Check("repository", True, f"{where}: opened with key {opened.key_id}")
+
+
+def _unit_environment(path: Path) -> list[Check]:
+    """Take the variables of the unit's EnvironmentFile that this shell does not set."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    taken = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if name and name not in os.environ:
+            os.environ[name] = value
+            taken.append(name)
+    detail = f"{path}: " + (", ".join(sorted(taken)) if taken else "nothing new to this shell")
+    return [Check("unit environment", True, detail, required=False)]
 
 
 def _key_check(config: Config) -> Check:
