@@ -5,23 +5,41 @@ newest good checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from checkpointer.config import RestorePolicy
+from checkpointer.engine import Workload, WorkloadKind, lazy_restoring
+from checkpointer.engine.lazy_restoring import LazyTransfer, RepositoryPages
 from checkpointer.restore_policy import Streak, backoff, on_death, retry_later
-from storage import Repository
+from storage import CorruptCheckpoint, Repository
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed, new_master
+from storage.errors import TransientStorageError
 from storage.file_copy import copy_range
 from storage.repository import CHUNK_SIZE
-from tests.support import COUNTER, Daemon, free_port, http_get, kill_tree, serve
+from tests.support import (
+    COUNTER,
+    PROGRAMS,
+    S3_ENV,
+    Daemon,
+    Moto,
+    free_port,
+    http_get,
+    kill_tree,
+    s3_config,
+    serve,
+)
+from tests.test_lazy_restore import lazy_done
 from tests.test_metrics import scrape, value
 
 MiB = 1024 * 1024
@@ -184,3 +202,119 @@ def test_one_back_off_capped_for_loops_and_retries_past_1024_attempts() -> None:
     streak = Streak(retries=5000)
     streak, delay = retry_later(p, streak)
     assert streak.retries == 5001 and delay == 300
+
+
+class FailedTransfer:
+    """What `settle` sees of a LazyRestore that failed."""
+
+    stall_timeout = 0.4
+    reason = "no page transferred for 0s (stall watchdog)"
+
+    def failed(self) -> bool:
+        return True
+
+
+class Files:
+    """A checkpoint's files whose reads take `delay` seconds, then return or raise `error`."""
+
+    def __init__(self, delay: float = 0.0, error: Exception | None = None) -> None:
+        self.delay, self.error = delay, error
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        time.sleep(self.delay)
+        if self.error:
+            raise self.error
+        return bytes(length)
+
+
+def settled(files: Files, read_in_background: bool = False) -> Workload:
+    """A workload whose lazy restore of `c1` failed after one page read from `files`."""
+    pages = RepositoryPages(files)  # type: ignore[arg-type]
+    if read_in_background:
+        threading.Thread(target=pages.read, args=(1, 0, 1), daemon=True).start()
+        time.sleep(0.3)  # the stall watchdog fires while the read still waits
+    else:
+        with contextlib.suppress(Exception):
+            pages.read(1, 0, 1)
+    w = Workload(name="w", kind=WorkloadKind.MANAGED)
+    w.lazy = LazyTransfer("c1", FailedTransfer(), pages)
+    assert lazy_restoring.settle(w)
+    return w
+
+
+def test_a_lazy_restore_that_failed_on_storage_leaves_its_checkpoint_good() -> None:
+    for w in (
+        settled(Files(error=TransientStorageError("bucket down"))),
+        settled(Files(delay=5), read_in_background=True),  # storage still retrying: a stall
+    ):
+        assert w.bad_checkpoints == [] and not w.lazy_off
+        assert w.history[-1].result == "retry" and "storage" in w.history[-1].detail
+    for w in (
+        settled(Files(error=CorruptCheckpoint("pack tag mismatch"))),
+        settled(Files()),  # reads were quick: CRIU stopped asking, not the storage's fault
+    ):
+        assert w.bad_checkpoints == ["c1"] and w.lazy_off
+        assert w.history[-1].result == "failed"
+
+
+def test_a_lazy_restore_from_a_stopped_bucket_is_retried_and_never_marked_bad(
+    workdir: Path, moto: Moto, bucket: str
+) -> None:
+    """The bucket stops (SIGSTOP of moto_server) while pages are on their way: the tree is
+    killed (it never runs on missing pages), its checkpoint stays good, restores are retried
+    while the bucket is down, and once it answers again the same checkpoint comes back."""
+    port = free_port()
+    d = Daemon(
+        workdir,
+        s3_config(moto, bucket)
+        + f"""
+workloads:
+  - name: web
+    command: [{sys.executable}, {PROGRAMS / "ballast_server.py"}, "{port}", "96"]
+    restore: {{lazy: true, backoff_initial: 500ms, backoff_max: 2s}}
+""",
+    )
+    d.env.update(S3_ENV)
+    try:
+        d.start()
+        assert serve(port, 3) == "3"
+        cid = d.checkpoint("web")
+        deadline = time.monotonic() + 60
+        while not any(k.endswith(f"/{cid}.json") for k in moto.keys(bucket, "ckpt/")):
+            assert time.monotonic() < deadline, "the checkpoint never reached the bucket"
+            time.sleep(0.2)
+        # As on another host: nothing of the checkpoint is local, every page comes from S3.
+        d.terminate()  # the tree runs on, and is adopted again
+        shutil.rmtree(d.state / "cache")
+        d.drop_kept_images()
+        d.start()
+        log_start = len(d.log.read_text())
+        kill_tree(d.pid("web"))
+        deadline = time.monotonic() + 60
+        while "the tree runs as pid" not in d.log.read_text()[log_start:]:
+            assert time.monotonic() < deadline, d.log.read_text()[-3000:]
+            time.sleep(0.02)
+        moto.pause()  # mid-transfer: 96 MB take seconds from moto_server
+        try:
+            assert "all pages arrived" not in d.log.read_text()[log_start:], "too late"
+            st = d.wait_for(
+                "web",
+                lambda s: (
+                    any(r["reason"] == "lazy" for r in s["restores"])
+                    and s["restores"][-1]["result"] == "retry"
+                    and s["restores"][-1]["reason"] == "crash"
+                ),
+                timeout=60,
+            )
+            lazy = [r for r in st["restores"] if r["reason"] == "lazy"]
+            assert lazy[-1]["result"] == "retry" and "storage unavailable" in lazy[-1]["detail"]
+            assert st["bad_checkpoints"] == [] and st["state"] == "restoring", st
+        finally:
+            moto.resume()
+        st = d.wait_for("web", lambda s: s["state"] == "running", timeout=90)
+        assert st["bad_checkpoints"] == [], st
+        assert st["restores"][-1]["checkpoint"] == cid and st["restores"][-1]["result"] == "ok"
+        lazy_done(d)
+        assert http_get(port) == "4"  # the checkpoint's count, + 1: the state is its own
+    finally:
+        d.stop()

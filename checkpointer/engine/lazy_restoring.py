@@ -7,7 +7,12 @@ it. The restore returns as soon as the tree runs.
 
 A page that cannot be fetched or verified kills the tree (checkpointer.criu.lazy holds its
 userfaultfds, so it never runs on zero pages); its death then reaches the restore policy like
-any crash, which finds the checkpoint marked bad here and restores the one before, fully.
+any crash. Why the page did not come decides what follows, by the full restore's rule
+(restoring.is_transient): damaged data marks the checkpoint bad and the one before is
+restored in full; storage unreachable or stalled (the bucket down, a read still retrying
+when the stall watchdog fired) leaves it good, and the same checkpoint is restored again, with
+the policy's back-off while the storage stays down. Marking checkpoints bad through an outage
+would cold-start the workload and lose the state they hold.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +32,7 @@ from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
 from checkpointer.engine.workload import LazyInFlight, RestoreResult, Workload
 from checkpointer.errors import RestoreFailed
 from storage import StorageError
+from storage.errors import StorageAccessError, TransientStorageError
 from storage.file_reader import CheckpointFiles
 
 if TYPE_CHECKING:
@@ -36,17 +44,61 @@ _PAGES = re.compile(r"pages-(\d+)\.img")
 _EARLY = re.compile(r"(inventory|pstree|core-\d+|ids-\d+)\.img")
 
 
+def storage_unavailable(e: BaseException) -> bool:
+    """Whether a failure to read the checkpoint says the storage (or the local disk) failed,
+    not the checkpoint: the same rule as a full restore's materialisation (restoring.py)."""
+    if isinstance(e, TransientStorageError | StorageAccessError):
+        return True
+    return isinstance(e, OSError) and not isinstance(e, StorageError) and bool(e.errno)
+
+
 class RepositoryPages:
-    """CRIU's pages-N.img of one checkpoint, page ranges fetched from the repository."""
+    """CRIU's pages-N.img of one checkpoint, page ranges fetched from the repository.
+
+    It also remembers how its reads went, for `settle` to tell a checkpoint's fault from the
+    storage's: the first error a read raised, and how long reads took (the one in flight
+    included). The page server turns either into one line of text for the LazyRestore."""
 
     def __init__(self, files: CheckpointFiles) -> None:
         self.files = files
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._reading_since: float | None = None
+        self._slowest = 0.0
 
     def read(self, pages_id: int, offset: int, nr_pages: int) -> bytes:
-        data = self.files.read(f"pages-{pages_id}.img", offset, nr_pages * 4096)
-        if len(data) != nr_pages * 4096:
-            raise StorageError(f"pages-{pages_id}.img ends before page {offset // 4096 + nr_pages}")
-        return data
+        started = time.monotonic()
+        with self._lock:
+            self._reading_since = started
+        try:
+            data = self.files.read(f"pages-{pages_id}.img", offset, nr_pages * 4096)
+            if len(data) != nr_pages * 4096:
+                raise StorageError(
+                    f"pages-{pages_id}.img ends before page {offset // 4096 + nr_pages}"
+                )
+            return data
+        except BaseException as e:
+            with self._lock:
+                self.error = self.error or e
+            raise
+        finally:
+            with self._lock:
+                self._reading_since = None
+                self._slowest = max(self._slowest, time.monotonic() - started)
+
+    def slowest_read(self) -> float:
+        """Seconds of the slowest read so far, the one in flight counted up to now."""
+        with self._lock:
+            if self._reading_since is None:
+                return self._slowest
+            return max(self._slowest, time.monotonic() - self._reading_since)
+
+
+@dataclass
+class LazyTransfer(LazyInFlight):
+    """A lazy restore in flight, with its page source: what `settle` asks why it failed."""
+
+    pages: RepositoryPages | None = None
 
 
 def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, RestoreStats]:
@@ -81,7 +133,7 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
         except (StorageError, OSError) as e:
             w.last_error = str(e)
             raise RestoreFailed(
-                f"cannot restore {w.name} lazily: {e}", transient=isinstance(e, OSError)
+                f"cannot restore {w.name} lazily: {e}", transient=storage_unavailable(e)
             ) from e
         if lazy is None:  # none of them: the daemon says what it makes of that
             lazy = LazyRestore.begin(p.criu, images, w.name)
@@ -109,7 +161,7 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
     from checkpointer.engine.restoring import running
 
     running(w, lazy.pid)
-    w.lazy = LazyInFlight(checkpoint_id, lazy)
+    w.lazy = LazyTransfer(checkpoint_id, lazy, source)
     log.info(
         "lazy restore of %s from %s: the tree runs as pid %d, %d pages to come on demand "
         "(manifest and first indexes %.2fs, other images %.2fs, %d local pages %.2fs, CRIU %.2fs: "
@@ -152,19 +204,55 @@ def _finished(w: Workload, lr: LazyRestore, images: Path, t0: float) -> None:
 
 def settle(w: Workload) -> bool:
     """Called with the workload's lock before deciding about its death: if a lazy restore of
-    it failed, its checkpoint is marked bad and the next restore is a full one. True if so."""
+    it failed, say so in its history and return True (its death is then not a crash loop).
+    A checkpoint at fault is marked bad and the next restore is a full one; storage that
+    failed leaves it good, to be restored again as it was (see the module docstring)."""
     inflight = w.lazy
     if inflight is None or not inflight.restore.failed():
         return False
     w.lazy = None
+    reason = inflight.restore.reason
+    why = _storage_trouble(inflight)
+    if why is not None:
+        w.last_error = f"lazy restore failed ({reason}): {why}"
+        w.record(
+            "lazy",
+            RestoreResult.RETRY,
+            f"lazy restore failed ({reason}); the tree was killed; {why}: the checkpoint "
+            "stays good and is restored again",
+            inflight.checkpoint,
+        )
+        return True
     w.lazy_off = True
     if inflight.checkpoint not in w.bad_checkpoints:
         w.mark_bad(inflight.checkpoint)
     w.record(
         "lazy",
         RestoreResult.FAILED,
-        f"lazy restore failed ({inflight.restore.reason}); the tree was killed, checkpoint "
+        f"lazy restore failed ({reason}); the tree was killed, checkpoint "
         "marked bad, the one before is restored in full",
         inflight.checkpoint,
     )
     return True
+
+
+def _storage_trouble(inflight: LazyInFlight) -> str | None:
+    """Why a failed lazy restore is the storage's fault, not the checkpoint's; None if not.
+
+    Either a page read raised what the storage raises when it is unreachable, or a read took
+    at least half the stall timeout: the stall watchdog (30 s) fires before the storage layer
+    has used up its retries (attempts x read timeout, 60 s by default) when the bucket stops
+    answering, and CRIU's page requests all wait on a read that is still retrying. A stall
+    with no slow read (CRIU stopped asking) is not the storage's."""
+    pages = inflight.pages if isinstance(inflight, LazyTransfer) else None
+    if pages is None:
+        return None
+    if pages.error is not None:
+        if storage_unavailable(pages.error):
+            return f"storage unavailable ({type(pages.error).__name__})"
+        return None
+    stall = float(getattr(inflight.restore, "stall_timeout", 30.0))
+    slowest = pages.slowest_read()
+    if slowest >= stall / 2:
+        return f"storage stalled (a page read waited {slowest:.0f}s)"
+    return None

@@ -219,7 +219,7 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
     if w is None:
         return False
     with engine.locked(w, wait=True):
-        lazy_restoring.settle(w)  # a lazy restore that failed marks its checkpoint bad first
+        lazy_restoring.settle(w)  # a failed lazy restore: its checkpoint marked bad, or not
         if w.alive() or w.state not in (
             WorkloadState.CRASHED,
             WorkloadState.EXITED,
