@@ -8,7 +8,9 @@ Buckets are set per metric: the client's defaults stop at 10 s, too short for ch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -16,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from checkpointer.criu import DumpStats, RestoreStats
+from checkpointer.daemon.scheduler import first_run_after
 from checkpointer.engine import Workload, WorkloadState
 from storage.backends.spooled import SpooledBlobStore
 
@@ -311,6 +314,9 @@ class EngineCollector(Collector):
         self.spool = spool
         self.limit = limit
         self.fleet = fleet
+        # When this daemon first saw each workload never checkpointed: its first checkpoint
+        # is due one schedule period after that (a restart of the daemon starts it again).
+        self._first_seen: dict[str, float] = {}
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily(
@@ -329,7 +335,17 @@ class EngineCollector(Collector):
             "The workload's checkpoint interval (0: cron or manual)",
             labels=["workload"],
         )
-        for w in self.source.workloads():
+        due = GaugeMetricFamily(
+            "checkpointer_checkpoint_due_timestamp_seconds",
+            "When the first scheduled checkpoint after the last good one was due at the latest "
+            "(or, never checkpointed, after this daemon took the workload on); only for "
+            "workloads running here on a schedule. In the past: that checkpoint has not "
+            "succeeded (the stale alert)",
+            labels=["workload"],
+        )
+        now = time.time()
+        workloads = self.source.workloads()
+        for w in workloads:
             alive = w.alive()
             up.add_metric([w.name], 1.0 if alive else 0.0)
             current = w.state
@@ -340,7 +356,18 @@ class EngineCollector(Collector):
             if w.last_checkpoint_at:
                 last.add_metric([w.name], w.last_checkpoint_at)
             interval.add_metric([w.name], w.every or 0.0)
-        yield from (up, state, last, interval)
+            since = w.last_checkpoint_at or self._first_seen.setdefault(w.name, now)
+            # Exited, stopped, crashed (the restore alerts speak then) or owned by another
+            # host of the fleet: nothing is due here.
+            runs_here = current is WorkloadState.RUNNING and (
+                self.fleet is None or self.fleet.holds(w.name)
+            )
+            when = first_run_after(datetime.fromtimestamp(since, UTC), w.every, w.cron, w.jitter)
+            if runs_here and when is not None:
+                due.add_metric([w.name], when.timestamp())
+        for gone in self._first_seen.keys() - {w.name for w in workloads}:
+            del self._first_seen[gone]
+        yield from (up, state, last, interval, due)
         if self.fleet is not None:
             held = GaugeMetricFamily(
                 "checkpointer_lease_held",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -19,6 +19,22 @@ from apscheduler.triggers.interval import IntervalTrigger
 from checkpointer.config import check_cron
 
 log = logging.getLogger(__name__)
+
+
+def first_run_after(
+    since: datetime, every: float | None, cron: str | None, jitter: float | None = None
+) -> datetime | None:
+    """The latest time the first scheduled run after `since` starts (jitter included), for
+    the schedule `schedule()` makes of the same options; None without a schedule. An interval
+    job runs on a grid from when it was scheduled, so its first run after `since` is at most
+    one interval later."""
+    slack = timedelta(seconds=jitter or 0)
+    if every:
+        return since + timedelta(seconds=every) + slack
+    if cron:
+        nxt = CronTrigger.from_crontab(cron, timezone="UTC").get_next_fire_time(None, since)
+        return nxt + slack if nxt is not None else None
+    return None
 
 
 class CheckpointScheduler:
