@@ -23,7 +23,7 @@ from storage.backends.base import BlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings
 from storage.crypto import Sealed, new_master
 from storage.errors import BlobNotFound, ConditionalWritesUnsupported, PreconditionFailed
-from storage.leases import probe_conditional_writes
+from storage.lease_probe import probe_conditional_writes
 from tests.support import S3_ENV, Moto
 from tests.test_leases import s3_store
 
@@ -110,7 +110,7 @@ def test_moto_and_the_local_store_pass_the_probe_again_and_again(
     tmp_path: Path, moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """moto checks then sets, without a lock, within one Python call: two of 16 won in 1 of
-    450 rounds here, which the probe logs and lets pass once (storage/leases.py); a store
+    450 rounds here, which the probe logs and lets pass once (storage/lease_probe.py); a store
     that loses every round, as CheckThenSet does, is refused."""
     store = s3_store(moto, bucket, monkeypatch)
     for _ in range(2):

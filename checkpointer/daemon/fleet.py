@@ -36,6 +36,7 @@ from checkpointer.errors import FleetUnavailable, NotOwner
 from storage.backends.base import BlobStore
 from storage.crypto import Codec
 from storage.errors import ConditionalWritesUnsupported, StorageError
+from storage.lease_probe import probe_conditional_writes
 from storage.leases import (
     Held,
     Lease,
@@ -44,7 +45,6 @@ from storage.leases import (
     Leases,
     LeaseState,
     may_restore,
-    probe_conditional_writes,
 )
 
 log = logging.getLogger(__name__)
