@@ -7,7 +7,7 @@ them as they are, so changing a field here is changing the command line's output
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class Op(StrEnum):
@@ -89,6 +89,8 @@ class CheckpointEntry(TypedDict):
     frozen_seconds: float | None
     host: str | None
     local_only: str | None  # the bucket could not be listed: why (only this host's copies)
+    mark: str | None  # "bad" or "crash-looped": automatic and unnamed restores skip it
+    mark_reason: str | None  # why it was marked
 
 
 class RestoreReport(TypedDict):
@@ -99,6 +101,7 @@ class RestoreReport(TypedDict):
     duration_seconds: float
     restore_stats: dict[str, Any]
     source: str  # "kept image", "disk image", "repository" or "repository, lazily (...)"
+    warning: NotRequired[str]  # a checkpoint marked bad or crash-looped, restored as named
 
 
 class RetentionRow(TypedDict):

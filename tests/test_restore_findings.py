@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -16,12 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from checkpointer.config import RestorePolicy
 from checkpointer.engine import Workload, WorkloadKind, lazy_restoring
 from checkpointer.engine.lazy_restoring import LazyTransfer, RepositoryPages
 from checkpointer.restore_policy import Streak, backoff, on_death, retry_later
-from storage import CorruptCheckpoint, Repository
+from storage import CheckpointNotFound, CorruptCheckpoint, Repository
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed, new_master
 from storage.errors import TransientStorageError
@@ -40,7 +42,7 @@ from tests.support import (
     serve,
 )
 from tests.test_lazy_restore import lazy_done
-from tests.test_metrics import scrape, value
+from tests.test_metrics import ALERTS, scrape, value
 
 MiB = 1024 * 1024
 
@@ -131,10 +133,16 @@ def test_copy_range_crosses_filesystems_at_any_offsets(workdir: Path, shm_folder
         os.close(dst)
 
 
-def failing_criu(workdir: Path) -> tuple[Path, Path]:
+# What a restore prints in the CRIU wrapper below: a failure outside the checkpoint (retried,
+# never marked bad), or the checkpoint's own (marked bad).
+PID_TAKEN = "Error (criu/cr-restore.c:1): Can't fork for 4242: File exists"
+FILE_CHANGED = "Error (criu/files-reg.c:2294): File tmp/x has bad size 986 (expect 932)"
+
+
+def failing_criu(workdir: Path, error: str = PID_TAKEN, once: bool = False) -> tuple[Path, Path]:
     """A CRIU wrapper for the daemon (criu.binary): while the flag file exists, every
-    `criu restore` fails as when a PID the image needs is taken (a failure outside the
-    checkpoint: retried, never marked bad); everything else runs the real CRIU."""
+    `criu restore` fails with `error` (the first only, if `once`); everything else runs the
+    real CRIU."""
     real = shutil.which("criu")
     assert real is not None
     flag = workdir / "restores-fail"
@@ -142,7 +150,8 @@ def failing_criu(workdir: Path) -> tuple[Path, Path]:
     wrapper.write_text(
         "#!/bin/sh\n"
         f'if [ "$1" = restore ] && [ -e {flag} ]; then\n'
-        '  echo "Error (criu/cr-restore.c:1): Can\'t fork for 4242: File exists" >&2\n'
+        + (f"  rm {flag}\n" if once else "")
+        + f'  echo "{error}" >&2\n'
         "  exit 1\n"
         "fi\n"
         f'exec {real} "$@"\n'
@@ -318,3 +327,92 @@ workloads:
         assert http_get(port) == "4"  # the checkpoint's count, + 1: the state is its own
     finally:
         d.stop()
+
+
+def test_restore_retries_never_fire_the_restore_failed_alert(workdir: Path) -> None:
+    """The shipped rules, evaluated by promtool: a workload whose restore is retried every
+    minute (storage down) does not page as failed, and is warned about after 30 minutes; a
+    restore that failed does page."""
+    rules = yaml.safe_load(ALERTS.read_text())
+    for rule in rules["groups"][0]["rules"]:
+        del rule["annotations"]  # promtool would compare every word of them
+    (workdir / "alerts.yaml").write_text(yaml.safe_dump(rules))
+    series = "checkpointer_restores_total{{instance='h',workload='{}',reason='{}',result='{}'}}"
+    tests = workdir / "alerts-test.yaml"
+    tests.write_text(
+        f"""
+rule_files: [{workdir / "alerts.yaml"}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: "{series.format("web", "crash", "retry")}"
+        values: '0+1x60'
+      - series: "{series.format("web", "crash", "failure")}"
+        values: '0x60'
+      - series: "{series.format("db", "manual", "failure")}"
+        values: '0 0 1x58'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: CheckpointerRestoreFailed
+        exp_alerts:
+          - exp_labels: {{severity: page, instance: h, workload: db, reason: manual}}
+      - eval_time: 20m
+        alertname: CheckpointerRestoreRetrying
+        exp_alerts: []
+      - eval_time: 45m
+        alertname: CheckpointerRestoreRetrying
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: h, workload: web}}
+"""
+    )
+    r = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_restore_without_a_checkpoint_takes_the_newest_good_one_and_list_says_why(
+    workdir: Path,
+) -> None:
+    """A rollback to the newest checkpoint fails for a fault of its own (marked bad): `list`
+    shows the mark and why, `restore NAME` takes the one before, and only `--checkpoint`
+    restores the bad one, with a warning."""
+    wrapper, flag = failing_criu(workdir, FILE_CHANGED, once=True)
+    d = Daemon(workdir, f"criu:\n  binary: {wrapper}\n")
+    port = free_port()
+    try:
+        d.start()
+        d.cli("run", "web", "--no-auto-restore", "--", sys.executable, str(COUNTER), str(port))
+        assert serve(port, 3) == "3"
+        older = d.checkpoint("web")
+        assert serve(port, 2) == "5"
+        newest = d.checkpoint("web")
+        flag.touch()
+        r = d.cli("rollback", "web", "--to", newest, check=False)
+        assert r.returncode != 0 and "bad size" in r.stderr, r.stderr
+        listed = {c["id"]: c for c in d.json("list", "web")}
+        assert listed[newest]["mark"] == "bad" and "bad size" in listed[newest]["mark_reason"]
+        assert listed[older]["mark"] is None and listed[older]["mark_reason"] is None
+        assert "bad: " in d.cli("list", "web").stdout
+        r = d.cli("restore", "web")
+        assert f"from {older}" in r.stdout and "warning" not in r.stderr, r
+        assert http_get(port) == "4"  # the older checkpoint's count, + 1
+        kill_tree(d.pid("web"))
+        r = d.cli("restore", "web", "--checkpoint", newest)
+        assert f"warning: checkpoint {newest} of web is marked bad" in r.stderr, r.stderr
+        assert http_get(port) == "6"
+    finally:
+        d.stop()
+
+
+def test_a_crash_looped_checkpoint_is_skipped_unless_named() -> None:
+    from checkpointer.engine.recovery import _newest_unmarked, marks
+
+    w = Workload(name="w", kind=WorkloadKind.MANAGED)
+    w.streak = Streak(2, 2, 1.0, crash_looped=("c3", "c2"))
+    w.bad_checkpoints = ["c4"]
+    assert _newest_unmarked(w, ["c4", "c3", "c2", "c1"]) == "c1"
+    assert marks(w)["c3"][0] == "crash-looped" and marks(w)["c4"][0] == "bad"
+    w.streak = Streak(crash_looped=["c1"])  # type: ignore[arg-type]  # as the registry reads it
+    assert w.streak.crash_looped == ("c1",)
+    with pytest.raises(CheckpointNotFound, match="--checkpoint ID"):
+        _newest_unmarked(w, ["c4", "c1"])

@@ -141,15 +141,17 @@ def checkpoints_table(name: str, rows: Sequence[CheckpointEntry]) -> None:
     if not rows:
         click.echo(f"{name} has no checkpoints")
         return
-    t = Table("ID", "CREATED (UTC)", "IMAGE", "NEW", "FROZEN")
+    t = Table("ID", "CREATED (UTC)", "IMAGE", "NEW", "FROZEN", "MARK")
     for r in rows:
         frozen = r["frozen_seconds"]
+        mark = r.get("mark")  # absent from an older daemon's answer
         t.add_row(
             r["id"],
             created(r["created"]),
             mb(r["size_bytes"]),
             mb(r["new_bytes"]),
             f"{frozen * 1000:.0f} ms" if frozen else "-",
+            f"{mark}: {r.get('mark_reason')}" if mark else "",
         )
     out.print(t)
     if rows[0].get("local_only"):
@@ -160,6 +162,8 @@ def restored(name: str, r: RestoreReport) -> None:
     click.echo(
         f"restored {name} from {r['checkpoint']}: pid {r['pid']} in {r['duration_seconds']:.2f} s"
     )
+    if r.get("warning"):
+        click.echo(f"warning: {r['warning']}", err=True)
 
 
 def rolled_back(name: str, r: RestoreReport) -> None:

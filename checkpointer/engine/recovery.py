@@ -61,7 +61,18 @@ def restore(
                 "replaces it with a checkpoint, or stop it first"
             )
         engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: it runs elsewhere
-        cid = checkpoint_id or _restorable(engine, name)[0]
+        warning = None
+        if checkpoint_id is None:
+            cid = _newest_unmarked(w, _restorable(engine, name))
+        else:
+            cid = checkpoint_id
+            mark = marks(w).get(cid)
+            if mark is not None:
+                warning = (
+                    f"checkpoint {cid} of {name} is marked {mark[0]} ({mark[1]}); restored "
+                    "because it was named"
+                )
+                log.warning("%s", warning)
         if w.state is WorkloadState.ELSEWHERE:  # it ran on another host since: its options
             take_carried_options(engine, w, cid)
         try:
@@ -74,7 +85,45 @@ def restore(
         w.streak = Streak()
         engine.scheduled(w)  # registered from the repository just now, or back from elsewhere
         engine.save()
+        if warning:
+            done.report["warning"] = warning
         return done.report
+
+
+def marks(w: Workload) -> dict[str, tuple[str, str]]:
+    """Checkpoint id -> (mark, why) for the checkpoints of `w` that restores avoid: `bad`
+    (failed to restore for a fault of its own; why: its last failed restore, while the history
+    holds it) and `crash-looped` (its tree died within crash_window of its restore, in the
+    current streak)."""
+    out: dict[str, tuple[str, str]] = {}
+    for cid in w.streak.crash_looped:
+        out[cid] = (
+            "crash-looped",
+            f"its tree died within {w.restore.crash_window:g}s of being restored from it",
+        )
+    failed = {
+        a.checkpoint: a.detail
+        for a in w.history
+        if a.result is RestoreResult.FAILED and a.checkpoint is not None
+    }
+    for cid in w.bad_checkpoints:
+        out[cid] = ("bad", failed.get(cid, "its failed restore is no longer in the history"))
+    return out
+
+
+def _newest_unmarked(w: Workload, newest_first: list[str]) -> str:
+    """What a manual restore takes when no checkpoint is named: the newest that is neither
+    marked bad nor crash-looped (the alert for a failed workload tells the operator to run
+    `restore NAME`: it must not bring back the state that crashed)."""
+    marked = marks(w)
+    for cid in newest_first:
+        if cid not in marked:
+            return cid
+    raise CheckpointNotFound(
+        f"every checkpoint of {w.name} is marked bad or crash-looped (`checkpointer list "
+        f"{w.name}` says why); name one to restore it anyway: `checkpointer restore {w.name} "
+        "--checkpoint ID`"
+    )
 
 
 def rollback(

@@ -14,7 +14,7 @@ from checkpointer.api import (
     VerifyReport,
 )
 from checkpointer.config.durations import format_duration
-from checkpointer.engine import listing
+from checkpointer.engine import listing, recovery
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import Workload, WorkloadState
 from checkpointer.errors import NotOwner
@@ -72,8 +72,10 @@ def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
     check_workload_name(name)
     seen = listing.local_view(engine.repo, name)  # during an outage: this host's, said so
     infos = seen.checkpoints
-    if not infos and engine.registry.find(name) is None:
+    w = engine.registry.find(name)
+    if not infos and w is None:
         engine.get(name)  # unknown and nothing stored: say so
+    marked = recovery.marks(w) if w is not None else {}
     return [
         {
             "id": i.id,
@@ -83,6 +85,8 @@ def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
             "frozen_seconds": i.metadata.get("dump_stats", {}).get("frozen_time"),
             "host": i.metadata.get("host"),
             "local_only": seen.local_only,
+            "mark": marked[i.id][0] if i.id in marked else None,
+            "mark_reason": marked[i.id][1] if i.id in marked else None,
         }
         for i in infos
     ]
