@@ -142,14 +142,19 @@ def test_a_partitioned_owner_stops_its_copy_by_its_deadline_and_b_takes_over(
 ) -> None:
     """A's traffic to the bucket is dropped (iptables in A's network namespace): its renewals
     hang in the retrying layer; the watchdog stops A's copy at the deadline all the same, B
-    takes over, and when the link is back A's daemon kills its copy for good."""
+    takes over, and when the link is back A's daemon kills its copy for good. A really
+    commits meanwhile (a checkpoint into its spool before its deadline, uploaded once the
+    link is back): that checkpoint never exists, on B or on A once the workload is back
+    there (generation 3), not even when named (docs/fleet.md, R4)."""
     port = 18087
     with Network(workdir) as net:
         a, b = started_copy(net, port)
+        bucket = f"ckpt-fleet-x-{os.getpid()}-{port}"
         rule = ["-d", net.gateway, "-p", "tcp", "--dport", str(net.moto.port), "-j", "DROP"]
         with pollers(a, b, port) as (pa, pb):
             cut = time.monotonic()
             a.run("iptables", "-I", "OUTPUT", *rule).check_returncode()
+            stale = a.checkpoint("web")  # into A's spool, under a lease A still holds
             try:
                 until("B answers", lambda: pb.answers, 40, b)
                 time.sleep(2)
@@ -164,6 +169,22 @@ def test_a_partitioned_owner_stops_its_copy_by_its_deadline_and_b_takes_over(
         assert b.http_get(port).isdigit()
         print(f"\npartition: A's last answer {last_a - cut:.2f}s after the cut, "
               f"B's first {pb.answers[0][1] - cut:.2f}s")  # fmt: skip
+
+        # A's stale checkpoint reaches the bucket, and the head refuses it.
+        def uploaded() -> bool:
+            return any(stale in k for k in net.moto.keys(bucket, "ckpt/manifests/web/"))
+
+        until("A's stale manifest is uploaded", uploaded, 60, a)
+        until("A's head record refused", lambda: "is not committed" in a.log.read_text(), 60, a)
+        for host in (b, a):
+            assert stale not in [c["id"] for c in host.json("list", "web")]
+        refused = b.cli("rollback", "web", "--to", stale, check=False)
+        assert refused.returncode != 0 and "never restored" in refused.stderr, refused.stderr
+        b.cli("migrate", "web", "--to", "a")  # generation 3, on A again
+        until("A runs web again", lambda: a.status("web")["state"] == "running", 60, a)
+        assert stale not in [c["id"] for c in a.json("list", "web")]
+        refused = a.cli("rollback", "web", "--to", stale, check=False)
+        assert refused.returncode != 0 and "never restored" in refused.stderr, refused.stderr
 
 
 def test_a_frozen_host_stops_its_copy_the_moment_it_runs_again(workdir: Path) -> None:
