@@ -254,6 +254,11 @@ class Fleet:
                 self._seen[name] = handed.lease
             self.watchdog.drop(name)
 
+    def lease(self, name: str) -> Lease | None:
+        """The lease of `name` as the bucket has it now (StorageError if it cannot say)."""
+        held = self.leases.read(name)
+        return held.lease if held else None
+
     def live_hosts(self) -> dict[str, float]:
         return self.leases.live_hosts()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from checkpointer.errors import CheckpointerError, MigrationFailed, NotOwner, Wo
 from checkpointer.restore_policy import Streak
 from checkpointer.workloads import process
 from storage import StorageError
+from storage.leases import LeaseState
 
 if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
@@ -35,6 +37,9 @@ UPLOAD_TIMEOUT = 300.0
 # runs (a 1 GB image from a bucket takes seconds); past it the hand-over goes on anyway and
 # the target fetches everything after it.
 PREPARE_TIMEOUT = 120.0
+# How long a failed hand-over waits for the bucket to say whether it landed, before it
+# leaves the tree stopped and lets a thread find out.
+HANDED_PATIENCE = 20.0
 
 
 def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
@@ -85,13 +90,26 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
                 )
             fleet.hand_over(name, to)
         except (CheckpointerError, StorageError) as e:
-            _thaw(engine, w, frozen)
-            _call_off(fleet, name)
-            engine.events.migration_done(name, ok=False)
-            raise MigrationFailed(
-                f"migration of {name} to {to} failed before the hand-over ({e}); the tree runs "
-                "on here, nothing lost"
-            ) from e
+            # A hand-over that failed in the store may still have landed (its reply lost):
+            # the tree stays stopped until the lease says which (never two copies).
+            handed = _handed(fleet, name, to) if isinstance(e, StorageError) else False
+            if handed is None:
+                engine.events.migration_done(name, ok=False)
+                _resolve_later(engine, fleet, w, to, frozen)
+                raise MigrationFailed(
+                    f"the hand-over of {name} to {to} may or may not have landed ({e}): the "
+                    "tree is kept stopped here until the lease can be read, then runs on here "
+                    "or is ended here (it runs there)"
+                ) from e
+            if not handed:
+                _thaw(engine, w, frozen)
+                _call_off(fleet, name)
+                engine.events.migration_done(name, ok=False)
+                raise MigrationFailed(
+                    f"migration of {name} to {to} failed before the hand-over ({e}); the tree "
+                    "runs on here, nothing lost"
+                ) from e
+            log.warning("the hand-over of %s to %s landed, its reply was lost", name, to)
         engine.teardown(w)
         w.state, w.owner, w.exit_status = WorkloadState.ELSEWHERE, to, f"migrated to {to}"
         engine.drop_images(w)
@@ -127,6 +145,45 @@ def _thaw(engine: Engine, w: Workload, frozen: bool) -> None:
         engine.runtimes[str(w.kind)].thaw(w.container)
     if w.pid is not None:
         process.thaw(w.pid)
+
+
+def _handed(fleet: Fleet, name: str, to: str, patience: float = HANDED_PATIENCE) -> bool | None:
+    """Whether the lease of `name` is now `to`'s (the hand-over landed); None if the bucket
+    cannot say within `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            lease = fleet.lease(name)
+        except StorageError:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(1.0)
+            continue
+        return lease is not None and lease.holder == to and lease.state is LeaseState.HANDED
+
+
+def _resolve_later(engine: Engine, fleet: Fleet, w: Workload, to: str, frozen: bool) -> None:
+    """The hand-over's outcome is unknown: keep the tree stopped, and once the lease can be
+    read, end it here (handed: it runs there) or let it run on (still ours)."""
+
+    def resolve() -> None:
+        handed = None
+        while handed is None:
+            handed = _handed(fleet, w.name, to, patience=30.0)
+        with engine.locked(w, wait=True):
+            if handed:
+                engine.teardown(w)
+                w.state, w.owner, w.exit_status = WorkloadState.ELSEWHERE, to, f"migrated to {to}"
+                engine.drop_images(w)
+                engine.schedule.unschedule(w.name)
+                engine.save()
+                log.warning("the hand-over of %s to %s had landed: ended here", w.name, to)
+            else:
+                _thaw(engine, w, frozen)
+                _call_off(fleet, w.name)
+                log.warning("the hand-over of %s to %s had not landed: runs on here", w.name, to)
+
+    threading.Thread(target=resolve, name=f"hand-over-{w.name}", daemon=True).start()
 
 
 def _call_off(fleet: Fleet, name: str) -> None:
