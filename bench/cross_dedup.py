@@ -7,7 +7,7 @@ committed into one shared repository in turn (dedup across every workload, as to
 into a repository of its own (dedup within the workload only, as R3 would do). The difference
 in bytes newly stored is what cross-workload dedup saves.
 
-    python -m bench.cross_dedup [--mb 100]      # prints a table, writes bench/results/cross_dedup.json
+    python -m bench.cross_dedup [--mb 100]   # a table; bench/results/cross_dedup.json
 """
 
 from __future__ import annotations

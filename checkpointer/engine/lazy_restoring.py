@@ -109,7 +109,7 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
     ran = False  # LazyRestore.run undoes its own failures; before it, they are undone here
     try:
         try:
-            files = CheckpointFiles(p.repo, w.name, checkpoint_id, p.repo.known_chunks())
+            files = CheckpointFiles(p.repo, w.name, checkpoint_id, p.repo.known_chunks(w.name))
             t_index = time.monotonic()
             # What CRIU's lazy-pages daemon reads as it starts (the inventory and the process
             # tree: lazy_pages_prepare_pstree, criu/uffd.c) first: it starts (~50 ms) while
