@@ -4,6 +4,7 @@ restored on another host that has only the bucket."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -130,13 +131,19 @@ def test_lxc_container_restores_on_another_host_from_the_bucket(workdir: Path) -
                 [*host.prefix, "mount", "-t", "tmpfs", "-o", "mode=0700", "lxc", str(LXC_PATH)]
             )
         try:
-            make_lxc(name, port, run=a.prefix)
+            folder = make_lxc(name, port, run=a.prefix)
+            rootfs = a.view(folder / "rootfs")
+            plant_attributes(rootfs)  # and its setuid init: a restore keeps every attribute
+            with open(a.view(folder / "config"), "a") as config:
+                config.write(setuid_init(rootfs, port))
             start_lxc(name, run=a.prefix)
             a.start()
             a.cli("register", "web", "--lxc", name, "--every", "1h", "--no-auto-restore")
             pid = a.pid("web")
             assert [ask(pid, port) for _ in range(4)][-1] == "4"
             a.checkpoint("web")
+            reference = workdir / "reference"
+            subprocess.run(["rsync", "-aHAX", f"{rootfs}/", f"{reference}/"], check=True)
             remove_lxc(name, run=a.prefix)  # host A is gone, container and all
             a.stop()
             assert not b.view(LXC_PATH / name).exists()
@@ -147,6 +154,7 @@ def test_lxc_container_restores_on_another_host_from_the_bucket(workdir: Path) -
             assert ask(lxc_pid(name, run=b.prefix), port) == "5"
             st = b.status("web")
             assert st["kind"] == "lxc" and st["state"] == "running"
+            assert rsync_differences(reference, folder / "rootfs", run=b.prefix) == []
         finally:
             for host in (a, b):
                 if host.anchor is not None:
@@ -214,3 +222,59 @@ def test_lxc_container_migrates_to_another_host_of_the_fleet(workdir: Path) -> N
             for host in (a, b):
                 if host.anchor is not None:
                     remove_lxc(name, run=host.prefix)
+
+
+# Appends its count to /srv/count every 10 ms (opened and closed each time, so CRIU checks no
+# size): the file holds 1, 2, 3... and the process holds the last number in memory.
+APPENDER = """import time
+n = 0
+while True:
+    n += 1
+    with open("/srv/count", "a") as f:
+        f.write(f"{n}\\n")
+    time.sleep(0.01)
+"""
+
+
+def test_a_migrating_lxc_container_loses_and_repeats_no_write(workdir: Path) -> None:
+    """The final checkpoint's rootfs archive is from the dump's moment: a container appending
+    a count every 10 ms goes on, on B, from the very number its file ends with (not frozen
+    until the rootfs was archived, it appended for ~1 s more on A: those numbers came twice)."""
+    from tests.test_fleet import fleet, until
+
+    name = f"ckt-lxcfrz-{os.getpid()}"
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-lxcz-{os.getpid()}")
+        a = fleet(net, bucket, "a", False, None)
+        b = fleet(net, bucket, "b", False, a.key_file)
+        for host in (a, b):
+            host._must(
+                [*host.prefix, "mount", "-t", "tmpfs", "-o", "mode=0700", "lxc", str(LXC_PATH)]
+            )
+        try:
+            folder = make_lxc(name, 8080, run=a.prefix)
+            (a.view(folder) / "rootfs/srv/appender.py").write_text(APPENDER)
+            with open(a.view(folder) / "config", "a") as config:
+                config.write("lxc.init.cmd = /usr/bin/python3 /srv/appender.py\n")
+            start_lxc(name, run=a.prefix)
+            a.start()
+            b.start()
+            a.cli("register", "web", "--lxc", name, "--every", "1h")
+            a.json("migrate", "web", "--to", "b")
+            b.wait_for("web", lambda s: s["state"] == "running", timeout=60)
+            count = b.view(folder) / "rootfs/srv/count"
+            restored = len(count.read_text().split())
+            until("B appends", lambda: len(count.read_text().split()) > restored + 20, 20)
+            numbers = [int(x) for x in count.read_text().split()]
+            assert numbers == list(range(1, len(numbers) + 1)), _first_break(numbers)
+        finally:
+            for host in (a, b):
+                if host.anchor is not None:
+                    remove_lxc(name, run=host.prefix)
+
+
+def _first_break(numbers: list[int]) -> str:
+    for i, (x, y) in enumerate(itertools.pairwise(numbers)):
+        if y != x + 1:
+            return f"after {x} (line {i + 1}) comes {y}, of {len(numbers)} lines"
+    return "no break"

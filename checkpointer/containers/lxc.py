@@ -132,6 +132,10 @@ class Lxc:
             )
         finally:
             (images / "restore.log").unlink(missing_ok=True)
+        # CRIU restores the freezer state the container had at its dump: a migration's final
+        # checkpoint comes back frozen (seen on these hosts: every task in D state, while
+        # lxc-info says RUNNING and lxc-unfreeze does nothing) unless its cgroup is thawed.
+        self.thaw(container)
         pid = self.pid(container)
         if pid is None:
             raise ContainerError(
@@ -152,6 +156,9 @@ class Lxc:
 
     def thaw(self, container: str) -> None:
         self.tool.output(["lxc-unfreeze", "-P", str(self.lxc_path), "-n", container])
+        pid = self.pid(container)
+        if pid is not None:
+            thaw_cgroup(pid)
 
     def _write_config(self, container: str, text: str, rootfs: Path) -> None:
         folder = self.lxc_path / container
@@ -181,3 +188,27 @@ class Lxc:
             os.rename(rootfs, old)
         os.rename(new, rootfs)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def thaw_cgroup(pid: int) -> None:
+    """Thaw the freezer cgroup(s) of `pid` through the cgroup files themselves: the cgroup v1
+    freezer, and `cgroup.freeze` of its v2 cgroup (in the hybrid layout of these hosts, under
+    /sys/fs/cgroup/unified). The paths come from the kernel (/proc/PID/cgroup)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if "freezer" in controllers.split(","):
+            targets = [(Path("/sys/fs/cgroup/freezer") / rel / "freezer.state", "THAWED")]
+        elif controllers == "":
+            bases = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+            targets = [(base / rel / "cgroup.freeze", "0") for base in bases]
+        else:
+            continue
+        for target, value in targets:
+            if ".." not in Path(rel).parts and target.is_file():
+                target.write_text(value)
+                break
