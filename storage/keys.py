@@ -13,6 +13,7 @@ parsed strictly here (a name that does not parse is not ours and is ignored by l
     leases/<workload>                   which host owns the workload (storage/leases.py)
     heads/<workload>                    which checkpoints exist, fleet mode (storage/heads.py)
     hosts/<host id>                     a host's heartbeat
+    calls/<host id>                     the latest call to a host (storage/calls.py)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ KEYS = "keys/"
 LEASES = "leases/"
 HOSTS = "hosts/"
 HEADS = "heads/"
+CALLS = "calls/"
 _HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -56,6 +58,8 @@ class FileType(StrEnum):
     """Which host owns a workload, replaced only with conditional writes."""
     HOST = "host"
     """A host's heartbeat: which hosts of the fleet are alive."""
+    CALL = "call"
+    """The latest call to a host: look at a workload's lease now (a migration)."""
     HEAD = "head"
     """Which checkpoints of a workload exist (its generation and chain), fleet mode."""
 
@@ -102,6 +106,10 @@ def lease_key(workload: str) -> str:
     return f"{LEASES}{workload}"
 
 
+def call_key(host_id: str) -> str:
+    return f"{CALLS}{check_host_id(host_id)}"
+
+
 def head_key(workload: str) -> str:
     return f"{HEADS}{workload}"
 
@@ -130,8 +138,8 @@ def parse(key: str) -> ObjectName | None:
     parts = key.split("/")
     if len(parts) == 2 and parts[0] + "/" == KEYS and _KEY_ID_RE.fullmatch(parts[1]):
         return ObjectName(FileType.KEY, parts[1])
-    if len(parts) == 2 and parts[0] + "/" == HOSTS and _HOST_RE.fullmatch(parts[1]):
-        return ObjectName(FileType.HOST, parts[1])
+    if len(parts) == 2 and parts[0] + "/" in (HOSTS, CALLS) and _HOST_RE.fullmatch(parts[1]):
+        return ObjectName(FileType.HOST if parts[0] + "/" == HOSTS else FileType.CALL, parts[1])
     if len(parts) == 2 and parts[0] + "/" in (LEASES, HEADS):
         kind = FileType.LEASE if parts[0] + "/" == LEASES else FileType.HEAD
         try:

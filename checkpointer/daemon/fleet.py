@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,9 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from checkpointer.config import Config
+from checkpointer.daemon.fleet_calls import CallWatcher
+from checkpointer.daemon.lease_memory import SeenGenerations
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.errors import FleetUnavailable, NotOwner
 from storage.backends.base import BlobStore
+from storage.calls import Calls
 from storage.crypto import Codec
 from storage.errors import ConditionalWritesUnsupported, StorageError
 from storage.lease_probe import probe_conditional_writes
@@ -105,6 +106,8 @@ class Fleet:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._scanner = threading.Thread(target=self._scan_loop, name="fleet-scan", daemon=True)
+        self.calls = Calls(store, codec, self.host)
+        self._calls = CallWatcher(self.calls, self._called)
         self._hook_pool = ThreadPoolExecutor(4, thread_name_prefix="fleet-hook")
         self._hooks_running: set[tuple[str, str]] = set()
         self._heartbeat: str | None = None
@@ -113,9 +116,8 @@ class Fleet:
         self._clock_checked = float("-inf")
         # The newest lease generation seen per workload, kept across restarts: a replayed
         # older lease is refused after a restart too (storage/leases.py).
-        self._seen_file = config.state_dir / "lease-generations.json"
-        self._saved_seen: dict[str, tuple[int, int]] = {}
-        self._load_seen()
+        self._generations = SeenGenerations(config.state_dir / "lease-generations.json")
+        self._generations.load(self.leases)
         self.unowned = 0
         self.clock_offset: float | None = None  # the store's clock minus ours, last seen
 
@@ -162,16 +164,18 @@ class Fleet:
             if self.holds(name):
                 hooks.thaw(name)
         self._scanner.start()
+        self._calls.start()
 
     def stop(self) -> None:
         """Leases are kept (the workloads run on without the daemon); they expire unless the
         daemon is back within the TTL (the deadman stops the trees by then)."""
         self._stop.set()
+        self._calls.stop()
         if self._scanner.is_alive():
             self._scanner.join(timeout=10)
         self.watchdog.stop()
         self._hook_pool.shutdown(wait=False, cancel_futures=True)
-        self._save_seen()
+        self._generations.save(self.leases)
 
     # -- Ownership (what the engine asks) ----------------------------------------------
 
@@ -230,6 +234,8 @@ class Fleet:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
             updated = self.leases.prepare(held, to)
             self.watchdog.kept(name, updated, sent)
+        if to is not None:
+            self._call(to, name)
 
     def wait_prepared(self, name: str, to: str, timeout: float) -> str | None:
         """The checkpoint `to` fetched ahead, once it says so (None after `timeout`)."""
@@ -253,6 +259,21 @@ class Fleet:
             with self._lock:
                 self._seen[name] = handed.lease
             self.watchdog.drop(name)
+        self._call(to, name)
+
+    def _call(self, to: str, name: str) -> None:
+        """Make `to` look at the lease of `name` now (storage/calls.py); best effort: its
+        next scan sees the lease anyway."""
+        try:
+            self.calls.call(to, name)
+        except StorageError as e:
+            log.warning("fleet: cannot call host %s about %s: %s", to, name, e)
+
+    def _called(self, name: str) -> None:
+        """Another host called about `name`: act on its lease now, as the scan would."""
+        held = self.leases.read(name)
+        if held is not None:
+            self._act_on(held.lease, expired=False)
 
     def lease(self, name: str) -> Lease | None:
         """The lease of `name` as the bucket has it now (StorageError if it cannot say)."""
@@ -354,29 +375,7 @@ class Fleet:
                 else:
                     self.hooks.thaw(name)  # stopped by a daemon before this one, maybe
         self._scan()
-        self._save_seen()
-
-    def _load_seen(self) -> None:
-        try:
-            raw = json.loads(self._seen_file.read_text())
-            seen = {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
-        except (OSError, ValueError, TypeError, IndexError, AttributeError):
-            return  # none yet, or unreadable: start from what the bucket shows
-        self.leases.remember(seen)
-        self._saved_seen = seen
-
-    def _save_seen(self) -> None:
-        seen = self.leases.newest_seen()
-        if seen == self._saved_seen:
-            return
-        tmp = self._seen_file.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({k: list(v) for k, v in seen.items()}))
-            os.replace(tmp, self._seen_file)
-        except OSError as e:
-            log.warning("fleet: cannot save %s: %s", self._seen_file, e)
-            return
-        self._saved_seen = seen
+        self._generations.save(self.leases)
 
     def _read(self, name: str) -> Lease | None:
         try:
@@ -394,37 +393,42 @@ class Fleet:
             return
         unowned = 0
         for h in everything:
-            lease = h.lease
-            with self._lock:
-                self._seen[lease.workload] = lease
             expired = self.leases.expired(h)
             unowned += expired
-            if (
+            self._act_on(h.lease, expired)
+        self.unowned = unowned
+
+    def _act_on(self, lease: Lease, expired: bool) -> None:
+        """What a lease asks of this host: fetch ahead (prepared for us), restore (handed
+        to us), take over (expired, with failover)."""
+        with self._lock:  # the scan and a call may look at one lease at once
+            self._seen[lease.workload] = lease
+            fetch = (
                 lease.state is LeaseState.PREPARING
                 and lease.next_holder == self.host
                 and lease.workload not in self._preparing
-            ):
+            )
+            if fetch:
                 self._preparing.add(lease.workload)
-                threading.Thread(
-                    target=self._prepare_for,
-                    args=(lease.workload,),
-                    name=f"prefetch-{lease.workload}",
-                    daemon=True,
-                ).start()
-            if lease.holder == self.host and lease.state is LeaseState.HANDED:
-                log.warning(
-                    "fleet: %s was handed to this host by %s", lease.workload, lease.previous_holder
-                )
-                self._offer(lease.workload, "migration")
-            elif self.failover and expired and lease.holder != self.host:
-                log.warning(
-                    "fleet: the lease of %s (host %s) was unchanged for its TTL + skew: "
-                    "taking it over",
-                    lease.workload,
-                    lease.holder,
-                )
-                self._offer(lease.workload, "failover")
-        self.unowned = unowned
+        if fetch:
+            threading.Thread(
+                target=self._prepare_for,
+                args=(lease.workload,),
+                name=f"prefetch-{lease.workload}",
+                daemon=True,
+            ).start()
+        if lease.holder == self.host and lease.state is LeaseState.HANDED:
+            log.warning(
+                "fleet: %s was handed to this host by %s", lease.workload, lease.previous_holder
+            )
+            self._offer(lease.workload, "migration")
+        elif self.failover and expired and lease.holder != self.host:
+            log.warning(
+                "fleet: the lease of %s (host %s) was unchanged for its TTL + skew: taking it over",
+                lease.workload,
+                lease.holder,
+            )
+            self._offer(lease.workload, "failover")
 
     def _offer(self, name: str, reason: str) -> None:
         assert self.hooks is not None
