@@ -12,6 +12,7 @@ the base image, not the image itself: a host restoring it needs the base image.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from checkpointer.containers import cgroup_freezer
 from checkpointer.containers.base import ContainerError, Problem, Tool, copy_range
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
 from checkpointer.criu.stats import read_dump_stats
@@ -28,6 +30,8 @@ IMAGES_DIR = "checkpoint"
 EMPTY_DIRS = ("artifacts",)
 INSTALL = "install Podman and runc (`apt-get install podman runc`, or `make containers`)"
 STATS = "stats-dump"  # CRIU's statistics, at the export's top: kept under its own name
+
+log = logging.getLogger(__name__)
 
 
 class Podman:
@@ -118,6 +122,9 @@ class Podman:
             self.tool.run(argv, container, "restore")
         finally:
             export.unlink(missing_ok=True)
+        # CRIU restores the freezer state of the dump: a migration's final checkpoint may
+        # come back frozen (runc thawed it in every run here; LXC's did not), so thaw it.
+        self.thaw(container)
         pid = self.pid(container)
         if pid is None:
             raise ContainerError(
@@ -132,13 +139,24 @@ class Podman:
         self.tool.output(["podman", "wait", container], timeout=60)
 
     def freeze(self, container: str) -> bool:
-        # `podman pause` makes `podman container checkpoint` refuse the container (it wants
-        # it running), and freezing its cgroup behind Podman's back is untried here: the
-        # final checkpoint stops the tree with SIGSTOP after the export instead.
-        return False
+        # `podman pause` makes `podman container checkpoint` refuse the container (Podman
+        # records it as paused); runc dumps a cgroup frozen behind Podman's back and leaves it
+        # frozen, and `podman kill` ends it frozen (tried on these hosts).
+        info = self.inspect(container)
+        state = (info or {}).get("State") or {}
+        pid, cid = state.get("Pid"), str((info or {}).get("Id") or "")
+        if not (state.get("Running") and isinstance(pid, int) and pid > 0 and len(cid) == 64):
+            return False
+        unsafe = cgroup_freezer.own_cgroup(pid, cid)
+        if unsafe:
+            log.warning("container %s not frozen for its final checkpoint: %s", container, unsafe)
+            return False
+        return cgroup_freezer.freeze(pid)
 
     def thaw(self, container: str) -> None:
-        return None
+        pid = self.pid(container)
+        if pid is not None:
+            cgroup_freezer.thaw(pid)
 
 
 def _unpack_export(export: Path, images: Path) -> None:
