@@ -145,6 +145,13 @@ class DedupIndex:
         for index in indexes:
             index.forget(pack_ids)
 
+    def forget_for(self, workload: str, pack_ids: set[str]) -> None:
+        """Packs no checkpoint of `workload` references any more (one was removed)."""
+        with self._lock:
+            held = self._indexes.get(workload)
+        if held is not None and pack_ids:
+            held[0].forget(pack_ids)
+
     def expire(self) -> None:
         """Refresh every index at its next use (tests; after a restore of the store)."""
         with self._lock:

@@ -449,12 +449,24 @@ class Repository:
     # -- delete and pins ---------------------------------------------------------------
 
     def delete(self, workload: str, checkpoint_id: str) -> None:
-        """Forget a checkpoint. Its chunks stay until garbage collection finds them unused."""
+        """Forget a checkpoint. Its chunks stay until garbage collection finds them unused.
+
+        The packs only it referenced leave the workload's chunk index first: dedup is per
+        workload and only the workload's owner removes its checkpoints, so from here on no
+        commit anywhere can reference them again, and another host's GC may delete them
+        whenever it finds them unreferenced: GC cannot race a commit (docs/fleet.md, R3)."""
         key = manifest_key(workload, checkpoint_id)
+        mine: set[str] = set()
         with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
-            self._summary(workload, checkpoint_id)  # a clear error for an unknown id
+            mine = set(self._summary(workload, checkpoint_id)[1])  # unknown id: clear error
         if self.fencing is not None:
             self.fencing.remove(workload, checkpoint_id)  # the head first: then it is gone
+        still: set[str] = set()  # (forgetting more than needed only costs dedup)
+        for c in self.checkpoints(workload):
+            if c.id != checkpoint_id:
+                with contextlib.suppress(StorageError):
+                    still.update(self.packs_of(workload, c.id))
+        self.dedup.forget_for(workload, mine - still)
         self.backend.delete(key)
         with self._lock:
             self._summaries.pop(key, None)

@@ -180,3 +180,19 @@ def test_a_host_killed_with_uploads_queued_uploads_them_in_order_when_it_starts_
         assert [i.id for i in c_repo.checkpoints("w")] == sorted(ids, reverse=True)
     finally:
         proxy.close()
+
+
+def test_a_removed_checkpoints_own_packs_are_never_referenced_again(
+    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+) -> None:
+    """Retention removes X: the packs only X referenced leave the workload's index at once,
+    so no later commit references them, and another host's GC may delete them at any moment
+    (before, the commit after a removal reused them until the next index refresh)."""
+    a_repo, a_spool = open_host(hosts, tmp_path, "a", moto.url, bucket)
+    old = a_repo.commit("w", image(tmp_path / "old", 5))
+    a_repo.commit("w", image(tmp_path / "new", 6))
+    a_repo.delete("w", old.id)
+    again = a_repo.commit("w", image(tmp_path / "again", 5))  # X's pages, once more
+    assert not set(again.packs) & set(old.packs) and again.new_bytes > 0
+    assert a_spool.wait_uploaded(60)
+    assert len(restorable_everywhere(hosts, "w")) == 2  # the newer one, and `again`
