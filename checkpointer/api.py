@@ -25,6 +25,8 @@ class Op(StrEnum):
     PING = "ping"
     MIGRATE = "migrate"
     HOSTS = "hosts"
+    SHUTDOWN_CHECKPOINT = "shutdown-checkpoint"
+    DRAIN = "drain"
 
 
 class RestoreAttemptReport(TypedDict):
@@ -70,6 +72,38 @@ class HostReport(TypedDict):
     last_seen: float
     this_host: bool
     workloads: list[str]
+    draining: NotRequired[bool]  # set by engine/drain.py's view of the heartbeats
+
+
+class FinalCheckpointReport(TypedDict):
+    """One workload's outcome at a planned shutdown: `final` (its tree is left stopped at
+    that checkpoint), or `kept` (it keeps its last scheduled checkpoint: `why` says why)."""
+
+    workload: str
+    result: str  # final | kept
+    checkpoint: str | None
+    duration_seconds: float
+    why: str
+
+
+class ShutdownReport(TypedDict):
+    budget_seconds: float
+    duration_seconds: float
+    workloads: list[FinalCheckpointReport]
+
+
+class DrainOutcome(TypedDict):
+    workload: str
+    to: str | None  # the host it was sent to (None: no host could take it)
+    result: str  # moved | stayed
+    duration_seconds: float
+    why: str  # stayed: why it still runs here
+
+
+class DrainReport(TypedDict):
+    host: str
+    duration_seconds: float
+    workloads: list[DrainOutcome]
 
 
 class CheckpointReport(TypedDict):

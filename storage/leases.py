@@ -351,13 +351,22 @@ class Leases:
 
     # -- hosts -------------------------------------------------------------------------
 
-    def heartbeat(self, version: str | None, prepared: dict[str, str] | None = None) -> str:
+    def heartbeat(
+        self, version: str | None, prepared: dict[str, str] | None = None, draining: bool = False
+    ) -> str:
         """Write this host's heartbeat; returns its new version (pass it next time).
         `prepared`: workloads whose newest checkpoint this host fetched ahead of a hand-over
-        (workload -> checkpoint id), which the holder waits for."""
+        (workload -> checkpoint id), which the holder waits for. `draining`: this host is
+        moving its workloads away (`checkpointer drain`): no other drain picks it."""
         key = host_key(self.host)
         doc = json.dumps(
-            {"host": self.host, "seen": self.clock(), "ttl": self.ttl, "prepared": prepared or {}}
+            {
+                "host": self.host,
+                "seen": self.clock(),
+                "ttl": self.ttl,
+                "prepared": prepared or {},
+                "draining": draining,
+            }
         ).encode()
         try:
             return self.store.put_if(key, self.codec.seal(key, doc), version)
@@ -375,6 +384,16 @@ class Leases:
         except (BlobNotFound, CorruptCheckpoint, ValueError):
             return {}
         return {str(k): str(v) for k, v in prepared.items()} if isinstance(prepared, dict) else {}
+
+    def draining(self, host: str) -> bool:
+        """Whether `host`'s heartbeat says it is draining (False if it says nothing)."""
+        key = host_key(host)
+        try:
+            blob, _ = self.store.get_versioned(key, _MAX_BYTES)
+            doc = json.loads(self.codec.open(key, blob))
+        except (BlobNotFound, CorruptCheckpoint, ValueError):
+            return False
+        return isinstance(doc, dict) and doc.get("draining") is True
 
     def live_hosts(self) -> dict[str, float]:
         """Host id -> when it was last seen, for hosts seen within their TTL."""

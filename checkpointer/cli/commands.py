@@ -447,9 +447,12 @@ def _setup_logging(fmt: str) -> None:
 
 
 def _add_key_commands() -> None:
-    from checkpointer.cli.key_commands import key  # imports `common` from here
+    from checkpointer.cli.fleet_commands import drain, shutdown_checkpoint
+    from checkpointer.cli.key_commands import key  # these import `common` from here
 
     cli.add_command(key)
+    cli.add_command(drain)
+    cli.add_command(shutdown_checkpoint)
 
 
 _add_key_commands()

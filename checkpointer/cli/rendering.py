@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TransferSpeedColumn,
@@ -26,11 +27,13 @@ from rich.table import Table
 from checkpointer.api import (
     CheckpointEntry,
     CheckpointReport,
+    DrainReport,
     HostReport,
     MigrateReport,
     PinReport,
     PruneReport,
     RestoreReport,
+    ShutdownReport,
     StatusReport,
     UnregisterReport,
     VerifyReport,
@@ -53,16 +56,23 @@ def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
 
 
 @contextlib.contextmanager
-def progress(as_json: bool, label: str) -> Iterator[ProgressCallback | None]:
-    """A progress bar on a terminal (not with --json, not in a pipe)."""
+def progress(
+    as_json: bool, label: str, counting: str | None = None
+) -> Iterator[ProgressCallback | None]:
+    """A progress bar on a terminal (not with --json, not in a pipe): bytes, or things
+    counted (`counting`, e.g. "workloads")."""
     if as_json or not sys.stderr.isatty():
         yield None
         return
+    columns = (
+        (MofNCompleteColumn(), TextColumn(counting))
+        if counting
+        else (DownloadColumn(), TransferSpeedColumn())
+    )
     with Progress(
         TextColumn(label),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        *columns,
         console=Console(stderr=True),
         transient=True,
     ) as bar:
@@ -214,6 +224,41 @@ def hosts_table(rows: Sequence[HostReport]) -> None:
     t = Table("HOST", "LAST SEEN", "WORKLOADS")
     for r in rows:
         name = r["host"] + (" (this host)" if r["this_host"] else "")
+        name += " (draining)" if r.get("draining") else ""
         seen = datetime.fromtimestamp(r["last_seen"]).astimezone().strftime("%H:%M:%S")
         t.add_row(name, seen, ", ".join(r["workloads"]) or "-")
     out.print(t)
+
+
+def shutdown_table(r: ShutdownReport) -> None:
+    t = Table("WORKLOAD", "RESULT", "CHECKPOINT", "SECONDS", "WHY")
+    for o in r["workloads"]:
+        t.add_row(
+            o["workload"],
+            o["result"],
+            o["checkpoint"] or "-",
+            f"{o['duration_seconds']:.2f}",
+            o["why"],
+        )
+    out.print(t)
+    finals = sum(o["result"] == "final" for o in r["workloads"])
+    click.echo(
+        f"{finals} of {len(r['workloads'])} workload(s) checkpointed for the shutdown in "
+        f"{r['duration_seconds']:.2f}s (budget {r['budget_seconds']:.0f}s); their trees are "
+        "left stopped"
+    )
+
+
+def drain_table(r: DrainReport) -> None:
+    t = Table("WORKLOAD", "RESULT", "TO", "SECONDS", "WHY IT STAYED")
+    for o in r["workloads"]:
+        t.add_row(
+            o["workload"], o["result"], o["to"] or "-", f"{o['duration_seconds']:.2f}", o["why"]
+        )
+    out.print(t)
+    moved = sum(o["result"] == "moved" for o in r["workloads"])
+    stayed = len(r["workloads"]) - moved
+    click.echo(
+        f"{r['host']} drained in {r['duration_seconds']:.2f}s: {moved} moved"
+        + (f", {stayed} still here (listed with why)" if stayed else "")
+    )

@@ -274,6 +274,17 @@ class FleetConfig(_Strict):
         return self
 
 
+class ShutdownConfig(_Strict):
+    """The final checkpoints of a planned shutdown (README: Daemon restart and reboot)."""
+
+    budget: Interval = Field(
+        90.0,
+        description="final checkpoints at a system shutdown take at most this long; below the "
+        "unit's TimeoutStopSec (120s), which also covers a dump still running at the end and "
+        "the daemon's own exit",
+    )
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
     address: str = Field("127.0.0.1", description="loopback by default: put a proxy in front")
@@ -288,6 +299,7 @@ class Config(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     host: HostConfig = Field(default_factory=HostConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     retention: Retention = Field(default_factory=lambda: Retention(keep_last=10))
     workloads: list[WorkloadConfig] = Field(default_factory=list)
 

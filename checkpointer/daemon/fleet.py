@@ -29,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from checkpointer.config import Config
+from checkpointer.criu import CpuMismatch
 from checkpointer.daemon.fleet_calls import CallWatcher
 from checkpointer.daemon.lease_memory import SeenGenerations
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
-from checkpointer.errors import FleetUnavailable, NotOwner
+from checkpointer.errors import FleetUnavailable, MigrationFailed, NotOwner
 from storage.backends.base import BlobStore
 from storage.calls import Calls
 from storage.crypto import Codec
@@ -51,6 +52,9 @@ from storage.leases import (
 log = logging.getLogger(__name__)
 
 NOTHING_FETCHED = "-"
+# A `prepared` value that starts with it says why this host cannot take the workload (its CPU
+# lacks features the checkpoint uses): the holder then keeps it running instead of waiting.
+REFUSED = "!"
 # How often the scan asks the store for its clock (one LIST): a clock drifts slowly.
 CLOCK_CHECK_EVERY = 60.0
 
@@ -113,6 +117,7 @@ class Fleet:
         self._heartbeat: str | None = None
         self._prepared: dict[str, str] = {}  # fetched ahead of a hand-over: name -> id
         self._preparing: set[str] = set()
+        self.draining = False  # `checkpointer drain` runs: said in the heartbeat
         self._clock_checked = float("-inf")
         # The newest lease generation seen per workload, kept across restarts: a replayed
         # older lease is refused after a restart too (storage/leases.py).
@@ -245,6 +250,8 @@ class Fleet:
                 done = self.leases.prepared_by(to).get(name)
             except StorageError:
                 done = None
+            if done and done.startswith(REFUSED):
+                raise MigrationFailed(f"{done[1:]}: {name} keeps running on {self.host}")
             if done:
                 return None if done == NOTHING_FETCHED else done
             time.sleep(0.2)
@@ -347,12 +354,7 @@ class Fleet:
 
     def _scan_tick(self) -> None:
         assert self.hooks is not None
-        try:
-            with self._lock:
-                prepared = dict(self._prepared)
-            self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared)
-        except StorageError as e:
-            log.warning("fleet: heartbeat failed: %s", e)
+        self._beat()
         if self.monotonic() - self._clock_checked >= CLOCK_CHECK_EVERY:
             try:
                 self.check_clock()
@@ -376,6 +378,22 @@ class Fleet:
                     self.hooks.thaw(name)  # stopped by a daemon before this one, maybe
         self._scan()
         self._generations.save(self.leases)
+
+    def set_draining(self, on: bool) -> None:
+        """Say in the heartbeat, now, whether this host is draining (`checkpointer drain`)."""
+        self.draining = on
+        self._beat()
+
+    def says_draining(self, host: str) -> bool:
+        return self.leases.draining(host)
+
+    def _beat(self) -> None:
+        with self._lock:
+            prepared = dict(self._prepared)
+        try:
+            self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared, self.draining)
+        except StorageError as e:
+            log.warning("fleet: heartbeat failed: %s", e)
 
     def _read(self, name: str) -> Lease | None:
         try:
@@ -442,16 +460,15 @@ class Fleet:
         assert self.hooks is not None
         try:
             fetched = self.hooks.prefetch(name)
+        except CpuMismatch as e:  # said in the heartbeat: the holder keeps it running
+            log.error("fleet: %s", e)
+            fetched = REFUSED + str(e)
         except Exception:
             log.exception("fleet: fetching %s ahead of its hand-over failed", name)
             fetched = None
         with self._lock:  # "-": nothing fetched, don't wait for us
             self._prepared[name] = fetched or NOTHING_FETCHED
-            prepared = dict(self._prepared)
-        try:
-            self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared)
-        except StorageError as e:
-            log.warning("fleet: heartbeat failed: %s", e)
+        self._beat()
         deadline = self.monotonic() + 120
         try:
             while self.monotonic() < deadline and not self._stop.is_set():

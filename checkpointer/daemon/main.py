@@ -25,10 +25,19 @@ from checkpointer.daemon.metrics import EngineCollector, Metrics
 from checkpointer.daemon.scheduler import CheckpointScheduler
 from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
-from checkpointer.engine import Engine, Hooks, WorkloadKind, WorkloadState, registering, reports
+from checkpointer.engine import (
+    Engine,
+    Hooks,
+    WorkloadKind,
+    WorkloadState,
+    drain,
+    registering,
+    reports,
+    shutdown,
+)
 from checkpointer.engine.ownership import LocalCopies, SingleHost
 from checkpointer.engine.workload import Workload
-from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
+from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable, MigrationFailed
 from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.workloads.deadman import Deadman
 from checkpointer.workloads.logs import LogPump
@@ -88,7 +97,9 @@ def build(
     return engine, supervisor, scheduler, metrics, fleet
 
 
-def _handlers(engine: Engine) -> dict[str, Any]:
+def _handlers(
+    engine: Engine, scheduler: CheckpointScheduler, fleet: Fleet | None
+) -> dict[str, Any]:
     def run(
         name: str,
         command: list[str],
@@ -118,6 +129,24 @@ def _handlers(engine: Engine) -> dict[str, Any]:
             )
         return reports.status(engine, w.name)[0]
 
+    def shutdown_checkpoint(budget: float | None = None) -> Any:
+        # No scheduled checkpoint after a final one: it would thaw nothing, but it would be
+        # the newest checkpoint and could be cut short by the power going.
+        scheduler.shutdown()
+        return shutdown.take_final_checkpoints(
+            engine, engine.config.shutdown.budget if budget is None else budget
+        )
+
+    def hosts() -> Any:
+        return reports.hosts(engine) if fleet is None else drain.hosts(engine, fleet)
+
+    def drain_host(to: str | None = None, progress: drain.Progress | None = None) -> Any:
+        if fleet is None:
+            raise MigrationFailed(
+                "drain needs fleet mode: set fleet.enabled (with S3 storage) on every host"
+            )
+        return drain.drain(engine, fleet, to, progress)
+
     handlers: dict[Op, Handler] = {
         Op.RUN: run,
         Op.REGISTER: register,
@@ -132,7 +161,9 @@ def _handlers(engine: Engine) -> dict[str, Any]:
         Op.PIN: engine.pin,
         Op.PING: lambda: {"pid": os.getpid()},
         Op.MIGRATE: engine.migrate,
-        Op.HOSTS: functools.partial(reports.hosts, engine),
+        Op.HOSTS: hosts,
+        Op.SHUTDOWN_CHECKPOINT: shutdown_checkpoint,
+        Op.DRAIN: drain_host,
     }
     return {str(op): fn for op, fn in handlers.items()}
 
@@ -191,7 +222,8 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
         deadman.start()
     supervisor.start()
     engine.load()
-    server = ApiServer(config.socket_path, _handlers(engine))
+    server = ApiServer(config.socket_path, _handlers(engine, scheduler, fleet))
+    shutdown.settle_at_start(engine)  # trees a shutdown left stopped, if it never came
     supervisor.recover_at_start()
     if fleet is not None:
         assert deadman is not None

@@ -1,0 +1,86 @@
+"""A planned shutdown or reboot takes a final checkpoint (checkpointer/engine/shutdown.py),
+triggered exactly as the unit does: its ExecStop line, run with a `systemctl` that answers
+what systemd answers then ("stopping" at a shutdown, "running" at a service restart)."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support import CLI, COUNTER, ROOT, Daemon, free_port, http_get, serve
+
+
+def exec_stop(d: Daemon, fake_bin: Path, system_state: str) -> subprocess.CompletedProcess[str]:
+    """The unit's ExecStop, with the installed paths replaced by this checkout's CLI and the
+    test daemon's config, and `systemctl is-system-running` answering `system_state`."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "configs" / "checkpointer.service")
+    argv = shlex.split(unit["Service"]["ExecStop"])
+    assert argv[0] == "/opt/checkpointer/venv/bin/checkpointer", argv
+    argv = [*CLI, *(str(d.config) if a == "/etc/checkpointer/config.yaml" else a for a in argv[1:])]
+    systemctl = fake_bin / "systemctl"
+    systemctl.write_text(f"#!/bin/sh\necho {system_state}\nexit 1\n")  # non-zero unless running
+    systemctl.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr + d.log.read_text()[-3000:]
+    return r
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_reboot_restores_the_final_checkpoint_and_a_service_restart_takes_none(
+    workdir: Path,
+) -> None:
+    boot_id = workdir / "boot_id"
+    boot_id.write_text("boot-1\n")
+    fake_bin = workdir / "bin"
+    fake_bin.mkdir()
+    d = Daemon(workdir)
+    d.env = {"CHECKPOINTER_BOOT_ID_FILE": str(boot_id)}
+    port = free_port()
+    try:
+        d.start()
+        d.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
+        serve(port, 3)
+        scheduled = d.checkpoint("web")  # the last "scheduled" checkpoint: count 3
+        pid = d.pid("web")
+
+        # A service restart (upgrade, `systemctl restart`): ExecStop, SIGTERM, ExecStart.
+        r = exec_stop(d, fake_bin, "running")
+        assert "not shutting down" in r.stdout, r.stdout
+        d.terminate()
+        d.start()
+        st = d.wait_for("web", lambda s: s["state"] == "running")
+        assert st["pid"] == pid and st["restores"] == [], st  # re-adopted, not restored
+        assert [c["id"] for c in d.json("list", "web")] == [scheduled]  # no final checkpoint
+        n = int(serve(port, 4))
+        assert n == 7
+
+        # A reboot: ExecStop at system shutdown, then SIGTERM to the daemon, then the kill.
+        t0 = time.monotonic()
+        r = exec_stop(d, fake_bin, "stopping")
+        took = time.monotonic() - t0
+        final = d.json("list", "web")[0]["id"]
+        assert final != scheduled
+        assert stopped(pid)  # left stopped at its final checkpoint: nothing after it is lost
+        print(f"\nplanned shutdown: ExecStop with 1 final checkpoint {took:.2f}s (budget 90s)")
+        d.terminate()
+        d.kill_workloads()
+        d.drop_kept_images(disk=False)  # tmpfs is emptied by a reboot; the disk is not
+        boot_id.write_text("boot-2\n")
+        d.start()
+        st = d.wait_for("web", lambda s: s["state"] == "running", timeout=60)
+        assert st["restores"][-1]["reason"] == "boot", st
+        assert st["restores"][-1]["checkpoint"] == final, st
+        assert http_get(port) == str(n + 1)  # not 4: nothing since the last schedule lost
+        assert "comes back from its final checkpoint" in d.log.read_text()
+    finally:
+        d.stop()
