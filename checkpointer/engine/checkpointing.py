@@ -15,7 +15,7 @@ from pathlib import Path
 from checkpointer import hostinfo
 from checkpointer.api import CheckpointReport
 from checkpointer.containers import ContainerRuntime
-from checkpointer.criu import Criu, CriuError, DumpStats
+from checkpointer.criu import Criu, CriuError, DumpStats, cpuinfo_dump
 from checkpointer.engine import kept_image, spec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
@@ -94,6 +94,7 @@ class CheckpointPipeline:
                 w.last_error = str(e)
                 self.events.checkpoint_failed(w.name, e.category)
                 raise
+            self.record_cpu(w, images)
             metadata = {
                 **hostinfo.host_facts(),
                 "criu_version": self.criu_version(),
@@ -137,6 +138,17 @@ class CheckpointPipeline:
             "duration_seconds": round(duration, 3),
             "dump_stats": stats.as_dict(),
         }
+
+    def record_cpu(self, w: Workload, images: Path) -> None:
+        """This CPU's features into the image folder (`cpuinfo.img`), so they travel with the
+        checkpoint like every image file (same manifest, authenticated, one deduped chunk)
+        and a host that may restore it checks them first (checkpointer/criu/cpuinfo.py). Not
+        in the metadata: `criu cpuinfo check` reads the file where it finds the images. A
+        failure costs that check, not the checkpoint."""
+        try:
+            cpuinfo_dump(self.criu, images)
+        except CriuError as e:
+            log.warning("checkpoint of %s records no CPU features: %s", w.name, e)
 
     def store_on_disk(self, w: Workload, source: Path, manifest: Manifest) -> None:
         """Copy the kept image into a disk slot (checkpointer/engine/disk_images.py). The

@@ -14,9 +14,12 @@ import logging
 import shutil
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from checkpointer import hostinfo
 from checkpointer.api import MigrateReport
+from checkpointer.criu import CpuMismatch, cpuinfo_check
 from checkpointer.engine import kept_image
 from checkpointer.engine.workload import WorkloadState
 from checkpointer.errors import CheckpointerError, MigrationFailed, NotOwner, WorkloadNotRunning
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
     from checkpointer.engine.ownership import Fleet
     from checkpointer.engine.workload import Workload
+    from storage.repository import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,12 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
         # Pre-copy: the target fetches the newest checkpoint while the tree still runs; the
         # freeze below then waits only for the pages changed since.
         fleet.prepare(name, to)
-        ahead = fleet.wait_prepared(name, to, PREPARE_TIMEOUT)
+        try:  # MigrationFailed: the target cannot run it (its CPU): nothing stopped yet
+            ahead = fleet.wait_prepared(name, to, PREPARE_TIMEOUT)
+        except MigrationFailed:
+            _call_off(fleet, name)
+            engine.events.migration_done(name, ok=False)
+            raise
         if ahead is None:
             log.warning("host %s did not fetch %s ahead: it fetches all of it after", to, name)
         frozen_at = time.time()
@@ -216,6 +225,7 @@ def prefetch(engine: Engine, name: str) -> str | None:
         images = engine.scratch.new(name, "prefetch")
         try:
             engine.restores.materialize(w, newest, images)
+            check_cpu(engine, name, infos[0], images)
             w.kept = kept_image.keep(images, engine.scratch.kept_root(images), name, newest, w.kept)
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
@@ -224,6 +234,22 @@ def prefetch(engine: Engine, name: str) -> str | None:
         "fetched %s of %s ahead of its hand-over in %.2fs", newest, name, time.monotonic() - t0
     )
     return newest
+
+
+def check_cpu(engine: Engine, name: str, info: CheckpointInfo, images: Path) -> None:
+    """Refuse (CpuMismatch, one line: the features, both hosts) a checkpoint this host's CPU
+    cannot run, before anyone stops or gives up the tree: the target of a migration checks
+    the checkpoint it fetched ahead (the final one is taken on the same CPU), a host taking
+    over checks before it claims the lease, so a compatible one takes it instead."""
+    check = cpuinfo_check(engine.criu, images)
+    if check is None or check.compatible:
+        return
+    here = engine.fleet.host if engine.fleet else hostinfo.host_facts()["host"]
+    there = engine.ownership.owner(name) or info.metadata.get("host") or "(unknown)"
+    raise CpuMismatch(
+        f"{name} cannot run on host {here}: its CPU {check.summary()}, which host {there} "
+        f"has (checkpoint {info.id}; criu cpuinfo check: {check.criu_says})"
+    )
 
 
 def fence(engine: Engine, name: str, holder: str | None) -> None:

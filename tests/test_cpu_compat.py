@@ -1,0 +1,143 @@
+"""CPU compatibility: every checkpoint records the CPU it was taken on (`criu cpuinfo dump`),
+and a host checks it (`criu cpuinfo check`) before a workload moves there.
+
+The CPU that lacks something is faked the way an operator would: CRIU's `crit` decodes a real
+`cpuinfo.img`, a feature bit this CPU lacks is set, `crit` encodes it again. crit is built from
+the CRIU source tree scripts/install-criu.sh leaves (its protobuf modules generated here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpointer.criu import Criu, cpuinfo_check, cpuinfo_dump
+from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, read_cpuinfo
+from tests.support import COUNTER, Network
+from tests.test_fleet import fleet
+
+CRIU_SRC = Path(os.environ.get("CRIU_BUILD_ROOT", "/var/cache/checkpointer/criu-build"))
+CRIU = shutil.which("criu") or "/usr/local/sbin/criu"
+# Features CRIU's default check covers (its instruction mask: criu/arch/x86/cpu.c), as
+# (capability word, bit, name): one this CPU lacks is set in the fake image.
+CANDIDATES = [(1, 31, "3dnow"), (1, 30, "3dnowext"), (18, 2, "avx512_4vnniw"), (1, 27, "rdtscp")]
+
+
+def build_crit(into: Path) -> Path:
+    """A runnable crit (pycriu + crit packages) in `into`; skips if no CRIU source tree."""
+    src = next(iter(sorted(CRIU_SRC.glob("criu-*/crit/crit"))), None)
+    if src is None or shutil.which("protoc") is None:
+        pytest.skip(f"no CRIU source tree under {CRIU_SRC} (scripts/install-criu.sh) or protoc")
+    tree = src.parent.parent
+    shutil.copytree(tree / "lib/pycriu", into / "pycriu")
+    shutil.copytree(src, into / "crit")
+    protos = sorted(str(p) for p in (tree / "images").glob("*.proto") if p.name != "rpc.proto")
+    images = into / "pycriu/images"
+    subprocess.run(
+        ["protoc", f"-I={tree / 'images'}", "-I=/usr/include", f"--python_out={images}", *protos],
+        check=True,
+    )
+    subprocess.run(
+        ["protoc", f"-I={tree / 'images'}", f"--python_out={into / 'pycriu'}", "rpc.proto"],
+        cwd=tree / "images",
+        check=True,
+    )
+    subprocess.run(
+        ["/usr/bin/python3", "scripts/magic-gen.py", "criu/include/magic.h", images / "magic.py"],
+        cwd=tree,
+        check=True,
+    )
+    mods = sorted(p.stem for p in images.glob("*_pb2.py") if p.stem != "opts_pb2")
+    (images / "pb.py").write_text("".join(f"from .{m} import *\n" for m in mods))
+    for pkg in ("pycriu", "crit"):
+        (into / pkg / "version.py").write_text("__version__ = '4.2.1'\n")
+    return into
+
+
+def crit(tools: Path, *args: str) -> None:
+    # /usr/bin/python3: Debian's python3-protobuf (a build dependency of CRIU) is there
+    subprocess.run(["/usr/bin/python3", "-m", "crit", *args], cwd=tools, check=True)
+
+
+def fake_cpu(tools: Path, real: Path, out: Path) -> str:
+    """`out`/cpuinfo.img: `real` with one feature this CPU lacks; returns its name."""
+    have = read_cpuinfo(real / CPUINFO_IMAGE).capability
+    word, bit, name = next(c for c in CANDIDATES if not have[c[0]] >> c[1] & 1)
+    out.mkdir(parents=True, exist_ok=True)
+    decoded = out / "cpuinfo.json"
+    crit(tools, "decode", "-i", str(real / CPUINFO_IMAGE), "-o", str(decoded))
+    doc = json.loads(decoded.read_text())
+    doc["entries"][0]["x86_entry"][0]["capability"][word] |= 1 << bit
+    decoded.write_text(json.dumps(doc))
+    crit(tools, "encode", "-i", str(decoded), "-o", str(out / CPUINFO_IMAGE))
+    decoded.unlink()
+    return name
+
+
+def test_cpuinfo_check_names_the_feature_this_cpu_lacks(workdir: Path) -> None:
+    criu = Criu(CRIU, workdir / "failed")
+    real = workdir / "real"
+    real.mkdir()
+    cpuinfo_dump(criu, real)
+    assert cpuinfo_check(criu, real) == cpuinfo_check(criu, real)  # stable
+    ok = cpuinfo_check(criu, real)
+    assert ok is not None and ok.compatible
+    missing = fake_cpu(build_crit(workdir / "tools"), real, workdir / "fake")
+    bad = cpuinfo_check(criu, workdir / "fake")
+    assert bad is not None and not bad.compatible
+    assert bad.missing == (missing,) and missing in bad.summary(), bad
+    assert cpuinfo_check(criu, workdir / "tools") is None  # records no CPU: nothing to check
+
+
+def test_migrate_to_a_host_whose_cpu_lacks_a_feature_is_refused_before_anything_stops(
+    workdir: Path,
+) -> None:
+    """A's checkpoints claim a feature this CPU lacks (its criu writes the faked cpuinfo.img),
+    so B, which fetches the newest ahead, refuses it: migrate fails naming the feature and
+    both hosts, and the counter runs on on A with its count."""
+    port = 18090
+    tools = build_crit(workdir / "tools")
+    real = workdir / "real"
+    real.mkdir()
+    cpuinfo_dump(Criu(CRIU, workdir / "failed"), real)
+    missing = fake_cpu(tools, real, workdir / "fake")
+    wrapper = workdir / "criu-claims-more"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'{CRIU} "$@" || exit $?\n'
+        'if [ "$1 $2" = "cpuinfo dump" ]; then\n'
+        f'  cp {workdir / "fake" / CPUINFO_IMAGE} "$4/{CPUINFO_IMAGE}"\n'
+        "fi\n"
+    )
+    wrapper.chmod(0o755)
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-cpu-{os.getpid()}")
+        a = net.add_host(
+            "a",
+            fleet_config(net, bucket, "a") + f"criu:\n  binary: {wrapper}\n",
+        )
+        a.start()
+        b = fleet(net, bucket, "b", False, a.key_file)
+        b.start()
+        a.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
+        assert a.serve(port, 5) == "5"
+        a.checkpoint("web")
+        r = a.cli("migrate", "web", "--to", "b", check=False)
+        assert r.returncode != 0, r.stdout
+        line = r.stderr.strip().splitlines()[-1]
+        assert missing in line and "host b" in line and "host a" in line, r.stderr
+        assert a.status("web")["state"] == "running"
+        assert a.serve(port, 1) == "6"  # never stopped: its count goes on, on A
+        assert not b.connects(port)
+
+
+def fleet_config(net: Network, bucket: str, name: str) -> str:
+    from tests.support import s3_config
+    from tests.test_fleet import FLEET
+
+    return s3_config(net.moto, bucket) + FLEET.format(name=name, failover="false")
