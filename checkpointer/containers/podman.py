@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer.containers import cgroup_freezer
+from checkpointer.containers import podman_config_check as config_check
 from checkpointer.containers.base import ContainerError, Problem, Tool, copy_range
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
 from checkpointer.criu.stats import read_dump_stats
@@ -105,10 +106,12 @@ class Podman:
                 f"container {container} is running; stop it first (`podman kill {container}`)",
                 "running",
             )
+        info = self.inspect(container)
+        self._check_config(container, images, info)
         export = images.parent / f"{images.name}.import.tar"
         try:
             _pack_export(images, export)
-            if self.inspect(container) is not None:
+            if info is not None:
                 # The dead container's name must be free: the import creates it anew, rootfs
                 # changes included, from the base image.
                 self.tool.run(
@@ -133,6 +136,39 @@ class Podman:
                 "unknown",
             )
         return pid, RestoreStats(0.0, 0.0, 0)
+
+    def _check_config(self, container: str, images: Path, info: dict[str, Any] | None) -> None:
+        """Refuse (before anything is written or removed) a checkpoint whose config.dump or
+        spec.dump adds an OCI hook, a host mount or device, or a host path that this host's
+        own definition of the container lacks: they would run or mount as root."""
+        known = config_check.Known(config_check.local_spec(info), info, self._storage_roots())
+        try:
+            config = (images / f"{PREFIX}config.dump").read_text(errors="replace")
+            spec = (images / f"{PREFIX}spec.dump").read_text(errors="replace")
+            found = config_check.refusals(config, spec, known)
+        except OSError as e:
+            found = [f"the checkpoint lacks Podman's config ({e.strerror}: {e.filename})"]
+        except config_check.Refused as e:
+            found = [str(e)]
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise ContainerError(
+                f"the checkpoint of Podman container {container} asks for {found[0]}{more}, "
+                "which this host's definition of the container does not have: a restore runs "
+                "no hook and mounts no host path or device that the host does not already "
+                "grant; create the container here with it if it is meant, then restore again",
+                "config",
+            )
+
+    def _storage_roots(self) -> tuple[str, ...]:
+        """Podman's graphRoot and runRoot here: the container's own files live under them."""
+        out = self.tool.output(["podman", "info", "--format", "json"])
+        try:
+            store = json.loads(out.stdout).get("store") or {}
+            roots = tuple(str(store[k]) for k in ("graphRoot", "runRoot") if store.get(k))
+        except (ValueError, AttributeError):
+            roots = ()
+        return roots or config_check.Known(None, None).storage_roots
 
     def stop(self, container: str) -> None:
         self.tool.output(["podman", "kill", container])
