@@ -64,6 +64,17 @@ def test_a_reboot_restores_the_final_checkpoint_and_a_service_restart_takes_none
         n = int(serve(port, 4))
         assert n == 7
 
+        # A shutdown that never came (cancelled, or the command run by hand): the next
+        # daemon of the same boot thaws the tree it left stopped, and re-adopts it.
+        exec_stop(d, fake_bin, "stopping")
+        assert stopped(pid)
+        d.terminate()
+        d.start()
+        st = d.wait_for("web", lambda s: s["state"] == "running")
+        assert st["pid"] == pid and st["restores"] == [], st
+        assert not stopped(pid) and http_get(port) == "8"
+        n = 8
+
         # A reboot: ExecStop at system shutdown, then SIGTERM to the daemon, then the kill.
         t0 = time.monotonic()
         r = exec_stop(d, fake_bin, "stopping")
