@@ -95,3 +95,46 @@ def test_a_reboot_restores_the_final_checkpoint_and_a_service_restart_takes_none
         assert "comes back from its final checkpoint" in d.log.read_text()
     finally:
         d.stop()
+
+
+def test_workloads_past_the_budget_keep_their_last_checkpoint(tmp_path: Path) -> None:
+    """Oldest checkpoint first; once less budget is left than the longest final checkpoint
+    took, the rest are skipped with the reason, not started (a dump cannot be cut short)."""
+    import contextlib
+    import threading
+    from types import SimpleNamespace
+    from typing import Any
+
+    from checkpointer.engine import shutdown
+
+    class W(SimpleNamespace):
+        def alive(self) -> bool:
+            return True
+
+    ws = [
+        W(name=n, last_checkpoint=f"c-{n}", last_checkpoint_at=t, container=None, pid=None)
+        for n, t in (("new", 30.0), ("old", 10.0), ("mid", 20.0))
+    ]
+    taken: list[str] = []
+
+    def run(w: Any, generation: int | None, final: bool) -> dict[str, Any]:
+        assert final
+        taken.append(w.name)
+        time.sleep(0.3)
+        return {"id": f"final-{w.name}"}
+
+    engine: Any = SimpleNamespace(
+        workloads=lambda: ws,
+        locked=lambda w, wait: contextlib.nullcontext(),
+        ownership=SimpleNamespace(hold=lambda name: None),
+        checkpoints=SimpleNamespace(run=run),
+        save=lambda: None,
+        config=SimpleNamespace(state_dir=tmp_path),
+        lock=threading.Lock(),
+    )
+    r = shutdown.take_final_checkpoints(engine, budget=0.8)
+    assert taken == ["old", "mid"]  # "new": 0.2 s left < 0.3 s, the longest so far
+    got = {o["workload"]: (o["result"], o["checkpoint"]) for o in r["workloads"]}
+    assert got == {"old": ("final", "final-old"), "mid": ("final", "final-mid"),
+                   "new": ("kept", "c-new")}  # fmt: skip
+    assert "keeps its last scheduled checkpoint (c-new)" in r["workloads"][2]["why"]

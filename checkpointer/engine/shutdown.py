@@ -58,7 +58,7 @@ def take_final_checkpoints(engine: Engine, budget: float) -> ShutdownReport:
         left = deadline - time.monotonic()
         if left <= 0 or left < longest:
             why = (
-                f"the shutdown budget ({budget:.0f}s) had {max(left, 0):.1f}s left, the "
+                f"the shutdown budget ({budget:g}s) had {max(left, 0):.1f}s left, the "
                 f"longest final checkpoint took {longest:.1f}s: it keeps its last scheduled "
                 f"checkpoint ({w.last_checkpoint or 'none'})"
             )
