@@ -12,14 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from checkpointer.criu import Criu, cpuinfo_check, cpuinfo_dump
 from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, read_cpuinfo
-from tests.support import COUNTER, Network
-from tests.test_fleet import fleet
+from tests.support import COUNTER, Network, s3_config
+from tests.test_fleet import FLEET, fleet, until
 
 CRIU_SRC = Path(os.environ.get("CRIU_BUILD_ROOT", "/var/cache/checkpointer/criu-build"))
 CRIU = shutil.which("criu") or "/usr/local/sbin/criu"
@@ -101,25 +102,12 @@ def test_migrate_to_a_host_whose_cpu_lacks_a_feature_is_refused_before_anything_
     so B, which fetches the newest ahead, refuses it: migrate fails naming the feature and
     both hosts, and the counter runs on on A with its count."""
     port = 18090
-    tools = build_crit(workdir / "tools")
-    real = workdir / "real"
-    real.mkdir()
-    cpuinfo_dump(Criu(CRIU, workdir / "failed"), real)
-    missing = fake_cpu(tools, real, workdir / "fake")
-    wrapper = workdir / "criu-claims-more"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'{CRIU} "$@" || exit $?\n'
-        'if [ "$1 $2" = "cpuinfo dump" ]; then\n'
-        f'  cp {workdir / "fake" / CPUINFO_IMAGE} "$4/{CPUINFO_IMAGE}"\n'
-        "fi\n"
-    )
-    wrapper.chmod(0o755)
+    wrapper, missing = criu_claiming_more(workdir)
     with Network(workdir) as net:
         bucket = net.moto.create_bucket(f"ckpt-cpu-{os.getpid()}")
         a = net.add_host(
             "a",
-            fleet_config(net, bucket, "a") + f"criu:\n  binary: {wrapper}\n",
+            fleet_config(net, bucket, "a", False) + f"criu:\n  binary: {wrapper}\n",
         )
         a.start()
         b = fleet(net, bucket, "b", False, a.key_file)
@@ -136,8 +124,55 @@ def test_migrate_to_a_host_whose_cpu_lacks_a_feature_is_refused_before_anything_
         assert not b.connects(port)
 
 
-def fleet_config(net: Network, bucket: str, name: str) -> str:
-    from tests.support import s3_config
-    from tests.test_fleet import FLEET
+def test_failover_to_a_host_whose_cpu_lacks_a_feature_stands_by_and_counts_it(
+    workdir: Path,
+) -> None:
+    """A dies; B, the only other host, has failover on but its CPU lacks a feature A's
+    checkpoints record: B does not claim or restore it, says why in one line, and counts it
+    (checkpointer_cpu_incompatible_total, which the alert watches)."""
+    port = 18091
+    wrapper, missing = criu_claiming_more(workdir)
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-cpu-f-{os.getpid()}")
+        a = net.add_host(
+            "a", fleet_config(net, bucket, "a", True) + f"criu:\n  binary: {wrapper}\n"
+        )
+        a.start()
+        b = fleet(net, bucket, "b", True, a.key_file)
+        b.start()
+        a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        assert a.serve(port, 3) == "3"
+        a.checkpoint("web")
+        time.sleep(1.5)  # the spool uploads it
+        a.kill9()  # host A dies, daemon and workloads
+        until("B refuses web", lambda: "leaving it to another host" in b.log.read_text(), 40, b)
+        line = next(ln for ln in b.log.read_text().splitlines() if "leaving it to" in ln)
+        assert missing in line and "host b" in line and "host a" in line, line
+        metrics = b.http_get(b.metrics_port, path="/metrics")
+        assert 'checkpointer_cpu_incompatible_total{workload="web"} 1.0' in metrics, metrics
+        time.sleep(3)  # later scans do not fetch it again, nor take it
+        assert not b.connects(port)
+        assert b.log.read_text().count("leaving it to another host") == 1
 
-    return s3_config(net.moto, bucket) + FLEET.format(name=name, failover="false")
+
+def criu_claiming_more(workdir: Path) -> tuple[Path, str]:
+    """A criu whose `cpuinfo dump` records a feature this CPU lacks, and its name."""
+    tools = build_crit(workdir / "tools")
+    real = workdir / "real"
+    real.mkdir()
+    cpuinfo_dump(Criu(CRIU, workdir / "failed"), real)
+    missing = fake_cpu(tools, real, workdir / "fake")
+    wrapper = workdir / "criu-claims-more"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'{CRIU} "$@" || exit $?\n'
+        'if [ "$1 $2" = "cpuinfo dump" ]; then\n'
+        f'  cp {workdir / "fake" / CPUINFO_IMAGE} "$4/{CPUINFO_IMAGE}"\n'
+        "fi\n"
+    )
+    wrapper.chmod(0o755)
+    return wrapper, missing
+
+
+def fleet_config(net: Network, bucket: str, name: str, failover: bool) -> str:
+    return s3_config(net.moto, bucket) + FLEET.format(name=name, failover=str(failover).lower())

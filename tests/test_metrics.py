@@ -173,7 +173,7 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     )
     assert check.returncode == 0, check.stdout + check.stderr
     rules = prom.api("rules")["data"]["groups"][0]["rules"]
-    assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), rules
     for rule in rules:
         assert prom.api("query", query=rule["query"])["status"] == "success"
 

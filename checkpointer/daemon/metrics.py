@@ -197,6 +197,12 @@ class Metrics:
             buckets=_SECONDS_LONG,
             registry=r,
         )
+        self.cpu_incompatible = Counter(
+            "checkpointer_cpu_incompatible",
+            "Checkpoints this host refused to take over: its CPU lacks features they use",
+            w,
+            registry=r,
+        )
 
     # -- events (checkpointer.engine.events.Events) -------------------------------------
 
@@ -214,6 +220,7 @@ class Metrics:
         self.image_bytes_total.labels(workload)
         for result in ("success", "failure"):
             self.migrations.labels(workload, result)
+        self.cpu_incompatible.labels(workload)
         # Histograms too: the dashboard's duration panels show 0, not "No data", until the
         # first checkpoint or restore of the workload.
         for histogram in (
@@ -230,6 +237,10 @@ class Metrics:
         self.migrations.labels(workload, "failure" if ok else "success")
         if duration is not None:
             self.migration_duration.labels(workload).observe(duration)
+
+    def cpu_refused(self, workload: str) -> None:
+        """checkpointer/engine/migration.py: a failover this host's CPU cannot take."""
+        self.cpu_incompatible.labels(workload).inc()
 
     def retention_removed(self, workload: str) -> None:
         self.retention_deleted.labels(workload).inc()

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from checkpointer import hostinfo
 from checkpointer.api import MigrateReport
@@ -252,6 +252,39 @@ def check_cpu(engine: Engine, name: str, info: CheckpointInfo, images: Path) -> 
     )
 
 
+@runtime_checkable
+class CpuRefusals(Protocol):
+    """Events that count checkpoints this host's CPU cannot run (the daemon's metrics)."""
+
+    def cpu_refused(self, workload: str) -> None: ...
+
+
+# Workload -> the newest checkpoint this host's CPU was found unable to run: the fleet offers
+# an expired lease at every scan, and fetching the same checkpoint again says nothing new.
+_REFUSED: dict[str, str] = {}
+
+
+def _cpu_fits(engine: Engine, name: str) -> bool:
+    """Before a failover claims the lease: fetch the newest checkpoint ahead (the restore
+    then copies it) and check its CPU here. A mismatch is logged in one line and counted
+    (alert CheckpointerWorkloadCpuIncompatible when no host of the fleet can take it)."""
+    try:
+        infos = engine.repo.checkpoints(name)
+        if infos and _REFUSED.get(name) == infos[0].id:
+            return False
+        prefetch(engine, name)
+    except CpuMismatch as e:
+        _REFUSED[name] = infos[0].id
+        log.error("failover: %s; leaving it to another host", e)
+        if isinstance(engine.events, CpuRefusals):
+            engine.events.cpu_refused(name)
+        return False
+    except (CheckpointerError, StorageError, OSError) as e:  # the restore says it better
+        log.warning("failover: cannot fetch %s ahead to check its CPU: %s", name, e)
+    _REFUSED.pop(name, None)
+    return True
+
+
 def fence(engine: Engine, name: str, holder: str | None) -> None:
     """This host lost the lease of `name`: stop the copy that runs here, for good."""
     w = engine.registry.find(name)
@@ -276,6 +309,8 @@ def take_over(engine: Engine, name: str, reason: str) -> None:
     one restores and one stands by."""
     from checkpointer.engine import recovery
 
+    if reason == "failover" and not _cpu_fits(engine, name):
+        return  # stand by: a host whose CPU can run it takes it over
     w = engine.registry.find(name)
     known = w is not None
     if w is None:
