@@ -153,6 +153,9 @@ def test_failover_to_a_host_whose_cpu_lacks_a_feature_stands_by_and_counts_it(
         time.sleep(3)  # later scans do not fetch it again, nor take it
         assert not b.connects(port)
         assert b.log.read_text().count("leaving it to another host") == 1
+        r = b.cli("restore", "web", check=False)  # by hand: refused in one line too
+        assert r.returncode != 0 and missing in r.stderr and "host b" in r.stderr, r.stderr
+        assert not b.connects(port)
 
 
 def criu_claiming_more(workdir: Path) -> tuple[Path, str]:

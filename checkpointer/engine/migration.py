@@ -202,10 +202,11 @@ def _call_off(fleet: Fleet, name: str) -> None:
         log.warning("could not call off the hand-over of %s: %s", name, e)
 
 
-def prefetch(engine: Engine, name: str) -> str | None:
-    """Fetch the newest checkpoint of a workload about to be handed to this host, as its kept
-    image: the restore after the hand-over copies the pages it shares with it and fetches
-    only the rest. Returns the checkpoint fetched."""
+def prefetch(engine: Engine, name: str, checkpoint_id: str | None = None) -> str | None:
+    """Fetch the newest checkpoint (or `checkpoint_id`) of a workload about to be handed to
+    this host, as its kept image: the restore after the hand-over copies the pages it shares
+    with it and fetches only the rest. Returns the checkpoint fetched; CpuMismatch if this
+    host's CPU cannot run it."""
     from checkpointer.engine import recovery
 
     infos = engine.repo.checkpoints(name)
@@ -217,7 +218,8 @@ def prefetch(engine: Engine, name: str) -> str | None:
         w.state, w.owner = WorkloadState.ELSEWHERE, engine.ownership.owner(name)
     if w.alive():
         return None
-    newest = infos[0].id
+    info = next((c for c in infos if c.id == checkpoint_id), infos[0])
+    newest = info.id
     with engine.locked(w, wait=True):
         if w.kept is not None and w.kept.id == newest and w.kept.intact():
             return newest
@@ -225,7 +227,7 @@ def prefetch(engine: Engine, name: str) -> str | None:
         images = engine.scratch.new(name, "prefetch")
         try:
             engine.restores.materialize(w, newest, images)
-            check_cpu(engine, name, infos[0], images)
+            check_cpu(engine, name, info, images)
             w.kept = kept_image.keep(images, engine.scratch.kept_root(images), name, newest, w.kept)
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)

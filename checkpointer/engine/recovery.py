@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
+from checkpointer.criu import CpuMismatch
 from checkpointer.engine import lazy_restoring, listing, spec
 from checkpointer.engine.restoring import Restored, is_transient
 from checkpointer.engine.workload import RestoreResult, Workload, WorkloadState
@@ -54,6 +55,10 @@ def restore(
         if infos:
             engine.ownership.claim(name, infos[0].id)
         w = workload_from_repository(engine, name, checkpoint_id)
+        _check_cpu(engine, name, checkpoint_id, release=bool(infos))
+    elif w.state is WorkloadState.ELSEWHERE:  # its newest checkpoints are another host's
+        engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: runs elsewhere
+        _check_cpu(engine, name, checkpoint_id, release=True)
     with engine.locked(w, wait=True):
         if w.alive():
             raise WorkloadRunning(
@@ -88,6 +93,22 @@ def restore(
         if warning:
             done.report["warning"] = warning
         return done.report
+
+
+def _check_cpu(engine: Engine, name: str, checkpoint_id: str | None, release: bool) -> None:
+    """A restore of another host's checkpoint: fetch it ahead (the restore copies it) and
+    refuse it in one line if this CPU lacks features it uses (CpuMismatch), instead of CRIU
+    failing late or the tree dying of SIGILL. `release`: the lease was claimed for it."""
+    from checkpointer.engine import migration
+
+    try:
+        migration.prefetch(engine, name, checkpoint_id)
+    except CpuMismatch:
+        if release:
+            engine.ownership.release(name)
+        raise
+    except (CheckpointerError, StorageError, OSError) as e:  # the restore says it better
+        log.warning("cannot fetch %s ahead to check its CPU: %s", name, e)
 
 
 def marks(w: Workload) -> dict[str, tuple[str, str]]:
