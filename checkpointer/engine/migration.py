@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,12 +21,14 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from checkpointer import hostinfo
 from checkpointer.api import MigrateReport
 from checkpointer.criu import CpuMismatch, cpuinfo_check
+from checkpointer.criu.cpuinfo import CPUINFO_IMAGE
 from checkpointer.engine import kept_image
 from checkpointer.engine.workload import WorkloadState
 from checkpointer.errors import CheckpointerError, MigrationFailed, NotOwner, WorkloadNotRunning
 from checkpointer.restore_policy import Streak
 from checkpointer.workloads import process
 from storage import StorageError
+from storage.file_reader import CheckpointFiles
 from storage.leases import LeaseState
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ PREPARE_TIMEOUT = 120.0
 # How long a failed hand-over waits for the bucket to say whether it landed, before it
 # leaves the tree stopped and lets a thread find out.
 HANDED_PATIENCE = 20.0
+_CPUINFO_MAX = 64 * 1024  # CRIU writes ~150 bytes; a bigger one is not read whole
 
 
 def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
@@ -101,10 +105,10 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
         except (CheckpointerError, StorageError) as e:
             # A hand-over that failed in the store may still have landed (its reply lost):
             # the tree stays stopped until the lease says which (never two copies).
-            handed = _handed(fleet, name, to) if isinstance(e, StorageError) else False
+            handed = _handed(fleet, name, generation)
             if handed is None:
                 engine.events.migration_done(name, ok=False)
-                _resolve_later(engine, fleet, w, to, frozen)
+                _resolve_later(engine, fleet, w, to, frozen, generation)
                 raise MigrationFailed(
                     f"the hand-over of {name} to {to} may or may not have landed ({e}): the "
                     "tree is kept stopped here until the lease can be read, then runs on here "
@@ -156,9 +160,13 @@ def _thaw(engine: Engine, w: Workload, frozen: bool) -> None:
         process.thaw(w.pid)
 
 
-def _handed(fleet: Fleet, name: str, to: str, patience: float = HANDED_PATIENCE) -> bool | None:
-    """Whether the lease of `name` is now `to`'s (the hand-over landed); None if the bucket
-    cannot say within `patience` seconds."""
+def _handed(
+    fleet: Fleet, name: str, generation: int | None, patience: float = HANDED_PATIENCE
+) -> bool | None:
+    """Whether the lease of `name` has left this host (handed over, as the write may have
+    landed with its reply lost, or taken by another host meanwhile): the tree must then end
+    here. False only if it is still this host's, in the generation the migration held;
+    None if the bucket cannot say within `patience` seconds."""
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -168,17 +176,25 @@ def _handed(fleet: Fleet, name: str, to: str, patience: float = HANDED_PATIENCE)
                 return None
             time.sleep(1.0)
             continue
-        return lease is not None and lease.holder == to and lease.state is LeaseState.HANDED
+        still_ours = (
+            lease is not None
+            and lease.holder == fleet.host
+            and lease.state in (LeaseState.HELD, LeaseState.PREPARING)
+            and (generation is None or lease.generation == generation)
+        )
+        return not still_ours
 
 
-def _resolve_later(engine: Engine, fleet: Fleet, w: Workload, to: str, frozen: bool) -> None:
+def _resolve_later(
+    engine: Engine, fleet: Fleet, w: Workload, to: str, frozen: bool, generation: int | None
+) -> None:
     """The hand-over's outcome is unknown: keep the tree stopped, and once the lease can be
     read, end it here (handed: it runs there) or let it run on (still ours)."""
 
     def resolve() -> None:
         handed = None
         while handed is None:
-            handed = _handed(fleet, w.name, to, patience=30.0)
+            handed = _handed(fleet, w.name, generation, patience=30.0)
         with engine.locked(w, wait=True):
             if handed:
                 engine.teardown(w)
@@ -202,11 +218,11 @@ def _call_off(fleet: Fleet, name: str) -> None:
         log.warning("could not call off the hand-over of %s: %s", name, e)
 
 
-def prefetch(engine: Engine, name: str, checkpoint_id: str | None = None) -> str | None:
-    """Fetch the newest checkpoint (or `checkpoint_id`) of a workload about to be handed to
-    this host, as its kept image: the restore after the hand-over copies the pages it shares
-    with it and fetches only the rest. Returns the checkpoint fetched; CpuMismatch if this
-    host's CPU cannot run it."""
+def prefetch(engine: Engine, name: str) -> str | None:
+    """Fetch the newest checkpoint of a workload about to be handed to this host, as its kept
+    image: the restore after the hand-over copies the pages it shares with it and fetches
+    only the rest. Returns the checkpoint fetched; CpuMismatch if this host's CPU cannot
+    run it."""
     from checkpointer.engine import recovery
 
     infos = engine.repo.checkpoints(name)
@@ -218,7 +234,7 @@ def prefetch(engine: Engine, name: str, checkpoint_id: str | None = None) -> str
         w.state, w.owner = WorkloadState.ELSEWHERE, engine.ownership.owner(name)
     if w.alive():
         return None
-    info = next((c for c in infos if c.id == checkpoint_id), infos[0])
+    info = infos[0]
     newest = info.id
     with engine.locked(w, wait=True):
         if w.kept is not None and w.kept.id == newest and w.kept.intact():
@@ -267,14 +283,14 @@ _REFUSED: dict[str, str] = {}
 
 
 def _cpu_fits(engine: Engine, name: str) -> bool:
-    """Before a failover claims the lease: fetch the newest checkpoint ahead (the restore
-    then copies it) and check its CPU here. A mismatch is logged in one line and counted
-    (alert CheckpointerWorkloadCpuIncompatible when no host of the fleet can take it)."""
+    """Before a failover claims the lease: check the newest checkpoint's CPU here. A
+    mismatch is logged in one line and counted (alert CheckpointerWorkloadCpuIncompatible
+    when no host of the fleet can take it)."""
     try:
         infos = engine.repo.checkpoints(name)
         if infos and _REFUSED.get(name) == infos[0].id:
             return False
-        prefetch(engine, name)
+        check_cpu_of(engine, name)
     except CpuMismatch as e:
         _REFUSED[name] = infos[0].id
         log.error("failover: %s; leaving it to another host", e)
@@ -285,6 +301,23 @@ def _cpu_fits(engine: Engine, name: str) -> bool:
         log.warning("failover: cannot fetch %s ahead to check its CPU: %s", name, e)
     _REFUSED.pop(name, None)
     return True
+
+
+def check_cpu_of(engine: Engine, name: str, checkpoint_id: str | None = None) -> None:
+    """`check_cpu` of the newest checkpoint (or `checkpoint_id`), reading only its
+    `cpuinfo.img` (authenticated like every file, with the packs' indexes): a failover or a
+    restore by hand fetches the rest once it knows this host can run it."""
+    infos = engine.repo.checkpoints(name)
+    info = next((c for c in infos if c.id == checkpoint_id), infos[0] if infos else None)
+    if info is None:
+        return
+    files = CheckpointFiles(engine.repo, name, info.id, engine.repo.known_chunks(name))
+    if CPUINFO_IMAGE not in files.files or files.size(CPUINFO_IMAGE) > _CPUINFO_MAX:
+        return  # taken by an older version: nothing to check against
+    with tempfile.TemporaryDirectory(prefix="cpuinfo-") as tmp:
+        recorded = files.read(CPUINFO_IMAGE, 0, files.size(CPUINFO_IMAGE))
+        (Path(tmp) / CPUINFO_IMAGE).write_bytes(recorded)
+        check_cpu(engine, name, info, Path(tmp))
 
 
 def fence(engine: Engine, name: str, holder: str | None) -> None:

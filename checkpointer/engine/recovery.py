@@ -96,19 +96,19 @@ def restore(
 
 
 def _check_cpu(engine: Engine, name: str, checkpoint_id: str | None, release: bool) -> None:
-    """A restore of another host's checkpoint: fetch it ahead (the restore copies it) and
-    refuse it in one line if this CPU lacks features it uses (CpuMismatch), instead of CRIU
-    failing late or the tree dying of SIGILL. `release`: the lease was claimed for it."""
+    """A restore of another host's checkpoint: refuse it in one line if this CPU lacks
+    features it uses (CpuMismatch), instead of CRIU failing late or the tree dying of
+    SIGILL. `release`: the lease was claimed for it."""
     from checkpointer.engine import migration
 
     try:
-        migration.prefetch(engine, name, checkpoint_id)
+        migration.check_cpu_of(engine, name, checkpoint_id)
     except CpuMismatch:
         if release:
             engine.ownership.release(name)
         raise
     except (CheckpointerError, StorageError, OSError) as e:  # the restore says it better
-        log.warning("cannot fetch %s ahead to check its CPU: %s", name, e)
+        log.warning("cannot read the CPU %s's checkpoint was taken on: %s", name, e)
 
 
 def marks(w: Workload) -> dict[str, tuple[str, str]]:
