@@ -56,5 +56,5 @@ class Calls:
         try:
             doc = json.loads(self.codec.open(key, blob))
             return version, check_workload_name(str(doc["workload"]))
-        except (CorruptCheckpoint, ValueError, KeyError, TypeError):
+        except (CorruptCheckpoint, ValueError, KeyError, TypeError, RecursionError):
             return version, None  # planted or damaged: nothing to look at

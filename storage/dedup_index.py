@@ -30,6 +30,7 @@ from storage.packs import IndexArrays, pack_created
 
 log = logging.getLogger(__name__)
 KNOWN_TTL = 900.0  # reload the digests of other writers' packs this often
+_FORGOTTEN_KEPT = 1000  # removals remembered for refreshes under way (minutes of them)
 
 
 class ReusedPacksGone(StorageError):
@@ -53,6 +54,10 @@ class DedupIndex:
         self.repo = repo
         self._lock = threading.Lock()
         self._indexes: dict[str, tuple[ChunkIndex, float]] = {}  # workload -> (index, when)
+        # Packs forgotten, in order (workload, or None: every workload's), so that a refresh
+        # built while a removal forgot some does not bring them back.
+        self._forgotten: list[tuple[str | None, frozenset[str]]] = []
+        self._forgotten_base = 0  # how many entries were dropped from the front
 
     def check_reused(self, workload: str, reused: set[str]) -> None:
         """The packs a commit reuses must be in the store when its manifest is written
@@ -94,6 +99,8 @@ class DedupIndex:
                 return held[0]
         listed_at = time.time()
         old = held[0] if held is not None else None
+        with self._lock:
+            mark = self._forgotten_base + len(self._forgotten)
         try:
             fresh = self._from_store(workload, old, listed_at)
         except TransientStorageError as e:
@@ -107,6 +114,10 @@ class DedupIndex:
                 self._indexes.setdefault(workload, (index, 0.0))
                 return self._indexes[workload][0]
         with self._lock:
+            since = self._forgotten[max(0, mark - self._forgotten_base) :]
+            for who, packs in since:
+                if who is None or who == workload:
+                    fresh.forget(set(packs))
             self._indexes[workload] = (fresh, time.monotonic())
         return fresh
 
@@ -142,6 +153,7 @@ class DedupIndex:
         """Packs about to be deleted: no new checkpoint may reference them."""
         with self._lock:
             indexes = [index for index, _ in self._indexes.values()]
+            self._log_forgotten(None, pack_ids)
         for index in indexes:
             index.forget(pack_ids)
 
@@ -149,8 +161,18 @@ class DedupIndex:
         """Packs no checkpoint of `workload` references any more (one was removed)."""
         with self._lock:
             held = self._indexes.get(workload)
+            self._log_forgotten(workload, pack_ids)
         if held is not None and pack_ids:
             held[0].forget(pack_ids)
+
+    def _log_forgotten(self, workload: str | None, pack_ids: set[str]) -> None:
+        """Called with the lock held."""
+        if pack_ids:
+            self._forgotten.append((workload, frozenset(pack_ids)))
+        if len(self._forgotten) > _FORGOTTEN_KEPT:
+            drop = len(self._forgotten) - _FORGOTTEN_KEPT
+            del self._forgotten[:drop]
+            self._forgotten_base += drop
 
     def expire(self) -> None:
         """Refresh every index at its next use (tests; after a restore of the store)."""

@@ -23,7 +23,12 @@ import time
 from collections.abc import Callable
 
 from storage.backends.base import BlobStore
-from storage.errors import CheckpointNotFound, StorageError
+from storage.errors import (
+    CheckpointNotFound,
+    StorageAccessError,
+    StorageError,
+    TransientStorageError,
+)
 from storage.heads import Fenced, Heads
 from storage.keys import manifest_key
 
@@ -72,7 +77,8 @@ class Fencing:
         if op != "+":
             log.error("unknown head record %r ignored", record)
             return
-        if not self.backend.authoritative().exists(manifest_key(workload, checkpoint_id)):
+        # This host's own pending delete of it counts (a removal queued behind this record).
+        if not self.backend.exists(manifest_key(workload, checkpoint_id)):
             log.error(
                 "checkpoint %s of %s never reached the store (dropped from the spool): "
                 "not committed",
@@ -86,15 +92,22 @@ class Fencing:
             )
         except Fenced as e:
             log.error("checkpoint %s of %s is not committed: %s", checkpoint_id, workload, e)
+        except (TransientStorageError, StorageAccessError):
+            raise  # the uploader tries again later
+        except StorageError as e:  # a head that does not open: never retried for ever
+            log.error("checkpoint %s of %s is not committed: %s", checkpoint_id, workload, e)
 
     def ids(self, workload: str) -> list[str]:
         """The committed checkpoints, oldest first, as the head says (the store's truth: an
         outage raises), with this host's commits still queued after them."""
         got = self.heads.read(workload)
         chain = list(got[0].chain) if got is not None else list(self._legacy(workload))
+        floor = got[0].generation if got is not None else 0
         for record in self.backend.pending_records():
-            op, w, checkpoint_id, _ = record.split(" ")
-            if op == "+" and w == workload and checkpoint_id not in chain:
+            op, w, checkpoint_id, generation = record.split(" ")
+            # Only a record the head will take: one of an older generation is refused there.
+            take = op == "+" and w == workload and int(generation) >= floor
+            if take and checkpoint_id not in chain:
                 chain.append(checkpoint_id)
         return chain
 
@@ -108,18 +121,24 @@ class Fencing:
 
     def remove(self, workload: str, checkpoint_id: str) -> None:
         """Before the manifest is deleted: the head stops naming it (Fenced if we lost it)."""
-        if self.backend.is_pending(manifest_key(workload, checkpoint_id)):
+        queued = any(
+            r.split(" ")[1:3] == [workload, checkpoint_id] for r in self.backend.pending_records()
+        )
+        if queued or self.backend.is_pending(manifest_key(workload, checkpoint_id)):
             raise StorageError(
                 f"checkpoint {checkpoint_id} of {workload} is not uploaded yet: it is removed "
                 "once it is"
             )
-        self.heads.remove(workload, {checkpoint_id}, self.generation(workload))
+        self.heads.remove(
+            workload, {checkpoint_id}, self.generation(workload), lambda: self._legacy(workload)
+        )
 
     def strays(self, workload: str, grace: float) -> list[str]:
         """Manifests in the store that the head does not name, stored more than `grace` ago:
         commits of a host that had lost the workload (or a head write that never came).
         They do not exist for anyone; the owner deletes them so that GC can free their packs.
         None while the workload has no head (its listing is still the truth then)."""
+        self.generation(workload)  # NotFenced unless this host owns it
         got = self.heads.read(workload)
         if got is None:
             return []
@@ -131,6 +150,13 @@ class Fencing:
             if stored is not None and stored < cutoff:
                 out.append(checkpoint_id)
         return out
+
+    def remove_strays(self, workload: str, grace: float) -> list[str]:
+        """Delete the manifests `strays` finds; their ids."""
+        gone = self.strays(workload, grace)
+        for checkpoint_id in gone:
+            self.backend.delete(manifest_key(workload, checkpoint_id))
+        return gone
 
     def _legacy(self, workload: str) -> tuple[str, ...]:
         return tuple(sorted(self.listed(workload)))

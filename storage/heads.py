@@ -36,6 +36,10 @@ MAX_HEAD_BYTES = 256 * 1024  # ~7,000 ids: far more than any retention keeps
 _CAS_ATTEMPTS = 8
 
 
+class _Regressed(Exception):
+    """A head older than one this process saw (raised as CorruptCheckpoint if it stays)."""
+
+
 class Fenced(StorageError):
     """This host's generation is older than the head's: another host owns the workload now."""
 
@@ -70,7 +74,7 @@ class Head:
             ):
                 raise ValueError("its chain is not a list of checkpoint ids")
             head = cls(str(d["workload"]), int(d["generation"]), tuple(chain), int(d["serial"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise CorruptCheckpoint(f"the head of {workload} is unreadable ({e})") from e
         if head.workload != workload:
             raise CorruptCheckpoint(f"the head of {workload} names {head.workload}")
@@ -91,6 +95,17 @@ class Heads:
 
     def read(self, workload: str) -> tuple[Head, str] | None:
         """The head and its version, None if the workload has none yet."""
+        try:
+            return self._read(workload)
+        except _Regressed:
+            # Another thread of ours may have read (or written) a newer head while this read
+            # was on its way: ask again before calling it a replay.
+            try:
+                return self._read(workload)
+            except _Regressed as e:
+                raise CorruptCheckpoint(str(e)) from None
+
+    def _read(self, workload: str) -> tuple[Head, str] | None:
         key = head_key(check_workload_name(workload))
         try:
             blob, version = self.store.get_versioned(key, MAX_HEAD_BYTES)
@@ -100,7 +115,7 @@ class Heads:
         with self._lock:
             seen = self._seen.get(workload, (0, 0))
             if (head.generation, head.serial) < seen:
-                raise CorruptCheckpoint(
+                raise _Regressed(
                     f"the head of {workload} went back to generation {head.generation} "
                     f"(serial {head.serial}) after {seen[0]} ({seen[1]}) was seen: an old copy "
                     "was written back (a bucket writer replaying it?); refused"
@@ -126,13 +141,15 @@ class Heads:
 
         return self._update(workload, generation, add, initial)
 
-    def remove(self, workload: str, ids: set[str], generation: int) -> Head:
+    def remove(
+        self, workload: str, ids: set[str], generation: int, initial: Initial = tuple
+    ) -> Head:
         """Stop naming checkpoints (retention), before their manifests are deleted."""
 
         def drop(h: Head) -> Head:
             return replace(h, chain=tuple(c for c in h.chain if c not in ids))
 
-        return self._update(workload, generation, drop, tuple)
+        return self._update(workload, generation, drop, initial)
 
     def _update(
         self,

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from storage import keys, pins
+from storage import keys, pack_reading, pins
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
 from storage.crypto import Codec, Plain
@@ -64,10 +64,7 @@ from storage.manifest import (
 )
 from storage.pack_writer import PackWriter
 from storage.packs import (
-    MAX_INDEX_BYTES,
-    MAX_PACK_BYTES,
     IndexArrays,
-    decode_index_arrays,
 )
 from storage.rebuild import materialize
 from storage.rwlock import RWLock
@@ -157,12 +154,7 @@ class Repository:
     def remove_strays(self, workload: str) -> list[str]:
         """Fleet mode: delete the manifests of `workload` its head does not name (a stale
         owner's commits), once older than the grace period; their ids."""
-        if self.fencing is None:
-            return []
-        gone = self.fencing.strays(workload, self.gc_grace)
-        for checkpoint_id in gone:
-            self.backend.delete(manifest_key(workload, checkpoint_id))
-        return gone
+        return self.fencing.remove_strays(workload, self.gc_grace) if self.fencing else []
 
     def require_committed(self, workload: str, checkpoint_id: str) -> None:
         """CheckpointNotFound unless the checkpoint exists (in fleet mode: its head names it),
@@ -222,6 +214,9 @@ class Repository:
             total_chunks=total_chunks,
         )
         key = manifest_key(workload, cid)
+        self.backend.needs(
+            key, [k for p in sorted(writer.written) for k in (pack_key(p), index_key(p))]
+        )
         # Sealed and written a piece at a time: the whole manifest is never in memory.
         self.backend.put_pieces(key, lambda: self.codec.seal_stream(key, manifest.pieces()))
         if self.fencing is not None and generation is not None:
@@ -299,7 +294,8 @@ class Repository:
         if self.fencing is not None:
             out = []
             for cid in reversed(self.fencing.ids(workload)):
-                with contextlib.suppress(StorageError):  # unreadable: `verify` reports it
+                # Unreadable: `verify` reports it. An outage is not unreadable: it raises.
+                with contextlib.suppress(CheckpointNotFound, CorruptCheckpoint):
                     out.append(self._summary(workload, cid)[0])
             return out
         infos = []
@@ -308,7 +304,7 @@ class Repository:
                 continue
             try:
                 infos.append(self.info(workload, name.id))
-            except StorageError:
+            except (CheckpointNotFound, CorruptCheckpoint):
                 continue  # listed but unreadable: `verify` reports it; don't hide the others
         infos.sort(key=lambda i: i.id, reverse=True)
         return infos
@@ -386,35 +382,16 @@ class Repository:
         return materialize(self, workload, checkpoint_id, dest, progress, seed)
 
     def read_index(self, pack_id: str) -> IndexArrays:
-        key = index_key(pack_id)
-        raw = self.codec.open(key, self.backend.get(key, MAX_INDEX_BYTES))
-        return decode_index_arrays(raw, key)
+        return pack_reading.read_index(self.backend, self.codec, pack_id)
 
     def index_for(self, pack_id: str, where: str) -> IndexArrays:
-        try:
-            return self.read_index(pack_id)
-        except BlobNotFound as e:
-            raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
-        except CorruptCheckpoint as e:
-            raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
+        return pack_reading.index_for(self.backend, self.codec, pack_id, where)
 
     def pack_for(
         self, pack_id: str, where: str, buffer: Callable[[int], bytearray] | None = None
     ) -> bytes | memoryview:
-        """A pack's bytes, opened. With `buffer` (see BlobStore.get_into) it is read into the
-        caller's buffer, and the result is valid only until that buffer is reused."""
-        key = pack_key(pack_id)
-        try:
-            blob = (
-                self.backend.get(key, MAX_PACK_BYTES)
-                if buffer is None
-                else self.backend.get_into(key, buffer, MAX_PACK_BYTES)
-            )
-            return self.codec.open_pack(key, blob)
-        except BlobNotFound as e:
-            raise CorruptCheckpoint(f"{where} is incomplete: pack {pack_id} is missing") from e
-        except CorruptCheckpoint as e:
-            raise CorruptCheckpoint(f"{where} is corrupt: {e}") from e
+        """A pack's bytes, opened (storage/pack_reading.py)."""
+        return pack_reading.pack_for(self.backend, self.codec, pack_id, where, buffer)
 
     def verify(
         self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
@@ -459,14 +436,14 @@ class Repository:
         mine: set[str] = set()
         with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
             mine = set(self._summary(workload, checkpoint_id)[1])  # unknown id: clear error
-        if self.fencing is not None:
-            self.fencing.remove(workload, checkpoint_id)  # the head first: then it is gone
         still: set[str] = set()  # (forgetting more than needed only costs dedup)
         for c in self.checkpoints(workload):
             if c.id != checkpoint_id:
                 with contextlib.suppress(StorageError):
                     still.update(self.packs_of(workload, c.id))
-        self.dedup.forget_for(workload, mine - still)
+        self.dedup.forget_for(workload, mine - still)  # before it is gone, never after
+        if self.fencing is not None:
+            self.fencing.remove(workload, checkpoint_id)  # the head first: then it is gone
         self.backend.delete(key)
         with self._lock:
             self._summaries.pop(key, None)

@@ -41,6 +41,9 @@ class CallWatcher:
             except StorageError as e:
                 log.debug("fleet: cannot read this host's calls: %s", e)
                 continue
+            except Exception:  # never the end of the watcher
+                log.exception("fleet: reading this host's calls failed")
+                continue
             if workload is not None:
                 try:
                     self.on_call(workload)

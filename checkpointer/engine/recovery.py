@@ -301,7 +301,10 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
             # The lease first (fleet): a host back from a reboot or a partition must not
             # start a tree that another host now runs.
-            engine.ownership.claim(name, infos[0].id if infos else None)
+            if engine.ownership.claim(name, infos[0].id if infos else None) is not None:
+                # Fleet: the claim fenced the head; what the restore chooses from is read
+                # after it (a former owner's last commit may have landed just before).
+                infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
             good = [
                 c.id
                 for c in infos

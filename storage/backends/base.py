@@ -69,6 +69,12 @@ class BlobStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""
 
+    def needs(self, key: str, needed: KeyList) -> None:
+        """The blob about to be put under `key` names the blobs `needed` (a manifest, the
+        packs its commit wrote): a store that uploads later (a spool) checks they are still
+        there before it sends it. Others have nothing to do."""
+        return None
+
     def handle_records(self, apply: Callable[[str], None]) -> None:
         """Who applies `after_uploads` records (the repository, which writes heads)."""
         self._apply_record = apply

@@ -14,6 +14,7 @@ answers `exists` and `list` without reading the folder each time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ Entries = list[Entry]
 Uploaded = list[tuple[Path, str, float]]  # `.up` file, key, when it reached the remote
 
 _UP = ".up"
+_ORPHAN_AGE = 3600.0  # an `.up` pack no queued manifest needs, this old: a failed commit's
 
 
 def _seq(path: Path) -> int:
@@ -36,7 +38,10 @@ class SpoolQueue:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in folder.glob("*.tmp"):  # a write killed before its rename: never accepted
+        for stale in [
+            *folder.glob("*.tmp"),
+            *folder.glob("needs-*.tmp"),
+        ]:  # a write killed before its rename: never accepted
             stale.unlink(missing_ok=True)
         names = [p for p in folder.iterdir() if p.name.removesuffix(_UP).isdigit()]
         self._seq = max((_seq(p) for p in names), default=0)
@@ -86,13 +91,35 @@ class SpoolQueue:
         path.unlink(missing_ok=True)
         self._forget(op, key)
 
+    def set_needs(self, key: str, needed: list[str]) -> None:
+        """The blob `key` (a manifest) names these keys (the packs its commit wrote)."""
+        path = self._needs_path(key)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join([key, *needed]))
+        os.replace(tmp, path)
+
+    def needs(self, key: str) -> set[str] | None:
+        """What `set_needs` said of `key`; None if nothing was (an older spool's entry)."""
+        try:
+            first, *rest = self._needs_path(key).read_text().split("\n")
+        except (FileNotFoundError, ValueError):
+            return None
+        return set(rest) if first == key else None
+
+    def _needs_path(self, key: str) -> Path:
+        return self.folder / f"needs-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+
     def done(self, batch: Entries) -> None:
-        """The remote has these. Packs wait as `.up` for the manifest after them; a manifest
-        releases every `.up` queued before it."""
+        """The remote has these. Packs wait as `.up` for the manifest that needs them (all
+        those queued before it, for a manifest whose needs are not known); once no manifest
+        waits at all, `.up` entries older than an hour are let go (a failed commit's)."""
         for path, op, key in batch:
             if op == "P" and key.startswith(MANIFESTS):
-                for up, _, _ in self.uploaded(before=_seq(path)):
-                    up.unlink(missing_ok=True)
+                needed = self.needs(key)
+                for up, up_key, _ in self.uploaded(before=_seq(path)):
+                    if needed is None or up_key in needed:
+                        up.unlink(missing_ok=True)
+                self._needs_path(key).unlink(missing_ok=True)
             if op == "P" and key.startswith(PACKS):
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(path, None)  # when it reached the remote
@@ -100,6 +127,9 @@ class SpoolQueue:
             else:
                 path.unlink(missing_ok=True)
             self._forget(op, key)
+        if not any(k.startswith(MANIFESTS) for k in self.pending_puts()):
+            for up, _, _ in older_than(self.uploaded(), _ORPHAN_AGE):
+                up.unlink(missing_ok=True)
 
     def uploaded(self, before: int | None = None) -> Uploaded:
         """Packs on the remote whose manifest is not, oldest first (queued before `before`)."""

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,7 @@ class SpooledBlobStore(BlobStore):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._records = threading.Event()  # set once a handler of records is registered
+        self._putting: Counter[str] = Counter()  # puts between local copy and queue entry
         self.online = True
         self._stop = False
         self._pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="upload")
@@ -88,12 +90,21 @@ class SpooledBlobStore(BlobStore):
     # -- the BlobStore interface -------------------------------------------------------
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        self.cache.put(key, data)  # BlobExists here: a local writer already has it
-        self._enqueue("P", key)
+        self.put_pieces(key, lambda: (data,))
 
     def put_pieces(self, key: str, pieces: Callable[[], Iterable[bytes | memoryview]]) -> None:
-        self.cache.put_pieces(key, pieces)
-        self._enqueue("P", key)
+        # Between the local copy and its queue entry the blob is neither cached-only nor
+        # pending: the cache's trim must not run then (it would drop a blob to upload).
+        with self._lock:
+            self._putting[key] += 1
+        try:
+            self.cache.put_pieces(key, pieces)  # BlobExists: a local writer already has it
+            self._enqueue("P", key)
+        finally:
+            with self._lock:
+                self._putting[key] -= 1
+                if self._putting[key] <= 0:
+                    del self._putting[key]
 
     def get(self, key: str, limit: int | None = None) -> bytes:
         try:
@@ -155,7 +166,8 @@ class SpooledBlobStore(BlobStore):
             puts |= self.queue.pending_puts()
             deletes |= self.queue.pending_deletes()
             keys = (remote | {k for k in puts if k.startswith(prefix)}) - deletes
-            for key in set(self.cache.list(prefix)) - keys - puts:
+            waiting = {key for _, key, _ in self.queue.uploaded()}  # _recheck_before's copies
+            for key in set(self.cache.list(prefix)) - keys - puts - waiting:
                 self.cache.delete(key)
         return iter(sorted(keys))
 
@@ -185,6 +197,12 @@ class SpooledBlobStore(BlobStore):
     def delete(self, key: str) -> None:
         self.cache.delete(key)
         self._enqueue("D", key)
+
+    def needs(self, key: str, needed: KeyList) -> None:
+        """Remembered with the queue: the uploader checks these are still in the bucket
+        before it sends `key`, and keeps their local copies until then."""
+        with self._lock:
+            self.queue.set_needs(key, needed)
 
     def after_uploads(self, record: str) -> None:
         """Queued: applied (`handle_records`) once everything queued before it is uploaded,
@@ -278,6 +296,12 @@ class SpooledBlobStore(BlobStore):
                     self._wake.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            except Exception:  # a bug or a local disk error: never the end of the uploads
+                log.exception("the uploader failed on %s; trying again", batch[0][2])
+                with self._lock:
+                    self._wake.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
             if not self.online:
                 log.info("remote storage is back: uploading the spooled checkpoints")
             self.online, backoff = True, 1.0
@@ -309,7 +333,12 @@ class SpooledBlobStore(BlobStore):
         if head[1] != "P" or not head[2].startswith(MANIFESTS):
             return True
         with self._lock:
-            uploaded = self.queue.uploaded(before=self.queue.seq_of(head))
+            needed = self.queue.needs(head[2])
+            uploaded = [
+                u
+                for u in self.queue.uploaded(before=self.queue.seq_of(head))
+                if needed is None or u[1] in needed
+            ]
         for _, key, _ in older_than(uploaded, self.recheck_after):
             if self.remote.exists(key):
                 continue
@@ -408,12 +437,15 @@ class SpooledBlobStore(BlobStore):
             with contextlib.suppress(FileNotFoundError):
                 st = (self.cache.root / key).stat()
                 total += st.st_size
-                if key not in pending and not key.startswith("manifests/"):
+                if key not in pending and not key.startswith(MANIFESTS):
                     files.append((st.st_mtime, st.st_size, key))
         if total <= self.cache_max_bytes:
             return
         for _, size, key in sorted(files):
-            self.cache.delete(key)
+            with self._lock:  # decided again at the moment of deleting: a put may be under way
+                if key in self._putting or self.queue.pending_put(key):
+                    continue
+                self.cache.delete(key)
             total -= size
             if total <= self.cache_max_bytes:
                 return
