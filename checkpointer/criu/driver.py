@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from checkpointer import children
+from checkpointer.criu import stale_proc_dir
 from checkpointer.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
 from checkpointer.errors import CheckpointerError
 
@@ -477,7 +478,12 @@ class Criu:
             *opts.extra_args("dump"),
         ]
         with _DUMP_LOCK:
-            self.run_logged(cmd, log, label, "dump")
+            try:
+                self.run_logged(cmd, log, label, "dump")
+            except CriuError as e:
+                if e.category != "proc-dir-exists" or not stale_proc_dir.clear(pid):
+                    raise
+                self.run_logged(cmd, log, label, "dump")  # once more, the leftover gone
         log.unlink(missing_ok=True)
         return read_dump_stats(images_dir)
 
