@@ -37,6 +37,12 @@ class FakeCriu:
     def version(self) -> str:
         return "4.2.1"
 
+    def exe(self) -> str:
+        return "criu"
+
+    def run_logged(self, cmd: list[str], log: Path, label: str, op: str) -> None:
+        """Other CRIU commands (the cpuinfo dump after a checkpoint): nothing to record."""
+
     def dump(
         self, pid: int, images: Path, options: DumpOptions, label: str, final: bool = False
     ) -> DumpStats:
