@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from checkpointer.config import Config
 from checkpointer.criu import CpuMismatch
 from checkpointer.daemon.fleet_calls import CallWatcher
+from checkpointer.daemon.fleet_clock import ClockSkewed, store_clock_offset
 from checkpointer.daemon.lease_memory import SeenGenerations
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.errors import FleetUnavailable, MigrationFailed, NotOwner
@@ -76,10 +77,6 @@ class FleetHooks:
     # deadline even while this daemon is paused: told every deadline, and when there is none.
     guard: Callable[[str, float], None] = lambda name, deadline: None
     unguard: Callable[[str], None] = lambda name: None
-
-
-class ClockSkewed(FleetUnavailable):
-    """This host's clock and the store's differ by more than fleet.clock_skew."""
 
 
 class Fleet:
@@ -136,27 +133,16 @@ class Fleet:
         self.check_clock()
 
     def check_clock(self) -> float | None:
-        """Compare this host's clock with the store's (its HTTP Date: whole seconds); raise
-        ClockSkewed when they surely differ by more than clock_skew. Leases do not depend on
-        it (their expiry is judged on monotonic clocks), but checkpoint ids and "newest" are
-        wall-clock times, and a host far off would order them wrongly."""
-        before = self.clock()
-        server = self.store.server_time()
-        after = self.clock()
+        """This host's clock against the store's (fleet_clock.py); ClockSkewed beyond
+        clock_skew."""
         self._clock_checked = self.monotonic()
-        if server is None:
-            return None
-        # The Date header truncates to the second: the server's time when it answered lies
-        # in [server, server + 1), ours in [before, after].
-        offset = server + 0.5 - (before + after) / 2
-        self.clock_offset = offset
-        if abs(offset) - (0.5 + (after - before) / 2) > self.skew:
-            raise ClockSkewed(
-                f"this host's clock differs from the store's ({self.store.describe()}) by "
-                f"{offset:+.1f}s, more than fleet.clock_skew ({self.skew:g}s): fleet mode is "
-                "refused until the clock is synchronised (check chronyd / systemd-timesyncd: "
-                "`timedatectl status`)"
-            )
+        try:
+            offset = store_clock_offset(self.store, self.clock, self.skew)
+        except ClockSkewed as e:
+            self.clock_offset = e.offset  # exported, then refused
+            raise
+        if offset is not None:
+            self.clock_offset = offset
         return offset
 
     def start(self, hooks: FleetHooks) -> None:
