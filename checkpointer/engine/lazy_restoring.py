@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 from checkpointer.criu import CriuError, RestoreStats
 from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
+from checkpointer.engine.restoring import storage_unavailable
 from checkpointer.engine.workload import LazyInFlight, RestoreResult, Workload
 from checkpointer.errors import RestoreFailed
 from storage import StorageError
-from storage.errors import StorageAccessError, TransientStorageError
 from storage.file_reader import CheckpointFiles
 
 if TYPE_CHECKING:
@@ -42,14 +42,6 @@ log = logging.getLogger(__name__)
 
 _PAGES = re.compile(r"pages-(\d+)\.img")
 _EARLY = re.compile(r"(inventory|pstree|core-\d+|ids-\d+)\.img")
-
-
-def storage_unavailable(e: BaseException) -> bool:
-    """Whether a failure to read the checkpoint says the storage (or the local disk) failed,
-    not the checkpoint: the same rule as a full restore's materialisation (restoring.py)."""
-    if isinstance(e, TransientStorageError | StorageAccessError):
-        return True
-    return isinstance(e, OSError) and not isinstance(e, StorageError) and bool(e.errno)
 
 
 class RepositoryPages:

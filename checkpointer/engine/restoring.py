@@ -40,12 +40,12 @@ _ENVIRONMENT = frozenset(
 )
 
 
-def _checkpoints_fault(e: BaseException) -> bool:
-    """Whether a failed materialisation says the checkpoint itself is bad (damaged data, a
-    pack gone), as opposed to storage unreachable or the local disk full."""
+def storage_unavailable(e: BaseException) -> bool:
+    """Whether a failure to read a checkpoint says the storage (or the local disk) failed,
+    not the checkpoint (damaged data, a pack gone): one rule for full and lazy restores."""
     if isinstance(e, TransientStorageError | StorageAccessError):
-        return False
-    return not (isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno)
+        return True
+    return isinstance(e, OSError) and not isinstance(e, StorageError) and bool(e.errno)
 
 
 def is_transient(e: BaseException) -> bool:
@@ -251,7 +251,7 @@ class RestorePipeline:
         except (StorageError, OSError) as e:
             w.last_error = str(e)
             raise RestoreFailed(
-                f"cannot restore {w.name}: {e}", transient=not _checkpoints_fault(e)
+                f"cannot restore {w.name}: {e}", transient=storage_unavailable(e)
             ) from e
 
     def _seed(self, w: Workload) -> tuple[str, Path] | None:
