@@ -10,6 +10,7 @@ parsed strictly here (a name that does not parse is not ours and is ignored by l
     packs/<xx>/<pack id>.pack           chunks, compressed (and sealed)
     packs/<xx>/<pack id>.idx            the pack's index, written after its pack
     pins/<workload>/<id>                a checkpoint retention must keep
+    marks/<workload>/<id>               what a restore drill found of a checkpoint
     leases/<workload>                   which host owns the workload (storage/leases.py)
     heads/<workload>                    which checkpoints exist, fleet mode (storage/heads.py)
     hosts/<host id>                     a host's heartbeat
@@ -31,6 +32,7 @@ CONFIG = "config"
 MANIFESTS = "manifests/"
 PACKS = "packs/"
 PINS = "pins/"
+MARKS = "marks/"
 KEYS = "keys/"
 LEASES = "leases/"
 HOSTS = "hosts/"
@@ -54,6 +56,8 @@ class FileType(StrEnum):
     """Where each chunk of a pack lies; written after the pack, so it names a whole pack."""
     PIN = "pin"
     """A checkpoint that retention keeps whatever its rules say."""
+    MARK = "mark"
+    """What a restore drill found of a checkpoint: verified, or failed and why."""
     LEASE = "lease"
     """Which host owns a workload, replaced only with conditional writes."""
     HOST = "host"
@@ -96,6 +100,14 @@ def pin_key(workload: str, checkpoint_id: str) -> str:
 
 def pins_of(workload: str) -> str:
     return f"{PINS}{check_workload_name(workload)}/"
+
+
+def mark_key(workload: str, checkpoint_id: str) -> str:
+    return f"{MARKS}{workload}/{checkpoint_id}"
+
+
+def marks_of(workload: str) -> str:
+    return f"{MARKS}{check_workload_name(workload)}/"
 
 
 def key_key(key_id: str) -> str:
@@ -165,6 +177,8 @@ def parse(key: str) -> ObjectName | None:
         return ObjectName(FileType.MANIFEST, name[: -len(".json")], middle)
     if top == PINS and is_checkpoint_id(name):
         return ObjectName(FileType.PIN, name, middle)
+    if top == MARKS and is_checkpoint_id(name):
+        return ObjectName(FileType.MARK, name, middle)
     return None
 
 
