@@ -7,9 +7,10 @@
   one; buckets without a checkpoint do not count.
 - `keep_within D` keeps everything created within D of the *newest* checkpoint (not of now,
   so a workload that stopped checkpointing does not lose its history by waiting).
-- Pinned checkpoints and the latest good one are always kept.
-- `max_total_bytes` then removes the oldest kept checkpoints (never a pinned one or the
-  latest good one) until the sum of their image sizes fits.
+- Pinned checkpoints, the latest good one and the newest verified one (a restore drill proved
+  it restores: the one to fall back on when newer ones fail) are always kept.
+- `max_total_bytes` then removes the oldest kept checkpoints (never a pinned one, the latest
+  good one or the newest verified one) until the sum of their image sizes fits.
 An empty policy is refused: it would delete everything.
 """
 
@@ -92,11 +93,15 @@ def decide(
     items: list[Item],
     pinned: frozenset[str] = frozenset(),
     protected: frozenset[str] = frozenset(),
+    verified: frozenset[str] = frozenset(),
 ) -> list[Verdict]:
-    """A verdict per checkpoint, newest first, with the rules that kept it."""
+    """A verdict per checkpoint, newest first, with the rules that kept it. `verified`: the
+    checkpoints a restore drill proved (and nothing has marked bad since); the newest of them
+    is kept."""
     check_policy(policy)
     items = sorted(items, key=lambda i: (i.created, i.id), reverse=True)
     verdicts = [Verdict(i.id, i.created) for i in items]
+    newest_verified = next((v.id for v in verdicts if v.id in verified), None)
 
     def keep(v: Verdict, why: str) -> None:
         v.keep = True
@@ -128,13 +133,16 @@ def decide(
             keep(v, "pinned")
         if v.id in protected:
             keep(v, "latest good")
+        if v.id == newest_verified:
+            keep(v, "newest verified")
     if policy.max_total_bytes is not None:
         sizes = {i.id: i.size_bytes for i in items}
         total = sum(sizes[v.id] for v in verdicts if v.keep)
         for v in reversed(verdicts):  # oldest first
             if total <= policy.max_total_bytes:
                 break
-            if v.keep and v.id not in pinned and v.id not in protected:
+            spared = v.id in pinned or v.id in protected or v.id == newest_verified
+            if v.keep and not spared:
                 v.keep = False
                 v.reasons = [f"over max_total_bytes ({policy.max_total_bytes})"]
                 total -= sizes[v.id]

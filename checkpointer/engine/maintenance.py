@@ -8,7 +8,7 @@ import logging
 from checkpointer.api import GcReport, RetentionRow
 from checkpointer.config import Retention
 from checkpointer.engine.events import Events
-from storage import Repository, StorageError, gc, retention
+from storage import Repository, StorageError, gc, marks, retention
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import TransientStorageError
 
@@ -52,11 +52,17 @@ class Maintenance:
             except StorageError as e:
                 log.warning("retention: cannot remove fenced checkpoints of %s: %s", name, e)
         good = [i.id for i in infos if i.id not in bad]
+        try:  # the newest checkpoint a restore drill proved is kept too (engine/drills.py)
+            marked = marks.read(self.repo.backend, self.repo.codec, name)
+        except StorageError as e:
+            log.warning("retention of %s waits: its drill marks cannot be read: %s", name, e)
+            return []
         verdicts = retention.decide(
             policy,
             [retention.Item(i.id, i.created, i.size_bytes) for i in infos],
             pinned=frozenset(self.repo.pins(name)),
             protected=frozenset(good[:1]),
+            verified=frozenset(c for c, m in marked.items() if m.verified and c not in bad),
         )
         rows: list[RetentionRow] = []
         for v in verdicts:
@@ -73,6 +79,8 @@ class Maintenance:
                 continue
             try:
                 self.repo.delete(name, v.id)
+                if v.id in marked:
+                    marks.remove(self.repo.backend, name, {v.id})
                 self.events.retention_removed(name)
                 log.info("retention: removed checkpoint %s of %s", v.id, name)
             except StorageError as e:
