@@ -9,6 +9,7 @@ exists until subprocess has reaped it.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -24,9 +25,7 @@ def run(
     """subprocess.run for a child the reaper must leave alone. Never uses a shell."""
     if kwargs.pop("capture_output", False):
         kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
-    with LOCK:
-        proc = subprocess.Popen(list(cmd), text=True, **kwargs)
-        OWN.add(proc.pid)
+    proc: subprocess.Popen[str] = spawn(cmd, text=True, **kwargs)
     try:
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -36,5 +35,33 @@ def run(
             raise
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
-        with LOCK:
-            OWN.discard(proc.pid)
+        _forget(proc.pid)
+
+
+def spawn(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """subprocess.Popen for a child the reaper must leave alone until `reap` has collected
+    it. Never uses a shell."""
+    with LOCK:
+        proc = subprocess.Popen(list(cmd), **kwargs)
+        OWN.add(proc.pid)
+    return proc
+
+
+def reap(proc: subprocess.Popen[Any], kill: bool, timeout: float = 10.0) -> int | None:
+    """Wait for a child started by `spawn` (SIGKILLed first with `kill`) and let the reaper
+    have its PID again; None if it did not exit within `timeout` (it stays ours then)."""
+    if kill and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    _forget(proc.pid)
+    return rc
+
+
+def _forget(pid: int) -> None:
+    """`pid` has been waited for: the reaper may collect that PID again."""
+    with LOCK:
+        OWN.discard(pid)

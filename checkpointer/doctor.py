@@ -11,7 +11,7 @@ from pathlib import Path
 
 from checkpointer.config import Config
 from checkpointer.criu import Criu, CriuError, kdat_cache
-from checkpointer.criu.driver import INSTALL_HINT
+from checkpointer.criu.failures import INSTALL_HINT
 from storage.backends import BlobStore
 
 TESTED_CRIU = "4.2.1"

@@ -12,7 +12,8 @@ import pytest
 
 from checkpointer.config import CriuOptions
 from checkpointer.criu import CriuError, DumpOptions
-from checkpointer.criu.driver import ALLOWED_EXTRA_OPTIONS, check_extra_options, extra_argv
+from checkpointer.criu.driver import restore_argv
+from checkpointer.criu.options import ALLOWED_EXTRA_OPTIONS, check_extra_options, extra_argv
 from checkpointer.engine.registry import from_json, to_json
 from checkpointer.engine.workload import Workload, WorkloadKind
 from tests.support import Daemon, free_port, http_get, kill_tree, serve
@@ -146,6 +147,22 @@ def test_argv_per_run_keeps_values_separate() -> None:
     with pytest.raises(CriuError) as e:
         DumpOptions(extra_options=("--pidfile=/x",)).extra_args("dump")
     assert e.value.category == "bad-option"
+
+
+def test_a_lazy_restore_passes_the_same_options_as_a_full_one() -> None:
+    """One command line for both restores: a workload option a lazy restore dropped (its
+    TCP connections, its extra options, the files it inherits) would fail only there."""
+    opts = DumpOptions(tcp_established=True, tcp_close=True, extra_options=("--weak-sysctls",))
+    where = (Path("/s/img"), Path("/s/img.pid"), Path("/s/img.restore.log"))
+    inherit = [(7, "pipe[123]")]
+    full = restore_argv("criu", *where, opts, inherit)
+    lazy = restore_argv("criu", *where, opts, inherit, lazy=True)
+    assert [a for a in lazy if a != "--lazy-pages"] == full
+    assert lazy.count("--lazy-pages") == 1 and "--lazy-pages" not in full
+    for arg in ("--tcp-established", "--tcp-close", "--weak-sysctls", "fd[7]:pipe[123]"):
+        assert arg in full
+    assert full[full.index("--images-dir") + 1] == "/s/img"
+    assert full[full.index("--pidfile") + 1] == "/s/img.pid"
 
 
 def test_registry_keeps_the_options() -> None:

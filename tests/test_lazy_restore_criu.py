@@ -31,16 +31,14 @@ import pytest
 from checkpointer import children
 from checkpointer.criu import Criu, DumpOptions
 from checkpointer.criu.lazy import (
-    PS_IOV_CLOSE,
-    PS_IOV_GET,
     FolderPageSource,
     LazyRange,
     LazyRestore,
     PageIndex,
-    PageServer,
     PageSource,
     prepare_restore_dir,
 )
+from checkpointer.criu.lazy.page_server import PS_IOV_CLOSE, PS_IOV_GET, PageServer
 from checkpointer.criu.pagemap import (
     PAGE_SIZE,
     PageFlag,

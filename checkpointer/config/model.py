@@ -23,7 +23,7 @@ from pydantic import (
 
 from checkpointer.config.cron import check_cron
 from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval, Timeout
-from checkpointer.criu.driver import check_extra_options
+from checkpointer.criu.options import check_extra_options
 from checkpointer.errors import ConfigError
 from storage import retention
 from storage.keys import check_host_id
@@ -46,7 +46,7 @@ class CriuOptions(_Strict):
     tcp_close: bool = Field(False, description="restore established TCP connections closed")
     extra_options: list[str] = Field(
         default_factory=list,
-        description="more CRIU options, from an allow-list (criu/driver.py), e.g. "
+        description="more CRIU options, from an allow-list (criu/options.py), e.g. "
         "--manage-cgroups=full, --ghost-limit=64M; kept in canonical --opt=value form",
     )
 

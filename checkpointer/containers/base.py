@@ -23,7 +23,7 @@ from typing import Protocol
 
 from checkpointer import children
 from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
-from checkpointer.criu.driver import classify
+from checkpointer.criu.failures import classify
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

@@ -1,7 +1,15 @@
-"""The only code that runs CRIU. Shaped like CRIU's operations: check, dump, restore."""
+"""The only code that runs CRIU. Shaped like CRIU's operations: check, dump, restore.
+
+driver runs CRIU; options says what CRIU is told about a workload (and the allow-list of extra
+options); failures names what went wrong (CriuError, the log's category and advice); stats,
+pagemap and images read CRIU's images; cpuinfo, kdat_cache and stale_proc_dir deal with this
+host; lazy/ restores a tree whose memory follows on demand.
+"""
 
 from checkpointer.criu.cpuinfo import CpuCheck, CpuMismatch, cpuinfo_check, cpuinfo_dump
-from checkpointer.criu.driver import Criu, CriuError, DumpOptions
+from checkpointer.criu.driver import Criu
+from checkpointer.criu.failures import CriuError
+from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.stats import DumpStats, RestoreStats
 
 __all__ = [

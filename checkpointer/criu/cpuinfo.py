@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpointer import children
-from checkpointer.criu.driver import Criu, CriuError
+from checkpointer.criu.driver import Criu
+from checkpointer.criu.failures import CriuError
 from checkpointer.criu.pagemap import read_varint
 
 CPUINFO_IMAGE = "cpuinfo.img"
