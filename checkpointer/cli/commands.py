@@ -2,191 +2,40 @@
 
 Both may also come before the command name (`checkpointer --config FILE status`); given on
 both sides, the one after the command wins. Errors print one line (`error: ...`) and exit 1;
-usage errors exit 2. No tracebacks.
+usage errors exit 2. No tracebacks. What the commands share is in options.py; the `key`,
+`drain` and `shutdown-checkpoint` commands in their own modules, added to the group here.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from checkpointer import __version__
 from checkpointer.cli import rendering as show
 from checkpointer.cli.client import Client
-from checkpointer.config import Config, load_config
-from checkpointer.config.durations import parse_duration
-from checkpointer.errors import CheckpointerError
-from storage import StorageError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-@dataclass(frozen=True)
-class GlobalOptions:
-    """--config and --json given before the command name (the group's options)."""
-
-    config_path: Path | None = None
-    as_json: bool = False
-
-
-def _before_command() -> GlobalOptions:
-    obj = click.get_current_context().find_root().obj
-    return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
-
-
-def _config_option() -> Callable[[F], F]:
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="config file (default: $CHECKPOINTER_CONFIG, "
-        "/etc/checkpointer/config.yaml, or built-in defaults)",
-    )
-
-
-def common(reporting: bool = True) -> Callable[[F], F]:
-    """--config on every command, --json on reporting ones; turn known errors into one line.
-
-    Either option left out after the command name takes its value from before it."""
-
-    def wrap(fn: F) -> F:
-        @_config_option()
-        @functools.wraps(fn)
-        def inner(config_path: Path | None, **kw: Any) -> Any:
-            before = _before_command()
-            if config_path is None:
-                config_path = before.config_path
-            if reporting:
-                kw["as_json"] = kw["as_json"] or before.as_json
-            elif before.as_json:
-                ctx = click.get_current_context()
-                raise click.UsageError(f"--json does not apply to {ctx.info_name}", ctx=ctx)
-            try:
-                config = load_config(config_path)
-                return fn(config, **kw)
-            except CheckpointerError as e:
-                _fail(str(e), 2 if e.kind == "config" else 1)
-            except StorageError as e:
-                _fail(str(e))
-            except ValueError as e:
-                _fail(str(e), 2)
-
-        if reporting:
-            inner = click.option(
-                "--json", "as_json", is_flag=True, help="print JSON instead of a table"
-            )(inner)
-        return inner  # type: ignore[return-value]
-
-    return wrap
-
-
-def _duration(_ctx: Any, _param: Any, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
-
-
-def _criu_flags(fn: F) -> F:
-    for flag in ("tcp-established", "file-locks", "ext-unix-sk", "shell-job"):
-        fn = click.option(
-            f"--{flag}", is_flag=True, help=f"pass --{flag} to CRIU for this workload"
-        )(fn)
-    fn = click.option(
-        "--criu-opt",
-        "criu_opts",
-        multiple=True,
-        metavar="OPT",
-        help="another CRIU option from the allow-list, e.g. --criu-opt --manage-cgroups=full "
-        "or --criu-opt '--ghost-limit 64M' (repeatable)",
-    )(fn)
-    return fn
-
-
-def _schedule_flags(fn: F) -> F:
-    fn = click.option("--every", help="checkpoint interval, e.g. 30s, 5m")(fn)
-    fn = click.option("--cron", help="checkpoint schedule, 5-field cron expression (UTC)")(fn)
-    fn = click.option("--jitter", help="random delay added to each scheduled run, e.g. 5s")(fn)
-    fn = click.option(
-        "--keep-last",
-        type=click.IntRange(min=1),
-        default=None,
-        help="checkpoints kept (default: the config's top-level retention)",
-    )(fn)
-    fn = click.option(
-        "--max-restore-attempts",
-        type=click.IntRange(min=1),
-        default=None,
-        help="automatic restores in a crash loop before the workload is failed",
-    )(fn)
-    fn = click.option(
-        "--no-auto-restore", is_flag=True, help="do not restore by itself when the tree dies"
-    )(fn)
-    fn = click.option(
-        "--lazy-restore",
-        is_flag=True,
-        help="restores from the repository start the tree first, its memory on demand",
-    )(fn)
-    return fn
-
-
-def _options(kw: dict[str, Any]) -> dict[str, Any]:
-    """The workload options (config schema) from the flags, checked here (a usage error
-    before the daemon is asked) with the model the daemon validates them with again."""
-    from pydantic import ValidationError
-
-    from checkpointer.config import WorkloadOptions, format_validation_error
-    from checkpointer.errors import ConfigError
-
-    criu: dict[str, Any] = {
-        k: kw.pop(k) for k in ("tcp_established", "file_locks", "ext_unix_sk", "shell_job")
-    }
-    extra = list(kw.pop("criu_opts", ()) or ())
-    if extra:
-        criu["extra_options"] = extra
-    restore: dict[str, Any] = {}
-    if kw.pop("no_auto_restore"):
-        restore["on_crash"] = False
-    if kw.pop("lazy_restore"):
-        restore["lazy"] = True
-    attempts = kw.pop("max_restore_attempts")
-    if attempts:
-        restore["max_attempts"] = attempts
-    opts: dict[str, Any] = {"criu": criu, "restore": restore}
-    keep_last = kw.pop("keep_last")
-    if keep_last:
-        opts["retention"] = {"keep_last": keep_last}
-    for key in ("every", "cron", "jitter"):
-        value = kw.pop(key)
-        if value is not None:
-            opts[key] = value
-    try:
-        WorkloadOptions.model_validate(opts)
-    except ValidationError as e:
-        raise ConfigError(f"invalid workload options: {format_validation_error(e, opts)}") from e
-    return opts
+from checkpointer.cli.daemon_logging import setup_logging
+from checkpointer.cli.fleet_commands import drain, shutdown_checkpoint
+from checkpointer.cli.key_commands import key
+from checkpointer.cli.options import (
+    GlobalOptions,
+    config_option,
+    criu_flags,
+    fail,
+    schedule_flags,
+    workload_options,
+)
+from checkpointer.cli.options import common as common  # drill_command.py imports it here
+from checkpointer.config import Config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="checkpointer")
-@_config_option()
+@config_option()
 @click.option(
     "--json", "as_json", is_flag=True, help="print JSON instead of a table (reporting commands)"
 )
@@ -211,8 +60,8 @@ def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> Non
     from checkpointer.daemon.main import run_daemon
 
     if os.geteuid() != 0:
-        _fail("the daemon must run as root: CRIU needs CAP_SYS_ADMIN and friends")
-    _setup_logging(log_format)
+        fail("the daemon must run as root: CRIU needs CAP_SYS_ADMIN and friends")
+    setup_logging(log_format)
     run_daemon(config, stop_workloads_on_exit)
 
 
@@ -222,8 +71,8 @@ def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> Non
 @click.argument("command", nargs=-1, required=True)
 @click.option("--cwd", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--env", multiple=True, help="KEY=VALUE for the workload's environment")
-@_schedule_flags
-@_criu_flags
+@schedule_flags
+@criu_flags
 def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw: Any) -> None:
     """Start COMMAND as managed workload NAME (own PID namespace): run NAME -- CMD ARGS..."""
     env = {}
@@ -236,7 +85,7 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
     result = Client(config.socket_path).run(
         name,
         list(command),
-        options=_options(kw),
+        options=workload_options(kw),
         env=env,
         cwd=str(cwd.resolve() if cwd else Path.cwd()),
     )
@@ -252,8 +101,8 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
 @click.option(
     "--podman", "podman", metavar="CONTAINER", default=None, help="a Podman container (runc)"
 )
-@_schedule_flags
-@_criu_flags
+@schedule_flags
+@criu_flags
 def register(
     config: Config,
     as_json: bool,
@@ -271,7 +120,7 @@ def register(
         name,
         pid=pid,
         pidfile=str(pidfile.resolve()) if pidfile else None,
-        options=_options(kw),
+        options=workload_options(kw),
         lxc=lxc,
         podman=podman,
     )
@@ -422,40 +271,9 @@ def doctor(config: Config, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _setup_logging(fmt: str) -> None:
-    if fmt == "json":
-
-        class _Json(logging.Formatter):
-            def format(self, r: logging.LogRecord) -> str:
-                return json.dumps(
-                    {
-                        "time": self.formatTime(r),
-                        "level": r.levelname,
-                        "logger": r.name,
-                        "message": r.getMessage(),
-                    }
-                )
-
-        handler = logging.StreamHandler()
-        handler.setFormatter(_Json())
-        logging.basicConfig(level=logging.INFO, handlers=[handler])
-    else:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-
-def _add_key_commands() -> None:
-    from checkpointer.cli.fleet_commands import drain, shutdown_checkpoint
-    from checkpointer.cli.key_commands import key  # these import `common` from here
-
-    cli.add_command(key)
-    cli.add_command(drain)
-    cli.add_command(shutdown_checkpoint)
-
-
-_add_key_commands()
+cli.add_command(key)
+cli.add_command(drain)
+cli.add_command(shutdown_checkpoint)
 
 
 def main() -> None:
@@ -466,7 +284,7 @@ def main() -> None:
     except Exception as e:
         if os.environ.get("CHECKPOINTER_DEBUG"):
             raise
-        _fail(
+        fail(
             f"internal error ({type(e).__name__}: {e}); rerun with CHECKPOINTER_DEBUG=1 for "
             "the traceback and report it"
         )

@@ -12,7 +12,7 @@ import click
 from checkpointer.api import DrainReport, Op, ShutdownReport
 from checkpointer.cli import rendering as show
 from checkpointer.cli.client import call
-from checkpointer.cli.commands import common
+from checkpointer.cli.options import common
 from checkpointer.config import Config
 from checkpointer.config.durations import parse_duration
 

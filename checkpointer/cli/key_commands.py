@@ -17,7 +17,7 @@ import click
 from rich.table import Table
 
 from checkpointer.cli import rendering as show
-from checkpointer.cli.commands import common
+from checkpointer.cli.options import common
 from checkpointer.config import Config
 from checkpointer.repository_key import (
     RepositoryKeyError,
