@@ -128,7 +128,8 @@ def measure(moto: Moto, work: Path, image_dir: Path, out: Path, args: Any) -> di
             raise RuntimeError("the checkpoint did not reach the bucket")
         spool.close()
     keys = [manifest_key("bench", manifest.id)]
-    keys += [k for p in manifest.packs for k in (pack_key(p), index_key(p))]
+    home = manifest.pack_home
+    keys += [k for p in manifest.packs for k in (pack_key(p, home), index_key(p, home))]
     keys = [f"bench/{k}" for k in keys]
     total = sum(client.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in keys)
     concurrency = first.storage.concurrency

@@ -204,7 +204,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             codec=Sealed(new_master()) if codec_name == "encrypted" else None,
         )
         random_commit_s, _ = timed(rand_repo.commit, "bench", rand)
-        packs = sorted((work / f"repo-{codec_name}" / "packs").rglob("*.pack"))
+        packs = sorted((work / f"repo-{codec_name}" / "wpacks").rglob("*.pack"))
         pack_bytes = sum(p.stat().st_size for p in packs)
         times: dict[str, list[float]] = {"materialize": [], "cp": [], "read_packs": []}
         cpu: dict[str, list[float]] = {"materialize": [], "cp": [], "read_packs": []}

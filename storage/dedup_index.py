@@ -7,8 +7,11 @@ checkpoints reference, or that this process wrote for W. Measured on the bench's
 the bytes stored, 1.4% at most between two Redis holding the same data: allocators and ASLR
 place equal data on different pages), while a fleet-wide index costs every host the whole
 fleet's digests in memory and a read of every pack index in the bucket at every refresh.
-Per workload, a host holds the indexes of its own workloads only, reads a pack's index once
-(digests never change), and a refresh reads only the packs it does not hold yet.
+Per workload, a host holds the indexes of its own workloads only (`keep_only`: garbage
+collection drops those of workloads that moved away), reads a pack's index once (digests never
+change), and a refresh reads only the packs it does not hold yet. The packs are those under the
+workload's own prefix (storage/keys.py): legacy flat packs are never reused, so a new
+manifest never names a pack outside its workload's prefix.
 
 Never trusted blindly for packs other hosts may collect (docs/fleet.md, R2).
 """
@@ -46,7 +49,7 @@ class PackSource(Protocol):
 
     def packs_of_workload(self, workload: str) -> set[str]: ...
 
-    def read_index(self, pack_id: str) -> IndexArrays: ...
+    def read_index(self, pack_id: str, home: str | None) -> IndexArrays: ...
 
 
 class DedupIndex:
@@ -75,7 +78,7 @@ class DedupIndex:
 
         def gone(pid: str) -> bool:
             try:
-                return not self.repo.backend.exists(index_key(pid))
+                return not self.repo.backend.exists(index_key(pid, workload))
             except StorageError:
                 return True  # cannot vouch for it: don't reference it
 
@@ -128,7 +131,7 @@ class DedupIndex:
         def unread() -> Iterator[tuple[str, bytes]]:
             for pid in sorted(referenced - known):
                 try:
-                    yield pid, self.repo.read_index(pid).digests
+                    yield pid, self.repo.read_index(pid, workload).digests
                 except (BlobNotFound, CorruptCheckpoint):
                     continue  # collected meanwhile, or damaged: don't dedup against it
 
@@ -148,6 +151,12 @@ class DedupIndex:
         with self._lock:
             held = self._indexes.get(workload)
             return held[0] if held is not None else None
+
+    def keep_only(self, workloads: set[str]) -> None:
+        """Drop the indexes of every other workload: memory bounded by this host's own."""
+        with self._lock:
+            for w in set(self._indexes) - workloads:
+                del self._indexes[w]
 
     def forget(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""

@@ -55,6 +55,7 @@ class CheckpointFiles:
         self.repo = repo
         self.manifest: Manifest = repo.read_manifest(workload, checkpoint_id)
         self.where = f"checkpoint {checkpoint_id} of {workload}"
+        self.home = self.manifest.pack_home  # where its packs live, as it says
         self.files: dict[str, FileEntry] = {f.name: f for f in self.manifest.files}
         self._hints = hints
         self._pack_no = {pack: n for n, pack in enumerate(self.manifest.packs)}
@@ -235,7 +236,8 @@ class CheckpointFiles:
         index = self._indexes.get(pack_no)
         if index is None:
             index = self._indexes.setdefault(
-                pack_no, self.repo.index_for(self.manifest.packs[pack_no], self.where)
+                pack_no,
+                self.repo.index_for(self.manifest.packs[pack_no], self.home, self.where),
             )
         return index
 
@@ -281,7 +283,7 @@ class CheckpointFiles:
         """Bytes `start` to `start + length` of a pack as its index counts them (opened),
         read and verified a segment at a time (crypto.py), the segments kept a while
         (`keep_only`: only that, nothing returned)."""
-        key = pack_key(self.manifest.packs[pack_no])
+        key = pack_key(self.manifest.packs[pack_no], self.home)
         layout = self._layout(pack_no, key)
         if layout is None:  # sealed whole (format 1): opened whole
             data = self._whole(pack_no)
@@ -358,7 +360,7 @@ class CheckpointFiles:
                 self._cache.move_to_end(pack_no)
                 return data
         # A copy: the codec opens packs into a buffer it reuses for the next one.
-        data = bytes(self.repo.pack_for(self.manifest.packs[pack_no], self.where))
+        data = bytes(self.repo.pack_for(self.manifest.packs[pack_no], self.home, self.where))
         with self._lock:
             self._cache[pack_no] = data
             while len(self._cache) > CACHED_PACKS:

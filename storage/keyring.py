@@ -63,7 +63,7 @@ from storage.errors import (
     CorruptCheckpoint,
     StorageError,
 )
-from storage.keys import CONFIG, KEYS, MANIFESTS, PACKS, FileType, key_key, parse_as
+from storage.keys import CONFIG, KEYS, MANIFESTS, PACKS, WPACKS, FileType, key_key, parse_as
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ def has_keys(backend: BlobStore) -> bool:
 
 
 def is_empty(backend: BlobStore) -> bool:
-    return not any(True for _ in backend.list(MANIFESTS)) and not any(
-        True for _ in backend.list(PACKS)
-    )
+    return not any(any(True for _ in backend.list(p)) for p in (MANIFESTS, WPACKS, PACKS))
 
 
 def is_new(backend: BlobStore) -> bool:

@@ -4,11 +4,24 @@ restic's `FileType` is the model: a key spelled in several modules is several pl
 wrong, and a key read back from a listing is input from whoever can write the bucket, so it is
 parsed strictly here (a name that does not parse is not ours and is ignored by listings).
 
+Packs belong to the workload whose commits wrote them (docs/fleet.md, R3): its owner's garbage
+collection lists `wpacks/<workload>/` alone, a page at a time, and nothing a host does walks
+the packs of other hosts' workloads. The top-level prefix is not `packs/`: there a workload
+named `ab` would share a folder with the two-hex-digit fan-out of the legacy layout, and the
+legacy collection (which lists `packs/`) would walk every workload's packs. `<xx>` (the pack
+id's last two hex digits, random) spreads one workload's keys over 256 prefixes: pack ids
+begin with their creation time, and without it a workload's new keys would all sort together.
+Where a pack lives is never guessed from a listing: the manifest that names it says so (and a
+sealed manifest is authenticated), see `Manifest.pack_home`.
+
     config                              the sealed repository config (encrypted repositories)
     keys/<key id>                       the master key wrapped by one access key
     manifests/<workload>/<id>.json      a checkpoint: the commit point, written last
-    packs/<xx>/<pack id>.pack           chunks, compressed (and sealed)
-    packs/<xx>/<pack id>.idx            the pack's index, written after its pack
+    wpacks/<workload>/<xx>/<id>.pack    chunks of the workload's commits, compressed (and sealed)
+    wpacks/<workload>/<xx>/<id>.idx     the pack's index, written after its pack
+    packs/<xx>/<pack id>.pack           legacy: the flat layout of repositories written before
+    packs/<xx>/<pack id>.idx              packs belonged to a workload (read, collected, no more
+                                          written)
     pins/<workload>/<id>                a checkpoint retention must keep
     marks/<workload>/<id>               what a restore drill found of a checkpoint
     leases/<workload>                   which host owns the workload (storage/leases.py)
@@ -30,7 +43,8 @@ _KEY_ID_RE = re.compile(r"[0-9a-f]{8,32}")
 
 CONFIG = "config"
 MANIFESTS = "manifests/"
-PACKS = "packs/"
+PACKS = "packs/"  # legacy flat layout
+WPACKS = "wpacks/"
 PINS = "pins/"
 MARKS = "marks/"
 KEYS = "keys/"
@@ -70,7 +84,8 @@ class FileType(StrEnum):
 
 @dataclass(frozen=True)
 class ObjectName:
-    """A parsed key: its type and the names in it (workload and id, pack id or key id)."""
+    """A parsed key: its type and the names in it (workload and id, pack id or key id). A
+    pack's or index's `workload` is the one whose prefix holds it, "" in the legacy layout."""
 
     type: FileType
     id: str = ""
@@ -86,12 +101,26 @@ def manifests_of(workload: str) -> str:
     return f"{MANIFESTS}{check_workload_name(workload)}/"
 
 
-def pack_key(pack_id: str) -> str:
-    return f"{PACKS}{pack_id[-2:]}/{pack_id}.pack"
+def pack_key(pack_id: str, home: str | None) -> str:
+    """The key of a pack. `home`: the workload whose prefix holds it (what its manifest
+    says: `Manifest.pack_home`), or None for the legacy flat layout."""
+    return f"{_pack_folder(pack_id, home)}{pack_id}.pack"
 
 
-def index_key(pack_id: str) -> str:
-    return f"{PACKS}{pack_id[-2:]}/{pack_id}.idx"
+def index_key(pack_id: str, home: str | None) -> str:
+    """The key of a pack's index, beside its pack (see `pack_key`)."""
+    return f"{_pack_folder(pack_id, home)}{pack_id}.idx"
+
+
+def _pack_folder(pack_id: str, home: str | None) -> str:
+    if home is None:
+        return f"{PACKS}{pack_id[-2:]}/"
+    return f"{WPACKS}{check_workload_name(home)}/{pack_id[-2:]}/"
+
+
+def wpacks_of(workload: str) -> str:
+    """The listing prefix of a workload's packs and indexes (its owner's GC lists this)."""
+    return f"{WPACKS}{check_workload_name(workload)}/"
 
 
 def pin_key(workload: str, checkpoint_id: str) -> str:
@@ -158,17 +187,17 @@ def parse(key: str) -> ObjectName | None:
             return ObjectName(kind, workload=check_workload_name(parts[1]))
         except ValueError:
             return None
+    if len(parts) == 4 and parts[0] + "/" == WPACKS:
+        try:
+            check_workload_name(parts[1])
+        except ValueError:
+            return None
+        return _pack_name(parts[2], parts[3], parts[1])
     if len(parts) != 3:
         return None
     top, middle, name = parts[0] + "/", parts[1], parts[2]
     if top == PACKS:
-        stem, dot, ext = name.rpartition(".")
-        if dot and is_pack_id(stem) and middle == stem[-2:]:
-            if ext == "pack":
-                return ObjectName(FileType.PACK, stem)
-            if ext == "idx":
-                return ObjectName(FileType.INDEX, stem)
-        return None
+        return _pack_name(middle, name, "")
     try:
         check_workload_name(middle)
     except ValueError:
@@ -179,6 +208,18 @@ def parse(key: str) -> ObjectName | None:
         return ObjectName(FileType.PIN, name, middle)
     if top == MARKS and is_checkpoint_id(name):
         return ObjectName(FileType.MARK, name, middle)
+    return None
+
+
+def _pack_name(fan_out: str, name: str, workload: str) -> ObjectName | None:
+    """A pack or index in folder `fan_out` (its id's last two hex digits, nothing else)."""
+    stem, dot, ext = name.rpartition(".")
+    if not (dot and is_pack_id(stem) and fan_out == stem[-2:]):
+        return None
+    if ext == "pack":
+        return ObjectName(FileType.PACK, stem, workload)
+    if ext == "idx":
+        return ObjectName(FileType.INDEX, stem, workload)
     return None
 
 

@@ -10,6 +10,13 @@ digests of every file, raw, in file order; nothing after. Format 1 was one JSON 
 each chunk list in base64: 35% bigger, and decoding it was most of reading a manifest (a lazy
 restore starts with that). Both are read; an older checkpointer cannot read format 2 (upgrade
 every host of a fleet sharing a bucket before the first checkpoint with the new one).
+
+Format 3 (written since issue 27) is format 2 whose header says `"pack_layout": "workload"`:
+its packs are stored under its workload's prefix (storage/keys.py), not in the legacy flat
+layout. The field decides where a reader looks for the packs, in whatever format it comes (a
+sealed manifest is authenticated: a listing of the bucket never decides it); the version
+number only makes an older checkpointer refuse the manifest in one clear line instead of
+looking for its packs where they are not.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from typing import Any
 
 from storage.errors import CorruptCheckpoint
 
-FORMAT_VERSION = 2  # what this version writes
+FORMAT_VERSION = 3  # what this version writes
+BINARY_VERSIONS = (2, FORMAT_VERSION)  # read behind the binary magic
 JSON_FORMAT_VERSION = 1  # the all-JSON format of earlier versions, still read
+WORKLOAD_LAYOUT = "workload"  # `pack_layout`: packs under the workload's prefix
 _BINARY_MAGIC = b"CKPTMAN2"
 _HEADER_LEN = struct.Struct("<I")
 _DIGEST_PIECE = 1024 * 1024  # digests handed to the sealing a MiB at a time
@@ -88,11 +97,20 @@ class Manifest:
     new_bytes: int = 0  # compressed bytes this checkpoint newly wrote to the backend
     new_chunks: int = 0
     total_chunks: int = 0
+    scoped_packs: bool = False  # packs under the workload's prefix; False: legacy flat layout
+
+    @property
+    def pack_home(self) -> str | None:
+        """Where its packs live: the workload whose prefix holds them, or None for the legacy
+        flat layout (storage/keys.py, `pack_key`)."""
+        return self.workload if self.scoped_packs else None
 
     def pieces(self) -> Iterator[bytes | memoryview]:
-        """The manifest in format 2, in pieces: a commit seals and writes it as they come
-        (Codec.seal_stream, BlobStore.put_pieces), so it is never whole in memory."""
-        doc = self._doc(FORMAT_VERSION)
+        """The manifest in format 3 (2 for flat packs), in pieces: a commit seals and writes
+        it as they come (Codec.seal_stream, BlobStore.put_pieces), so it is never whole in
+        memory."""
+        # A manifest of flat packs comes out as format 2 did: what earlier versions wrote.
+        doc = self._doc(FORMAT_VERSION if self.scoped_packs else BINARY_VERSIONS[0])
         doc["files"] = [
             {
                 "name": f.name,
@@ -110,7 +128,9 @@ class Manifest:
                 yield view[start : start + _DIGEST_PIECE]
 
     def _doc(self, version: int) -> dict[str, Any]:
+        layout = {"pack_layout": WORKLOAD_LAYOUT} if self.scoped_packs else {}
         return {
+            **layout,
             "version": version,
             "id": self.id,
             "workload": self.workload,
@@ -160,7 +180,7 @@ class Manifest:
         write the bucket. CorruptCheckpoint, naming `where`, if it is not a valid one."""
         try:
             if raw[: len(_BINARY_MAGIC)] == _BINARY_MAGIC:
-                return cls._from_doc(*_binary(raw), FORMAT_VERSION, where)
+                return cls._from_doc(*_binary(raw), BINARY_VERSIONS, where)
             doc = json.loads(raw)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
@@ -168,7 +188,7 @@ class Manifest:
             if not isinstance(files, list) or len(files) > MAX_FILES:
                 raise ValueError(f"files is not a list of at most {MAX_FILES}")
             digests = [_base64_digests(f) for f in files]
-            return cls._from_doc(doc, digests, JSON_FORMAT_VERSION, where)
+            return cls._from_doc(doc, digests, (JSON_FORMAT_VERSION,), where)
         except CorruptCheckpoint:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
@@ -176,13 +196,19 @@ class Manifest:
 
     @classmethod
     def _from_doc(
-        cls, doc: dict[str, Any], digests: list[bytes], version: int, where: str
+        cls, doc: dict[str, Any], digests: list[bytes], versions: tuple[int, ...], where: str
     ) -> Manifest:
-        if doc.get("version") != version:
+        if doc.get("version") not in versions:
             raise CorruptCheckpoint(
                 f"{where}: manifest format {doc.get('version')!r} is not supported by this "
-                f"version of checkpointer (it reads {JSON_FORMAT_VERSION} and "
+                f"version of checkpointer (it reads {JSON_FORMAT_VERSION} to "
                 f"{FORMAT_VERSION}); upgrade checkpointer"
+            )
+        layout = doc.get("pack_layout")
+        if layout not in (None, WORKLOAD_LAYOUT):
+            raise CorruptCheckpoint(
+                f"{where}: pack layout {layout!r} is not one this version of checkpointer "
+                "knows; upgrade checkpointer"
             )
         chunk_size = int(doc["chunk_size"])
         if chunk_size != CHUNK_SIZE:
@@ -211,6 +237,7 @@ class Manifest:
             new_bytes=int(doc.get("new_bytes", 0)),
             new_chunks=int(doc.get("new_chunks", 0)),
             total_chunks=int(doc.get("total_chunks", 0)),
+            scoped_packs=layout == WORKLOAD_LAYOUT,
         )
 
 

@@ -3,7 +3,8 @@
 Two packs in flight (compressing or being stored) and one filling, with their buffers reused:
 memory stays at three 4 MiB buffers plus their compressed copies, whatever the image size.
 A chunk seen twice in one commit (zero pages) goes into one pack: `pending` answers for chunks
-whose pack is not stored yet; once stored, the ChunkIndex does.
+whose pack is not stored yet; once stored, the ChunkIndex does. Packs are stored under the
+prefix of the workload being committed (storage/keys.py): they belong to it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class PackWriter:
         backend: BlobStore,
         codec: Codec,
         index: ChunkIndex,
+        home: str,
         in_flight: int = 2,
         level: int = 1,
     ) -> None:
+        """`home`: the workload whose prefix the packs go under."""
         self.backend = backend
+        self.home = home
         self.codec = codec
         self.index = index
         self.level = level
@@ -120,7 +124,7 @@ class PackWriter:
     def _write(self, b: PackBuilder) -> int:
         self.written.add(b.pack_id)
         pieces, encoded_index = b.compress(self.level)
-        pack, index = pack_key(b.pack_id), index_key(b.pack_id)
+        pack, index = pack_key(b.pack_id, self.home), index_key(b.pack_id, self.home)
         # Sealed in 64 KiB segments (storage/crypto.py: a lazy restore opens only the ones
         # it needs), a slice at a time as it is written: no copy of the pack is held.
         size = sum(map(len, pieces))

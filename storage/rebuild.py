@@ -518,11 +518,11 @@ def materialize(
             """Read, open, decode and write (in a reader thread) what a pack holds for this
             checkpoint; bytes written."""
             with fetching:
-                index = repo.index_for(pack_id, where)
+                index = repo.index_for(pack_id, manifest.pack_home, where)
                 matches = wanted.find(index.digests)
                 if not len(matches.entries):
                     return 0  # a pack whose chunks are all written (or zero pages) is not read
-                data = repo.pack_for(pack_id, where, scratch.pack_buffer)
+                data = repo.pack_for(pack_id, manifest.pack_home, where, scratch.pack_buffer)
             claimed = wanted.claim(matches)
             if not len(claimed.entries):
                 return 0

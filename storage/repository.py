@@ -1,17 +1,15 @@
 """The repository: folders in, folders out, deduplicated by content.
 
-Write path (commit): every file is cut into fixed CHUNK_SIZE chunks (4 KiB: memory images are
-raw pages, so page-sized chunks dedup scattered page changes, and a page inserted in the middle
-shifts the rest by whole chunks), each hashed with BLAKE3; chunks the repository already holds
-(the ChunkIndex, looked up a 1 MiB block at a time) are only referenced, new ones are copied
-into packs that writer threads compress (or keep raw, when zstd would not shrink them: see
-storage/packs.py) and store while the next pack fills. Packs and their indexes are written
-first, the manifest last: a checkpoint without a manifest does not exist.
+Write path (commit, storage/committing.py): files cut into 4 KiB chunks, hashed, the chunks the
+workload's index already holds only referenced, new ones packed by writer threads under the
+workload's own prefix; packs and their indexes first, the manifest last: a checkpoint without
+a manifest does not exist.
 
 Read path (materialize, storage/rebuild.py): the manifest's packs are fetched a few at a time;
 the chunks of a pack the checkpoint needs are found with one vectorised search, and each pack is
 opened, decoded and written by one reader thread, one per core. Memory is a few pack-sized
-buffers per thread plus 44 bytes a chunk, with no Python object per chunk.
+buffers per thread plus 44 bytes a chunk, with no Python object per chunk. Where a pack lives
+(its workload's prefix, or the legacy flat layout) is what its manifest says.
 
 Encryption (storage/crypto.py) is the codec's business: chunk ids are keyed hashes, and every
 object is sealed under its own name. A sealed pack's tag verifies all its frames in one call,
@@ -27,18 +25,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from storage import keys, pack_reading, pins
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
+from storage.committing import Target, write_checkpoint
 from storage.crypto import Codec, Plain
 from storage.dedup_index import DedupIndex, ReusedPacksGone
 from storage.errors import (
@@ -50,44 +44,20 @@ from storage.errors import (
 )
 from storage.fencing import Fencing
 from storage.heads import Heads
-from storage.image_folder import image_files, read_full
-from storage.keys import FileType, index_key, manifest_key, pack_key
+from storage.keys import FileType, manifest_key
 from storage.manifest import (
     CHUNK_SIZE,
-    DIGEST_SIZE,
     MAX_MANIFEST_BYTES,
-    FileEntry,
     Manifest,
     check_workload_name,
     is_checkpoint_id,
-    new_checkpoint_id,
 )
-from storage.pack_writer import PackWriter
-from storage.packs import (
-    IndexArrays,
-)
+from storage.packs import IndexArrays
 from storage.rebuild import materialize
 from storage.rwlock import RWLock
+from storage.summaries import CheckpointInfo, References, Summaries, Summary
 
 log = logging.getLogger(__name__)
-_READ_BLOCK = 1024 * 1024
-_PACKS_IN_FLIGHT = 2
-_ZSTD_LEVEL = 1
-_MAX_PIN_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What `list` shows of a checkpoint without reading its chunks."""
-
-    id: str
-    workload: str
-    created: datetime
-    size_bytes: int
-    new_bytes: int
-    metadata: dict[str, Any]
-
-
 ProgressFn = Callable[[int], None]  # called with bytes just done
 
 
@@ -113,12 +83,13 @@ class Repository:
         self.codec: Codec = codec or Plain()
         self.concurrency = max(1, concurrency)
         self.gc_grace = gc_grace
-        self._lock = threading.Lock()
         self.gc_lock = RWLock()  # commits shared; storage/gc.py exclusive
         self.dedup = DedupIndex(self)
         self.fencing = Fencing(heads, backend, self._listed_ids) if heads else None
-        # manifest key -> (info, packs): see _summary
-        self._summaries: dict[str, tuple[CheckpointInfo, tuple[str, ...]]] = {}
+        self._summaries = Summaries(self.read_manifest)
+        # Set by garbage collection once it found the legacy flat layout empty: this version
+        # writes no flat packs, so this process never lists it again (storage/gc.py).
+        self.flat_layout_empty = False
 
     # -- write -------------------------------------------------------------------------
 
@@ -165,69 +136,13 @@ class Repository:
     def _commit(
         self, workload: str, folder: Path, metadata: dict[str, Any], generation: int | None
     ) -> Manifest:
-        index = self.dedup.current(workload)
-        cid = new_checkpoint_id()
-        writer = PackWriter(self.backend, self.codec, index, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
-        used_packs: set[str] = set()
-        files: list[FileEntry] = []
-        size_bytes = total_chunks = 0
-        buf = bytearray(_READ_BLOCK)
-        try:
-            for rel, path in image_files(folder):
-                st = path.stat()
-                digests = bytearray()
-                with open(path, "rb", buffering=0) as f:
-                    while n := read_full(f, buf):
-                        writer.between_blocks()
-                        block = memoryview(buf)[:n]
-                        block_digests = self.codec.chunk_ids(block, CHUNK_SIZE)
-                        digests += block_digests
-                        where = index.lookup(block_digests)
-                        total_chunks += len(where)
-                        used_packs.update(index.pack_id(p) for p in np.unique(where[where >= 0]))
-                        new = np.flatnonzero(where < 0)
-                        pages = n // CHUNK_SIZE  # the file's short last chunk goes alone
-                        used_packs |= writer.pack_pages(block_digests, block, new[new < pages])
-                        for i in new[new >= pages].tolist():
-                            digest = block_digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-                            chunk = block[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
-                            used_packs.add(writer.pack_of(digest, chunk))
-                size_bytes += st.st_size
-                files.append(FileEntry(rel, st.st_size, st.st_mode & 0o777, digests))
-            writer.finish()
-        finally:
-            writer.close()
-        new_bytes, new_chunks = writer.new_bytes, writer.new_chunks
-        self._check_reused_packs(workload, used_packs - writer.written)
-
-        manifest = Manifest(
-            id=cid,
-            workload=workload,
-            created=datetime.now(UTC),
-            chunk_size=CHUNK_SIZE,
-            files=files,
-            packs=sorted(used_packs),
-            metadata=metadata,
-            size_bytes=size_bytes,
-            new_bytes=new_bytes,
-            new_chunks=new_chunks,
-            total_chunks=total_chunks,
+        manifest = write_checkpoint(
+            Target(self.backend, self.codec, self.dedup), workload, folder, metadata
         )
-        key = manifest_key(workload, cid)
-        self.backend.needs(
-            key, [k for p in sorted(writer.written) for k in (pack_key(p), index_key(p))]
-        )
-        # Sealed and written a piece at a time: the whole manifest is never in memory.
-        self.backend.put_pieces(key, lambda: self.codec.seal_stream(key, manifest.pieces()))
         if self.fencing is not None and generation is not None:
-            self.fencing.committed(workload, cid, generation)
-        info = CheckpointInfo(cid, workload, manifest.created, size_bytes, new_bytes, metadata)
-        with self._lock:
-            self._summaries[manifest_key(workload, cid)] = (info, tuple(manifest.packs))
+            self.fencing.committed(workload, manifest.id, generation)
+        self._summaries.put(manifest)
         return manifest
-
-    def _check_reused_packs(self, workload: str, reused: set[str]) -> None:
-        self.dedup.check_reused(workload, reused)
 
     def known_chunks(self, workload: str | None = None) -> ChunkIndex | None:
         """The chunk index this process holds of `workload` (after its first commit of it),
@@ -235,13 +150,23 @@ class Repository:
         return self.dedup.known(workload) if workload is not None else None
 
     def packs_of_workload(self, workload: str) -> set[str]:
-        """The packs the committed checkpoints of `workload` reference (what its commits may
-        dedup against: storage/dedup_index.py)."""
+        """The packs under the workload's prefix that its committed checkpoints reference:
+        what its commits may dedup against (storage/dedup_index.py). Legacy flat packs are
+        never reused: a new manifest names packs of its workload's prefix only."""
         out: set[str] = set()
         for info in self.checkpoints(workload):
             with contextlib.suppress(StorageError):
-                out.update(self.packs_of(workload, info.id))
+                summary = self._summary(workload, info.id)
+                if summary.home == workload:
+                    out.update(summary.packs)
         return out
+
+    def keep_only(self, workloads: Iterable[str]) -> None:
+        """Hold chunk indexes and manifest summaries of these workloads only (this host's
+        own): what a workload that moved away left in memory goes."""
+        keep = set(workloads)
+        self.dedup.keep_only(keep)
+        self._summaries.keep_workloads(keep)
 
     def forget_packs(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""
@@ -251,37 +176,15 @@ class Repository:
         """The manifests listed under `prefix` whose keys parse (anything else is not ours)."""
         return [n for k in self.backend.list(prefix) if (n := keys.parse_as(k, FileType.MANIFEST))]
 
-    def referenced_packs(self, strict: bool) -> set[str]:
-        """Every pack some manifest references.
+    def references(self, prefix: str) -> References:
+        """The packs every manifest listed under `prefix` references, by where they live
+        (garbage collection: storage/gc.py; a manifest that cannot be read is reported)."""
+        return self._summaries.references(prefix, self.manifest_names(prefix))
 
-        `strict` (garbage collection): a manifest that cannot be read stops it with an error,
-        since its packs would otherwise count as unreferenced and be deleted. Otherwise
-        (deciding what a commit may dedup against) it is skipped.
-        """
-        listed: set[str] = set()
-        refs: set[str] = set()
-        unreadable: list[str] = []
-        for name in self.manifest_names():
-            key = manifest_key(name.workload, name.id)
-            listed.add(key)
-            try:
-                refs.update(self._summary(name.workload, name.id)[1])
-            except CheckpointNotFound:
-                continue  # deleted since the listing
-            except StorageError as e:
-                unreadable.append(f"{key}: {e}")
-        with self._lock:
-            for key in set(self._summaries) - listed:
-                del self._summaries[key]
-        if strict and unreadable:
-            raise CorruptCheckpoint(
-                f"{len(unreadable)} manifest(s) cannot be read, so the packs they reference are "
-                f"unknown and nothing is collected: {unreadable[0]}"
-                + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else "")
-                + "; run `checkpointer verify` on them, and remove the ones that are damaged "
-                "or not this repository's"
-            )
-        return refs
+    def flat_references(self) -> References:
+        """The legacy flat packs every manifest of the repository references (the legacy
+        collection, while flat packs remain: storage/gc.py)."""
+        return self._summaries.flat_references(self.manifest_names())
 
     # -- read --------------------------------------------------------------------------
 
@@ -296,7 +199,7 @@ class Repository:
             for cid in reversed(self.fencing.ids(workload)):
                 # Unreadable: `verify` reports it. An outage is not unreadable: it raises.
                 with contextlib.suppress(CheckpointNotFound, CorruptCheckpoint):
-                    out.append(self._summary(workload, cid)[0])
+                    out.append(self._summary(workload, cid).info)
             return out
         infos = []
         for name in self.manifest_names(keys.manifests_of(workload)):
@@ -311,28 +214,14 @@ class Repository:
 
     def info(self, workload: str, checkpoint_id: str) -> CheckpointInfo:
         """What `list` shows of one checkpoint, without its chunk list."""
-        return self._summary(workload, checkpoint_id)[0]
+        return self._summary(workload, checkpoint_id).info
 
     def packs_of(self, workload: str, checkpoint_id: str) -> tuple[str, ...]:
-        return self._summary(workload, checkpoint_id)[1]
+        return self._summary(workload, checkpoint_id).packs
 
-    def _summary(self, workload: str, checkpoint_id: str) -> tuple[CheckpointInfo, tuple[str, ...]]:
-        """A checkpoint's info and packs. Manifests never change once written, so each is
-        parsed once (a 1 GB image's manifest is ~11 MB of JSON, ~30 MB while parsed) and this
-        small summary remembered; `delete` and listings forget the ones gone."""
-        key = manifest_key(workload, checkpoint_id)
-        with self._lock:
-            cached = self._summaries.get(key)
-        if cached is not None:
-            return cached
-        m = self.read_manifest(workload, checkpoint_id)
-        summary = (
-            CheckpointInfo(m.id, workload, m.created, m.size_bytes, m.new_bytes, m.metadata),
-            tuple(m.packs),
-        )
-        with self._lock:
-            self._summaries[key] = summary
-        return summary
+    def _summary(self, workload: str, checkpoint_id: str) -> Summary:
+        """A checkpoint's info and packs, each manifest read once (storage/summaries.py)."""
+        return self._summaries.get(workload, checkpoint_id)
 
     def workloads(self) -> list[str]:
         return sorted({n.workload for n in self.manifest_names()})
@@ -381,17 +270,22 @@ class Repository:
         self.require_committed(workload, checkpoint_id)
         return materialize(self, workload, checkpoint_id, dest, progress, seed)
 
-    def read_index(self, pack_id: str) -> IndexArrays:
-        return pack_reading.read_index(self.backend, self.codec, pack_id)
+    def read_index(self, pack_id: str, home: str | None) -> IndexArrays:
+        """A pack's index; `home` is where its manifest says it lives (`Manifest.pack_home`)."""
+        return pack_reading.read_index(self.backend, self.codec, pack_id, home)
 
-    def index_for(self, pack_id: str, where: str) -> IndexArrays:
-        return pack_reading.index_for(self.backend, self.codec, pack_id, where)
+    def index_for(self, pack_id: str, home: str | None, where: str) -> IndexArrays:
+        return pack_reading.index_for(self.backend, self.codec, pack_id, home, where)
 
     def pack_for(
-        self, pack_id: str, where: str, buffer: Callable[[int], bytearray] | None = None
+        self,
+        pack_id: str,
+        home: str | None,
+        where: str,
+        buffer: Callable[[int], bytearray] | None = None,
     ) -> bytes | memoryview:
         """A pack's bytes, opened (storage/pack_reading.py)."""
-        return pack_reading.pack_for(self.backend, self.codec, pack_id, where, buffer)
+        return pack_reading.pack_for(self.backend, self.codec, pack_id, home, where, buffer)
 
     def verify(
         self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
@@ -435,7 +329,7 @@ class Repository:
         key = manifest_key(workload, checkpoint_id)
         mine: set[str] = set()
         with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
-            mine = set(self._summary(workload, checkpoint_id)[1])  # unknown id: clear error
+            mine = set(self._summary(workload, checkpoint_id).packs)  # unknown id: clear error
         still: set[str] = set()  # (forgetting more than needed only costs dedup)
         for c in self.checkpoints(workload):
             if c.id != checkpoint_id:
@@ -445,8 +339,7 @@ class Repository:
         if self.fencing is not None:
             self.fencing.remove(workload, checkpoint_id)  # the head first: then it is gone
         self.backend.delete(key)
-        with self._lock:
-            self._summaries.pop(key, None)
+        self._summaries.drop(key)
 
     def pins(self, workload: str) -> set[str]:
         """Pinned checkpoint ids. A pin that does not open (planted) pins nothing."""

@@ -90,7 +90,7 @@ def test_rollback_to_unknown_or_corrupt_checkpoint_keeps_the_tree_running(
     msg = one_line_error(d.cli("rollback", "web", "--back", "5", check=False))
     assert "cannot go back 5" in msg
     d.drop_kept_images()
-    for pack in (d.state / "repository" / "packs").rglob("*.pack"):
+    for pack in (d.state / "repository" / "wpacks" / "web").rglob("*.pack"):
         data = bytearray(pack.read_bytes())
         data[len(data) // 3] ^= 0xFF
         pack.write_bytes(bytes(data))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
-from storage import chunk_index
+from storage import Repository, chunk_index, keys
+from storage.backends import LocalBlobStore
 from storage.chunk_index import ChunkIndex
 
 
@@ -89,3 +91,43 @@ def test_merge_into_leaves_out_packs_not_kept() -> None:
     old.add("mine", b)
     old.merge_into(fresh, keep=lambda pack: pack == "mine")
     assert pack_of(fresh, a + b) == [None] * 30 + ["mine"] * 30
+
+
+class Reads(LocalBlobStore):
+    """A folder store recording the keys read."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.read: list[str] = []
+
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        self.read.append(key)
+        return super().get(key, limit)
+
+
+def test_a_refresh_reads_only_its_workloads_manifests_and_the_packs_it_does_not_hold(
+    tmp_path: Path,
+) -> None:
+    """A host holds the chunk indexes of its own workloads only: refreshing one reads that
+    workload's new manifests and the indexes of its packs not held yet, nothing of the
+    other workloads in the repository; a workload that moved away leaves no index behind."""
+    store = Reads(tmp_path / "repo")
+    here, elsewhere = Repository(store), Repository(store)  # two hosts, one repository
+
+    def folder(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pages-1.img").write_bytes(os.urandom(5 * 1024 * 1024))
+        return tmp_path / name
+
+    here.commit("w", folder("w1"))
+    here.commit("w", folder("w2"))
+    elsewhere.commit("v", folder("v1"))
+    moved = elsewhere.commit("w", folder("w3"))  # w's packs this host does not hold
+    store.read.clear()
+    here.dedup.expire()
+    here.commit("w", folder("w4"))
+    assert sorted(store.read) == sorted(
+        [keys.manifest_key("w", moved.id)] + [keys.index_key(p, "w") for p in moved.packs]
+    )
+    here.keep_only(["v"])  # w moved to another host
+    assert here.known_chunks("w") is None

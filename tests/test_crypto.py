@@ -211,9 +211,9 @@ def test_a_sealed_repository_round_trips_and_refuses_a_flipped_bit_in_a_pack(
     out = tmp_path / "out"
     repo.materialize("web", m.id, out)
     assert (out / "pages-1.img").read_bytes() == (src / "pages-1.img").read_bytes()
-    raw = (tmp_path / "repo" / pack_key(m.packs[0])).read_bytes()
+    raw = (tmp_path / "repo" / pack_key(m.packs[0], m.pack_home)).read_bytes()
     assert (src / "pages-1.img").read_bytes()[:4096] not in raw  # not in clear
-    path = tmp_path / "repo" / pack_key(m.packs[0])
+    path = tmp_path / "repo" / pack_key(m.packs[0], m.pack_home)
     path.chmod(0o600)
     flipped = bytearray(raw)
     flipped[len(flipped) // 2] ^= 1

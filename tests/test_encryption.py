@@ -187,9 +187,9 @@ def tamper(d: Daemon, case: str, older: str, newer: str, pwned: Path) -> str:
     mine = sorted(set(repo.packs_of("web", newer)) - set(repo.packs_of("web", older)))
     assert mine, "the newer checkpoint has packs of its own"
     if case == "pack":
-        flip(root / pack_key(mine[0]), 4000)
+        flip(root / pack_key(mine[0], "web"), 4000)
     elif case == "index":
-        flip(root / index_key(mine[0]), 60)
+        flip(root / index_key(mine[0], "web"), 60)
     elif case == "manifest":
         flip(root / manifest_key("web", newer), 200)
     elif case in ("other-repository", "plain-spec"):

@@ -101,7 +101,7 @@ def test_a_hint_that_names_the_wrong_pack_still_finds_the_right_chunk(tmp_path: 
     repo = Repository(LocalBlobStore(tmp_path / "repo"))
     m = repo.commit("w", src)
     first = next(f for f in m.files if f.name == "pages-1.img").digests[:32]
-    elsewhere = next(p for p in m.packs if first not in repo.read_index(p).digests)
+    elsewhere = next(p for p in m.packs if first not in repo.read_index(p, m.pack_home).digests)
     wrong = ChunkIndex()
     everything = b"".join(f.digests for f in m.files)
     wrong.add(elsewhere, everything)  # every chunk said to be in a pack without the first

@@ -43,7 +43,7 @@ class LateUploads(WrappedBlobStore):
         self.release = threading.Event()
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        if key.startswith(keys.PACKS):
+        if key.startswith(keys.WPACKS):
             time.sleep(self.delay)
         if key.startswith(keys.MANIFESTS):
             self.holding.set()
@@ -70,7 +70,7 @@ def test_packs_uploaded_late_are_young_to_another_hosts_gc(
     writer = threading.Thread(target=lambda: done.append(host_a.commit("web", src).id))
     writer.start()
     assert late.holding.wait(60)  # A's packs are up, named 4 s ago; its manifest is next
-    report = collect_garbage(Repository(store, gc_grace=2.5))  # host B, grace shorter
+    report = collect_garbage(Repository(store, gc_grace=2.5), ["web"])  # B, grace shorter
     assert report.deleted_packs == [] and report.kept_young >= 1
     late.release.set()
     writer.join(60)
@@ -89,7 +89,7 @@ def test_a_pack_collected_by_another_host_is_never_referenced_again(
     time.sleep(2.5)  # its packs are past the grace period
     host_b = Repository(store, gc_grace=2.0)
     host_b.delete("web", first.id)  # B's retention removes it, B's GC its packs
-    assert collect_garbage(host_b).deleted_packs == sorted(first.packs)
+    assert collect_garbage(host_b, ["web"]).deleted_packs == sorted(first.packs)
     # A's chunk index still knows those packs: the commit that would reference them finds
     # them gone before its manifest is written, forgets them and stores the chunks again.
     again = host_a.commit("web", src)
@@ -103,9 +103,10 @@ def test_a_pack_collected_by_another_host_is_never_referenced_again(
     host_a.verify("web", third.id)
 
 
-def test_a_manifest_that_cannot_be_read_stops_garbage_collection(tmp_path: Path) -> None:
+def test_a_manifest_that_cannot_be_read_stops_garbage_collection_of_its_workload(
+    tmp_path: Path,
+) -> None:
     from storage.backends import LocalBlobStore
-    from storage.errors import CorruptCheckpoint
     from storage.keys import manifest_key
     from storage.manifest import new_checkpoint_id
 
@@ -115,10 +116,19 @@ def test_a_manifest_that_cannot_be_read_stops_garbage_collection(tmp_path: Path)
     src.mkdir()
     (src / "pages-1.img").write_bytes(os.urandom(64 * 1024))
     kept = repo.commit("web", src)
+    (src / "pages-1.img").write_bytes(os.urandom(64 * 1024))
+    gone = repo.commit("web", src)  # removed: its own pack is unreferenced now
+    repo.delete("web", gone.id)
+    other = repo.commit("other", src)
+    repo.delete("other", other.id)
     # a manifest of a newer format, or damaged: the packs it names are unknown
     store.put(manifest_key("web", new_checkpoint_id()), b'{"version": 99}')
-    with pytest.raises(CorruptCheckpoint, match="cannot be read"):
-        collect_garbage(repo)
+    report = collect_garbage(repo, ["web", "other"])
+    assert report.workloads == ["other"] and sorted(report.deleted_packs) == sorted(other.packs)
+    assert list(report.skipped) == ["web"] and "cannot be read" in (report.problem() or "")
+    assert set(gone.packs) - set(kept.packs) <= {
+        n.id for k in store.list(keys.wpacks_of("web")) if (n := keys.parse(k))
+    }  # nothing of web deleted
     repo.verify("web", kept.id)
 
 

@@ -81,6 +81,7 @@ CASES: dict[str, Callable[[dict[str, Any], Path], None]] = {
     "a file twice": lambda d, v: d["files"].append(dict(first_file(d))),
     "a pack id that is a path": lambda d, v: d["packs"].append("../../victim"),
     "files not a list": lambda d, v: d.update(files={"a": 1}),
+    "an unknown pack layout": lambda d, v: d.update(pack_layout="../../victim"),
 }
 
 
@@ -142,7 +143,7 @@ def test_a_format_2_manifest_whose_lengths_do_not_add_up_is_refused(
 def test_oversized_objects_are_refused_unread(setup: tuple[Repository, Path, str, Path]) -> None:
     repo, root, cid, _ = setup
     pack_id = repo.packs_of("web", cid)[0]
-    index = root / "repo" / index_key(pack_id)
+    index = root / "repo" / index_key(pack_id, "web")
     index.chmod(0o600)
     with open(index, "r+b") as f:
         f.truncate(MAX_INDEX_BYTES + 1)  # sparse: nothing allocated on disk either

@@ -114,7 +114,7 @@ def test_a_pack_damaged_mid_transfer_kills_the_tree_and_the_one_before_is_restor
                sys.executable, str(PROGRAMS / "ballast_server.py"), str(port), "64")  # fmt: skip
     assert serve(port, 3) == "3"
     older = daemon.checkpoint("web")
-    packs = daemon.state / "repository" / "packs"
+    packs = daemon.state / "repository" / "wpacks" / "web"
     before = set(packs.rglob("*.pack"))
     assert http_get(port, path="/reshuffle") == "4"  # every page of the ballast new
     newer = daemon.checkpoint("web")

@@ -91,7 +91,7 @@ def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Repository:
 
 def indexes(repo: Repository, m: Manifest) -> Iterator[tuple[str, IndexArrays]]:
     for pack_id in m.packs:
-        yield pack_id, repo.read_index(pack_id)
+        yield pack_id, repo.read_index(pack_id, m.pack_home)
 
 
 def raw_and_framed(repo: Repository, m: Manifest) -> tuple[int, int]:
@@ -347,7 +347,7 @@ def test_a_flipped_byte_in_a_raw_chunk_or_a_frame_is_refused(
     m = repo.commit("w", src)
     pack_id, offset = stored_chunk(repo, m, raw=kind == "raw")
     header = 0 if not repo.codec.encrypted else 21  # CKPTSEAL, format, nonce
-    flip(tmp_path / "repo" / pack_key(pack_id), header + offset)
+    flip(tmp_path / "repo" / pack_key(pack_id, "w"), header + offset)
     with pytest.raises(CorruptCheckpoint) as err:
         repo.materialize("w", m.id, tmp_path / "out")
     assert m.id in str(err.value)
@@ -363,7 +363,7 @@ def test_a_raw_flag_on_a_chunk_of_another_size_is_refused(tmp_path: Path) -> Non
     src.mkdir()
     (src / "pages-1.img").write_bytes(random_page() + random_page())
     m = repo.commit("w", src)
-    path = tmp_path / "repo" / index_key(m.packs[0])
+    path = tmp_path / "repo" / index_key(m.packs[0], m.pack_home)
     raw = bytearray(path.read_bytes())
     struct.pack_into("<I", raw, 12 + 36, 4000 | 1 << 31)  # first entry: length 4000, raw
     path.chmod(0o600)
@@ -399,7 +399,7 @@ def test_a_repository_written_before_raw_chunks_still_reads(
         patch.setattr(PackBuilder, "compress", old_compress)
         old = repo.commit("w", src)
     for pack_id in old.packs:
-        raw = (tmp_path / "repo" / index_key(pack_id)).read_bytes()
+        raw = (tmp_path / "repo" / index_key(pack_id, "w")).read_bytes()
         assert repo.codec.encrypted or raw[:8] == IDX_MAGIC_V1
     assert raw_and_framed(repo, old)[0] == 0
     out = tmp_path / "out"
@@ -415,7 +415,7 @@ def test_a_repository_written_before_raw_chunks_still_reads(
     assert files_of(tmp_path / "out2") == files_of(src)
     # And a flipped byte in an old frame is still refused.
     pack_id, offset = stored_chunk(repo, old, raw=False)
-    flip(tmp_path / "repo" / pack_key(pack_id), (21 if repo.codec.encrypted else 0) + offset)
+    flip(tmp_path / "repo" / pack_key(pack_id, "w"), (21 if repo.codec.encrypted else 0) + offset)
     with pytest.raises(CorruptCheckpoint):
         repo.materialize("w", old.id, tmp_path / "out3")
 
@@ -452,7 +452,7 @@ def test_a_repository_of_one_chunk_frames_still_reads(
         patch.setattr(packs_module, "GROUP_PAGES", 1)
         old = repo.commit("w", src)
     for pack_id in old.packs:
-        raw = (tmp_path / "repo" / index_key(pack_id)).read_bytes()
+        raw = (tmp_path / "repo" / index_key(pack_id, "w")).read_bytes()
         assert repo.codec.encrypted or raw[:8] == IDX_MAGIC_V2
     repo.materialize("w", old.id, tmp_path / "out")
     assert files_of(tmp_path / "out") == files_of(src)
@@ -477,7 +477,7 @@ def test_an_index_whose_slots_disagree_with_its_frame_is_refused(tmp_path: Path)
     src.mkdir()
     (src / "pages-1.img").write_bytes(b"".join(text_page() for _ in range(16)))
     m = repo.commit("w", src)
-    path = tmp_path / "repo" / index_key(m.packs[0])
+    path = tmp_path / "repo" / index_key(m.packs[0], m.pack_home)
     raw = bytearray(path.read_bytes())
     assert raw[:8] == IDX_MAGIC
     entry = 32 + 4 + 4 + 2

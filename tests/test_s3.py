@@ -88,9 +88,10 @@ def assert_no_partial_checkpoint(moto: Moto, bucket: str, key_file: Path) -> Non
         infos = repo.checkpoints(name)
         assert len(infos) == len(repo.manifest_names(keys_mod.manifests_of(name)))  # all open
         for info in infos:
-            for pack in repo.read_manifest(name, info.id).packs:
-                assert f"ckpt/packs/{pack[-2:]}/{pack}.pack" in keys
-                assert f"ckpt/packs/{pack[-2:]}/{pack}.idx" in keys
+            m = repo.read_manifest(name, info.id)
+            for pack in m.packs:
+                assert f"ckpt/{keys_mod.pack_key(pack, m.pack_home)}" in keys
+                assert f"ckpt/{keys_mod.index_key(pack, m.pack_home)}" in keys
 
 
 def test_restore_on_another_host_with_an_empty_cache(
@@ -333,12 +334,12 @@ def test_gc_racing_a_checkpoint_keeps_its_chunks(workdir: Path, moto: Moto, buck
     writer.start()
     assert held.holding.wait(30)  # packs are up, the manifest is not
     # Another process (no shared lock) collects garbage: the young packs must stay.
-    report = collect_garbage(Repository(plain.backend, gc_grace=3600))
+    report = collect_garbage(Repository(plain.backend, gc_grace=3600), ["w"])
     assert report.deleted_packs == [] and report.kept_young >= 1
     # The same process with no grace at all: the lock makes GC wait for the commit.
     gc_done = threading.Event()
     gc_thread = threading.Thread(
-        target=lambda: (collect_garbage(writer_repo, grace=0), gc_done.set())
+        target=lambda: (collect_garbage(writer_repo, ["w"], grace=0), gc_done.set())
     )
     gc_thread.start()
     time.sleep(0.5)
@@ -363,15 +364,15 @@ def test_prune_deletes_manifests_then_unreferenced_packs(
         (src / "pages-1.img").write_bytes(os.urandom(256 * 1024))  # all new each time
         (src / "core.img").write_bytes(b"shared" * 1000)  # the same every time
         ids.append(repo.commit("w", src).id)
-    packs_before = {k for k in moto.keys(bucket, "ckpt/packs/") if k.endswith(".pack")}
+    packs_before = {k for k in moto.keys(bucket, "ckpt/wpacks/w/") if k.endswith(".pack")}
     assert len(packs_before) == 3
     # The middle checkpoint's pack holds only its own pages (the shared chunk dedups to the
     # first pack): retention removes its manifest, GC then its pack and index.
     repo.delete("w", ids[1])
-    report = collect_garbage(repo)
-    packs_after = {k for k in moto.keys(bucket, "ckpt/packs/") if k.endswith(".pack")}
+    report = collect_garbage(repo, ["w"])
+    packs_after = {k for k in moto.keys(bucket, "ckpt/wpacks/w/") if k.endswith(".pack")}
     assert len(report.deleted_packs) == 1 and packs_after < packs_before
-    assert len(moto.keys(bucket, "ckpt/packs/")) == 2 * len(packs_after)  # no orphan index
+    assert len(moto.keys(bucket, "ckpt/wpacks/w/")) == 2 * len(packs_after)  # no orphan index
     for cid in (ids[0], ids[2]):
         repo.verify("w", cid)  # everything still referenced is there
 
@@ -451,7 +452,7 @@ def test_a_lazy_read_from_the_bucket_gets_a_segment_by_range(
     files = CheckpointFiles(repo, "w", m.id, repo.known_chunks("w"))
     assert files.read("pages-1.img", 800 * 4096, 4096) == pages[800 * 4096 : 801 * 4096]
     assert 0 < sum(fetched) < 3 * 65536
-    key = pack_key(m.packs[0])
+    key = pack_key(m.packs[0], m.pack_home)
     data, size = store.get_range(key, 10, 5)
     assert data == store.get(key)[10:15] and size > 15
     assert store.get_range(key, size + 10, 100) == (b"", size)

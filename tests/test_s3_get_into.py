@@ -262,7 +262,7 @@ def test_a_restore_from_the_bucket_is_whole_and_refuses_a_flipped_byte_in_a_pack
     for name in ("pages-1.img", "core-1.img"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     s3 = moto.client()
-    key = f"ckpt/{pack_key(m.packs[len(m.packs) // 2])}"
+    key = f"ckpt/{pack_key(m.packs[len(m.packs) // 2], m.pack_home)}"
     data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[len(data) // 2] ^= 1
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))

@@ -17,66 +17,31 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.daemon.storage_setup import open_repository
-from storage import Repository
-from storage.backends.spooled import SpooledBlobStore
 from storage.errors import TransientStorageError
 from storage.gc import collect_garbage
-from tests.support import ROOT, S3_ENV, Moto, s3_repository_config
+from tests.support import ROOT, S3_ENV, Moto
 from tests.support.s3_proxy import S3Proxy
-
-GRACE = 2.0
-
-Host = tuple[Repository, SpooledBlobStore]
+from tests.support.storage_hosts import (
+    GRACE,
+    StorageHosts,
+    image,
+    restorable_everywhere,
+    storage_hosts,
+)
 
 
 @pytest.fixture
-def hosts(
-    tmp_path: Path, moto: Moto, bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, Host]]:
-    """Hosts opened on demand by name (`open_host(name, url)`), closed at the end."""
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
-    opened: dict[str, Host] = {}
-    yield opened
-    for _, spool in opened.values():
-        spool.close()
-
-
-def open_host(opened: dict[str, Host], tmp_path: Path, name: str, url: str, bucket: str) -> Host:
-    config = s3_repository_config(tmp_path / name, tmp_path / "repository.key", url, bucket)
-    config.storage.gc_grace = GRACE
-    repo, spool = open_repository(config)
-    assert spool is not None
-    opened[name] = (repo, spool)
-    return repo, spool
-
-
-def image(folder: Path, seed: int) -> Path:
-    """A checkpoint-like folder of incompressible pages (several packs)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rnd = __import__("random").Random(seed)
-    (folder / "pages-1.img").write_bytes(rnd.randbytes(6 * 1024 * 1024))
-    (folder / "core-1.img").write_bytes(rnd.randbytes(3000))
-    return folder
-
-
-def restorable_everywhere(hosts: dict[str, Host], workload: str) -> list[str]:
-    """Every checkpoint any host lists verifies from the bucket; the ids listed."""
-    listed: set[str] = set()
-    for repo, _ in hosts.values():
-        for info in repo.checkpoints(workload):
-            repo.verify(workload, info.id)
-            listed.add(info.id)
-    return sorted(listed)
+def hosts(tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[StorageHosts]:
+    """Hosts opened on demand by name (`hosts.open(name, url)`), closed at the end."""
+    yield from storage_hosts(tmp_path, bucket, monkeypatch)
 
 
 def test_another_hosts_retention_and_gc_between_two_commits_of_the_same_pages(
-    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+    tmp_path: Path, moto: Moto, bucket: str, hosts: StorageHosts
 ) -> None:
-    b_repo, b_spool = open_host(hosts, tmp_path, "b", moto.url, bucket)
-    a_repo, a_spool = open_host(hosts, tmp_path, "a", moto.url, bucket)
-    c_repo, c_spool = open_host(hosts, tmp_path, "c", moto.url, bucket)
+    b_repo, b_spool = hosts.open("b", moto.url)
+    a_repo, a_spool = hosts.open("a", moto.url)
+    c_repo, c_spool = hosts.open("c", moto.url)
     pages = image(tmp_path / "img", 1)
     x = b_repo.commit("w", pages)
     assert b_spool.wait_uploaded(60)
@@ -85,7 +50,7 @@ def test_another_hosts_retention_and_gc_between_two_commits_of_the_same_pages(
     a_repo.delete("w", x.id)  # A's retention removes X ...
     assert a_spool.wait_uploaded(60)
     time.sleep(GRACE + 0.5)
-    gc = collect_garbage(c_repo)  # ... and C's garbage collection its packs
+    gc = collect_garbage(c_repo, ["w"])  # ... and C's garbage collection its packs
     assert set(x.packs) <= set(gc.deleted_packs)
     assert c_spool.wait_uploaded(60)
 
@@ -100,18 +65,18 @@ def test_another_hosts_retention_and_gc_between_two_commits_of_the_same_pages(
 
 
 def test_an_outage_longer_than_gc_grace_between_packs_and_manifest(
-    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+    tmp_path: Path, moto: Moto, bucket: str, hosts: StorageHosts
 ) -> None:
     proxy = S3Proxy(moto.url)
     try:
-        a_repo, a_spool = open_host(hosts, tmp_path, "a", proxy.url, bucket)
-        c_repo, c_spool = open_host(hosts, tmp_path, "c", moto.url, bucket)
+        a_repo, a_spool = hosts.open("a", proxy.url)
+        c_repo, c_spool = hosts.open("c", moto.url)
         # A's link lets packs through and loses the manifest: its outage begins between them.
         proxy.refuse = lambda method, path: method == "PUT" and "/manifests/" in path
         first = a_repo.commit("w", image(tmp_path / "img", 2))
         deadline = time.monotonic() + 60
         while proxy.refused == 0 or not all(
-            any(p in k for k in moto.keys(bucket, "ckpt/packs/")) for p in first.packs
+            any(p in k for k in moto.keys(bucket, "ckpt/wpacks/w/")) for p in first.packs
         ):
             assert time.monotonic() < deadline, "A's packs never reached the bucket alone"
             time.sleep(0.2)
@@ -120,7 +85,7 @@ def test_an_outage_longer_than_gc_grace_between_packs_and_manifest(
             a_repo.checkpoints("w")  # a listing is the bucket's or an error, never the cache's
         assert [i.id for i in a_repo.checkpoints_local("w")] == [first.id]  # said as partial
         time.sleep(GRACE + 0.5)
-        gc = collect_garbage(c_repo)  # C finds A's packs old and unreferenced
+        gc = collect_garbage(c_repo, ["w"])  # C finds A's packs old and unreferenced
         assert set(first.packs) <= set(gc.deleted_packs)
         assert c_spool.wait_uploaded(60)  # its deletes are done in the bucket
 
@@ -154,9 +119,9 @@ time.sleep(600)  # killed -9 here, its uploads still queued
 
 
 def test_a_host_killed_with_uploads_queued_uploads_them_in_order_when_it_starts_again(
-    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+    tmp_path: Path, moto: Moto, bucket: str, hosts: StorageHosts
 ) -> None:
-    c_repo, _ = open_host(hosts, tmp_path, "c", moto.url, bucket)  # creates the repository
+    c_repo, _ = hosts.open("c", moto.url)  # creates the repository
     proxy = S3Proxy(moto.url)
     try:
         proxy.refuse = lambda method, path: method == "PUT"  # A's uploads fail
@@ -174,7 +139,7 @@ def test_a_host_killed_with_uploads_queued_uploads_them_in_order_when_it_starts_
             a.wait()
         assert len(ids) == 2 and not moto.keys(bucket, "ckpt/manifests/")
         proxy.refuse = lambda method, path: False
-        _, a_spool = open_host(hosts, tmp_path, "a", proxy.url, bucket)  # A starts again
+        _, a_spool = hosts.open("a", proxy.url)  # A starts again
         assert a_spool.wait_uploaded(90)
         assert restorable_everywhere(hosts, "w") == sorted(ids)
         assert [i.id for i in c_repo.checkpoints("w")] == sorted(ids, reverse=True)
@@ -183,12 +148,12 @@ def test_a_host_killed_with_uploads_queued_uploads_them_in_order_when_it_starts_
 
 
 def test_a_removed_checkpoints_own_packs_are_never_referenced_again(
-    tmp_path: Path, moto: Moto, bucket: str, hosts: dict[str, Host]
+    tmp_path: Path, moto: Moto, bucket: str, hosts: StorageHosts
 ) -> None:
     """Retention removes X: the packs only X referenced leave the workload's index at once,
     so no later commit references them, and another host's GC may delete them at any moment
     (before, the commit after a removal reused them until the next index refresh)."""
-    a_repo, a_spool = open_host(hosts, tmp_path, "a", moto.url, bucket)
+    a_repo, a_spool = hosts.open("a", moto.url)
     old = a_repo.commit("w", image(tmp_path / "old", 5))
     a_repo.commit("w", image(tmp_path / "new", 6))
     a_repo.delete("w", old.id)

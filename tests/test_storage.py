@@ -117,7 +117,7 @@ def test_flipped_byte_in_a_chunk_fails_restore_naming_the_checkpoint(
 ) -> None:
     src = make_folder(workdir / "src", {"pages-1.img": 64 * CHUNK_SIZE})
     m = repo.commit("w", src)
-    pack = next((workdir / "repo" / "packs").rglob("*.pack"))
+    pack = next((workdir / "repo" / "wpacks" / "w").rglob("*.pack"))
     data = bytearray(pack.read_bytes())
     data[len(data) // 2] ^= 0x01
     os.chmod(pack, 0o600)
@@ -137,7 +137,7 @@ def test_damaged_frame_header_fails_restore_as_corrupt(
     src.mkdir()
     (src / "pages-1.img").write_bytes(os.urandom(4 * CHUNK_SIZE).hex().encode())
     m = repo.commit("w", src)
-    pack = next((workdir / "repo" / "packs").rglob("*.pack"))
+    pack = next((workdir / "repo" / "wpacks" / "w").rglob("*.pack"))
     data = bytearray(pack.read_bytes())
     data[at] = 0xFF  # the first frame's header: descriptor, window, content size
     os.chmod(pack, 0o600)
@@ -149,7 +149,7 @@ def test_damaged_frame_header_fails_restore_as_corrupt(
 
 def test_missing_pack_fails_restore_clearly(repo: Repository, workdir: Path) -> None:
     m = repo.commit("w", make_folder(workdir / "src", {"a": 10000}))
-    next((workdir / "repo" / "packs").rglob("*.pack")).unlink()
+    next((workdir / "repo" / "wpacks" / "w").rglob("*.pack")).unlink()
     with pytest.raises(CorruptCheckpoint, match="missing"):
         repo.materialize("w", m.id, workdir / "out")
 
@@ -187,12 +187,13 @@ print("committed", flush=True)
 def test_writer_killed_mid_checkpoint_leaves_no_visible_checkpoint(workdir: Path) -> None:
     src = make_folder(workdir / "src", {f"pages-{i}.img": 32 * 1024 * 1024 for i in range(8)})
     store = workdir / "repo"
+    packs = store / "wpacks" / "w"  # the workload's own prefix (storage/keys.py)
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(store), str(src)], stdout=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 60
-        while not list((store / "packs").rglob("*.idx")) if (store / "packs").exists() else True:
+        while not list(packs.rglob("*.idx")) if packs.exists() else True:
             assert proc.poll() is None, "the writer finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -207,8 +208,8 @@ def test_writer_killed_mid_checkpoint_leaves_no_visible_checkpoint(workdir: Path
     m = repo.commit("w", src)
     repo.materialize("w", m.id, workdir / "out")
     assert same_files(src, workdir / "out")
-    orphans = {p.stem for p in (store / "packs").rglob("*.pack")} - set(m.packs)
-    assert orphans and collect_garbage(repo, grace=0).deleted_packs == sorted(orphans)
+    orphans = {p.stem for p in packs.rglob("*.pack")} - set(m.packs)
+    assert orphans and collect_garbage(repo, ["w"], grace=0).deleted_packs == sorted(orphans)
 
 
 class CountingStore(LocalBlobStore):

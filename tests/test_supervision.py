@@ -160,10 +160,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(daemon: Daemon) 
     daemon.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
     serve(port, 3)
     older = daemon.checkpoint("web")
-    packs_before = set((daemon.state / "repository" / "packs").rglob("*.pack"))
+    packs_before = set((daemon.state / "repository" / "wpacks" / "web").rglob("*.pack"))
     serve(port, 3)
     newest = daemon.checkpoint("web")
-    new_packs = set((daemon.state / "repository" / "packs").rglob("*.pack")) - packs_before
+    new_packs = set((daemon.state / "repository" / "wpacks" / "web").rglob("*.pack")) - packs_before
     assert new_packs, "the newest checkpoint stored no new chunk"
     daemon.drop_kept_images()
     for pack in new_packs:

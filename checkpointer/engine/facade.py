@@ -134,7 +134,15 @@ class Engine:
         self.restores = RestorePipeline(
             repo, criu, self.scratch, pump, self.logs, self.runtimes, self.disk
         )
-        self.maintenance = Maintenance(repo, events, spool, config.storage.spool_max_bytes)
+        self.maintenance = Maintenance(
+            repo,
+            events,
+            spool,
+            config.storage.spool_max_bytes,
+            owned=lambda: [
+                w.name for w in self.workloads() if w.state is not WorkloadState.ELSEWHERE
+            ],
+        )
         self.lifecycle = Lifecycle(
             self.registry, pump, self.logs, lambda w: self.hooks.watch(w), self.runtimes
         )
@@ -246,7 +254,7 @@ class Engine:
                 continue
             with self.locked(w, wait=True):
                 rows += self.maintenance.apply_retention(n, w.retention, w.bad_checkpoints, dry_run)
-        gc = self.maintenance.collect_garbage(dry_run)
+        gc = self.maintenance.collect_garbage(dry_run, also=[name] if name else [])
         return {"dry_run": dry_run, "checkpoints": rows, "gc": gc}
 
     def pin(self, name: str, checkpoint_id: str, unpin: bool = False) -> PinReport:

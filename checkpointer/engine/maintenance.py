@@ -1,16 +1,23 @@
 """Keeping the repository in bounds: retention per workload, garbage collection, and the
-spool's limit while object storage is unreachable."""
+spool's limit while object storage is unreachable.
+
+Garbage collection covers the workloads this host owns (docs/fleet.md, R3): their packs live
+under their own prefixes and only their owner removes their checkpoints, so no host lists or
+reads what belongs to other hosts' workloads (storage/gc.py). Which workloads are owned is
+the engine's to say (`owned`): without a fleet, every workload registered here; in a fleet,
+those not found owned elsewhere."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 from checkpointer.api import GcReport, RetentionRow
 from checkpointer.config import Retention
 from checkpointer.engine.events import Events
 from storage import Repository, StorageError, gc, marks, retention
 from storage.backends.spooled import SpooledBlobStore
-from storage.errors import TransientStorageError
+from storage.errors import CorruptCheckpoint, TransientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +29,14 @@ class Maintenance:
         events: Events,
         spool: SpooledBlobStore | None,
         spool_max_bytes: int,
+        owned: Callable[[], Iterable[str]],
     ) -> None:
+        """`owned`: the workloads this host owns now (their GC is this host's)."""
         self.repo = repo
         self.events = events
         self.spool = spool
         self.spool_max_bytes = spool_max_bytes
+        self.owned = owned
 
     def apply_retention(
         self,
@@ -103,12 +113,26 @@ class Maintenance:
             ", ".join(dropped) or "none",
         )
 
-    def collect_garbage(self, dry_run: bool = False) -> GcReport:
-        report = gc.collect_garbage(self.repo, dry_run=dry_run)
+    def collect_garbage(self, dry_run: bool = False, also: Iterable[str] = ()) -> GcReport:
+        """Collect the packs of the workloads this host owns (and of `also`: a workload
+        `prune NAME` names) that nothing references. Raises CorruptCheckpoint, once the rest
+        is collected, naming the workloads skipped because a manifest cannot be read."""
+        owned = set(self.owned())
+        report = gc.collect_garbage(self.repo, owned | set(also), dry_run=dry_run)
+        self.repo.keep_only(owned)  # the indexes of workloads that moved away go
         if not dry_run:
             self.events.gc_collected(len(report.deleted_packs))
             if report.deleted_packs:
-                log.info("gc: removed %d unreferenced pack(s)", len(report.deleted_packs))
+                log.info(
+                    "gc: removed %d unreferenced pack(s) (%d of the legacy flat layout) of "
+                    "%d workload(s)",
+                    len(report.deleted_packs),
+                    report.legacy_deleted,
+                    len(report.workloads),
+                )
+        problem = report.problem()
+        if problem is not None:
+            raise CorruptCheckpoint(problem)
         return {
             "deleted_packs": len(report.deleted_packs),
             "kept_young_unreferenced": report.kept_young,

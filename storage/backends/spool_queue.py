@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from storage.keys import MANIFESTS, PACKS
+from storage.keys import MANIFESTS, PACKS, WPACKS
 
 Entry = tuple[Path, str, str]  # queue file, "P" (put) or "D" (delete), key
 Entries = list[Entry]
@@ -120,7 +120,7 @@ class SpoolQueue:
                     if needed is None or up_key in needed:
                         up.unlink(missing_ok=True)
                 self._needs_path(key).unlink(missing_ok=True)
-            if op == "P" and key.startswith(PACKS):
+            if op == "P" and key.startswith((WPACKS, PACKS)):
                 with contextlib.suppress(FileNotFoundError):
                     os.utime(path, None)  # when it reached the remote
                     path.rename(path.with_name(path.name + _UP))
