@@ -53,12 +53,11 @@ from storage.manifest import (
     is_checkpoint_id,
 )
 from storage.packs import IndexArrays
-from storage.rebuild import materialize
+from storage.rebuild import ProgressFn, materialize
 from storage.rwlock import RWLock
 from storage.summaries import CheckpointInfo, References, Summaries, Summary
 
 log = logging.getLogger(__name__)
-ProgressFn = Callable[[int], None]  # called with bytes just done
 
 
 class Repository:
@@ -353,4 +352,4 @@ class Repository:
         pins.unpin(self.backend, workload, checkpoint_id)
 
 
-__all__ = ["CHUNK_SIZE", "BlobExists", "CheckpointInfo", "Repository"]
+__all__ = ["CHUNK_SIZE", "BlobExists", "CheckpointInfo", "ProgressFn", "Repository"]
