@@ -13,7 +13,6 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,8 +22,6 @@ from storage.chunk_index import digest_rows
 from storage.errors import CorruptCheckpoint
 from storage.file_copy import copy_range
 from storage.manifest import DIGEST_SIZE, Manifest
-from storage.packs import IndexArrays
-from storage.page_writing import Scratch
 
 
 @dataclass
@@ -93,20 +90,9 @@ class WantedChunks:
         self.done |= skip
         return int(skip.sum()) * self.chunk_size
 
-    def write_pack(
-        self,
-        fds: list[int],
-        pack_id: str,
-        index: IndexArrays,
-        m: Matches,
-        data: bytes | memoryview,
-        scratch: Scratch,
-        chunk_id: Any,
-        where: str,
-    ) -> int:
-        """Decode, check and write the chunks of a pack that `m` claimed; bytes written
-        (storage/page_writing.py)."""
-        return page_writing.write_pack(self, fds, pack_id, index, m, data, scratch, chunk_id, where)
+    # Decode, check and write the chunks of a pack that a Matches claimed; bytes written
+    # (storage/page_writing.py): a method, so that `wanted.write_pack(...)` reads as before.
+    write_pack = page_writing.write_pack
 
     def copy_from_seed(self, fds: list[int], seed: Manifest, folder: Path, sizes: list[int]) -> int:
         """Write every chunk that `folder` (the files of checkpoint `seed`, whose bytes the
