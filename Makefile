@@ -16,7 +16,7 @@ criu:
 	@bash scripts/install-criu.sh
 
 setup: $(STAMP) criu
-	@bash scripts/install-system-deps.sh redis-server prometheus iproute2 util-linux
+	@bash scripts/install-system-deps.sh redis-server prometheus iproute2 util-linux memcached
 
 # The daemon in the foreground, on a local-folder repository under .state/, checkpointing the
 # example workload of configs/demo.yaml every 5 s. Ctrl-C stops the daemon and, for the demo
@@ -33,8 +33,11 @@ containers:
 		containernetworking-plugins catatonit fuse-overlayfs slirp4netns uidmap
 	@bash scripts/build-test-rootfs.sh
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; 0: in this one): most tests wait on
+# daemons, leases and timers rather than use a core. tests/conftest.py keeps the workers apart.
+TEST_WORKERS ?= 2
 test: setup containers
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 # Benchmarks side by side (raw CRIU, dump+tar+zstd, restic, checkpointer): prints a table and
 # writes bench/results/latest.json, then the migration downtime (bench/results/migration.json)

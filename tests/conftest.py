@@ -6,12 +6,20 @@ trees. Every process a test starts is killed by PID at the end, the daemon last.
 
 Only what runs CRIU needs root: Daemon (and so the `daemon` and `counter` fixtures) fails the
 test at once without root or criu; the pure unit tests run as any user.
+
+In parallel (`make test`: pytest-xdist, `--dist loadgroup`), each worker process has its own
+temporary folder (every mkdtemp of its tests lands there), its own ports and test subnets
+(tests/support/workers.py), and at its end checks that nothing its tests started still runs.
+A file with fixtures shared by its tests (scope module or class) runs whole on one worker, in
+its order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -21,6 +29,50 @@ from pathlib import Path
 import pytest
 
 from tests.support import COUNTER, Daemon, Moto, free_port, http_get
+from tests.support.processes import working_in
+from tests.support.workers import worker
+
+# Files whose tests must run on one worker in file order though they share no fixture.
+_ONE_WORKER = {"test_install.py"}  # install, then upgrade and package, `make uninstall` last
+_SHARED_SCOPES = {"module", "class", "package"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put each file that shares a fixture between its tests (or must keep its order) in an
+    xdist group of its own: `--dist loadgroup` then runs it whole on one worker, so the shared
+    fixture is built once, not once per worker its tests happen to land on."""
+    for item in items:
+        path = item.path.name
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else []
+        shared = any(
+            d.scope in _SHARED_SCOPES and d.baseid.startswith(item.nodeid.split("::")[0])
+            for ds in defs
+            for d in ds
+        )
+        if shared or path in _ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(path))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
+    """This worker's own temporary folder for the whole run (tempfile's default while it
+    runs), and at the end: nothing started in it or in pytest's tmp_path still runs. What is
+    left is killed by PID and the run fails naming it."""
+    index, _ = worker()
+    root = Path(tempfile.mkdtemp(prefix=f"ckpt-w{index}-"))
+    before, tempfile.tempdir = tempfile.tempdir, str(root)
+    folders = [root, tmp_path_factory.getbasetemp()]
+    try:
+        yield folders
+    finally:
+        tempfile.tempdir = before
+        left = working_in(folders)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not left, f"processes the tests started are still running: {left}"
 
 
 @pytest.fixture

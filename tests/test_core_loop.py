@@ -26,6 +26,7 @@ from tests.support import (
     serve,
     tree_pids,
 )
+from tests.support.processes import working_in
 
 
 def test_seed_scenario_restore_continues_from_checkpoint(counter: tuple[Daemon, int]) -> None:
@@ -219,12 +220,10 @@ def threads_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/status").read_text().split("Threads:")[1].split()[0])
 
 
-def test_no_workload_left_running_check() -> None:
-    """Guard for the fixtures: nothing the previous tests started is still running."""
-    out = subprocess.run(
-        ["pgrep", "-f", "counter_server.py|tree_server.py"], capture_output=True, text=True
-    )
-    assert out.stdout.strip() == ""
+def test_no_workload_left_running_check(worker_folders: list[Path]) -> None:
+    """Guard for the fixtures: nothing the previous tests of this worker started is still
+    running (their workloads and daemons run in their folders; parallel workers' do not)."""
+    assert working_in(worker_folders) == {}
 
 
 def test_adopted_workload_checkpoint_and_restore(daemon: Daemon) -> None:

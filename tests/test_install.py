@@ -124,6 +124,7 @@ class InstalledDaemon(Daemon):
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                cwd=self.base,
                 start_new_session=True,
             )
         deadline = time.monotonic() + 30
@@ -134,7 +135,7 @@ class InstalledDaemon(Daemon):
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [*self.prefix, self.exe, args[0], "--config", str(self.config), *args[1:]]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=self.base, timeout=300)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(args)}: {r.stderr}\n{self.log.read_text()[-3000:]}")
         return r

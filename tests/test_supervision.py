@@ -106,6 +106,12 @@ def test_clean_exit_is_finished_not_a_crash(daemon: Daemon) -> None:
     assert st["restores"] == []
 
 
+# Seconds from the 10th request to the crash: the test's `checkpoint` (a new CLI process) must
+# be done by then, or the crash comes first and the older checkpoint is restored. With 2 s it
+# was not, on a busy machine (two test workers beside other runs: the CLI took seconds).
+CRASH_DELAY = 5
+
+
 def test_crash_loop_steps_back_then_gives_up(workdir: Path) -> None:
     port = free_port()
     d = Daemon(
@@ -113,7 +119,7 @@ def test_crash_loop_steps_back_then_gives_up(workdir: Path) -> None:
         f"""
 workloads:
   - name: crashy
-    command: [{sys.executable}, {PROGRAMS / "crasher.py"}, "{port}", "10", "2"]
+    command: [{sys.executable}, {PROGRAMS / "crasher.py"}, "{port}", "10", "{CRASH_DELAY}"]
     restore:
       crash_window: 30s
       backoff_initial: 500ms
@@ -126,7 +132,7 @@ workloads:
         d.start()
         assert serve(port, 5) == "5"
         older = d.checkpoint("crashy")
-        assert serve(port, 5) == "10"  # the crash is armed: it fires 2 s from now
+        assert serve(port, 5) == "10"  # the crash is armed: it fires CRASH_DELAY from now
         newest = d.checkpoint("crashy")
         # It crashes, is restored from the newest (which crashes again), then steps back.
         st = d.wait_for(

@@ -13,7 +13,7 @@ from typing import Any
 
 from tests.support.host import require_root_and_criu
 from tests.support.net import free_port
-from tests.support.paths import CLI, ROOT
+from tests.support.paths import CLI
 from tests.support.processes import kill_tree, start_time
 
 
@@ -58,7 +58,7 @@ class Daemon:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
-                cwd=ROOT,
+                cwd=self.base,
                 start_new_session=True,
                 env={**os.environ, **self.env},
             )
@@ -69,8 +69,13 @@ class Daemon:
             time.sleep(0.1)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the CLI on this daemon. Its working directory is BASE, which `run` gives the
+        workload: CRIU dumps a managed workload through a `proc.crtools` folder made in its
+        working directory, and the daemon's lock against two dumps colliding there covers only
+        its own workloads, so daemons (parallel tests, the hosts of one test) must not share
+        one. Each test's workloads are also found by it (tests.support.processes)."""
         cmd = [*self.prefix, *CLI, args[0], "--config", str(self.config), *args[1:]]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=self.base, timeout=300)
         if check and r.returncode != 0:
             raise AssertionError(
                 f"{' '.join(args)} failed ({r.returncode}): {r.stderr}"

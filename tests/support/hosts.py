@@ -49,6 +49,7 @@ from tests.support.daemon import Daemon
 from tests.support.moto_server import S3_ENV, Moto
 from tests.support.paths import ROOT
 from tests.support.processes import start_time, tree_pids
+from tests.support.workers import share
 
 SUBNET_PREFIX = "10.213"
 HOSTS_ROOT = Path("/run")
@@ -116,10 +117,13 @@ def _state(pid: int) -> str:
 
 
 def free_subnet() -> str:
-    """10.213.X with X unused by any interface here (concurrent runs pick another)."""
+    """10.213.X with X unused by any interface here. X is drawn from this test worker's share
+    of 1..254, so parallel workers never pick the same one between the check and `ip addr
+    add`; other concurrent runs pick another at random."""
     used = ip("-o", "-4", "addr", "show").stdout
+    mine = share(1, 254)
     for _ in range(100):
-        subnet = f"{SUBNET_PREFIX}.{secrets.randbelow(254) + 1}"
+        subnet = f"{SUBNET_PREFIX}.{mine[secrets.randbelow(len(mine))]}"
         if f" {subnet}." not in used:
             return subnet
     raise RuntimeError(f"no free {SUBNET_PREFIX}.X/24 subnet")
@@ -319,7 +323,7 @@ class Host(Daemon):
             "--mount",
             "--uts",
             "--net",
-            f"--wd={ROOT}",
+            f"--wd={self.base}",  # the workloads' working directory: see Daemon.cli
             "--",
         ]
         mount = [*self.prefix, "mount", "-t", "tmpfs"]
@@ -340,9 +344,9 @@ class Host(Daemon):
         return Path(f"/proc/{self.anchor.pid}/root") / Path(path).relative_to("/")
 
     def run(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """Run ARGV inside the host's namespaces (cwd: the project), its output captured."""
+        """Run ARGV inside the host's namespaces (cwd: BASE), its output captured."""
         return subprocess.run(
-            [*self.prefix, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+            [*self.prefix, *argv], capture_output=True, text=True, timeout=timeout
         )
 
     def processes(self) -> list[int]:

@@ -42,6 +42,25 @@ def start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
+def working_in(folders: list[Path]) -> dict[int, str]:
+    """The live processes whose working directory is one of FOLDERS or below (a removed folder
+    counts too), with their command lines. A test's workloads run in its daemon's folder (see
+    Daemon.cli), so this finds what a worker's tests started and left, and nothing of a
+    parallel worker's or of another run on the machine."""
+    out: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd").removesuffix(" (deleted)")
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:  # gone, or a zombie (no cwd): not running
+            continue
+        if any(Path(cwd).is_relative_to(f) for f in folders):
+            out[int(entry)] = argv.replace(b"\0", b" ").decode(errors="replace").strip()
+    return out
+
+
 def kill_tree(root: int) -> None:
     """kill -9 every process of the tree, as a crash or the OOM killer would."""
     for pid in tree_pids(root):
