@@ -27,6 +27,7 @@ class Op(StrEnum):
     HOSTS = "hosts"
     SHUTDOWN_CHECKPOINT = "shutdown-checkpoint"
     DRAIN = "drain"
+    DRILL = "drill"
 
 
 class RestoreAttemptReport(TypedDict):
@@ -57,6 +58,7 @@ class StatusReport(TypedDict):
     busy: bool
     owner: str | None  # fleet: the host that holds its lease
     container: str | None  # lxc, podman: the container's name in its runtime
+    drill: NotRequired[DrillSummary]  # restore drills (engine/drills.py)
 
 
 class MigrateReport(TypedDict):
@@ -125,6 +127,33 @@ class CheckpointEntry(TypedDict):
     local_only: str | None  # the bucket could not be listed: why (only this host's copies)
     mark: str | None  # "bad" or "crash-looped": automatic and unnamed restores skip it
     mark_reason: str | None  # why it was marked
+    verified: NotRequired[bool]  # a restore drill restored it (storage/marks.py)
+
+
+class DrillReport(TypedDict):
+    """What a restore drill found (engine/drills.py): `result` verified, failed (the
+    checkpoint's fault: marked bad) or error (the drill could not tell: nothing marked)."""
+
+    workload: str
+    checkpoint: str
+    result: str  # verified | failed | error
+    detail: str  # one line: what CRIU restored, or why not
+    duration_seconds: float
+    marked_bad: bool
+    processes: NotRequired[int]  # verified: the processes CRIU restored (all of them)
+    restore_stats: NotRequired[dict[str, Any]]
+
+
+class DrillSummary(TypedDict):
+    """The newest drill of a workload and its newest verified checkpoint (`status`)."""
+
+    last_result: str | None
+    last_checkpoint: str | None
+    last_time: float | None
+    last_detail: str | None
+    verified_checkpoint: str | None  # the newest still proven (not marked bad since)
+    verified_age_seconds: float | None  # how old that checkpoint is
+    next_drill: float | None  # drill.every: when the next is due (Unix time)
 
 
 class RestoreReport(TypedDict):

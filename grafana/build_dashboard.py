@@ -146,6 +146,27 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str, int, list[tuple[str, fl
         None,
     ),
     (
+        "Age of the newest checkpoint a restore drill verified",
+        "s",
+        [("{{workload}}", f"time() - checkpointer_verified_checkpoint_timestamp_seconds{W}")],
+        "stat",
+        12,
+        [("green", 0), ("orange", 86400), ("red", 172800)],
+    ),
+    (
+        "Restore drills by result",
+        "short",
+        [
+            (
+                "{{workload}} {{result}}",
+                f"sum by (workload, result) (increase(checkpointer_drills_total{W}[1h]))",
+            )
+        ],
+        "timeseries",
+        12,
+        None,
+    ),
+    (
         "Storage errors and retries per second",
         "ops",
         [

@@ -153,6 +153,7 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     d.cli("run", "broken", "--every", "1s", "--", sys.executable, str(PROGRAMS / "tcp_holder.py"))
     http_get(port)
     time.sleep(4)
+    d.cli("drill", "web")  # the drill panels' data (checkpointer_verified_checkpoint_...)
     kill_tree(d.pid("web"))  # a crash: restored by the daemon (restores_total{reason=crash})
     http_get(port, timeout=20)
     time.sleep(6)
@@ -173,7 +174,7 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     )
     assert check.returncode == 0, check.stdout + check.stderr
     rules = prom.api("rules")["data"]["groups"][0]["rules"]
-    assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 12 and all(r["health"] == "ok" for r in rules), rules
     for rule in rules:
         assert prom.api("query", query=rule["query"])["status"] == "success"
 

@@ -19,6 +19,7 @@ from checkpointer import __version__
 from checkpointer.cli import rendering as show
 from checkpointer.cli.client import Client
 from checkpointer.cli.daemon_logging import setup_logging
+from checkpointer.cli.drill_command import drill
 from checkpointer.cli.fleet_commands import drain, shutdown_checkpoint
 from checkpointer.cli.key_commands import key
 from checkpointer.cli.options import (
@@ -274,6 +275,7 @@ def doctor(config: Config, as_json: bool) -> None:
 cli.add_command(key)
 cli.add_command(drain)
 cli.add_command(shutdown_checkpoint)
+cli.add_command(drill)
 
 
 def main() -> None:

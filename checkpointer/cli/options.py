@@ -125,6 +125,10 @@ def schedule_flags(fn: F) -> F:
         "--no-auto-restore", is_flag=True, help="do not restore by itself when the tree dies"
     )(fn)
     fn = click.option(
+        "--drill-every",
+        help="restore the newest checkpoint in a sandbox this often, e.g. 1d (restore drills)",
+    )(fn)
+    fn = click.option(
         "--lazy-restore",
         is_flag=True,
         help="restores from the repository start the tree first, its memory on demand",
@@ -162,6 +166,9 @@ def workload_options(kw: dict[str, Any]) -> dict[str, Any]:
         value = kw.pop(key)
         if value is not None:
             opts[key] = value
+    drill_every = kw.pop("drill_every")
+    if drill_every is not None:
+        opts["drill"] = {"every": drill_every}
     try:
         WorkloadOptions.model_validate(opts)
     except ValidationError as e:

@@ -117,7 +117,16 @@ def status_table(rows: Sequence[StatusReport]) -> None:
         click.echo("no workloads registered")
         return
     t = Table(
-        "NAME", "KIND", "STATE", "PID", "SCHEDULE", "LAST CHECKPOINT", "AGE", "NEXT", "PROBLEM"
+        "NAME",
+        "KIND",
+        "STATE",
+        "PID",
+        "SCHEDULE",
+        "LAST CHECKPOINT",
+        "AGE",
+        "NEXT",
+        "VERIFIED",
+        "PROBLEM",
     )
     for r in rows:
         age = r["last_checkpoint_age_seconds"]
@@ -134,9 +143,22 @@ def status_table(rows: Sequence[StatusReport]) -> None:
             r["last_checkpoint"] or "-",
             format_duration(age) if age else "-",
             short_time(r["next_checkpoint"]),
+            _verified(r),
             problem,
         )
     out.print(t)
+
+
+def _verified(r: StatusReport) -> str:
+    """The age of the newest checkpoint a restore drill verified, and a failed last drill."""
+    drill = r.get("drill")  # absent from an older daemon's answer
+    if not drill:
+        return "-"
+    age = drill["verified_age_seconds"]
+    text = format_duration(age) if age is not None else "-"
+    if drill["last_result"] in ("failed", "error"):
+        text += f" (last drill {drill['last_result']})"
+    return text
 
 
 def checkpointed(r: CheckpointReport) -> None:
@@ -161,7 +183,7 @@ def checkpoints_table(name: str, rows: Sequence[CheckpointEntry]) -> None:
             mb(r["size_bytes"]),
             mb(r["new_bytes"]),
             f"{frozen * 1000:.0f} ms" if frozen else "-",
-            f"{mark}: {r.get('mark_reason')}" if mark else "",
+            f"{mark}: {r.get('mark_reason')}" if mark else "verified" if r.get("verified") else "",
         )
     out.print(t)
     if rows[0].get("local_only"):

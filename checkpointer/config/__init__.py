@@ -2,6 +2,7 @@
 (durations). Everything the daemon accepts is validated here, with the key's path in errors."""
 
 from checkpointer.config.cron import check_cron
+from checkpointer.config.drill import DrillPolicy
 from checkpointer.config.model import (
     Config,
     CriuConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "Config",
     "CriuConfig",
     "CriuOptions",
+    "DrillPolicy",
     "FleetConfig",
     "HostConfig",
     "MetricsConfig",

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from checkpointer.config.cron import check_cron
+from checkpointer.config.drill import DrillPolicy
 from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval, Timeout
 from checkpointer.criu.options import check_extra_options
 from checkpointer.errors import ConfigError
@@ -100,6 +101,7 @@ class WorkloadOptions(_Strict):
     criu: CriuOptions = Field(default_factory=CriuOptions)
     retention: Retention | None = Field(None, description="default: the top-level retention")
     restore: RestorePolicy = Field(default_factory=RestorePolicy)
+    drill: DrillPolicy = Field(default_factory=DrillPolicy)
 
     @field_validator("cron")
     @classmethod

@@ -20,6 +20,7 @@ from checkpointer.api import Op
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu, kdat_cache
 from checkpointer.daemon.api_server import ApiServer, Handler
+from checkpointer.daemon.drill_metrics import DrillCollector
 from checkpointer.daemon.fleet import Fleet, FleetHooks
 from checkpointer.daemon.metrics import EngineCollector, Metrics
 from checkpointer.daemon.scheduler import CheckpointScheduler
@@ -31,6 +32,7 @@ from checkpointer.engine import (
     WorkloadKind,
     WorkloadState,
     drain,
+    drills,
     registering,
     reports,
     shutdown,
@@ -94,6 +96,7 @@ def build(
     )
     supervisor = Supervisor(engine)
     metrics.registry.register(EngineCollector(engine, spool, config.storage.spool_max_bytes, fleet))
+    metrics.registry.register(DrillCollector(engine, fleet))
     return engine, supervisor, scheduler, metrics, fleet
 
 
@@ -164,6 +167,7 @@ def _handlers(
         Op.HOSTS: hosts,
         Op.SHUTDOWN_CHECKPOINT: shutdown_checkpoint,
         Op.DRAIN: drain_host,
+        Op.DRILL: engine.drills.drill,
     }
     return {str(op): fn for op, fn in handlers.items()}
 
@@ -244,6 +248,8 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     _start_declared(engine, supervisor, config.workloads)
     if config.storage.gc_every:
         scheduler.every(config.storage.gc_every, "gc", engine.maintenance.scheduled_gc)
+    engine.drills.sweep()  # before any drill can run
+    scheduler.every(drills.TICK, "drills", engine.drills.run_due)  # drill.every
     scheduler.start()
     server.start()
     if config.metrics.enabled:

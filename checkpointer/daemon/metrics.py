@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from checkpointer.criu import DumpStats, RestoreStats
+from checkpointer.daemon.drill_metrics import DrillCounters
 from checkpointer.daemon.scheduler import first_run_after
 from checkpointer.engine import Workload, WorkloadState
 from storage.backends.spooled import SpooledBlobStore
@@ -204,6 +205,8 @@ class Metrics:
             registry=r,
         )
 
+        self.drill = DrillCounters(r)  # restore drills (daemon/drill_metrics.py)
+
     # -- events (checkpointer.engine.events.Events) -------------------------------------
 
     def workload_added(self, workload: str) -> None:
@@ -221,6 +224,7 @@ class Metrics:
         for result in ("success", "failure"):
             self.migrations.labels(workload, result)
         self.cpu_incompatible.labels(workload)
+        self.drill.added(workload)
         # Histograms too: the dashboard's duration panels show 0, not "No data", until the
         # first checkpoint or restore of the workload.
         for histogram in (
@@ -237,6 +241,9 @@ class Metrics:
         self.migrations.labels(workload, "failure" if ok else "success")
         if duration is not None:
             self.migration_duration.labels(workload).observe(duration)
+
+    def drill_done(self, workload: str, result: str, duration: float) -> None:
+        self.drill.done(workload, result, duration)
 
     def cpu_refused(self, workload: str) -> None:
         """checkpointer/engine/migration.py: a failover this host's CPU cannot take."""

@@ -39,6 +39,10 @@ class Events(Protocol):
 
     def migration_done(self, workload: str, ok: bool, duration: float | None = None) -> None: ...
 
+    def drill_done(self, workload: str, result: str, duration: float) -> None:
+        """A restore drill ended: verified, failed (the checkpoint marked bad) or error."""
+        ...
+
 
 class Silent:
     """Events that go nowhere."""
@@ -77,4 +81,7 @@ class Silent:
         pass
 
     def migration_done(self, workload: str, ok: bool, duration: float | None = None) -> None:
+        pass
+
+    def drill_done(self, workload: str, result: str, duration: float) -> None:
         pass

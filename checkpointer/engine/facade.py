@@ -32,6 +32,7 @@ from checkpointer.criu import Criu
 from checkpointer.engine import kept_image, migration, recovery
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.disk_images import DiskImages
+from checkpointer.engine.drills import Drills
 from checkpointer.engine.events import Events
 from checkpointer.engine.fenced_ownership import FencedOwnership
 from checkpointer.engine.lifecycle import Lifecycle
@@ -145,6 +146,17 @@ class Engine:
         )
         self.lifecycle = Lifecycle(
             self.registry, pump, self.logs, lambda w: self.hooks.watch(w), self.runtimes
+        )
+        self.drills = Drills(
+            self.registry,
+            repo,
+            criu,
+            self.restores,
+            self.scratch,
+            self.ownership,
+            events,
+            config.host.id,
+            self.locked,
         )
 
     # -- registry ----------------------------------------------------------------------
@@ -372,4 +384,5 @@ def with_options(w: Workload, options: WorkloadOptions, config: Config) -> Workl
     w.criu = options.criu
     w.retention = options.retention or config.retention
     w.restore = options.restore
+    w.drill = options.drill
     return w

@@ -19,7 +19,7 @@ from checkpointer.api import RestoreReport
 from checkpointer.criu import CpuMismatch
 from checkpointer.engine import lazy_restoring, listing, spec
 from checkpointer.engine.restoring import Restored, is_transient
-from checkpointer.engine.workload import RestoreResult, Workload, WorkloadState
+from checkpointer.engine.workload import DrillResult, RestoreResult, Workload, WorkloadState
 from checkpointer.errors import (
     CheckpointerError,
     NotOwner,
@@ -113,20 +113,26 @@ def _check_cpu(engine: Engine, name: str, checkpoint_id: str | None, release: bo
 
 def marks(w: Workload) -> dict[str, tuple[str, str]]:
     """Checkpoint id -> (mark, why) for the checkpoints of `w` that restores avoid: `bad`
-    (failed to restore for a fault of its own; why: its last failed restore, while the history
-    holds it) and `crash-looped` (its tree died within crash_window of its restore, in the
-    current streak)."""
+    (failed to restore, or its restore drill failed, for a fault of its own; why: the last
+    such failure, while the history holds it) and `crash-looped` (its tree died within
+    crash_window of its restore, in the current streak)."""
     out: dict[str, tuple[str, str]] = {}
     for cid in w.streak.crash_looped:
         out[cid] = (
             "crash-looped",
             f"its tree died within {w.restore.crash_window:g}s of being restored from it",
         )
-    failed = {
-        a.checkpoint: a.detail
+    # The latest failure of each: a restore's, or a restore drill's (engine/drills.py).
+    failures = [
+        (a.time, a.checkpoint, a.detail)
         for a in w.history
         if a.result is RestoreResult.FAILED and a.checkpoint is not None
-    }
+    ] + [
+        (d.time, d.checkpoint, f"its restore drill failed: {d.detail}")
+        for d in w.drills
+        if d.result is DrillResult.FAILED
+    ]
+    failed = {cid: why for _, cid, why in sorted(failures, key=lambda f: f[0])}
     for cid in w.bad_checkpoints:
         out[cid] = ("bad", failed.get(cid, "its failed restore is no longer in the history"))
     return out

@@ -23,11 +23,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from checkpointer import hostinfo
-from checkpointer.config import CriuOptions, RestorePolicy, Retention
+from checkpointer.config import CriuOptions, DrillPolicy, RestorePolicy, Retention
 from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
 from checkpointer.engine.spec import options_json
 from checkpointer.engine.workload import (
+    DrillRecord,
+    DrillResult,
     RestoreAttempt,
     RestoreResult,
     Workload,
@@ -181,6 +183,7 @@ def to_json(w: Workload) -> dict[str, Any]:
         ),
         "disk_images": [d.as_json() for d in w.disk],
         "history": [{**asdict(a), "result": str(a.result)} for a in w.history],
+        "drills": [{**asdict(d), "result": str(d.result)} for d in w.drills],
         "owner": w.owner,
         "container": w.container,
     }
@@ -200,6 +203,7 @@ def from_json(d: dict[str, Any]) -> Workload:
         criu=CriuOptions.model_validate(d.get("criu") or {}),
         retention=Retention.model_validate(d.get("retention") or {"keep_last": 10}),
         restore=RestorePolicy.model_validate(d.get("restore") or {}),
+        drill=DrillPolicy.model_validate(d.get("drill") or {}),
         pid=d.get("pid"),
         started=d.get("started"),
         state=WorkloadState(d.get("state", "stopped")),
@@ -226,9 +230,22 @@ def from_json(d: dict[str, Any]) -> Workload:
             )
             for a in d.get("history") or []
         ],
+        drills=_drills(d.get("drills")),
         owner=d.get("owner"),
         container=d.get("container"),
     )
+
+
+def _drills(raw: Any) -> list[DrillRecord]:
+    """The drills a registry lists; one it cannot read is forgotten (the repository's marks
+    still say what was verified), never a reason to refuse the registry."""
+    out = []
+    for d in raw or []:
+        try:
+            out.append(DrillRecord(**{**d, "result": DrillResult(d["result"])}))
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("registry: a drill record is unreadable (%s): ignored", e)
+    return out
 
 
 def _disk_images(raw: Any) -> list[DiskImage]:

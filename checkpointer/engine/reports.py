@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from checkpointer.api import (
     CheckpointEntry,
+    DrillSummary,
     HostReport,
     RestoreAttemptReport,
     StatusReport,
@@ -16,9 +17,9 @@ from checkpointer.api import (
 from checkpointer.config.durations import format_duration
 from checkpointer.engine import listing, recovery
 from checkpointer.engine.facade import Engine
-from checkpointer.engine.workload import Workload, WorkloadState
+from checkpointer.engine.workload import DrillResult, Workload, WorkloadState
 from checkpointer.errors import NotOwner
-from storage import CheckpointNotFound
+from storage import CheckpointNotFound, StorageError, marks
 from storage.manifest import check_workload_name
 
 
@@ -65,6 +66,21 @@ def _status(engine: Engine, w: Workload, now: float) -> StatusReport:
         "log": str(engine.logs.log(w.name)) if w.managed else None,
         "busy": w.lock.locked(),
         "owner": w.owner or engine.ownership.owner(w.name),
+        "drill": _drill_summary(engine, w, now),
+    }
+
+
+def _drill_summary(engine: Engine, w: Workload, now: float) -> DrillSummary:
+    last = w.drills[-1] if w.drills else None
+    proven = w.verified()
+    return {
+        "last_result": str(last.result) if last else None,
+        "last_checkpoint": last.checkpoint if last else None,
+        "last_time": last.time if last else None,
+        "last_detail": last.detail if last else None,
+        "verified_checkpoint": proven.checkpoint if proven else None,
+        "verified_age_seconds": round(now - proven.created, 3) if proven else None,
+        "next_drill": engine.drills.next_due(w),
     }
 
 
@@ -76,6 +92,7 @@ def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
     if not infos and w is None:
         engine.get(name)  # unknown and nothing stored: say so
     marked = recovery.marks(w) if w is not None else {}
+    verified = _verified(engine, name, w)
     return [
         {
             "id": i.id,
@@ -87,9 +104,21 @@ def list_checkpoints(engine: Engine, name: str) -> list[CheckpointEntry]:
             "local_only": seen.local_only,
             "mark": marked[i.id][0] if i.id in marked else None,
             "mark_reason": marked[i.id][1] if i.id in marked else None,
+            "verified": i.id in verified and i.id not in marked,
         }
         for i in infos
     ]
+
+
+def _verified(engine: Engine, name: str, w: Workload | None) -> set[str]:
+    """The checkpoints a restore drill verified: the marks stored with them (any host's), and
+    this host's own record of its drills while the bucket cannot be read."""
+    own = {d.checkpoint for d in w.drills if d.result is DrillResult.VERIFIED} if w else set()
+    try:
+        stored = marks.read(engine.repo.backend, engine.repo.codec, name)
+    except StorageError:
+        return own
+    return {cid for cid, m in stored.items() if m.verified} | (own - set(stored))
 
 
 def verify(

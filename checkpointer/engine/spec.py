@@ -45,6 +45,7 @@ def options_json(w: Workload) -> dict[str, Any]:
         # retention may differ, and the workload keeps what it had.
         "retention": w.retention.model_dump(exclude_none=True),
         "restore": w.restore.model_dump(),
+        "drill": w.drill.model_dump(),
     }
 
 

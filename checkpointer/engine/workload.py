@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from checkpointer.config import CriuOptions, RestorePolicy, Retention
+from checkpointer.config import CriuOptions, DrillPolicy, RestorePolicy, Retention
 from checkpointer.criu import DumpOptions
 from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
@@ -79,6 +79,27 @@ class RestoreAttempt:
     detail: str
 
 
+class DrillResult(StrEnum):
+    VERIFIED = "verified"
+    """CRIU restored every process, file and socket of the checkpoint in the sandbox."""
+    FAILED = "failed"
+    """It did not, for a fault of the checkpoint: marked bad, restores skip it."""
+    ERROR = "error"
+    """The drill could not tell (storage down, the sandbox could not be built): nothing marked."""
+
+
+@dataclass
+class DrillRecord:
+    """One restore drill (checkpointer/engine/drills.py): `created` is its checkpoint's."""
+
+    time: float
+    checkpoint: str
+    created: float
+    result: DrillResult
+    detail: str
+    seconds: float
+
+
 @dataclass
 class LazyInFlight:
     """A lazy restore of `checkpoint` whose pages are still arriving (`restore`: its
@@ -103,6 +124,7 @@ class Workload:
     criu: CriuOptions = field(default_factory=CriuOptions)
     retention: Retention = field(default_factory=lambda: Retention(keep_last=10))
     restore: RestorePolicy = field(default_factory=RestorePolicy)
+    drill: DrillPolicy = field(default_factory=DrillPolicy)
     pid: int | None = None
     started: int | None = None  # /proc start time of `pid`: tells a reused PID apart
     state: WorkloadState = WorkloadState.STOPPED
@@ -116,6 +138,7 @@ class Workload:
     kept: KeptImage | None = None  # the newest image, kept in scratch
     disk: list[DiskImage] = field(default_factory=list)  # the newest images, kept on disk
     history: list[RestoreAttempt] = field(default_factory=list)  # newest last
+    drills: list[DrillRecord] = field(default_factory=list)  # newest last
     owner: str | None = None  # fleet: the host that owns it, when that is not this one
     container: str | None = None  # lxc, podman: the container's name in its runtime
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -138,6 +161,23 @@ class Workload:
 
     def mark_bad(self, checkpoint_id: str) -> None:
         self.bad_checkpoints = [*self.bad_checkpoints, checkpoint_id][-100:]
+
+    def verified(self) -> DrillRecord | None:
+        """The drill that verified the newest checkpoint still proven (not marked bad since)."""
+        ok = [
+            d
+            for d in self.drills
+            if d.result is DrillResult.VERIFIED and d.checkpoint not in self.bad_checkpoints
+        ]
+        return max(ok, key=lambda d: (d.created, d.time), default=None)
+
+    def record_drill(self, drill: DrillRecord) -> None:
+        """Keep the last HISTORY drills, and the newest verified one whatever came after."""
+        verified = self.verified()
+        kept = [*self.drills, drill][-HISTORY:]
+        if verified is not None and verified not in kept:
+            kept = [verified, *kept[1:]]
+        self.drills = kept
 
     def record(
         self, reason: str, result: RestoreResult, detail: str, checkpoint: str | None = None
