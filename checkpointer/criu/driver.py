@@ -22,6 +22,7 @@ from checkpointer.criu import stale_proc_dir
 from checkpointer.criu.failures import INSTALL_HINT, CriuError, classify
 from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
+from checkpointer.workloads import users
 
 MIN_VERSION = (4, 2)
 
@@ -101,6 +102,11 @@ class Criu:
             *opts.common_args(),
             *opts.extra_args("dump"),
         ]
+        blocker = users.dump_blocker(pid)
+        if blocker is not None:  # before CRIU freezes the tree and writes its memory for nothing
+            raise CriuError(
+                f"criu dump of {label} cannot succeed: {blocker.message}", blocker.category
+            )
         with _DUMP_LOCK:
             try:
                 self.run_logged(cmd, log, label, "dump")

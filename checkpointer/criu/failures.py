@@ -100,6 +100,20 @@ _CLASSIFY: list[tuple[re.Pattern[str], str, str]] = [
         "remove it when no CRIU is running",
     ),
     (
+        re.compile(r"can't dump unprivileged task|Can't create a directory \(-13\)"),
+        "switched-user",
+        "the tree's first process switched to another user, and CRIU needs it to be root (it "
+        "mounts the /proc of the tree's PID namespace from inside it); start the program under "
+        "the service's init, which stays root: `checkpointer run NAME -- checkpointer-init "
+        "COMMAND...`",
+    ),
+    (
+        re.compile(r"Can't get rlimit"),
+        "needs-cap-sys-resource",
+        "CRIU reads the resource limits of every process, which for a process of another user "
+        "needs CAP_SYS_RESOURCE; run the daemon with every capability",
+    ),
+    (
         re.compile(r"Operation not permitted|Permission denied|EPERM"),
         "permission",
         "CRIU needs root with all capabilities; run the daemon as root",

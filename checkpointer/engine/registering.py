@@ -8,6 +8,7 @@ from pathlib import Path
 
 from checkpointer.config import WorkloadOptions
 from checkpointer.containers import ContainerError, check_container_name
+from checkpointer.criu import CriuError
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import (
@@ -16,7 +17,7 @@ from checkpointer.errors import (
     WorkloadExists,
     WorkloadNotRunning,
 )
-from checkpointer.workloads import process
+from checkpointer.workloads import process, users
 from storage import StorageError
 from storage.manifest import check_workload_name
 
@@ -33,7 +34,12 @@ def run(
     env: dict[str, str] | None = None,
 ) -> Workload:
     """Start `command` as a managed workload and register it; nothing stays registered if the
-    start fails."""
+    start fails. Refused when its checkpoints could never succeed here (users.init_refusal)."""
+    refusal = users.init_refusal(command)
+    if refusal is not None:
+        raise CriuError(
+            f"workload {name} cannot be checkpointed: {refusal}", "needs-cap-sys-resource"
+        )
     w = Workload(
         name=name, kind=WorkloadKind.MANAGED, command=list(command), cwd=cwd, env=dict(env or {})
     )
@@ -71,6 +77,11 @@ def register(
         )
     if pid == os.getpid():
         raise ProcessNotFound("cannot register the checkpointer daemon itself")
+    blocker = users.dump_blocker(pid)
+    if blocker is not None:  # a workload that can never be checkpointed is worse than none
+        raise CriuError(
+            f"workload {name} cannot be checkpointed: {blocker.message}", blocker.category
+        )
     w = _watch_running(engine, name, WorkloadKind.ADOPTED, pid, options)
     log.info("workload %s adopted: pid %d", name, pid)
     return w
