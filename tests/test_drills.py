@@ -4,6 +4,7 @@ marked verified or bad, and what follows from the marks (retention, the restore 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,8 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from checkpointer.api import Op
+from checkpointer.cli.client import RemoteError, call
 from checkpointer.config import Retention
-from checkpointer.engine import tmpfs_scratch_root
+from checkpointer.engine import WorkloadKind, tmpfs_scratch_root
 from storage import marks
 from storage.backends.local import LocalBlobStore
 from storage.crypto import Sealed, new_master
@@ -225,6 +228,48 @@ def test_retention_keep_last_1_keeps_the_newest_verified_checkpoint_too(daemon: 
     assert [e["id"] for e in daemon.json("list", "web")] == [again, newest]
 
 
+def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
+    daemon: Daemon,
+) -> None:
+    """A second drill of a workload whose drill runs is refused in one line; while the drill's
+    CRIU runs in the sandbox the workload's lock is free (held only while the checkpoint is
+    read), so its checkpoints and restores do not wait for it."""
+    port = free_port()
+    ballast = [sys.executable, str(PROGRAMS / "ballast_server.py"), str(port), "200"]
+    daemon.cli("run", "big", "--no-auto-restore", "--", *ballast)
+    http_get(port, timeout=60)
+    daemon.checkpoint("big")
+    sock = daemon.state / "checkpointer.sock"
+    first: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: first.update(call(sock, Op.DRILL, name="big")))
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("sandbox_init" in p for p in _cmdlines()):  # CRIU in the sandbox now
+            assert time.monotonic() < deadline and t.is_alive(), first
+            time.sleep(0.01)
+        # Straight to the daemon's socket: the CLI takes longer to start than this CRIU runs.
+        with pytest.raises(RemoteError, match="a restore drill of big is already running"):
+            call(sock, Op.DRILL, name="big")
+        # The workload's lock is free: a checkpoint, a restore, would not wait for the drill.
+        busy = call(sock, Op.STATUS, name="big")[0]["busy"]
+        still = any("sandbox_init" in p for p in _cmdlines())
+    finally:
+        t.join()
+    assert first["result"] == "verified", first
+    assert still and busy is False
+    assert leftovers(daemon) == []
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                out.append(Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"))
+    return out
+
+
 def test_an_adopted_tree_is_drilled_while_it_runs_its_pids_free_in_the_sandbox(
     daemon: Daemon,
 ) -> None:
@@ -351,3 +396,21 @@ tests:
     )
     r = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_drills_and_their_policy_survive_the_registry() -> None:
+    """What a restarted daemon reads back: the drill policy, the drills, the newest verified
+    one kept past the history's length."""
+    from checkpointer.config import DrillPolicy
+    from checkpointer.engine.registry import from_json, to_json
+    from checkpointer.engine.workload import HISTORY, DrillRecord, DrillResult, Workload
+
+    w = Workload("web", WorkloadKind.MANAGED, command=["x"], drill=DrillPolicy(every=86400))
+    w.record_drill(DrillRecord(1.0, CID, 0.5, DrillResult.VERIFIED, "ok", 1.5))
+    for i in range(HISTORY + 5):
+        w.record_drill(DrillRecord(2.0 + i, CID, 0.5, DrillResult.ERROR, "storage down", 0.1))
+    assert len(w.drills) == HISTORY and w.verified() == w.drills[0]
+    back = from_json(json.loads(json.dumps(to_json(w))))
+    assert back.drill.every == 86400 and back.drills == w.drills
+    back.mark_bad(CID)
+    assert back.verified() is None
