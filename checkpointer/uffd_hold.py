@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import threading
-from pathlib import Path
 
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (unified syscall table)
+_UFFD_LINK = "anon_inode:[userfaultfd]"
 
 
 class UffdHold:
     """Copies of a process's userfaultfds, so that its death does not unregister the ranges
     (the restored tree then blocks on a missing page instead of reading zeroes).
 
-    `refresh` copies the ones not held yet: the daemon gets a new userfaultfd for every fork
-    inside the tree (UFFD_EVENT_FORK). A descriptor number the daemon closed and reused is not
-    copied again: a fork after a task's exit in the same tick can be missed."""
+    `refresh` copies the ones not held yet: `criu lazy-pages` gets a new userfaultfd for every
+    fork inside the tree (UFFD_EVENT_FORK) and closes one when its process is gone, so a
+    descriptor number comes back for another userfaultfd. Each is therefore known by its
+    inode (every userfaultfd has its own, since Linux 5.12), never by its number, and a copy
+    is kept only if it is the very file that was looked at."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
-        self._held: dict[int, int] = {}  # daemon's fd number -> our copy
+        self._held: dict[int, int] = {}  # inode -> our copy
         self._lock = threading.Lock()
         self._libc = ctypes.CDLL(None, use_errno=True)
 
@@ -35,29 +38,40 @@ class UffdHold:
         with self._lock:
             if self._pidfd < 0:
                 return 0
-            for fd in self._uffd_numbers():
-                if fd in self._held:
-                    continue
-                copy = self._libc.syscall(SYS_PIDFD_GETFD, self._pidfd, fd, 0)
-                if copy < 0:
-                    err = ctypes.get_errno()
-                    if err in (3, 9):  # ESRCH: exited; EBADF: fd closed meanwhile
-                        continue
-                    raise OSError(err, f"pidfd_getfd of criu lazy-pages' fd {fd}")
-                self._held[fd] = copy  # close-on-exec, as pidfd_getfd makes every copy
+            for fd, inode in self._userfaultfds():
+                if inode not in self._held:
+                    self._copy(fd, inode)
             return len(self._held)
 
-    def _uffd_numbers(self) -> list[int]:
+    def _copy(self, fd: int, inode: int) -> None:
+        copy = self._libc.syscall(SYS_PIDFD_GETFD, self._pidfd, fd, 0)
+        if copy < 0:
+            err = ctypes.get_errno()
+            if err in (errno.ESRCH, errno.EBADF):  # exited, or the fd closed meanwhile
+                return
+            raise OSError(err, f"pidfd_getfd of fd {fd} of process {self.pid}")
+        # The number may have been closed and reused between the look and the copy: keep the
+        # copy under what it is (close-on-exec, as pidfd_getfd makes every copy).
+        st = os.fstat(copy)
+        if st.st_ino == inode or (
+            os.readlink(f"/proc/self/fd/{copy}") == _UFFD_LINK and st.st_ino not in self._held
+        ):
+            self._held[st.st_ino] = copy
+        else:
+            os.close(copy)
+
+    def _userfaultfds(self) -> list[tuple[int, int]]:
+        """(number, inode) of each of the process's userfaultfds."""
         out = []
-        fd_dir = Path(f"/proc/{self.pid}/fd")
+        fd_dir = f"/proc/{self.pid}/fd"
         try:
             names = os.listdir(fd_dir)
         except (FileNotFoundError, ProcessLookupError):
             return []
         for name in names:
             with contextlib.suppress(OSError):
-                if os.readlink(fd_dir / name) == "anon_inode:[userfaultfd]":
-                    out.append(int(name))
+                if os.readlink(f"{fd_dir}/{name}") == _UFFD_LINK:
+                    out.append((int(name), os.stat(f"{fd_dir}/{name}").st_ino))
         return out
 
     def release(self) -> None:

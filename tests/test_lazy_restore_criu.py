@@ -4,58 +4,42 @@ instead of letting it run on zeroes.
 
 The CRIU tests dump a program holding 100 MB of distinct bytes generated from a seed, so the
 test can recompute their checksum, then restore it lazily with pages read from the dump's
-own pages-N.img. The unit tests at the top need neither root nor CRIU.
+own pages-N.img. The parts that need neither are tested in test_lazy_pages_protocol.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from checkpointer import children
 from checkpointer.criu import Criu, DumpOptions
-from checkpointer.criu.lazy import (
-    FolderPageSource,
-    LazyRange,
-    LazyRestore,
-    PageIndex,
-    PageSource,
-    prepare_restore_dir,
-)
-from checkpointer.criu.lazy.page_server import PS_IOV_CLOSE, PS_IOV_GET, PageServer
-from checkpointer.criu.pagemap import (
-    PAGE_SIZE,
-    PageFlag,
-    Pagemap,
-    PagemapEntry,
-    PagemapError,
-    decode_pagemap,
-    encode_pagemap,
-    read_pagemap,
-    write_pagemap,
-)
+from checkpointer.criu.lazy import LazyRestore, PageSource, prepare_restore_dir
+from checkpointer.criu.pagemap import read_pagemap
 from checkpointer.workloads.process import is_alive, teardown
-from checkpointer.workloads.reaper import PR_SET_CHILD_SUBREAPER, Reaper
-from tests.support import free_port, require_root_and_criu
+from tests.support import free_port
+from tests.support.lazy import (
+    CountingSource,
+    Dump,
+    ThrottledSource,
+    ask,
+    gone,
+    launch_in_namespace,
+    lazily_restored,
+    restore_dir,
+    service_reaper,
+)
 
-HEADER = "=I4xQQQ"
-LAUNCHER = Path(__file__).parents[1] / "checkpointer" / "workloads" / "launch.py"
 MB = 100
 SEED = 20261202
 
@@ -126,253 +110,20 @@ def expected_sums(child: bool = False) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------
-# Unit tests: pagemap codec, index, restore folder, protocol (any user, no CRIU)
-
-
-def _entry(vaddr: int, n: int, flags: PageFlag) -> PagemapEntry:
-    return PagemapEntry(vaddr, n, flags, {1: vaddr, 2: n, 4: int(flags)})
-
-
-def test_pagemap_round_trip_keeps_unknown_fields() -> None:
-    e = PagemapEntry(0x7000, 3, PageFlag.PRESENT, {1: 0x7000, 2: 3, 4: 4, 9: 77})
-    pm = Pagemap(5, (e, _entry(0x10000, 2, PageFlag.LAZY | PageFlag.PRESENT)))
-    back = decode_pagemap(encode_pagemap(pm))
-    assert back == pm and back.entries[0].fields[9] == 77
-    assert [off for _, off in back.present()] == [0, 3 * PAGE_SIZE]
-
-
-@pytest.mark.parametrize(
-    "entries",
-    [
-        [_entry(0x2000, 2, PageFlag.PRESENT), _entry(0x3000, 1, PageFlag.PRESENT)],  # overlap
-        [_entry(0x1001, 1, PageFlag.PRESENT)],  # unaligned
-        [_entry(0x1000, 0, PageFlag.PRESENT)],  # empty
-    ],
-)
-def test_pagemap_refuses_bad_entries(entries: list[PagemapEntry]) -> None:
-    with pytest.raises(PagemapError):
-        decode_pagemap(encode_pagemap(Pagemap(1, tuple(entries))))
-
-
-def test_index_locates_by_bisection_and_refuses_strangers() -> None:
-    idx = PageIndex({7: [LazyRange(0x10000, 4, 2, 8192), LazyRange(0x1000, 1, 2, 0)]})
-    assert idx.locate(7, 0x1000, 5) == (2, 0, 1)  # clipped to the range
-    assert idx.locate(7, 0x12000, 10) == (2, 8192 + 2 * PAGE_SIZE, 2)
-    for task, vaddr in [(7, 0x2000), (7, 0x14000), (7, 0x0), (8, 0x1000), (7, 0x10001)]:
-        with pytest.raises(LookupError):
-            idx.locate(task, vaddr, 1)
-
-
-class DictSource:
-    """Page i of pages-N.img is 4096 bytes of (N + i) % 251."""
-
-    def __init__(self, fail_at: int | None = None) -> None:
-        self.fail_at = fail_at
-        self.reads: list[tuple[int, int, int]] = []
-
-    def read(self, pages_id: int, offset: int, nr_pages: int) -> bytes:
-        self.reads.append((pages_id, offset, nr_pages))
-        first = offset // PAGE_SIZE
-        if self.fail_at is not None and first <= self.fail_at < first + nr_pages:
-            raise ValueError("chunk 1234 failed verification")
-        return b"".join(bytes([(pages_id + first + i) % 251]) * PAGE_SIZE for i in range(nr_pages))
-
-
-def test_prepare_keeps_only_non_lazy_pages_and_indexes_the_lazy_ones(tmp_path: Path) -> None:
-    lazy = PageFlag.LAZY | PageFlag.PRESENT
-    entries = (
-        _entry(0x1000, 2, lazy),
-        _entry(0x5000, 1, PageFlag.PRESENT),
-        _entry(0x9000, 3, lazy),
-    )
-    write_pagemap(tmp_path / "pagemap-42.img", Pagemap(3, entries))
-    write_pagemap(tmp_path / "pagemap-shmem-9.img", Pagemap(4, (_entry(0, 2, lazy),)))
-    src = DictSource()
-    idx = prepare_restore_dir(tmp_path, src)
-    assert (tmp_path / "pages-3.img").read_bytes() == src.read(3, 2 * PAGE_SIZE, 1)
-    assert (tmp_path / "pages-4.img").read_bytes() == src.read(4, 0, 2)  # shmem: all local
-    flags = [e.flags for e in read_pagemap(tmp_path / "pagemap-42.img").entries]
-    assert flags == [PageFlag.LAZY, PageFlag.PRESENT, PageFlag.LAZY]
-    assert idx.lazy_pages == 5 and idx.local_pages == 3
-    assert idx.locate(42, 0xA000, 9) == (3, 3 * PAGE_SIZE + PAGE_SIZE, 2)  # original offsets
-    (tmp_path / "pages-3.img").unlink()
-    (tmp_path / "pages-4.img").unlink()
-    with pytest.raises(Exception, match="already"):
-        prepare_restore_dir(tmp_path, src)  # the original offsets are gone: refused
-
-
-@dataclass
-class FakeDaemon:
-    """The daemon's end of the page server's connection, driven by hand."""
-
-    server: PageServer
-    failures: list[str]
-
-    def get(self, task: int, vaddr: int, nr: int) -> None:
-        self.server.peer.sendall(_pack(PS_IOV_GET, nr, vaddr, task))
-
-    def answer(self) -> tuple[int, int, int, int, bytes]:
-        head = _recv(self.server.peer, 32)
-        cmd, n, vaddr, task = _unpack(head)
-        return cmd, n, vaddr, task, _recv(self.server.peer, n * PAGE_SIZE)
-
-
-def _pack(cmd: int, nr: int, vaddr: int, task: int) -> bytes:
-    import struct
-
-    return struct.pack(HEADER, cmd, nr, vaddr, task)
-
-
-def _unpack(b: bytes) -> tuple[int, int, int, int]:
-    import struct
-
-    cmd, n, vaddr, task = struct.unpack(HEADER, b)
-    return cmd, n, vaddr, task
-
-
-def _recv(sk: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sk.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-@contextlib.contextmanager
-def fake_daemon(source: PageSource) -> Iterator[FakeDaemon]:
-    failures: list[str] = []
-    idx = PageIndex({1: [LazyRange(0x10000, 8, 2, 4 * PAGE_SIZE)]})
-    server = PageServer(idx, source, failures.append)
-    server.peer.settimeout(10)
-    server.start()
-    try:
-        yield FakeDaemon(server, failures)
-    finally:
-        server.stop()
-        server.peer.close()
-
-
-def test_page_server_answers_pipelined_gets_in_order_and_closes() -> None:
-    src = DictSource()
-    with fake_daemon(src) as d:
-        d.get(1, 0x10000, 2)
-        d.get(1, 0x16000, 64)  # past the range: a shorter answer
-        first, second = d.answer(), d.answer()
-        assert first[:4] == (6 | 4 << 16, 2, 0x10000, 1)
-        assert first[4] == src.read(2, 4 * PAGE_SIZE, 2)
-        assert second[1:4] == (2, 0x16000, 1) and second[4] == src.read(2, 10 * PAGE_SIZE, 2)
-        d.server.peer.sendall(_pack(PS_IOV_CLOSE, 0, 0, 0))
-        assert _recv(d.server.peer, 4) == b"\0\0\0\0"
-        d.server.join(5)
-        assert d.server.stats().closed and d.server.stats().pages_sent == 4
-        assert d.failures == []
-
-
-@pytest.mark.parametrize(
-    "request_, why",
-    [
-        ((PS_IOV_GET, 1, 0x90000, 1), "no lazy page"),
-        ((PS_IOV_GET, 1, 0x10000, 5), "no lazy pages"),  # unknown task
-        ((3, 0, 0, 0), "unexpected command"),
-        ((PS_IOV_GET, 1, 0x12000, 1), "failed verification"),  # page 6 of pages-2.img
-    ],
-)
-def test_page_server_closes_on_surprises_and_says_why(
-    request_: tuple[int, int, int, int], why: str
-) -> None:
-    with fake_daemon(DictSource(fail_at=6)) as d:
-        d.server.peer.sendall(_pack(*request_))
-        assert _recv(d.server.peer, 32) == b""  # no answer: the connection is closed
-        d.server.join(5)
-        assert len(d.failures) == 1 and why in d.failures[0], d.failures
-
-
-def test_page_server_reports_the_daemon_hanging_up() -> None:
-    with fake_daemon(DictSource()) as d:
-        d.server.peer.shutdown(socket.SHUT_WR)
-        d.server.join(5)
-        assert d.failures and "closed the connection" in d.failures[0]
-
-
-# ---------------------------------------------------------------------------------------
 # Real CRIU
-
-
-@dataclass
-class Dump:
-    """A dumped workload: the full image folder, and where restores may go."""
-
-    images: Path
-    work: Path
-    port: int
-    criu: Criu
-    expected: str
-    exits: dict[int, int]  # wait status of every process the reaper collected
-
-
-def _set_subreaper(on: bool) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
 @pytest.fixture(scope="module")
 def reaper() -> Iterator[dict[int, int]]:
-    """This test process plays the service: restored trees become its children and are
-    reaped by the service's own reaper, which leaves CRIU (children.OWN) alone."""
-    require_root_and_criu()
-    exits: dict[int, int] = {}
-    r = Reaper(exits.__setitem__)
-    r.start()
-    try:
+    with service_reaper() as exits:
         yield exits
-    finally:
-        r.stop()
-        _set_subreaper(False)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def _launch(port: int, child_port: int | None = None) -> int:
-    """The workload as PID 1 of its own PID namespace (restores never compete for PIDs)."""
-    r, w = os.pipe()
     workload = [str(port), str(MB), str(SEED)]
     if child_port is not None:
         workload += [str(child_port), str(CHILD_MB)]
-    try:
-        children.run(
-            [sys.executable, str(LAUNCHER), str(w), sys.executable, "-c", PROGRAM, *workload],
-            timeout=30,
-            pass_fds=(w,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(w)
-        w = -1
-        status = os.read(r, 200).decode()
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-    assert status.startswith("ok "), status
-    return int(status.split()[1])
-
-
-def ask(port: int, what: bytes, timeout: float = 60.0) -> bytes:
-    """The workload's answer; b"" if it closed or reset the connection."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-                s.sendall(what)
-                return _recv(s, 65)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-        except (ConnectionResetError, TimeoutError):
-            return b""
+    return launch_in_namespace([sys.executable, "-c", PROGRAM, *workload])
 
 
 @pytest.fixture(scope="module")
@@ -395,59 +146,6 @@ def dump(reaper: dict[int, int]) -> Iterator[Dump]:
         yield Dump(images, work, port, criu, expected, reaper)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def restore_dir(d: Dump, name: str) -> Path:
-    """A folder with every image of the dump but its pages, ready for prepare_restore_dir."""
-    out = d.work / name
-    out.mkdir(mode=0o700)
-    for p in d.images.iterdir():
-        if not p.name.startswith("pages-"):
-            shutil.copy2(p, out / p.name)
-    return out
-
-
-class CountingSource(FolderPageSource):
-    """The dump's pages, with a hook that runs before every read (to fail or stall)."""
-
-    def __init__(self, folder: Path, before: Callable[[int], None] = lambda n: None) -> None:
-        super().__init__(folder)
-        self.pages = 0
-        self.before = before
-
-    def read(self, pages_id: int, offset: int, nr_pages: int) -> bytes:
-        self.before(self.pages)
-        self.pages += nr_pages
-        return super().read(pages_id, offset, nr_pages)
-
-
-@contextlib.contextmanager
-def lazily_restored(
-    d: Dump, name: str, source: CountingSource, stall_timeout: float = 30.0
-) -> Iterator[tuple[LazyRestore, float]]:
-    """A lazy restore and how long start() took; the tree is killed and reaped at the end."""
-    rdir = restore_dir(d, name)
-    index = prepare_restore_dir(rdir, source)
-    t0 = time.monotonic()
-    lr = LazyRestore.start(
-        d.criu, rdir, index, source, DumpOptions(), name, stall_timeout=stall_timeout
-    )
-    try:
-        yield lr, time.monotonic() - t0
-    finally:
-        lr.abort("test over")
-        assert lr.wait(30)
-        assert lr.pid is not None and teardown(lr.pid, None) == []
-        source.close()
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_lazy_restore_runs_before_its_pages_arrive_and_they_are_the_checkpoints(
@@ -474,17 +172,6 @@ def test_lazy_restore_runs_before_its_pages_arrive_and_they_are_the_checkpoints(
         assert end is not None and end.closed and end.pages_sent <= end.lazy_pages
         print(f"lazy: done {time.monotonic() - t + first_answer:.3f}s after the start")
         assert ask(dump.port, b"sum").decode().strip() == dump.expected  # the tree owns it all
-
-
-class ThrottledSource(CountingSource):
-    """The dump's pages at the rate the repository rebuilds an encrypted image here (about
-    200 MB/s, bench/results/rebuild.json: materialize_bytes_per_second)."""
-
-    RATE = 200e6
-
-    def read(self, pages_id: int, offset: int, nr_pages: int) -> bytes:
-        time.sleep(nr_pages * PAGE_SIZE / self.RATE)
-        return super().read(pages_id, offset, nr_pages)
 
 
 def _materialize(d: Dump, out: Path, source: PageSource) -> None:
@@ -559,7 +246,7 @@ def test_a_page_that_cannot_be_fetched_kills_the_tree_before_it_answers(dump: Du
         assert answer == b"", f"the tree answered {answer!r} after its pages failed"
         assert lr.wait(10) and lr.failed() and not lr.done()
         assert lr.reason is not None and "failed verification" in lr.reason
-        assert _gone(lr.pid, 5), "the restored tree is still there"
+        assert gone(lr.pid, 5), "the restored tree is still there"
 
 
 def test_a_stalled_page_source_trips_the_watchdog(dump: Dump) -> None:
@@ -578,7 +265,7 @@ def test_a_stalled_page_source_trips_the_watchdog(dump: Dump) -> None:
             assert lr.wait(10) and lr.failed()
             assert lr.reason is not None and "stall" in lr.reason
             assert time.monotonic() - t < 10
-            assert _gone(lr.pid, 5)
+            assert gone(lr.pid, 5)
     finally:
         release.set()
 
@@ -605,7 +292,7 @@ def test_the_daemon_dying_mid_transfer_kills_the_tree_instead_of_zero_pages(dump
             assert answers == [b""], f"the tree answered {answers} without its pages"
             assert lr.wait(10) and lr.failed()
             assert lr.reason is not None and "exited with status -9" in lr.reason
-            assert _gone(lr.pid, 5)
+            assert gone(lr.pid, 5)
             status = dump.exits.get(lr.pid)  # killed by us, not crashed on zeroed memory
             assert status is not None and os.WTERMSIG(status) == signal.SIGKILL, status
     finally:

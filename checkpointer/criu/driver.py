@@ -142,15 +142,19 @@ class Criu:
         inherit: Sequence[tuple[int, str]] = (),
         *,
         lazy: bool = False,
+        action_script: str | None = None,
     ) -> int:
         """Run `criu restore` detached and return the restored root's host PID: the one
         restore of full and lazy restores alike (`lazy`: the pages CRIU marked lazy come from
-        a running `criu lazy-pages`). On success CRIU's log stays at `restore_log(images_dir)`
-        for the caller; a failure raises CriuError with the log kept."""
+        a running `criu lazy-pages`; `action_script`: its guard's hook). On success CRIU's log
+        stays at `restore_log(images_dir)` for the caller; a failure raises CriuError with the
+        log kept."""
         log = restore_log(images_dir)
         pidfile = images_dir.parent / f"{images_dir.name}.pid"
         pidfile.unlink(missing_ok=True)
         cmd = restore_argv(self.exe(), images_dir, pidfile, log, opts, inherit, lazy=lazy)
+        if action_script is not None:
+            cmd += ["--action-script", action_script]
         self.run_logged(cmd, log, label, "restore", pass_fds=tuple(fd for fd, _ in inherit))
         try:
             return int(pidfile.read_text().strip())

@@ -12,7 +12,8 @@ any crash. Why the page did not come decides what follows, by the full restore's
 restored in full; storage unreachable or stalled (the bucket down, a read still retrying
 when the stall watchdog fired) leaves it good, and the same checkpoint is restored again, with
 the policy's back-off while the storage stays down. Marking checkpoints bad through an outage
-would cold-start the workload and lose the state they hold.
+would cold-start the workload and lose the state they hold. A restore that failed for this
+host's own sake (the lazy restore's guard died: `LazyRestore.host_fault`) leaves it good too.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
         if isinstance(e, CriuError | RestoreFailed):
             w.last_error = str(e)
         shutil.rmtree(images.parent, ignore_errors=True)
+        if lazy is not None and lazy.host_fault is not None and isinstance(e, CriuError):
+            raise RestoreFailed(
+                f"cannot restore {w.name} lazily: {lazy.host_fault}", transient=True
+            ) from e
         raise
     assert lazy.pid is not None
     from checkpointer.engine.restoring import running
@@ -204,7 +209,8 @@ def settle(w: Workload) -> bool:
         return False
     w.lazy = None
     reason = inflight.restore.reason
-    why = _storage_trouble(inflight)
+    why = inflight.restore.host_fault and "this host's own failure, not the checkpoint's"
+    why = why or _storage_trouble(inflight)
     if why is not None:
         w.last_error = f"lazy restore failed ({reason}): {why}"
         w.record(

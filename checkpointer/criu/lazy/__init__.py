@@ -10,9 +10,10 @@ waits for every page to be downloaded. Measured on a 200 MB workload: the tree r
 after the start, against 0.3 to 0.9 s for a full restore from local disk, before any fetch.
 
 By job: preparation (the restore folder and the index of lazy pages), page_server (CRIU's
-protocol), pages_daemon (the `criu lazy-pages` process), tree (killing the restored tree for
-sure), guard_process (the guard that outlives the daemon), restore (`LazyRestore`, which
-runs them together and watches them).
+protocol), pages_daemon (the `criu lazy-pages` process), guard_process (the guard that
+outlives the daemon and learns the tree before it runs), restore (`LazyRestore`, which runs
+them together and watches them). Following and killing the restored tree is
+checkpointer.restored_tree, shared with the guard (checkpointer.lazy_guard).
 """
 
 from checkpointer.criu.lazy.page_server import TransferStats

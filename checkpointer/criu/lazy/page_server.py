@@ -70,6 +70,11 @@ class PageServer:
     def start(self) -> None:
         self._thread.start()
 
+    def connection_fd(self) -> int:
+        """Our end of the connection, for the guard to hold a copy of: while one is open,
+        `criu lazy-pages` waits for answers instead of exiting (with the tree's userfaultfds)."""
+        return self._conn.fileno()
+
     def stats(self) -> TransferStats:
         with self._lock:
             return TransferStats(
@@ -112,6 +117,10 @@ class PageServer:
             if not self._stopping:
                 self.on_failure(f"page server: {type(e).__name__}: {e}")
         finally:
+            # Shut down, not only closed: the guard holds the connection too (connection_fd),
+            # and the daemon must see it end all the same.
+            with contextlib.suppress(OSError):
+                self._conn.shutdown(socket.SHUT_RDWR)
             self._conn.close()
 
     def _loop(self) -> None:

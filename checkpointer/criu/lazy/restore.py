@@ -12,11 +12,16 @@ What can go wrong, and what this module does about it (each one seen in the prot
   tree later discards (MADV_DONTNEED) would otherwise wait forever.
 - The daemon waits forever for an answer (no timeout in CRIU): a stall watchdog fails the
   restore when a request stays unanswered, or nothing moves, for `stall_timeout` seconds.
-- This process dies: a guard process (guard_process) holds the copies too, and kills the tree.
+- This process dies (kill -9, OOM), at any moment of the restore: a guard process
+  (guard_process) holds the page server's connection and the copies too, learns the tree from
+  CRIU before it runs, and kills it. A guard that dies is seen here at the next tick: the
+  tree is killed and the restore fails as this host's fault (`host_fault`), not the
+  checkpoint's, so it is tried again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from checkpointer.criu.driver import Criu, restore_log
+from checkpointer.criu.failures import CriuError
 from checkpointer.criu.lazy.guard_process import GuardProcess
 from checkpointer.criu.lazy.page_server import PageServer, TransferStats
 from checkpointer.criu.lazy.pages_daemon import LazyPagesDaemon
@@ -33,11 +39,10 @@ from checkpointer.criu.lazy.preparation import (
     PageSource,
     check_private_dir,
 )
-from checkpointer.criu.lazy.tree import RestoredTree
 from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.stats import RestoreStats, read_restore_stats
+from checkpointer.restored_tree import RestoredTree
 from checkpointer.uffd_hold import UffdHold
-from checkpointer.workloads.process import start_time
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,9 @@ class LazyRestore:
         self.on_finish: Callable[[LazyRestore], None] | None = None
         self.kept_log: Path | None = None  # the daemon's CRIU log, kept when it failed
         self._reason: str | None = None
+        # Why the restore failed if it was this host's fault, not the checkpoint's nor the
+        # storage's (the guard died): the same checkpoint may be restored again.
+        self.host_fault: str | None = None
         self._done = False
         self._finished = threading.Event()
         self._lock = threading.Lock()
@@ -195,29 +203,48 @@ class LazyRestore:
         assert self._daemon is not None
         self._ready_in = self._daemon.await_ready(ready_timeout)
         self._hold = UffdHold(self._daemon.pid)  # now: the daemon is our child, not reaped
-        self._start_guard(self._daemon.pid)
+        assert self._server is not None
+        # The guard holds the userfaultfds and the connection too, and kills the tree if this
+        # process dies before the pages are all there (see guard_process).
+        self._guard = GuardProcess(self._daemon.pid, self._server.connection_fd())
 
-    def _start_guard(self, daemon_pid: int) -> None:
-        """The guard holds the userfaultfds too, and kills the tree if this process dies
-        before the pages are all there (see guard_process)."""
-        self._guard = GuardProcess(daemon_pid)
-
-    def _tell_guard(self, what: str) -> None:
+    def _end_guard(self, kill: bool = False) -> None:
+        """The tree owns its memory (the guard lets go), or must die (`kill`: the guard kills
+        what it saw of it first)."""
         if self._guard is not None:
-            self._guard.tell(what)
-
-    def _end_guard(self) -> None:
-        """The tree owns its memory, or is dead: the guard may let go."""
-        if self._guard is not None:
-            if not self._guard.end():
+            if not self._guard.end(kill):
                 log.warning("the guard of the lazy restore of %s did not exit", self.label)
             self._guard = None
 
+    def _guard_lost(self) -> str | None:
+        """Why the guard is gone, if it is (it should live until `_end_guard`)."""
+        guard = self._guard
+        rc = guard.exited() if guard is not None else None
+        if guard is None or rc is None:
+            return None
+        return (
+            f"its guard (pid {guard.pid}) exited with status {rc}: nothing would kill the "
+            "tree if the daemon died"
+        )
+
     def _restore(self, opts: DumpOptions, inherit: Sequence[tuple[int, str]]) -> None:
-        pid = self.criu.restore_tree(self.images_dir, opts, self.label, inherit, lazy=True)
-        self._tree.adopt(pid)
+        assert self._guard is not None
+        try:
+            pid = self.criu.restore_tree(
+                self.images_dir, opts, self.label, inherit, lazy=True,
+                action_script=self._guard.hook,
+            )  # fmt: skip
+        except CriuError as e:
+            lost = self._guard_lost()
+            if lost is None:
+                raise
+            self.host_fault = lost  # CRIU ran its hook without a guard: not the checkpoint's
+            raise CriuError(
+                f"lazy restore of {self.label}: {lost}", "lazy-guard-lost", e.log
+            ) from e
         self.pid = pid
-        self._tell_guard(f"root {pid} {start_time(pid) or '-'}")
+        with self._lock, contextlib.suppress(ProcessLookupError):  # dead: nothing to kill
+            self._tree.adopt(pid)
         self.restore_stats = read_restore_stats(self.images_dir)
         with self._lock:
             if self._reason is not None:  # failed while CRIU ran: the tree must not run
@@ -233,20 +260,22 @@ class LazyRestore:
             self._daemon.stop()
         if self.pid is not None:
             self._wait_tree_dead(10.0)
+        self._end_guard(kill=True)  # before our copies go: it may have seen more of the tree
         if self._hold:
             self._hold.release()
-        self._end_guard()
         self._close_root()
         self._finished.set()
 
     # Failure -----------------------------------------------------------------------------
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, host_fault: bool = False) -> None:
         """Record the first failure and SIGKILL the tree at once; the monitor finishes."""
         with self._lock:
             if self._reason is not None or self._done:
                 return
             self._reason = reason
+            if host_fault:
+                self.host_fault = reason
             log.warning("lazy restore of %s failed: %s", self.label, reason)
             self._kill_tree()
 
@@ -315,8 +344,12 @@ class LazyRestore:
                 self._fail(self._daemon.failure(rc))
             elif self._server.stalled_for(time.monotonic()) > self.stall_timeout:
                 self._fail(f"no page transferred for {self.stall_timeout:.0f}s (stall watchdog)")
+            elif (lost := self._guard_lost()) is not None:
+                self._fail(lost, host_fault=True)
             else:
                 self._grab_uffds()
+                with self._lock:
+                    self._tree.follow()
                 return False
         return self._finish_failed()
 
@@ -344,8 +377,8 @@ class LazyRestore:
         if not self._wait_tree_dead(5.0):
             log.error("lazy restore of %s: the tree does not die; holding its pages", self.label)
             return False
+        self._end_guard(kill=True)  # before our copies go: it may have seen more of the tree
         self._hold.release()
-        self._end_guard()
         self._close_root()
         self._server.stop(timeout=1.0)
         self.kept_log = self._daemon.stop()
