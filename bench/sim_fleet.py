@@ -209,6 +209,11 @@ class SimHost:
 
             def begin() -> None:
                 self.fleet.start(self.hooks, threads=False)  # type: ignore[call-arg]
+                # The engine's hooks on a pool of their own, as the daemon runs them, not
+                # inline in the round (a takeover must not hold up the next heartbeat).
+                runner = self.fleet.runner  # type: ignore[attr-defined]
+                runner._pool = LaneExecutor(self.lanes["hook"])
+                runner.inline = False
                 register()
 
             self.lanes["start"].submit(begin, at=at, then=self._loops)

@@ -95,6 +95,8 @@ class SimStore(BlobStore):
         self._second: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.peak: dict[tuple[str, str], int] = {}  # (prefix, read/write) -> busiest second
         self.dead: dict[str, float] = {}  # host -> when it was killed
+        self.horizon = float("inf")  # requests answered later are not counted (a task that
+        # started before the end of the run runs whole, past it)
         self.liveness = Liveness()
 
     # -- the cost of a request -------------------------------------------------------------
@@ -106,6 +108,8 @@ class SimStore(BlobStore):
         assert task is not None  # spend() refused otherwise
         if task.host in self.dead and t >= self.dead[task.host]:
             raise HostKilled(task.host)
+        if t > self.horizon:
+            return t
         prefix = prefix_of(key, self.prefix_depth)
         rate = "read" if kind in READS else "write"
         second = (prefix, rate, int(t))
@@ -196,7 +200,7 @@ class SimStore(BlobStore):
         if (blob is None) != (match is None) or (blob is not None and blob.version != match):
             raise PreconditionFailed(f"{key}: precondition failed")
         version = self._store(key, data, t)
-        if key.startswith(("leases/", "hosts/")):
+        if key.startswith(("leases/", "hosts/")) and t <= self.horizon:
             self._written(key, t)
         return version
 
