@@ -389,6 +389,9 @@ class Host(Daemon):
 
     # -- the daemon's files, through the host's eyes ---------------------------------------
 
+    def api_socket(self) -> Path:
+        return self.view(super().api_socket())
+
     def workload_log(self, name: str) -> str:
         path = self.view(self.state / "logs" / f"{name}.log")
         return path.read_text() if path.exists() else ""
