@@ -6,22 +6,27 @@ loop (one request at a time, as fast as it answers) for WINDOW seconds without a
 again while `checkpointer drill` runs back to back. Measured: each drill's wall time and CPU
 (the daemon's own and its children's: CRIU, unshare, the sandbox's init, from
 /proc/DAEMON/stat), and the p50/p99 of the client's answers in both windows, p99 during drills
-divided by p99 without. The drill rebuilds the image from the repository (seeded from the kept
-image, as a restore is) and restores it in the sandbox; the machine has 2 cores.
+divided by p99 without; and the same while as many `verify` run (the repository read back and
+checked, a command the project had before drills), for comparison. The drill rebuilds the
+image from the repository (seeded from the kept image, as a restore is) and restores it in
+the sandbox. The machine has 2 cores; the load average at the end says what else ran.
 
 Run: `python -m bench.drill --mb 100` (root). Prints a table, writes bench/results/drill.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,34 +59,55 @@ def latencies(port: int, seconds: float, stop: threading.Event | None = None) ->
     return out
 
 
-def p(values: list[float], q: float) -> float:
+def while_asking(
+    port: int, times: int, op: Callable[[], dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """`op` run `times` times while a client asks the counter: its reports, the latencies."""
+    done = threading.Event()
+    seen: list[float] = []
+    client = threading.Thread(target=lambda: seen.extend(latencies(port, 3600, done)))
+    client.start()
+    try:
+        return [op() for _ in range(times)], seen
+    finally:
+        done.set()
+        client.join()
+
+
+def p(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
 def run(mb: int, drills: int, window: float) -> dict[str, Any]:
     DISK.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="drill-", dir=DISK))
+    try:
+        return _run(work, mb, drills, window)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, mb: int, drills: int, window: float) -> dict[str, Any]:
     port = free_port()
     with BenchDaemon(work) as d:
         assert d.proc is not None
+        daemon = d.proc.pid
         d.call("run", "w", "--no-auto-restore", "--", PY, str(BALLAST), str(port), str(mb))
         http_get(port, timeout=120)
         checkpoint = d.call("checkpoint", "w")
         quiet = latencies(port, window)
-        reports: list[dict[str, Any]] = []
         cpu: list[float] = []
-        done = threading.Event()
-        busy: list[float] = []
-        client = threading.Thread(target=lambda: busy.extend(latencies(port, 3600, done)))
-        client.start()
-        try:
-            for _ in range(drills):
-                before = cpu_seconds(d.proc.pid)
-                reports.append(d.call("drill", "w"))
-                cpu.append(cpu_seconds(d.proc.pid) - before)
-        finally:
-            done.set()
-            client.join()
+
+        def one_drill() -> dict[str, Any]:
+            before = cpu_seconds(daemon)
+            report = d.call("drill", "w")
+            cpu.append(cpu_seconds(daemon) - before)
+            return report
+
+        reports, busy = while_asking(port, drills, one_drill)
+        # The same number of `verify` (every chunk read back and checked): a read of the
+        # repository the project already had, for comparison.
+        _, verifying = while_asking(port, drills, lambda: d.call("verify", "w"))
     assert all(r["result"] == "verified" for r in reports), reports
     walls = [r["duration_seconds"] for r in reports]
     return {
@@ -99,8 +125,15 @@ def run(mb: int, drills: int, window: float) -> dict[str, Any]:
         "p50_ms_during": round(p(busy, 50) * 1000, 2),
         "p99_ms_during": round(p(busy, 99) * 1000, 2),
         "p99_ratio": round(p(busy, 99) / p(quiet, 99), 2),
+        "p99_ms_during_verify": round(p(verifying, 99) * 1000, 2),
+        "p99_ratio_verify": round(p(verifying, 99) / p(quiet, 99), 2),
         "cores": os.cpu_count(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the host
     }
+
+
+def _window(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of answers each")
 
 
 def main() -> None:
@@ -109,7 +142,7 @@ def main() -> None:
         mb=100,
         rounds=5,
         out="drill.json",
-        extra=lambda a: a.add_argument("--window", type=float, default=10.0),
+        extra=_window,
     )
     r = run(args.mb, args.rounds, args.window)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
@@ -120,7 +153,8 @@ def main() -> None:
     )
     print(
         f"answers p50/p99 without drills {r['p50_ms_without']}/{r['p99_ms_without']} ms, "
-        f"during {r['p50_ms_during']}/{r['p99_ms_during']} ms: p99 x{r['p99_ratio']}"
+        f"during {r['p50_ms_during']}/{r['p99_ms_during']} ms: p99 x{r['p99_ratio']} "
+        f"(during as many `verify`: x{r['p99_ratio_verify']})"
     )
     print(f"wrote {args.out}", file=sys.stderr)
 
