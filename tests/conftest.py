@@ -105,13 +105,30 @@ def counter(daemon: Daemon) -> Iterator[tuple[Daemon, int]]:
     yield daemon, port
 
 
+@pytest.fixture(scope="session")
+def moto_servers() -> Iterator[list[Moto]]:
+    """This worker's moto_server (started by the first test that needs one), stopped at the
+    end. Starting one takes about a second; 37 tests ask for one."""
+    servers: list[Moto] = []
+    try:
+        yield servers
+    finally:
+        for m in servers:
+            m.stop()
+
+
 @pytest.fixture
-def moto() -> Iterator[Moto]:
-    m = Moto()
+def moto(moto_servers: list[Moto]) -> Iterator[Moto]:
+    """An empty S3 server: this worker's, emptied after each test (moto's reset: every bucket
+    and object gone), resumed if the test paused it, started again if it died."""
+    if not moto_servers or moto_servers[0].proc.poll() is not None:
+        moto_servers[:] = [Moto()]
+    m = moto_servers[0]
     try:
         yield m
     finally:
-        m.stop()
+        m.resume()
+        m.reset()
 
 
 @pytest.fixture

@@ -218,6 +218,7 @@ class FailedTransfer:
 
     stall_timeout = 0.4
     reason = "no page transferred for 0s (stall watchdog)"
+    host_fault: str | None = None  # the guard did not die: not this host's own failure
 
     def failed(self) -> bool:
         return True

@@ -92,6 +92,11 @@ class Moto:
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
+    def reset(self) -> None:
+        """Forget every bucket and object (moto's own reset), as a new server would start."""
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request, timeout=30).close()
+
     def stop(self) -> None:
         self.resume()
         self.proc.kill()
