@@ -9,9 +9,9 @@ test at once without root or criu; the pure unit tests run as any user.
 
 In parallel (`make test`: pytest-xdist, `--dist loadgroup`), each worker process has its own
 temporary folder (every mkdtemp of its tests lands there), its own ports and test subnets
-(tests/support/workers.py), and at its end checks that nothing its tests started still runs.
-A file with fixtures shared by its tests (scope module or class) runs whole on one worker, in
-its order.
+(tests/support/workers.py), its own moto_server, and at its end checks that nothing its tests
+started still runs. A file with fixtures shared by its tests (scope module or class) runs
+whole on one worker, in its order (tests/support/scheduling.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,26 +33,16 @@ from tests.support import COUNTER, Daemon, Moto, free_port, http_get
 from tests.support.processes import working_in
 from tests.support.workers import worker
 
-# Files whose tests must run on one worker in file order though they share no fixture.
-_ONE_WORKER = {"test_install.py"}  # install, then upgrade and package, `make uninstall` last
-_SHARED_SCOPES = {"module", "class", "package"}
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With `--dist loadgroup` (as `make test` runs), xdist's scheduler with the files that
+    share fixtures kept whole (tests/support/scheduling.py)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.support.scheduling import FilesThatShare
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Put each file that shares a fixture between its tests (or must keep its order) in an
-    xdist group of its own: `--dist loadgroup` then runs it whole on one worker, so the shared
-    fixture is built once, not once per worker its tests happen to land on."""
-    for item in items:
-        path = item.path.name
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else []
-        shared = any(
-            d.scope in _SHARED_SCOPES and d.baseid.startswith(item.nodeid.split("::")[0])
-            for ds in defs
-            for d in ds
-        )
-        if shared or path in _ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(path))
+    return FilesThatShare(config, log, root=config.rootpath)
 
 
 @pytest.fixture(scope="session", autouse=True)
