@@ -1,26 +1,27 @@
 """Leases: which host owns each workload, kept in the bucket with conditional writes.
 
 A lease is one object per workload, `leases/<workload>`, sealed like every other object. It
-is only ever replaced with `put_if` (If-Match on the version read; If-None-Match for the first
-one), so when two hosts race for it, the store lets exactly one of them win, whatever their
-clocks say. Each new owner takes the next `generation`: the fencing token that checkpoints
-record, so that a checkpoint committed by a host that lost the lease without knowing it (it
-was partitioned or paused) is never restored by the new owner (`may_restore`).
+names the holder, the generation and the state, and it is written only when ownership changes
+hands or step: claim, prepare, hand-over, release, takeover (and a re-claim by its own holder,
+see below). Never renewed: a lease is live while its holder's heartbeat is (storage/
+heartbeats.py). It is only ever replaced with `put_if` (If-Match on the version read;
+If-None-Match for the first one), so when two hosts race for it, the store lets exactly one of
+them win, whatever their clocks say. Each new owner takes the next `generation`: the fencing
+token that the workload's head records (storage/heads.py), so that a host that lost the lease
+without knowing it commits nothing that exists.
 
-Expiry never compares two hosts' clocks (the DynamoDB lock client's rule). Another host treats
-a lease as expired only once it has seen the same version of it, unchanged, for TTL + skew on
-its own monotonic clock, counted from the end of the read that first showed that version
-(`Leases.expired`). The holder stops acting on it at TTL - skew after it *sent* the write that
-made that version (checkpointer/daemon/fleet.py): the version cannot have landed, nor been
-seen, before it was sent, so the holder stops at least 2 x skew before anyone may take over,
-whatever the wall clocks say; `skew` here only has to cover the monotonic clocks' difference
-in rate and the time a read takes to return. `expires` (wall clock) is kept for people.
+Taking over a lease whose holder is dead. The watcher judged the holder dead from its
+heartbeat's version (storage/heartbeats.py Liveness); `acquire` then reads the lease, then
+asks whether the holder's heartbeat is *still* the version judged dead (`holder_dead`, which
+reads it again), and only then writes, If-Match on the lease version it read. The holder, for
+its part, lands a new heartbeat before any write of a lease it keeps (a re-claim after a
+restart, or after a missed deadline: checkpointer/daemon/lease_watchdog.py). So a watcher that
+read the lease after such a write finds the heartbeat changed and takes nothing, and one that
+read it before has its If-Match refused by that write, or wins and the holder's write fails.
 
 A bucket writer may put back an older sealed lease (it is authentic: it was ours once). Each
 host remembers the newest generation (and whether it was given away) it saw per workload and
 refuses a lease older than that (`LeaseReplayed`): it is never obeyed.
-
-Hosts also keep a heartbeat object, `hosts/<host id>`, replaced the same way: `live_hosts`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from storage.errors import (
     PreconditionFailed,
     StorageError,
 )
-from storage.keys import HOSTS, LEASES, FileType, host_key, lease_key, parse_as
+from storage.keys import lease_key
 from storage.lease_probe import PROBE as PROBE  # re-exported: doctor probes through here
 from storage.lease_probe import probe_conditional_writes as probe_conditional_writes
 from storage.manifest import check_workload_name
@@ -87,12 +88,10 @@ class Lease:
     workload: str
     holder: str
     generation: int
-    expires: float
     state: LeaseState = LeaseState.HELD
     previous_holder: str | None = None
-    newest_before: str | None = None  # the newest checkpoint when this generation began
     next_holder: str | None = None  # PREPARING: the host it will be handed to
-    ttl: float | None = None  # the holder's TTL (older leases: None, the reader's own)
+    written: float = 0.0  # the writer's wall clock: for people, never compared
 
     def order(self) -> tuple[int, int]:
         """Where this lease stands in its workload's history: a generation is held (and
@@ -100,28 +99,34 @@ class Lease:
         return self.generation, int(self.state in (LeaseState.HANDED, LeaseState.RELEASED))
 
     def to_json(self) -> bytes:
-        return json.dumps({"version": 1, **asdict(self)}).encode()
+        return json.dumps({"version": 2, **asdict(self)}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, workload: str) -> Lease:
+        """Leases of the previous version (renewed, with `expires`, `ttl` and
+        `newest_before`) read as well: those fields say nothing any more."""
         try:
             d = json.loads(raw)
             lease = cls(
                 workload=str(d["workload"]),
                 holder=str(d["holder"]),
                 generation=int(d["generation"]),
-                expires=float(d["expires"]),
                 state=LeaseState(d["state"]),
-                previous_holder=d.get("previous_holder"),
-                newest_before=d.get("newest_before"),
-                next_holder=d.get("next_holder"),
-                ttl=float(d["ttl"]) if d.get("ttl") is not None else None,
+                previous_holder=_host_or_none(d.get("previous_holder")),
+                next_holder=_host_or_none(d.get("next_holder")),
+                written=float(d.get("written", d.get("expires", 0.0))),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptCheckpoint(f"the lease of {workload} is unreadable ({e})") from e
         if lease.workload != workload:
             raise CorruptCheckpoint(f"the lease of {workload} names {lease.workload}")
         return lease
+
+
+def _host_or_none(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"a host id is a string, not {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -130,17 +135,6 @@ class Held:
 
     lease: Lease
     version: str
-
-
-def may_restore(lease: Lease, checkpoint_id: str, generation: int | None) -> bool:
-    """Whether the owner under `lease` may restore this checkpoint: one taken under its own
-    generation, or one that existed when that generation began. A checkpoint an older owner
-    committed after losing the lease is neither."""
-    if generation == lease.generation:
-        return True
-    if generation is not None and generation > lease.generation:
-        return False
-    return lease.newest_before is not None and checkpoint_id <= lease.newest_before
 
 
 def _same_step(found: Lease, meant: Lease) -> bool:
@@ -158,45 +152,42 @@ def _same_step(found: Lease, meant: Lease) -> bool:
 
 
 class Leases:
-    """The lease objects of one repository, read and written through its codec."""
+    """The lease objects of one repository, read and written through its codec.
+
+    `holder_dead(host)`: whether `host` is dead, asked (and its heartbeat read again) after
+    the lease it holds was read and before it is taken (module docstring)."""
 
     def __init__(
         self,
         store: BlobStore,
         codec: Codec,
         host: str,
-        ttl: float = 30.0,
-        skew: float = 5.0,
         clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        holder_dead: Callable[[str], bool] = lambda host: False,
     ) -> None:
         self.store = store
         self.codec = codec
         self.host = host
-        self.ttl = ttl
-        self.skew = skew
         self.clock = clock
-        self.monotonic = monotonic
-        self._lock = threading.Lock()  # the scan, renewals and the engine all read
-        self._first_seen: dict[str, tuple[str, float]] = {}  # workload -> (version, when)
+        self.holder_dead = holder_dead
+        self._lock = threading.Lock()
         self._newest: dict[str, tuple[int, int]] = {}  # workload -> Lease.order() seen
 
     # -- reading -----------------------------------------------------------------------
 
     def read(self, workload: str) -> Held | None:
         """The lease as the bucket has it now; LeaseReplayed if it is older than one seen
-        before. Every read counts as an observation for `expired`."""
+        before."""
         key = lease_key(check_workload_name(workload))
         try:
             blob, version = self.store.get_versioned(key, _MAX_BYTES)
         except BlobNotFound:
             return None
         lease = Lease.from_json(self.codec.open(key, blob), workload)
-        self._observe(lease, version)
+        self._observe(lease)
         return Held(lease, version)
 
-    def _observe(self, lease: Lease, version: str) -> None:
-        now = self.monotonic()  # after the read returned: the version was there by then
+    def _observe(self, lease: Lease) -> None:
         with self._lock:
             newest = self._newest.get(lease.workload)
             if newest is not None and lease.order() < newest:
@@ -207,9 +198,6 @@ class Leases:
                     "who holds write access to it)"
                 )
             self._newest[lease.workload] = lease.order()
-            seen = self._first_seen.get(lease.workload)
-            if seen is None or seen[0] != version:
-                self._first_seen[lease.workload] = (version, now)
 
     def newest_seen(self) -> dict[str, tuple[int, int]]:
         """Per workload, the newest lease this host saw or wrote (`Lease.order()`): what a
@@ -223,32 +211,12 @@ class Leases:
             for workload, order in newest.items():
                 self._newest[workload] = max(order, self._newest.get(workload, (0, 0)))
 
-    def expired(self, held: Held) -> bool:
-        """Whether this host has seen `held` unchanged (same version) for the holder's TTL +
-        skew on its own monotonic clock. Never by comparing its wall clock with the
-        holder's: a lease first seen now is not expired, however old its `expires`."""
-        if held.lease.state is LeaseState.RELEASED:
-            return False  # free, not expired: nobody runs it
-        with self._lock:
-            seen = self._first_seen.get(held.lease.workload)
-        if seen is None or seen[0] != held.version:
+    def held_by_dead(self, lease: Lease) -> bool:
+        """Whether `lease` is held by another host that is dead (read again now): HELD or
+        PREPARING by it, or HANDED to it."""
+        if lease.holder == self.host or lease.state is LeaseState.RELEASED:
             return False
-        ttl = max(self.ttl, held.lease.ttl or 0.0)
-        return self.monotonic() - seen[1] > ttl + self.skew
-
-    def all(self) -> list[Held]:
-        out = []
-        for key in self.store.list(LEASES):
-            name = parse_as(key, FileType.LEASE)
-            if name is None:
-                continue
-            try:
-                held = self.read(name.workload)
-            except CorruptCheckpoint:
-                continue  # planted or damaged: it leases nothing
-            if held is not None:
-                out.append(held)
-        return out
+        return self.holder_dead(lease.holder)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -261,53 +229,46 @@ class Leases:
             )
         return Held(lease, new)
 
-    def acquire(self, workload: str, newest: str | None, taking_over: bool = False) -> Held:
-        """Take the lease if it is free (none yet, released, expired, or handed to us) or
-        already ours; raise LeaseHeld if another host holds it. `newest` is the newest
-        checkpoint now: what this generation may restore besides its own."""
+    def acquire(self, workload: str) -> Held:
+        """Take the lease if it is free (none yet, released, or handed to us), held by a host
+        found dead, or ours already (then written again: a re-claim, in the same generation);
+        raise LeaseHeld if another host holds it."""
         current = self.read(workload)
         if current is not None:
             lease = current.lease
             mine = lease.holder == self.host
-            expired = self.expired(current)
-            free = (
-                lease.state is LeaseState.RELEASED
-                or expired
-                or (lease.state is LeaseState.HANDED and mine)
-            )
             if mine and lease.state in (LeaseState.HELD, LeaseState.PREPARING):
-                return self.renew(current)
-            if not free:
-                raise LeaseHeld(lease)
-            if taking_over and not expired:
+                return self.reassert(current)
+            free = lease.state is LeaseState.RELEASED or (lease.state is LeaseState.HANDED and mine)
+            if not free and not self.held_by_dead(lease):
                 raise LeaseHeld(lease)
         generation = current.lease.generation + 1 if current else 1
         lease = Lease(
             workload,
             self.host,
             generation,
-            self.clock() + self.ttl,
             LeaseState.HELD,
             previous_holder=current.lease.holder if current else None,
-            newest_before=newest,
-            ttl=self.ttl,
+            written=self.clock(),
         )
         try:
             return self._write(lease, current.version if current else None)
         except PreconditionFailed as e:
             won = self.read(workload)  # a retried write of ours may have landed already
             if won is not None and _same_step(won.lease, lease):
-                return self.renew(won)  # written again by this call: see _replace
+                return self.reassert(won)  # written again by this call: see _replace
             raise LeaseHeld(won.lease if won else lease) from e
 
-    def renew(self, held: Held) -> Held:
-        lease = replace(held.lease, expires=self.clock() + self.ttl, ttl=self.ttl)
-        return self._replace(held, lease)
+    def reassert(self, held: Held) -> Held:
+        """Write our lease again as it is, on the version we know: a re-claim, or keeping it
+        after a missed deadline. LeaseLost if it was taken meanwhile (the conditional write
+        is the check, and the fence against a watcher still holding an older judgement)."""
+        return self._replace(held, replace(held.lease, written=self.clock()))
 
     def prepare(self, held: Held, to: str | None) -> Held:
         """Announce a hand-over to `to` (None: call it off); the holder keeps the lease."""
         state = LeaseState.PREPARING if to else LeaseState.HELD
-        lease = replace(held.lease, state=state, next_holder=to, expires=self.clock() + self.ttl)
+        lease = replace(held.lease, state=state, next_holder=to, written=self.clock())
         return self._replace(held, lease)
 
     def hand_over(self, held: Held, to: str) -> Held:
@@ -317,19 +278,19 @@ class Leases:
             state=LeaseState.HANDED,
             previous_holder=self.host,
             next_holder=None,
-            expires=self.clock() + self.ttl,
+            written=self.clock(),
         )
         return self._replace(held, lease)
 
     def release(self, held: Held) -> None:
-        self._replace(held, replace(held.lease, state=LeaseState.RELEASED))
+        self._replace(held, replace(held.lease, state=LeaseState.RELEASED, written=self.clock()))
 
     def _replace(self, held: Held, lease: Lease) -> Held:
         """Write `lease` over the version of `held`. A write of ours may have landed with its
         reply lost (the caller then still has the older version): the lease found in its
         place is recognised as ours by holder, generation and state, never by exact equality
-        (its expiry, and the bytes, differ from one attempt to the next), so a renewal after
-        a lost reply does not fence this host off its own lease."""
+        (the bytes differ from one attempt to the next), so a retry after a lost reply does
+        not fence this host off its own lease."""
         try:
             return self._write(lease, held.version)
         except PreconditionFailed as e:
@@ -337,78 +298,14 @@ class Leases:
             if now is not None and _same_step(now.lease, lease):
                 if lease.state in (LeaseState.HANDED, LeaseState.RELEASED):
                     return now  # given away: the next holder may be writing it already
-                # Still ours (an earlier renewal or prepare of ours landed): write it again
-                # on the version found, so that what the store holds is this call's write,
-                # sent after the caller's clock started (see the watchdog in fleet.py).
+                # Still ours (an earlier write of ours landed): written again on the version
+                # found, so that the lease's version in the store is one written by this
+                # call, after whatever heartbeat the caller landed first.
                 try:
-                    return self._write(replace(lease, expires=self.clock() + self.ttl), now.version)
+                    return self._write(replace(lease, written=self.clock()), now.version)
                 except PreconditionFailed:
                     now = self.read(lease.workload)
             raise LeaseLost(
                 f"the lease of {lease.workload} changed under us"
                 + (f": now held by {now.lease.holder}" if now else ": it is gone")
             ) from e
-
-    # -- hosts -------------------------------------------------------------------------
-
-    def heartbeat(
-        self, version: str | None, prepared: dict[str, str] | None = None, draining: bool = False
-    ) -> str:
-        """Write this host's heartbeat; returns its new version (pass it next time).
-        `prepared`: workloads whose newest checkpoint this host fetched ahead of a hand-over
-        (workload -> checkpoint id), which the holder waits for. `draining`: this host is
-        moving its workloads away (`checkpointer drain`): no other drain picks it."""
-        key = host_key(self.host)
-        doc = json.dumps(
-            {
-                "host": self.host,
-                "seen": self.clock(),
-                "ttl": self.ttl,
-                "prepared": prepared or {},
-                "draining": draining,
-            }
-        ).encode()
-        try:
-            return self.store.put_if(key, self.codec.seal(key, doc), version)
-        except PreconditionFailed:
-            _, current = self.store.get_versioned(key, _MAX_BYTES)
-            return self.store.put_if(key, self.codec.seal(key, doc), current)
-
-    def prepared_by(self, host: str) -> dict[str, str]:
-        """What `host` says it fetched ahead of hand-overs (empty if it says nothing)."""
-        key = host_key(host)
-        try:
-            blob, _ = self.store.get_versioned(key, _MAX_BYTES)
-            doc = json.loads(self.codec.open(key, blob))
-            prepared = doc.get("prepared") or {}
-        except (BlobNotFound, CorruptCheckpoint, ValueError):
-            return {}
-        return {str(k): str(v) for k, v in prepared.items()} if isinstance(prepared, dict) else {}
-
-    def draining(self, host: str) -> bool:
-        """Whether `host`'s heartbeat says it is draining (False if it says nothing)."""
-        key = host_key(host)
-        try:
-            blob, _ = self.store.get_versioned(key, _MAX_BYTES)
-            doc = json.loads(self.codec.open(key, blob))
-        except (BlobNotFound, CorruptCheckpoint, ValueError):
-            return False
-        return isinstance(doc, dict) and doc.get("draining") is True
-
-    def live_hosts(self) -> dict[str, float]:
-        """Host id -> when it was last seen, for hosts seen within their TTL."""
-        out: dict[str, float] = {}
-        now = self.clock()
-        for key in self.store.list(HOSTS):
-            name = parse_as(key, FileType.HOST)
-            if name is None:
-                continue
-            try:
-                blob, _ = self.store.get_versioned(key, _MAX_BYTES)
-                doc = json.loads(self.codec.open(key, blob))
-                seen, ttl = float(doc["seen"]), float(doc["ttl"])
-            except (BlobNotFound, CorruptCheckpoint, ValueError, KeyError, TypeError):
-                continue
-            if doc.get("host") == name.id and now <= seen + ttl + self.skew:
-                out[name.id] = seen
-        return out

@@ -25,7 +25,7 @@ CONNECTED = (
 
 
 def lease(name: str, holder: str) -> Lease:
-    return Lease(workload=name, holder=holder, state=LeaseState.HELD, generation=1, expires=0.0)
+    return Lease(workload=name, holder=holder, state=LeaseState.HELD, generation=1)
 
 
 def test_targets_are_least_loaded_first_and_never_a_draining_host() -> None:

@@ -25,7 +25,7 @@ class Bucket:
 
 
 def lease(holder: str, state: LeaseState, generation: int = 2) -> Lease:
-    return Lease("web", holder, generation, 0.0, state)
+    return Lease("web", holder, generation, state)
 
 
 def handed(bucket: Bucket, patience: float = 1) -> bool | None:

@@ -1,5 +1,6 @@
-"""The lease watchdog and the deadman on their own: deadlines kept whatever the store does,
-one slow lease holding up no other, and the deadman stopping a real process on time."""
+"""The lease watchdog and the deadman on their own: every copy stopped at the heartbeat's
+deadline whatever the store does, resumed only once its lease is written again as ours, a
+lease taken meanwhile lost, and the deadman stopping a real process on time."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from storage.backends import LocalBlobStore
 from storage.backends.base import BlobStore
 from storage.backends.wrapper import WrappedBlobStore
 from storage.crypto import Sealed, new_master
+from storage.heartbeats import Heartbeats
 from storage.leases import Leases
 
 T = TypeVar("T")
@@ -27,19 +29,19 @@ TTL, SKEW, RENEW = 2.0, 0.5, 0.25
 
 
 class Hangs(WrappedBlobStore):
-    """Lease writes of the workloads in `hanging` block until `release` is set (a bucket
-    that stopped answering, as seen through ~60 s of retries)."""
+    """Heartbeat writes block while `hanging` is set, until `release` is (a bucket that
+    stopped answering, as seen through ~60 s of retries)."""
 
     def __init__(self, inner: BlobStore) -> None:
         super().__init__(inner)
-        self.hanging: set[str] = set()
+        self.hanging = False
         self.release = threading.Event()
 
     def around(self, op: str, fn: Callable[[], T]) -> T:
         return fn()
 
     def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
-        if key.rsplit("/", 1)[-1] in self.hanging:
+        if key.startswith("hosts/") and self.hanging:
             self.release.wait(30)
         return self.inner.put_if(key, data, match)
 
@@ -66,16 +68,28 @@ class Recorded:
         self.deadlines.pop(name, None)
 
 
+Watched = tuple[Hangs, Leases, LeaseWatchdog, Recorded, list[str]]
+
+
+def watchdog(store: BlobStore, lost: list[str]) -> tuple[Leases, LeaseWatchdog]:
+    codec = Sealed(new_master())
+    leases = Leases(store, codec, "a")
+    beats = Heartbeats(store, codec, "a", TTL)
+    return leases, LeaseWatchdog(
+        leases, beats, (TTL, SKEW, RENEW), lambda held: None, lost.append, lambda: None
+    )
+
+
 @pytest.fixture
-def watched(tmp_path: Path) -> Iterator[tuple[Hangs, Leases, LeaseWatchdog, Recorded, list[str]]]:
+def watched(tmp_path: Path) -> Iterator[Watched]:
     store = Hangs(LocalBlobStore(tmp_path / "repo"))
-    leases = Leases(store, Sealed(new_master()), "a", ttl=TTL, skew=SKEW)
     lost: list[str] = []
-    dog = LeaseWatchdog(leases, RENEW, lambda held: None, lost.append, lambda: None)
+    leases, dog = watchdog(store, lost)
     copies = Recorded()
-    for name in ("slow", "fast"):
-        sent = time.monotonic()
-        dog.kept(name, leases.acquire(name, None), sent)
+    dog.beat()
+    for name in ("web", "db"):
+        dog.claimed(name, leases.acquire(name))
+        dog.beat(need=name)
     dog.start(copies)
     try:
         yield store, leases, dog, copies, lost
@@ -84,41 +98,64 @@ def watched(tmp_path: Path) -> Iterator[tuple[Hangs, Leases, LeaseWatchdog, Reco
         dog.stop()
 
 
-def test_a_hanging_renewal_stops_its_copy_at_the_deadline_and_holds_up_no_other_lease(
-    watched: tuple[Hangs, Leases, LeaseWatchdog, Recorded, list[str]],
+def test_a_claim_acts_only_once_a_heartbeat_names_it(tmp_path: Path) -> None:
+    leases, dog = watchdog(LocalBlobStore(tmp_path / "repo"), [])
+    dog.beat()
+    dog.claimed("web", leases.acquire("web"))
+    assert dog.held("web") is not None and not dog.acting("web")
+    dog.beat(need="web")
+    assert dog.acting("web")
+    version = dog.heartbeats.version
+    dog.beat(need="web")  # named already: no second write
+    assert dog.heartbeats.version == version
+
+
+def test_a_hanging_heartbeat_stops_every_copy_at_the_deadline_and_the_late_one_resumes_them(
+    watched: Watched,
 ) -> None:
-    store, _, dog, copies, _ = watched
-    store.hanging.add("slow")
+    store, leases, dog, copies, _ = watched
+    before = {n: store.get_versioned(f"leases/{n}")[1] for n in ("web", "db")}
+    store.hanging = True  # heartbeats hang from now on
     t0 = time.monotonic()
-    deadline = copies.deadlines["slow"]  # renewals of "slow" hang from now on
-    while "slow" not in copies.frozen and time.monotonic() < t0 + 5:
+    deadline = copies.deadlines["web"]
+    assert copies.deadlines["db"] == deadline  # one deadline for all of the host's leases
+    while len(copies.frozen) < 2 and time.monotonic() < t0 + 5:
         time.sleep(0.01)
-    assert "slow" in copies.frozen
-    assert deadline <= copies.frozen["slow"] <= deadline + 0.2, copies.frozen["slow"] - deadline
-    assert not dog.acting("slow") and dog.acting("fast")
-    assert "fast" not in copies.frozen  # renewed all along, in parallel
-    assert copies.deadlines["fast"] > time.monotonic() + TTL - SKEW - RENEW - 0.3
-    store.release.set()  # the bucket answers again: the lease was ours all along
-    while "slow" not in copies.thawed and time.monotonic() < t0 + 10:
+    assert set(copies.frozen) == {"web", "db"}
+    for name in ("web", "db"):
+        assert deadline <= copies.frozen[name] <= deadline + 0.2, copies.frozen[name] - deadline
+        assert not dog.acting(name)
+    store.hanging = False
+    store.release.set()  # the bucket answers again: the late heartbeat lands
+    while len(copies.thawed) < 2 and time.monotonic() < t0 + 10:
         time.sleep(0.01)
-    assert "slow" in copies.thawed and dog.acting("slow")
+    assert set(copies.thawed) == {"web", "db"} and dog.acting("web") and dog.acting("db")
+    for name in ("web", "db"):  # written again (ours, same generation) before they ran
+        held = leases.read(name)
+        assert held is not None and held.version != before[name]
+        assert held.lease.generation == 1 and held.lease.holder == "a"
 
 
-def test_a_lease_taken_meanwhile_is_lost_and_its_copy_stopped_at_once(
-    watched: tuple[Hangs, Leases, LeaseWatchdog, Recorded, list[str]],
+def test_a_lease_taken_while_the_heartbeat_hung_is_lost_and_its_copy_never_resumed(
+    watched: Watched,
 ) -> None:
     store, leases, dog, copies, lost = watched
-    other = Leases(store, leases.codec, "b", ttl=TTL, skew=SKEW)
-    current = other.read("fast")
-    assert current is not None  # b takes it (as after a partition A did not notice)
-    taken = replace(current.lease, holder="b", generation=current.lease.generation + 1)
-    store.put_if("leases/fast", leases.codec.seal("leases/fast", taken.to_json()), current.version)
+    store.hanging = True
     t0 = time.monotonic()
-    while "fast" not in lost and time.monotonic() < t0 + 3:
+    while len(copies.frozen) < 2 and time.monotonic() < t0 + 5:
         time.sleep(0.01)
-    assert lost == ["fast"] and "fast" in copies.frozen and dog.held("fast") is None
-    assert "fast" not in copies.deadlines  # the deadman no longer guards it
-    assert "slow" not in copies.frozen
+    current = leases.read("db")  # b found a dead and took db over
+    assert current is not None
+    taken = replace(current.lease, holder="b", generation=current.lease.generation + 1)
+    store.put_if("leases/db", leases.codec.seal("leases/db", taken.to_json()), current.version)
+    store.hanging = False
+    store.release.set()
+    while not lost and time.monotonic() < t0 + 10:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert lost == ["db"] and dog.held("db") is None and "db" not in copies.thawed
+    assert "db" not in copies.deadlines  # the deadman no longer guards it
+    assert "web" in copies.thawed and dog.acting("web")
 
 
 def test_the_deadman_stops_a_tree_at_its_deadline_even_after_the_daemon_is_gone(

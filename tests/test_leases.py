@@ -1,4 +1,5 @@
-"""Leases: one owner per workload, decided by the store's conditional writes."""
+"""Leases: one owner per workload, decided by the store's conditional writes; taken from
+another host only once it is found dead (tests/test_fleet_liveness.py has the judgement)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpointer.daemon.fleet_scan import LeaseSweep
 from storage.backends import LocalBlobStore
 from storage.backends.base import BlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings
@@ -18,7 +20,6 @@ from storage.leases import (
     LeaseLost,
     Leases,
     LeaseState,
-    may_restore,
     probe_conditional_writes,
 )
 from tests.support import S3_ENV, Moto
@@ -53,7 +54,7 @@ def test_two_hosts_racing_for_a_free_lease_50_times_give_one_owner_each_time(
         ) -> None:
             start.wait()
             try:
-                hosts[host].acquire(name, None)
+                hosts[host].acquire(name)
                 won.append(host)
             except LeaseHeld:
                 lost.append(host)
@@ -68,51 +69,69 @@ def test_two_hosts_racing_for_a_free_lease_50_times_give_one_owner_each_time(
         assert held is not None and held.lease.holder == won[0] and held.lease.generation == 1
 
 
-def test_expiry_takeover_and_fencing(tmp_path: Path) -> None:
+def test_a_lease_is_taken_over_only_while_its_holder_is_dead_and_its_holder_then_loses_it(
+    tmp_path: Path,
+) -> None:
     store = LocalBlobStore(tmp_path / "repo")
     codec = Sealed(new_master())
-    now = [1000.0]
-    a = Leases(store, codec, "a", ttl=30, skew=5, clock=lambda: now[0], monotonic=lambda: now[0])
-    b = Leases(store, codec, "b", ttl=30, skew=5, clock=lambda: 9e9, monotonic=lambda: now[0])
-    held_a = a.acquire("web", newest=None)
+    dead: set[str] = set()
+    asked: list[str] = []
+
+    def holder_dead(host: str) -> bool:
+        asked.append(host)  # asked after the lease was read, before it is written
+        return host in dead
+
+    a = Leases(store, codec, "a")
+    b = Leases(store, codec, "b", holder_dead=holder_dead)
+    held_a = a.acquire("web")
     with pytest.raises(LeaseHeld, match="owned by host a"):
-        b.acquire("web", newest="c1")  # b sees it first now (its wall clock is far ahead)
-    now[0] += 34  # unchanged for 34 s, less than TTL + skew: still a's
-    with pytest.raises(LeaseHeld):
-        b.acquire("web", newest="c1", taking_over=True)
-    now[0] += 2  # seen unchanged for more than TTL + skew
-    held_b = b.acquire("web", newest="c1", taking_over=True)
+        b.acquire("web")  # a is alive
+    assert asked == ["a"]
+    dead.add("a")
+    held_b = b.acquire("web")
     assert held_b.lease.generation == 2 and held_b.lease.previous_holder == "a"
     with pytest.raises(LeaseLost, match="held by b"):
-        a.renew(held_a)  # a was paused: it finds out it lost the lease
-    # What b may restore: its own generation, or what existed when it took over.
-    assert may_restore(held_b.lease, "c1", 1)
-    assert may_restore(held_b.lease, "c0", None)
-    assert not may_restore(held_b.lease, "c2", 1)  # a committed it after losing the lease
-    assert may_restore(held_b.lease, "c3", 2)
+        a.reassert(held_a)  # a was paused: it finds out it lost the lease
+    again = a.read("web")
+    assert again is not None and again.lease.holder == "b"
+
+
+def test_a_lease_of_the_previous_version_is_read_and_its_newest_before_ignored() -> None:
+    """Leases written before heartbeats carried `expires`, `ttl` and `newest_before`: read,
+    those fields say nothing any more (the head decides what exists)."""
+    old = (
+        b'{"version": 1, "workload": "web", "holder": "a", "generation": 3, "expires": 1e9, '
+        b'"state": "held", "previous_holder": "b", "newest_before": "20260101T000000Z-1", '
+        b'"next_holder": null, "ttl": 30.0}'
+    )
+    lease = Lease.from_json(old, "web")
+    assert (lease.holder, lease.generation, lease.state) == ("a", 3, LeaseState.HELD)
+    assert lease.previous_holder == "b" and lease.written == 1e9
+    assert not hasattr(lease, "newest_before")
 
 
 def test_hand_over_and_release(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "repo")
     codec = Sealed(new_master())
     a, b, c = (Leases(store, codec, h) for h in "abc")
-    held = a.acquire("web", newest=None)
+    held = a.acquire("web")
     handed = a.hand_over(held, "b")
     assert handed.lease.state is LeaseState.HANDED
     with pytest.raises(LeaseHeld):
-        c.acquire("web", newest=None)  # handed to b, not to anyone
-    taken = b.acquire("web", newest="c9")
+        c.acquire("web")  # handed to b, not to anyone
+    taken = b.acquire("web")
     assert taken.lease.holder == "b" and taken.lease.generation == 2
     b.release(taken)
-    assert c.acquire("web", newest=None).lease.holder == "c"
+    assert c.acquire("web").lease.holder == "c"
 
 
 def test_a_planted_lease_leases_nothing(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "repo")
     a = Leases(store, Sealed(new_master()), "a")
-    planted = Lease("web", "evil", 99, 1e12).to_json()
+    planted = Lease("web", "evil", 99).to_json()
     store.put_if("leases/web", planted, None)
-    assert a.all() == []
+    sweep = LeaseSweep(store, a)
+    assert sweep.run() == [] and sweep.run() == []
 
 
 class IgnoresConditions(LocalBlobStore):

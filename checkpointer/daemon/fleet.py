@@ -1,17 +1,22 @@
 """Fleet mode: hosts sharing one bucket, each workload owned by one host at a time.
 
-Ownership is a lease in the bucket (storage/leases.py), taken and renewed with conditional
-writes. This module keeps this host's leases and looks at every lease for work offered to this
-host: a workload handed over by `migrate`, or, with `failover`, one whose owner stopped
-renewing (judged by storage/leases.py on this host's monotonic clock). It also keeps this
-host's heartbeat (`checkpointer hosts`).
+Ownership is a lease in the bucket (storage/leases.py), written only when it changes hands;
+a host's liveness is its heartbeat (storage/heartbeats.py), so nothing a host does per tick
+grows with the number of workloads, its own or others' (issue 27). This module is what the
+engine asks (hold, claim, release, prepare, hand over) and ties the parts together:
 
-This host's own leases are kept by the lease watchdog (lease_watchdog.py: renewals in
-parallel, deadlines on the monotonic clock, the copy stopped at a deadline whatever the
-bucket says; the timing argument is there). The scan runs on a thread of its own (heartbeat,
-clock check, leases offered to this host), and the engine's `lost` and `offered` hooks, which
-wait for a workload's lock (up to 600 s), run on a pool, never on the scan's thread nor the
-watchdog's.
+- this host's heartbeat, its deadline, the copies stopped at it: lease_watchdog.py;
+- the other hosts (one listing of `hosts/` a tick, the leases of a host found dead, the slow
+  sweep of `leases/`): fleet_scan.py;
+- calls from a migration's source, so the target acts at once: fleet_calls.py;
+- the clock check against the store's: fleet_clock.py.
+
+One round of all of it is `step()`, synchronous and without sleeping, at the time `monotonic`
+says: what a simulation drives (bench.fleet_scale). The daemon runs the same pieces on
+threads: the watchdog's (`LeaseWatchdog.check`, heartbeats on a thread of their own), the
+scan's (`scan` every renew_every) and the call watcher's. The engine's `lost` and `offered`
+hooks, which wait for a workload's lock (up to 600 s), run on a pool, never on those threads
+(in `step` mode, at once).
 
 Before any of it, the store must prove that it enforces conditional writes, also under
 concurrency, and that its clock agrees with this host's within `clock_skew`.
@@ -19,19 +24,17 @@ concurrency, and that its clock agrees with this host's within `clock_skew`.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from checkpointer.config import Config
-from checkpointer.criu import CpuMismatch
 from checkpointer.daemon.fleet_calls import CallWatcher
 from checkpointer.daemon.fleet_clock import ClockSkewed, store_clock_offset
+from checkpointer.daemon.fleet_hooks import FleetHooks, HookRunner
+from checkpointer.daemon.fleet_offers import NOTHING_FETCHED, REFUSED, Offers
+from checkpointer.daemon.fleet_scan import SWEEP_EVERY, Watcher
 from checkpointer.daemon.lease_memory import SeenGenerations
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.errors import FleetUnavailable, MigrationFailed, NotOwner
@@ -39,44 +42,16 @@ from storage.backends.base import BlobStore
 from storage.calls import Calls
 from storage.crypto import Codec
 from storage.errors import ConditionalWritesUnsupported, StorageError
+from storage.heartbeats import Heartbeats, Liveness
 from storage.lease_probe import probe_conditional_writes
-from storage.leases import (
-    Held,
-    Lease,
-    LeaseHeld,
-    LeaseLost,
-    Leases,
-    LeaseState,
-    may_restore,
-)
+from storage.leases import Held, Lease, LeaseHeld, LeaseLost, Leases
+
+__all__ = ["NOTHING_FETCHED", "REFUSED", "Fleet", "FleetHooks"]
 
 log = logging.getLogger(__name__)
 
-NOTHING_FETCHED = "-"
-# A `prepared` value that starts with it says why this host cannot take the workload (its CPU
-# lacks features the checkpoint uses): the holder then keeps it running instead of waiting.
-REFUSED = "!"
 # How often the scan asks the store for its clock (one LIST): a clock drifts slowly.
 CLOCK_CHECK_EVERY = 60.0
-
-
-@dataclass(frozen=True)
-class FleetHooks:
-    """What the fleet asks of the engine: stop a tree whose lease is lost; bring back one
-    offered to this host (reason "migration" or "failover"); stop (SIGSTOP) and resume this
-    host's copy at once, without the workload's lock (the watchdog's deadline)."""
-
-    lost: Callable[[str, str | None], None]
-    offered: Callable[[str, str], None]
-    known: Callable[[], list[str]]  # workloads registered here that are running
-    prefetch: Callable[[str], str | None]  # fetch the newest checkpoint ahead; its id
-    newest: Callable[[str], str | None]  # the workload's newest checkpoint id
-    freeze: Callable[[str], bool] = lambda name: False  # True: a running tree was stopped
-    thaw: Callable[[str], None] = lambda name: None
-    # The deadman (checkpointer/workloads/deadman.py), a process that stops the copy at the
-    # deadline even while this daemon is paused: told every deadline, and when there is none.
-    guard: Callable[[str, float], None] = lambda name, deadline: None
-    unguard: Callable[[str], None] = lambda name: None
 
 
 class Fleet:
@@ -91,37 +66,52 @@ class Fleet:
         f = config.fleet
         self.host = config.host.id
         self.store = store
-        self.leases = Leases(store, codec, self.host, f.lease_ttl, f.clock_skew, clock, monotonic)
-        self.ttl = f.lease_ttl
-        self.skew = f.clock_skew
-        self.renew_every = f.renew_every
+        self.ttl, self.skew, self.renew_every = f.lease_ttl, f.clock_skew, f.renew_every
         self.failover = f.failover
+        self.sweep_every = SWEEP_EVERY
         self.clock = clock
         self.monotonic = monotonic
-        self.hooks: FleetHooks | None = None
-        self.renewal_failures = 0
-        self.watchdog = LeaseWatchdog(
-            self.leases, self.renew_every, self._on_kept, self._on_lost, self._on_failure, monotonic
+        self.heartbeats = Heartbeats(store, codec, self.host, self.ttl, clock)
+        self.liveness = Liveness(self.host, self.ttl, self.skew)
+        self.leases = Leases(
+            store, codec, self.host, clock, holder_dead=lambda h: self.watcher.holder_dead(h)
         )
-        self._seen: dict[str, Lease] = {}
-        self._lock = threading.Lock()
+        self.watchdog = LeaseWatchdog(
+            self.leases,
+            self.heartbeats,
+            (self.ttl, self.skew, self.renew_every),
+            self._on_kept,
+            self._on_lost,
+            self._on_failure,
+            self._status,
+            monotonic,
+        )
+        self.runner = HookRunner()
+        self.offers = Offers(self.leases, self.failover, self.runner, self._beat, monotonic)
+        self.watcher = Watcher(
+            self.heartbeats,
+            self.leases,
+            self.liveness,
+            self.watchdog,
+            self.offers.act_on,
+            self.failover,
+            monotonic,
+        )
+        self.hooks: FleetHooks | None = None
+        self.renewal_failures = 0  # heartbeats and lease writes that failed
         self._stop = threading.Event()
         self._scanner = threading.Thread(target=self._scan_loop, name="fleet-scan", daemon=True)
         self.calls = Calls(store, codec, self.host)
         self._calls = CallWatcher(self.calls, self._called)
-        self._hook_pool = ThreadPoolExecutor(4, thread_name_prefix="fleet-hook")
-        self._hooks_running: set[tuple[str, str]] = set()
-        self._heartbeat: str | None = None
-        self._prepared: dict[str, str] = {}  # fetched ahead of a hand-over: name -> id
-        self._preparing: set[str] = set()
         self.draining = False  # `checkpointer drain` runs: said in the heartbeat
         self._clock_checked = float("-inf")
+        self._swept = float("-inf")
         # The newest lease generation seen per workload, kept across restarts: a replayed
         # older lease is refused after a restart too (storage/leases.py).
         self._generations = SeenGenerations(config.state_dir / "lease-generations.json")
         self._generations.load(self.leases)
-        self.unowned = 0
         self.clock_offset: float | None = None  # the store's clock minus ours, last seen
+        self.unowned = 0  # workloads held by hosts found dead, not taken over yet (a gauge)
 
     def check_store(self) -> None:
         """Refuse fleet mode on a store that does not enforce conditional writes (also under
@@ -145,30 +135,109 @@ class Fleet:
             self.clock_offset = offset
         return offset
 
-    def start(self, hooks: FleetHooks) -> None:
-        self.hooks = hooks
-        self.watchdog.start(hooks)
-        self._scan_tick()
+    def start(self, hooks: FleetHooks, threads: bool = True) -> None:
+        """Begin: the first heartbeat, a first scan (claims of what runs here). With
+        `threads` False nothing runs in the background and hooks run at once: the caller
+        drives `step` (a simulation)."""
+        self.hooks = self.offers.hooks = hooks
+        self.runner.inline = not threads
+        self.watchdog.start(hooks, threads)
+        self._swept = self.monotonic()  # the first sweep one interval from now
+        self._beat()
+        self.scan()
         # A deadman of the previous daemon may have stopped trees whose leases are still
         # ours (the daemon was down past their deadlines): they run again.
         for name in hooks.known():
-            if self.holds(name):
+            if self.watchdog.acting(name):
                 hooks.thaw(name)
-        self._scanner.start()
-        self._calls.start()
+        if threads:
+            self._scanner.start()
+            self._calls.start()
 
     def stop(self) -> None:
-        """Leases are kept (the workloads run on without the daemon); they expire unless the
-        daemon is back within the TTL (the deadman stops the trees by then)."""
+        """Leases are kept (the workloads run on without the daemon); other hosts find this
+        one dead unless the daemon is back within the TTL (the deadman stops the trees by
+        then)."""
         self._stop.set()
+        self.offers.stopped.set()
         self._calls.stop()
         if self._scanner.is_alive():
             self._scanner.join(timeout=10)
         self.watchdog.stop()
-        self._hook_pool.shutdown(wait=False, cancel_futures=True)
+        self.runner.stop()
         self._generations.save(self.leases)
 
-    # -- Ownership (what the engine asks) ----------------------------------------------
+    # -- one round -----------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One round of this host's fleet work, synchronously, with no sleeping: the
+        deadline (copies stopped at it), the heartbeat if due, then `scan`. Returns when the
+        next round is wanted (monotonic): the next heartbeat, deadline or judgement."""
+        wake = self.watchdog.check()
+        if self.watchdog.due():
+            self._beat()
+            wake = self.watchdog.check()
+        return min(wake, self.scan())
+
+    def scan(self) -> float:
+        """The clock check when due; claims of trees running here unclaimed; one listing of
+        `hosts/` and what it asks (dead hosts' leases offered); leases handed here and not
+        taken yet; the sweep when due. Per tick: 1 LIST, plus this host's own work. Returns
+        when the next scan is wanted: renew_every from now, or sooner when another host may
+        be found dead then (it is judged when due, not at the next tick after)."""
+        assert self.hooks is not None
+        if self.monotonic() - self._clock_checked >= CLOCK_CHECK_EVERY:
+            try:
+                self.check_clock()
+            except ClockSkewed as e:
+                log.error("fleet: %s", e)
+            except StorageError as e:
+                log.warning("fleet: cannot read the store's clock: %s", e)
+        self._claim_known()
+        try:
+            self.watcher.look()
+        except StorageError as e:
+            log.warning("fleet: cannot list the hosts: %s", e)
+        self.unowned = self.watcher.unowned
+        self.offers.again(self.holds)
+        if self.monotonic() - self._swept >= self.sweep_every:
+            self._swept = self.monotonic()
+            try:
+                self.watcher.sweep()
+            except StorageError as e:
+                log.warning("fleet: cannot sweep the leases: %s", e)
+        self._generations.save(self.leases)
+        now = self.monotonic()
+        due = self.liveness.next_due()
+        return due if now < due < now + self.renew_every else now + self.renew_every
+
+    def _scan_loop(self) -> None:
+        wait = self.renew_every
+        while not self._stop.wait(wait):
+            try:
+                wait = self.scan() - self.monotonic()
+            except Exception:
+                log.exception("fleet: scan failed")
+                wait = self.renew_every
+
+    def _claim_known(self) -> None:
+        """Trees running here (re-adopted at start, or ours) that this host does not hold."""
+        assert self.hooks is not None
+        for name in self.hooks.known():
+            if self.holds(name):
+                continue
+            try:
+                self.claim(name)
+            except NotOwner as e:
+                log.error("fleet: %s; stopping the copy that runs here", e)
+                self.hooks.freeze(name)
+                self.offers.lost(name, self.owner(name))
+            except StorageError as e:
+                log.warning("fleet: cannot claim %s yet: %s", name, e)
+            else:
+                self.hooks.thaw(name)  # stopped by a daemon before this one, maybe
+
+    # -- ownership (what the engine asks) --------------------------------------------------
 
     def hold(self, name: str) -> int | None:
         held = self.watchdog.held(name)
@@ -176,64 +245,74 @@ class Fleet:
             raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
         if not self.watchdog.acting(name):
             raise NotOwner(
-                f"the lease of {name} could not be renewed in time: this host ({self.host}) "
-                "no longer acts as its owner"
+                f"this host's ({self.host}) heartbeat has not kept the lease of {name} in "
+                "time: it does not act as its owner now"
             )
         return held.lease.generation
 
-    def claim(self, name: str, newest: str | None) -> int | None:
-        sent = self.monotonic()
+    def claim(self, name: str) -> int | None:
+        """Take (or keep) the lease of `name`: written, then named in a heartbeat (acting
+        from then on). A lease held and acting is ours already: nothing is written."""
+        held = self.watchdog.held(name)
+        if held is not None and self.watchdog.acting(name):
+            return held.lease.generation
+        if not self.watchdog.live():
+            self.watchdog.beat()  # a heartbeat that landed first (lease_watchdog.py)
         try:
             with self.watchdog.write_lock(name):
-                held = self.leases.acquire(name, newest)
+                held = self.leases.acquire(name)
         except LeaseHeld as e:
-            with self._lock:
-                self._seen[name] = e.lease
+            self.offers.seen(e.lease)
             self.watchdog.drop(name)
             raise NotOwner(
                 f"workload {name} is owned by host {e.lease.holder} ({e.lease.state}): it runs "
                 f"there; `checkpointer migrate {name} --to {self.host}` on that host moves it"
             ) from e
-        self.watchdog.kept(name, held, sent)
+        self.offers.arrived(name)
+        self.watchdog.claimed(name, held)
+        self.watchdog.beat(need=name)  # StorageError: held, acting after the next heartbeat
         return held.lease.generation
 
     def release(self, name: str) -> None:
         with self.watchdog.write_lock(name):
             held = self.watchdog.drop(name)
             if held is not None:
-                with contextlib.suppress(LeaseLost, StorageError):
+                try:
                     self.leases.release(held)
-
-    def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
-        held = self.watchdog.held(name)
-        return held is None or may_restore(held.lease, checkpoint_id, generation)
+                except (LeaseLost, StorageError) as e:
+                    log.warning("fleet: releasing the lease of %s: %s", name, e)
 
     def owner(self, name: str) -> str | None:
-        with self._lock:
-            lease = self._seen.get(name)
-        return lease.holder if lease else None
+        return self.offers.owner(name)
 
-    # -- migration ---------------------------------------------------------------------
+    def holds(self, name: str) -> bool:
+        return self.watchdog.held(name) is not None
+
+    def tree_started(self, name: str) -> None:
+        """The tree of `name` has a new PID: the deadman guards that one now."""
+        self.watchdog.reguard(name)
+
+    # -- migration -------------------------------------------------------------------------
 
     def prepare(self, name: str, to: str | None) -> None:
-        """Tell `to` (through the lease) that `name` is coming: it fetches the newest
-        checkpoint ahead. None calls it off."""
-        sent = self.monotonic()
+        """Tell `to` (through the lease, and a call) that `name` is coming: it fetches the
+        newest checkpoint ahead. None calls it off."""
         with self.watchdog.write_lock(name):
             held = self.watchdog.held(name)
             if held is None:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
-            updated = self.leases.prepare(held, to)
-            self.watchdog.kept(name, updated, sent)
+            self.watchdog.kept(name, self.leases.prepare(held, to))
         if to is not None:
             self._call(to, name)
 
     def wait_prepared(self, name: str, to: str, timeout: float) -> str | None:
-        """The checkpoint `to` fetched ahead, once it says so (None after `timeout`)."""
+        """The checkpoint `to` fetched ahead, once its heartbeat says so (None after
+        `timeout`)."""
         deadline = self.monotonic() + timeout
         while self.monotonic() < deadline:
             try:
-                done = self.leases.prepared_by(to).get(name)
+                found = self.heartbeats.read(to)
+                done = found[0].prepared.get(name) if found and found[0] else None
             except StorageError:
                 done = None
             if done and done.startswith(REFUSED):
@@ -248,122 +327,48 @@ class Fleet:
             held = self.watchdog.held(name)
             if held is None:
                 raise NotOwner(f"this host ({self.host}) does not hold the lease of {name}")
-            handed = self.leases.hand_over(held, to)
-            with self._lock:
-                self._seen[name] = handed.lease
+            self.offers.seen(self.leases.hand_over(held, to).lease)
             self.watchdog.drop(name)
         self._call(to, name)
 
     def _call(self, to: str, name: str) -> None:
         """Make `to` look at the lease of `name` now (storage/calls.py); best effort: its
-        next scan sees the lease anyway."""
+        sweep finds the lease anyway."""
         try:
             self.calls.call(to, name)
         except StorageError as e:
             log.warning("fleet: cannot call host %s about %s: %s", to, name, e)
 
     def _called(self, name: str) -> None:
-        """Another host called about `name`: act on its lease now, as the scan would."""
+        """Another host called about `name`: act on its lease now."""
         held = self.leases.read(name)
         if held is not None:
-            self._act_on(held.lease, expired=False)
+            self.offers.act_on(held.lease, False)
 
     def lease(self, name: str) -> Lease | None:
         """The lease of `name` as the bucket has it now (StorageError if it cannot say)."""
         held = self.leases.read(name)
         return held.lease if held else None
 
+    # -- views (on demand: `hosts`, `migrate`, `drain`) -------------------------------------
+
     def live_hosts(self) -> dict[str, float]:
-        return self.leases.live_hosts()
+        """Host id -> when it last wrote its heartbeat (its clock), for hosts within TTL."""
+        return {h: beat.seen for h, beat in self.heartbeats.live(self.skew).items()}
 
     def view(self) -> list[Lease]:
-        with self._lock:
-            return sorted(self._seen.values(), key=lambda lease: lease.workload)
-
-    def holds(self, name: str) -> bool:
-        return self.watchdog.held(name) is not None
-
-    def tree_started(self, name: str) -> None:
-        """The tree of `name` has a new PID: the deadman guards that one now."""
-        self.watchdog.reguard(name)
-
-    # -- what the watchdog tells -------------------------------------------------------
-
-    def _on_kept(self, held: Held) -> None:
-        with self._lock:
-            self._seen[held.lease.workload] = held.lease
-
-    def _on_lost(self, name: str) -> None:
-        """Another host holds `name` (the copy here is stopped already): the engine kills it
-        for good, on a hook thread."""
-        current = self._read(name)
-        holder = current.holder if current else None
-        self._hook("lost", name, functools.partial(self._call_lost, name, holder))
-
-    def _on_failure(self) -> None:
-        self.renewal_failures += 1
-
-    def _call_lost(self, name: str, holder: str | None) -> None:
-        assert self.hooks is not None
-        self.hooks.lost(name, holder)
-
-    def _hook(self, kind: str, name: str, fn: Callable[[], None]) -> None:
-        """Run an engine hook on the hook pool, one at a time per (kind, workload)."""
-        with self._lock:
-            if (kind, name) in self._hooks_running:
-                return
-            self._hooks_running.add((kind, name))
-
-        def run() -> None:
-            try:
-                fn()
-            except Exception:
-                log.exception("fleet: the %s hook of %s failed", kind, name)
-            finally:
-                with self._lock:
-                    self._hooks_running.discard((kind, name))
-
-        try:
-            self._hook_pool.submit(run)
-        except RuntimeError:  # shut down
-            with self._lock:
-                self._hooks_running.discard((kind, name))
-
-    # -- the scan ----------------------------------------------------------------------
-
-    def _scan_loop(self) -> None:
-        while not self._stop.wait(self.renew_every):
-            try:
-                self._scan_tick()
-            except Exception:
-                log.exception("fleet: lease scan failed")
-
-    def _scan_tick(self) -> None:
-        assert self.hooks is not None
-        self._beat()
-        if self.monotonic() - self._clock_checked >= CLOCK_CHECK_EVERY:
-            try:
-                self.check_clock()
-            except ClockSkewed as e:
-                log.error("fleet: %s", e)
-            except StorageError as e:
-                log.warning("fleet: cannot read the store's clock: %s", e)
-        for name in self.hooks.known():  # running here (re-adopted at start, or ours)
-            if not self.holds(name):
-                try:
-                    # what this generation may restore besides its own: all there is now
-                    self.claim(name, self.hooks.newest(name))
-                except NotOwner as e:
-                    log.error("fleet: %s; stopping the copy that runs here", e)
-                    self.hooks.freeze(name)
-                    holder = self.owner(name)
-                    self._hook("lost", name, functools.partial(self._call_lost, name, holder))
-                except StorageError as e:
-                    log.warning("fleet: cannot claim %s yet: %s", name, e)
-                else:
-                    self.hooks.thaw(name)  # stopped by a daemon before this one, maybe
-        self._scan()
-        self._generations.save(self.leases)
+        """Who holds what: the workloads each live host's heartbeat lists (read now), and
+        this host's own leases."""
+        out: dict[str, Lease] = {}
+        for host, beat in self.heartbeats.live(self.skew).items():
+            if host != self.host:
+                for name, generation in beat.workloads.items():
+                    out[name] = Lease(name, host, generation)
+        for name in self.watchdog.names():
+            held = self.watchdog.held(name)
+            if held is not None:
+                out[name] = held.lease
+        return sorted(out.values(), key=lambda lease: lease.workload)
 
     def set_draining(self, on: bool) -> None:
         """Say in the heartbeat, now, whether this host is draining (`checkpointer drain`)."""
@@ -371,102 +376,32 @@ class Fleet:
         self._beat()
 
     def says_draining(self, host: str) -> bool:
-        return self.leases.draining(host)
+        """Whether `host`'s heartbeat says it is draining (False if it says nothing)."""
+        try:
+            found = self.heartbeats.read(host)
+        except StorageError:
+            return False
+        return bool(found and found[0] and found[0].draining)
+
+    # -- what the watchdog tells -----------------------------------------------------------
+
+    def _status(self) -> tuple[dict[str, str], bool]:
+        return self.offers.prepared(), self.draining
 
     def _beat(self) -> None:
-        with self._lock:
-            prepared = dict(self._prepared)
         try:
-            self._heartbeat = self.leases.heartbeat(self._heartbeat, prepared, self.draining)
+            self.watchdog.beat()
         except StorageError as e:
             log.warning("fleet: heartbeat failed: %s", e)
 
-    def _read(self, name: str) -> Lease | None:
-        try:
-            held = self.leases.read(name)
-        except StorageError:
-            return None
-        return held.lease if held else None
+    def _on_kept(self, held: Held) -> None:
+        self.offers.seen(held.lease)
 
-    def _scan(self) -> None:
-        assert self.hooks is not None
-        try:
-            everything = self.leases.all()
-        except StorageError as e:
-            log.warning("fleet: cannot list leases: %s", e)
-            return
-        unowned = 0
-        for h in everything:
-            expired = self.leases.expired(h)
-            unowned += expired
-            self._act_on(h.lease, expired)
-        self.unowned = unowned
+    def _on_lost(self, name: str) -> None:
+        """Another host holds `name` (the copy here is stopped already): the engine kills it
+        for good, on a hook thread."""
+        current = self.offers.read(name)
+        self.offers.lost(name, current.holder if current else None)
 
-    def _act_on(self, lease: Lease, expired: bool) -> None:
-        """What a lease asks of this host: fetch ahead (prepared for us), restore (handed
-        to us), take over (expired, with failover)."""
-        with self._lock:  # the scan and a call may look at one lease at once
-            self._seen[lease.workload] = lease
-            fetch = (
-                lease.state is LeaseState.PREPARING
-                and lease.next_holder == self.host
-                and lease.workload not in self._preparing
-            )
-            if fetch:
-                self._preparing.add(lease.workload)
-        if fetch:
-            threading.Thread(
-                target=self._prepare_for,
-                args=(lease.workload,),
-                name=f"prefetch-{lease.workload}",
-                daemon=True,
-            ).start()
-        if lease.holder == self.host and lease.state is LeaseState.HANDED:
-            log.warning(
-                "fleet: %s was handed to this host by %s", lease.workload, lease.previous_holder
-            )
-            self._offer(lease.workload, "migration")
-        elif self.failover and expired and lease.holder != self.host:
-            log.warning(
-                "fleet: the lease of %s (host %s) was unchanged for its TTL + skew: taking it over",
-                lease.workload,
-                lease.holder,
-            )
-            self._offer(lease.workload, "failover")
-
-    def _offer(self, name: str, reason: str) -> None:
-        assert self.hooks is not None
-        hooks = self.hooks
-        self._hook("offered", name, lambda: hooks.offered(name, reason))
-
-    def _prepare_for(self, name: str) -> None:
-        """A hand-over to this host is coming: fetch the newest checkpoint now, while the
-        tree still runs on its host (the migration then waits only for the pages changed
-        since), say so in the heartbeat, and watch the lease closely until it arrives."""
-        assert self.hooks is not None
-        try:
-            fetched = self.hooks.prefetch(name)
-        except CpuMismatch as e:  # said in the heartbeat: the holder keeps it running
-            log.error("fleet: %s", e)
-            fetched = REFUSED + str(e)
-        except Exception:
-            log.exception("fleet: fetching %s ahead of its hand-over failed", name)
-            fetched = None
-        with self._lock:  # "-": nothing fetched, don't wait for us
-            self._prepared[name] = fetched or NOTHING_FETCHED
-        self._beat()
-        deadline = self.monotonic() + 120
-        try:
-            while self.monotonic() < deadline and not self._stop.is_set():
-                lease = self._read(name)
-                if lease is None or lease.state not in (LeaseState.PREPARING, LeaseState.HANDED):
-                    return  # called off
-                if lease.state is LeaseState.HANDED:
-                    if lease.holder == self.host:
-                        self.hooks.offered(name, "migration")
-                    return
-                time.sleep(0.1)
-        finally:
-            with self._lock:
-                self._preparing.discard(name)
-                self._prepared.pop(name, None)
+    def _on_failure(self) -> None:
+        self.renewal_failures += 1

@@ -23,8 +23,8 @@ class FencedOwnership:
     def hold(self, name: str) -> int | None:
         return self.inner.hold(name)
 
-    def claim(self, name: str, newest: str | None) -> int | None:
-        generation = self.inner.claim(name, newest)
+    def claim(self, name: str) -> int | None:
+        generation = self.inner.claim(name)
         try:
             self.repo.fence(name, generation)
         except Fenced as e:
@@ -33,9 +33,6 @@ class FencedOwnership:
 
     def release(self, name: str) -> None:
         self.inner.release(name)
-
-    def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
-        return self.inner.may_restore(name, checkpoint_id, generation)
 
     def owner(self, name: str) -> str | None:
         return self.inner.owner(name)

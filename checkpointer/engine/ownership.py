@@ -22,17 +22,13 @@ class Ownership(Protocol):
         Raises NotOwner unless this host holds a lease it can still act on."""
         ...
 
-    def claim(self, name: str, newest: str | None) -> int | None:
-        """Take (or keep) the lease before starting or restoring `name`; `newest` is its
-        newest checkpoint. Raises NotOwner naming the host that owns it."""
+    def claim(self, name: str) -> int | None:
+        """Take (or keep) the lease before starting or restoring `name`. Raises NotOwner
+        naming the host that owns it."""
         ...
 
     def release(self, name: str) -> None:
         """Give the lease up (unregistered here)."""
-        ...
-
-    def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
-        """Whether a checkpoint may be restored under this host's lease (fencing)."""
         ...
 
     def owner(self, name: str) -> str | None:
@@ -64,14 +60,11 @@ class SingleHost:
     def hold(self, name: str) -> int | None:
         return None
 
-    def claim(self, name: str, newest: str | None) -> int | None:
+    def claim(self, name: str) -> int | None:
         return None
 
     def release(self, name: str) -> None:
         return None
-
-    def may_restore(self, name: str, checkpoint_id: str, generation: int | None) -> bool:
-        return True
 
     def owner(self, name: str) -> str | None:
         return None

@@ -34,7 +34,6 @@ from storage.manifest import check_workload_name
 
 if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
-    from storage.repository import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +52,12 @@ def restore(
         infos = engine.repo.checkpoints(name)
         # The lease before registering (fleet): a workload another host runs stays its own.
         if infos:
-            engine.ownership.claim(name, infos[0].id)
+            engine.ownership.claim(name)
         w = workload_from_repository(engine, name, checkpoint_id)
         _check_cpu(engine, name, checkpoint_id, release=bool(infos))
     elif w.state is WorkloadState.ELSEWHERE:  # its newest checkpoints are another host's
-        engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: runs elsewhere
+        engine.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
+        engine.ownership.claim(name)  # NotOwner: it runs elsewhere
         _check_cpu(engine, name, checkpoint_id, release=True)
     with engine.locked(w, wait=True):
         if w.alive():
@@ -65,7 +65,8 @@ def restore(
                 f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
                 "replaces it with a checkpoint, or stop it first"
             )
-        engine.ownership.claim(name, engine.restores.newest(w))  # NotOwner: it runs elsewhere
+        engine.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
+        engine.ownership.claim(name)  # NotOwner: it runs elsewhere
         warning = None
         if checkpoint_id is None:
             cid = _newest_unmarked(w, _restorable(engine, name))
@@ -227,7 +228,7 @@ def workload_from_repository(engine: Engine, name: str, checkpoint_id: str | Non
     infos = engine.repo.checkpoints(name)
     if not infos:
         engine.get(name)  # raises: unknown here and nothing stored
-    info = engine.repo.info(name, checkpoint_id) if checkpoint_id else _newest(engine, infos)
+    info = engine.repo.info(name, checkpoint_id) if checkpoint_id else infos[0]
     s = spec.read(info.metadata, name, info.id)  # RestoreFailed: a malformed tree
     w = Workload(
         name=name, kind=s.kind, command=s.command, cwd=s.cwd, env=s.env, container=s.container
@@ -253,7 +254,7 @@ def take_carried_options(engine: Engine, w: Workload, checkpoint_id: str | None 
             infos = engine.repo.checkpoints(w.name)
             if not infos:
                 return
-            info = _newest(engine, infos)
+            info = infos[0]
         else:
             info = engine.repo.info(w.name, checkpoint_id)
         s = spec.read(info.metadata, w.name, info.id)
@@ -264,15 +265,6 @@ def take_carried_options(engine: Engine, w: Workload, checkpoint_id: str | None 
     if s.carried:
         w.env = s.env
         engine.update_options(w.name, s.options)
-
-
-def _newest(engine: Engine, infos: list[CheckpointInfo]) -> CheckpointInfo:
-    """The newest checkpoint whose options count: one the fleet's lease does not fence off
-    (a stale owner's options are not the workload's), else the newest, as before fencing."""
-    allowed = (
-        c for c in infos if engine.ownership.may_restore(c.workload, c.id, _generation(c.metadata))
-    )
-    return next(allowed, infos[0])
 
 
 def _options_problem(w: Workload, s: spec.Spec, outcome: str) -> None:
@@ -307,16 +299,11 @@ def auto_restore(engine: Engine, name: str, reason: str) -> bool:
             infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
             # The lease first (fleet): a host back from a reboot or a partition must not
             # start a tree that another host now runs.
-            if engine.ownership.claim(name, infos[0].id if infos else None) is not None:
+            if engine.ownership.claim(name) is not None:
                 # Fleet: the claim fenced the head; what the restore chooses from is read
                 # after it (a former owner's last commit may have landed just before).
                 infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
-            good = [
-                c.id
-                for c in infos
-                if c.id not in w.bad_checkpoints
-                and engine.ownership.may_restore(name, c.id, _generation(c.metadata))
-            ]
+            good = [c.id for c in infos if c.id not in w.bad_checkpoints]
         except NotOwner as e:
             w.state, w.owner = WorkloadState.ELSEWHERE, engine.ownership.owner(name)
             w.exit_status = f"runs on host {w.owner or '(another)'}"
@@ -404,27 +391,17 @@ def _retry_later(
 
 
 def _restorable(engine: Engine, name: str) -> list[str]:
-    """Checkpoint ids newest first, without those a fleet lease fences off (taken by a host
-    that had lost the lease)."""
+    """Checkpoint ids newest first: in fleet mode those the workload's head names, in its
+    order (a stale owner's commits are in no head: docs/fleet.md, R4)."""
     w = engine.registry.find(name)
-    ids = [
-        c.id
-        for c in listing.checkpoints(
-            engine.repo, name, w.last_checkpoint if w else None
-        ).checkpoints
-        if engine.ownership.may_restore(name, c.id, _generation(c.metadata))
-    ]
+    listed = listing.checkpoints(engine.repo, name, w.last_checkpoint if w else None)
+    ids = [c.id for c in listed.checkpoints]
     if not ids:
         raise CheckpointNotFound(
-            f"workload {name} has no checkpoint this host may restore; "
+            f"workload {name} has no checkpoint to restore; "
             f"take one with `checkpointer checkpoint {name}`"
         )
     return ids
-
-
-def _generation(metadata: dict[str, object]) -> int | None:
-    g = metadata.get("lease_generation")
-    return g if isinstance(g, int) else None
 
 
 def _remote_reachable(engine: Engine) -> bool:

@@ -45,7 +45,7 @@ def run(
     )
     engine.add(w, options)
     try:
-        engine.ownership.claim(name, _newest(engine, name))
+        engine.ownership.claim(name)
         with engine.locked(w, wait=True):
             engine.start(w)
     except (CheckpointerError, StorageError):
@@ -129,7 +129,7 @@ def _watch_running(
     container: str | None = None,
 ) -> Workload:
     """Register a tree that runs already (adopted, or a container's): lease, watch, schedule."""
-    engine.ownership.claim(name, _newest(engine, name))
+    engine.ownership.claim(name)
     w = Workload(
         name=name,
         kind=kind,
@@ -142,8 +142,3 @@ def _watch_running(
     engine.hooks.watch(w)
     engine.scheduled(w)
     return w
-
-
-def _newest(engine: Engine, name: str) -> str | None:
-    infos = engine.repo.checkpoints(name)
-    return infos[0].id if infos else None

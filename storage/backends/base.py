@@ -65,6 +65,13 @@ class BlobStore(ABC):
     def list(self, prefix: str) -> Iterator[str]:
         """Yield every key that starts with `prefix`, in no particular order."""
 
+    def list_versions(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """Yield (key, version) of every blob under `prefix`, each version as `get_versioned`
+        would return it, from the listing alone (S3: the ETags of ListObjectsV2, 1,000 keys a
+        request). What lets a fleet's hosts see which heartbeats and leases changed without
+        reading them (docs/fleet.md, issue 27)."""
+        raise ConditionalWritesUnsupported(f"{self.describe()} has no conditional writes")
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing key is not an error (deletes are retried)."""

@@ -164,6 +164,16 @@ class LocalBlobStore(BlobStore):
                 if key.startswith(prefix):
                     yield key
 
+    def list_versions(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """Each blob's content hash, as `get_versioned` and `put_if` give it (a local folder
+        keeps no ETags: the blobs listed are read, which is cheap here)."""
+        for key in self.list(prefix):
+            try:
+                data = self._path(key).read_bytes()
+            except FileNotFoundError:
+                continue  # removed since it was listed
+            yield key, hashlib.sha256(data).hexdigest()
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()

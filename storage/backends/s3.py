@@ -316,16 +316,23 @@ class S3BlobStore(BlobStore):
             raise err from e
 
     def list(self, prefix: str) -> Iterator[str]:
+        return iter([key for key, _ in self.list_versions(prefix)])
+
+    def list_versions(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """Keys with their ETags from ListObjectsV2 (the same ETag a GET or a conditional put
+        returns for a blob written in one request, as leases and heartbeats are)."""
         try:
-            keys = []
+            found = []
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.s.bucket, Prefix=self._key(prefix)
             )
             for page in pages:
-                keys += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+                found += [
+                    (o["Key"][len(self.prefix) :], str(o["ETag"])) for o in page.get("Contents", [])
+                ]
         except Exception as e:
             raise self._translate(e, "list", prefix) from e
-        return iter(keys)
+        return iter(found)
 
     def delete(self, key: str) -> None:
         try:

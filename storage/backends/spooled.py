@@ -171,6 +171,12 @@ class SpooledBlobStore(BlobStore):
                 self.cache.delete(key)
         return iter(sorted(keys))
 
+    def list_versions(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """The bucket's listing with its versions: versions are the bucket's alone (leases
+        and heartbeats are written there directly, never through the spool)."""
+        self._refuse_offline(f"list {prefix}")
+        return self.remote.list_versions(prefix)
+
     def list_local(self, prefix: str) -> KeyList:
         """What this host holds locally under `prefix` (its cache and its pending uploads),
         less its pending deletes: partial by nature, for a decision that must be taken

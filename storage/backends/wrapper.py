@@ -58,6 +58,9 @@ class WrappedBlobStore(BlobStore):
         # from where it stopped).
         return iter(self.around("list", lambda: list(self.inner.list(prefix))))
 
+    def list_versions(self, prefix: str) -> Iterator[tuple[str, str]]:
+        return iter(self.around("list", lambda: list(self.inner.list_versions(prefix))))
+
     def delete(self, key: str) -> None:
         self.around("delete", lambda: self.inner.delete(key))
 
