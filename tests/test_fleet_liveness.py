@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -296,6 +296,23 @@ def test_a_lease_taken_while_the_holder_was_away_is_lost_not_thawed(
     assert a_engine.lost == ["web"] and not a.holds("web")
     held = b.leases.read("web")
     assert held is not None and held.lease.holder == "b" and held.lease.state is LeaseState.HELD
+
+
+def test_the_sweep_finds_a_lease_of_ours_taken_and_loses_it(
+    tmp_path: Path, bucket: tuple[Counted, Codec]
+) -> None:
+    """Nothing per tick reads our own leases: a lease taken behind this host's back (a
+    bucket writer, a host that wrongly judged it dead) is found by the sweep, not missed."""
+    clock, a, a_engine, _, _ = two_hosts(tmp_path, bucket)
+    a.sweep_every = 30.0
+    current = a.leases.read("web")
+    assert current is not None and a.watchdog.acting("web")
+    taken = replace(current.lease, holder="b", generation=2)
+    bucket[0].put_if("leases/web", bucket[1].seal("leases/web", taken.to_json()), current.version)
+    run(clock, [a], 20)
+    assert a_engine.lost == [] and a.holds("web")  # per tick, nothing looks
+    run(clock, [a], 11)
+    assert a_engine.lost == ["web"] and not a.holds("web")
 
 
 def test_requests_per_tick_do_not_grow_with_another_hosts_workloads(
