@@ -120,6 +120,7 @@ class SimHost:
         self.frozen: set[str] = set()
         self.committing: set[str] = set()  # workloads whose checkpoints are simulated
         self._queued: set[str] = set()  # a checkpoint job waiting or running (max_instances)
+        self._beating = False
         state_dir.mkdir(parents=True, exist_ok=True)
         config = Config.model_validate(
             {
@@ -157,6 +158,7 @@ class SimHost:
             "scan": lane("scan", 1),
             "watchdog": lane("watchdog", 1),
             "renew": lane("renew", 16),
+            "beat": lane("beat", 1),
             "calls": lane("calls", 1),
             "hook": lane("hook", 4),
             "checkpoint": lane("checkpoint", SCHEDULER_WORKERS),
@@ -217,6 +219,7 @@ class SimHost:
                 register()
 
             self.lanes["start"].submit(begin, at=at, then=self._loops)
+            self._every("watchdog", self._watch_round, at)
         else:
             self.lanes["start"].submit(register, at=at)
             self._every("watchdog", self._watch_round, at)
@@ -249,8 +252,8 @@ class SimHost:
     def _scan(self) -> None:
         """The scan thread's loop: a round, then renew_every."""
         self.record.ticks += 1
-        if STEPPED:
-            self.fleet.step()  # type: ignore[attr-defined]
+        if STEPPED:  # the scan thread's round; the heartbeat is the watchdog's (not step())
+            self.fleet.scan()  # type: ignore[attr-defined]
         else:
             self.fleet._scan_tick()
         self.loop.at(
@@ -259,10 +262,29 @@ class SimHost:
         )
 
     def _watch_round(self) -> float:
+        """One round of the watchdog's thread; how long it then waits."""
+        if STEPPED:  # its loop, one round: the deadline, the heartbeat when due
+            wd = self.fleet.watchdog
+            if wd.copies is None:  # the fleet has not started yet
+                return 0.5
+            wake = wd.check()
+            if wd.due() and not self._beating:
+                self._beating = True
+                self.lanes["beat"].submit(self._beat)
+            return max(0.01, min(wake - self.clock.monotonic(), 0.5))
         self._watch_stop.arm()
         self._watch_wake.arm()
         self.fleet.watchdog._watch()
         return self._watch_wake.timeout or 0.5
+
+    def _beat(self) -> None:
+        """The heartbeat, on a thread of its own (one in flight), as the watchdog starts it."""
+        try:
+            self.fleet.watchdog.beat()  # type: ignore[attr-defined]
+        except StorageError:
+            pass
+        finally:
+            self._beating = False
 
     def _poll_calls(self) -> float:
         self._calls_stop.arm()
