@@ -197,16 +197,6 @@ class SimHost:
         """Start the daemon's loops, and register `own` meanwhile (claims, one after another
         as `checkpointer run` would); each workload's checkpoints start once it is claimed."""
 
-        def register() -> None:
-            for name in own:
-                try:
-                    self._claim(name, None)
-                except (NotOwner, StorageError):
-                    continue
-                self.running.add(name)
-                if self.commits(name):
-                    self.schedule_checkpoints(name, self.clock.monotonic())
-
         if STEPPED:
 
             def begin() -> None:
@@ -216,14 +206,25 @@ class SimHost:
                 runner = self.fleet.runner  # type: ignore[attr-defined]
                 runner._pool = LaneExecutor(self.lanes["hook"])
                 runner.inline = False
-                register()
 
             self.lanes["start"].submit(begin, at=at, then=self._loops)
-            self._every("watchdog", self._watch_round, at)
         else:
-            self.lanes["start"].submit(register, at=at)
-            self._every("watchdog", self._watch_round, at)
             self._loops(at)
+        self._every("watchdog", self._watch_round, at)
+        # One task a claim, one after another: a task runs whole when it starts, so 100
+        # claims in one task (60 s at 100 ms a request) would show the other hosts leases
+        # written "later" in virtual time (seen: takeovers of a live host's workloads).
+        for name in own:
+            self.lanes["start"].submit(functools.partial(self._register, name), at=at)
+
+    def _register(self, name: str) -> None:
+        try:
+            self._claim(name, None)
+        except (NotOwner, StorageError):
+            return
+        self.running.add(name)
+        if self.commits(name):
+            self.schedule_checkpoints(name, self.clock.monotonic())
 
     def _loops(self, at: float) -> None:
         self.lanes["scan"].submit(self._scan, at=at)
