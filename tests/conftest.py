@@ -51,9 +51,10 @@ def worker_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Pa
     runs), and at the end: nothing started in it or in pytest's tmp_path still runs. What is
     left is killed by PID and the run fails naming it."""
     index, _ = worker()
+    basetemp = tmp_path_factory.getbasetemp()  # first: pytest keeps it (failed tests' files)
     root = Path(tempfile.mkdtemp(prefix=f"ckpt-w{index}-"))
     before, tempfile.tempdir = tempfile.tempdir, str(root)
-    folders = [root, tmp_path_factory.getbasetemp()]
+    folders = [root, basetemp]
     try:
         yield folders
     finally:
