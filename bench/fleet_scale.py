@@ -79,6 +79,9 @@ def main() -> None:
     )
     ap.add_argument("--sweep-duration", type=float, default=600.0)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument(
+        "--sweep-only", action="store_true", help="only the sweep: fleet_scale[-before]-sweep.*"
+    )
     args = ap.parse_args()
 
     console = Console(width=160)
@@ -88,6 +91,9 @@ def main() -> None:
     stem = "fleet_scale-before" if args.before else "fleet_scale"
     if args.quick:
         stem += "-quick"
+    if args.sweep_only:
+        main_runs = []
+        stem += "-sweep"
     runs: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
     doc = {
@@ -134,14 +140,25 @@ def main() -> None:
             console.print(f"[dim]sweep {sc.label()} ...[/]")
             sweep.append(_brief(simulate(sc)))
             save()
-    for t in tables(runs):
+    for t in tables(runs) if runs else []:
         console.print(t)
     console.print(f"written {out.relative_to(ROOT)}")
     if sweep:
-        before = RESULTS / "fleet_scale-before.json"
-        png = plot(doc, RESULTS / f"{stem}.png", None if args.before else before)
+        before = _before_sweep()
+        png = plot(
+            doc, RESULTS / f"{stem.removesuffix('-sweep')}.png", None if args.before else before
+        )
         if png is not None:
             console.print(f"written {png.relative_to(ROOT)}")
+
+
+def _before_sweep() -> Path | None:
+    """The results of today's code that hold a sweep, if any."""
+    for name in ("fleet_scale-before.json", "fleet_scale-before-sweep.json"):
+        path = RESULTS / name
+        if path.exists() and json.loads(path.read_text()).get("sweep"):
+            return path
+    return None
 
 
 def _brief(run: dict[str, Any]) -> dict[str, Any]:
