@@ -416,10 +416,10 @@ class SpooledBlobStore(BlobStore):
             for key, data in batch:
                 with contextlib.suppress(BlobExists, StorageError, OSError):
                     self.cache.put(key, data)
-                with self._caching_lock:
-                    self._caching_bytes -= len(data)
             with contextlib.suppress(OSError):  # one scan of the cache a burst, not one a blob
                 self._trim_cache()
+            with self._caching_lock:  # after the trim: wait_cached sees the cache settled
+                self._caching_bytes -= size
 
     def wait_cached(self, timeout: float = 30.0) -> bool:
         """Wait until every blob read so far is in the cache (tests, benchmarks)."""
