@@ -69,12 +69,23 @@ class MigrateReport(TypedDict):
     frozen_at: float  # when the tree was frozen for the final checkpoint (Unix time)
 
 
+class CpuUnfit(TypedDict):
+    """A workload a host's CPU cannot run: what its newest checkpoint needs that the host
+    lacks (checkpointer/criu/cpu_fit.py)."""
+
+    workload: str
+    checkpoint: str
+    missing: list[str]
+
+
 class HostReport(TypedDict):
     host: str
     last_seen: float
     this_host: bool
     workloads: list[str]
     draining: NotRequired[bool]  # set by engine/drain.py's view of the heartbeats
+    cpu_known: NotRequired[bool]  # the host published its CPU (engine/host_cpus.py)
+    cannot_take: NotRequired[list[CpuUnfit]]
 
 
 class FinalCheckpointReport(TypedDict):

@@ -7,12 +7,14 @@ the CRIU source tree scripts/install-criu.sh leaves (its protobuf modules genera
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import pytest
 from checkpointer.criu import Criu, cpuinfo_check, cpuinfo_dump
 from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, read_cpuinfo
 from tests.support import COUNTER, Network, s3_config
+from tests.support.hosts import Host
 from tests.test_fleet import FLEET, fleet, until
 
 CRIU_SRC = Path(os.environ.get("CRIU_BUILD_ROOT", "/var/cache/checkpointer/criu-build"))
@@ -102,18 +105,7 @@ def test_migrate_to_a_host_whose_cpu_lacks_a_feature_is_refused_before_anything_
     so B, which fetches the newest ahead, refuses it: migrate fails naming the feature and
     both hosts, and the counter runs on on A with its count."""
     port = 18090
-    wrapper, missing = criu_claiming_more(workdir)
-    with Network(workdir) as net:
-        bucket = net.moto.create_bucket(f"ckpt-cpu-{os.getpid()}")
-        a = net.add_host(
-            "a",
-            fleet_config(net, bucket, "a", False) + f"criu:\n  binary: {wrapper}\n",
-        )
-        a.start()
-        b = fleet(net, bucket, "b", False, a.key_file)
-        b.start()
-        a.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
-        assert a.serve(port, 5) == "5"
+    with counter_on_a_claiming_more(workdir, port, False, 5) as (a, b, missing):
         a.checkpoint("web")
         r = a.cli("migrate", "web", "--to", "b", check=False)
         assert r.returncode != 0, r.stdout
@@ -131,17 +123,7 @@ def test_failover_to_a_host_whose_cpu_lacks_a_feature_stands_by_and_counts_it(
     checkpoints record: B does not claim or restore it, says why in one line, and counts it
     (checkpointer_cpu_incompatible_total, which the alert watches)."""
     port = 18091
-    wrapper, missing = criu_claiming_more(workdir)
-    with Network(workdir) as net:
-        bucket = net.moto.create_bucket(f"ckpt-cpu-f-{os.getpid()}")
-        a = net.add_host(
-            "a", fleet_config(net, bucket, "a", True) + f"criu:\n  binary: {wrapper}\n"
-        )
-        a.start()
-        b = fleet(net, bucket, "b", True, a.key_file)
-        b.start()
-        a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
-        assert a.serve(port, 3) == "3"
+    with counter_on_a_claiming_more(workdir, port, True, 3) as (a, b, missing):
         a.checkpoint("web")
         time.sleep(1.5)  # the spool uploads it
         a.kill9()  # host A dies, daemon and workloads
@@ -175,6 +157,26 @@ def criu_claiming_more(workdir: Path) -> tuple[Path, str]:
     )
     wrapper.chmod(0o755)
     return wrapper, missing
+
+
+@contextlib.contextmanager
+def counter_on_a_claiming_more(
+    workdir: Path, port: int, failover: bool, count: int
+) -> Iterator[tuple[Host, Host, str]]:
+    """Two started hosts of one fleet: A runs a criu whose checkpoints claim a feature this
+    CPU lacks (its name is yielded) and the counter `web` at `count`, B this CPU's criu."""
+    wrapper, missing = criu_claiming_more(workdir)
+    with Network(workdir) as net:
+        bucket = net.moto.create_bucket(f"ckpt-cpu-{port}-{os.getpid()}")
+        a = net.add_host(
+            "a", fleet_config(net, bucket, "a", failover) + f"criu:\n  binary: {wrapper}\n"
+        )
+        a.start()
+        b = fleet(net, bucket, "b", failover, a.key_file)
+        b.start()
+        a.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
+        assert a.serve(port, count) == str(count)
+        yield a, b, missing
 
 
 def fleet_config(net: Network, bucket: str, name: str, failover: bool) -> str:

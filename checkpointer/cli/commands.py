@@ -223,7 +223,7 @@ def migrate(config: Config, as_json: bool, name: str, to: str) -> None:
 @cli.command()
 @common()
 def hosts(config: Config, as_json: bool) -> None:
-    """The fleet's live hosts and the workloads each owns."""
+    """The fleet's live hosts, the workloads each owns, and those its CPU cannot take."""
     rows = Client(config.socket_path).hosts()
     show.emit(as_json, rows, lambda: show.hosts_table(rows))
 

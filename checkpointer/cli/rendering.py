@@ -243,13 +243,26 @@ def migrated(r: MigrateReport) -> None:
 
 
 def hosts_table(rows: Sequence[HostReport]) -> None:
-    t = Table("HOST", "LAST SEEN", "WORKLOADS")
+    """One row per live host; CANNOT TAKE: one line per workload whose newest checkpoint
+    its CPU cannot run, with the features it lacks (checkpointer/engine/host_cpus.py)."""
+    t = Table("HOST", "LAST SEEN", "WORKLOADS", "CANNOT TAKE (CPU)")
     for r in rows:
         name = r["host"] + (" (this host)" if r["this_host"] else "")
         name += " (draining)" if r.get("draining") else ""
         seen = datetime.fromtimestamp(r["last_seen"]).astimezone().strftime("%H:%M:%S")
-        t.add_row(name, seen, ", ".join(r["workloads"]) or "-")
+        t.add_row(name, seen, ", ".join(r["workloads"]) or "-", _cannot_take(r))
     out.print(t)
+
+
+def _cannot_take(r: HostReport) -> str:
+    if "cpu_known" in r and not r["cpu_known"]:
+        return "? (its CPU is not published: an older version, or no CRIU there)"
+    lines = [
+        f"{u['workload']}: lacks {', '.join(u['missing'][:6])}"
+        + (f" and {len(u['missing']) - 6} more" if len(u["missing"]) > 6 else "")
+        for u in r.get("cannot_take", [])
+    ]
+    return "\n".join(lines) or "-"
 
 
 def shutdown_table(r: ShutdownReport) -> None:

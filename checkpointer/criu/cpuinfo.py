@@ -28,13 +28,14 @@ CATEGORY = "cpu-mismatch"
 _CHECK_TIMEOUT = 60.0
 
 # x86 feature names by capability word (compel's cpu.h, named as /proc/cpuinfo names them;
-# "-" is a bit CRIU does not name). Only words of real CPUID leaves: Linux's synthetic words
-# (3, 7, 8) describe the kernel, not what a program can execute.
+# "-" is a bit CRIU does not name). Words of real CPUID leaves, and of Linux's synthetic words
+# (3, 7, 8) only the two CRIU's instruction check compares (compel sets them itself).
 _NAMES = {
     0: "fpu vme de pse tsc msr pae mce cx8 apic - sep mtrr pge mca cmov pat pse36 pn clflush - "
     "ds acpi mmx fxsr sse sse2 selfsnoop ht acc ia64 pbe",
     1: "- - - - - - - - - - - syscall - - - - - - - mp nx - mmxext - - fxsr_opt gbpages rdtscp - "
     "lm 3dnowext 3dnow",
+    3: "- - - - - - - - - - - - - - - - rep_good - - - nopl",
     4: "xmm3 pclmulqdq dtes64 mwait dscpl vmx smx est tm2 ssse3 cid sdbg fma cx16 xtpr pdcm - "
     "pcid dca xmm4_1 xmm4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave osxsave avx f16c "
     "rdrand hypervisor",
@@ -66,12 +67,17 @@ _XSTATE = (
 
 @dataclass(frozen=True)
 class CpuInfo:
-    """What `cpuinfo.img` says of one CPU (cpuinfo_x86_entry in CRIU's images/cpuinfo.proto)."""
+    """What `cpuinfo.img` says of one CPU (cpuinfo_x86_entry in CRIU's images/cpuinfo.proto).
+    `vendor`: 1 Intel, 2 AMD; `capability_ver`: 1 (12 words) or 2 (19 words); the xsave
+    fields are None where the image has none (CRIU then compares the host with itself)."""
 
     model: str
     capability: tuple[int, ...]
-    xfeatures_mask: int
-    xsave_size: int
+    xfeatures_mask: int | None
+    xsave_size: int | None
+    vendor: int = 0
+    capability_ver: int = 0
+    xsave_size_max: int | None = None
 
     def features(self) -> set[str]:
         """The named features this CPU has."""
@@ -79,8 +85,20 @@ class CpuInfo:
         for word, names in _NAMES.items():
             bits = self.capability[word] if word < len(self.capability) else 0
             out.update(n for i, n in enumerate(names.split()) if n != "-" and bits >> i & 1)
-        out.update(f"xstate:{n}" for i, n in enumerate(_XSTATE) if self.xfeatures_mask >> i & 1)
+        mask = self.xfeatures_mask or 0
+        out.update(f"xstate:{n}" for i, n in enumerate(_XSTATE) if mask >> i & 1)
         return out
+
+
+def feature_name(word: int, bit: int) -> str:
+    """The name of capability bit `bit` of word `word`, or `word W bit B` if unnamed."""
+    names = _NAMES.get(word, "").split()
+    return names[bit] if bit < len(names) and names[bit] != "-" else f"word {word} bit {bit}"
+
+
+def xstate_name(bit: int) -> str:
+    """The name of xsave state component `bit` (xfeatures_mask), as `features` names it."""
+    return f"xstate:{_XSTATE[bit]}" if bit < len(_XSTATE) else f"xstate:{bit}"
 
 
 @dataclass(frozen=True)
@@ -133,12 +151,16 @@ def read_cpuinfo(path: Path) -> CpuInfo:
         capability=tuple(caps),
         xfeatures_mask=_one_int(f, 8),
         xsave_size=_one_int(f, 9),
+        vendor=_one_int(f, 1) or 0,
+        capability_ver=_one_int(f, 5) or 0,
+        xsave_size_max=_one_int(f, 10),
     )
 
 
-def _one_int(f: dict[int, list[int | bytes]], field: int) -> int:
-    v = f.get(field, [0])[-1]
-    return v if isinstance(v, int) else 0
+def _one_int(f: dict[int, list[int | bytes]], field: int) -> int | None:
+    """The field's last value (protobuf: the last one wins), None if absent."""
+    v = f.get(field, [None])[-1]
+    return v if isinstance(v, int) else None
 
 
 def _fields(buf: bytes) -> dict[int, list[int | bytes]]:
@@ -169,6 +191,11 @@ def cpuinfo_dump(criu: Criu, images: Path) -> None:
     cmd = [criu.exe(), "cpuinfo", "dump", "--images-dir", str(images), "--log-file", str(log)]
     criu.run_logged(cmd, log, images.name, "cpuinfo-dump")
     log.unlink(missing_ok=True)
+
+
+def here(criu: Criu) -> CpuInfo:
+    """This host's CPU as this host's CRIU records it (`criu cpuinfo dump`)."""
+    return _here(criu.binary)
 
 
 @functools.lru_cache(maxsize=4)

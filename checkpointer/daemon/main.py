@@ -33,6 +33,7 @@ from checkpointer.engine import (
     WorkloadState,
     drain,
     drills,
+    host_cpus,
     registering,
     reports,
     shutdown,
@@ -43,6 +44,7 @@ from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable
 from checkpointer.malloc_tuning import keep_heap_small
 from checkpointer.workloads.deadman import Deadman
 from checkpointer.workloads.logs import LogPump
+from storage.host_records import HostRecords
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,11 @@ def _handlers(
         )
 
     def hosts() -> Any:
-        return reports.hosts(engine) if fleet is None else drain.hosts(engine, fleet)
+        if fleet is None:
+            return reports.hosts(engine)
+        rows = drain.hosts(engine, fleet)
+        host_cpus.judge(engine, HostRecords(fleet.store, engine.repo.codec), rows)
+        return rows
 
     def drain_host(to: str | None = None, progress: drain.Progress | None = None) -> Any:
         if fleet is None:
@@ -245,6 +251,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
                 unguard=copies.unguard,
             )
         )
+        host_cpus.publish(engine, HostRecords(fleet.store, engine.repo.codec), fleet.host)
     _start_declared(engine, supervisor, config.workloads)
     if config.storage.gc_every:
         scheduler.every(config.storage.gc_every, "gc", engine.maintenance.scheduled_gc)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import shutil
+import struct
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from checkpointer import hostinfo
 from checkpointer.api import CheckpointReport
 from checkpointer.containers import ContainerRuntime
-from checkpointer.criu import Criu, CriuError, DumpStats, cpuinfo_dump
+from checkpointer.criu import Criu, CriuError, DumpStats, cpu_fit, cpuinfo_dump
+from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, read_cpuinfo
 from checkpointer.engine import kept_image, spec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
@@ -94,13 +97,14 @@ class CheckpointPipeline:
                 w.last_error = str(e)
                 self.events.checkpoint_failed(w.name, e.category)
                 raise
-            self.record_cpu(w, images)
+            cpu = self.record_cpu(w, images)
             metadata = {
                 **hostinfo.host_facts(),
                 "criu_version": self.criu_version(),
                 "pid": w.pid,
                 "dump_stats": stats.as_dict(),
                 "lease_generation": generation,
+                "cpu": cpu,  # what `checkpointer hosts` judges hosts by (engine/host_cpus.py)
                 # The tree and its options: a host that takes the workload over runs it as
                 # this one does (checkpointer/engine/spec.py).
                 "spec": spec.describe(w, str(self.log_fifo(w.name)) if w.managed else None),
@@ -139,16 +143,19 @@ class CheckpointPipeline:
             "dump_stats": stats.as_dict(),
         }
 
-    def record_cpu(self, w: Workload, images: Path) -> None:
+    def record_cpu(self, w: Workload, images: Path) -> dict[str, Any] | None:
         """This CPU's features into the image folder (`cpuinfo.img`), so they travel with the
         checkpoint like every image file (same manifest, authenticated, one deduped chunk)
-        and a host that may restore it checks them first (checkpointer/criu/cpuinfo.py). Not
-        in the metadata: `criu cpuinfo check` reads the file where it finds the images. A
-        failure costs that check, not the checkpoint."""
+        and a host that may restore it checks them first (checkpointer/criu/cpuinfo.py).
+        Returns their summary for the metadata: `checkpointer hosts` judges every host
+        against it without downloading the image (checkpointer/criu/cpu_fit.py). A failure
+        costs that check, not the checkpoint."""
         try:
             cpuinfo_dump(self.criu, images)
-        except CriuError as e:
+            return cpu_fit.summary(read_cpuinfo(images / CPUINFO_IMAGE))
+        except (CriuError, OSError, ValueError, IndexError, struct.error) as e:
             log.warning("checkpoint of %s records no CPU features: %s", w.name, e)
+            return None
 
     def store_on_disk(self, w: Workload, source: Path, manifest: Manifest) -> None:
         """Copy the kept image into a disk slot (checkpointer/engine/disk_images.py). The
