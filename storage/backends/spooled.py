@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage.backends.base import BlobStore
+from storage.backends.cache_filler import CacheFiller
 from storage.backends.local import LocalBlobStore
 from storage.backends.spool_queue import Entries, SpoolQueue, older_than
 from storage.errors import BlobExists, BlobNotFound, StorageError, TransientStorageError
@@ -34,13 +34,9 @@ from storage.keys import MANIFESTS
 
 log = logging.getLogger(__name__)
 KeyList = list[str]
-CacheFiles = list[tuple[float, int, str]]
 
 
 _PACK_SUFFIX = ".pack"
-_CACHE_QUEUE_MAX = 256 * 1024 * 1024  # bytes of blobs waiting to be copied into the cache
-_CACHE_SETTLE = 0.5  # seconds without a new blob read before the copies are written
-_CACHE_BATCH_MAX = 16 * 1024 * 1024  # or once this much waits (~1.5 GB of image's indexes)
 
 
 class SpooledBlobStore(BlobStore):
@@ -60,7 +56,6 @@ class SpooledBlobStore(BlobStore):
         self.cache = LocalBlobStore(folder / "blobs")
         self.queue_dir = folder / "queue"
         self.queue = SpoolQueue(self.queue_dir)
-        self.cache_max_bytes = cache_max_bytes
         self.on_upload = on_upload
         self.recheck_after = recheck_after
         self._lock = threading.Lock()
@@ -78,11 +73,9 @@ class SpooledBlobStore(BlobStore):
         # at all: writing them cost that restore a third of its CPU (0.7 of 2.3 s for 512
         # MB), and what they rebuilt is kept afterwards (the kept image, the disk images),
         # which serves the next restores better than packs would.
-        self._to_cache: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
-        self._caching_bytes = 0
-        self._caching_lock = threading.Lock()
-        self._cacher = threading.Thread(target=self._cache_loop, name="cacher", daemon=True)
-        self._cacher.start()
+        self.filler = CacheFiller(
+            self.cache, cache_max_bytes, self._lock, self._kept_in_cache, self._in_use
+        )
 
     def describe(self) -> str:
         return f"{self.remote.describe()} (spool and cache {self.cache.root.parent})"
@@ -113,7 +106,7 @@ class SpooledBlobStore(BlobStore):
             pass
         data = self.remote.get(key, limit)
         if not key.endswith(_PACK_SUFFIX):
-            self._cache_later(key, data)
+            self.filler.later(key, data)
         return data
 
     def get_into(
@@ -270,9 +263,21 @@ class SpooledBlobStore(BlobStore):
             self._stop = True
             self._wake.notify_all()
         self._thread.join(timeout=10)
-        self._to_cache.put(None)
-        self._cacher.join(timeout=10)
+        self.filler.close()
         self._pool.shutdown(wait=False)
+
+    def wait_cached(self, timeout: float = 30.0) -> bool:
+        """Wait until every blob read so far is in the cache (tests, benchmarks)."""
+        return self.filler.wait(timeout)
+
+    def _kept_in_cache(self) -> set[str]:
+        """What the cache's trim must keep: blobs still queued, and uploaded packs whose
+        manifest is not (see _recheck_before). Called under self._lock."""
+        return self.queue.pending_puts() | {key for _, key, _ in self.queue.uploaded()}
+
+    def _in_use(self, key: str) -> bool:
+        """A put under way or queued (asked again at the moment of deleting a cached copy)."""
+        return key in self._putting or self.queue.pending_put(key)
 
     def handle_records(self, apply: Callable[[str], None]) -> None:
         super().handle_records(apply)
@@ -314,7 +319,7 @@ class SpooledBlobStore(BlobStore):
             with self._lock:
                 self.queue.done(batch)
                 self._wake.notify_all()
-            self._trim_cache()
+            self.filler.trim()
 
     def _next_batch(self) -> Entries:
         """Packs may go up together; a manifest or a delete goes alone, after all before it."""
@@ -387,71 +392,3 @@ class SpooledBlobStore(BlobStore):
 
         for f in [self._pool.submit(one, op, key) for _, op, key in batch]:
             f.result()
-
-    def _cache_later(self, key: str, data: bytes) -> None:
-        """Queue a copy of `data` for the cache; dropped if too much already waits (the cache
-        only saves a later download)."""
-        with self._caching_lock:
-            if self._caching_bytes + len(data) > _CACHE_QUEUE_MAX:
-                return
-            self._caching_bytes += len(data)
-        self._to_cache.put((key, data))
-
-    def _cache_loop(self) -> None:
-        while (item := self._to_cache.get()) is not None:
-            # A restore reads its pack indexes in a burst: their copies are written once it
-            # is over, not as they come (two fsyncs a copy took 0.2 s of CPU, of 1.8 s, from
-            # a bucket restore on two cores). Held in memory meanwhile, _CACHE_BATCH_MAX at most.
-            batch, size = [item], len(item[1])
-            while size < _CACHE_BATCH_MAX:
-                try:
-                    more = self._to_cache.get(timeout=_CACHE_SETTLE)
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._to_cache.put(None)  # stop once this batch is in
-                    break
-                batch.append(more)
-                size += len(more[1])
-            for key, data in batch:
-                with contextlib.suppress(BlobExists, StorageError, OSError):
-                    self.cache.put(key, data)
-            with contextlib.suppress(OSError):  # one scan of the cache a burst, not one a blob
-                self._trim_cache()
-            with self._caching_lock:  # after the trim: wait_cached sees the cache settled
-                self._caching_bytes -= size
-
-    def wait_cached(self, timeout: float = 30.0) -> bool:
-        """Wait until every blob read so far is in the cache (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._caching_lock:
-                if self._caching_bytes == 0:
-                    return True
-            time.sleep(0.01)
-        return False
-
-    def _trim_cache(self) -> None:
-        """Keep the local copies under cache_max_bytes, dropping the oldest uploaded ones
-        (never one still queued, nor an uploaded pack whose manifest is not: see
-        _recheck_before)."""
-        with self._lock:
-            pending = self.queue.pending_puts() | {key for _, key, _ in self.queue.uploaded()}
-        files: CacheFiles = []
-        total = 0
-        for key in self.cache.list(""):
-            with contextlib.suppress(FileNotFoundError):
-                st = (self.cache.root / key).stat()
-                total += st.st_size
-                if key not in pending and not key.startswith(MANIFESTS):
-                    files.append((st.st_mtime, st.st_size, key))
-        if total <= self.cache_max_bytes:
-            return
-        for _, size, key in sorted(files):
-            with self._lock:  # decided again at the moment of deleting: a put may be under way
-                if key in self._putting or self.queue.pending_put(key):
-                    continue
-                self.cache.delete(key)
-            total -= size
-            if total <= self.cache_max_bytes:
-                return
