@@ -1,6 +1,8 @@
 """A Podman container's files after a crash and the daemon's restore, attribute by attribute,
-judged by `rsync -aHAX`: what Podman's own rootfs export (`rootfs-diff.tar`, written by
-Podman, not by this service) keeps and what it loses."""
+judged by `rsync -aHAX`. Podman 4.3's own rootfs export (`rootfs-diff.tar`) loses POSIX ACLs
+and `trusted.*` attributes (rsync itemizes `.f.......a. acl`, `.d.......a. acl-dir/`,
+`.f........x xattr` without the service's help): the service adds them to the diff at
+checkpoint (containers/podman_rootfs.py), and Podman's import applies them."""
 
 from __future__ import annotations
 
@@ -20,11 +22,6 @@ from tests.support.containers import (
     rsync_differences,
 )
 
-# What Podman 4.3's export loses, as rsync itemizes it: POSIX ACLs (access and default:
-# `system.posix_acl_*`) and `trusted.*` extended attributes. Its archive keeps only
-# `security.capability` and `user.*` xattrs (checked in rootfs-diff.tar's pax headers).
-PODMAN_LOSES = [".f.......a. acl", ".d.......a. acl-dir/", ".f........x xattr"]
-
 
 @contextmanager
 def mounted(name: str) -> Iterator[Path]:
@@ -36,13 +33,10 @@ def mounted(name: str) -> Iterator[Path]:
         podman("umount", name, check=False)
 
 
-def test_podman_rootfs_comes_back_with_every_attribute_its_export_keeps(
-    daemon: Daemon, tmp_path: Path
-) -> None:
-    """A setuid+setgid file with a second hard-linked name, a file capability, a `user.`
-    xattr, a device node, a FIFO, a sticky folder, a symlink: all equal after `podman kill`
-    and the daemon's restore. ACLs and `trusted.` xattrs are lost by Podman's export (pinned
-    here, so that a Podman that keeps them shows up as a failure to update the docs)."""
+def test_podman_rootfs_comes_back_with_every_attribute(daemon: Daemon, tmp_path: Path) -> None:
+    """A setuid+setgid file with a second hard-linked name, a file capability, `user.` and
+    `trusted.` xattrs, an ACL and a default ACL, a device node, a FIFO, a sticky folder, a
+    symlink: all equal after `podman kill` and the daemon's restore."""
     name = f"ckt-podattr-{os.getpid()}"
     reference = tmp_path / "reference"
     with podman_container(name, free_port()):
@@ -58,8 +52,10 @@ def test_podman_rootfs_comes_back_with_every_attribute_its_export_keeps(
         assert st["restores"][-1]["reason"] == "crash", st["restores"]
         with mounted(name) as root:
             restored = root / "srv/attrs"
-            assert sorted(rsync_differences(reference, restored)) == sorted(PODMAN_LOSES)
-            assert os.getxattr(restored / "xattr", "user.note") == b"kept"
-            assert os.listxattr(restored / "xattr") == ["user.note"]  # trusted.note is gone
+            assert rsync_differences(reference, restored) == []
+            assert os.getxattr(restored / "xattr", "trusted.note") == b"\x00\xffbinary"
+            assert os.getxattr(restored / "acl", "system.posix_acl_access") == os.getxattr(
+                reference / "acl", "system.posix_acl_access"
+            )
             assert (restored / "suid-link").stat().st_mode & 0o7777 == 0o6755
             assert (restored / "suid").stat().st_ino == (restored / "suid-link").stat().st_ino
