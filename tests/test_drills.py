@@ -5,6 +5,7 @@ marked verified or bad, and what follows from the marks (retention, the restore 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -233,13 +234,17 @@ def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
 ) -> None:
     """A second drill of a workload whose drill runs is refused in one line; while the drill's
     CRIU runs in the sandbox the workload's lock is free (held only while the checkpoint is
-    read), so its checkpoints and restores do not wait for it."""
+    read), so its checkpoints and restores do not wait for it. The sandbox's CRIU runs at the
+    lowest CPU and I/O priority (SCHED_IDLE, idle I/O class), as does the daemon's thread
+    that drills, and that thread is back to its priority afterwards."""
     port = free_port()
     ballast = [sys.executable, str(PROGRAMS / "ballast_server.py"), str(port), "200"]
     daemon.cli("run", "big", "--no-auto-restore", "--", *ballast)
     http_get(port, timeout=60)
     daemon.checkpoint("big")
     sock = daemon.state / "checkpointer.sock"
+    assert daemon.proc is not None
+    daemon_pid = daemon.proc.pid
     first: dict[str, Any] = {}
     t = threading.Thread(target=lambda: first.update(call(sock, Op.DRILL, name="big")))
     t.start()
@@ -254,11 +259,50 @@ def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
         # The workload's lock is free: a checkpoint, a restore, would not wait for the drill.
         busy = call(sock, Op.STATUS, name="big")[0]["busy"]
         still = any("sandbox_init" in p for p in _cmdlines())
+        criu = None
+        while criu is None and t.is_alive():
+            criu = next(iter(_pids_of("--leave-stopped", "big-drill-")), None)
+            time.sleep(0.005)
+        priorities = _priority(criu) if criu else None
+        drilling = {_priority(tid) for tid in _threads(daemon_pid)}
     finally:
         t.join()
     assert first["result"] == "verified", first
     assert still and busy is False
+    assert priorities == (os.SCHED_IDLE, IOPRIO_CLASS_IDLE), (criu, priorities)
+    assert (os.SCHED_IDLE, IOPRIO_CLASS_IDLE) in drilling, drilling
+    after = [p for p in (_priority(tid) for tid in _threads(daemon_pid)) if p is not None]
+    assert all(policy != os.SCHED_IDLE for policy, _ in after), after
     assert leftovers(daemon) == []
+
+
+IOPRIO_CLASS_IDLE = 3
+
+
+def _priority(pid: int) -> tuple[int, int] | None:
+    """(scheduling policy, I/O priority class) of a process or thread; None once it is gone."""
+    try:
+        policy = os.sched_getscheduler(pid)
+    except OSError:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    ioprio = libc.syscall(252, 1, pid)  # ioprio_get(IOPRIO_WHO_PROCESS, pid), x86_64
+    return policy, ioprio >> 13
+
+
+def _threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+def _pids_of(*words: str) -> list[int]:
+    """Processes whose command line holds every one of `words`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            if entry.isdigit() and all(w in argv for w in words):
+                out.append(int(entry))
+    return out
 
 
 def _cmdlines() -> list[str]:
@@ -309,6 +353,7 @@ def test_scheduled_drills_their_metrics_and_the_alert_for_a_workload_never_verif
     command: [{py}, "{PROGRAMS / "growing_file.py"}", "{workdir / "growing.txt"}"]
     every: 2s
     drill: {{every: 3s}}
+    retention: {{keep_last: 100}}
   - name: plain
     command: [{py}, "{COUNTER}", "{plain_port}"]
     every: 2s

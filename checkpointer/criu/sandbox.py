@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer import children
+from checkpointer.criu import sandbox_priority
 from checkpointer.criu.driver import Criu, restore_argv
 from checkpointer.criu.failures import CriuError, classify
 from checkpointer.criu.options import DumpOptions
@@ -32,7 +33,6 @@ from checkpointer.criu.stats import RestoreStats, read_restore_stats
 
 INIT = Path(__file__).with_name("sandbox_init.py")
 NAMESPACES = ("--mount", "--pid", "--net", "--ipc", "--uts")
-NICE = 10
 # Not the checkpoint's fault: the sandbox could not be built, or held too little.
 SANDBOX_CATEGORIES = frozenset({"sandbox", "no-space", "not-stopped"})
 
@@ -73,9 +73,10 @@ def restore_in_sandbox(
         "fds": [fd for fd, _ in inherit],
     }
     # setpriv: unshare gets SIGKILL if the daemon dies (and `--kill-child` passes it on to
-    # the sandbox's PID 1, which takes the whole sandbox with it); nice: CRIU's work in the
-    # sandbox yields the CPU to the live workloads.
-    cmd = ["setpriv", "--pdeathsig", "KILL", "nice", "-n", str(NICE)]
+    # the sandbox's PID 1, which takes the whole sandbox with it); then the lowest CPU and
+    # I/O priority (sandbox_priority.py): CRIU's work in the sandbox runs only on what the
+    # live workloads leave.
+    cmd = ["setpriv", "--pdeathsig", "KILL", *sandbox_priority.argv()]
     cmd += ["unshare", *NAMESPACES, "--fork", "--propagation", "private", "--kill-child"]
     cmd += [sys.executable, "-I", str(INIT), json.dumps(request)]
     t0 = time.monotonic()

@@ -16,7 +16,9 @@ the workload's record (`drills`, for `status` and `list`):
 
 Cost to the live workload: the workload's lock is held only while the checkpoint is read (a
 checkpoint then waits, a scheduled one is skipped, as behind any operation); the sandbox runs
-without it, niced, one drill at a time on the host and never two of one workload. Scheduled
+without it, one drill at a time on the host and never two of one workload; the sandbox and the
+daemon's thread that reads the image run at the lowest CPU and I/O priority (SCHED_IDLE, idle
+I/O class: checkpointer/criu/sandbox_priority.py). Scheduled
 drills (`drill.every`) run in a thread of their own, so a long one never holds the scheduler.
 """
 
@@ -33,13 +35,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from checkpointer.api import DrillReport
-from checkpointer.criu import Criu, CriuError
-from checkpointer.criu.sandbox import (
-    NICE,
-    SANDBOX_CATEGORIES,
-    SandboxRestore,
-    restore_in_sandbox,
-)
+from checkpointer.criu import Criu, CriuError, sandbox_priority
+from checkpointer.criu.sandbox import SANDBOX_CATEGORIES, SandboxRestore, restore_in_sandbox
 from checkpointer.engine import listing, spec
 from checkpointer.engine.events import Events
 from checkpointer.engine.ownership import Ownership
@@ -56,21 +53,6 @@ log = logging.getLogger(__name__)
 
 TICK = 5.0  # seconds between looks at which scheduled drills are due
 ERROR_RETRY = 600.0  # a drill that could not tell is tried again this soon (at the latest)
-
-
-@contextlib.contextmanager
-def _niced() -> Iterator[None]:
-    """This thread, and the threads it starts (the image's pack readers), at a lower priority
-    while it drills: the drill's CPU yields to the workloads."""
-    tid = threading.get_native_id()
-    before = os.getpriority(os.PRIO_PROCESS, tid)
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, max(before, NICE))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):  # lowering it back needs CAP_SYS_NICE: root has it
-            os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
 class DrillRefused(CheckpointerError):
@@ -187,7 +169,7 @@ class Drills:
                 f"{name} is a {w.kind} container: its runtime restores it, with its own "
                 "namespaces and root file system, so it cannot be drilled in this sandbox"
             )
-        with self._one_drill(name), _niced():
+        with self._one_drill(name), sandbox_priority.this_thread():
             t0 = time.monotonic()
             cid, created, images = checkpoint_id or "", 0.0, None
             try:
@@ -320,6 +302,6 @@ class Drills:
             record.seconds,
         )
         try:
-            marks.write(self.repo.backend, self.repo.codec, name, mark)
+            self.repo.write_mark(name, mark)
         except StorageError as e:
             log.warning("the drill's mark of %s %s was not stored: %s", name, mark.id, e)
