@@ -30,6 +30,7 @@ import numpy as np
 from bench.sim_clock import EPOCH, EventLoop, Lane, LaneExecutor, OneRound, VirtualClock
 from bench.sim_store import SimStore
 from checkpointer.config import Config, Retention
+from checkpointer.config.model import FleetConfig
 from checkpointer.daemon.fleet import Fleet, FleetHooks
 from checkpointer.engine.events import Silent
 from checkpointer.engine.fenced_ownership import FencedOwnership
@@ -48,10 +49,16 @@ SCHEDULER_WORKERS = 10  # APScheduler's default thread pool
 STEPPED = hasattr(Fleet, "step")
 
 
+def scan_every(seconds: float) -> dict[str, float]:
+    """fleet.scan_every, for code that has it (the code before it lists hosts each renewal)."""
+    return {"scan_every": seconds} if "scan_every" in FleetConfig.model_fields else {}
+
+
 @dataclass
 class Settings:
     ttl: float = 30.0
     renew_every: float = 10.0
+    scan_every: float = 3.0  # fleet.scan_every: the listing of hosts/
     skew: float = 5.0
     checkpoint_every: float = 60.0
     gc_every: float = 3600.0
@@ -132,6 +139,7 @@ class SimHost:
                     "lease_ttl": settings.ttl,
                     "renew_every": settings.renew_every,
                     "clock_skew": settings.skew,
+                    **scan_every(settings.scan_every),
                 },
                 "retention": {"keep_last": settings.keep_last},
             }
@@ -251,15 +259,16 @@ class SimHost:
         )
 
     def _scan(self) -> None:
-        """The scan thread's loop: a round, then renew_every."""
+        """The scan thread's loop: a round, then as long as the round says (Fleet._scan_loop:
+        scan_every, or sooner when a host may be judged dead or a takeover is due)."""
         self.record.ticks += 1
         if STEPPED:  # the scan thread's round; the heartbeat is the watchdog's (not step())
-            self.fleet.scan()  # type: ignore[attr-defined]
+            wake = self.fleet.scan()  # type: ignore[attr-defined]
         else:
             self.fleet._scan_tick()
+            wake = self.clock.monotonic() + self.s.renew_every
         self.loop.at(
-            self.clock.monotonic() + self.s.renew_every,
-            lambda: self.lanes["scan"].submit(self._scan),
+            max(wake, self.clock.monotonic()), lambda: self.lanes["scan"].submit(self._scan)
         )
 
     def _watch_round(self) -> float:

@@ -8,12 +8,26 @@ A workload's lease (storage/leases.py) names its holder and changes only on clai
 hand-over, release and takeover; it is live while its holder's heartbeat is.
 
 Watchers judge liveness as the DynamoDB lock client judges a lease: from one listing of
-`hosts/` a tick, with each object's version (`BlobStore.list_versions`, no GET), a host is dead
-once its heartbeat's version has been seen unchanged for the host's TTL + skew on the
-watcher's own monotonic clock (`Liveness`), counted from the end of the listing that first
-showed that version to the start of the one that shows it still. Never by comparing clocks.
-The holder's side of the argument (it stops acting at TTL - skew after it *sent* the last
-heartbeat that landed) is in checkpointer/daemon/lease_watchdog.py.
+`hosts/` per scan (`fleet.scan_every`), with each object's version (`BlobStore.list_versions`,
+no GET), a host is dead once its heartbeat's version has been seen unchanged for the host's TTL
+on the watcher's own monotonic clock (`Liveness`), counted from the end of the listing that
+first showed that version to the start of the one that shows it still. Never by comparing
+clocks.
+
+Why TTL is enough, and what margin remains. The holder stops every copy at t0 + TTL - skew on
+its own monotonic clock, t0 being the send time of its last heartbeat that landed
+(checkpointer/daemon/lease_watchdog.py). The version that heartbeat wrote cannot be in a
+listing before t0, so the watcher's first sighting f (the end of that listing) is >= t0, and
+it judges the host dead no earlier than f + TTL >= t0 + TTL: the copies were stopped at least
+`clock_skew` (5 s by default) before any watcher may take a lease, and the new owner's restore
+starts later still (after its lease write, If-Match). A later heartbeat whose reply was lost
+only moves f later (its version is newer, the deadline is not). That margin of >= skew covers
+what is not instant on the holder's side: the watchdog thread waking late for the deadline
+(scheduling, a loaded machine; the deadman stops the trees at the same deadline if the whole
+daemon is paused), the SIGSTOP of each tree, and the two monotonic clocks' rates (ppm over a
+TTL). It covers no wall-clock difference because none is compared. (Before, watchers waited
+TTL + skew, a margin of 2 x skew that bought nothing more and cost skew seconds of every
+failover.)
 """
 
 from __future__ import annotations
@@ -41,10 +55,11 @@ class Heartbeat:
     host: str
     serial: int  # one more at each write of this host (a restart goes on from the bucket's)
     seen: float  # the host's wall clock when it wrote it: for people, never compared
-    ttl: float  # the host's lease TTL: watchers wait at least this + skew
+    ttl: float  # the host's lease TTL: watchers wait at least this
     workloads: dict[str, int] = field(default_factory=dict)  # held: workload -> generation
     prepared: dict[str, str] = field(default_factory=dict)  # fetched ahead: workload -> id
     draining: bool = False
+    failover: bool = True  # whether the host takes over dead hosts' workloads (fleet.failover)
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -57,6 +72,7 @@ class Heartbeat:
                 "workloads": self.workloads,
                 "prepared": self.prepared,
                 "draining": self.draining,
+                "failover": self.failover,
             }
         ).encode()
 
@@ -78,6 +94,7 @@ class Heartbeat:
                 workloads={check_workload_name(str(k)): int(v) for k, v in workloads.items()},
                 prepared={check_workload_name(str(k)): str(v) for k, v in prepared.items()},
                 draining=d.get("draining") is True,
+                failover=d.get("failover") is not False,  # said by every heartbeat since
             )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptCheckpoint(f"the heartbeat of host {host} is unreadable ({e})") from e
@@ -98,8 +115,10 @@ class Heartbeats:
         host: str,
         ttl: float,
         clock: Callable[[], float] = time.time,
+        failover: bool = True,
     ) -> None:
         self.store = store
+        self.failover = failover
         self.codec = codec
         self.host = host
         self.ttl = ttl
@@ -122,7 +141,14 @@ class Heartbeats:
                     self.serial = max(self.serial, beat.serial if beat else 0)
             self.serial += 1
             doc = Heartbeat(
-                self.host, self.serial, self.clock(), self.ttl, workloads, prepared, draining
+                self.host,
+                self.serial,
+                self.clock(),
+                self.ttl,
+                workloads,
+                prepared,
+                draining,
+                self.failover,
             )
             sealed = self.codec.seal(key, doc.to_json())
             try:
@@ -191,11 +217,12 @@ MISSING = ""  # the "version" of a heartbeat that is not there
 
 class Liveness:
     """Which other hosts are dead, judged from listings of `hosts/` on this host's monotonic
-    clock: a heartbeat version seen unchanged for TTL + skew (the host's TTL once read, at
-    least ours), or a heartbeat that is not there, noticed that long ago.
+    clock: a heartbeat version seen unchanged for TTL (the host's TTL once read, at least
+    ours; the module's docstring says why not TTL + skew), or a heartbeat that is not there,
+    noticed that long ago.
 
     `observe` takes each listing and returns the hosts now *suspected* (unchanged for our own
-    TTL + skew); the caller reads each suspect's heartbeat once and hands it to `confirm`,
+    TTL); the caller reads each suspect's heartbeat once and hands it to `confirm`,
     which judges it dead, or not yet (its TTL is longer), or alive (it changed meanwhile).
     A dead host stays dead until a listing shows another version of its heartbeat."""
 
@@ -209,7 +236,9 @@ class Liveness:
         self._dead: dict[str, str] = {}  # host -> the version judged dead (MISSING: none)
 
     def _wait(self, host: str) -> float:
-        return max(self.ttl, self._ttl.get(host, self.ttl)) + self.skew
+        """TTL, not TTL + skew: the holder stopped its copies skew before (module docstring).
+        `skew` stays for what it bounds elsewhere (the holder's deadline, the store's Date)."""
+        return max(self.ttl, self._ttl.get(host, self.ttl))
 
     def observe(self, versions: dict[str, str], started: float, returned: float) -> list[str]:
         """Take one listing: sent at `started`, returned at `returned` (monotonic). A version
@@ -243,7 +272,7 @@ class Liveness:
 
     def confirm(self, host: str, version: str, ttl: float | None, started: float) -> bool:
         """A suspect's heartbeat as read now (`version`, MISSING if none; `ttl` from it):
-        True if `host` is dead (unchanged for its TTL + skew by `started`)."""
+        True if `host` is dead (unchanged for its TTL by `started`)."""
         with self._lock:
             seen = self._seen.get(host)
             if seen is None or seen[0] != version:
@@ -277,6 +306,17 @@ class Liveness:
     def dead_hosts(self) -> list[str]:
         with self._lock:
             return sorted(self._dead)
+
+    def fresh(self, now: float, within: float) -> set[str]:
+        """The other hosts whose heartbeat version changed within `within` seconds before
+        `now` (monotonic): alive as far as a listing can tell, so candidates to take over a
+        dead host's workloads (checkpointer/daemon/fleet_rank.py)."""
+        with self._lock:
+            return {
+                h
+                for h, (version, first) in self._seen.items()
+                if version != MISSING and h not in self._dead and now - first <= within
+            }
 
     def listed(self, host: str) -> bool:
         """Whether `host`'s heartbeat was there at the last listing."""

@@ -6,15 +6,15 @@ grows with the number of workloads, its own or others' (issue 27). This module i
 engine asks (hold, claim, release, prepare, hand over) and ties the parts together:
 
 - this host's heartbeat, its deadline, the copies stopped at it: lease_watchdog.py;
-- the other hosts (one listing of `hosts/` a tick, the leases of a host found dead, the slow
-  sweep of `leases/`): fleet_scan.py;
+- the other hosts (one listing of `hosts/` a scan, the leases of a host found dead that are
+  this host's turn to take, the slow sweep of `leases/`): fleet_scan.py, fleet_rank.py;
 - calls from a migration's source, so the target acts at once: fleet_calls.py;
 - the clock check against the store's: fleet_clock.py.
 
 One round of all of it is `step()`, synchronous and without sleeping, at the time `monotonic`
 says: what a simulation drives (bench.fleet_scale). The daemon runs the same pieces on
 threads: the watchdog's (`LeaseWatchdog.check`, heartbeats on a thread of their own), the
-scan's (`scan` every renew_every) and the call watcher's. The engine's `lost` and `offered`
+scan's (`scan` every fleet.scan_every) and the call watcher's. The engine's `lost` and `offered`
 hooks, which wait for a workload's lock (up to 600 s), run on a pool, never on those threads
 (in `step` mode, at once).
 
@@ -67,11 +67,12 @@ class Fleet:
         self.host = config.host.id
         self.store = store
         self.ttl, self.skew, self.renew_every = f.lease_ttl, f.clock_skew, f.renew_every
+        self.scan_every = min(f.scan_every, f.renew_every)
         self.failover = f.failover
         self.sweep_every = SWEEP_EVERY
         self.clock = clock
         self.monotonic = monotonic
-        self.heartbeats = Heartbeats(store, codec, self.host, self.ttl, clock)
+        self.heartbeats = Heartbeats(store, codec, self.host, self.ttl, clock, f.failover)
         self.liveness = Liveness(self.host, self.ttl, self.skew)
         self.leases = Leases(
             store, codec, self.host, clock, holder_dead=lambda h: self.watcher.holder_dead(h)
@@ -96,6 +97,8 @@ class Fleet:
             self.offers.act_on,
             self.failover,
             monotonic,
+            (self.scan_every, self.renew_every),
+            lambda: self.draining,
         )
         self.hooks: FleetHooks | None = None
         self.renewal_failures = 0  # heartbeats and lease writes that failed
@@ -182,9 +185,10 @@ class Fleet:
     def scan(self) -> float:
         """The clock check when due; claims of trees running here unclaimed; one listing of
         `hosts/` and what it asks (dead hosts' leases offered); leases handed here and not
-        taken yet; the sweep when due. Per tick: 1 LIST, plus this host's own work. Returns
-        when the next scan is wanted: renew_every from now, or sooner when another host may
-        be found dead then (it is judged when due, not at the next tick after)."""
+        taken yet; the sweep when due. Per scan: 1 LIST, plus this host's own work. Returns
+        when the next scan is wanted: scan_every from now, or sooner when another host may
+        be found dead then (it is judged when due, not at the next scan after), or a dead
+        host's workload is this host's turn to take."""
         assert self.hooks is not None
         if self.monotonic() - self._clock_checked >= CLOCK_CHECK_EVERY:
             try:
@@ -208,17 +212,17 @@ class Fleet:
                 log.warning("fleet: cannot sweep the leases: %s", e)
         self._generations.save(self.leases)
         now = self.monotonic()
-        due = self.liveness.next_due()
-        return due if now < due < now + self.renew_every else now + self.renew_every
+        due = min(self.liveness.next_due(), self.watcher.wake())
+        return due if now < due < now + self.scan_every else now + self.scan_every
 
     def _scan_loop(self) -> None:
-        wait = self.renew_every
+        wait = self.scan_every
         while not self._stop.wait(wait):
             try:
                 wait = self.scan() - self.monotonic()
             except Exception:
                 log.exception("fleet: scan failed")
-                wait = self.renew_every
+                wait = self.scan_every
 
     def _claim_known(self) -> None:
         """Trees running here (re-adopted at start, or ours) that this host does not hold."""

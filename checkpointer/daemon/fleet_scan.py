@@ -1,19 +1,29 @@
-"""What this host watches of the others (fleet mode, issue 27): per tick one listing of
-`hosts/`, whatever the number of workloads; the leases of a host only once it is found dead;
-and a slow sweep of `leases/`.
+"""What this host watches of the others (fleet mode, issue 27): per scan (`fleet.scan_every`)
+one listing of `hosts/`, whatever the number of workloads; of a host found dead, its heartbeat
+and the leases that are this host's turn to take; and a slow sweep of `leases/`.
 
-- The listing gives each heartbeat's version (no GET). A version unchanged for TTL + skew on
-  this host's monotonic clock makes its host a suspect: its heartbeat is read once, and if it
-  is still that version (and its own TTL has passed too) the host is dead
-  (storage/heartbeats.py Liveness). Then the leases of the workloads it listed (and fetched
-  ahead) are read, and each still held by it is offered for failover. Those not taken are
-  looked at again every DEAD_RETRY seconds until they are, or the host comes back.
+- The listing gives each heartbeat's version (no GET). A version unchanged for TTL on this
+  host's monotonic clock makes its host a suspect: its heartbeat is read once, and if it is
+  still that version (and its own TTL has passed too) the host is dead (storage/heartbeats.py
+  Liveness: why TTL and not TTL + skew). Its workloads (its heartbeat lists them) are ranked
+  over the hosts this one sees alive and eligible (fleet_rank.py): a workload whose rank here
+  is k (0: first) is this host's turn k scan periods after the judgement, up to FALLBACKS; at
+  its turn its lease is read and, still the dead host's, offered for failover (the takeover's
+  If-Match decides between two hosts that both think it theirs). Offered and not taken, it
+  is looked at again every DEAD_RETRY seconds. So a death costs the fleet about one lease
+  read per workload, not one per workload and watcher (99 x 100 GETs at 100 hosts, 470 s to
+  fail over at 100 ms a request, before).
+- Eligibility of the others (failover on, not draining) comes from their heartbeats, read
+  round-robin, at most one a scan, each host about every ELIGIBILITY_EVERY seconds: O(hosts)
+  GETs per host every 10 min. A host not read yet counts as eligible; one wrongly counted
+  costs the workloads ranked to it one scan period.
 - The sweep, every SWEEP_EVERY seconds, lists `leases/` (1,000 a request) with versions and
   reads only the leases whose version changed since the last sweep. It finds what no
   heartbeat names: a lease whose holder died between writing it and its first heartbeat, or
-  whose holder has no heartbeat at all (dead after TTL + skew from when it was noticed); a
-  lease of this host taken by another (the copy here is then lost); and it keeps the view of
-  who owns what (`checkpointer status`).
+  whose holder has no heartbeat at all (dead after TTL from when it was noticed); a lease of
+  this host taken by another (the copy here is then lost); a dead host's lease that none of
+  its first FALLBACKS + 1 ranked hosts took (each refused, or died too): the last resort; and
+  it keeps the view of who owns what (`checkpointer status`).
 """
 
 from __future__ import annotations
@@ -23,25 +33,35 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from checkpointer.daemon.fleet_rank import rank
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from storage.backends.base import BlobStore
 from storage.errors import CorruptCheckpoint, StorageError
-from storage.heartbeats import MISSING, Heartbeats, Liveness
+from storage.heartbeats import MISSING, Heartbeat, Heartbeats, Liveness
 from storage.keys import LEASES, FileType, parse_as
 from storage.leases import Lease, Leases, LeaseState
 
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY = 600.0  # seconds between sweeps of leases/ (Fleet.sweep_every)
-DEAD_RETRY = 60.0  # seconds between looks at a dead host's leases not taken yet
+DEAD_RETRY = 60.0  # seconds between looks at a dead host's leases offered and not taken yet
+# How many hosts after the first may take a workload in turn, a scan period apart; past them
+# (all refused or dead too) the sweep takes it. 3 turns: a dead first choice and a refusing
+# second one still fail over within TTL + 3 periods; each host reads ~3/H of a death's leases.
+FALLBACKS = 2
+ELIGIBILITY_EVERY = 600.0  # seconds between reads of each other host's heartbeat (eligibility)
 
 
 @dataclass
 class _Dead:
-    """A host found dead: the workloads to look at, and when next."""
+    """A host found dead: when, and this host's workloads of it to look at, by when each."""
 
-    names: set[str] = field(default_factory=set)
-    next_look: float = float("-inf")
+    judged: float
+    turns: dict[str, float] = field(default_factory=dict)  # workload -> when to look at it
+
+    def turn(self, k: int, scan_every: float) -> float:
+        """When rank `k` looks (the sweep's when past FALLBACKS)."""
+        return self.judged + (k if k <= FALLBACKS else FALLBACKS + 1) * scan_every
 
 
 class LeaseSweep:
@@ -111,8 +131,14 @@ class Watcher:
         act_on: Callable[[Lease, bool], None],
         failover: bool,
         monotonic: Callable[[], float] = time.monotonic,
+        timing: tuple[float, float] = (10.0, 10.0),
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`timing`: (scan_every, renew_every); `draining`: whether this host drains now (it
+        then takes a dead host's workload only after every other candidate's turn)."""
         self.host = leases.host
+        self.scan_every, self.renew_every = timing
+        self.draining = draining
         self.heartbeats = heartbeats
         self.leases = leases
         self.liveness = liveness
@@ -122,11 +148,30 @@ class Watcher:
         self.monotonic = monotonic
         self.sweeper = LeaseSweep(leases.store, leases)
         self._dead: dict[str, _Dead] = {}
+        self._eligible: dict[str, tuple[bool, float]] = {}  # host -> (eligible, when read)
 
     @property
     def unowned(self) -> int:
-        """Workloads still held by hosts found dead (no host took them over yet)."""
-        return sum(len(d.names) for d in self._dead.values())
+        """Workloads of hosts found dead that are this host's turn to take and that it has not
+        seen taken yet (summed over the fleet: about the workloads nobody took yet)."""
+        return sum(len(d.turns) for d in self._dead.values())
+
+    def candidates(self) -> set[str]:
+        """The other hosts that may take a dead host's workload, as this one sees them: a
+        heartbeat that changed lately (a live host's changes every renew_every; twice that
+        plus a scan leaves room for a late one) and not known ineligible."""
+        fresh = self.liveness.fresh(self.monotonic(), 2 * self.renew_every + self.scan_every)
+        return {h for h in fresh if self._eligible.get(h, (True, 0.0))[0]}
+
+    def my_rank(self, workload: str, candidates: set[str]) -> int:
+        """This host's turn for `workload` (fleet_rank.py); a draining host's comes last."""
+        if self.draining():
+            return len(candidates)
+        return rank(workload, self.host, candidates)
+
+    def wake(self) -> float:
+        """When a dead host's workload is next this host's turn (monotonic; inf: none)."""
+        return min((t for d in self._dead.values() for t in d.turns.values()), default=float("inf"))
 
     def holder_dead(self, host: str) -> bool:
         """Whether `host` was found dead and its heartbeat is still the version found dead
@@ -155,55 +200,92 @@ class Watcher:
             if self.liveness.dead(host) is None:
                 log.warning("fleet: host %s is alive again (its heartbeat changed)", host)
                 del self._dead[host]
-            elif self._dead[host].names and self.monotonic() >= self._dead[host].next_look:
+            else:
                 self._look_at(host)
+        self._learn_eligibility(versions)
 
-    def _suspect(self, host: str, started: float) -> None:
+    def _learn_eligibility(self, versions: dict[str, str]) -> None:
+        """Read the heartbeat of the listed host least recently read, if that was more than
+        ELIGIBILITY_EVERY ago: at most one GET a scan."""
+        now = self.monotonic()
+        due = [
+            (self._eligible.get(h, (True, float("-inf")))[1], h)
+            for h in versions
+            if h != self.host and self.liveness.dead(h) is None
+        ]
+        if not due or min(due)[0] > now - ELIGIBILITY_EVERY:
+            return
+        host = min(due)[1]
+        found = self._heartbeat(host)
+        if found is not None:
+            beat = found[0]
+            eligible = beat is None or (beat.failover and not beat.draining)
+            self._eligible[host] = (eligible, now)
+
+    def _heartbeat(self, host: str) -> tuple[Heartbeat | None, str] | None:
+        """`host`'s heartbeat (None: none, or unreadable) and its version (MISSING: none);
+        None if the store does not answer now."""
         try:
             found = self.heartbeats.read(host, strict=False)
         except StorageError as e:
             log.warning("fleet: cannot read the heartbeat of host %s: %s", host, e)
+            return None
+        return found if found is not None else (None, MISSING)
+
+    def _suspect(self, host: str, started: float) -> None:
+        found = self._heartbeat(host)
+        if found is None:
             return
-        beat = found[0] if found else None
-        version = found[1] if found else MISSING
+        beat, version = found
         if not self.liveness.confirm(host, version, beat.ttl if beat else None, started):
             return
         names = self.sweeper.cached(host)  # what no heartbeat of it names
         if beat is not None:
             names |= set(beat.workloads) | set(beat.prepared)
+        dead = self._dead[host] = _Dead(self.monotonic())
+        candidates = self.candidates() - {host}
+        for name in names:
+            if not self.failover:  # counted as unowned, read by nobody: not taken here
+                dead.turns[name] = float("inf")
+            elif (k := self.my_rank(name, candidates)) <= FALLBACKS:
+                dead.turns[name] = dead.turn(k, self.scan_every)
         log.warning(
-            "fleet: host %s is dead (its heartbeat %s for its TTL + skew); %d of its "
-            "workloads to look at%s",
+            "fleet: host %s is dead (its heartbeat %s for its TTL); %d of its %d workloads "
+            "are this host's to take (first: %d)%s",
             host,
-            "unchanged" if beat is not None or found else "missing",
+            "missing" if version == MISSING else "unchanged",
+            len(dead.turns),
             len(names),
+            sum(t <= dead.judged for t in dead.turns.values()),
             "" if self.failover else " (failover is off: not taken over)",
         )
-        self._dead[host] = _Dead(names)
         self._look_at(host)
 
     def _look_at(self, host: str) -> None:
-        """Read the leases of a dead host's workloads; offer those it still holds."""
+        """Read the leases of a dead host's workloads whose turn here has come; offer those it
+        still holds (looked at again DEAD_RETRY later), forget the others."""
         dead = self._dead[host]
-        dead.next_look = self.monotonic() + DEAD_RETRY
-        if not self.failover:
-            return  # counted as unowned, read by nobody: no host here takes them
-        still: set[str] = set()
-        for name in sorted(dead.names):
+        now = self.monotonic()
+        for name in sorted(n for n, t in dead.turns.items() if t <= now):
             try:
                 held = self.leases.read(name)
             except CorruptCheckpoint:
+                del dead.turns[name]
                 continue
             except StorageError as e:
                 log.warning("fleet: cannot read the lease of %s: %s", name, e)
-                still.add(name)
+                continue  # at the next scan
+            still = (
+                held is not None
+                and held.lease.holder == host
+                and held.lease.state is not LeaseState.RELEASED
+            )
+            if not still:
+                del dead.turns[name]
                 continue
-            if held is None or held.lease.holder != host:
-                continue
-            if held.lease.state is not LeaseState.RELEASED:
-                still.add(name)
-                self.act_on(held.lease, True)
-        dead.names = still
+            dead.turns[name] = now + DEAD_RETRY
+            assert held is not None
+            self.act_on(held.lease, True)
 
     # -- the sweep -------------------------------------------------------------------------
 
@@ -233,11 +315,23 @@ class Watcher:
                 and lease.state is not LeaseState.RELEASED
                 and self.liveness.dead(holder) is not None
             )
-            if dead:
-                self._dead.setdefault(holder, _Dead()).names.add(lease.workload)
-            self.act_on(lease, dead)
+            self.act_on(lease, dead and self._sweeps_turn(lease, now))
         for name in set(self.watchdog.names()) - swept:
             self._gone(name)
+
+    def _sweeps_turn(self, lease: Lease, now: float) -> bool:
+        """Whether the sweep takes this lease of a dead holder now: the ranked hosts had
+        their turns (FALLBACKS + 1 scan periods since the judgement here). Before that, one
+        of this host's turns is kept for the scan, and others' are left to them."""
+        if not self.failover:
+            return False
+        dead = self._dead.setdefault(lease.holder, _Dead(now))
+        if now >= dead.turn(FALLBACKS + 1, self.scan_every):
+            return True
+        k = self.my_rank(lease.workload, self.candidates() - {lease.holder})
+        if k <= FALLBACKS:
+            dead.turns.setdefault(lease.workload, dead.turn(k, self.scan_every))
+        return False
 
     def _gone(self, name: str) -> None:
         """A lease we hold that the sweep did not list: read it (the listing may predate our

@@ -16,12 +16,14 @@ Two kinds of threads, so that nothing slow stands between a lease and its deadli
 The timing argument (docs/fleet.md, R5, moved from each lease to the host). A heartbeat sent at
 monotonic time t0 whose reply came back before the deadline then in force gives the deadline
 t0 + TTL - skew. The version it wrote cannot land, nor be listed by another host, before t0.
-Another host judges this one dead only once it has seen that version unchanged for TTL + skew
-on its own monotonic clock, counted from the end of the listing that first showed it
-(storage/heartbeats.py Liveness), so not before t0 + TTL + skew: this host's copies are stopped
-at least 2 x skew before any other host may start its own, whatever the wall clocks say. A
-heartbeat that fails, hangs or loses its reply changes nothing: the deadline stays that of
-the last one known to have landed.
+Another host judges this one dead only once it has seen that version unchanged for TTL on its
+own monotonic clock, counted from the end of the listing that first showed it
+(storage/heartbeats.py Liveness), so not before t0 + TTL: this host's copies are stopped at
+least `clock_skew` before any other host may take a lease (and its restore starts after that
+write), whatever the wall clocks say. That margin is what this thread may wake late by, the
+SIGSTOPs take, and the two monotonic clocks' rates differ by over a TTL (storage/heartbeats.py
+says more). A heartbeat that fails, hangs or loses its reply changes nothing: the deadline
+stays that of the last one known to have landed.
 
 A heartbeat that lands after the deadline does not thaw anything by itself: a watcher may have
 judged this host dead meanwhile and be about to take a lease with If-Match on the version it
