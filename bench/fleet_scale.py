@@ -80,6 +80,13 @@ def main() -> None:
     ap.add_argument("--sweep-duration", type=float, default=600.0)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument(
+        "--only",
+        metavar="HxN",
+        help="one fleet only, e.g. 10x1000 (no sweep; with --latency, one latency)",
+    )
+    ap.add_argument("--latency", type=float, help="seconds a request (default: 0.015 and 0.1)")
+    ap.add_argument("--out", type=Path, help="write the JSON here instead of bench/results/")
+    ap.add_argument(
         "--sweep-only", action="store_true", help="only the sweep: fleet_scale[-before]-sweep.*"
     )
     args = ap.parse_args()
@@ -94,6 +101,13 @@ def main() -> None:
     if args.sweep_only:
         main_runs = []
         stem += "-sweep"
+    if args.only:
+        hosts_s, _, workloads_s = args.only.partition("x")
+        if not (hosts_s.isdigit() and workloads_s.isdigit()):
+            ap.error(f"--only {args.only!r}: give hosts x workloads, e.g. --only 10x1000")
+        main_runs = [(int(hosts_s), int(workloads_s))]
+        args.no_sweep = True
+    latencies = LATENCIES if args.latency is None else (args.latency,)
     runs: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
     doc = {
@@ -105,7 +119,7 @@ def main() -> None:
         "sweep": sweep,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{stem}.json"
+    out = args.out or RESULTS / f"{stem}.json"
 
     def save() -> None:  # after every run: a long report keeps what it measured
         out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -114,7 +128,7 @@ def main() -> None:
         duration = args.duration
         if workloads >= 10000 and args.big_duration is not None:
             duration = args.big_duration
-        for latency in LATENCIES:
+        for latency in latencies:
             sc = Scenario(
                 hosts,
                 workloads,
@@ -142,7 +156,7 @@ def main() -> None:
             save()
     for t in tables(runs) if runs else []:
         console.print(t)
-    console.print(f"written {out.relative_to(ROOT)}")
+    console.print(f"written {out}")
     if sweep:
         before = _before_sweep()
         png = plot(

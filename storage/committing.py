@@ -14,13 +14,13 @@ manifest does not exist. Kept apart from storage/repository.py, which is the API
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from storage.backends.base import BlobStore
+from storage.clock import SYSTEM, Clock
 from storage.crypto import Codec
 from storage.dedup_index import DedupIndex
 from storage.image_folder import image_files, read_full
@@ -40,6 +40,7 @@ class Target:
     backend: BlobStore
     codec: Codec
     dedup: DedupIndex
+    clock: Clock = SYSTEM  # names the checkpoint and its packs
 
 
 def write_checkpoint(to: Target, workload: str, folder: Path, metadata: dict[str, Any]) -> Manifest:
@@ -47,8 +48,11 @@ def write_checkpoint(to: Target, workload: str, folder: Path, metadata: dict[str
     workload's prefix), then its manifest. Raises ReusedPacksGone (nothing committed) if a
     pack it would reuse is not in the store any more (storage/dedup_index.py)."""
     index = to.dedup.current(workload)
-    cid = new_checkpoint_id()
-    writer = PackWriter(to.backend, to.codec, index, workload, _PACKS_IN_FLIGHT, _ZSTD_LEVEL)
+    created = to.clock.now()
+    cid = new_checkpoint_id(created)
+    writer = PackWriter(
+        to.backend, to.codec, index, workload, _PACKS_IN_FLIGHT, _ZSTD_LEVEL, to.clock
+    )
     used_packs: set[str] = set()
     files: list[FileEntry] = []
     size_bytes = total_chunks = 0
@@ -83,7 +87,7 @@ def write_checkpoint(to: Target, workload: str, folder: Path, metadata: dict[str
     manifest = Manifest(
         id=cid,
         workload=workload,
-        created=datetime.now(UTC),
+        created=created,
         chunk_size=CHUNK_SIZE,
         files=files,
         packs=sorted(used_packs),

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
+from storage.clock import Clock
 from storage.errors import BlobNotFound, CorruptCheckpoint, StorageError, TransientStorageError
 from storage.keys import index_key
 from storage.packs import IndexArrays, pack_created
@@ -46,6 +46,7 @@ class PackSource(Protocol):
     backend: BlobStore
     gc_grace: float
     concurrency: int
+    clock: Clock  # the grace's age of packs, the refresh's
 
     def packs_of_workload(self, workload: str) -> set[str]: ...
 
@@ -71,7 +72,7 @@ class DedupIndex:
         included (another host may have removed that checkpoint too). A pack the store
         says is gone, or that it cannot vouch for (unreachable), is forgotten, and the
         commit stores its chunks again: checkpoints go on during an outage, without dedup."""
-        cutoff = time.time() - self.repo.gc_grace / 2
+        cutoff = self.repo.clock.wall() - self.repo.gc_grace / 2
         at_risk = sorted(p for p in reused if pack_created(p) < cutoff)
         if not at_risk:
             return
@@ -98,9 +99,9 @@ class DedupIndex:
         finds them referenced by none: a failed commit's)."""
         with self._lock:
             held = self._indexes.get(workload)
-            if held is not None and time.monotonic() - held[1] < KNOWN_TTL:
+            if held is not None and self.repo.clock.monotonic() - held[1] < KNOWN_TTL:
                 return held[0]
-        listed_at = time.time()
+        listed_at = self.repo.clock.wall()
         old = held[0] if held is not None else None
         with self._lock:
             mark = self._forgotten_base + len(self._forgotten)
@@ -121,7 +122,7 @@ class DedupIndex:
             for who, packs in since:
                 if who is None or who == workload:
                     fresh.forget(set(packs))
-            self._indexes[workload] = (fresh, time.monotonic())
+            self._indexes[workload] = (fresh, self.repo.clock.monotonic())
         return fresh
 
     def _from_store(self, workload: str, old: ChunkIndex | None, listed_at: float) -> ChunkIndex:

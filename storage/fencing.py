@@ -11,42 +11,74 @@ What the repository does with it (docs/fleet.md, R4):
 - the checkpoints of w are the head's chain (oldest first), plus this host's own commits
   still on their way; a workload without a head yet (checkpoints from before heads) is
   listed as before, and its first head starts with that listing.
-- retention removes ids from the head first (fenced), then deletes their manifests; a
+- retention drops ids from the head in the same conditional write that names a new
+  checkpoint (a planner the engine registers, `plan_with`), so a commit reads the head once
+  and writes it once; `retire` drops them at once (prune, the first commit of a process). A
   checkpoint not uploaded yet is not removed (its head record is still queued).
+- the manifests the head dropped (its `dropped` list) and the strays (manifests it never
+  named: a stale owner's) are deleted by the owner's hourly job (`tidy`), never sooner than
+  the grace period after this process first saw them unnamed (its monotonic clock: a
+  restart only waits longer), after it listed pins and drill marks afresh: a dropped
+  checkpoint pinned meanwhile, or the newest verified one, is named again instead. So a
+  reader who read the head (and pins) within the grace still finds what they named, and a
+  stale view of pins or marks in retention costs at most a late keep, never a deletion.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from storage.backends.base import BlobStore
+from storage.clock import SYSTEM, Clock
 from storage.errors import (
     CheckpointNotFound,
     StorageAccessError,
     StorageError,
     TransientStorageError,
 )
-from storage.heads import Fenced, Heads
+from storage.heads import Fenced, Head, Heads
 from storage.keys import manifest_key
 
 log = logging.getLogger(__name__)
 Listing = Callable[[str], list[str]]  # workload -> checkpoint ids listed in the store, any order
+Planner = Callable[[tuple[str, ...]], set[str]]  # a chain, oldest first -> the ids to drop
+Rescue = Callable[[set[str]], set[str]]  # dropped ids not deleted yet -> those to name again
+Delete = Callable[[set[str], set[str]], None]  # (ids to delete, ids whose manifests remain)
+MAX_DROPPED = 2000  # dropped ids a head remembers (~70 KB): 5 h of drops, one every 10 s
 
 
 class NotFenced(StorageError):
     """This host holds no generation for the workload: it does not own it."""
 
 
+@dataclass
+class Tidied:
+    """What the owner's job did to one workload's manifests."""
+
+    deleted: list[str] = field(default_factory=list)  # dropped or stray, past the grace
+    rescued: list[str] = field(default_factory=list)  # dropped, named again (pinned, verified)
+    waiting: int = 0  # unnamed, within the grace
+
+
 class Fencing:
-    def __init__(self, heads: Heads, backend: BlobStore, listed: Listing) -> None:
+    def __init__(
+        self, heads: Heads, backend: BlobStore, listed: Listing, clock: Clock = SYSTEM
+    ) -> None:
         self.heads = heads
         self.backend = backend
         self.listed = listed
+        self.clock = clock
         self._generations: dict[str, int] = {}
+        self._planners: dict[str, Planner] = {}
+        # Unnamed manifests (dropped or stray): when this process first saw them so.
+        self._since: dict[tuple[str, str], float] = {}
+        # Dropped ids whose manifests are deleted: the next head write forgets them.
+        self._deleted: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # the record applied in the committing thread
         backend.handle_records(self.apply)
 
     def fence(self, workload: str, generation: int) -> None:
@@ -66,19 +98,50 @@ class Fencing:
             )
         return g
 
+    def plan_with(self, workload: str, planner: Planner | None) -> None:
+        """Retention of `workload` (None: none): the ids a head write that names a new
+        checkpoint drops in the same write, decided on the head just read."""
+        with self._lock:
+            if planner is None:
+                self._planners.pop(workload, None)
+            else:
+                self._planners[workload] = planner
+
+    def keep_only(self, keep: set[str]) -> None:
+        """Planners and memories of these workloads only (this host's own)."""
+        with self._lock:
+            for w in [w for w in self._planners if w not in keep]:
+                del self._planners[w]
+            for k in [k for k in self._since if k[0] not in keep]:
+                del self._since[k]
+        self.heads.forget(keep)
+
+    def planned(self, workload: str) -> bool:
+        """Whether a queued head record of `workload` will apply its retention."""
+        with self._lock:
+            if workload not in self._planners:
+                return False
+        return any(r.split(" ")[1] == workload for r in self.backend.pending_records())
+
     def committed(self, workload: str, checkpoint_id: str, generation: int) -> None:
         """The manifest is written (perhaps still queued): name it in the head after it."""
         with self._lock:  # the lease's generation, also when it was claimed without `fence`
             self._generations[workload] = max(generation, self._generations.get(workload, 0))
-        self.backend.after_uploads(f"+ {workload} {checkpoint_id} {generation}")
+        self._local.direct = (workload, checkpoint_id)
+        try:
+            self.backend.after_uploads(f"+ {workload} {checkpoint_id} {generation}")
+        finally:
+            self._local.direct = None
 
     def apply(self, record: str) -> None:
         op, workload, checkpoint_id, generation = record.split(" ")
         if op != "+":
             log.error("unknown head record %r ignored", record)
             return
-        # This host's own pending delete of it counts (a removal queued behind this record).
-        if not self.backend.exists(manifest_key(workload, checkpoint_id)):
+        # Applied in the committing thread: the store wrote the manifest through, just now.
+        # Else (a spool's uploader) this host's own pending delete of it counts.
+        direct = getattr(self._local, "direct", None) == (workload, checkpoint_id)
+        if not direct and not self.backend.exists(manifest_key(workload, checkpoint_id)):
             log.error(
                 "checkpoint %s of %s never reached the store (dropped from the spool): "
                 "not committed",
@@ -86,23 +149,74 @@ class Fencing:
                 workload,
             )
             return
+        dropped: set[str] = set()
+
+        def add(h: Head) -> Head:
+            chain = h.chain if checkpoint_id in h.chain else (*h.chain, checkpoint_id)
+            dropped.clear()
+            dropped.update(self._plan(workload, chain) - {checkpoint_id})
+            return self._drop(workload, replace(h, chain=chain), dropped)
+
         try:
-            self.heads.append(
-                workload, checkpoint_id, int(generation), lambda: self._legacy(workload)
-            )
+            self.heads.update(workload, int(generation), add, lambda: self._legacy(workload))
         except Fenced as e:
             log.error("checkpoint %s of %s is not committed: %s", checkpoint_id, workload, e)
+            return
         except (TransientStorageError, StorageAccessError):
             raise  # the uploader tries again later
         except StorageError as e:  # a head that does not open: never retried for ever
             log.error("checkpoint %s of %s is not committed: %s", checkpoint_id, workload, e)
+            return
+        self._dropped(workload, dropped)
+
+    def _plan(self, workload: str, chain: tuple[str, ...]) -> set[str]:
+        with self._lock:
+            planner = self._planners.get(workload)
+        if planner is None:
+            return set()
+        try:
+            return planner(chain) & set(chain)
+        except Exception:  # retention waits for the next commit; the commit stands
+            log.exception("retention of %s failed; it is tried again at the next commit", workload)
+            return set()
+
+    def _drop(self, workload: str, h: Head, ids: set[str]) -> Head:
+        """`h` without `ids` in its chain, remembering them as dropped, and forgetting the
+        dropped ones whose manifests are deleted."""
+        with self._lock:
+            deleted = set(self._deleted.get(workload, ()))
+        kept = tuple(c for c in h.chain if c not in ids)
+        dropped = [d for d in h.dropped if d not in deleted and d not in kept]
+        dropped += sorted(ids & set(h.chain) - set(dropped))
+        # Bounded (a head stays small): one forgotten here is deleted as a stray is, after
+        # the grace, only no longer named again if pinned meanwhile.
+        return replace(h, chain=kept, dropped=tuple(dropped[-MAX_DROPPED:]))
+
+    def _dropped(self, workload: str, ids: set[str]) -> None:
+        """After a head write that dropped `ids`: the grace of their manifests starts now."""
+        now = self.clock.monotonic()
+        with self._lock:
+            for c in ids:
+                self._since.setdefault((workload, c), now)
+            self._deleted.pop(workload, None)
 
     def ids(self, workload: str) -> list[str]:
         """The committed checkpoints, oldest first, as the head says (the store's truth: an
         outage raises), with this host's commits still queued after them."""
         got = self.heads.read(workload)
-        chain = list(got[0].chain) if got is not None else list(self._legacy(workload))
-        floor = got[0].generation if got is not None else 0
+        return self._with_pending(workload, got[0] if got is not None else None)
+
+    def view(self, workload: str) -> list[str]:
+        """`ids` from the head this process last read or wrote (no request once it has
+        one): retention decides on it, and the conditional write that drops checks it."""
+        head = self.heads.cached(workload)
+        if head is None:
+            return self.ids(workload)
+        return self._with_pending(workload, head)
+
+    def _with_pending(self, workload: str, head: Head | None) -> list[str]:
+        chain = list(head.chain) if head is not None else list(self._legacy(workload))
+        floor = head.generation if head is not None else 0
         for record in self.backend.pending_records():
             op, w, checkpoint_id, generation = record.split(" ")
             # Only a record the head will take: one of an older generation is refused there.
@@ -119,8 +233,7 @@ class Fencing:
                 f"removed by retention); see `checkpointer list {workload}`"
             )
 
-    def remove(self, workload: str, checkpoint_id: str) -> None:
-        """Before the manifest is deleted: the head stops naming it (Fenced if we lost it)."""
+    def _not_queued(self, workload: str, checkpoint_id: str) -> None:
         queued = any(
             r.split(" ")[1:3] == [workload, checkpoint_id] for r in self.backend.pending_records()
         )
@@ -129,34 +242,71 @@ class Fencing:
                 f"checkpoint {checkpoint_id} of {workload} is not uploaded yet: it is removed "
                 "once it is"
             )
+
+    def remove(self, workload: str, checkpoint_id: str) -> None:
+        """Before the manifest is deleted: the head stops naming it (Fenced if we lost it)."""
+        self._not_queued(workload, checkpoint_id)
         self.heads.remove(
             workload, {checkpoint_id}, self.generation(workload), lambda: self._legacy(workload)
         )
 
-    def strays(self, workload: str, grace: float) -> list[str]:
-        """Manifests in the store that the head does not name, stored more than `grace` ago:
-        commits of a host that had lost the workload (or a head write that never came).
-        They do not exist for anyone; the owner deletes them so that GC can free their packs.
-        None while the workload has no head (its listing is still the truth then)."""
-        self.generation(workload)  # NotFenced unless this host owns it
+    def retire(self, workload: str, ids: set[str]) -> None:
+        """Retention now (not with a commit's head write): the head drops `ids`; their
+        manifests go in the owner's job, after the grace (`tidy`)."""
+        for checkpoint_id in ids:
+            self._not_queued(workload, checkpoint_id)
+        self.heads.update(
+            workload,
+            self.generation(workload),
+            lambda h: self._drop(workload, h, ids),
+            lambda: self._legacy(workload),
+        )
+        self._dropped(workload, ids)
+
+    def tidy(self, workload: str, grace: float, rescue: Rescue, delete: Delete) -> Tidied:
+        """The owner's job: delete the manifests the head does not name (dropped by
+        retention, or strays: a stale owner's commits) once this process has seen them
+        unnamed for `grace`; name again the dropped ones `rescue` says to keep (pinned or
+        verified since: the caller listed pins and marks just before). Nothing while the
+        workload has no head (its listing is still the truth then)."""
+        generation = self.generation(workload)  # NotFenced unless this host owns it
         got = self.heads.read(workload)
         if got is None:
-            return []
-        named = set(self.ids(workload))
-        cutoff = time.time() - grace
-        out = []
-        for checkpoint_id in sorted(set(self.listed(workload)) - named):
-            stored = self.backend.modified(manifest_key(workload, checkpoint_id))
-            if stored is not None and stored < cutoff:
-                out.append(checkpoint_id)
+            return Tidied()
+        listed = set(self.listed(workload))
+        unnamed = listed - set(self._with_pending(workload, got[0]))
+        dropped = set(got[0].dropped)
+        out = Tidied()
+        back = rescue(unnamed & dropped)
+        if back:
+            self.heads.update(
+                workload, generation, lambda h: _name_again(h, back), lambda: self._legacy(workload)
+            )
+            out.rescued = sorted(back)
+        now = self.clock.monotonic()
+        with self._lock:
+            for k in [k for k in self._since if k[0] == workload and k[1] not in unnamed]:
+                del self._since[k]
+            since = {c: self._since.setdefault((workload, c), now) for c in unnamed - back}
+        due = {c for c, t in since.items() if now - t >= grace}
+        out.waiting = len(since) - len(due)
+        if due:
+            delete(due, listed - due)
+            out.deleted = sorted(due)
+        with self._lock:
+            for c in due:
+                self._since.pop((workload, c), None)
+            # Forgotten by the next head write (a commit's): nothing to write for it now.
+            self._deleted.setdefault(workload, set()).update((dropped - listed) | (due & dropped))
         return out
-
-    def remove_strays(self, workload: str, grace: float) -> list[str]:
-        """Delete the manifests `strays` finds; their ids."""
-        gone = self.strays(workload, grace)
-        for checkpoint_id in gone:
-            self.backend.delete(manifest_key(workload, checkpoint_id))
-        return gone
 
     def _legacy(self, workload: str) -> tuple[str, ...]:
         return tuple(sorted(self.listed(workload)))
+
+
+def _name_again(h: Head, ids: set[str]) -> Head:
+    """`h` naming the dropped `ids` again, each where its id (its creation time) puts it."""
+    chain = list(h.chain)
+    for r in sorted(ids & set(h.dropped)):
+        chain.insert(next((i for i, c in enumerate(chain) if c > r), len(chain)), r)
+    return replace(h, chain=tuple(chain), dropped=tuple(d for d in h.dropped if d not in ids))

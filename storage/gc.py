@@ -23,7 +23,6 @@ only shrink: collecting them races no commit.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -83,10 +82,10 @@ def collect_garbage(
     for workload in sorted(set(workloads)):
         check_workload_name(workload)
         with repo.gc_lock.exclusive():
-            _collect_workload(repo, workload, time.time() - grace, dry_run, report)
+            _collect_workload(repo, workload, repo.clock.wall() - grace, dry_run, report)
     if legacy and not repo.flat_layout_empty:
         with repo.gc_lock.exclusive():
-            _collect_flat(repo, time.time() - grace, dry_run, report)
+            _collect_flat(repo, repo.clock.wall() - grace, dry_run, report)
     return report
 
 

@@ -11,7 +11,11 @@ restored, rolled back to, or counted by retention, on any host, in any later gen
 
 A new owner first `bump`s the head to its generation (after winning the lease): from then on
 every write of an older generation fails. A commit appends its id after its manifest is in
-the store; retention removes ids from the head before it deletes their manifests.
+the store, and retention drops ids in that same write (storage/fencing.py): what the head
+drops it remembers in `dropped` until the owner's hourly job has deleted those manifests, no
+sooner than the grace period after the drop, so that a reader who read the head just before
+still finds what it names, and a pin or a drill's mark that came meanwhile can bring the
+checkpoint back (a stray, a manifest the head never named, is never brought back).
 
 The head is read back as hostile input: sealed with the repository's codec (authenticated in
 an encrypted repository), parsed strictly, and a head older than one this process already
@@ -50,6 +54,7 @@ class Head:
     generation: int
     chain: tuple[str, ...] = ()  # committed checkpoint ids, oldest first
     serial: int = 0  # +1 on every write: a replayed older head is told apart
+    dropped: tuple[str, ...] = ()  # dropped from the chain, manifests not deleted yet
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -59,6 +64,7 @@ class Head:
                 "generation": self.generation,
                 "serial": self.serial,
                 "chain": list(self.chain),
+                "dropped": list(self.dropped),
             }
         ).encode()
 
@@ -68,18 +74,27 @@ class Head:
             d = json.loads(raw)
             if not isinstance(d, dict) or d.get("version") != 1:
                 raise ValueError("not a version 1 head")
-            chain = d["chain"]
-            if not isinstance(chain, list) or not all(
-                isinstance(c, str) and is_checkpoint_id(c) for c in chain
-            ):
-                raise ValueError("its chain is not a list of checkpoint ids")
-            head = cls(str(d["workload"]), int(d["generation"]), tuple(chain), int(d["serial"]))
+            chain, dropped = d["chain"], d.get("dropped", [])  # a head of before drops: none
+            for what, ids in (("chain", chain), ("dropped", dropped)):
+                if not isinstance(ids, list) or not all(
+                    isinstance(c, str) and is_checkpoint_id(c) for c in ids
+                ):
+                    raise ValueError(f"its {what} is not a list of checkpoint ids")
+            head = cls(
+                str(d["workload"]),
+                int(d["generation"]),
+                tuple(chain),
+                int(d["serial"]),
+                tuple(dropped),
+            )
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise CorruptCheckpoint(f"the head of {workload} is unreadable ({e})") from e
         if head.workload != workload:
             raise CorruptCheckpoint(f"the head of {workload} names {head.workload}")
         if len(set(head.chain)) != len(head.chain):
             raise CorruptCheckpoint(f"the head of {workload} names a checkpoint twice")
+        if set(head.chain) & set(head.dropped):
+            raise CorruptCheckpoint(f"the head of {workload} names a dropped checkpoint")
         return head
 
 
@@ -91,7 +106,21 @@ class Heads:
         self.store = store
         self.codec = codec
         self._seen: dict[str, tuple[int, int]] = {}  # workload -> (generation, serial)
+        self._last: dict[str, Head] = {}  # the newest head read or written, by workload
         self._lock = threading.Lock()
+
+    def cached(self, workload: str) -> Head | None:
+        """The newest head this process read or wrote of `workload`, without asking the
+        store: possibly stale (another host may have written since), so good only for a
+        decision that a conditional write then checks (retention's)."""
+        with self._lock:
+            return self._last.get(workload)
+
+    def forget(self, keep: set[str]) -> None:
+        """Hold the heads of these workloads only (this host's own)."""
+        with self._lock:
+            for w in [w for w in self._last if w not in keep]:
+                del self._last[w]
 
     def read(self, workload: str) -> tuple[Head, str] | None:
         """The head and its version, None if the workload has none yet."""
@@ -121,13 +150,14 @@ class Heads:
                     "was written back (a bucket writer replaying it?); refused"
                 )
             self._seen[workload] = (head.generation, head.serial)
+            self._last[workload] = head
         return head, version
 
     def bump(self, workload: str, generation: int, initial: Initial = tuple) -> Head:
         """Make `generation` the head's (a new owner, once it holds the lease): writers of
         older generations are refused from now on. `initial`: the chain of a workload that
         has no head yet (its checkpoints from before heads existed, oldest first)."""
-        return self._update(workload, generation, lambda h: h, initial)
+        return self.update(workload, generation, lambda h: h, initial)
 
     def append(
         self, workload: str, checkpoint_id: str, generation: int, initial: Initial = tuple
@@ -139,7 +169,7 @@ class Heads:
                 return h  # our own write, landed with its reply lost
             return replace(h, chain=(*h.chain, checkpoint_id))
 
-        return self._update(workload, generation, add, initial)
+        return self.update(workload, generation, add, initial)
 
     def remove(
         self, workload: str, ids: set[str], generation: int, initial: Initial = tuple
@@ -147,17 +177,23 @@ class Heads:
         """Stop naming checkpoints (retention), before their manifests are deleted."""
 
         def drop(h: Head) -> Head:
-            return replace(h, chain=tuple(c for c in h.chain if c not in ids))
+            return replace(
+                h,
+                chain=tuple(c for c in h.chain if c not in ids),
+                dropped=tuple(d for d in h.dropped if d not in ids),
+            )
 
-        return self._update(workload, generation, drop, initial)
+        return self.update(workload, generation, drop, initial)
 
-    def _update(
+    def update(
         self,
         workload: str,
         generation: int,
         change: Callable[[Head], Head],
         initial: Initial,
     ) -> Head:
+        """Replace the head by `change(head)`, read and written again until no other write
+        came between (If-Match): `change` may be called several times, on fresh heads."""
         key = head_key(check_workload_name(workload))
         for _ in range(_CAS_ATTEMPTS):
             current = self.read(workload)
@@ -180,9 +216,9 @@ class Heads:
             except PreconditionFailed:
                 continue  # changed meanwhile (or our write landed, reply lost): read again
             with self._lock:
-                self._seen[workload] = max(
-                    self._seen.get(workload, (0, 0)), (new.generation, new.serial)
-                )
+                if (new.generation, new.serial) >= self._seen.get(workload, (0, 0)):
+                    self._seen[workload] = (new.generation, new.serial)
+                    self._last[workload] = new
             return new
         raise StorageError(
             f"the head of {workload} kept changing under {_CAS_ATTEMPTS} writes; try again"

@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
+from storage.clock import SYSTEM, Clock
 from storage.crypto import Codec
 from storage.keys import index_key, pack_key
 from storage.manifest import DIGEST_SIZE
@@ -40,8 +41,10 @@ class PackWriter:
         home: str,
         in_flight: int = 2,
         level: int = 1,
+        clock: Clock = SYSTEM,
     ) -> None:
-        """`home`: the workload whose prefix the packs go under."""
+        """`home`: the workload whose prefix the packs go under; `clock` names the packs."""
+        self.clock = clock
         self.backend = backend
         self.home = home
         self.codec = codec
@@ -51,7 +54,7 @@ class PackWriter:
         self.new_bytes = 0  # compressed bytes stored
         self.new_chunks = 0
         self._spare: list[bytearray] = []
-        self._builder = PackBuilder(self._spare)
+        self._builder = PackBuilder(self._spare, clock.wall())
         self._pending: dict[bytes, str] = {}
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="pack-writer")
         self._in_flight: list[tuple[Future[int], PackBuilder]] = []
@@ -145,7 +148,7 @@ class PackWriter:
         if len(self._builder):
             self._settle(self.in_flight_max - 1)
             self._in_flight.append((self._pool.submit(self._write, self._builder), self._builder))
-            self._builder = PackBuilder(self._spare)
+            self._builder = PackBuilder(self._spare, self.clock.wall())
 
 
 def _slices(pieces: list[Piece]) -> Iterator[bytes | memoryview]:

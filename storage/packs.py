@@ -79,10 +79,10 @@ _SAMPLE_KEEP = _SAMPLE_BYTES * 15 // 16
 _PIECE_STARTS = np.arange(_SAMPLE_PIECES, dtype=np.int64) * (CHUNK_SIZE // _SAMPLE_PIECES)
 
 
-def new_pack_id() -> str:
-    """Creation time (hex seconds) then randomness: garbage collection reads a pack's age
-    from its name, which works the same on every backend."""
-    return f"{int(time.time()):08x}{secrets.token_hex(12)}"
+def new_pack_id(now: float | None = None) -> str:
+    """Creation time (hex seconds; `now`, default the wall clock) then randomness: garbage
+    collection reads a pack's age from its name, which works the same on every backend."""
+    return f"{int(time.time() if now is None else now):08x}{secrets.token_hex(12)}"
 
 
 def pack_created(pack_id: str) -> float:
@@ -180,8 +180,8 @@ class PackBuilder:
     threads, which fight the hashing thread.
     """
 
-    def __init__(self, spare: list[bytearray] | None = None) -> None:
-        self.pack_id = new_pack_id()
+    def __init__(self, spare: list[bytearray] | None = None, now: float | None = None) -> None:
+        self.pack_id = new_pack_id(now)
         self.digests = bytearray()
         # A buffer of a sealed pack is reused: a fresh 4 MiB costs more in page faults than
         # the copying into it, and growing chunk by chunk reallocates.

@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from storage import keys, pack_reading, pins
+from storage import keys, marks, pack_reading, pins
+from storage.annotations import Annotations
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
+from storage.clock import SYSTEM, Clock
 from storage.committing import Target, write_checkpoint
 from storage.crypto import Codec, Plain
 from storage.dedup_index import DedupIndex, ReusedPacksGone
@@ -42,7 +44,7 @@ from storage.errors import (
     CorruptCheckpoint,
     StorageError,
 )
-from storage.fencing import Fencing
+from storage.fencing import Fencing, Planner, Tidied
 from storage.heads import Heads
 from storage.keys import FileType, manifest_key
 from storage.manifest import (
@@ -76,15 +78,19 @@ class Repository:
         gc_grace: float = 6 * 3600,
         codec: Codec | None = None,
         heads: Heads | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
-        """`heads`: fenced mode (fleet), see storage/fencing.py."""
+        """`heads`: fenced mode (fleet), see storage/fencing.py. `clock`: what commits, the
+        dedup index and garbage collection read the time from (storage/clock.py)."""
         self.backend = backend
         self.codec: Codec = codec or Plain()
         self.concurrency = max(1, concurrency)
         self.gc_grace = gc_grace
+        self.clock = clock
         self.gc_lock = RWLock()  # commits shared; storage/gc.py exclusive
         self.dedup = DedupIndex(self)
-        self.fencing = Fencing(heads, backend, self._listed_ids) if heads else None
+        self.fencing = Fencing(heads, backend, self._listed_ids, clock) if heads else None
+        self.annotations = Annotations(backend, self.codec)  # pins and marks, as last seen
         self._summaries = Summaries(self.read_manifest)
         # Set by garbage collection once it found the legacy flat layout empty: this version
         # writes no flat packs, so this process never lists it again (storage/gc.py).
@@ -123,8 +129,61 @@ class Repository:
 
     def remove_strays(self, workload: str) -> list[str]:
         """Fleet mode: delete the manifests of `workload` its head does not name (a stale
-        owner's commits), once older than the grace period; their ids."""
-        return self.fencing.remove_strays(workload, self.gc_grace) if self.fencing else []
+        owner's commits, checkpoints retention dropped), once unnamed for the grace period;
+        their ids (`tidy`)."""
+        return self.tidy(workload).deleted
+
+    def tidy(self, workload: str) -> Tidied:
+        """Fleet mode, the owner's hourly job for `workload` (storage/fencing.py): pins and
+        marks listed afresh, dropped checkpoints pinned or newest-verified since named
+        again, the manifests unnamed for the grace period deleted."""
+        if self.fencing is None:
+            return Tidied()
+        fencing = self.fencing
+        fencing.generation(workload)  # NotFenced before any request
+        self.annotations.refresh(workload)
+        pinned = self.annotations.pins(workload)
+        verified = {c for c, m in self.annotations.marks(workload).items() if m.verified}
+
+        def rescue(dropped: set[str]) -> set[str]:
+            named = set(fencing.view(workload))
+            newest = max(verified & named, default="")
+            return {c for c in dropped if c in pinned or (c in verified and c > newest)}
+
+        def delete(ids: set[str], remaining: set[str]) -> None:
+            self._forget_only(workload, ids, remaining)
+            for cid in sorted(ids):
+                key = manifest_key(workload, cid)
+                self.backend.delete(key)
+                self._summaries.drop(key)
+            gone = ids & set(self.annotations.marks(workload))
+            if gone:
+                marks.remove(self.backend, workload, gone)
+                self.annotations.unmarked(workload, gone)
+
+        with self.gc_lock.exclusive():
+            return fencing.tidy(workload, self.gc_grace, rescue, delete)
+
+    def plan_with(self, workload: str, planner: Planner | None) -> None:
+        """Fleet mode: the retention a commit's head write applies (storage/fencing.py)."""
+        if self.fencing is not None:
+            self.fencing.plan_with(workload, planner)
+
+    def retire(self, workload: str, ids: set[str]) -> None:
+        """Retention's removal: in fleet mode the head drops them (their manifests go in
+        the owner's job, after the grace); else deleted at once."""
+        if self.fencing is None:
+            for cid in sorted(ids):
+                self.delete(workload, cid)
+            return
+        self.fencing.retire(workload, ids)
+
+    def retention_view(self, workload: str) -> list[CheckpointInfo]:
+        """`checkpoints` for retention: in fleet mode from the head this process last read
+        or wrote (no request in the steady state; the head write that drops checks it)."""
+        if self.fencing is None:
+            return self.checkpoints(workload)
+        return self._infos(workload, self.fencing.view(workload))
 
     def require_committed(self, workload: str, checkpoint_id: str) -> None:
         """CheckpointNotFound unless the checkpoint exists (in fleet mode: its head names it),
@@ -136,7 +195,7 @@ class Repository:
         self, workload: str, folder: Path, metadata: dict[str, Any], generation: int | None
     ) -> Manifest:
         manifest = write_checkpoint(
-            Target(self.backend, self.codec, self.dedup), workload, folder, metadata
+            Target(self.backend, self.codec, self.dedup, self.clock), workload, folder, metadata
         )
         if self.fencing is not None and generation is not None:
             self.fencing.committed(workload, manifest.id, generation)
@@ -166,6 +225,9 @@ class Repository:
         keep = set(workloads)
         self.dedup.keep_only(keep)
         self._summaries.keep_workloads(keep)
+        self.annotations.keep_only(keep)
+        if self.fencing is not None:
+            self.fencing.keep_only(keep)
 
     def forget_packs(self, pack_ids: set[str]) -> None:
         """Packs about to be deleted: no new checkpoint may reference them."""
@@ -194,12 +256,7 @@ class Repository:
     def checkpoints(self, workload: str) -> list[CheckpointInfo]:
         """Committed checkpoints of `workload`, newest first (fenced: in the head's order)."""
         if self.fencing is not None:
-            out = []
-            for cid in reversed(self.fencing.ids(workload)):
-                # Unreadable: `verify` reports it. An outage is not unreadable: it raises.
-                with contextlib.suppress(CheckpointNotFound, CorruptCheckpoint):
-                    out.append(self._summary(workload, cid).info)
-            return out
+            return self._infos(workload, self.fencing.ids(workload))
         infos = []
         for name in self.manifest_names(keys.manifests_of(workload)):
             if name.workload != workload:
@@ -210,6 +267,14 @@ class Repository:
                 continue  # listed but unreadable: `verify` reports it; don't hide the others
         infos.sort(key=lambda i: i.id, reverse=True)
         return infos
+
+    def _infos(self, workload: str, chain: list[str]) -> list[CheckpointInfo]:
+        out = []
+        for cid in reversed(chain):
+            # Unreadable: `verify` reports it. An outage is not unreadable: it raises.
+            with contextlib.suppress(CheckpointNotFound, CorruptCheckpoint):
+                out.append(self._summary(workload, cid).info)
+        return out
 
     def info(self, workload: str, checkpoint_id: str) -> CheckpointInfo:
         """What `list` shows of one checkpoint, without its chunk list."""
@@ -326,30 +391,47 @@ class Repository:
         commit anywhere can reference them again, and another host's GC may delete them
         whenever it finds them unreferenced: GC cannot race a commit (docs/fleet.md, R3)."""
         key = manifest_key(workload, checkpoint_id)
-        mine: set[str] = set()
-        with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
-            mine = set(self._summary(workload, checkpoint_id).packs)  # unknown id: clear error
-        still: set[str] = set()  # (forgetting more than needed only costs dedup)
-        for c in self.checkpoints(workload):
-            if c.id != checkpoint_id:
-                with contextlib.suppress(StorageError):
-                    still.update(self.packs_of(workload, c.id))
-        self.dedup.forget_for(workload, mine - still)  # before it is gone, never after
+        self._summary_or_clear_error(workload, checkpoint_id)
+        others = {c.id for c in self.checkpoints(workload)} - {checkpoint_id}
+        self._forget_only(workload, {checkpoint_id}, others)  # before it is gone, never after
         if self.fencing is not None:
             self.fencing.remove(workload, checkpoint_id)  # the head first: then it is gone
         self.backend.delete(key)
         self._summaries.drop(key)
 
+    def _summary_or_clear_error(self, workload: str, checkpoint_id: str) -> None:
+        with contextlib.suppress(CorruptCheckpoint):  # a damaged manifest can still go
+            self._summary(workload, checkpoint_id)  # an unknown id: a clear error
+
+    def _forget_only(self, workload: str, ids: set[str], others: set[str]) -> None:
+        """The packs only the checkpoints `ids` reference (not `others`) leave the
+        workload's index (forgetting more than needed only costs dedup)."""
+        mine: set[str] = set()
+        still: set[str] = set()
+        for group, cids in ((mine, ids), (still, others - ids)):
+            for cid in cids:
+                with contextlib.suppress(StorageError):
+                    group.update(self.packs_of(workload, cid))
+        self.dedup.forget_for(workload, mine - still)
+
     def pins(self, workload: str) -> set[str]:
-        """Pinned checkpoint ids. A pin that does not open (planted) pins nothing."""
+        """Pinned checkpoint ids, listed now. A pin that does not open (planted) pins nothing."""
         return pins.pinned(self.backend, self.codec, workload)
 
     def pin(self, workload: str, checkpoint_id: str) -> None:
         self._summary(workload, checkpoint_id)  # a clear error for an unknown id
         pins.pin(self.backend, self.codec, workload, checkpoint_id)
+        self.annotations.pinned(workload, checkpoint_id, True)
 
     def unpin(self, workload: str, checkpoint_id: str) -> None:
         pins.unpin(self.backend, workload, checkpoint_id)
+        self.annotations.pinned(workload, checkpoint_id, False)
+
+    def write_mark(self, workload: str, mark: marks.Mark) -> None:
+        """Store a drill's verdict on a checkpoint (storage/marks.py); retention's view of
+        the marks has it at once."""
+        marks.write(self.backend, self.codec, workload, mark)
+        self.annotations.marked(workload, mark)
 
 
 __all__ = ["CHUNK_SIZE", "BlobExists", "CheckpointInfo", "ProgressFn", "Repository"]

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
@@ -25,9 +24,9 @@ from storage.keys import manifest_key
 from storage.manifest import new_checkpoint_id
 from tests.support import ROOT, S3_ENV, Moto
 from tests.support.legacy_layout import to_legacy_layout
-from tests.support.s3_proxy import S3Proxy
 from tests.support.storage_hosts import GRACE, StorageHosts, bucket_tool, image
 from tests.support.storage_hosts import restorable_everywhere as restorable
+from tests.support.wire import Wire
 
 
 @pytest.fixture
@@ -36,32 +35,6 @@ def hosts(tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> Itera
     from tests.support.storage_hosts import storage_hosts
 
     yield from storage_hosts(tmp_path, bucket, monkeypatch)
-
-
-class Wire:
-    """A host's link to the bucket (a proxy in front of moto) and what the host asked on it:
-    (method, key), a listing as ("LIST", prefix). Keys without the bucket's name."""
-
-    def __init__(self, moto: Moto) -> None:
-        self.proxy = S3Proxy(moto.url)
-        self.url = self.proxy.url
-        self.seen: list[tuple[str, str]] = []
-        self.proxy.refuse = self._see
-
-    def _see(self, method: str, path: str) -> bool:
-        url = urlsplit(path)
-        query = parse_qs(url.query)
-        if method == "GET" and "list-type" in query:
-            self.seen.append(("LIST", query.get("prefix", [""])[0]))
-        else:
-            self.seen.append((method, unquote(url.path).split("/", 2)[-1]))
-        return False
-
-    def lists(self) -> list[str]:
-        return sorted(p for m, p in self.seen if m == "LIST")
-
-    def keys_touched(self) -> set[str]:
-        return {k for m, k in self.seen if m != "LIST"}
 
 
 def settled(*spools: SpooledBlobStore) -> None:

@@ -9,6 +9,7 @@ those not found owned elsewhere."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 
@@ -17,7 +18,9 @@ from checkpointer.config import Retention
 from checkpointer.engine.events import Events
 from storage import Repository, StorageError, gc, marks, retention
 from storage.backends.spooled import SpooledBlobStore
-from storage.errors import CorruptCheckpoint, TransientStorageError
+from storage.errors import CheckpointNotFound, CorruptCheckpoint, TransientStorageError
+from storage.fencing import NotFenced
+from storage.summaries import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -49,53 +52,79 @@ class Maintenance:
 
         The newest good checkpoint is always kept: it is what a crash restores. Nothing is
         decided from a partial view: while the bucket cannot be listed, retention waits.
+
+        In a fleet (docs/fleet.md, R4) the decision is registered with the repository as
+        well: the next commit's head write applies it to the head it reads, in that same
+        write, so a commit costs one head read and one head write and no listing; pins and
+        marks come from the repository's view (storage/annotations.py), the head from the
+        one this process last wrote. What is dropped is removed from the head only: the
+        owner's hourly job deletes its manifest after the grace (`collect_garbage`).
         """
+        fenced = self.repo.fencing is not None
+        if fenced and not dry_run:
+            self.repo.plan_with(name, functools.partial(self._plan, name, policy, bad))
         try:
-            infos = self.repo.checkpoints(name)
+            infos = self.repo.retention_view(name) if fenced else self.repo.checkpoints(name)
+            pinned, marked = self._annotations(name)
+            verdicts = _decide(policy, bad, infos, pinned, marked)
         except TransientStorageError as e:
             log.warning("retention of %s waits for object storage: %s", name, e)
             return []
-        if not dry_run:
-            try:
-                for stray in self.repo.remove_strays(name):
-                    log.warning("removed %s of %s: its head never named it (fenced)", stray, name)
-            except StorageError as e:
-                log.warning("retention: cannot remove fenced checkpoints of %s: %s", name, e)
-        good = [i.id for i in infos if i.id not in bad]
-        try:  # the newest checkpoint a restore drill proved is kept too (engine/drills.py)
-            marked = marks.read(self.repo.backend, self.repo.codec, name)
         except StorageError as e:
-            log.warning("retention of %s waits: its drill marks cannot be read: %s", name, e)
+            log.warning("retention of %s waits: its pins or marks cannot be read: %s", name, e)
             return []
-        verdicts = retention.decide(
-            policy,
-            [retention.Item(i.id, i.created, i.size_bytes) for i in infos],
-            pinned=frozenset(self.repo.pins(name)),
-            protected=frozenset(good[:1]),
-            verified=frozenset(c for c, m in marked.items() if m.verified and c not in bad),
-        )
-        rows: list[RetentionRow] = []
-        for v in verdicts:
-            rows.append(
-                {
-                    "workload": name,
-                    "id": v.id,
-                    "created": v.created.isoformat(),
-                    "action": "keep" if v.keep else "remove",
-                    "reasons": v.reasons or ["no rule keeps it"],
-                }
-            )
-            if v.keep or dry_run:
-                continue
-            try:
-                self.repo.delete(name, v.id)
-                if v.id in marked:
-                    marks.remove(self.repo.backend, name, {v.id})
-                self.events.retention_removed(name)
-                log.info("retention: removed checkpoint %s of %s", v.id, name)
-            except StorageError as e:
-                log.warning("retention: cannot remove %s of %s: %s", v.id, name, e)
+        rows: list[RetentionRow] = [
+            {
+                "workload": name,
+                "id": v.id,
+                "created": v.created.isoformat(),
+                "action": "keep" if v.keep else "remove",
+                "reasons": v.reasons or ["no rule keeps it"],
+            }
+            for v in verdicts
+        ]
+        doomed = {v.id for v in verdicts if not v.keep}
+        if dry_run or not doomed:
+            return rows
+        if fenced and self.repo.fencing is not None and self.repo.fencing.planned(name):
+            return rows  # the queued head record of the commit drops them
+        try:
+            self.repo.retire(name, doomed)
+        except StorageError as e:
+            log.warning("retention: cannot remove %s of %s: %s", ", ".join(doomed), name, e)
+            return rows
+        for cid in sorted(doomed):
+            self.events.retention_removed(name)
+            log.info("retention: removed checkpoint %s of %s", cid, name)
+        if not fenced and set(marked) & doomed:
+            marks.remove(self.repo.backend, name, set(marked) & doomed)
         return rows
+
+    def _annotations(self, name: str) -> tuple[set[str], dict[str, marks.Mark]]:
+        """Pins and drill marks: fenced, the repository's view (storage/annotations.py);
+        else listed now."""
+        if self.repo.fencing is not None:
+            return self.repo.annotations.pins(name), self.repo.annotations.marks(name)
+        return self.repo.pins(name), marks.read(self.repo.backend, self.repo.codec, name)
+
+    def _plan(
+        self, name: str, policy: Retention, bad: list[str], chain: tuple[str, ...]
+    ) -> set[str]:
+        """The ids a head write of `name` drops, given the chain it read (oldest first)."""
+        infos = [self.repo.info(name, c) for c in reversed(chain) if self._readable(name, c)]
+        pinned, marked = self._annotations(name)
+        doomed = {v.id for v in _decide(policy, bad, infos, pinned, marked) if not v.keep}
+        for _ in doomed:
+            self.events.retention_removed(name)
+        return doomed
+
+    def _readable(self, name: str, checkpoint_id: str) -> bool:
+        """Unreadable ones are not decided on (`verify` reports them); an outage raises."""
+        try:
+            self.repo.info(name, checkpoint_id)
+        except (CheckpointNotFound, CorruptCheckpoint):
+            return False
+        return True
 
     def shed_spool(self) -> None:
         """The backend is down and the spool is full: drop the oldest checkpoints not uploaded."""
@@ -118,6 +147,8 @@ class Maintenance:
         `prune NAME` names) that nothing references. Raises CorruptCheckpoint, once the rest
         is collected, naming the workloads skipped because a manifest cannot be read."""
         owned = set(self.owned())
+        if not dry_run:
+            self._tidy(owned | set(also))
         report = gc.collect_garbage(self.repo, owned | set(also), dry_run=dry_run)
         self.repo.keep_only(owned)  # the indexes of workloads that moved away go
         if not dry_run:
@@ -139,8 +170,46 @@ class Maintenance:
             "referenced_packs": report.referenced_packs,
         }
 
+    def _tidy(self, names: set[str]) -> None:
+        """Fleet mode, before GC: each owned workload's manifests the head no longer names
+        are deleted once unnamed for the grace, after pins and marks are listed afresh
+        (storage/fencing.py `tidy`): then GC frees their packs."""
+        if self.repo.fencing is None:
+            return
+        for name in sorted(names):
+            try:
+                done = self.repo.tidy(name)
+            except NotFenced:
+                continue  # not ours (prune NAME of another host's workload)
+            except StorageError as e:
+                log.warning("cannot delete the dropped checkpoints of %s: %s", name, e)
+                continue
+            for cid in done.rescued:
+                log.warning("checkpoint %s of %s named again: pinned or verified since", cid, name)
+            if done.deleted:
+                log.info("removed %d checkpoint(s) of %s no head names", len(done.deleted), name)
+
     def scheduled_gc(self) -> None:
         try:
             self.collect_garbage()
         except StorageError as e:
             log.warning("gc failed: %s", e)
+
+
+def _decide(
+    policy: Retention,
+    bad: list[str],
+    infos: list[CheckpointInfo],
+    pinned: set[str],
+    marked: dict[str, marks.Mark],
+) -> list[retention.Verdict]:
+    """Retention's verdicts on `infos` (newest first)."""
+    good = [i.id for i in infos if i.id not in bad]
+    return retention.decide(
+        policy,
+        [retention.Item(i.id, i.created, i.size_bytes) for i in infos],
+        pinned=frozenset(pinned),
+        protected=frozenset(good[:1]),
+        # the newest checkpoint a restore drill proved is kept too (engine/drills.py)
+        verified=frozenset(c for c, m in marked.items() if m.verified and c not in bad),
+    )

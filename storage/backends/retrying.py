@@ -7,6 +7,7 @@ botocore's own retries are turned off in the S3 backend so that attempts do not 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,8 +37,11 @@ class RetryingBlobStore(WrappedBlobStore):
         initial_wait: float = 0.2,
         max_wait: float = 10.0,
         on_retry: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """`sleep`: how the backoff between attempts waits (a simulation's virtual clock)."""
         super().__init__(inner)
+        self.sleep = sleep
         self.attempts = attempts
         self.max_delay = max_delay
         self.initial_wait = initial_wait
@@ -65,5 +69,6 @@ class RetryingBlobStore(WrappedBlobStore):
             retry=retry_if_exception_type(TransientStorageError),
             reraise=True,
             before_sleep=before_sleep,
+            sleep=self.sleep,
         )
         return retrying(fn)
