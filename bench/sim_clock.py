@@ -11,9 +11,10 @@ the order of their virtual start times; a task that runs long (a scan of every l
 store as it was when it started, and other tasks see its writes from then on: the price of not
 interleaving real code at each request (that needs one thread per worker).
 
-Storage code that reads `time` or `datetime` itself (pack names, GC's grace, the dedup index's
-refresh, checkpoint ids) is pointed at this clock for the run (`virtual_time`), and so is the
-retrying layer's backoff sleep: a throttled request's retries cost virtual time, not real time.
+Storage code reads the time through the clock it is given (storage/clock.py: the
+repository, its commits, dedup index and GC; the retrying layer's backoff `sleep`): a host
+of the simulation passes this clock in (`storage_clock`, `VirtualClock.spend`), so a
+throttled request's retries cost virtual time, not real time, and nothing is patched.
 """
 
 from __future__ import annotations
@@ -22,19 +23,13 @@ import contextlib
 import functools
 import heapq
 import itertools
-import sys
 import threading
-import time
-import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-import tenacity
-
-import storage.backends.retrying
+from storage.clock import Clock
 
 EPOCH = 1_800_000_000.0  # the virtual wall clock at time 0 (2027-01-15)
 
@@ -204,37 +199,6 @@ class OneRound:
         return None
 
 
-@contextlib.contextmanager
-def virtual_time(clock: VirtualClock) -> Iterator[None]:
-    """Point the storage modules that read the time themselves (any module of storage/ that
-    imported `time` or `datetime`), and the retrying layer's backoff, at `clock` for the run;
-    put everything back after."""
-    shim = types.SimpleNamespace(time=clock.wall, monotonic=clock.monotonic, sleep=clock.spend)
-
-    class VirtualDatetime(datetime):
-        @classmethod
-        def now(cls, tz: tzinfo | None = None) -> VirtualDatetime:
-            return cls.fromtimestamp(clock.wall(), tz or UTC)
-
-    patches: list[tuple[object, str, object]] = [
-        (
-            storage.backends.retrying,
-            "Retrying",
-            functools.partial(tenacity.Retrying, sleep=clock.spend),
-        )
-    ]
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("storage.") or module is None:
-            continue
-        if getattr(module, "time", None) is time:
-            patches.append((module, "time", shim))
-        if getattr(module, "datetime", None) is datetime:
-            patches.append((module, "datetime", VirtualDatetime))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    try:
-        for module, name, value in patches:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+def storage_clock(clock: VirtualClock) -> Clock:
+    """The clocks a simulated host's storage reads (its repository's `clock`)."""
+    return Clock(wall=clock.wall, monotonic=clock.monotonic)

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.sim_clock import EPOCH, EventLoop, Lane, LaneExecutor, OneRound, VirtualClock
+from bench.sim_clock import (
+    EPOCH,
+    EventLoop,
+    Lane,
+    LaneExecutor,
+    OneRound,
+    VirtualClock,
+    storage_clock,
+)
 from bench.sim_store import SimStore
 from checkpointer.config import Config, Retention
 from checkpointer.config.model import FleetConfig
@@ -146,8 +154,12 @@ class SimHost:
         )
         self.retention: Retention = config.retention
         retries = config.storage.retries
-        store = RetryingBlobStore(bucket, retries.attempts, retries.max_delay)
-        self.repo = Repository(store, 4, settings.gc_grace, codec, Heads(store, codec))
+        store = RetryingBlobStore(
+            bucket, retries.attempts, retries.max_delay, sleep=self.clock.spend
+        )
+        heads = Heads(store, codec)
+        clock = storage_clock(self.clock)
+        self.repo = Repository(store, 4, settings.gc_grace, codec, heads, clock=clock)
         self.fleet = Fleet(
             config,
             store,

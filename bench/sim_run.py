@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.sim_clock import EventLoop, VirtualClock, virtual_time
+from bench.sim_clock import EventLoop, VirtualClock
 from bench.sim_fleet import STEPPED, Images, Settings, SimHost
 from bench.sim_store import KINDS, SimStore
 from storage.chunk_index import ChunkIndex
@@ -98,8 +98,7 @@ def simulate(sc: Scenario) -> dict[str, Any]:
             loop.at(sc.kill_at, kill)
         logging.disable(logging.CRITICAL)  # the daemon's warnings, thousands of them
         try:
-            with virtual_time(clock):
-                loop.run(sc.duration)
+            loop.run(sc.duration)
         finally:
             logging.disable(logging.NOTSET)
         bucket.close_gaps(sc.duration)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bench.sim_clock import EventLoop, VirtualClock, virtual_time
+from bench.sim_clock import EventLoop, VirtualClock
 from bench.sim_fleet import Settings
 from bench.sim_run import LIVENESS, Scenario, simulate
 from bench.sim_store import LIMITS, SimStore
@@ -67,8 +67,8 @@ def test_throttled_requests_are_retried_with_backoff_in_virtual_time() -> None:
     daemon's retrying layer retries after a backoff that costs virtual, not real, time."""
     clock = VirtualClock()
     bucket = SimStore(clock, latency=0.0001)
-    store = RetryingBlobStore(bucket, attempts=5)
-    with virtual_time(clock), clock.task("h", "scan", 0.0) as task:
+    store = RetryingBlobStore(bucket, attempts=5, sleep=clock.spend)
+    with clock.task("h", "scan", 0.0) as task:
         store.put("leases/w", b"x")
         for _ in range(LIMITS["read"] + 50):
             assert store.get("leases/w") == b"x"
