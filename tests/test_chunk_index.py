@@ -6,10 +6,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from storage import Repository, chunk_index, keys
 from storage.backends import LocalBlobStore
 from storage.chunk_index import ChunkIndex
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 
 def digests(n: int) -> bytes:

@@ -21,6 +21,8 @@ import pytest
 
 from checkpointer.config.durations import format_duration
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "checkpointer.cli"]
 

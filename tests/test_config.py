@@ -10,6 +10,8 @@ from checkpointer.config import load_config
 from checkpointer.config.durations import parse_bytes, parse_duration
 from checkpointer.errors import ConfigError
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -28,6 +28,8 @@ from storage.keyring import (
     remove_key,
 )
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 
 def test_sealed_objects_open_only_unchanged_under_their_own_name_and_key() -> None:
     codec = Sealed(new_master())

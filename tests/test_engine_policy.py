@@ -24,6 +24,8 @@ from checkpointer.workloads.logs import LogPump
 from storage import Repository
 from storage.backends import LocalBlobStore
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 
 class FakeCriu:
     """Dumps a few pages that differ per dump; restores by starting `sleep`, or fails with

@@ -15,6 +15,8 @@ from storage.crypto import SEGMENT, SEGMENTED_HEADER, Sealed, new_master
 from storage.errors import CorruptCheckpoint
 from storage.file_reader import CheckpointFiles
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 
 def folder(path: Path) -> Path:
     path.mkdir()

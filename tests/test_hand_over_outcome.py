@@ -3,9 +3,13 @@ before it lets the tree run on here (checkpointer/engine/migration.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from checkpointer.engine.migration import _handed
 from storage.errors import TransientStorageError
 from storage.leases import Lease, LeaseState
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 
 class Bucket:

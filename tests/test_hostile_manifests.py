@@ -20,6 +20,8 @@ from storage.keys import index_key, manifest_key
 from storage.manifest import DIGEST_SIZE, Manifest, check_workload_name, is_checkpoint_id
 from storage.packs import MAX_INDEX_BYTES
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[Repository, Path, str, Path]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from checkpointer.engine import kept_image
 from checkpointer.engine.kept_image import KeptImage
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 
 def make_kept(root: Path) -> KeptImage:

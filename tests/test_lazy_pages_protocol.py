@@ -27,6 +27,8 @@ from checkpointer.criu.pagemap import (
 )
 from tests.support.lazy import recv_exact
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 HEADER = "=I4xQQQ"
 
 

@@ -8,7 +8,11 @@ import json
 import os
 from datetime import UTC, datetime
 
+import pytest
+
 from storage.manifest import CHUNK_SIZE, DIGEST_SIZE, FileEntry, Manifest, new_checkpoint_id
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 
 def test_chunk_lists_of_every_size_round_trip() -> None:

@@ -17,6 +17,8 @@ from storage.keys import FileType, ObjectName, index_key, pack_key, parse, wpack
 from storage.manifest import Manifest
 from storage.packs import new_pack_id
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 PID = "6a1b2c3d" + "0123456789abcdef012345ab"  # ends in "ab", like the workload below
 
 

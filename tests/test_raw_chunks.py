@@ -39,6 +39,8 @@ from storage.packs import (
     encode_index,
 )
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 PAGE = CHUNK_SIZE
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from checkpointer.restore_policy import RestorePolicy, Streak, on_death, plan
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 P = RestorePolicy(crash_window=60, backoff_initial=1, backoff_max=5, max_depth=3, max_attempts=4)
 

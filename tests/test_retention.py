@@ -9,6 +9,8 @@ import pytest
 from checkpointer.config import Retention as RetentionPolicy
 from storage.retention import Item, decide
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)  # a Monday
 
 

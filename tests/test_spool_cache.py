@@ -7,8 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from storage.backends.local import LocalBlobStore
 from storage.backends.spooled import SpooledBlobStore
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 
 def test_blobs_read_from_the_remote_are_cached_and_the_cache_kept_under_its_limit(

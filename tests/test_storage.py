@@ -20,6 +20,8 @@ from storage.gc import collect_garbage
 from storage.rebuild import WantedChunks
 from storage.repository import CHUNK_SIZE
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 
 def make_folder(path: Path, sizes: dict[str, int]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
