@@ -226,18 +226,16 @@ class Liveness:
     which judges it dead, or not yet (its TTL is longer), or alive (it changed meanwhile).
     A dead host stays dead until a listing shows another version of its heartbeat."""
 
-    def __init__(self, host: str, ttl: float, skew: float) -> None:
+    def __init__(self, host: str, ttl: float) -> None:
         self.host = host
         self.ttl = ttl
-        self.skew = skew
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[str, float]] = {}  # host -> (version, first seen)
         self._ttl: dict[str, float] = {}  # host -> its TTL, read from the version seen
         self._dead: dict[str, str] = {}  # host -> the version judged dead (MISSING: none)
 
     def _wait(self, host: str) -> float:
-        """TTL, not TTL + skew: the holder stopped its copies skew before (module docstring).
-        `skew` stays for what it bounds elsewhere (the holder's deadline, the store's Date)."""
+        """TTL, not TTL + skew: the holder stopped its copies skew before (module docstring)."""
         return max(self.ttl, self._ttl.get(host, self.ttl))
 
     def observe(self, versions: dict[str, str], started: float, returned: float) -> list[str]:

@@ -95,7 +95,7 @@ def test_liveness_is_judged_on_the_observers_monotonic_clock_never_by_wall_clock
     codec = Sealed(new_master())
     mono = [0.0]
     a = Heartbeats(store, codec, "a", ttl=10, clock=lambda: 1000.0)
-    b = Liveness("b", ttl=10, skew=2)
+    b = Liveness("b", ttl=10)
 
     def look() -> list[str]:
         sent = mono[0]
@@ -105,7 +105,7 @@ def test_liveness_is_judged_on_the_observers_monotonic_clock_never_by_wall_clock
         mono[0] += 1
         a.write({"web": 1}, {}, False)
         assert look() == []
-    mono[0] += 11.5  # unchanged for less than TTL + skew since B first saw this version
+    mono[0] += 9.5  # unchanged for less than TTL since B first saw this version
     assert look() == []
     mono[0] += 0.5
     assert look() == ["a"]

@@ -73,7 +73,7 @@ class Fleet:
         self.clock = clock
         self.monotonic = monotonic
         self.heartbeats = Heartbeats(store, codec, self.host, self.ttl, clock, f.failover)
-        self.liveness = Liveness(self.host, self.ttl, self.skew)
+        self.liveness = Liveness(self.host, self.ttl)
         self.leases = Leases(
             store, codec, self.host, clock, holder_dead=lambda h: self.watcher.holder_dead(h)
         )
