@@ -28,6 +28,7 @@ sealed manifest is authenticated), see `Manifest.pack_home`.
     heads/<workload>                    which checkpoints exist, fleet mode (storage/heads.py)
     hosts/<host id>                     a host's heartbeat
     calls/<host id>                     the latest call to a host (storage/calls.py)
+    hostinfo/<host id>                  what a host offers, its CPU (storage/host_records.py)
 """
 
 from __future__ import annotations
