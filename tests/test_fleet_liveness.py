@@ -108,6 +108,7 @@ def host(
     clock: Clock,
     wall: Callable[[], float] | None = None,
     ttl: float = TTL,
+    failover: bool = True,
 ) -> tuple[Fleet, Engine]:
     state = tmp_path / f"state-{name}"
     state.mkdir(exist_ok=True)
@@ -117,7 +118,7 @@ def host(
             "host": {"id": name},
             "fleet": {
                 "enabled": True,
-                "failover": True,
+                "failover": failover,
                 "lease_ttl": ttl,
                 "renew_every": RENEW,
                 "clock_skew": SKEW,
@@ -232,12 +233,14 @@ def test_a_longer_ttl_in_the_heartbeat_is_waited_for(
 
 
 def a_holding_12_and_three_watchers(
-    tmp_path: Path, bucket: tuple[Counted, Codec]
+    tmp_path: Path, bucket: tuple[Counted, Codec], b_fails_over: bool = True
 ) -> tuple[Clock, list[Fleet], list[Engine], list[str]]:
     """Hosts a, b, c, d; a holds 12 workloads; 5 s of heartbeats."""
     store, codec = bucket
     clock = Clock()
-    pairs = [host(tmp_path, store, codec, h, clock) for h in "abcd"]
+    pairs = [
+        host(tmp_path, store, codec, h, clock, failover=b_fails_over or h != "b") for h in "abcd"
+    ]
     fleets = [f for f, _ in pairs]
     names = [f"w{i:02d}" for i in range(12)]
     for name in names:
@@ -291,6 +294,24 @@ def test_a_first_choice_that_died_too_costs_its_workloads_one_scan(
         taker = ranked[1] if ranked[0] == "b" else ranked[0]
         delay = engines[taker].taken_at[name] - judged
         assert delay == pytest.approx(RENEW if ranked[0] == "b" else 0.0, abs=0.3), name
+
+
+def test_a_host_with_failover_off_is_not_ranked_so_costs_no_scan(
+    tmp_path: Path, bucket: tuple[Counted, Codec]
+) -> None:
+    """B has fleet.failover off, and says so in its heartbeat; C and D read it (one heartbeat
+    a scan) and rank only each other: every workload of A is taken at the judgement."""
+    clock, (_, b, c, d), (_, b_engine, c_engine, d_engine), names = a_holding_12_and_three_watchers(
+        tmp_path, bucket, b_fails_over=False
+    )
+    assert any(order(n, ["b", "c", "d"])[0] == "b" for n in names)  # the case is there
+    run(clock, [b, c, d], TTL + 4 * RENEW)
+    engines = {"c": c_engine, "d": d_engine}
+    judged = min(min(e.taken_at.values()) for e in engines.values())
+    assert b_engine.offered == [] and sorted(c_engine.taken + d_engine.taken) == names
+    for name in names:
+        taker = order(name, engines)[0]
+        assert engines[taker].taken_at[name] == pytest.approx(judged, abs=0.3), name
 
 
 def test_the_holder_stops_at_ttl_minus_skew_after_its_last_heartbeat_was_sent(
