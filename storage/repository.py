@@ -197,9 +197,10 @@ class Repository:
         manifest = write_checkpoint(
             Target(self.backend, self.codec, self.dedup, self.clock), workload, folder, metadata
         )
+        # Remembered first: the head write that names it applies retention, which reads it.
+        self._summaries.put(manifest)
         if self.fencing is not None and generation is not None:
             self.fencing.committed(workload, manifest.id, generation)
-        self._summaries.put(manifest)
         return manifest
 
     def known_chunks(self, workload: str | None = None) -> ChunkIndex | None:
