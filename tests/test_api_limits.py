@@ -1,5 +1,7 @@
-"""The API server's limits, spoken to over a raw Unix socket: a capped request line, a deadline
-for reading it, and a clear protocol error for requests of the wrong shape."""
+"""The API server's limits and the client's side of the protocol, against the real ApiServer on
+a Unix socket with fake handlers (no daemon, no root): a capped request line, a deadline for
+reading it, a clear protocol error for requests of the wrong shape, and what the CLI's client
+and the CLI itself make of the answers."""
 
 from __future__ import annotations
 
@@ -7,28 +9,65 @@ import contextlib
 import json
 import select
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from checkpointer.daemon.api_server import MAX_REQUEST_BYTES, REQUEST_READ_TIMEOUT
-from tests.support import Daemon
+import pytest
+
+from checkpointer.api import Op
+from checkpointer.cli.client import RemoteError, call
+from checkpointer.daemon import api_server
+from checkpointer.daemon.api_server import MAX_REQUEST_BYTES, ApiServer
+from checkpointer.errors import CheckpointerError
+from tests.support.paths import CLI
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
+# The daemon's 10 s deadline, shortened here: the tests measure against the module's value.
+READ_TIMEOUT = 2.0
 
 
-def sock_path(daemon: Daemon) -> Path:
-    return daemon.state / "checkpointer.sock"
+def fake_status(name: str | None = None) -> list[dict[str, Any]]:
+    return [{"name": name or "web", "state": "running", "pid": 4242}]
 
 
-def connect(daemon: Daemon, timeout: float = 30.0) -> socket.socket:
+def fake_checkpoint(name: str, progress: Callable[[int, int], None] | None = None) -> Any:
+    if name == "broken":
+        raise RuntimeError("disk on fire")
+    if name == "missing":
+        raise CheckpointerError(f"no workload named {name!r}")
+    if progress:
+        for done in (0, 50, 100):
+            progress(done, 100)
+    return {"id": "c1", "name": name}
+
+
+@pytest.fixture
+def sock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real ApiServer on TMP/api.sock serving fake `status` and `checkpoint` handlers."""
+    monkeypatch.setattr(api_server, "REQUEST_READ_TIMEOUT", READ_TIMEOUT)
+    path = tmp_path / "api.sock"
+    server = ApiServer(path, {"status": fake_status, "checkpoint": fake_checkpoint})
+    server.start()
+    try:
+        yield path
+    finally:
+        server.stop()
+
+
+def connect(path: Path, timeout: float = 30.0) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
-    s.connect(str(sock_path(daemon)))
+    s.connect(str(path))
     return s
 
 
 def read_reply(s: socket.socket) -> dict[str, Any] | None:
-    """The first non-progress line the daemon sends, or None if it closes without one."""
+    """The first non-progress line the server sends, or None if it closes without one."""
     buf = b""
     while True:
         try:
@@ -45,19 +84,19 @@ def read_reply(s: socket.socket) -> dict[str, Any] | None:
                 return dict(msg)
 
 
-def ask(daemon: Daemon, raw: bytes) -> dict[str, Any] | None:
-    with connect(daemon) as s:
+def ask(path: Path, raw: bytes) -> dict[str, Any] | None:
+    with connect(path) as s:
         s.sendall(raw)
         return read_reply(s)
 
 
-def assert_answers_status(daemon: Daemon) -> None:
-    reply = ask(daemon, json.dumps({"op": "status", "args": {}}).encode() + b"\n")
+def assert_answers_status(path: Path) -> None:
+    reply = ask(path, json.dumps({"op": "status", "args": {}}).encode() + b"\n")
     assert reply is not None and reply["ok"] is True, reply
 
 
-def test_oversized_request_line_is_refused(daemon: Daemon) -> None:
-    with connect(daemon) as s:
+def test_oversized_request_line_is_refused(sock: Path) -> None:
+    with connect(sock) as s:
         # More than the cap and no newline at all: the server must stop reading. It may answer
         # and close while this is still sending.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -67,17 +106,17 @@ def test_oversized_request_line_is_refused(daemon: Daemon) -> None:
     assert reply["ok"] is False
     assert reply["kind"] == "protocol"
     assert "request too large" in reply["error"]
-    assert_answers_status(daemon)
+    assert_answers_status(sock)
 
 
-def test_a_request_just_under_the_cap_is_read(daemon: Daemon) -> None:
+def test_a_request_just_under_the_cap_is_read(sock: Path) -> None:
     pad = "x" * (MAX_REQUEST_BYTES - 100)
-    reply = ask(daemon, json.dumps({"op": "no-such-op", "pad": pad}).encode() + b"\n")
+    reply = ask(sock, json.dumps({"op": "no-such-op", "pad": pad}).encode() + b"\n")
     assert reply is not None and reply["kind"] == "protocol"
     assert "unknown op 'no-such-op'" in reply["error"]
 
 
-def test_requests_of_the_wrong_shape_get_a_protocol_error(daemon: Daemon) -> None:
+def test_requests_of_the_wrong_shape_get_a_protocol_error(sock: Path) -> None:
     cases = {
         b'{"op": ["x"]}\n': "`op` must be a string, got an array",
         b'{"op": {"a": 1}}\n': "`op` must be a string, got an object",
@@ -93,16 +132,16 @@ def test_requests_of_the_wrong_shape_get_a_protocol_error(daemon: Daemon) -> Non
         b'{"op": "status", "args": {"no_such_arg": 1}}\n': "bad arguments for op 'status'",
     }
     for raw, problem in cases.items():
-        reply = ask(daemon, raw)
+        reply = ask(sock, raw)
         assert reply is not None, raw[:40]
         assert reply["ok"] is False, (raw[:40], reply)
         assert reply["kind"] == "protocol", (raw[:40], reply)
         assert problem in reply["error"], (raw[:40], reply)
-    assert_answers_status(daemon)
+    assert_answers_status(sock)
 
 
-def test_a_silent_client_blocks_no_one_and_is_dropped(daemon: Daemon) -> None:
-    idle = connect(daemon, timeout=REQUEST_READ_TIMEOUT + 20)
+def test_a_silent_client_blocks_no_one_and_is_dropped(sock: Path) -> None:
+    idle = connect(sock, timeout=READ_TIMEOUT + 20)
     got: list[dict[str, Any] | None] = []
     waited: list[float] = []
     try:
@@ -117,35 +156,73 @@ def test_a_silent_client_blocks_no_one_and_is_dropped(daemon: Daemon) -> None:
         # While the first client says nothing, others are answered at once.
         for _ in range(3):
             t0 = time.monotonic()
-            assert_answers_status(daemon)
-            assert time.monotonic() - t0 < REQUEST_READ_TIMEOUT / 2
-        assert daemon.cli("status").returncode == 0
-        reader.join(timeout=REQUEST_READ_TIMEOUT + 20)
+            assert_answers_status(sock)
+            assert time.monotonic() - t0 < READ_TIMEOUT / 2
+        reader.join(timeout=READ_TIMEOUT + 20)
         assert not reader.is_alive(), "the idle client was never dropped"
     finally:
         with contextlib.suppress(OSError):
             idle.close()
     # Dropped after the deadline, with a reply that says why, and the connection closed.
-    assert REQUEST_READ_TIMEOUT - 1 <= waited[0] <= REQUEST_READ_TIMEOUT + 10
+    assert READ_TIMEOUT - 0.5 <= waited[0] <= READ_TIMEOUT + 10
     reply = got[0]
     assert reply is not None and reply["kind"] == "protocol"
     assert "no complete request within" in reply["error"]
-    assert_answers_status(daemon)
+    assert_answers_status(sock)
 
 
-def test_a_slow_trickle_does_not_extend_the_deadline(daemon: Daemon) -> None:
+def test_a_slow_trickle_does_not_extend_the_deadline(sock: Path) -> None:
     """The deadline is for the whole line, not for each read."""
-    with connect(daemon, timeout=REQUEST_READ_TIMEOUT + 20) as s:
+    with connect(sock, timeout=READ_TIMEOUT + 20) as s:
         started = time.monotonic()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             # A byte every fifth of the deadline, until the server answers (or gives up on us).
-            while time.monotonic() - started < REQUEST_READ_TIMEOUT + 10:
+            while time.monotonic() - started < READ_TIMEOUT + 10:
                 s.sendall(b" ")
-                readable, _, _ = select.select([s], [], [], REQUEST_READ_TIMEOUT / 5)
+                readable, _, _ = select.select([s], [], [], READ_TIMEOUT / 5)
                 if readable:
                     break
         reply = read_reply(s)
         elapsed = time.monotonic() - started
     assert reply is not None and "no complete request within" in reply["error"]
-    assert elapsed < REQUEST_READ_TIMEOUT + 5
-    assert_answers_status(daemon)
+    assert elapsed < READ_TIMEOUT + 5
+    assert_answers_status(sock)
+
+
+def test_the_client_gets_results_progress_and_the_daemons_errors(sock: Path) -> None:
+    """The CLI's client against the server: a result as the handler returned it, progress
+    before it, a CheckpointerError as its kind and message, anything else as `internal`."""
+    assert call(sock, Op.STATUS, name="db") == fake_status("db")
+    seen: list[tuple[int, int]] = []
+    result = call(sock, Op.CHECKPOINT, on_progress=lambda d, t: seen.append((d, t)), name="web")
+    assert result == {"id": "c1", "name": "web"}
+    assert seen and seen[-1] == (100, 100)
+    with pytest.raises(RemoteError) as missing:
+        call(sock, Op.CHECKPOINT, name="missing")
+    assert "no workload named 'missing'" in str(missing.value)
+    with pytest.raises(RemoteError) as broken:
+        call(sock, Op.CHECKPOINT, name="broken")
+    assert broken.value.kind == "internal" and "disk on fire" in str(broken.value)
+
+
+def test_the_cli_prints_the_daemons_answer_and_its_error_in_one_line(
+    sock: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nsocket: {sock}\n")
+    ok = subprocess.run(
+        [*CLI, "status", "db", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == fake_status("db")
+    bad = subprocess.run(
+        [*CLI, "checkpoint", "missing", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == "error: no workload named 'missing'", bad.stderr
