@@ -314,6 +314,38 @@ def test_a_host_with_failover_off_is_not_ranked_so_costs_no_scan(
         assert engines[taker].taken_at[name] == pytest.approx(judged, abs=0.3), name
 
 
+def test_a_long_sweep_does_not_hold_up_finding_a_dead_host(
+    tmp_path: Path, bucket: tuple[Counted, Codec]
+) -> None:
+    """B's first sweep has 300 leases to read, 0.1 s each (30 s at once, on the scan's thread,
+    before: no listing of hosts/ all that time). A dies as it begins: B reads a share of the
+    sweep each scan and still finds A dead within TTL + a scan of its last heartbeat."""
+    store, codec = bucket
+    clock = Clock()
+    a, _ = host(tmp_path, store, codec, "a", clock)
+    b, b_engine = host(tmp_path, store, codec, "b", clock)
+    b_engine.takes = False  # its takeovers would read and write 300 leases more
+    for i in range(300):
+        a.claim(f"w{i:03d}")
+    b.sweep_every = 10.0
+    run(clock, [a, b], 9.5)
+    stopped = clock.now  # A dies; B's sweep begins at 10 s
+    fast = store.get_versioned
+
+    def get_versioned(key: str, limit: int | None = None) -> tuple[bytes, str]:
+        clock.now += 0.1 if key.startswith("leases/") else 0.0
+        return fast(key, limit)
+
+    store.get_versioned = get_versioned  # type: ignore[method-assign]
+    while b.liveness.dead("a") is None:
+        run(clock, [b], 0.25)
+        assert clock.now - stopped < 100, "never"
+    judged = b.watcher._dead["a"].judged  # then it read A's 300 leases (0.1 s each)
+    assert judged - stopped < TTL + 3 * RENEW
+    assert 0 < b.watcher.sweeper.pending < 300  # the sweep goes on, a share a scan
+    store.get_versioned = fast  # type: ignore[method-assign]
+
+
 def test_the_holder_stops_at_ttl_minus_skew_after_its_last_heartbeat_was_sent(
     tmp_path: Path, bucket: tuple[Counted, Codec]
 ) -> None:

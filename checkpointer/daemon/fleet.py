@@ -7,7 +7,8 @@ engine asks (hold, claim, release, prepare, hand over) and ties the parts togeth
 
 - this host's heartbeat, its deadline, the copies stopped at it: lease_watchdog.py;
 - the other hosts (one listing of `hosts/` a scan, the leases of a host found dead that are
-  this host's turn to take, the slow sweep of `leases/`): fleet_scan.py, fleet_rank.py;
+  this host's turn to take, the slow sweep of `leases/`): fleet_scan.py, fleet_rank.py,
+  fleet_sweep.py;
 - calls from a migration's source, so the target acts at once: fleet_calls.py;
 - the clock check against the store's: fleet_clock.py.
 
@@ -35,6 +36,7 @@ from checkpointer.daemon.fleet_clock import ClockSkewed, store_clock_offset
 from checkpointer.daemon.fleet_hooks import FleetHooks, HookRunner
 from checkpointer.daemon.fleet_offers import NOTHING_FETCHED, REFUSED, Offers
 from checkpointer.daemon.fleet_scan import SWEEP_EVERY, Watcher
+from checkpointer.daemon.fleet_sweep import SWEEP_SHARE
 from checkpointer.daemon.lease_memory import SeenGenerations
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.errors import FleetUnavailable, MigrationFailed, NotOwner
@@ -185,12 +187,14 @@ class Fleet:
     def scan(self) -> float:
         """The clock check when due; claims of trees running here unclaimed; one listing of
         `hosts/` and what it asks (dead hosts' leases offered); leases handed here and not
-        taken yet; the sweep when due. Per scan: 1 LIST, plus this host's own work. Returns
-        when the next scan is wanted: scan_every from now, or sooner when another host may
-        be found dead then (it is judged when due, not at the next scan after), or a dead
-        host's workload is this host's turn to take."""
+        taken yet; the sweep when due, and a share of its reads (fleet_sweep.py). Per scan:
+        1 LIST, plus this host's own work. Returns when the next scan is wanted: scan_every
+        after this one started, or sooner when another host may be found dead then (it is
+        judged when due, not at the next scan after), or a dead host's workload is this
+        host's turn to take."""
         assert self.hooks is not None
-        if self.monotonic() - self._clock_checked >= CLOCK_CHECK_EVERY:
+        started = self.monotonic()
+        if started - self._clock_checked >= CLOCK_CHECK_EVERY:
             try:
                 self.check_clock()
             except ClockSkewed as e:
@@ -210,10 +214,12 @@ class Fleet:
                 self.watcher.sweep()
             except StorageError as e:
                 log.warning("fleet: cannot sweep the leases: %s", e)
+        self.watcher.sweep_some(self.monotonic() + SWEEP_SHARE * self.scan_every)
         self._generations.save(self.leases)
         now = self.monotonic()
         due = min(self.liveness.next_due(), self.watcher.wake())
-        return due if now < due < now + self.scan_every else now + self.scan_every
+        wanted = max(now, started + self.scan_every)
+        return due if now < due < wanted else wanted
 
     def _scan_loop(self) -> None:
         wait = self.scan_every

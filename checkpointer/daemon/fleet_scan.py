@@ -18,7 +18,8 @@ and the leases that are this host's turn to take; and a slow sweep of `leases/`.
   GETs per host every 10 min. A host not read yet counts as eligible; one wrongly counted
   costs the workloads ranked to it one scan period.
 - The sweep, every SWEEP_EVERY seconds, lists `leases/` (1,000 a request) with versions and
-  reads only the leases whose version changed since the last sweep. It finds what no
+  reads only the leases whose version changed since the last sweep, a share of each scan
+  period at a time (fleet_sweep.py: read at once, they held up the listing). It finds what no
   heartbeat names: a lease whose holder died between writing it and its first heartbeat, or
   whose holder has no heartbeat at all (dead after TTL from when it was noticed); a lease of
   this host taken by another (the copy here is then lost); a dead host's lease that none of
@@ -34,11 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from checkpointer.daemon.fleet_rank import rank
+from checkpointer.daemon.fleet_sweep import LeaseSweep
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
-from storage.backends.base import BlobStore
 from storage.errors import CorruptCheckpoint, StorageError
 from storage.heartbeats import MISSING, Heartbeat, Heartbeats, Liveness
-from storage.keys import LEASES, FileType, parse_as
 from storage.leases import Lease, Leases, LeaseState
 
 log = logging.getLogger(__name__)
@@ -62,51 +62,6 @@ class _Dead:
     def turn(self, k: int, scan_every: float) -> float:
         """When rank `k` looks (the sweep's when past FALLBACKS)."""
         return self.judged + (k if k <= FALLBACKS else FALLBACKS + 1) * scan_every
-
-
-class LeaseSweep:
-    """Every lease of the bucket, read again only when its version changed."""
-
-    def __init__(self, store: BlobStore, leases: Leases) -> None:
-        self.store = store
-        self.leases = leases
-        self._cache: dict[str, tuple[str, Lease | None]] = {}  # workload -> (version, lease)
-
-    def run(self) -> list[Lease]:
-        """List `leases/` with versions; GET the changed ones. Unreadable or replayed leases
-        lease nothing (and are not read again until they change)."""
-        listed: dict[str, str] = {}
-        for key, version in self.store.list_versions(LEASES):
-            name = parse_as(key, FileType.LEASE)
-            if name is not None:
-                listed[name.workload] = version
-        for gone in self._cache.keys() - listed.keys():
-            del self._cache[gone]
-        for workload, version in listed.items():
-            cached = self._cache.get(workload)
-            if cached is not None and cached[0] == version:
-                continue
-            try:
-                held = self.leases.read(workload)
-            except CorruptCheckpoint:  # planted, damaged or replayed
-                self._cache[workload] = (version, None)
-                continue
-            except StorageError as e:
-                log.warning("fleet: sweep: cannot read the lease of %s: %s", workload, e)
-                continue
-            if held is None:
-                self._cache.pop(workload, None)
-            else:
-                self._cache[workload] = (held.version, held.lease)
-        return [lease for _, lease in self._cache.values() if lease is not None]
-
-    def cached(self, holder: str) -> set[str]:
-        """The workloads whose lease, as last swept, `holder` holds."""
-        return {
-            lease.workload
-            for _, lease in self._cache.values()
-            if lease is not None and lease.holder == holder
-        }
 
 
 def taken_from(ours: Lease, found: Lease) -> bool:
@@ -146,7 +101,7 @@ class Watcher:
         self.act_on = act_on
         self.failover = failover
         self.monotonic = monotonic
-        self.sweeper = LeaseSweep(leases.store, leases)
+        self.sweeper = LeaseSweep(leases.store, leases, monotonic)
         self._dead: dict[str, _Dead] = {}
         self._eligible: dict[str, tuple[bool, float]] = {}  # host -> (eligible, when read)
 
@@ -290,34 +245,45 @@ class Watcher:
     # -- the sweep -------------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """The slow look at every lease (module docstring)."""
+        """Begin the slow look at every lease (module docstring): list `leases/`; what was
+        read before and is unchanged is looked at again now, the changed leases are read a
+        share at a time (`sweep_some`)."""
         now = self.monotonic()
-        found = self.sweeper.run()
-        swept = set()
-        for lease in found:
-            swept.add(lease.workload)
-            ours = self.watchdog.held(lease.workload)
-            if ours is not None:
-                if taken_from(ours.lease, lease):
-                    log.error(
-                        "fleet: the lease of %s is now %s's (generation %d): ours is lost",
-                        lease.workload,
-                        lease.holder,
-                        lease.generation,
-                    )
-                    self.watchdog.lose(lease.workload)
-                continue
-            holder = lease.holder
-            if holder != self.host and not self.liveness.listed(holder):
-                self.liveness.notice_missing(holder, now)
-            dead = (
-                holder != self.host
-                and lease.state is not LeaseState.RELEASED
-                and self.liveness.dead(holder) is not None
-            )
-            self.act_on(lease, dead and self._sweeps_turn(lease, now))
-        for name in set(self.watchdog.names()) - swept:
+        listed = self.sweeper.list_changed()
+        for lease in self.sweeper.unchanged():
+            self._swept(lease, now)
+        for name in set(self.watchdog.names()) - listed:
             self._gone(name)
+
+    def sweep_some(self, until: float) -> None:
+        """Read changed leases of the sweep under way until monotonic `until`."""
+        if self.sweeper.pending:
+            for lease in self.sweeper.read_some(until):
+                self._swept(lease, self.monotonic())
+
+    def _swept(self, lease: Lease, now: float) -> None:
+        """What a lease found by the sweep asks: ours taken is lost; a holder never listed is
+        noticed missing; a dead holder's, at the sweep's turn, offered; the rest to act_on."""
+        ours = self.watchdog.held(lease.workload)
+        if ours is not None:
+            if taken_from(ours.lease, lease):
+                log.error(
+                    "fleet: the lease of %s is now %s's (generation %d): ours is lost",
+                    lease.workload,
+                    lease.holder,
+                    lease.generation,
+                )
+                self.watchdog.lose(lease.workload)
+            return
+        holder = lease.holder
+        if holder != self.host and not self.liveness.listed(holder):
+            self.liveness.notice_missing(holder, now)
+        dead = (
+            holder != self.host
+            and lease.state is not LeaseState.RELEASED
+            and self.liveness.dead(holder) is not None
+        )
+        self.act_on(lease, dead and self._sweeps_turn(lease, now))
 
     def _sweeps_turn(self, lease: Lease, now: float) -> bool:
         """Whether the sweep takes this lease of a dead holder now: the ranked hosts had
