@@ -218,7 +218,9 @@ class Fleet:
         self._generations.save(self.leases)
         now = self.monotonic()
         due = min(self.liveness.next_due(), self.watcher.wake())
-        wanted = max(now, started + self.scan_every)
+        # After a scan that overran its period (a slow store), a third of one: listings back
+        # to back would cost as much again and tell little more.
+        wanted = max(started + self.scan_every, now + self.scan_every / 3)
         return due if now < due < wanted else wanted
 
     def _scan_loop(self) -> None:
