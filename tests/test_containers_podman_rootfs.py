@@ -165,12 +165,14 @@ def test_nothing_lands_below_a_symlink_of_the_base_image(tmp_path: Path) -> None
         for name in ("var/run/owned", "etc/shadow"):
             with pytest.raises(ContainerError, match="symlink or file of the base image"):
                 rewritten(
-                    tmp_path, diff_of([(entry(name), b"x")]), beneath=podman_rootfs.Beneath(fd)
+                    tmp_path,
+                    diff_of([(entry(name), b"x")]),
+                    beneath=podman_rootfs.Beneath(lambda: fd),
                 )
         fine = diff_of(
             [(entry("srv/x"), b"x"), (entry("etc", tarfile.DIRTYPE), b""), (entry("etc/y"), b"y")]
         )
-        beneath = podman_rootfs.Beneath(fd)
+        beneath = podman_rootfs.Beneath(lambda: fd)
         assert members(rewritten(tmp_path, fine, beneath=beneath)).keys() == {
             "srv/x",
             "etc",
@@ -182,6 +184,22 @@ def test_nothing_lands_below_a_symlink_of_the_base_image(tmp_path: Path) -> None
                 podman_rootfs.check_deleted(deleted, beneath)
     finally:
         os.close(fd)
+
+
+def test_the_base_image_is_looked_at_only_when_a_name_needs_it(tmp_path: Path) -> None:
+    """Mounting the image costs 0.2 s a restore: a diff whose members all lie below its own
+    folders (Podman's `etc/hosts` changes) does without."""
+    calls: list[int] = []
+
+    def base() -> int:
+        calls.append(1)
+        return -1
+
+    own = diff_of([(entry("etc", tarfile.DIRTYPE), b""), (entry("etc/hosts"), b"h")])
+    rewritten(tmp_path, own, beneath=podman_rootfs.Beneath(base))
+    assert calls == []
+    rewritten(tmp_path, diff_of([(entry("srv/x"), b"x")]), beneath=podman_rootfs.Beneath(base))
+    assert calls == [1]
 
 
 def test_a_restore_hands_podman_only_checked_tars(tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def rewrite(
     refused, then `advice`."""
     written = 0
     window = _Window(src, offset, size)
-    beneath = beneath or Beneath()
+    beneath = beneath or Beneath(lambda: -1)
     try:
         with tarfile.open(
             fileobj=window, mode="r:", encoding="utf-8", errors="surrogateescape"
@@ -182,10 +182,12 @@ class Beneath:
     then a member `d/x` wrote /dir/x). A name is accepted only if each folder above it is a
     folder: a folder member of the diff (Untar replaces whatever was there by a real folder),
     or, where the diff has none, a real folder of the base image below `base` (a descriptor
-    of it, -1 for an empty destination such as /dev/shm), or missing (Untar creates it)."""
+    of it, from `base()`, called once if needed: -1 for an empty destination such as
+    /dev/shm), or missing (Untar creates it)."""
 
-    def __init__(self, base: int = -1) -> None:
-        self.base = base
+    def __init__(self, base: Callable[[], int]) -> None:
+        self.open_base = base
+        self.base: int | None = None  # opened on the first name not below a folder of the diff
         self.kinds: dict[tuple[str, ...], str] = {}  # what the diff made at a name, so far
         self._in_base: dict[tuple[str, ...], str] = {}
 
@@ -203,6 +205,8 @@ class Beneath:
         self.kinds[parts] = kind
 
     def _base_kind(self, parts: tuple[str, ...]) -> str:
+        if self.base is None:
+            self.base = self.open_base()
         if self.base < 0:
             return "missing"
         kind = self._in_base.get(parts)
