@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from checkpointer.daemon.fleet_rank import order, rank, weight
+from checkpointer.daemon.fleet_rank import order, rank, weight, within
 
 HOSTS = [f"h{i:03d}" for i in range(10)]
 WORKLOADS = [f"w{i:05d}" for i in range(10_000)]
@@ -42,3 +42,11 @@ def test_a_host_leaving_moves_only_its_own_workloads_to_the_next_in_line() -> No
         assert after == [h for h in before if h != gone]  # the fallback is the next in line
         if before[0] != gone:
             assert after[0] == before[0]
+
+
+def test_within_k_is_rank_at_most_k() -> None:
+    for w in WORKLOADS[:300]:
+        for h in HOSTS[:3]:
+            others = set(HOSTS) - {h}
+            for k in (0, 2, 5):
+                assert within(w, h, others, k) == (rank(w, h, others) <= k)

@@ -35,6 +35,20 @@ def rank(workload: str, host: str, candidates: Iterable[str]) -> int:
     return sum(1 for other in set(candidates) - {host} if weight(workload, other) > mine)
 
 
+def within(workload: str, host: str, candidates: Iterable[str], k: int) -> bool:
+    """Whether `host`'s rank for `workload` is at most `k`: `rank(...) <= k`, stopping at
+    the (k+1)-th heavier candidate (about 3 ln H weights instead of H, for k = 2: what the
+    sweep asks of every lease it has never read)."""
+    mine = weight(workload, host)
+    heavier = 0
+    for other in candidates:
+        if other != host and weight(workload, other) > mine:
+            heavier += 1
+            if heavier > k:
+                return False
+    return True
+
+
 def order(workload: str, candidates: Iterable[str]) -> list[str]:
     """The candidates in the order they take `workload` over (for `checkpointer status`-style
     views and tests)."""

@@ -10,21 +10,22 @@ and the leases that are this host's turn to take; and a slow sweep of `leases/`.
   is k (0: first) is this host's turn k scan periods after the judgement, up to FALLBACKS; at
   its turn its lease is read and, still the dead host's, offered for failover (the takeover's
   If-Match decides between two hosts that both think it theirs). Offered and not taken, it
-  is looked at again every DEAD_RETRY seconds. So a death costs the fleet about one lease
-  read per workload, not one per workload and watcher (99 x 100 GETs at 100 hosts, 470 s to
-  fail over at 100 ms a request, before).
+  is looked at again every DEAD_RETRY seconds. So a death costs the fleet up to FALLBACKS + 1
+  lease reads per workload, not one per workload and watcher (99 x 100 at 100 hosts before),
+  and each host's takeovers are its share, not all of them.
 - Eligibility of the others (failover on, not draining) comes from their heartbeats, read
   round-robin, at most one a scan, each host about every ELIGIBILITY_EVERY seconds: O(hosts)
   GETs per host every 10 min. A host not read yet counts as eligible; one wrongly counted
   costs the workloads ranked to it one scan period.
 - The sweep, every SWEEP_EVERY seconds, lists `leases/` (1,000 a request) with versions and
-  reads only the leases whose version changed since the last sweep, a share of each scan
-  period at a time (fleet_sweep.py: read at once, they held up the listing). It finds what no
-  heartbeat names: a lease whose holder died between writing it and its first heartbeat, or
-  whose holder has no heartbeat at all (dead after TTL from when it was noticed); a lease of
-  this host taken by another (the copy here is then lost); a dead host's lease that none of
-  its first FALLBACKS + 1 ranked hosts took (each refused, or died too): the last resort; and
-  it keeps the view of who owns what (`checkpointer status`).
+  reads only the leases whose version changed since the last sweep (a lease never read here
+  only if this host holds it or is among the first FALLBACKS + 1 to take it over), a share of
+  each scan period at a time (fleet_sweep.py: read at once, they held up the listing). It
+  finds what no heartbeat names: a lease whose holder died between writing it and its first
+  heartbeat, or whose holder has no heartbeat at all (dead after TTL from when it was
+  noticed); a lease of this host taken by another (the copy here is then lost); a dead host's
+  lease that none of its first FALLBACKS + 1 ranked hosts took (each refused, or died too):
+  the last resort; and it keeps the view of who owns what (`checkpointer status`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from checkpointer.daemon.fleet_rank import rank
+from checkpointer.daemon.fleet_rank import rank, within
 from checkpointer.daemon.fleet_sweep import LeaseSweep
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from storage.errors import CorruptCheckpoint, StorageError
@@ -249,7 +250,17 @@ class Watcher:
         read before and is unchanged is looked at again now, the changed leases are read a
         share at a time (`sweep_some`)."""
         now = self.monotonic()
-        listed = self.sweeper.list_changed()
+        candidates = self.candidates()
+        own = set(self.watchdog.names())
+        draining = self.draining()
+
+        def ours(workload: str) -> bool:
+            """Never read here: read it if this host holds it, or would take it over."""
+            return workload in own or (
+                not draining and within(workload, self.host, candidates, FALLBACKS)
+            )
+
+        listed = self.sweeper.list_changed(ours)
         for lease in self.sweeper.unchanged():
             self._swept(lease, now)
         for name in set(self.watchdog.names()) - listed:

@@ -2,13 +2,20 @@
 bucket, read again only when its version changed, a few at a time.
 
 A sweep lists `leases/` with versions (1,000 a request) and queues the leases whose version
-changed since they were last read; each scan then reads what fits in its share of the scan
-period (`read_some`). Read all at once, the first sweep of a host at 10,000 workloads was
-10,000 GETs, 1,000 s at 100 ms a request, on the scan's thread: no listing of `hosts/` all
-that time, so a host that died meanwhile was found only after it (470 s to fail over in
-bench.fleet_scale at 100 hosts x 10,000 workloads, 100 ms). Read a share a scan, liveness keeps
-its period; the first sweep then takes longer (10,000 leases at 100 ms and 1 s a scan: about
-50 minutes; at 15 ms, 8), which only delays what the sweep is the backstop for.
+changed since they were last read (or listed); each scan then reads what fits in its share of
+the scan period (`read_some`). A lease this host never read, unchanged since it was first
+listed here, is read only by the hosts it is the turn of should its holder die (the first
+FALLBACKS + 1 of its rendezvous order, fleet_rank.py) and by its holder: reading every lease
+once, every host, made each host's first sweep N GETs, the fleet's H x N (1,000,000 GETs at 100
+hosts x 10,000 workloads, ~280 GET/s on `leases/` averaged over bench.fleet_scale's hour, 2,492
+of them throttled at 15 ms), where ~3 x N does what a first sweep is for: orphans and holders
+without heartbeat are found by the hosts that would take them over.
+
+Read all at once, on the scan's thread, the first sweep at 10,000 workloads took 1,000 s at
+100 ms a request: no listing of `hosts/` all that time, so a host that died meanwhile was
+found only after it (the 470 s failover of bench.fleet_scale at 100 hosts x 10,000 workloads,
+100 ms). Read a share a scan, liveness keeps its period; a long sweep takes longer, which only
+delays what the sweep is the backstop for.
 """
 
 from __future__ import annotations
@@ -40,11 +47,13 @@ class LeaseSweep:
         self.monotonic = monotonic
         self._cache: dict[str, tuple[str, Lease | None]] = {}  # workload -> (version, lease)
         self._queue: dict[str, str] = {}  # workload -> version listed, not read yet
+        self._skipped: dict[str, str] = {}  # workload -> version listed, not ours to read
 
-    def list_changed(self) -> set[str]:
+    def list_changed(self, ours: Callable[[str], bool] = lambda workload: True) -> set[str]:
         """List `leases/` with versions: forget the leases gone, queue the changed ones (a
-        new sweep's queue replaces what the last one did not read yet). Returns the listed
-        workloads."""
+        new sweep's queue replaces what the last one did not read yet). A lease never read
+        here is queued only if `ours(workload)`, else its version is kept: read once it
+        changes. Returns the listed workloads."""
         listed: dict[str, str] = {}
         for key, version in self.store.list_versions(LEASES):
             name = parse_as(key, FileType.LEASE)
@@ -52,9 +61,19 @@ class LeaseSweep:
                 listed[name.workload] = version
         for gone in self._cache.keys() - listed.keys():
             del self._cache[gone]
-        self._queue = {
-            w: v for w, v in listed.items() if w not in self._cache or self._cache[w][0] != v
-        }
+        for gone in self._skipped.keys() - listed.keys():
+            del self._skipped[gone]
+        self._queue = {}
+        for workload, version in listed.items():
+            known = self._cache[workload][0] if workload in self._cache else None
+            known = self._skipped.get(workload, known)
+            if known is not None:
+                if known != version:
+                    self._queue[workload] = version
+            elif ours(workload):
+                self._queue[workload] = version
+            else:
+                self._skipped[workload] = version
         return set(listed)
 
     def unchanged(self) -> list[Lease]:
@@ -77,6 +96,7 @@ class LeaseSweep:
         while self._queue:
             workload = next(iter(self._queue))
             version = self._queue.pop(workload)
+            self._skipped.pop(workload, None)
             try:
                 held = self.leases.read(workload)
             except CorruptCheckpoint:  # planted, damaged or replayed
