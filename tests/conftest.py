@@ -12,12 +12,17 @@ temporary folder (every mkdtemp of its tests lands there), its own ports and tes
 (tests/support/workers.py), its own moto_server, and at its end checks that nothing its tests
 started still runs. A file with fixtures shared by its tests (scope module or class) runs
 whole on one worker, in its order (tests/support/scheduling.py).
+
+Every test is also checked on its own (`nothing_left_behind`, tests/support/leftovers.py): a
+test that leaves processes, mounts, network namespaces, /dev/shm or temporary folders behind
+fails, naming them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -29,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import COUNTER, Daemon, Moto, free_port, http_get
+from tests.support import COUNTER, Daemon, Moto, free_port, http_get, leftovers
 from tests.support.processes import working_in
 from tests.support.workers import worker
 
@@ -67,6 +72,23 @@ def worker_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Pa
         assert not left, f"processes the tests started are still running: {left}"
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_behind(worker_folders: list[Path]) -> Iterator[None]:
+    """Fail a test that leaves anything behind (tests/support/leftovers.py). Autouse, so it
+    is set up before the test's other fixtures and checks after their teardown."""
+    token = secrets.token_hex(8)
+    temp_root = worker_folders[0]
+    before = leftovers.snapshot(worker_folders, temp_root)
+    os.environ[leftovers.TOKEN_VAR] = token  # every process the test starts inherits it
+    try:
+        yield
+    finally:
+        del os.environ[leftovers.TOKEN_VAR]
+    left = leftovers.left_behind(before, temp_root, token)
+    if left:
+        pytest.fail("the test left behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="ckpt-test-"))
@@ -80,8 +102,8 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def daemon(workdir: Path) -> Iterator[Daemon]:
     d = Daemon(workdir)
-    d.start()
     try:
+        d.start()
         yield d
     finally:
         d.stop()
@@ -115,6 +137,7 @@ def moto(moto_servers: list[Moto]) -> Iterator[Moto]:
     and object gone), resumed if the test paused it, started again if it died."""
     if not moto_servers or moto_servers[0].proc.poll() is not None:
         moto_servers[:] = [Moto()]
+        leftovers.outlives_test(moto_servers[0].proc.pid)  # kept for this worker's later tests
     m = moto_servers[0]
     try:
         yield m

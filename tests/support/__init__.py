@@ -4,6 +4,7 @@ process trees, the daemon driven through the real CLI. The fixtures stay in test
     from tests.support import Daemon, free_port, http_get
 """
 
+from tests.support import leftovers
 from tests.support.daemon import Daemon
 from tests.support.host import require_root_and_criu
 from tests.support.hosts import Host, Network
@@ -27,6 +28,7 @@ __all__ = [
     "free_port",
     "http_get",
     "kill_tree",
+    "leftovers",
     "redis_client",
     "redis_command",
     "require_root_and_criu",

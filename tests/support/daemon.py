@@ -16,6 +16,7 @@ import yaml
 from checkpointer.api import Op
 from checkpointer.cli.client import call
 from checkpointer.errors import CheckpointerError
+from tests.support import leftovers
 from tests.support.host import require_root_and_criu
 from tests.support.net import free_port
 from tests.support.paths import CLI
@@ -57,6 +58,9 @@ class Daemon:
         self.prefix: list[str] = []
 
     def start(self) -> None:
+        from checkpointer.engine import tmpfs_scratch_root
+
+        leftovers.made("shm", tmpfs_scratch_root(self.state))  # stop() removes it
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.prefix, *CLI, "daemon", "--config", str(self.config), *self.args],
@@ -177,9 +181,9 @@ class Daemon:
         self.proc = None
 
     def stop(self) -> None:
-        """Stop the daemon first (so it restores nothing more), then every workload it had."""
-        if self.proc is None:
-            return
+        """Stop the daemon first (so it restores nothing more), then every workload it had, and
+        remove its /dev/shm folder: also when the daemon is already gone (a test killed or
+        terminated it), whose workloads and folder are still there."""
         self.terminate()
         self.kill_workloads()
         from checkpointer.engine import tmpfs_scratch_root

@@ -46,6 +46,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.daemon import Daemon
+from tests.support.leftovers import made
 from tests.support.moto_server import S3_ENV, Moto
 from tests.support.paths import ROOT
 from tests.support.processes import start_time, tree_pids
@@ -279,6 +280,7 @@ class Host(Daemon):
         """Make the namespaces and the private folders (add_host does it)."""
         net = self.net
         ip("netns", "add", self.netns)
+        made("netns", self.netns_file)  # close() removes it
         ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
         ip("-n", self.netns, "link", "set", "lo", "up")
         if net.mode == "bridge":
