@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup criu containers run test lint bench install uninstall deb
+.PHONY: setup criu containers run test test-unit docs lint bench install uninstall deb
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,16 @@ bench: setup containers
 	$(VENV)/bin/python -m bench.bucket_download
 	$(VENV)/bin/python -m bench.big_checkpoint
 	$(VENV)/bin/python bench/run.py --report
+
+# The unit tests alone (`pytestmark = pytest.mark.unit`): no root, no CRIU, no server; as any user.
+test-unit: $(STAMP)
+	$(VENV)/bin/pytest -q -m unit
+
+# docs/configuration.md and docs/cli.md, written from the config model and the click commands
+# (tests/test_references.py fails when they are stale).
+docs: $(STAMP)
+	$(VENV)/bin/python -m checkpointer.config.reference > docs/configuration.md
+	$(VENV)/bin/python -m checkpointer.cli.reference > docs/cli.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check checkpointer storage tests bench

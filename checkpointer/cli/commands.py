@@ -50,7 +50,12 @@ def cli(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
 
 @cli.command()
 @common(reporting=False)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="the daemon's own log on stderr: lines of text, or one JSON object a line",
+)
 @click.option(
     "--stop-workloads-on-exit",
     is_flag=True,
@@ -70,7 +75,12 @@ def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> Non
 @common()
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True)
-@click.option("--cwd", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--cwd",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="the workload's working directory (default: this one)",
+)
 @click.option("--env", multiple=True, help="KEY=VALUE for the workload's environment")
 @schedule_flags
 @criu_flags
@@ -96,8 +106,13 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
 @cli.command()
 @common()
 @click.argument("name")
-@click.option("--pid", type=int, default=None)
-@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--pid", type=int, default=None, help="the root process of the tree to adopt")
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="a file holding the PID of the tree to adopt (its first word), read when registering",
+)
 @click.option("--lxc", "lxc", metavar="CONTAINER", default=None, help="an LXC container")
 @click.option(
     "--podman", "podman", metavar="CONTAINER", default=None, help="a Podman container (runc)"

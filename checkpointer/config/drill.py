@@ -10,6 +10,8 @@ from checkpointer.config.types import Interval
 
 
 class DrillPolicy(BaseModel):
+    """Restore drills of one workload: its newest checkpoint restored in a sandbox."""
+
     model_config = ConfigDict(extra="forbid")
 
     every: Interval | None = Field(

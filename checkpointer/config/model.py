@@ -61,14 +61,24 @@ class Retention(_Strict):
     """restic's `forget` rules, ORed (see storage/retention.py); UTC calendar buckets. The one
     model of a retention policy: storage/ reads it through `retention.RetentionPolicy`."""
 
-    keep_last: int | None = Field(None, ge=1)
-    keep_hourly: int | None = Field(None, ge=1)
-    keep_daily: int | None = Field(None, ge=1)
-    keep_weekly: int | None = Field(None, ge=1)
-    keep_monthly: int | None = Field(None, ge=1)
-    keep_yearly: int | None = Field(None, ge=1)
-    keep_within: Duration | None = None
-    max_total_bytes: ByteSize | None = None
+    keep_last: int | None = Field(None, ge=1, description="the N newest checkpoints")
+    keep_hourly: int | None = Field(
+        None, ge=1, description="the newest of each of the last N hours"
+    )
+    keep_daily: int | None = Field(None, ge=1, description="the newest of each of the last N days")
+    keep_weekly: int | None = Field(
+        None, ge=1, description="the newest of each of the last N weeks"
+    )
+    keep_monthly: int | None = Field(
+        None, ge=1, description="the newest of each of the last N months"
+    )
+    keep_yearly: int | None = Field(
+        None, ge=1, description="the newest of each of the last N years"
+    )
+    keep_within: Duration | None = Field(None, description="every checkpoint this recent")
+    max_total_bytes: ByteSize | None = Field(
+        None, description="then the oldest kept ones removed until their images' sizes fit"
+    )
 
     @model_validator(mode="after")
     def _not_empty(self) -> Retention:
@@ -95,8 +105,8 @@ class RestorePolicy(_Strict):
 class WorkloadOptions(_Strict):
     """How a workload is checkpointed and restored, whichever way it was registered."""
 
-    every: Interval | None = None
-    cron: str | None = None
+    every: Interval | None = Field(None, description="checkpoint this often (e.g. 5m)")
+    cron: str | None = Field(None, description="or at these times (5-field cron, UTC)")
     jitter: Interval | None = Field(None, description="random delay added to each run")
     criu: CriuOptions = Field(default_factory=CriuOptions)
     retention: Retention | None = Field(None, description="default: the top-level retention")
@@ -133,12 +143,12 @@ class WorkloadConfig(WorkloadOptions):
     """A workload declared in the config: managed (`command`), adopted (`pid`/`pidfile`) or a
     container (`lxc`/`podman`: its name in that runtime)."""
 
-    name: str
-    command: list[str] | None = None
-    cwd: Path | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    pid: int | None = None
-    pidfile: Path | None = None
+    name: str = Field(description="the workload's name in every command and in the repository")
+    command: list[str] | None = Field(None, description="managed: the program and its arguments")
+    cwd: Path | None = Field(None, description="managed: working directory (the config's folder)")
+    env: dict[str, str] = Field(default_factory=dict, description="managed: environment added")
+    pid: int | None = Field(None, description="adopted: the root process of the tree")
+    pidfile: Path | None = Field(None, description="adopted: a file holding that PID")
     lxc: str | None = Field(None, description="an LXC container's name")
     podman: str | None = Field(None, description="a Podman container's name (runtime runc)")
 
@@ -175,30 +185,38 @@ class WorkloadConfig(WorkloadOptions):
 
 
 class S3Config(_Strict):
-    bucket: str
-    prefix: str = ""
+    """An S3 bucket (or an S3-compatible server) holding the repository."""
+
+    bucket: str = Field(description="the bucket (it must exist)")
+    prefix: str = Field("", description="a folder in the bucket for this repository")
     endpoint_url: str | None = Field(None, description="for S3-compatible servers")
-    region: str | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    region: str | None = Field(None, description="the bucket's region (default: boto3's)")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="bucket in the path or in the host name (boto3's choice by default)"
+    )
     profile: str | None = Field(None, description="a profile of ~/.aws/config")
     access_key_id: str | None = Field(None, description="prefer the AWS credential chain")
-    secret_access_key: str | None = None
-    sse: Literal["AES256", "aws:kms"] | None = None
-    sse_kms_key_id: str | None = None
+    secret_access_key: str | None = Field(None, description="with access_key_id")
+    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="S3's own encryption")
+    sse_kms_key_id: str | None = Field(None, description="the KMS key, with sse: aws:kms")
     create_only: bool = Field(True, description="send If-None-Match: * on uploads")
-    multipart_threshold: ByteSize = 64 * 1024 * 1024
-    multipart_chunk: ByteSize = 16 * 1024 * 1024
-    connect_timeout: Duration = 10.0
-    read_timeout: Duration = 60.0
+    multipart_threshold: ByteSize = Field(64 * 1024**2, description="larger uploads in parts")
+    multipart_chunk: ByteSize = Field(16 * 1024**2, description="the size of those parts")
+    connect_timeout: Duration = Field(10.0, description="of one connection to S3")
+    read_timeout: Duration = Field(60.0, description="of one read from S3")
 
 
 class RetryConfig(_Strict):
-    attempts: int = Field(5, ge=1)
+    """How storage operations are retried (with back-off) before they fail."""
+
+    attempts: int = Field(5, ge=1, description="tries of one operation, the first included")
     max_delay: Duration = Field(60.0, description="give up retrying one operation after this")
 
 
 class StorageConfig(_Strict):
-    backend: Literal["local", "s3"] = "local"
+    """Where checkpoints are stored: the repository."""
+
+    backend: Literal["local", "s3"] = Field("local", description="a local folder, or S3")
     path: Path | None = Field(None, description="local: repository folder")
     s3: S3Config | None = None
     cache_dir: Path | None = Field(None, description="s3: spool and cache; STATE_DIR/cache")
@@ -227,7 +245,9 @@ class StorageConfig(_Strict):
 
 
 class CriuConfig(_Strict):
-    binary: str = "criu"
+    """How CRIU is run, for every workload."""
+
+    binary: str = Field("criu", description="the criu program (a path, or found on PATH)")
     scratch_dir: Path | None = Field(
         None, description="where images are dumped before storing; default a tmpfs if it has room"
     )
@@ -247,6 +267,8 @@ class CriuConfig(_Strict):
 
 
 class HostConfig(_Strict):
+    """This host."""
+
     id: str = Field(default_factory=socket.gethostname, description="this host's name in the fleet")
 
     @field_validator("id")
@@ -300,14 +322,16 @@ class ShutdownConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    enabled: bool = True
+    """The Prometheus endpoint (README: Metrics)."""
+
+    enabled: bool = Field(True, description="serve Prometheus metrics over HTTP")
     address: str = Field("127.0.0.1", description="loopback by default: put a proxy in front")
-    port: int = Field(9467, ge=0, le=65535)
+    port: int = Field(9467, ge=0, le=65535, description="their TCP port")
 
 
 class Config(_Strict):
-    state_dir: Path = Path("/var/lib/checkpointer")
-    socket: Path | None = None
+    state_dir: Path = Field(Path("/var/lib/checkpointer"), description="the daemon's own files")
+    socket: Path | None = Field(None, description="the API socket (STATE_DIR/checkpointer.sock)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     criu: CriuConfig = Field(default_factory=CriuConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
