@@ -221,7 +221,11 @@ class Fleet:
         # After a scan that overran its period (a slow store), a third of one: listings back
         # to back would cost as much again and tell little more.
         wanted = max(started + self.scan_every, now + self.scan_every / 3)
-        return due if now < due < wanted else wanted
+        # Due while this scan ran (its listing started before): again now, not a period later
+        # (in bench.fleet_scale a host's judgement fell due exactly as the listing ten periods
+        # after its first sighting returned: every failover took a scan period more). Due
+        # before it started and not judged (its heartbeat unreadable): at the next period.
+        return max(due, now) if started < due < wanted else wanted
 
     def _scan_loop(self) -> None:
         wait = self.scan_every
