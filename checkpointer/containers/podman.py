@@ -7,6 +7,11 @@ boundaries, so the tar itself would defeat the repository's 4 KiB page dedup: th
 is the export unpacked, CRIU's images as they are and Podman's files prefixed with
 `podman.`; a restore packs them into a tar again. The export holds the rootfs changes against
 the base image, not the image itself: a host restoring it needs the base image.
+
+Podman's rootfs diff lacks ACLs and `trusted.*` attributes: they are added at checkpoint, and
+the tars Podman unpacks as root on restore (and its list of files to delete) are checked
+first, against the base image where a name goes below a folder the diff does not make
+(podman_rootfs.py says why and how).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ DELETED = "deleted.files"  # and the ones it removed (a JSON list)
 DEVSHM = "devshm-checkpoint.tar"  # its /dev/shm
 MAX_DELETED_BYTES = 64 << 20
 ADVICE = "; restore an older checkpoint, and check who can write the repository"
+FIX_FILE = "; it could not be restored: remove or change that file in the container"
 STATS = "stats-dump"  # CRIU's statistics, at the export's top: kept under its own name
 
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -322,7 +328,9 @@ def _unpack_export(export: Path, images: Path, rootfs: Callable[[], int] = lambd
                     root = rootfs()
                     try:
                         extra = podman_rootfs.FromContainer(root) if root >= 0 else None
-                        podman_rootfs.rewrite(tar_fd, member.offset_data, member.size, fd, extra)
+                        podman_rootfs.rewrite(
+                            tar_fd, member.offset_data, member.size, fd, extra, advice=FIX_FILE
+                        )
                     finally:
                         if root >= 0:
                             os.close(root)
