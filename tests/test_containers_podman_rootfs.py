@@ -111,6 +111,26 @@ def test_the_diff_gets_the_acls_and_trusted_attributes_podman_leaves_out(
     assert rewritten(tmp_path, once, name="stored") == once  # the restore's check changes nothing
 
 
+def test_attributes_are_never_read_through_a_symlink_of_the_container(tmp_path: Path) -> None:
+    """The container is the untrusted side: a folder it swapped for a symlink to a host
+    folder, or a symlink as the last name, gives no attributes of the host's files."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "secret").write_text("s")
+    os.setxattr(host / "secret", "trusted.host", b"host's")
+    root = tmp_path / "merged"
+    root.mkdir()
+    (root / "srv").symlink_to(host)
+    (root / "last").symlink_to(host / "secret")
+    diff = diff_of([(entry("srv/secret"), b"s"), (entry("last", tarfile.SYMTYPE, "x"), b"")])
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = members(rewritten(tmp_path, diff, podman_rootfs.FromContainer(fd)))
+    finally:
+        os.close(fd)
+    assert not found["srv/secret"].pax_headers and not found["last"].pax_headers
+
+
 BIG = b"v" * (podman_rootfs.XATTR_SIZE_MAX + 1)
 HOSTILE = [
     ([(entry("../escape"), b"x")], "../escape", "'..'"),
