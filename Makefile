@@ -58,7 +58,7 @@ bench: setup containers
 
 # The unit tests alone (`pytestmark = pytest.mark.unit`): no root, no CRIU, no server; as any user.
 test-unit: $(STAMP)
-	$(VENV)/bin/pytest -q -m unit
+	$(VENV)/bin/pytest -q -m unit -n $(TEST_WORKERS)
 
 # docs/configuration.md and docs/cli.md, written from the config model and the click commands
 # (tests/test_references.py fails when they are stale).

@@ -33,10 +33,15 @@ CANDIDATES = [(1, 31, "3dnow"), (1, 30, "3dnowext"), (18, 2, "avx512_4vnniw"), (
 
 
 def build_crit(into: Path) -> Path:
-    """A runnable crit (pycriu + crit packages) in `into`; skips if no CRIU source tree."""
+    """A runnable crit (pycriu + crit packages) in `into`, from the CRIU source tree that
+    `make setup` (scripts/install-criu.sh) keeps; fails the test, saying so, without it."""
     src = next(iter(sorted(CRIU_SRC.glob("criu-*/crit/crit"))), None)
     if src is None or shutil.which("protoc") is None:
-        pytest.skip(f"no CRIU source tree under {CRIU_SRC} (scripts/install-criu.sh) or protoc")
+        pytest.fail(
+            f"no CRIU source tree under {CRIU_SRC} or no protoc: run `make setup` "
+            "(scripts/install-criu.sh builds CRIU there and installs protobuf-compiler)",
+            pytrace=False,
+        )
     tree = src.parent.parent
     shutil.copytree(tree / "lib/pycriu", into / "pycriu")
     shutil.copytree(src, into / "crit")

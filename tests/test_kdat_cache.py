@@ -12,9 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from checkpointer.criu import kdat_cache
+from tests.support.host import require_root_and_criu
 
 ROOT = Path(__file__).resolve().parent.parent
 CRIU = shutil.which("criu")
@@ -29,11 +28,12 @@ def in_own_mount_namespace(code: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.mark.skipif(
-    CRIU is None or not kdat_cache.uses_folder(CRIU),
-    reason="the CRIU on PATH is not the one scripts/install-criu.sh builds",
-)
 def test_criu_starts_from_the_cache_once_the_daemon_mounted_it(tmp_path: Path) -> None:
+    require_root_and_criu()
+    assert CRIU is not None and kdat_cache.uses_folder(CRIU), (
+        f"the CRIU on PATH ({CRIU}) is not the one scripts/install-criu.sh builds, which keeps "
+        "its probe cache in a folder: run `make setup`"
+    )
     # The folder starts as a plain directory on the root file system (as after a reboot on
     # a host whose /run is not tmpfs); ensure() mounts the tmpfs and the second CRIU run
     # loads what the first one probed.
