@@ -246,7 +246,8 @@ class Podman:
 
 
 class _ImageRoot:
-    """`podman image mount` of the first of `names` this host has, on the first call."""
+    """`podman image mount` of the first of `names` this host has, on the first call; the
+    last (the image's name) pulled first if none is here, as the import itself would."""
 
     def __init__(self, tool: Tool, container: str, names: list[str]) -> None:
         self.tool, self.container, self.names = tool, container, names
@@ -256,23 +257,28 @@ class _ImageRoot:
     def __call__(self) -> int:
         if self.fd is None:
             self.fd = -1
-            for image in self.names:
-                out = self.tool.output(["podman", "image", "mount", image])
-                if out.returncode == 0:
-                    self.mounted = image
-                    path = out.stdout.strip()
-                    self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                    break
-            else:
-                if self.names:
-                    image = self.names[-1]
+            if self.names and not self._mount():
+                image = self.names[-1]
+                pulled = self.tool.output(["podman", "pull", "-q", image], timeout=600)
+                if pulled.returncode != 0 or not self._mount():
                     raise ContainerError(
                         f"podman restore of {self.container}: the container's base image "
-                        f"{image} is not on this host; copy it here (`podman save -o F {image}`"
-                        f" where it is, `podman load -i F` here) or pull it, and restore again",
+                        f"{image} is not on this host and could not be pulled; copy it here "
+                        f"(`podman save -o F {image}` where it is, `podman load -i F` here) "
+                        "and restore again",
                         "image-missing",
                     )
         return self.fd
+
+    def _mount(self) -> bool:
+        for image in self.names:
+            out = self.tool.output(["podman", "image", "mount", image])
+            if out.returncode == 0:
+                self.mounted = image
+                path = out.stdout.strip()
+                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                return True
+        return False
 
     def close(self) -> None:
         if self.fd is not None and self.fd >= 0:
@@ -283,8 +289,8 @@ class _ImageRoot:
 
 
 def _images_of(images: Path) -> list[str]:
-    """The base image config.dump names: its ID, then its name (the import uses the image of
-    that ID where this host has it, else the name's)."""
+    """The base image config.dump names: its ID, then its name (the import pulls the name if
+    this host lacks it, then creates the container from the image of that ID)."""
     try:
         config = json.loads((images / f"{PREFIX}config.dump").read_text(errors="replace"))
     except (OSError, ValueError):
