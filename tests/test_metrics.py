@@ -134,12 +134,14 @@ def prometheus_stack(workdir: Path) -> Iterator[tuple[Daemon, Prometheus]]:
     rules = workdir / "alerts.yaml"
     rules.write_text(re.sub(r"for: \S+", "for: 1s", ALERTS.read_text()))
     d = Daemon(workdir)
-    d.start()
-    prom = Prometheus(workdir, d.metrics_port, rules)
+    prom: Prometheus | None = None
     try:
+        d.start()
+        prom = Prometheus(workdir, d.metrics_port, rules)
         yield d, prom
     finally:
-        prom.stop()
+        if prom is not None:
+            prom.stop()
         d.stop()
 
 
@@ -152,21 +154,25 @@ def test_dashboard_and_alerts_against_a_real_prometheus(
     # Checkpoints of this one always fail: an established TCP connection, no tcp_established.
     d.cli("run", "broken", "--every", "1s", "--", sys.executable, str(PROGRAMS / "tcp_holder.py"))
     http_get(port)
-    time.sleep(4)
+    d.wait_for("web", lambda st: st["last_checkpoint"] is not None)  # what the drill restores
     d.cli("drill", "web")  # the drill panels' data (checkpointer_verified_checkpoint_...)
     kill_tree(d.pid("web"))  # a crash: restored by the daemon (restores_total{reason=crash})
     http_get(port, timeout=20)
-    time.sleep(6)
 
     dashboard = json.loads(DASHBOARD.read_text())
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "workload"}
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 10
+    deadline = time.monotonic() + 30  # scrapes every second: data within a few
     for expr in exprs:
         q = expr.replace("$workload", ".*").replace("$__rate_interval", "30s")
-        r = prom.api("query", query=q)
-        assert r["status"] == "success", (expr, r)
-        assert r["data"]["result"], f"panel query returned no data: {expr}"
+        while True:
+            r = prom.api("query", query=q)
+            assert r["status"] == "success", (expr, r)
+            if r["data"]["result"]:
+                break
+            assert time.monotonic() < deadline, f"panel query returned no data: {expr}"
+            time.sleep(0.5)
 
     # promtool accepts the shipped rules as they are
     check = subprocess.run(
