@@ -14,7 +14,8 @@ import pytest
 
 from checkpointer.containers import lxc_config, rootfs_archive, rootfs_extract
 from checkpointer.containers.base import ContainerError, check_container_name, failure
-from checkpointer.containers.podman import _pack_export, _unpack_export
+from checkpointer.containers.podman_export import pack as _pack_export
+from checkpointer.containers.podman_export import unpack as _unpack_export
 from checkpointer.criu import DumpOptions
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.containers import podman, podman_rootfs
+from checkpointer.containers import podman_export, podman_rootfs
 from checkpointer.containers.base import ContainerError
 from tests.support.containers import plant_attributes
 
@@ -236,14 +236,14 @@ def test_a_restore_hands_podman_only_checked_tars(tmp_path: Path) -> None:
     for tar in (diff, shm):
         tar.write_bytes(hostile)
         with pytest.raises(ContainerError, match="d/passwd"):
-            podman._pack_export(images, export)
+            podman_export.pack(images, export)
         assert sorted(os.listdir(tmp_path)) == ["images"]
         tar.write_bytes(diff_of([(entry("srv/x", system__posix_acl_access=ACL), b"x")]))
     (images / "podman.deleted.files").write_text('["srv/../../x"]')
     with pytest.raises(ContainerError, match=r"deleted\.files"):
-        podman._pack_export(images, export)
+        podman_export.pack(images, export)
     (images / "podman.deleted.files").write_text('["srv/y"]')
-    podman._pack_export(images, export)
+    podman_export.pack(images, export)
     with tarfile.open(export) as tar:
         for name in ("rootfs-diff.tar", "devshm-checkpoint.tar"):
             inner = tar.extractfile(name)
