@@ -15,6 +15,7 @@ from checkpointer.api import (
     VerifyReport,
 )
 from checkpointer.config.durations import format_duration
+from checkpointer.criu import sandbox_priority
 from checkpointer.engine import listing, recovery
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import DrillResult, Workload, WorkloadState
@@ -145,7 +146,8 @@ def verify(
             progress(done, m.size_bytes)
 
     t0 = time.monotonic()
-    engine.repo.verify(name, checkpoint_id, step)
+    with sandbox_priority.this_thread():  # as a drill's read: only on what workloads leave
+        engine.repo.verify(name, checkpoint_id, step)
     return {
         "workload": name,
         "id": checkpoint_id,
