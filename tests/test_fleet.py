@@ -79,8 +79,7 @@ def test_failover_takes_over_a_dead_hosts_workload_and_the_host_does_not_restore
         b.start()
         a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
         a.serve(port, 7)
-        a.checkpoint("web")
-        time.sleep(1.5)  # the spool uploads it
+        net.moto.wait_for_checkpoint(bucket, a.checkpoint("web"))  # uploaded by the spool
         a.serve(port, 3)  # served after the last checkpoint: lost with the host
         t0 = time.monotonic()
         a.kill9()  # host A dies, daemon and workloads
@@ -109,7 +108,7 @@ def test_a_frozen_owner_loses_its_lease_stops_its_copy_and_checkpoints_nothing_r
         a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
         a.serve(port, 4)
         before = a.checkpoint("web")
-        time.sleep(1.5)
+        net.moto.wait_for_checkpoint(bucket, before)
         a.freeze()  # partitioned or paused: A's daemon and its workload stop
         assert b.http_get(port, timeout=40) == "5", b.log.read_text()[-3000:]
         a.thaw()
@@ -137,8 +136,7 @@ def test_three_hosts_one_dies_exactly_one_of_the_other_two_takes_over(workdir: P
         c.start()
         a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
         a.serve(port, 2)
-        a.checkpoint("web")
-        time.sleep(1.5)
+        net.moto.wait_for_checkpoint(bucket, a.checkpoint("web"))
         a.kill9()
 
         def taken() -> list[Host]:
@@ -168,8 +166,7 @@ def test_a_daemon_back_after_its_lease_expired_still_restores_the_older_checkpoi
         a.start()
         a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
         a.serve(port, 6)
-        a.checkpoint("web")
-        time.sleep(1.5)
+        net.moto.wait_for_checkpoint(bucket, a.checkpoint("web"))
         a.terminate()  # the daemon stops; its workload runs on
         time.sleep(9)  # past the lease's TTL + skew
         a.start()  # re-adopts web and renews its expired lease: nobody else took it

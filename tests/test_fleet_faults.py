@@ -107,8 +107,7 @@ def started_copy(net: Network, port: int) -> tuple[Host, Host]:
     b.start()
     a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
     a.serve(port, 3)
-    a.checkpoint("web")
-    time.sleep(1.5)  # the spool uploads it
+    net.moto.wait_for_checkpoint(bucket, a.checkpoint("web"))  # uploaded by the spool
     return a, b
 
 

@@ -18,13 +18,6 @@ import pytest
 from tests.support import COUNTER, Host, Network, free_port, s3_config
 
 
-def in_bucket(net: Network, bucket: str, checkpoint_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(k.endswith(f"/{checkpoint_id}.json") for k in net.moto.keys(bucket, "ckpt/")):
-        assert time.monotonic() < deadline, "the checkpoint never reached the bucket"
-        time.sleep(0.2)
-
-
 def listens_here(port: int) -> bool:
     """Whether anything answers on 127.0.0.1:PORT in the test's own (root) namespace."""
     with socket.socket() as s:
@@ -92,7 +85,7 @@ def test_a_workload_checkpointed_on_host_a_restores_on_host_b(workdir: Path) -> 
         assert not b.connects(port)
         assert not listens_here(port)
         cid = a.checkpoint("web")
-        in_bucket(net, bucket, cid)
+        net.moto.wait_for_checkpoint(bucket, cid)
         a_log = a.log
         a.stop()
         assert a.processes() == []

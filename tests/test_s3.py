@@ -71,13 +71,6 @@ def repository(moto: Moto, bucket: str, key_file: Path | None = None) -> Reposit
     return Repository(store, codec=keyring.open_repository_codec(store, secret, "t").codec)
 
 
-def wait_in_bucket(moto: Moto, bucket: str, checkpoint_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(k.endswith(f"/{checkpoint_id}.json") for k in moto.keys(bucket, "ckpt/")):
-        assert time.monotonic() < deadline, "the checkpoint never reached the bucket"
-        time.sleep(0.2)
-
-
 def assert_no_partial_checkpoint(moto: Moto, bucket: str, key_file: Path) -> None:
     """Every manifest in the bucket names only packs (and indexes) that are there."""
     repo = repository(moto, bucket, key_file)
@@ -106,7 +99,7 @@ def test_restore_on_another_host_with_an_empty_cache(
         for _ in range(5):
             http_get(port)
         cid = a.checkpoint("web")
-        wait_in_bucket(moto, bucket, cid)
+        moto.wait_for_checkpoint(bucket, cid)
         keys = moto.keys(bucket, "ckpt/")
         assert f"ckpt/manifests/web/{cid}.json" in keys
         assert any(k.endswith(".pack") for k in keys) and any(k.endswith(".idx") for k in keys)
@@ -162,7 +155,7 @@ def test_dedup_redis_one_percent_rewritten(workdir: Path, moto: Moto, bucket: st
         client.close()
         second = d.json("checkpoint", "cache")
         repo = repository(moto, bucket, d.key_file)
-        wait_in_bucket(moto, bucket, second["id"])
+        moto.wait_for_checkpoint(bucket, second["id"])
         repo.materialize("cache", first["id"], workdir / "one")
         repo.materialize("cache", second["id"], workdir / "two")
         floor = changed_page_bytes(workdir / "one", workdir / "two")
@@ -186,7 +179,7 @@ def test_outage_mid_upload_spools_then_uploads_and_restores_from_cache(
         d.cli("run", "big", "--no-auto-restore", "--", sys.executable, BALLAST, str(port), "48")
         http_get(port)
         before = d.checkpoint("big")
-        wait_in_bucket(moto, bucket, before)
+        moto.wait_for_checkpoint(bucket, before)
         for _ in range(3):
             http_get(port, timeout=5)  # count 4
         for _ in range(40):
@@ -396,7 +389,7 @@ def test_full_spool_drops_the_oldest_unuploaded_checkpoint(
         finally:
             moto.resume()
         assert "dropped 1 checkpoint(s) never uploaded" in d.log.read_text()
-        wait_in_bucket(moto, bucket, newest)
+        moto.wait_for_checkpoint(bucket, newest)
         time.sleep(1)
         keys = moto.keys(bucket, "ckpt/")
         assert not any(oldest in k for k in keys)

@@ -81,6 +81,14 @@ class Moto:
         )
         return [o["Key"] for p in pages for o in p.get("Contents", [])]
 
+    def wait_for_checkpoint(self, bucket: str, checkpoint_id: str, timeout: float = 60) -> None:
+        """Until the checkpoint's manifest is in the bucket: the spool uploads in the
+        background, and a test that then kills its host needs it there."""
+        deadline = time.monotonic() + timeout
+        while not any(k.endswith(f"/{checkpoint_id}.json") for k in self.keys(bucket, "ckpt/")):
+            assert time.monotonic() < deadline, f"checkpoint {checkpoint_id} never reached S3"
+            time.sleep(0.2)
+
     def stored_bytes(self, bucket: str, client: Any = None) -> int:
         """The total size of the bucket's objects."""
         pages = (client or self.client()).get_paginator("list_objects_v2").paginate(Bucket=bucket)
