@@ -76,6 +76,9 @@ def hostile(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
 
 
+OUTSIDE = "<the test's folder>/outside"  # the symlink's absolute target, set per test
+
+
 def sym(name: str, target: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.linkname = tarfile.SYMTYPE, target
@@ -86,7 +89,7 @@ def sym(name: str, target: str) -> tarfile.TarInfo:
     "members",
     [
         [(tarfile.TarInfo("../escaped"), b"x")],
-        [(sym("etc", "/tmp/ckpt-outside"), b""), (tarfile.TarInfo("etc/escaped"), b"x")],
+        [(sym("etc", OUTSIDE), b""), (tarfile.TarInfo("etc/escaped"), b"x")],
         [(sym("up", "../.."), b""), (tarfile.TarInfo("up/escaped"), b"x")],
     ],
     ids=["dot-dot", "through-absolute-symlink", "through-relative-symlink"],
@@ -96,11 +99,15 @@ def test_a_hostile_archive_is_refused_and_writes_nothing_outside(
 ) -> None:
     (tmp_path / "in" / "deep").mkdir(parents=True)
     dest = tmp_path / "in" / "deep"
-    hostile(tmp_path / "h.tar", members)
+    outside = tmp_path / "outside"  # an absolute path of this test's own, never a shared one
+    hostile(
+        tmp_path / "h.tar",
+        [(sym(i.name, str(outside)) if i.linkname == OUTSIDE else i, d) for i, d in members],
+    )
     with pytest.raises(rootfs_extract.UnsafeArchive):
         rootfs_extract.extract(tmp_path / "h.tar", dest)
     assert not list(tmp_path.rglob("escaped"))
-    assert not Path("/tmp/ckpt-outside").exists()
+    assert not outside.exists()
 
 
 def test_an_absolute_member_name_lands_inside_the_folder(tmp_path: Path) -> None:
