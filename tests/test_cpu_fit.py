@@ -17,7 +17,7 @@ import pytest
 
 from checkpointer.criu import Criu, cpuinfo_check, cpuinfo_dump
 from checkpointer.criu.cpu_fit import INS_MASK, missing, parse, summary
-from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, feature_name, read_cpuinfo
+from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, CpuInfo, feature_name, read_cpuinfo
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed
 from storage.host_records import MAX_RECORD_BYTES, HostRecords, record_key
@@ -161,3 +161,15 @@ def test_host_records_are_written_on_change_only_and_hostile_ones_are_no_record(
     assert set(records.read(["a", "b", "c", "d", "../e"])) == {"a"}
     assert records.publish("d", {"cpu": {}})  # a planted one is replaced
     assert records.read(["d"]) == {"d": {"cpu": {}, "host": "d"}}
+
+
+def test_an_old_image_is_judged_as_criu_judges_it() -> None:
+    """A version-1 image (12 capability words) takes the host's words past its own, and an
+    image without xsave fields is compared on its features alone (criu's img_to_cpuinfo)."""
+    host = CpuInfo("host", tuple([1] * 19), 0b111, 832, 1, 2, 2560)
+    v1 = CpuInfo("old", tuple([1] * 12), None, None, 1, 1, None)
+    assert missing(v1, host) == ()
+    lacking = CpuInfo("old", (1, 1 << 27, *[1] * 10), 0b1111, 832, 1, 1, None)
+    assert missing(lacking, host) == ("xstate:bndregs", "rdtscp")
+    assert missing(CpuInfo("x", tuple([1] * 19), None, None, 3, 2, None), host)  # vendor
+    assert missing(CpuInfo("x", tuple([1] * 18), None, None, 1, 2, None), host)  # 18 words
