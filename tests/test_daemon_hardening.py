@@ -178,19 +178,20 @@ def test_the_first_failed_restore_of_a_workload_fires_its_alert(workdir: Path) -
     rules = workdir / "alerts.yaml"
     rules.write_text(re.sub(r"for: \S+", "for: 1s", ALERTS.read_text()))
     d = Daemon(workdir)
-    d.start()
-    prom = Prometheus(workdir, d.metrics_port, rules)
+    prom: Prometheus | None = None
     try:
+        d.start()
+        prom = Prometheus(workdir, d.metrics_port, rules)
         port = free_port()
         d.cli("run", "web", "--no-auto-restore", "--", sys.executable, str(COUNTER), str(port))
         http_get(port)
         d.checkpoint("web")
         query = 'checkpointer_restores_total{workload="web",reason="manual",result="failure"}'
+        scraped = f"count_over_time({query}[1m]) >= 3"  # a few scrapes of the 0: increase()
         deadline = time.monotonic() + 30
-        while not prom.api("query", query=query)["data"]["result"]:
+        while not prom.api("query", query=scraped)["data"]["result"]:
             assert time.monotonic() < deadline, "the failure series should exist at 0"
             time.sleep(0.5)
-        time.sleep(2)  # a few scrapes of the 0
         # the restore panels' histogram exists too, at 0, before any restore
         count = prom.api(
             "query", query='checkpointer_restore_duration_seconds_count{workload="web"}'
@@ -218,5 +219,6 @@ def test_the_first_failed_restore_of_a_workload_fires_its_alert(workdir: Path) -
             assert time.monotonic() < deadline, firing
             time.sleep(1)
     finally:
-        prom.stop()
+        if prom is not None:
+            prom.stop()
         d.stop()

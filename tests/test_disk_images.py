@@ -121,8 +121,8 @@ def rebooting(workdir: Path) -> Iterator[tuple[Daemon, Path]]:
     boot_id.write_text("boot-1\n")
     d = Daemon(workdir)
     d.env["CHECKPOINTER_BOOT_ID_FILE"] = str(boot_id)
-    d.start()
     try:
+        d.start()
         yield d, boot_id
     finally:
         d.stop()

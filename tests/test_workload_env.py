@@ -23,8 +23,8 @@ DAEMON_ONLY = {
 def daemon_with_secrets(workdir: Path) -> Iterator[Daemon]:
     d = Daemon(workdir)
     d.env = dict(DAEMON_ONLY)
-    d.start()
     try:
+        d.start()
         yield d
     finally:
         d.stop()
