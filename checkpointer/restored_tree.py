@@ -29,6 +29,7 @@ import select
 import signal
 from pathlib import Path
 
+from checkpointer.tree_cgroup import PREFIX, TreeCgroup, cgroup_of, mount_point
 from checkpointer.workloads.process import is_alive, start_time
 
 
@@ -42,6 +43,7 @@ class RestoredTree:
         self.own_namespace = False  # the root is the init of its own PID namespace
         self._root: int | None = None
         self._seen: dict[int, int | None] = {}  # pid -> start time
+        self.cgroup: TreeCgroup | None = None  # every process of the tree is in it
 
     def adopt(self, pid: int) -> None:
         """The root CRIU restored. Raises ProcessLookupError if it is already gone."""
@@ -50,10 +52,34 @@ class RestoredTree:
         self.own_namespace = _namespace_init(pid) and _pidfd_alive(self._root)
         self.follow()
 
+    def confine(self, tag: str) -> None:
+        """Put every process of a tree in the host's PID namespace in a cgroup of its own
+        (`checkpointer-lazy-TAG`). Call it while none of them runs (CRIU's post-restore hook):
+        a fork made meanwhile could stay outside. Raises OSError if the host cannot."""
+        if self.pid is None or self.own_namespace:
+            return
+        self.follow()
+        alive = [p for p, t in self._seen.items() if is_alive(p, t)]
+        self.cgroup = TreeCgroup.create(self.pid, [self.pid, *alive], tag)
+
+    def find_cgroup(self) -> None:
+        """Take the cgroup the guard confined the tree to, if it did (see `confine`)."""
+        mount = mount_point() if self.pid is not None and not self.own_namespace else None
+        path = cgroup_of(self.pid, mount) if self.pid is not None and mount else None
+        if path is not None and path.name.startswith(PREFIX):
+            self.cgroup = TreeCgroup(path, path.parent)
+
+    def let_go(self) -> bool:
+        """The tree owns its memory: its processes go back to the root's cgroup, ours is
+        removed. False if it could not be."""
+        cgroup, self.cgroup = self.cgroup, None
+        return cgroup is None or cgroup.release()
+
     def follow(self) -> None:
         """Remember every process below the root and below those seen before (they keep their
-        own children when they leave the tree). Nothing to do in a PID namespace of its own."""
-        if self.pid is None or self.own_namespace:
+        own children when they leave the tree). Nothing to do in a PID namespace or a cgroup
+        of its own."""
+        if self.pid is None or self.own_namespace or self.cgroup is not None:
             return
         todo = [p for p, t in self._seen.items() if is_alive(p, t)]
         if self._root is not None and _pidfd_alive(self._root):
@@ -70,6 +96,8 @@ class RestoredTree:
         if self.pid is None:
             return
         self.follow()
+        if self.cgroup is not None:
+            self.cgroup.kill()
         if self._root is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._root, signal.SIGKILL)
@@ -82,10 +110,15 @@ class RestoredTree:
         """Nothing of the tree runs any more (the root's pidfd polls readable once it exited;
         for a namespace's init, once every process of the namespace is gone)."""
         root_alive = self._root is not None and _pidfd_alive(self._root)
-        return not root_alive and not any(is_alive(p, t) for p, t in self._seen.items())
+        if root_alive or (self.cgroup is not None and not self.cgroup.empty()):
+            return False
+        return not any(is_alive(p, t) for p, t in self._seen.items())
 
     def close(self) -> None:
-        """Let the root's pidfd go (the tree is dead, or owns all its memory)."""
+        """Let the root's pidfd go (the tree is dead, or owns all its memory), and remove its
+        cgroup if it is empty (dead)."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self._root is not None:
             os.close(self._root)
             self._root = None

@@ -16,6 +16,18 @@ SYS_PIDFD_GETFD = 438  # the same number on every architecture (unified syscall 
 _UFFD_LINK = "anon_inode:[userfaultfd]"
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """A copy (close-on-exec) of descriptor `fd` of the process behind `pidfd`."""
+    copy = int(_LIBC.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
+    if copy < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd of fd {fd}: {os.strerror(err)}")
+    return copy
+
+
 class UffdHold:
     """Copies of a process's userfaultfds, so that its death does not unregister the ranges
     (the restored tree then blocks on a missing page instead of reading zeroes).
@@ -31,7 +43,6 @@ class UffdHold:
         self._pidfd = os.pidfd_open(pid)
         self._held: dict[int, int] = {}  # inode -> our copy
         self._lock = threading.Lock()
-        self._libc = ctypes.CDLL(None, use_errno=True)
 
     def refresh(self) -> int:
         """Copy new userfaultfds; return how many are held. Quiet if the process is gone."""
@@ -44,12 +55,12 @@ class UffdHold:
             return len(self._held)
 
     def _copy(self, fd: int, inode: int) -> None:
-        copy = self._libc.syscall(SYS_PIDFD_GETFD, self._pidfd, fd, 0)
-        if copy < 0:
-            err = ctypes.get_errno()
-            if err in (errno.ESRCH, errno.EBADF):  # exited, or the fd closed meanwhile
+        try:
+            copy = pidfd_getfd(self._pidfd, fd)
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.EBADF):  # exited, or the fd closed meanwhile
                 return
-            raise OSError(err, f"pidfd_getfd of fd {fd} of process {self.pid}")
+            raise OSError(e.errno, f"{e.strerror} of process {self.pid}") from e
         # The number may have been closed and reused between the look and the copy: keep the
         # copy under what it is (close-on-exec, as pidfd_getfd makes every copy).
         st = os.fstat(copy)

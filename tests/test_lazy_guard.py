@@ -26,13 +26,13 @@ import pytest
 from checkpointer import children
 from checkpointer.criu import Criu, CriuError, DumpOptions
 from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
-from checkpointer.criu.pagemap import PAGE_SIZE
 from checkpointer.uffd_hold import UffdHold
 from checkpointer.workloads.process import descendants, is_alive, teardown
 from tests.support import free_port, require_root_and_criu
 from tests.support.lazy import (
     CountingSource,
     Dump,
+    FailableSource,
     ask,
     gone,
     launch_in_namespace,
@@ -176,26 +176,19 @@ def test_a_userfaultfd_that_reuses_a_closed_ones_number_is_held_too() -> None:
 
 @pytest.mark.parametrize("kind", ["adopted", "managed"])
 def test_a_daemon_started_during_the_transfer_dies_with_the_tree_when_it_fails(
-    kind: str, request: pytest.FixtureRequest
+    kind: str, adopted: Dump, managed: Dump
 ) -> None:
     """The tree starts a daemon (double fork: it leaves the root's subtree) while its pages
     arrive, then a page fails verification. The daemon must die with the tree: left running,
     it would read zeros for every page still missing. Managed trees die whole with their PID
-    namespace; the guard and the service follow an adopted tree's processes."""
-    d: Dump = request.getfixturevalue(kind)
+    namespace; an adopted tree is in a cgroup of its own during the transfer."""
+    d = adopted if kind == "adopted" else managed  # both set up before the test's leak check
     fail = threading.Event()
-
-    class Slow(CountingSource):
-        def read(self, pages_id: int, offset: int, nr_pages: int) -> bytes:
-            if fail.is_set():
-                raise ValueError("chunk 5f3a... failed verification")
-            time.sleep(nr_pages * PAGE_SIZE / 10e6)  # 10 MB/s: the transfer lasts 10 s
-            return super().read(pages_id, offset, nr_pages)
-
     dport = free_port()
     daemon_pid = None
     try:
-        with lazily_restored(d, f"lazy-daemonize-{kind}", Slow(d.images)) as (lr, _):
+        source = FailableSource(d.images, fail)  # 10 s of transfer
+        with lazily_restored(d, f"lazy-daemonize-{kind}", source) as (lr, _):
             assert lr.pid is not None
             assert ask(d.port, f"daemonize {dport}".encode()) == b"ok\n"
             daemon_pid = int(ask(dport, b"pid"))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.support import COUNTER, Daemon, free_port, http_get, kill_tree, serve
+from tests.support.lazy import checksum_server_checkpointed
 from tests.support.paths import PROGRAMS
 from tests.support.redis_server import redis_client, redis_command
 
@@ -81,12 +82,7 @@ def test_the_daemon_killed_mid_transfer_takes_the_tree_with_it_never_zero_pages(
     meanwhile waits on the missing pages (the guard holds their userfaultfds) instead of
     reading zeros; the tree never answers a wrong digest. Restarted, the daemon restores it."""
     port = free_port()
-    daemon.cli("run", "sums", "--no-auto-restore", "--lazy-restore", "--", sys.executable,
-               str(PROGRAMS / "checksum_server.py"), str(port), "300", "7")  # fmt: skip
-    right = http_get(port, timeout=60)
-    daemon.checkpoint("sums")
-    kill_tree(daemon.pid("sums"))
-    daemon.drop_kept_images()
+    right = checksum_server_checkpointed(daemon, port, 300)
     pid = daemon.json("restore", "sums")["pid"]
     assert daemon.proc is not None
     daemon.proc.kill()  # mid-transfer: 300 MB take over a second to arrive

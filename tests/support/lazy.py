@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,11 @@ from checkpointer.criu.lazy import FolderPageSource, LazyRestore, prepare_restor
 from checkpointer.criu.pagemap import PAGE_SIZE
 from checkpointer.workloads.process import teardown
 from checkpointer.workloads.reaper import PR_SET_CHILD_SUBREAPER, Reaper
+from tests.support.daemon import Daemon
 from tests.support.host import require_root_and_criu
+from tests.support.net import http_get
+from tests.support.paths import PROGRAMS
+from tests.support.processes import kill_tree
 
 LAUNCHER = Path(__file__).parents[2] / "checkpointer" / "workloads" / "launch.py"
 
@@ -133,6 +138,21 @@ class CountingSource(FolderPageSource):
         return super().read(pages_id, offset, nr_pages)
 
 
+class FailableSource(CountingSource):
+    """The dump's pages at 10 MB/s (a transfer of seconds), until `fail` is set: then every
+    read fails as a chunk that does not verify."""
+
+    def __init__(self, folder: Path, fail: threading.Event) -> None:
+        super().__init__(folder)
+        self.fail = fail
+
+    def read(self, pages_id: int, offset: int, nr_pages: int) -> bytes:
+        if self.fail.is_set():
+            raise ValueError("chunk 5f3a... failed verification")
+        time.sleep(nr_pages * PAGE_SIZE / 10e6)
+        return super().read(pages_id, offset, nr_pages)
+
+
 class ThrottledSource(CountingSource):
     """The dump's pages at the rate the repository rebuilds an encrypted image here (about
     200 MB/s, bench/results/rebuild.json: materialize_bytes_per_second)."""
@@ -174,9 +194,10 @@ def gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def pausing_criu(folder: Path, when: str) -> tuple[Path, Path]:
+def pausing_criu(folder: Path, when: str, until: Path | None = None) -> tuple[Path, Path]:
     """A criu whose first lazy restore pauses 5 s `when` ("before-resume", "after-resume"),
-    and the file it writes the restored root's PID to when the pause begins."""
+    or, "before-resume" with `until`, until that file exists (two minutes at most), and the
+    file it writes the restored root's PID to when the pause begins."""
     real = shutil.which("criu")
     assert real is not None
     mark = folder / "paused"
@@ -186,7 +207,11 @@ def pausing_criu(folder: Path, when: str) -> tuple[Path, Path]:
         '[ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0\n'
         f"[ -e {mark} ] && exit 0\n"
         f'echo "$CRTOOLS_INIT_PID" > {mark}.tmp && mv {mark}.tmp {mark}\n'
-        "sleep 5\n"
+        + (
+            f"i=0; while [ ! -e {until} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n"
+            if until is not None
+            else "sleep 5\n"
+        )
     )
     sleeper.chmod(0o700)
     wrapper = folder / "criu"
@@ -208,3 +233,16 @@ def pausing_criu(folder: Path, when: str) -> tuple[Path, Path]:
     )
     wrapper.chmod(0o700)
     return wrapper, mark
+
+
+def checksum_server_checkpointed(d: Daemon, port: int, mb: int) -> str:
+    """The checksum server run as "sums" (lazy restores, no automatic restore) holding `mb`
+    MB, checkpointed, killed, its kept images dropped (a restore reads the repository): its
+    right answer."""
+    d.cli("run", "sums", "--no-auto-restore", "--lazy-restore", "--", sys.executable,
+          str(PROGRAMS / "checksum_server.py"), str(port), str(mb), "7")  # fmt: skip
+    right = http_get(port, timeout=60)
+    d.checkpoint("sums")
+    kill_tree(d.pid("sums"))
+    d.drop_kept_images()
+    return right

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,9 @@ from checkpointer.uffd_hold import UffdHold
 log = logging.getLogger(__name__)
 
 _TICK = 0.05
+# Test hook: with this variable naming a file, `begin` writes it and waits there for a minute
+# once `criu lazy-pages` is started (tests/test_lazy_pages_orphan.py kills the daemon then).
+PAUSE_AFTER_LAZY_PAGES = "CHECKPOINTER_TEST_PAUSE_AFTER_LAZY_PAGES"
 
 
 class LazyRestore:
@@ -162,12 +166,16 @@ class LazyRestore:
         self._server = PageServer(PageIndex({}), NoPagesYet(), self._fail, self._grab_uffds)
         self._ready_timeout = ready_timeout
         try:
-            self._daemon = LazyPagesDaemon(criu, images_dir, label, self._server.peer)
-            # The guard holds the userfaultfds and the connection too, and kills the tree if
-            # this process dies before the pages are all there (see guard_process). Started
-            # now, it is up (~30 ms of CPU) before CRIU's hook asks for it: started just before
-            # `criu restore`, the restore waited for it (measured: 40 ms longer, under load).
-            self._guard = GuardProcess(self._daemon.pid, self._server.connection_fd())
+            # The guard starts the daemon, holds the userfaultfds and the connection too, and
+            # kills the tree if this process dies before the pages are all there (see
+            # guard_process). Started now, it is up (~30 ms of CPU) before CRIU's hook asks
+            # for it: started just before `criu restore`, the restore waited for it (measured:
+            # 40 ms longer, under load).
+            self._daemon = LazyPagesDaemon(
+                criu, images_dir, label, self._server.peer, self._server.connection_fd()
+            )
+            self._guard = self._daemon.guard
+            _pause_for_tests()
         except BaseException:
             self.cancel()
             raise
@@ -206,8 +214,19 @@ class LazyRestore:
     def _await_daemon(self, ready_timeout: float) -> None:
         """Wait until the daemon spawned by `begin` listens."""
         assert self._daemon is not None
-        self._ready_in = self._daemon.await_ready(ready_timeout)
-        self._hold = UffdHold(self._daemon.pid)  # now: the daemon is our child, not reaped
+        try:
+            self._ready_in = self._daemon.await_ready(ready_timeout)
+            self._hold = UffdHold(self._daemon.pid)  # now: its guard has not reaped it
+        except CriuError as e:
+            deadline = time.monotonic() + 1.0  # its pipes close a moment before it is a zombie
+            while (lost := self._guard_lost()) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if lost is None:
+                raise
+            self.host_fault = lost  # the guard started it, and died: not the checkpoint's
+            raise CriuError(
+                f"lazy restore of {self.label}: {lost}", "lazy-guard-lost", e.log
+            ) from e
 
     def _end_guard(self, kill: bool = False) -> None:
         """The tree owns its memory (the guard lets go), or must die (`kill`: the guard kills
@@ -246,6 +265,7 @@ class LazyRestore:
         self.pid = pid
         with self._lock, contextlib.suppress(ProcessLookupError):  # dead: nothing to kill
             self._tree.adopt(pid)
+            self._tree.find_cgroup()  # the guard's (it lets go of it): killed through it too
         self.restore_stats = read_restore_stats(self.images_dir)
         with self._lock:
             if self._reason is not None:  # failed while CRIU ran: the tree must not run
@@ -386,3 +406,10 @@ class LazyRestore:
         self._restore_log.unlink(missing_ok=True)
         self._finished.set()
         return True
+
+
+def _pause_for_tests() -> None:
+    mark = os.environ.get(PAUSE_AFTER_LAZY_PAGES)
+    if mark:
+        Path(mark).write_text(str(os.getpid()))
+        time.sleep(60)
