@@ -36,6 +36,7 @@ from checkpointer.engine import (
     host_cpus,
     registering,
     reports,
+    scratch_sweep,
     shutdown,
 )
 from checkpointer.engine.ownership import LocalCopies, SingleHost
@@ -226,6 +227,7 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
     engine, supervisor, scheduler, metrics, fleet = build(config)
+    scratch_sweep.sweep(engine.scratch)  # what a killed daemon left; before we make our own
     deadman = None
     if fleet is not None:  # first: a previous daemon's deadman must not stop what we restore
         deadman = Deadman(config.state_dir)
