@@ -17,7 +17,18 @@ from tests.test_containers_lxc import APPENDER
 
 
 def lines(pid: int) -> int:
-    return len(Path(f"/proc/{pid}/root/srv/count").read_text().split())
+    try:
+        return len(Path(f"/proc/{pid}/root/srv/count").read_text().split())
+    except FileNotFoundError:  # not written yet
+        return 0
+
+
+def until_more_than(pid: int, n: int) -> None:
+    """Until the appender wrote more than N lines: it runs."""
+    deadline = time.monotonic() + 10
+    while lines(pid) <= n:
+        assert time.monotonic() < deadline, f"the container wrote {lines(pid)} lines, not > {n}"
+        time.sleep(0.02)
 
 
 def test_a_frozen_podman_container_is_checkpointed_frozen_and_runs_on_when_thawed(
@@ -32,7 +43,7 @@ def test_a_frozen_podman_container_is_checkpointed_frozen_and_runs_on_when_thawe
                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
                IMAGE, "/usr/bin/python3", "-c", APPENDER)  # fmt: skip
         pid = podman_pid(name)
-        time.sleep(0.3)
+        until_more_than(pid, 0)
         assert runtime.freeze(name)
         frozen = lines(pid)
         images = tmp_path / "images"
@@ -42,8 +53,7 @@ def test_a_frozen_podman_container_is_checkpointed_frozen_and_runs_on_when_thawe
         assert lines(pid) == frozen  # ... and leaves it frozen
         assert (images / "pages-1.img").is_file()
         runtime.thaw(name)
-        time.sleep(0.3)
-        assert lines(pid) > frozen + 5
+        until_more_than(pid, frozen + 5)
     finally:
         podman("rm", "--force", "--time", "0", name, check=False)
 
