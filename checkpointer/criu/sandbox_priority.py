@@ -8,8 +8,16 @@ preempting a normal task) and the idle I/O class (served only when no one else w
 disk) are the kernel's "only when nothing else wants it". The cost: on a host busy with other
 work a drill takes longer; it holds no lock of the workload then but while the image is read.
 
+The daemon's own drilling thread is niced, never SCHED_IDLE: it holds the workload's lock while
+it rebuilds the image and, as every Python thread, the interpreter's lock while it hashes and
+decrypts. A SCHED_IDLE holder on a busy host may not run for seconds, and a crash restore of
+the workload (its lock) or the fleet's heartbeat (the interpreter's) would wait for it: a
+priority inversion. Nice 10 still runs (a tenth of a nice-0 task's share), and the
+best-effort class's lowest I/O level is never starved the way the idle class can be. Only the
+sandbox, a process of its own that holds nothing of the daemon's, gets SCHED_IDLE and idle I/O.
+
 `DRILL_PRIORITY` (environment: CHECKPOINTER_DRILL_PRIORITY) is `idle` by default; `nice`
-keeps the earlier nice-10 behaviour, for bench/drill.py to measure both in one run.
+keeps the earlier nice-10 sandbox, for bench/drill.py to measure both in one run.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from collections.abc import Iterator
 NICE = 10
 IDLE, NICED = "idle", "nice"
 DRILL_PRIORITY = os.environ.get("CHECKPOINTER_DRILL_PRIORITY", IDLE)
-_IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_IDLE, _IOPRIO_CLASS_SHIFT = 1, 3, 13
+_IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_BE, _IOPRIO_CLASS_SHIFT = 1, 2, 13
+_IOPRIO_BE_LOWEST = 7
 _SYS_IOPRIO_SET, _SYS_IOPRIO_GET = 251, 252  # x86_64
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -39,23 +48,19 @@ def argv() -> list[str]:
 @contextlib.contextmanager
 def this_thread() -> Iterator[None]:
     """This thread, and the threads it starts meanwhile (the image's pack readers inherit
-    it), at the drill's priority; back to what it was afterwards. Per thread: the rest of
-    the daemon (API, scheduler, the fleet's lease renewals) keeps its priority."""
+    it), at nice 10 and the lowest best-effort I/O level (not SCHED_IDLE: see the module's
+    docstring); back to what it was afterwards. Per thread: the rest of the daemon (API,
+    scheduler, the fleet's heartbeats) keeps its priority."""
     tid = threading.get_native_id()
-    policy, param = os.sched_getscheduler(tid), os.sched_getparam(tid)
     nice = os.getpriority(os.PRIO_PROCESS, tid)
     io = _libc.syscall(_SYS_IOPRIO_GET, _IOPRIO_WHO_PROCESS, tid)
     with contextlib.suppress(OSError):
-        if DRILL_PRIORITY == NICED:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, NICE))
-        else:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            _set_io(tid, _IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT)
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, NICE))
+        _set_io(tid, _IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT | _IOPRIO_BE_LOWEST)
     try:
         yield
     finally:
         with contextlib.suppress(OSError):  # raising it back needs CAP_SYS_NICE: root has it
-            os.sched_setscheduler(tid, policy, param)
             os.setpriority(os.PRIO_PROCESS, tid, nice)
             if io >= 0:
                 _set_io(tid, io)
