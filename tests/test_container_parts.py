@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from checkpointer.containers import lxc_config, rootfs_archive, rootfs_extract
+from checkpointer.containers import lxc_config, podman_export, rootfs_archive, rootfs_extract
 from checkpointer.containers.base import ContainerError, check_container_name, failure
 from checkpointer.containers.podman_export import pack as _pack_export
 from checkpointer.containers.podman_export import unpack as _unpack_export
@@ -200,6 +201,42 @@ def test_podman_exports_round_trip_flat_and_refuse_what_cannot_be_restored(tmp_p
     (images2 := tmp_path / "images2").mkdir()
     with pytest.raises(ContainerError, match=r"volumes/data\.tar"):
         _unpack_export(export, images2)
+
+
+def test_podmans_import_gets_the_whole_tar_each_time_it_opens_the_fifo(tmp_path: Path) -> None:
+    """Podman 4.3's import opens its input three times by path: every open gets the whole
+    tar (streamed, no copy of the image made first), nothing is left behind, and a stream
+    that cannot be made (the dead container's `podman rm` failed, a file shrank) never
+    leaves a reader waiting: it gets no tar or a short one, and the cause is raised."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(os.urandom(3 << 20))
+    (images / "podman.config.dump").write_text("{}")
+    (images / "stats-dump").write_bytes(b"s")
+
+    def cat(fifo: Path) -> bytes:
+        return subprocess.run(["cat", str(fifo)], capture_output=True, timeout=30).stdout
+
+    with podman_export.packed(images, tmp_path) as tar:
+        podman_export.pack(images, tmp_path / "file.tar")
+        with podman_export.served(tar, tmp_path / "in.tar", grace=0.1) as fifo:
+            got = [cat(fifo) for _ in range(3)]
+        assert sorted(os.listdir(tmp_path)) == ["file.tar", "images"]
+        with podman_export.served(tar, tmp_path / "in.tar", lambda: False, 0.1) as fifo:
+            assert cat(fifo) == b""
+    with tarfile.open(tmp_path / "file.tar") as whole:
+        names = sorted(whole.getnames())
+    for data in got:
+        with tarfile.open(fileobj=io.BytesIO(data)) as read:
+            assert sorted(read.getnames()) == names
+            pages = read.extractfile("checkpoint/pages-1.img")
+            assert pages is not None and pages.read() == (images / "pages-1.img").read_bytes()
+    with podman_export.packed(images, tmp_path) as tar:
+        os.truncate(images / "pages-1.img", 1 << 20)
+        fifo = tmp_path / "in.tar"
+        with pytest.raises(ContainerError, match="ended early"), podman_export.served(tar, fifo):
+            assert len(cat(fifo)) < 3 << 20 and cat(fifo) == b""
+    assert sorted(os.listdir(tmp_path)) == ["file.tar", "images"]
 
 
 def test_copy_range_works_across_filesystems(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Podman:
 
     def __init__(self, tool: Tool) -> None:
         self.tool = tool
+        self._roots: tuple[str, ...] | None = None
 
     def installed(self) -> str | None:
         for exe in ("podman", "runc"):
@@ -66,10 +67,7 @@ class Podman:
         )
 
     def pid(self, container: str) -> int | None:
-        info = self.inspect(container)
-        state = (info or {}).get("State") or {}
-        pid = state.get("Pid")
-        return pid if state.get("Running") and isinstance(pid, int) and pid > 0 else None
+        return _running_pid(self.inspect(container))
 
     def problems(self, container: str) -> list[Problem]:
         missing = self.installed()
@@ -104,6 +102,7 @@ class Podman:
             export_tar.unpack(export, images, lambda: self._open_rootfs(container))
         finally:
             export.unlink(missing_ok=True)
+        self._storage_roots()  # asked now, not during the first restore
         return read_dump_stats(images)
 
     def _open_rootfs(self, container: str) -> int:
@@ -126,34 +125,50 @@ class Podman:
         return -1
 
     def restore(self, container: str, images: Path, opts: DumpOptions) -> tuple[int, RestoreStats]:
-        if self.pid(container) is not None:
+        """What Podman does not need to wait for is not waited for: the tar is streamed to
+        its import through a FIFO as it reads it (no copy of the image first), the dead
+        container is removed and the base image unmounted while the import starts."""
+        info = self.inspect(container)
+        if _running_pid(info) is not None:
             raise ContainerError(
                 f"container {container} is running; stop it first (`podman kill {container}`)",
                 "running",
             )
-        info = self.inspect(container)
         self._check_config(container, images, info)
-        export = images.parent / f"{images.name}.import.tar"
+        fifo = images.parent / f"{images.name}.import.tar"
+        fifo.unlink(missing_ok=True)  # left by a daemon killed during a restore
+        base = _ImageRoot(self.tool, container, _images_of(images))
         try:
-            with self._base_image(container, images) as base:
-                export_tar.pack(images, export, base)
-            if info is not None:
-                # The dead container's name must be free: the import creates it anew, rootfs
-                # changes included, from the base image.
-                self.tool.run(
-                    ["podman", "rm", "--force", "--time", "0", container], container, "rm"
-                )
-            argv = ["podman", "container", "restore", "--import", str(export)]
-            if opts.tcp_established:
-                argv.append("--tcp-established")
-            if opts.file_locks:
-                argv.append("--file-locks")
-            self.tool.run(argv, container, "restore")
+            tar = export_tar.packed(images, images.parent, base)
+        except BaseException:
+            base.close()
+            raise
+        unmount = _Background(base.close)  # the checks are done with it
+        # The dead container's name must be free: the import creates it anew, rootfs
+        # changes included, from the base image (only once every check above passed).
+        remove = _Background(
+            (lambda: self.tool.run(["podman", "rm", "--force", "--time", "0", container],
+                                   container, "rm"))
+            if info is not None else (lambda: None)
+        )  # fmt: skip
+        argv = ["podman", "container", "restore", "--import", str(fifo)]
+        if opts.tcp_established:
+            argv.append("--tcp-established")
+        if opts.file_locks:
+            argv.append("--file-locks")
+        try:
+            with tar, export_tar.served(tar, fifo, remove.ok):
+                self.tool.run(argv, container, "restore")
+        except ContainerError:
+            remove.ok()
+            if remove.error is not None:  # the cause of the import's failure
+                raise remove.error from None
+            raise
         finally:
-            export.unlink(missing_ok=True)
+            remove.ok()
+            unmount.ok()
         # CRIU restores the freezer state of the dump: a migration's final checkpoint may
         # come back frozen (runc thawed it in every run here; LXC's did not), so thaw it.
-        self.thaw(container)
         pid = self.pid(container)
         if pid is None:
             raise ContainerError(
@@ -161,20 +176,8 @@ class Podman:
                 f"{container}`",
                 "unknown",
             )
+        cgroup_freezer.thaw(pid)
         return pid, RestoreStats(0.0, 0.0, 0)
-
-    @contextmanager
-    def _base_image(self, container: str, images: Path) -> Iterator[Callable[[], int]]:
-        """An opener of the root of the image the import creates the container from (what
-        the rootfs diff is unpacked over, and checked against), mounted only if the check
-        needs it (a diff whose members all lie below its own folders does not): 0.2 s a
-        restore here. It gives -1 if the checkpoint names no image (a container made from a
-        rootfs folder)."""
-        base = _ImageRoot(self.tool, container, _images_of(images))
-        try:
-            yield base
-        finally:
-            base.close()
 
     def _check_config(self, container: str, images: Path, info: dict[str, Any] | None) -> None:
         """Refuse (before anything is written or removed) a checkpoint whose config.dump or
@@ -200,14 +203,21 @@ class Podman:
             )
 
     def _storage_roots(self) -> tuple[str, ...]:
-        """Podman's graphRoot and runRoot here: the container's own files live under them."""
-        out = self.tool.output(["podman", "info", "--format", "json"])
-        try:
-            store = json.loads(out.stdout).get("store") or {}
-            roots = tuple(str(store[k]) for k in ("graphRoot", "runRoot") if store.get(k))
-        except (ValueError, AttributeError):
-            roots = ()
-        return roots or config_check.Known(None, None).storage_roots
+        """Podman's graphRoot and runRoot here: the container's own files live under them.
+        Asked once (`podman info` took 1.2 s, most of a restore's own time): they change
+        only with Podman's storage configuration, and a `podman system reset` that removes
+        every container goes with that."""
+        if self._roots is None:
+            out = self.tool.output(["podman", "info", "--format", "json"])
+            try:
+                store = json.loads(out.stdout).get("store") or {}
+                roots = tuple(str(store[k]) for k in ("graphRoot", "runRoot") if store.get(k))
+            except (ValueError, AttributeError):
+                roots = ()
+            if out.returncode != 0 or not roots:
+                return config_check.Known(None, None).storage_roots  # asked again next time
+            self._roots = roots
+        return self._roots
 
     def stop(self, container: str) -> None:
         self.tool.output(["podman", "kill", container])
@@ -290,3 +300,29 @@ def _images_of(images: Path) -> list[str]:
         if isinstance(value, str) and form.fullmatch(value):
             found.append(value)
     return found
+
+
+def _running_pid(info: dict[str, Any] | None) -> int | None:
+    state = (info or {}).get("State") or {}
+    pid = state.get("Pid")
+    return pid if state.get("Running") and isinstance(pid, int) and pid > 0 else None
+
+
+class _Background:
+    """`fn()` in a thread of its own, while the restore goes on."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as e:  # the caller's to raise
+            self.error = e
+
+    def ok(self) -> bool:
+        """Whether it succeeded, once it is done."""
+        self.thread.join()
+        return self.error is None
