@@ -162,7 +162,7 @@ def test_a_tree_that_got_all_its_pages_goes_back_to_its_own_cgroup(
                 time.sleep(0.05)
             stats = lr.stats()
             assert stats is not None and not stats.closed, "the forks came after the transfer"
-            assert lr.wait(60) and lr.done(), lr.reason
+            assert lr.wait(60) and lr.done(), f"{lr.reason}\n{log_errors(lr.kept_log)}"
             alive = census.alive()
             assert len(alive) >= 25, "the looper made too few processes: the test is void"
             assert {cgroup_of(p, mount) for p in alive} - {None} == {home}
@@ -171,6 +171,13 @@ def test_a_tree_that_got_all_its_pages_goes_back_to_its_own_cgroup(
         census.close()
         go.unlink(missing_ok=True)
         pidlog.unlink(missing_ok=True)
+
+
+def log_errors(log: Path | None) -> str:
+    """The error lines of a kept CRIU log, for a failure's message."""
+    if log is None or not log.exists():
+        return "(no log kept)"
+    return "\n".join(line for line in log.read_text().splitlines() if "Error" in line)[-3000:]
 
 
 def lazy_cgroups() -> list[Path]:

@@ -7,8 +7,10 @@ processes exited and how.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import select
 import signal
 import threading
 from collections.abc import Callable
@@ -41,26 +43,35 @@ class Reaper:
 
     def __init__(self, on_exit: ExitCallback) -> None:
         self.on_exit = on_exit
-        self._wake = threading.Event()
+        # SIGCHLD wakes the thread through a pipe, not an Event: a handler runs between two
+        # bytecodes of the main thread, inside the previous handler too, and Event.set takes
+        # a lock; a burst of SIGCHLD (a killed tree of 60 processes) deadlocked the main
+        # thread on it, and the reaper waiting for the same lock stopped reaping.
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
 
     def start(self) -> None:
         become_subreaper()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGCHLD, lambda *_: self._wake.set())
+            signal.signal(signal.SIGCHLD, lambda *_: self._wake())
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._wake()
         self._thread.join(timeout=5)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+            os.write(self._wake_w, b"\0")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             # SIGCHLD wakes us at once; the timeout is a safety net for a lost signal.
-            self._wake.wait(0.5)
-            self._wake.clear()
+            select.select([self._wake_r], [], [], 0.5)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
             for pid, status in self._reap():
                 try:
                     self.on_exit(pid, status)
