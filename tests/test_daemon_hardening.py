@@ -28,9 +28,7 @@ from tests.support import (
     kill_tree,
     s3_config,
 )
-from tests.test_metrics import Prometheus
-
-ALERTS = Path(__file__).resolve().parent.parent / "configs" / "prometheus-alerts.yaml"
+from tests.support.prometheus import ALERTS, daemon_and_prometheus
 
 
 def test_registry_saved_from_many_threads_is_always_whole(tmp_path: Path) -> None:
@@ -178,10 +176,7 @@ def test_the_first_failed_restore_of_a_workload_fires_its_alert(workdir: Path) -
     rules = workdir / "alerts.yaml"
     rules.write_text(re.sub(r"for: \S+", "for: 1s", ALERTS.read_text()))
     d = Daemon(workdir)
-    prom: Prometheus | None = None
-    try:
-        d.start()
-        prom = Prometheus(workdir, d.metrics_port, rules)
+    with daemon_and_prometheus(d, rules) as prom:
         port = free_port()
         d.cli("run", "web", "--no-auto-restore", "--", sys.executable, str(COUNTER), str(port))
         http_get(port)
@@ -218,7 +213,3 @@ def test_the_first_failed_restore_of_a_workload_fires_its_alert(workdir: Path) -
                 break
             assert time.monotonic() < deadline, firing
             time.sleep(1)
-    finally:
-        if prom is not None:
-            prom.stop()
-        d.stop()

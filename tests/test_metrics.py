@@ -21,9 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import COUNTER, PROGRAMS, ROOT, Daemon, free_port, http_get, kill_tree
+from tests.support.prometheus import ALERTS, Prometheus, daemon_and_prometheus
 
 DASHBOARD = ROOT / "grafana" / "checkpointer-dashboard.json"
-ALERTS = ROOT / "configs" / "prometheus-alerts.yaml"
 
 
 def scrape(d: Daemon) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -82,50 +82,6 @@ def test_metrics_after_checkpoint_and_restore(counter: tuple[Daemon, int]) -> No
     assert value(m, "checkpointer_build_info", version="0.1.0") == 1
 
 
-class Prometheus:
-    def __init__(self, base: Path, target_port: int, rules: Path) -> None:
-        self.port = free_port()
-        config = base / "prometheus.yml"
-        config.write_text(f"""global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-rule_files: [{rules}]
-scrape_configs:
-  - job_name: checkpointer
-    static_configs: [{{targets: ["127.0.0.1:{target_port}"]}}]
-""")
-        self.proc = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={base / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1)
-                break
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        try:
-            return json.loads(urllib.request.urlopen(url, timeout=10).read())
-        except urllib.error.HTTPError as e:
-            return json.loads(e.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture
 def prometheus_stack(workdir: Path) -> Iterator[tuple[Daemon, Prometheus]]:
     if shutil.which("prometheus") is None:
@@ -134,15 +90,8 @@ def prometheus_stack(workdir: Path) -> Iterator[tuple[Daemon, Prometheus]]:
     rules = workdir / "alerts.yaml"
     rules.write_text(re.sub(r"for: \S+", "for: 1s", ALERTS.read_text()))
     d = Daemon(workdir)
-    prom: Prometheus | None = None
-    try:
-        d.start()
-        prom = Prometheus(workdir, d.metrics_port, rules)
+    with daemon_and_prometheus(d, rules) as prom:
         yield d, prom
-    finally:
-        if prom is not None:
-            prom.stop()
-        d.stop()
 
 
 def test_dashboard_and_alerts_against_a_real_prometheus(

@@ -19,7 +19,7 @@ from checkpointer.daemon.metrics import EngineCollector
 from checkpointer.daemon.scheduler import first_run_after
 from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 from tests.support import COUNTER, PROGRAMS, Daemon, free_port, http_get
-from tests.test_metrics import ALERTS, Prometheus
+from tests.support.prometheus import ALERTS, Prometheus, daemon_and_prometheus
 
 DUE = "checkpointer_checkpoint_due_timestamp_seconds"
 
@@ -33,13 +33,8 @@ def stale_stack(workdir: Path) -> Iterator[tuple[Daemon, Prometheus]]:
     rules = workdir / "alerts.yaml"
     rules.write_text(re.sub(r"for: \S+", "for: 1s", text.replace("_seconds > 600", "_seconds > 3")))
     d = Daemon(workdir)
-    d.start()
-    prom = Prometheus(workdir, d.metrics_port, rules)
-    try:
+    with daemon_and_prometheus(d, rules) as prom:
         yield d, prom
-    finally:
-        prom.stop()
-        d.stop()
 
 
 def test_stale_alert_fires_for_failing_cron_and_never_for_an_exited_workload(
