@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PREFIX = "checkpointer-lazy-"
@@ -125,6 +125,25 @@ class TreeCgroup:
         """Remove the cgroup once it is empty (after `kill`); quiet if it is not yet."""
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
+
+
+def remove_stale(guard_alive: Callable[[int], bool]) -> list[Path]:
+    """Remove the empty lazy restore cgroups whose guard (the PID in the name) is gone: a
+    guard and its daemon that both died mid-transfer leave theirs. One with processes still
+    in it is left alone (they are not ours to kill now). The cgroups removed."""
+    mount = mount_point()
+    removed: list[Path] = []
+    if mount is None:
+        return removed
+    for folder, subfolders, _ in os.walk(mount):
+        for name in list(subfolders):
+            tag = name.removeprefix(PREFIX)
+            if tag != name and tag.isdigit() and not guard_alive(int(tag)):
+                subfolders.remove(name)  # not below: none is made inside one
+                with contextlib.suppress(OSError):  # EBUSY: processes in it
+                    os.rmdir(Path(folder) / name)
+                    removed.append(Path(folder) / name)
+    return removed
 
 
 def _move(pid: int, cgroup: Path) -> None:

@@ -14,8 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from checkpointer.engine.scratch import Scratch, tmpfs_scratch_root
 from checkpointer.engine.scratch_sweep import sweep
+from checkpointer.lazy_guard import GUARD_NAME
+from checkpointer.tree_cgroup import PREFIX, mount_point
 from tests.support import CLI, Daemon, free_port, http_get
 from tests.support.lazy import checksum_server_checkpointed, pausing_criu
 
@@ -56,6 +60,38 @@ def test_the_sweep_keeps_kept_images_folders_in_use_and_what_is_not_ours(tmp_pat
         os.killpg(user.pid, signal.SIGKILL)  # the group it leads: it and its sleep
         user.wait()
     assert sweep(scratch) == [used]  # the next start: nothing works in it any more
+
+
+def test_the_sweep_removes_empty_cgroups_of_lazy_restores_whose_guard_is_gone(
+    tmp_path: Path,
+) -> None:
+    mount = mount_point()
+    if mount is None:
+        pytest.skip("no cgroup v2 hierarchy here")
+    fake = tmp_path / GUARD_NAME  # a live guard, as the sweep knows one: by its name
+    fake.symlink_to("/bin/sh")
+    guard = subprocess.Popen(
+        [str(fake), "-c", "sleep 60; :"], stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    stale, held = mount / f"{PREFIX}999999999", mount / f"{PREFIX}{guard.pid}"
+    try:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{guard.pid}/comm").read_text().strip() != GUARD_NAME:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stale.mkdir()
+        held.mkdir()
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        sweep(Scratch(state, None, shm=tmp_path / "shm"))
+        assert not stale.exists(), "the cgroup of a guard that is gone was left"
+        assert held.exists(), "the cgroup of a live guard was removed"
+    finally:
+        os.killpg(guard.pid, signal.SIGKILL)
+        guard.wait()
+        for cgroup in (stale, held):
+            with contextlib.suppress(FileNotFoundError):
+                cgroup.rmdir()
 
 
 def scratch_folders(d: Daemon) -> list[Path]:

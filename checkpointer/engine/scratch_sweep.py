@@ -11,7 +11,8 @@ before any operation of its own can make one, except:
   restore's guard and its `criu lazy-pages`, which get `--images-dir FOLDER/images`);
 - drill folders, which the drills' own sweep removes (Drills.sweep);
 - anything not named as `Scratch.new` names folders (not ours to remove).
-A folder kept for a process still working in it is removed at the next start.
+A folder kept for a process still working in it is removed at the next start. So are the
+empty cgroups of lazy restores whose guard is gone (checkpointer.tree_cgroup.remove_stale).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from checkpointer import tree_cgroup
 from checkpointer.engine.scratch import Scratch, tmpfs_scratch_root
 from checkpointer.lazy_guard import GUARD_NAME
 
@@ -37,6 +39,8 @@ def sweep(scratch: Scratch) -> list[Path]:
     the folders removed."""
     roots = [scratch.configured, tmpfs_scratch_root(scratch.state_dir, scratch.shm)]
     roots.append(scratch.state_dir / "scratch")
+    for cgroup in tree_cgroup.remove_stale(_is_guard):
+        log.info("removed the cgroup %s of a lazy restore whose guard is gone", cgroup)
     leftovers = [f for root in roots if root is not None for f in _work_folders(root)]
     if not leftovers:
         return []
@@ -72,6 +76,13 @@ def _work_folders(root: Path) -> list[Path]:
     return [
         Path(e.path) for e in entries if _WORK.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
     ]
+
+
+def _is_guard(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == GUARD_NAME
+    except OSError:
+        return False
 
 
 def _named_by_processes() -> list[tuple[int, str]]:

@@ -13,8 +13,9 @@ What can go wrong, and what this module does about it (each one seen in the prot
 - The daemon waits forever for an answer (no timeout in CRIU): a stall watchdog fails the
   restore when a request stays unanswered, or nothing moves, for `stall_timeout` seconds.
 - This process dies (kill -9, OOM), at any moment of the restore: a guard process
-  (guard_process) holds the page server's connection and the copies too, learns the tree from
-  CRIU before it runs, and kills it. A guard that dies is seen here at the next tick: the
+  (guard_process) starts `criu lazy-pages` (and ends it), holds the page server's connection
+  and the copies too, learns the tree from CRIU before it runs (and puts an adopted one in a
+  cgroup of its own), and kills it. A guard that dies is seen here at the next tick: the
   tree is killed and the restore fails as this host's fault (`host_fault`), not the
   checkpoint's, so it is tried again.
 """
