@@ -1,8 +1,10 @@
-"""Configuration: the YAML schema (model), its value types (types) and duration/byte grammar
-(durations). Everything the daemon accepts is validated here, with the key's path in errors."""
+"""Configuration: the YAML schema (model), reading a file into it (loading), its value types
+(types) and duration/byte grammar (durations). Everything the daemon accepts is validated here,
+with the key's path in errors."""
 
 from checkpointer.config.cron import check_cron
 from checkpointer.config.drill import DrillPolicy
+from checkpointer.config.loading import format_validation_error, load_config
 from checkpointer.config.model import (
     Config,
     CriuConfig,
@@ -17,8 +19,6 @@ from checkpointer.config.model import (
     StorageConfig,
     WorkloadConfig,
     WorkloadOptions,
-    format_validation_error,
-    load_config,
 )
 
 __all__ = [
