@@ -11,8 +11,9 @@ Watchers judge liveness as the DynamoDB lock client judges a lease: from one lis
 `hosts/` per scan (`fleet.scan_every`), with each object's version (`BlobStore.list_versions`,
 no GET), a host is dead once its heartbeat's version has been seen unchanged for the host's TTL
 on the watcher's own monotonic clock (`Liveness`), counted from the end of the listing that
-first showed that version to the start of the one that shows it still. Never by comparing
-clocks.
+first showed that version (or from the return of the GET that first showed it: a suspect's
+heartbeat read anew, `Liveness.confirm`) to the start of the one that shows it still. Never by
+comparing clocks.
 
 Why TTL is enough, and what margin remains. The holder stops every copy at t0 + TTL - skew on
 its own monotonic clock, t0 being the send time of its last heartbeat that landed
@@ -21,7 +22,15 @@ listing before t0, so the watcher's first sighting f (the end of that listing) i
 it judges the host dead no earlier than f + TTL >= t0 + TTL: the copies were stopped at least
 `clock_skew` (5 s by default) before any watcher may take a lease, and the new owner's restore
 starts later still (after its lease write, If-Match). A later heartbeat whose reply was lost
-only moves f later (its version is newer, the deadline is not). That margin of >= skew covers
+only moves f later (its version is newer, the deadline is not). The rule that keeps f >= t0:
+a first sighting is recorded at a moment this watcher had already received the version (the
+return of the request that showed it), never at a time taken before that request was sent. A
+suspect's GET that returns a newer version counts it from the GET's return, not from the start
+of the listing that made it a suspect: the GET may come any time later (a paused daemon, the
+listing and the GET retried under throttling), and the holder may have sent that version in
+between, so the listing's start can be before t0, and a judgement from it would come while
+the holder's copies still run (the margin was 2 x skew when this was first wrong, and is skew
+now: any gap over skew between the listing and the GET broke it). That margin of >= skew covers
 what is not instant on the holder's side: the watchdog thread waking late for the deadline
 (scheduling, a loaded machine; the deadman stops the trees at the same deadline if the whole
 daemon is paused), the SIGSTOP of each tree, and the two monotonic clocks' rates (ppm over a
@@ -268,13 +277,18 @@ class Liveness:
             self._ttl.pop(host, None)
             self._dead.pop(host, None)
 
-    def confirm(self, host: str, version: str, ttl: float | None, started: float) -> bool:
-        """A suspect's heartbeat as read now (`version`, MISSING if none; `ttl` from it):
-        True if `host` is dead (unchanged for its TTL by `started`)."""
+    def confirm(
+        self, host: str, version: str, ttl: float | None, started: float, read: float
+    ) -> bool:
+        """A suspect's heartbeat (`version`, MISSING if none; `ttl` from it) as read by a GET
+        that returned at `read` (monotonic), after the listing sent at `started` that made it
+        a suspect: True if `host` is dead (unchanged for its TTL by `started`). A changed
+        version is alive, and first seen at `read`, never at `started`: it may have been
+        written after the listing (module docstring, the rule that keeps the margin)."""
         with self._lock:
             seen = self._seen.get(host)
             if seen is None or seen[0] != version:
-                self._note(host, version, started)  # it changed: alive, watched anew
+                self._note(host, version, read)  # it changed: alive, watched anew
                 return False
             if ttl is not None:
                 self._ttl[host] = ttl

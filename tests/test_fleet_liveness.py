@@ -25,6 +25,7 @@ from storage.backends import LocalBlobStore
 from storage.backends.base import BlobStore
 from storage.backends.wrapper import WrappedBlobStore
 from storage.crypto import Codec, Sealed, new_master
+from storage.errors import TransientStorageError
 from storage.leases import LeaseHeld, Leases, LeaseState
 
 T = TypeVar("T")
@@ -346,3 +347,76 @@ def test_requests_per_tick_do_not_grow_with_another_hosts_workloads(
     busy = a_ticks(20)
     assert idle == busy == Counter({"list hosts/": 20, "put hosts/": 20}), (idle, busy)
     assert len(b.watchdog.names()) == 500
+
+
+class Partitioned(WrappedBlobStore):
+    """One host's view of the bucket: its heartbeat writes fail while `down`."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        super().__init__(inner)
+        self.down = False
+
+    def around(self, op: str, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def put_if(self, key: str, data: bytes | memoryview, match: str | None) -> str:
+        if self.down and key.startswith("hosts/"):
+            raise TransientStorageError("partitioned (test)")
+        return self.inner.put_if(key, data, match)
+
+
+class Stalled(WrappedBlobStore):
+    """A watcher's view of the bucket: its next GET of `key` runs `stall()` first (the
+    daemon paused, or the request retried under throttling, between listing and GET)."""
+
+    def __init__(self, inner: BlobStore, key: str, stall: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self.key, self.stall, self.armed = key, stall, False
+
+    def around(self, op: str, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def get_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str]:
+        if self.armed and key == self.key:
+            self.armed = False
+            self.stall()
+        return self.inner.get_versioned(key, limit)
+
+
+def test_a_heartbeat_landing_while_a_suspects_get_stalls_counts_from_the_gets_return(
+    tmp_path: Path, bucket: tuple[Counted, Codec]
+) -> None:
+    """The reviewer's interleaving, scaled to TTL 6 and skew 1: A's heartbeats fail, so B's
+    listing makes A a suspect; B's GET of A's heartbeat stalls 3 s (more than skew), and
+    meanwhile one heartbeat of A lands (A's deadline moves to its send + TTL - skew); then A
+    is partitioned again. B must count that version from its GET's return, not from the
+    listing before it: else it judges A dead, and takes its lease, while A's copies still run
+    (taken at 17.0 s, A's copies running until 17.5 s, before the fix)."""
+    store, codec = bucket
+    clock = Clock()
+    a_view = Partitioned(store)
+    a, _ = host(tmp_path, a_view, codec, "a", clock)
+    sent: list[float] = []
+
+    def stall() -> None:  # B's GET waits 3 s; A's heartbeat gets through in the middle
+        run(clock, [a], 1.5)
+        a_view.down = False
+        sent.append(clock.now)
+        a.watchdog.beat()
+        a_view.down = True
+        run(clock, [a], 1.5)
+
+    b_view = Stalled(store, "hosts/a", stall)
+    b, b_engine = host(tmp_path, b_view, codec, "b", clock)
+    a.claim("web")
+    run(clock, [a, b], 5)
+    a_view.down = True  # A's heartbeats fail from now on: B suspects it TTL later
+    b_view.armed = True
+    while not b_engine.taken:
+        run(clock, [a, b], 0.25)
+        assert clock.now < 60, "never taken over"
+    assert sent and b.leases.read("web") is not None  # the stall happened, A's beat landed
+    deadline = a.watchdog._deadline  # A stops its copies then: the landed beat's send + 5
+    assert deadline == pytest.approx(sent[0] + TTL - SKEW)
+    taken = b_engine.taken_at["web"]
+    assert taken - deadline >= SKEW, f"taken over at {taken}, A's copies ran until {deadline}"

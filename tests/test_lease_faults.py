@@ -110,7 +110,7 @@ def test_liveness_is_judged_on_the_observers_monotonic_clock_never_by_wall_clock
     mono[0] += 0.5
     assert look() == ["a"]
     version = a.version
-    assert version is not None and b.confirm("a", version, 10.0, mono[0])
+    assert version is not None and b.confirm("a", version, 10.0, mono[0], mono[0])
     assert b.dead("a") == version
     mono[0] += 1
     a.write({"web": 1}, {}, False)  # back: alive again at the next listing

@@ -190,10 +190,11 @@ class Watcher:
 
     def _suspect(self, host: str, started: float) -> None:
         found = self._heartbeat(host)
+        read = self.monotonic()  # a version new to us counts from here, not from `started`
         if found is None:
             return
         beat, version = found
-        if not self.liveness.confirm(host, version, beat.ttl if beat else None, started):
+        if not self.liveness.confirm(host, version, beat.ttl if beat else None, started, read):
             return
         names = self.sweeper.cached(host)  # what no heartbeat of it names
         if beat is not None:
