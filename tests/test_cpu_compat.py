@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -110,7 +110,7 @@ def test_migrate_to_a_host_whose_cpu_lacks_a_feature_is_refused_before_anything_
     so B, which fetches the newest ahead, refuses it: migrate fails naming the feature and
     both hosts, and the counter runs on on A with its count."""
     port = 18090
-    with counter_on_a_claiming_more(workdir, port, False, 5) as (a, b, missing):
+    with counter_on_a_claiming_more(workdir, port, False, 5) as (a, b, missing, _):
         a.checkpoint("web")
         r = a.cli("migrate", "web", "--to", "b", check=False)
         assert r.returncode != 0, r.stdout
@@ -128,9 +128,8 @@ def test_failover_to_a_host_whose_cpu_lacks_a_feature_stands_by_and_counts_it(
     checkpoints record: B does not claim or restore it, says why in one line, and counts it
     (checkpointer_cpu_incompatible_total, which the alert watches)."""
     port = 18091
-    with counter_on_a_claiming_more(workdir, port, True, 3) as (a, b, missing):
-        a.checkpoint("web")
-        time.sleep(1.5)  # the spool uploads it
+    with counter_on_a_claiming_more(workdir, port, True, 3) as (a, b, missing, uploaded):
+        uploaded(a.checkpoint("web"))
         a.kill9()  # host A dies, daemon and workloads
         until("B refuses web", lambda: "leaving it to another host" in b.log.read_text(), 40, b)
         line = next(ln for ln in b.log.read_text().splitlines() if "leaving it to" in ln)
@@ -167,9 +166,10 @@ def criu_claiming_more(workdir: Path) -> tuple[Path, str]:
 @contextlib.contextmanager
 def counter_on_a_claiming_more(
     workdir: Path, port: int, failover: bool, count: int
-) -> Iterator[tuple[Host, Host, str]]:
+) -> Iterator[tuple[Host, Host, str, Callable[[str], None]]]:
     """Two started hosts of one fleet: A runs a criu whose checkpoints claim a feature this
-    CPU lacks (its name is yielded) and the counter `web` at `count`, B this CPU's criu."""
+    CPU lacks (its name is yielded) and the counter `web` at `count`, B this CPU's criu; and
+    a wait until a checkpoint of theirs is in the bucket (the spool uploads it)."""
     wrapper, missing = criu_claiming_more(workdir)
     with Network(workdir) as net:
         bucket = net.moto.create_bucket(f"ckpt-cpu-{port}-{os.getpid()}")
@@ -181,7 +181,12 @@ def counter_on_a_claiming_more(
         b.start()
         a.cli("run", "web", "--every", "1h", "--", sys.executable, str(COUNTER), str(port))
         assert a.serve(port, count) == str(count)
-        yield a, b, missing
+        yield (
+            a,
+            b,
+            missing,
+            lambda checkpoint_id: net.moto.wait_for_checkpoint(bucket, checkpoint_id),
+        )
 
 
 def fleet_config(net: Network, bucket: str, name: str, failover: bool) -> str:

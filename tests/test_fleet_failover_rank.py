@@ -17,6 +17,8 @@ from storage.backends import LocalBlobStore
 from storage.crypto import Codec, Sealed, new_master
 from tests.test_fleet_liveness import RENEW, TTL, Clock, Counted, Engine, host, run
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 
 @pytest.fixture
 def bucket(tmp_path: Path) -> tuple[Counted, Codec]:

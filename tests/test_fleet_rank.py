@@ -9,7 +9,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from checkpointer.daemon.fleet_rank import order, rank, weight, within
+
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
 HOSTS = [f"h{i:03d}" for i in range(10)]
 WORKLOADS = [f"w{i:05d}" for i in range(10_000)]

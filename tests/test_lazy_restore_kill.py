@@ -46,10 +46,10 @@ def test_the_daemon_killed_during_a_lazy_criu_restore_never_leaves_the_tree_on_z
 ) -> None:
     wrapper, mark = pausing_criu(workdir, when)
     d = Daemon(workdir, f"criu:\n  binary: {wrapper}\n")
-    d.start()
     restore: subprocess.Popen[bytes] | None = None
     root: int | None = None
     try:
+        d.start()
         port = free_port()
         d.cli("run", "sums", "--no-auto-restore", "--lazy-restore", "--", sys.executable,
               str(PROGRAMS / "checksum_server.py"), str(port), str(MB), "7")  # fmt: skip
@@ -119,8 +119,8 @@ def test_a_guard_killed_during_a_lazy_restore_is_noticed_and_the_restore_tried_a
     notices its death (before CRIU resumes the tree, or within a tick after), kills the tree,
     and restores the same checkpoint again, marking nothing bad."""
     d = Daemon(workdir)
-    d.start()
     try:
+        d.start()
         port = free_port()
         d.cli("run", "sums", "--lazy-restore", "--", sys.executable,
               str(PROGRAMS / "checksum_server.py"), str(port), str(MB), "7")  # fmt: skip

@@ -19,6 +19,8 @@ from storage.errors import TransientStorageError
 from storage.gc import collect_garbage
 from storage.packs import pack_created
 
+pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
+
 FUTURE = 2_000_000_000.0  # 2033-05-18T03:33:20Z
 
 
