@@ -90,6 +90,11 @@ def service(name: str, port: int, work: Path, own: tuple[str, int, list[Path]]) 
         reports = [call("checkpoint", "web") for _ in range(ROUNDS)]
         ask(podman_pid(name), port, "/touch")  # one page of every MB of the ballast changes
         touched = call("checkpoint", "web")
+        cli = []  # a request that does nothing: the CLI's own share of a restore's time
+        for _ in range(ROUNDS):
+            t0 = time.monotonic()
+            d.pid("web")
+            cli.append(time.monotonic() - t0)
         restores: dict[str, list[float]] = {"kept image": [], "repository": [], "podman": []}
         engine: dict[str, list[float]] = {"kept image": [], "repository": []}
         for source in ("kept image", "repository"):
@@ -118,6 +123,7 @@ def service(name: str, port: int, work: Path, own: tuple[str, int, list[Path]]) 
             "restore_engine_seconds_kept": summarize(engine["kept image"]),
             "restore_engine_seconds_repository": summarize(engine["repository"]),
             "podman_restore_seconds": summarize(restores["podman"]),
+            "cli_status_seconds": summarize(cli),
         }
 
 
@@ -150,9 +156,14 @@ def table(results: dict[str, Any]) -> str:
         f"{med(c, 'restore_engine_seconds_kept'):.2f} s kept image, "
         f"{med(c, 'restore_engine_seconds_repository'):.2f} s from the repository"
     ]
+    lines += [f"{'  the CLI alone (`status`)':<{width}}  {'':<26}  "
+              f"{med(c, 'cli_status_seconds'):.2f} s"]  # fmt: skip
     kept = med(c, "restore_seconds_kept") / med(p, "restore_seconds")
     ratio = med(c, "restore_seconds_repository") / med(p, "restore_seconds")
+    daemon = med(c, "restore_engine_seconds_kept") / med(p, "restore_seconds")
     lines += ["", f"restore from the kept image / podman import: {kept:.2f}x"]
+    lines += [f"  the daemon's own time of it (no CLI, no first answer) / podman import: "
+              f"{daemon:.2f}x"]  # fmt: skip
     lines += [f"restore from the repository / podman import: {ratio:.2f}x"]
     return "\n".join(lines)
 
