@@ -78,6 +78,12 @@ class Annotations:
             for cid in checkpoint_ids:
                 held.pop(cid, None)
 
+    def forget(self, workload: str) -> None:
+        """Another host may pin, unpin or mark it from now on: listed afresh at next use."""
+        with self._lock:
+            self._pins.pop(workload, None)
+            self._marks.pop(workload, None)
+
     def keep_only(self, keep: set[str]) -> None:
         with self._lock:
             for held in (self._pins, self._marks):

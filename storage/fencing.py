@@ -22,6 +22,14 @@ What the repository does with it (docs/fleet.md, R4):
   checkpoint pinned meanwhile, or the newest verified one, is named again instead. So a
   reader who read the head (and pins) within the grace still finds what they named, and a
   stale view of pins or marks in retention costs at most a late keep, never a deletion.
+  A checkpoint named again starts a new grace when it is dropped again. The head remembers a
+  dropped id until its manifest is deleted, never less (a forgotten one would be deleted as
+  a stray, even pinned); bounded by MAX_DROPPED: a full list drops nothing more, retention
+  waits (the head still names them) until the owner's job deleted some.
+- what this process knows of a workload (grace times, its planner) is forgotten when it
+  loses or gives up the lease (`disown`), and the grace times when it fences a new
+  generation: another owner may have named, dropped or deleted anything meanwhile. `tidy`
+  deletes nothing once the head is at a newer generation than ours (Fenced).
 """
 
 from __future__ import annotations
@@ -47,7 +55,10 @@ Listing = Callable[[str], list[str]]  # workload -> checkpoint ids listed in the
 Planner = Callable[[tuple[str, ...]], set[str]]  # a chain, oldest first -> the ids to drop
 Rescue = Callable[[set[str]], set[str]]  # dropped ids not deleted yet -> those to name again
 Delete = Callable[[set[str], set[str]], None]  # (ids to delete, ids whose manifests remain)
-MAX_DROPPED = 2000  # dropped ids a head remembers (~70 KB): 5 h of drops, one every 10 s
+# Dropped ids a head remembers, not deleted yet (~150 KB of the head's 256 KB): 11 h of drops
+# at one every 10 s, the default 6 h grace plus five missed hourly jobs. In the steady state a
+# head holds the drops of the grace plus one hour (~2,500 then).
+MAX_DROPPED = 4000
 
 
 class NotFenced(StorageError):
@@ -84,7 +95,28 @@ class Fencing:
     def fence(self, workload: str, generation: int) -> None:
         self.heads.bump(workload, generation, lambda: self._legacy(workload))
         with self._lock:
-            self._generations[workload] = generation
+            self._own(workload, generation)
+
+    def _own(self, workload: str, generation: int) -> None:
+        """Under the lock: a generation other than the one held means another host may have
+        owned `workload` meanwhile, so the grace times seen before are stale: they go (a
+        grace only starts later, never sooner)."""
+        if self._generations.get(workload) != generation:
+            self._forget_grace(workload)
+        self._generations[workload] = generation
+
+    def _forget_grace(self, workload: str) -> None:
+        for k in [k for k in self._since if k[0] == workload]:
+            del self._since[k]
+        self._deleted.pop(workload, None)
+
+    def disown(self, workload: str) -> None:
+        """This host lost or gave up the lease of `workload`: its generation, planner and
+        grace times go (NotFenced from now on, until it fences a generation again)."""
+        with self._lock:
+            self._generations.pop(workload, None)
+            self._planners.pop(workload, None)
+            self._forget_grace(workload)
 
     def generation(self, workload: str, given: int | None = None) -> int:
         if given is not None:
@@ -126,7 +158,8 @@ class Fencing:
     def committed(self, workload: str, checkpoint_id: str, generation: int) -> None:
         """The manifest is written (perhaps still queued): name it in the head after it."""
         with self._lock:  # the lease's generation, also when it was claimed without `fence`
-            self._generations[workload] = max(generation, self._generations.get(workload, 0))
+            if generation > self._generations.get(workload, 0):
+                self._own(workload, generation)
         self._local.direct = (workload, checkpoint_id)
         try:
             self.backend.after_uploads(f"+ {workload} {checkpoint_id} {generation}")
@@ -153,9 +186,11 @@ class Fencing:
 
         def add(h: Head) -> Head:
             chain = h.chain if checkpoint_id in h.chain else (*h.chain, checkpoint_id)
+            plan = self._plan(workload, chain) - {checkpoint_id}
+            new, gone = self._drop(workload, replace(h, chain=chain), plan)
             dropped.clear()
-            dropped.update(self._plan(workload, chain) - {checkpoint_id})
-            return self._drop(workload, replace(h, chain=chain), dropped)
+            dropped.update(gone)
+            return new
 
         try:
             self.heads.update(workload, int(generation), add, lambda: self._legacy(workload))
@@ -180,24 +215,33 @@ class Fencing:
             log.exception("retention of %s failed; it is tried again at the next commit", workload)
             return set()
 
-    def _drop(self, workload: str, h: Head, ids: set[str]) -> Head:
+    def _drop(self, workload: str, h: Head, ids: set[str]) -> tuple[Head, set[str]]:
         """`h` without `ids` in its chain, remembering them as dropped, and forgetting the
-        dropped ones whose manifests are deleted."""
+        dropped ones whose manifests are deleted (only those: one forgotten sooner would be
+        deleted as a stray, even pinned); with the ids it dropped. A full list (MAX_DROPPED)
+        drops the oldest that fit, the rest stay named: retention drops them at a later write."""
         with self._lock:
             deleted = set(self._deleted.get(workload, ()))
-        kept = tuple(c for c in h.chain if c not in ids)
-        dropped = [d for d in h.dropped if d not in deleted and d not in kept]
-        dropped += sorted(ids & set(h.chain) - set(dropped))
-        # Bounded (a head stays small): one forgotten here is deleted as a stray is, after
-        # the grace, only no longer named again if pinned meanwhile.
-        return replace(h, chain=kept, dropped=tuple(dropped[-MAX_DROPPED:]))
+        dropped = [d for d in h.dropped if d not in deleted and d not in h.chain]
+        gone = set(sorted(ids & set(h.chain) - set(dropped))[: max(0, MAX_DROPPED - len(dropped))])
+        if gone != ids & set(h.chain):
+            log.error(
+                "the head of %s remembers %d dropped checkpoints not deleted yet: %d more stay "
+                "until the owner's job deletes some (is it failing?)",
+                workload,
+                len(dropped),
+                len(ids & set(h.chain) - gone),
+            )
+        kept = tuple(c for c in h.chain if c not in gone)
+        return replace(h, chain=kept, dropped=(*dropped, *sorted(gone))), gone
 
     def _dropped(self, workload: str, ids: set[str]) -> None:
-        """After a head write that dropped `ids`: the grace of their manifests starts now."""
+        """After a head write that dropped `ids` from its chain: their grace starts now, also
+        for one dropped before and named again since (its earlier grace counts no more)."""
         now = self.clock.monotonic()
         with self._lock:
             for c in ids:
-                self._since.setdefault((workload, c), now)
+                self._since[(workload, c)] = now
             self._deleted.pop(workload, None)
 
     def ids(self, workload: str) -> list[str]:
@@ -255,13 +299,16 @@ class Fencing:
         manifests go in the owner's job, after the grace (`tidy`)."""
         for checkpoint_id in ids:
             self._not_queued(workload, checkpoint_id)
-        self.heads.update(
-            workload,
-            self.generation(workload),
-            lambda h: self._drop(workload, h, ids),
-            lambda: self._legacy(workload),
-        )
-        self._dropped(workload, ids)
+        dropped: set[str] = set()
+
+        def drop(h: Head) -> Head:
+            new, gone = self._drop(workload, h, ids)
+            dropped.clear()
+            dropped.update(gone)
+            return new
+
+        self.heads.update(workload, self.generation(workload), drop, lambda: self._legacy(workload))
+        self._dropped(workload, dropped)
 
     def tidy(self, workload: str, grace: float, rescue: Rescue, delete: Delete) -> Tidied:
         """The owner's job: delete the manifests the head does not name (dropped by
@@ -273,6 +320,12 @@ class Fencing:
         got = self.heads.read(workload)
         if got is None:
             return Tidied()
+        if got[0].generation > generation:  # not ours any more: our grace times are stale
+            raise Fenced(
+                f"workload {workload} is at lease generation {got[0].generation} in the "
+                f"bucket, this host acts under {generation}: its owner now deletes its "
+                "checkpoints, not this host"
+            )
         listed = set(self.listed(workload))
         unnamed = listed - set(self._with_pending(workload, got[0]))
         dropped = set(got[0].dropped)
@@ -285,7 +338,8 @@ class Fencing:
             out.rescued = sorted(back)
         now = self.clock.monotonic()
         with self._lock:
-            for k in [k for k in self._since if k[0] == workload and k[1] not in unnamed]:
+            # Named again (here, or by a former owner): a new grace when dropped again.
+            for k in [k for k in self._since if k[0] == workload and k[1] not in unnamed - back]:
                 del self._since[k]
             since = {c: self._since.setdefault((workload, c), now) for c in unnamed - back}
         due = {c for c, t in since.items() if now - t >= grace}

@@ -127,6 +127,13 @@ class Repository:
         if self.fencing is not None and generation is not None:
             self.fencing.fence(workload, generation)
 
+    def disown(self, workload: str) -> None:
+        """This host lost or gave up the lease of `workload`: its grace times, retention
+        planner, generation and view of pins and marks go (storage/fencing.py)."""
+        if self.fencing is not None:
+            self.fencing.disown(workload)
+            self.annotations.forget(workload)
+
     def remove_strays(self, workload: str) -> list[str]:
         """Fleet mode: delete the manifests of `workload` its head does not name (a stale
         owner's commits, checkpoints retention dropped), once unnamed for the grace period;

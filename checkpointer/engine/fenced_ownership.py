@@ -33,6 +33,7 @@ class FencedOwnership:
 
     def release(self, name: str) -> None:
         self.inner.release(name)
+        self.repo.disown(name)  # grace times, retention, pins: stale once another owns it
 
     def owner(self, name: str) -> str | None:
         return self.inner.owner(name)

@@ -20,6 +20,7 @@ from storage import Repository, StorageError, gc, marks, retention
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import CheckpointNotFound, CorruptCheckpoint, TransientStorageError
 from storage.fencing import NotFenced
+from storage.heads import Fenced
 from storage.summaries import CheckpointInfo
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,10 @@ class Maintenance:
                 done = self.repo.tidy(name)
             except NotFenced:
                 continue  # not ours (prune NAME of another host's workload)
+            except Fenced as e:  # taken over while this host did not know: forget it here
+                log.warning("not deleting the dropped checkpoints of %s: %s", name, e)
+                self.repo.disown(name)
+                continue
             except StorageError as e:
                 log.warning("cannot delete the dropped checkpoints of %s: %s", name, e)
                 continue

@@ -124,6 +124,7 @@ def migrate(engine: Engine, name: str, to: str) -> MigrateReport:
                 ) from e
             log.warning("the hand-over of %s to %s landed, its reply was lost", name, to)
         engine.teardown(w)
+        engine.repo.disown(name)  # the new owner retains and deletes from now on
         w.state, w.owner, w.exit_status = WorkloadState.ELSEWHERE, to, f"migrated to {to}"
         engine.drop_images(w)
         engine.schedule.unschedule(name)
@@ -321,7 +322,9 @@ def check_cpu_of(engine: Engine, name: str, checkpoint_id: str | None = None) ->
 
 
 def fence(engine: Engine, name: str, holder: str | None) -> None:
-    """This host lost the lease of `name`: stop the copy that runs here, for good."""
+    """This host lost the lease of `name`: stop the copy that runs here, for good, and
+    forget what the repository knew of it as its owner (grace times, retention, pins)."""
+    engine.repo.disown(name)
     w = engine.registry.find(name)
     if w is None:
         return
