@@ -19,13 +19,16 @@ and the leases that are this host's turn to take; and a slow sweep of `leases/`.
   costs the workloads ranked to it one scan period.
 - The sweep, every SWEEP_EVERY seconds, lists `leases/` (1,000 a request) with versions and
   reads only the leases whose version changed since the last sweep (a lease never read here
-  only if this host holds it or is among the first FALLBACKS + 1 to take it over), a share of
-  each scan period at a time (fleet_sweep.py: read at once, they held up the listing). It
-  finds what no heartbeat names: a lease whose holder died between writing it and its first
-  heartbeat, or whose holder has no heartbeat at all (dead after TTL from when it was
-  noticed); a lease of this host taken by another (the copy here is then lost); a dead host's
-  lease that none of its first FALLBACKS + 1 ranked hosts took (each refused, or died too):
-  the last resort; and it keeps the view of who owns what (`checkpointer status`).
+  only if this host holds it, a host found dead here named it, or it is among the first
+  FALLBACKS + 1 of the hosts alive now to take it over, one rank more every ESCALATE_EVERY
+  it stays unread: asked again at every sweep), a share of each scan period at a time
+  (fleet_sweep.py: read at once, they held up the listing). It finds what no heartbeat
+  names: a lease whose holder died between writing it and its first heartbeat, or whose
+  holder has no heartbeat at all (dead after TTL from when it was noticed); a lease of this
+  host taken by another (the copy here is then lost); a dead host's lease that none of its
+  first FALLBACKS + 1 ranked hosts took (each refused, or died too): the last resort, which
+  offers it to every other host in turn; and it keeps the view of who owns what
+  (`checkpointer status`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ DEAD_RETRY = 60.0  # seconds between looks at a dead host's leases offered and n
 # second one still fail over within TTL + 3 periods; each host reads ~3/H of a death's leases.
 FALLBACKS = 2
 ELIGIBILITY_EVERY = 600.0  # seconds between reads of each other host's heartbeat (eligibility)
+# A lease never read here, unchanged, is read by one more rank of its rendezvous order every
+# ESCALATE_EVERY seconds (fleet_sweep.py: skipped is not forgotten).
+ESCALATE_EVERY = 600.0
 
 
 @dataclass
@@ -59,6 +65,7 @@ class _Dead:
 
     judged: float
     turns: dict[str, float] = field(default_factory=dict)  # workload -> when to look at it
+    names: set[str] = field(default_factory=set)  # every workload its heartbeat named
 
     def turn(self, k: int, scan_every: float) -> float:
         """When rank `k` looks (the sweep's when past FALLBACKS)."""
@@ -199,7 +206,7 @@ class Watcher:
         names = self.sweeper.cached(host)  # what no heartbeat of it names
         if beat is not None:
             names |= set(beat.workloads) | set(beat.prepared)
-        dead = self._dead[host] = _Dead(self.monotonic())
+        dead = self._dead[host] = _Dead(self.monotonic(), names=set(names))
         candidates = self.candidates() - {host}
         for name in names:
             if not self.failover:  # counted as unowned, read by nobody: not taken here
@@ -253,13 +260,19 @@ class Watcher:
         now = self.monotonic()
         candidates = self.candidates()
         own = set(self.watchdog.names())
+        dead = {name for d in self._dead.values() for name in d.names}
         draining = self.draining()
 
-        def ours(workload: str) -> bool:
-            """Never read here: read it if this host holds it, or would take it over."""
-            return workload in own or (
-                not draining and within(workload, self.host, candidates, FALLBACKS)
-            )
+        def ours(workload: str, unread: float) -> bool:
+            """Never read here (for `unread` seconds since first listed, unchanged): read it
+            if this host holds it, if a host found dead here named it (whatever its first
+            ranked did, it is offered here at the sweep's turn), or if this host would take
+            it over: among the first FALLBACKS + 1 of the hosts alive now, one more for each
+            ESCALATE_EVERY it stayed unread here (an orphan its first ranked refuse)."""
+            if workload in own or workload in dead:
+                return True
+            k = FALLBACKS + int(unread // ESCALATE_EVERY)
+            return not draining and within(workload, self.host, candidates, k)
 
         listed = self.sweeper.list_changed(ours)
         for lease in self.sweeper.unchanged():

@@ -11,6 +11,19 @@ hosts x 10,000 workloads, ~280 GET/s on `leases/` averaged over bench.fleet_scal
 of them throttled at 15 ms), where ~3 x N does what a first sweep is for: orphans and holders
 without heartbeat are found by the hosts that would take them over.
 
+Skipped is not forgotten: a lease skipped here is asked about again at every sweep (`ours`,
+no request), and read once it is this host's to read. A held lease never changes until it
+moves (it is not renewed), so a host that skipped one would otherwise never read it, and a
+dead holder's lease that its first ranked hosts all refused (a CPU the checkpoint does not
+fit), or that they were not there to take (died too, draining, failover off), was never
+offered to anyone else. `ours` (fleet_scan.py) answers yes for the workloads of a host judged
+dead here (about one GET per dead workload per host, what a lease that changes costs anyway)
+and, for the rest, for one more rank of the rendezvous order every ESCALATE_EVERY a lease
+stays unread here: an orphan whose first ranked hosts refuse reaches every host in the end.
+So the H x N reads of every host reading every lease once still come, for the leases that
+stay unchanged that long, but spread over H x ESCALATE_EVERY (17 h at 100 hosts): N /
+ESCALATE_EVERY GET/s for the fleet (17 at 10,000 workloads), not 1,000,000 at once.
+
 Read all at once, on the scan's thread, the first sweep at 10,000 workloads took 1,000 s at
 100 ms a request: no listing of `hosts/` all that time, so a host that died meanwhile was
 found only after it (the 470 s failover of bench.fleet_scale at 100 hosts x 10,000 workloads,
@@ -47,13 +60,17 @@ class LeaseSweep:
         self.monotonic = monotonic
         self._cache: dict[str, tuple[str, Lease | None]] = {}  # workload -> (version, lease)
         self._queue: dict[str, str] = {}  # workload -> version listed, not read yet
-        self._skipped: dict[str, str] = {}  # workload -> version listed, not ours to read
+        # workload -> (version listed, when first listed unchanged): not ours to read yet
+        self._skipped: dict[str, tuple[str, float]] = {}
 
-    def list_changed(self, ours: Callable[[str], bool] = lambda workload: True) -> set[str]:
+    def list_changed(
+        self, ours: Callable[[str, float], bool] = lambda workload, unread: True
+    ) -> set[str]:
         """List `leases/` with versions: forget the leases gone, queue the changed ones (a
         new sweep's queue replaces what the last one did not read yet). A lease never read
-        here is queued only if `ours(workload)`, else its version is kept: read once it
-        changes. Returns the listed workloads."""
+        here is queued only if `ours(workload, seconds listed unread here)`, asked again at
+        every sweep while its version stays; a new version is queued whatever `ours` says.
+        Returns the listed workloads."""
         listed: dict[str, str] = {}
         for key, version in self.store.list_versions(LEASES):
             name = parse_as(key, FileType.LEASE)
@@ -64,16 +81,19 @@ class LeaseSweep:
         for gone in self._skipped.keys() - listed.keys():
             del self._skipped[gone]
         self._queue = {}
+        now = self.monotonic()
         for workload, version in listed.items():
-            known = self._cache[workload][0] if workload in self._cache else None
-            known = self._skipped.get(workload, known)
-            if known is not None:
-                if known != version:
+            skipped = self._skipped.get(workload)
+            if skipped is not None:
+                if skipped[0] != version or ours(workload, now - skipped[1]):
                     self._queue[workload] = version
-            elif ours(workload):
+            elif workload in self._cache:
+                if self._cache[workload][0] != version:
+                    self._queue[workload] = version
+            elif ours(workload, 0.0):
                 self._queue[workload] = version
             else:
-                self._skipped[workload] = version
+                self._skipped[workload] = (version, now)
         return set(listed)
 
     def unchanged(self) -> list[Lease]:
@@ -96,14 +116,15 @@ class LeaseSweep:
         while self._queue:
             workload = next(iter(self._queue))
             version = self._queue.pop(workload)
-            self._skipped.pop(workload, None)
             try:
                 held = self.leases.read(workload)
             except CorruptCheckpoint:  # planted, damaged or replayed
+                self._skipped.pop(workload, None)
                 self._cache[workload] = (version, None)
-            except StorageError as e:
+            except StorageError as e:  # still skipped, if it was: asked about again
                 log.warning("fleet: sweep: cannot read the lease of %s: %s", workload, e)
             else:
+                self._skipped.pop(workload, None)
                 if held is None:
                     self._cache.pop(workload, None)
                 else:
