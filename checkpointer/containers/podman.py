@@ -246,7 +246,11 @@ class Podman:
 
 class _ImageRoot:
     """`podman image mount` of the first of `names` this host has, on the first call; the
-    last (the image's name) pulled first if none is here, as the import itself would."""
+    last (the image's name) pulled first if none is here, as the import itself would. It
+    opens the root of the image the import creates the container from (what the rootfs diff
+    is unpacked over, and checked against), called only if the check needs it (a diff whose
+    members all lie below its own folders does not): 0.1-0.2 s a restore here. It gives -1
+    if the checkpoint names no image (a container made from a rootfs folder)."""
 
     def __init__(self, tool: Tool, container: str, names: list[str]) -> None:
         self.tool, self.container, self.names = tool, container, names
