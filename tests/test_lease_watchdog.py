@@ -4,7 +4,10 @@ lease taken meanwhile lost, and the deadman stopping a real process on time."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +19,7 @@ import pytest
 
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.workloads import process
-from checkpointer.workloads.deadman import Deadman
+from checkpointer.workloads.deadman import Deadman, boottime
 from storage.backends import LocalBlobStore
 from storage.backends.base import BlobStore
 from storage.backends.wrapper import WrappedBlobStore
@@ -169,15 +172,15 @@ def test_the_deadman_stops_a_tree_at_its_deadline_even_after_the_daemon_is_gone(
         deadman.start()
         assert deadman.proc is not None
         helpers.append(deadman.proc)
-        deadline = time.monotonic() + 1.0
+        deadline = boottime() + 1.0
         deadman.arm("web", tree.pid, process.start_time(tree.pid), deadline)
         deadman.arm("db", spared.pid, process.start_time(spared.pid), deadline)
         deadman.disarm("db")  # moved on, then given up: not this deadman's any more
         deadman.close()  # the daemon stops: its deadlines stand
-        while process.state(tree.pid) != "T" and time.monotonic() < deadline + 3:
+        while process.state(tree.pid) != "T" and boottime() < deadline + 3:
             time.sleep(0.01)
         assert process.state(tree.pid) == "T"
-        assert time.monotonic() - deadline < 0.5
+        assert boottime() - deadline < 0.5
         assert process.state(spared.pid) == "S"
         assert helpers[0].wait(5) == 0  # nothing left to guard: it went
         again = Deadman(tmp_path)
@@ -190,3 +193,39 @@ def test_the_deadman_stops_a_tree_at_its_deadline_even_after_the_daemon_is_gone(
         for p in (tree, spared, *helpers):
             p.kill()
             p.wait()
+
+
+def test_the_deadman_counts_a_suspend_of_the_machine(tmp_path: Path) -> None:
+    """A machine suspended past its TTL: other hosts counted the suspend and took its leases,
+    so on resume the deadline must have passed. The deadman runs in a time namespace whose
+    CLOCK_BOOTTIME is 200 s ahead of ours, as after a 200 s suspend (CLOCK_MONOTONIC, which
+    stops during a suspend, is not moved): a tree armed with a deadline 100 s away is
+    stopped at once. On CLOCK_MONOTONIC (before) it ran on for the 100 s."""
+    tree = subprocess.Popen(["sleep", "60"])
+    deadman = Deadman(tmp_path)
+    deadman.proc = proc = subprocess.Popen(
+        ["unshare", "--time", "--boottime", "200", sys.executable, "-I", "-m", deadman_module()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
+    )
+    try:
+        # No start time: /proc shows start times shifted into the reader's time namespace.
+        deadman.arm("web", tree.pid, None, boottime() + 100)
+        deadman.close()
+        until = time.monotonic() + 5
+        while process.state(tree.pid) != "T" and time.monotonic() < until:
+            time.sleep(0.01)
+        assert process.state(tree.pid) == "T", "the tree runs on after a suspend past its TTL"
+        assert proc.wait(5) == 0  # nothing left to guard: it went
+    finally:
+        tree.kill()
+        tree.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def deadman_module() -> str:
+    return Deadman.__module__

@@ -40,6 +40,7 @@ from checkpointer.daemon.fleet_sweep import SWEEP_SHARE
 from checkpointer.daemon.lease_memory import SeenGenerations
 from checkpointer.daemon.lease_watchdog import LeaseWatchdog
 from checkpointer.errors import FleetUnavailable, MigrationFailed, NotOwner
+from checkpointer.workloads.deadman import boottime
 from storage.backends.base import BlobStore
 from storage.calls import Calls
 from storage.crypto import Codec
@@ -63,7 +64,7 @@ class Fleet:
         store: BlobStore,
         codec: Codec,
         clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = boottime,  # suspends count (deadman.boottime)
     ) -> None:
         f = config.fleet
         self.host = config.host.id

@@ -40,7 +40,10 @@ when this host dies from its heartbeat, so a workload runs here only once they c
 A pause of the whole daemon (SIGSTOP, a stall) pauses this thread too, not the workloads: the
 deadman, a process of its own, holds a copy of the deadline of every tree and stops it then
 (checkpointer/workloads/deadman.py). A pause of the whole machine pauses both; they act the
-moment it runs again, before any storage call.
+moment it runs again, before any storage call. Both count time on CLOCK_BOOTTIME (the
+"monotonic" clock of every deadline here, `deadman.boottime`), which goes on counting while
+the machine is suspended: on CLOCK_MONOTONIC, which stops then, a host resumed after a suspend
+longer than its TTL found its deadline not passed and ran its copies beside the new owners'.
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from checkpointer.workloads.deadman import boottime
 from storage.errors import StorageError
 from storage.heartbeats import Heartbeats
 from storage.leases import Held, LeaseLost, Leases
@@ -88,7 +91,7 @@ class LeaseWatchdog:
         on_lost: Callable[[str], None],
         on_failure: Callable[[], None],
         status: Callable[[], tuple[dict[str, str], bool]] = lambda: ({}, False),
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = boottime,  # suspends count (deadman.boottime)
     ) -> None:
         """`timing`: (TTL, skew, renew_every). `on_kept`: a lease was written (the fleet's
         view); `on_lost`: another host holds it now (after the copy was stopped);

@@ -9,7 +9,7 @@ not paused with the daemon, so it stops the copy on time. A pause of the whole m
 it too: then the daemon's watchdog stops the copy the moment the machine runs again.
 
 The daemon writes one line per change on the deadman's stdin:
-    arm NAME PID STARTED DEADLINE   (DEADLINE: CLOCK_MONOTONIC seconds, as time.monotonic())
+    arm NAME PID STARTED DEADLINE   (DEADLINE: CLOCK_BOOTTIME seconds, as `boottime()`)
     disarm NAME
 When stdin closes (the daemon stopped or died) the deadman keeps the deadlines it has (the
 leases are not renewed any more: other hosts may take them over) and exits once every armed
@@ -33,6 +33,15 @@ from pathlib import Path
 from checkpointer.workloads import process
 
 log = logging.getLogger(__name__)
+
+
+def boottime() -> float:
+    """Seconds on CLOCK_BOOTTIME: the clock of every lease deadline (the fleet's `monotonic`,
+    the deadman's). Like CLOCK_MONOTONIC it never jumps, but it keeps counting while the
+    machine is suspended, which CLOCK_MONOTONIC does not: on that clock a host resumed after
+    a suspend longer than its TTL would find its deadline not passed yet and let its copies
+    run on beside the new owner's (other hosts counted the suspend: they took the leases)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @dataclass
@@ -122,7 +131,7 @@ def main() -> None:
     buffered = b""
     open_ = True
     while open_ or armed:
-        now = time.monotonic()
+        now = boottime()
         for name, a in list(armed.items()):
             if not process.is_alive(a.pid, a.started):
                 del armed[name]
