@@ -16,7 +16,8 @@ heartbeat read anew, `Liveness.confirm`) to the start of the one that shows it s
 comparing clocks.
 
 Why TTL is enough, and what margin remains. The holder stops every copy at t0 + TTL - skew on
-its own monotonic clock, t0 being the send time of its last heartbeat that landed
+its own monotonic clock (CLOCK_BOOTTIME, which goes on counting through a suspend of the
+machine), t0 being the send time of its last heartbeat that landed
 (checkpointer/daemon/lease_watchdog.py). The version that heartbeat wrote cannot be in a
 listing before t0, so the watcher's first sighting f (the end of that listing) is >= t0, and
 it judges the host dead no earlier than f + TTL >= t0 + TTL: the copies were stopped at least
