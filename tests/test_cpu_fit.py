@@ -121,7 +121,7 @@ def test_hosts_names_the_workload_and_the_feature_a_host_lacks(workdir: Path) ->
     """A's CRIU claims a feature this CPU lacks (so do A's checkpoints and A's published
     CPU); B is this CPU. `hosts --json` on B says B cannot take `web`, naming the feature,
     and A can; the table says it in one line."""
-    with counter_on_a_claiming_more(workdir, 18094, False, 2) as (a, b, feature):
+    with counter_on_a_claiming_more(workdir, 18094, False, 2) as (a, b, feature, _):
         checkpoint = a.checkpoint("web")
 
         def rows() -> dict[str, Any]:

@@ -23,6 +23,7 @@ from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import RestoreFailed
 from tests.support import PROGRAMS, Host, Network
 from tests.test_engine_policy import FakeCriu, FakeCriuProcs, sleeper
+from tests.test_engine_policy import _reap_sleepers as _reap_sleepers  # autouse: kills them
 from tests.test_engine_policy import setup as setup  # the fixture: an engine, a fake CRIU
 from tests.test_fleet import fleet, until
 

@@ -24,6 +24,7 @@ import errno
 import os
 import select
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +95,7 @@ class GuardProcess:
         self._w = stdin_w
         self._reports = reports_r
         self._buf = b""
+        self._reading = threading.Lock()  # the monitor and the page server both ask
         self._lazy_pages: tuple[int, int] | None = None  # its PID and our pidfd of it
         self._lazy_pages_exit: int | None = None
         self.hook = f"/proc/{self._proc.pid}/fd/{script}"
@@ -121,6 +123,10 @@ class GuardProcess:
 
     def _read_reports(self) -> bool:
         """Take the guard's new lines; False once it closed its end (it exited)."""
+        with self._reading:
+            return self._read_reports_locked()
+
+    def _read_reports_locked(self) -> bool:
         while self._reports >= 0:
             try:
                 data = os.read(self._reports, 4096)

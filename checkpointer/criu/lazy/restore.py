@@ -164,7 +164,9 @@ class LazyRestore:
         only spawns it, `run` waits until it listens."""
         check_private_dir(images_dir)
         self = cls(criu, images_dir, label, stall_timeout)
-        self._server = PageServer(PageIndex({}), NoPagesYet(), self._fail, self._grab_uffds)
+        self._server = PageServer(
+            PageIndex({}), NoPagesYet(), self._connection_lost, self._grab_uffds
+        )
         self._ready_timeout = ready_timeout
         try:
             # The guard starts the daemon, holds the userfaultfds and the connection too, and
@@ -300,6 +302,21 @@ class LazyRestore:
                 self.host_fault = reason
             log.warning("lazy restore of %s failed: %s", self.label, reason)
             self._kill_tree()
+
+    def _connection_lost(self, reason: str) -> None:
+        """The page server's failure. When `criu lazy-pages` died, its connection closes
+        before its guard reports the exit: wait a moment for that status, the more useful
+        reason (the tree waits on its missing pages meanwhile: the guard holds them)."""
+        deadline = time.monotonic() + 1.0
+        while self._daemon is not None and time.monotonic() < deadline:
+            rc = self._daemon.poll()
+            if rc is not None and rc != 0:
+                self._fail(self._daemon.failure(rc))
+                return
+            if rc == 0:
+                break
+            time.sleep(0.02)
+        self._fail(reason)
 
     def _kill_tree(self) -> None:
         """SIGKILL the tree, again (see RestoredTree.kill). Call with the lock."""
