@@ -234,7 +234,14 @@ def test_hosts_creating_at_the_same_moment_end_with_one_repository(
     opened = [r for r in results if isinstance(r, keyring.Opened)]
     refused = [r for r in results if isinstance(r, WrongKey)]
     assert len(opened) == 1 and len(refused) == 5, results
-    assert all("another host created the repository" in str(e) for e in refused)
+    # A host that lost the creation race is told so; one whose first look came after the
+    # creation (threads start late on a loaded machine) gets the wrong-key answer: both say
+    # to copy the creator's key file.
+    assert all(
+        "another host created the repository" in str(e) or "wrong key file" in str(e)
+        for e in refused
+    ), refused
+    assert all("key file" in str(e) for e in refused), refused
     assert list(store("different")().list(KEYS)) == [key_key(opened[0].key_id or "")]
 
 
