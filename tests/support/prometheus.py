@@ -22,9 +22,12 @@ ALERTS = ROOT / "configs" / "prometheus-alerts.yaml"
 
 
 class Prometheus:
-    """Prometheus on a free loopback port, its files in BASE; ready when built."""
+    """Prometheus on a free loopback port, its files in BASE; ready when built. It scrapes
+    TARGET_HOST:TARGET_PORT (a host of tests/support/hosts.py: its address)."""
 
-    def __init__(self, base: Path, target_port: int, rules: Path) -> None:
+    def __init__(
+        self, base: Path, target_port: int, rules: Path, target_host: str = "127.0.0.1"
+    ) -> None:
         self.port = free_port()
         config = base / "prometheus.yml"
         config.write_text(f"""global:
@@ -33,7 +36,7 @@ class Prometheus:
 rule_files: [{rules}]
 scrape_configs:
   - job_name: checkpointer
-    static_configs: [{{targets: ["127.0.0.1:{target_port}"]}}]
+    static_configs: [{{targets: ["{target_host}:{target_port}"]}}]
 """)
         self.proc = subprocess.Popen(
             [
