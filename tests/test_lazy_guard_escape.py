@@ -124,7 +124,9 @@ def test_no_process_daemonized_during_a_failing_lazy_restore_survives_it(
             assert stats is not None and not stats.closed, "the transfer ended too soon"
             # If `criu lazy-pages` failed by itself meanwhile (it may, on a fork racing an
             # exit), the transfer failed all the same: what matters is what survives it.
-            assert len(census.seen) >= 60 or lr.failed(), f"only {len(census.seen)} processes"
+            # 60 aimed for; 30 at least (forks are slow on a loaded machine): before the cgroup,
+            # about one daemonized process in five escaped, so 30 show it all but surely.
+            assert len(census.seen) >= 30 or lr.failed(), f"only {len(census.seen)} processes"
             assert len(census.alive()) > 20 or lr.failed(), "the grandchildren do not live"
             fail.set()
             assert lr.wait(30) and lr.failed(), lr.reason
