@@ -38,8 +38,8 @@ import boto3
 from bench.harness import DISK, SHM, bench_args
 from bench.report import summarize
 from bench.shaped_link import available, shaped_link
-from checkpointer.daemon.storage_setup import open_repository
-from checkpointer.malloc_tuning import keep_heap_small
+from checkpointer.host.malloc import keep_heap_small
+from checkpointer.repository.stack import open_repository
 from storage.keys import index_key, manifest_key, pack_key
 from tests.support.moto_server import Moto, s3_repository_config
 

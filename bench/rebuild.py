@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from checkpointer.malloc_tuning import keep_heap_small  # noqa: E402
+from checkpointer.host.malloc import keep_heap_small  # noqa: E402
 from storage import Repository  # noqa: E402
 from storage.backends import LocalBlobStore  # noqa: E402
 from storage.crypto import Sealed, new_master  # noqa: E402

@@ -3,7 +3,7 @@ seconds are its own: `python bench/worker.py JSON-ARGS`. Prints one JSON line of
 
 It runs the production code path the daemon runs: the CRIU driver dumps into tmpfs, the
 repository chunks, hashes, compresses, seals and stores (local folder, or spool → retries →
-S3). The repository is opened as the daemon opens it (checkpointer/repository_key.py):
+S3). The repository is opened as the daemon opens it (checkpointer/repository/key.py):
 encrypted with `key_file` (written with a new repository), or in clear if `encryption` is
 false.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 from checkpointer.config import Config
 from checkpointer.criu import Criu, DumpOptions
 from checkpointer.engine import kept_image
-from checkpointer.malloc_tuning import keep_heap_small
-from checkpointer.repository_key import open_codec
+from checkpointer.host.malloc import keep_heap_small
+from checkpointer.repository.key import open_codec
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore
 from storage.backends.retrying import RetryingBlobStore

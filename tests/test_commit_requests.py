@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from checkpointer.config import Retention
-from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.engine.events import Silent
 from checkpointer.engine.maintenance import Maintenance
+from checkpointer.repository.stack import open_repository
 from storage import Repository
 from storage.backends.spooled import SpooledBlobStore
 from storage.keys import head_key

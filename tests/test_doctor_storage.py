@@ -14,10 +14,10 @@ from pathlib import Path
 import boto3
 import pytest
 
+from checkpointer.cli.doctor import Check, storage_checks
 from checkpointer.config import Config, load_config
-from checkpointer.daemon.storage_setup import open_repository
-from checkpointer.doctor import Check, storage_checks
-from checkpointer.repository_key import write_new_key_file
+from checkpointer.repository.key import write_new_key_file
+from checkpointer.repository.stack import open_repository
 from tests.support import CLI, ROOT, Moto, s3_config
 
 

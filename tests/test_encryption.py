@@ -19,7 +19,7 @@ import pytest
 import zstandard
 
 from checkpointer.config import load_config
-from checkpointer.repository_key import read_secret_file
+from checkpointer.repository.key import read_secret_file
 from storage import Repository, keyring
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed, new_master

@@ -150,7 +150,7 @@ def test_a_legacy_repository_is_restored_after_the_upgrade_and_its_flat_packs_co
 _COMMITTING_HOST = """
 import sys
 from pathlib import Path
-from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.repository.stack import open_repository
 from tests.support import s3_repository_config
 state, key, url, bucket, image = sys.argv[1:]
 repo, spool = open_repository(s3_repository_config(Path(state), Path(key), url, bucket))

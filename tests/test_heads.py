@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.repository.stack import open_repository
 from storage import Repository
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import CheckpointNotFound, CorruptCheckpoint

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer import children
 from checkpointer.criu import Criu, CriuError, DumpOptions
 from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
-from checkpointer.uffd_hold import UffdHold
+from checkpointer.criu.lazy.uffd_hold import UffdHold
+from checkpointer.host import children
 from checkpointer.workloads.process import descendants, is_alive, teardown
 from tests.support import free_port, require_root_and_criu
 from tests.support.lazy import (
@@ -114,7 +114,7 @@ def guards() -> list[int]:
     found = []
     for p in descendants(os.getpid()):
         with contextlib.suppress(OSError):
-            if b"lazy_guard" in Path(f"/proc/{p}/cmdline").read_bytes():
+            if b"checkpointer.criu.lazy.guard" in Path(f"/proc/{p}/cmdline").read_bytes():
                 found.append(p)
     return found
 

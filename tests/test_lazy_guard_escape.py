@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer import children
 from checkpointer.criu import Criu, DumpOptions
-from checkpointer.tree_cgroup import PREFIX, cgroup_of, mount_point
+from checkpointer.criu.lazy.tree_cgroup import PREFIX, cgroup_of, mount_point
+from checkpointer.host import children
 from checkpointer.workloads.process import is_alive, start_time
 from tests.support import free_port
 from tests.support.lazy import (

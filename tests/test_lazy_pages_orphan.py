@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer import children
 from checkpointer.criu import Criu, DumpOptions
 from checkpointer.criu.lazy.restore import PAUSE_AFTER_LAZY_PAGES
+from checkpointer.host import children
 from tests.support import require_root_and_criu
 
 # Plays the daemon: begins a lazy restore of argv[1] (paused by the test hook), no more.

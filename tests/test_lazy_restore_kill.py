@@ -157,6 +157,6 @@ def _guards_of(daemon: Daemon) -> list[int]:
     found = []
     for pid in tree_pids(daemon.proc.pid)[1:]:
         with contextlib.suppress(OSError):
-            if b"lazy_guard" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"checkpointer.criu.lazy.guard" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
     return found

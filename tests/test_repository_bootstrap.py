@@ -1,6 +1,6 @@
 """Creating and opening an encrypted repository against crashes, races and a hostile bucket.
 
-Everything goes through the daemon's own path (checkpointer/daemon/storage_setup.py
+Everything goes through the daemon's own path (checkpointer/repository/stack.py
 `open_repository`, the production storage stack) on a local folder and on S3 (moto over
 HTTP). A creator is killed with SIGKILL by a real subprocess whose blob store kills it at a
 chosen put; the next start must open or create the repository, commit and read back.
@@ -25,9 +25,9 @@ from typing import TypeVar
 import pytest
 
 from checkpointer.config import Config, load_config
-from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.errors import ConfigError
-from checkpointer.repository_key import RepositoryKeyError, read_secret_file
+from checkpointer.repository.key import RepositoryKeyError, read_secret_file
+from checkpointer.repository.stack import open_repository
 from storage import access_keys, keyring
 from storage.access_keys import AccessSecret, wrap
 from storage.backends import LocalBlobStore
@@ -139,7 +139,7 @@ def where(
 _CREATOR = """
 import os, signal, sys
 from pathlib import Path
-from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.repository.stack import open_repository
 from checkpointer.errors import ConfigError
 from storage.backends.local import LocalBlobStore
 from storage.backends.s3 import S3BlobStore

@@ -22,7 +22,7 @@ import yaml
 from checkpointer.config import RestorePolicy
 from checkpointer.engine import Workload, WorkloadKind, lazy_restoring
 from checkpointer.engine.lazy_restoring import LazyTransfer, RepositoryPages
-from checkpointer.restore_policy import Streak, backoff, on_death, retry_later
+from checkpointer.engine.policy import Streak, backoff, on_death, retry_later
 from storage import CheckpointNotFound, CorruptCheckpoint, Repository
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed, new_master

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpointer.restore_policy import RestorePolicy, Streak, on_death, plan
+from checkpointer.engine.policy import RestorePolicy, Streak, on_death, plan
 
 pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.repository.stack import open_repository
 from storage.backends.retrying import RetryingBlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings
 from storage.errors import BlobNotFound, BlobTooLarge, CorruptCheckpoint, TransientStorageError

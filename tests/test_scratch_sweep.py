@@ -14,10 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from checkpointer.criu.lazy.guard import GUARD_NAME
+from checkpointer.criu.lazy.tree_cgroup import PREFIX, mount_point
 from checkpointer.engine.scratch import Scratch, tmpfs_scratch_root
 from checkpointer.engine.scratch_sweep import sweep
-from checkpointer.lazy_guard import GUARD_NAME
-from checkpointer.tree_cgroup import PREFIX, mount_point
 from tests.support import CLI, Daemon, free_port, http_get
 from tests.support.lazy import checksum_server_checkpointed, pausing_criu
 

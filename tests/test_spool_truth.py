@@ -109,7 +109,7 @@ def test_an_outage_longer_than_gc_grace_between_packs_and_manifest(
 _SPOOLING_HOST = """
 import sys, time
 from pathlib import Path
-from checkpointer.daemon.storage_setup import open_repository
+from checkpointer.repository.stack import open_repository
 from tests.support import s3_repository_config
 state, key, url, bucket, *images = sys.argv[1:]
 repo, spool = open_repository(s3_repository_config(Path(state), Path(key), url, bucket))

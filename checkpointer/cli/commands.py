@@ -279,7 +279,7 @@ def pin(config: Config, as_json: bool, name: str, checkpoint_id: str, remove: bo
 @common()
 def doctor(config: Config, as_json: bool) -> None:
     """Check CRIU, kernel features, storage and permissions; say how to fix what is missing."""
-    from checkpointer.doctor import run_checks
+    from checkpointer.cli.doctor import run_checks
 
     checks = run_checks(config)
     show.emit(as_json, [c.as_dict() for c in checks], lambda: show.doctor_table(checks))

@@ -19,7 +19,7 @@ from rich.table import Table
 from checkpointer.cli import rendering as show
 from checkpointer.cli.options import common
 from checkpointer.config import Config
-from checkpointer.repository_key import (
+from checkpointer.repository.key import (
     RepositoryKeyError,
     open_codec,
     read_secret_file,
@@ -32,7 +32,7 @@ from storage.backends import BlobStore, LocalBlobStore
 def _backend(config: Config) -> BlobStore:
     if config.storage.backend == "local":
         return LocalBlobStore(config.repository_path)
-    from checkpointer.daemon.storage_setup import remote_store  # boto3: only when needed
+    from checkpointer.repository.stack import remote_store  # boto3: only when needed
 
     return remote_store(config, None)
 

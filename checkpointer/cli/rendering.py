@@ -42,7 +42,7 @@ from checkpointer.cli.client import ProgressCallback
 from checkpointer.config.durations import format_duration
 
 if TYPE_CHECKING:
-    from checkpointer.doctor import Check
+    from checkpointer.cli.doctor import Check
 
 out = Console() if sys.stdout.isatty() else Console(width=160)
 

@@ -83,7 +83,7 @@ class Retention(_Strict):
 
 
 class RestorePolicy(_Strict):
-    """When and how a dead tree is brought back (checkpointer/restore_policy.py decides)."""
+    """When and how a dead tree is brought back (checkpointer/engine/policy.py decides)."""
 
     on_crash: bool = Field(True, description="restore by itself when the tree dies")
     on_clean_exit: bool = Field(False, description="treat exit status 0 as a crash too")

@@ -1,24 +1,33 @@
-"""Containers as workloads: each runtime checkpoints and restores its own containers."""
+"""Containers as workloads: each runtime checkpoints and restores its own containers (by_kind
+names them by kind; base holds what they share)."""
 
-from pathlib import Path
+from __future__ import annotations
 
-from checkpointer.containers.base import (
-    ContainerError,
-    ContainerRuntime,
-    Problem,
-    Tool,
-    check_container_name,
-)
-from checkpointer.containers.lxc import Lxc
-from checkpointer.containers.podman import Podman
+from typing import TYPE_CHECKING
 
-KINDS = ("lxc", "podman")
+from checkpointer import lazy_exports
 
+if TYPE_CHECKING:
+    from checkpointer.containers.base import (
+        ContainerError,
+        ContainerRuntime,
+        Problem,
+        Tool,
+        check_container_name,
+    )
+    from checkpointer.containers.by_kind import KINDS, runtimes
 
-def runtimes(failed_logs_dir: Path, timeout: float = 600.0) -> dict[str, ContainerRuntime]:
-    """One runtime per container kind, their failed runs' logs kept in `failed_logs_dir`."""
-    tool = Tool(failed_logs_dir, timeout)
-    return {"lxc": Lxc(tool), "podman": Podman(tool)}
+_WHERE = {
+    "ContainerError": "checkpointer.containers.base",
+    "ContainerRuntime": "checkpointer.containers.base",
+    "Problem": "checkpointer.containers.base",
+    "Tool": "checkpointer.containers.base",
+    "check_container_name": "checkpointer.containers.base",
+    "KINDS": "checkpointer.containers.by_kind",
+    "runtimes": "checkpointer.containers.by_kind",
+}
+
+__getattr__ = lazy_exports(__name__, _WHERE)  # names load on first use
 
 
 __all__ = [

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from checkpointer import children
 from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
 from checkpointer.criu.failures import classify
+from checkpointer.host import children
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

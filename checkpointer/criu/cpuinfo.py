@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpointer import children
 from checkpointer.criu.driver import Criu
 from checkpointer.criu.failures import CriuError
 from checkpointer.criu.pagemap import read_varint
+from checkpointer.host import children
 
 CPUINFO_IMAGE = "cpuinfo.img"
 CATEGORY = "cpu-mismatch"

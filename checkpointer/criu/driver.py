@@ -17,11 +17,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from checkpointer import children
 from checkpointer.criu import stale_proc_dir
 from checkpointer.criu.failures import INSTALL_HINT, CriuError, classify
 from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
+from checkpointer.host import children
 from checkpointer.workloads import users
 
 MIN_VERSION = (4, 2)

@@ -19,7 +19,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from checkpointer import children
+from checkpointer.host import children
 
 KDAT_DIR = Path("/run/checkpointer-criu")  # RUNDIR of the build in scripts/install-criu.sh
 _MOUNT_OPTIONS = "mode=0700,size=1m,nosuid,nodev,noexec"

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from checkpointer import children
 from checkpointer.criu import sandbox_priority
 from checkpointer.criu.driver import Criu, restore_argv
 from checkpointer.criu.failures import CriuError, classify
 from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.stats import RestoreStats, read_restore_stats
+from checkpointer.host import children
 
 INIT = Path(__file__).with_name("sandbox_init.py")
 NAMESPACES = ("--mount", "--pid", "--net", "--ipc", "--uts")

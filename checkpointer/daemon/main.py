@@ -24,7 +24,6 @@ from checkpointer.daemon.drill_metrics import DrillCollector
 from checkpointer.daemon.fleet import Fleet, FleetHooks
 from checkpointer.daemon.metrics import EngineCollector, Metrics
 from checkpointer.daemon.scheduler import CheckpointScheduler
-from checkpointer.daemon.storage_setup import open_repository
 from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import (
     Engine,
@@ -42,7 +41,8 @@ from checkpointer.engine import (
 from checkpointer.engine.ownership import LocalCopies, SingleHost
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable, MigrationFailed
-from checkpointer.malloc_tuning import keep_heap_small
+from checkpointer.host.malloc import keep_heap_small
+from checkpointer.repository.stack import open_repository
 from checkpointer.workloads.deadman import Deadman
 from checkpointer.workloads.logs import LogPump
 from storage.host_records import HostRecords

@@ -12,10 +12,10 @@ import os
 import threading
 import time
 
-from checkpointer import hostinfo
 from checkpointer.engine import Engine, Workload, WorkloadState
+from checkpointer.engine.policy import Streak, on_death, retry_later
 from checkpointer.engine.workload import RestoreResult
-from checkpointer.restore_policy import Streak, on_death, retry_later
+from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from checkpointer.workloads.reaper import Reaper
 from checkpointer.workloads.watcher import ExitWatcher

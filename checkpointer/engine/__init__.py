@@ -7,8 +7,34 @@
 - scratch: private image folders; kept_image: the newest image kept for a fast restore
 """
 
-from checkpointer.engine.facade import Engine, Hooks
-from checkpointer.engine.scratch import tmpfs_scratch_root
-from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
+from __future__ import annotations
 
-__all__ = ["Engine", "Hooks", "Workload", "WorkloadKind", "WorkloadState", "tmpfs_scratch_root"]
+from typing import TYPE_CHECKING
+
+from checkpointer import lazy_exports
+
+if TYPE_CHECKING:
+    from checkpointer.engine.facade import Engine, Hooks
+    from checkpointer.engine.scratch import tmpfs_scratch_root
+    from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
+
+_WHERE = {
+    "Engine": "checkpointer.engine.facade",
+    "Hooks": "checkpointer.engine.facade",
+    "tmpfs_scratch_root": "checkpointer.engine.scratch",
+    "Workload": "checkpointer.engine.workload",
+    "WorkloadKind": "checkpointer.engine.workload",
+    "WorkloadState": "checkpointer.engine.workload",
+}
+
+__getattr__ = lazy_exports(__name__, _WHERE)  # names load on first use
+
+
+__all__ = [
+    "Engine",
+    "Hooks",
+    "Workload",
+    "WorkloadKind",
+    "WorkloadState",
+    "tmpfs_scratch_root",
+]

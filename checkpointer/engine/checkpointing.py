@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from checkpointer import hostinfo
 from checkpointer.api import CheckpointReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, DumpStats, cpu_fit, cpuinfo_dump
@@ -25,6 +24,7 @@ from checkpointer.engine.events import Events
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointFailed, WorkloadNotRunning
+from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from storage import Repository, StorageError
 from storage.manifest import Manifest

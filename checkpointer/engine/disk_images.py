@@ -37,10 +37,10 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
-from checkpointer import hostinfo
 from checkpointer.engine import kept_image
 from checkpointer.engine.kept_image import Stamp
 from checkpointer.engine.scratch import private_dir
+from checkpointer.host import info as hostinfo
 from storage.file_copy import copy_range
 from storage.manifest import CHUNK_SIZE, DIGEST_SIZE, Manifest
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from checkpointer.containers import ContainerRuntime
 from checkpointer.engine import lazy_restoring
+from checkpointer.engine.policy import Streak
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths
 from checkpointer.engine.workload import Workload, WorkloadState
 from checkpointer.errors import TeardownFailed
-from checkpointer.restore_policy import Streak
 from checkpointer.workloads import managed, process
 from checkpointer.workloads.logs import LogPump
 

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from checkpointer import hostinfo
 from checkpointer.api import MigrateReport
 from checkpointer.criu import CpuMismatch, cpuinfo_check
 from checkpointer.criu.cpuinfo import CPUINFO_IMAGE
 from checkpointer.engine import kept_image
+from checkpointer.engine.policy import Streak
 from checkpointer.engine.workload import WorkloadState
 from checkpointer.errors import CheckpointerError, MigrationFailed, NotOwner, WorkloadNotRunning
-from checkpointer.restore_policy import Streak
+from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from storage import StorageError
 from storage.file_reader import CheckpointFiles

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from checkpointer.api import RestoreReport
 from checkpointer.criu import CpuMismatch
 from checkpointer.engine import lazy_restoring, listing, spec
+from checkpointer.engine.policy import Streak, plan
 from checkpointer.engine.restoring import Restored, is_transient
 from checkpointer.engine.workload import DrillResult, RestoreResult, Workload, WorkloadState
 from checkpointer.errors import (
@@ -27,7 +28,6 @@ from checkpointer.errors import (
     TeardownFailed,
     WorkloadRunning,
 )
-from checkpointer.restore_policy import Streak, plan
 from storage import CheckpointNotFound, StorageError
 from storage.errors import StorageAccessError, TransientStorageError
 from storage.manifest import check_workload_name

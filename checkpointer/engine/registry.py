@@ -22,10 +22,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from checkpointer import hostinfo
 from checkpointer.config import CriuOptions, DrillPolicy, RestorePolicy, Retention
 from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
+from checkpointer.engine.policy import Streak
 from checkpointer.engine.spec import options_json
 from checkpointer.engine.workload import (
     DrillRecord,
@@ -37,7 +37,7 @@ from checkpointer.engine.workload import (
     WorkloadState,
 )
 from checkpointer.errors import CheckpointerError, WorkloadExists, WorkloadNotFound
-from checkpointer.restore_policy import Streak
+from checkpointer.host import info as hostinfo
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpointer import hostinfo
 from checkpointer.api import RestoreReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
@@ -23,6 +22,7 @@ from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import RestoreFailed
+from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from checkpointer.workloads.logs import LogPump, open_for_workload
 from storage import CheckpointNotFound, Repository, StorageError

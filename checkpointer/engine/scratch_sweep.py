@@ -12,7 +12,7 @@ before any operation of its own can make one, except:
 - drill folders, which the drills' own sweep removes (Drills.sweep);
 - anything not named as `Scratch.new` names folders (not ours to remove).
 A folder kept for a process still working in it is removed at the next start. So are the
-empty cgroups of lazy restores whose guard is gone (checkpointer.tree_cgroup.remove_stale).
+empty cgroups of lazy restores whose guard is gone (tree_cgroup.remove_stale).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import shutil
 import stat
 from pathlib import Path
 
-from checkpointer import tree_cgroup
+from checkpointer.criu.lazy import tree_cgroup
+from checkpointer.criu.lazy.guard import GUARD_NAME
 from checkpointer.engine.scratch import Scratch, tmpfs_scratch_root
-from checkpointer.lazy_guard import GUARD_NAME
 
 log = logging.getLogger(__name__)
 

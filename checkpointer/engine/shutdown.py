@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from checkpointer import hostinfo
 from checkpointer.api import FinalCheckpointReport, ShutdownReport
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointerError
+from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from storage import StorageError
 

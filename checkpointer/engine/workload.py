@@ -16,7 +16,7 @@ from checkpointer.config import CriuOptions, DrillPolicy, RestorePolicy, Retenti
 from checkpointer.criu import DumpOptions
 from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
-from checkpointer.restore_policy import Streak
+from checkpointer.engine.policy import Streak
 from checkpointer.workloads import process
 
 log = logging.getLogger(__name__)

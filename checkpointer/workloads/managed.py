@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from checkpointer import children
 from checkpointer.errors import LaunchFailed
+from checkpointer.host import children
 from checkpointer.workloads.logs import open_for_workload
 
 _LAUNCHER = Path(__file__).with_name("launch.py")

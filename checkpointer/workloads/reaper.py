@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from checkpointer import children
+from checkpointer.host import children
 
 PR_SET_CHILD_SUBREAPER = 36
 ExitCallback = Callable[[int, int], None]  # (pid, wait status)

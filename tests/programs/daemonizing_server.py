@@ -7,7 +7,7 @@ which answers the same on port N, and "pid" with its PID as /proc sees it (the h
 PID namespace of its own with the host's /proc); anything else "pong".
 
 The daemon's parent lingers 0.3 s before it exits, long enough to be seen in the tree by one
-who looks every 50 ms, as the lazy restore's guard does (checkpointer.restored_tree).
+who looks every 50 ms, as the lazy restore's guard does (checkpointer.criu.lazy.restored_tree).
 """
 
 import hashlib

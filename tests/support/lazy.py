@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpointer import children
 from checkpointer.criu import Criu, DumpOptions
 from checkpointer.criu.lazy import FolderPageSource, LazyRestore, prepare_restore_dir
 from checkpointer.criu.pagemap import PAGE_SIZE
+from checkpointer.host import children
 from checkpointer.workloads.process import teardown
 from checkpointer.workloads.reaper import PR_SET_CHILD_SUBREAPER, Reaper
 from tests.support.daemon import Daemon

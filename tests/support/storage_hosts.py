@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.daemon.storage_setup import open_repository
-from checkpointer.repository_key import read_secret_file
+from checkpointer.repository.key import read_secret_file
+from checkpointer.repository.stack import open_repository
 from storage import Repository, keyring
 from storage.backends.retrying import RetryingBlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings

@@ -13,18 +13,39 @@ By job: preparation (the restore folder and the index of lazy pages), page_serve
 protocol), pages_daemon (the `criu lazy-pages` process), guard_process (the guard that
 outlives the daemon and learns the tree before it runs), restore (`LazyRestore`, which runs
 them together and watches them). Following and killing the restored tree is
-checkpointer.restored_tree, shared with the guard (checkpointer.lazy_guard).
+restored_tree (with tree_cgroup), shared with the guard (guard, holding the
+userfaultfds with uffd_hold).
 """
 
-from checkpointer.criu.lazy.page_server import TransferStats
-from checkpointer.criu.lazy.preparation import (
-    FolderPageSource,
-    LazyRange,
-    PageIndex,
-    PageSource,
-    prepare_restore_dir,
-)
-from checkpointer.criu.lazy.restore import LazyRestore
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from checkpointer import lazy_exports
+
+if TYPE_CHECKING:
+    from checkpointer.criu.lazy.page_server import TransferStats
+    from checkpointer.criu.lazy.preparation import (
+        FolderPageSource,
+        LazyRange,
+        PageIndex,
+        PageSource,
+        prepare_restore_dir,
+    )
+    from checkpointer.criu.lazy.restore import LazyRestore
+
+_WHERE = {
+    "TransferStats": "checkpointer.criu.lazy.page_server",
+    "FolderPageSource": "checkpointer.criu.lazy.preparation",
+    "LazyRange": "checkpointer.criu.lazy.preparation",
+    "PageIndex": "checkpointer.criu.lazy.preparation",
+    "PageSource": "checkpointer.criu.lazy.preparation",
+    "prepare_restore_dir": "checkpointer.criu.lazy.preparation",
+    "LazyRestore": "checkpointer.criu.lazy.restore",
+}
+
+__getattr__ = lazy_exports(__name__, _WHERE)  # names load on first use
+
 
 __all__ = [
     "FolderPageSource",

@@ -1,4 +1,4 @@
-"""The daemon's side of a lazy restore's guard (the guard itself: checkpointer.lazy_guard).
+"""The daemon's side of a lazy restore's guard (the guard itself: checkpointer.criu.lazy.guard).
 
 The guard is a process of its own that starts `criu lazy-pages` as its child (so that nothing
 the daemon started for the restore outlives both: the daemon's death reaches the guard as EOF
@@ -30,14 +30,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import checkpointer
-from checkpointer import children
-from checkpointer.uffd_hold import pidfd_getfd
+from checkpointer.criu.lazy.uffd_hold import pidfd_getfd
+from checkpointer.host import children
 
 # The guard's entry point, and the folder that holds the checkpointer package (a checkout or
 # site-packages): given as an argument, never spliced into the code.
 _GUARD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from checkpointer.lazy_guard import main; sys.exit(main())"
+    "from checkpointer.criu.lazy.guard import main; sys.exit(main())"
 )
 _PACKAGE_ROOT = str(Path(checkpointer.__file__).resolve().parent.parent)
 _MFD_EXEC = 0x10  # Linux 6.3+: say that the memfd is meant to be executed

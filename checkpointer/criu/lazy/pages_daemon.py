@@ -1,6 +1,6 @@
 """The `criu lazy-pages` process of one lazy restore: it receives the restored tree's
 userfaultfds and asks our page server for every page still missing. The lazy restore's guard
-starts it and is its parent (checkpointer.lazy_guard): whenever this daemon dies, the guard
+starts it and is its parent (checkpointer.criu.lazy.guard): whenever this daemon dies, the guard
 ends it; started by the daemon, it was left waiting forever for a restore when the daemon
 died before the guard was up.
 
@@ -26,7 +26,7 @@ from checkpointer.criu.lazy.guard_process import GuardProcess
 
 class LazyPagesDaemon:
     """One `criu lazy-pages`, started by the lazy restore's `guard` (its parent: see
-    checkpointer.lazy_guard), which reports its PID and exit status here."""
+    checkpointer.criu.lazy.guard), which reports its PID and exit status here."""
 
     def __init__(
         self, criu: Criu, images_dir: Path, label: str, peer: socket.socket, connection: int

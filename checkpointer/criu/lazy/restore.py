@@ -41,10 +41,10 @@ from checkpointer.criu.lazy.preparation import (
     PageSource,
     check_private_dir,
 )
+from checkpointer.criu.lazy.restored_tree import RestoredTree
+from checkpointer.criu.lazy.uffd_hold import UffdHold
 from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.stats import RestoreStats, read_restore_stats
-from checkpointer.restored_tree import RestoredTree
-from checkpointer.uffd_hold import UffdHold
 
 log = logging.getLogger(__name__)
 

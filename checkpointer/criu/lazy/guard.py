@@ -19,8 +19,8 @@ under a running tree. So the guard:
   the guard answers "ok", and a failed hook makes CRIU kill the tree. A guard that is gone
   cannot answer; one that lost the daemon before is gone;
 - confines a tree in the host's PID namespace to a cgroup of its own at the hook, before it
-  runs: no process of it can leave its reach by daemonizing (checkpointer.tree_cgroup);
-- follows the tree (checkpointer.restored_tree) until the daemon says "done" (every page
+  runs: no process of it can leave its reach by daemonizing (checkpointer.criu.lazy.tree_cgroup);
+- follows the tree (checkpointer.criu.lazy.restored_tree) until the daemon says "done" (every page
   arrived: let go) or "kill" on its pipe; the pipe closing without either means the daemon
   died: it kills the tree, and lets go of the connection and the copies only once nothing of
   the tree runs.
@@ -49,8 +49,8 @@ class _Guard:
     """One lazy restore's guard: what it holds, and the tree once the hook named it."""
 
     def __init__(self, lazy_pages_pid: int, hook_in: int, hook_out: int, connection: int) -> None:
-        from checkpointer.restored_tree import RestoredTree
-        from checkpointer.uffd_hold import UffdHold
+        from checkpointer.criu.lazy.restored_tree import RestoredTree
+        from checkpointer.criu.lazy.uffd_hold import UffdHold
 
         self.lazy_pages_pid = lazy_pages_pid
         self.lazy_pages = os.pidfd_open(lazy_pages_pid)  # our child: never a reused PID

@@ -156,7 +156,7 @@ def _container_checks(config: Config) -> list[Check]:
 
 
 def _tool_version(kind: str) -> str:
-    from checkpointer import children
+    from checkpointer.host import children
 
     cmd = ["lxc-start", "--version"] if kind == "lxc" else ["podman", "--version"]
     runc = ""
@@ -171,7 +171,7 @@ def _tool_version(kind: str) -> str:
 
 
 def _podman_default_runtime() -> str | None:
-    from checkpointer import children
+    from checkpointer.host import children
 
     try:
         out = children.run(
@@ -196,7 +196,7 @@ def storage_checks(config: Config) -> list[Check]:
 
             checks.append(_repository_check(config, LocalBlobStore(path)))
         return checks
-    from checkpointer.daemon.storage_setup import remote_store
+    from checkpointer.repository.stack import remote_store
     from storage.errors import StorageAccessError, StorageError, TransientStorageError
 
     # One attempt: the daemon's retries (up to a minute) would only make doctor slow to say
@@ -269,7 +269,7 @@ def _conditional_writes_check(store: BlobStore) -> Check:
 
 def _repository_check(config: Config, backend: BlobStore) -> Check:
     """Open the repository as the daemon will, but never create one, nor a key file."""
-    from checkpointer.repository_key import RepositoryKeyError, open_codec
+    from checkpointer.repository.key import RepositoryKeyError, open_codec
     from storage import keyring
     from storage.errors import StorageError
 
@@ -324,7 +324,7 @@ def _unit_environment(path: Path) -> list[Check]:
 
 def _key_check(config: Config) -> Check:
     """The access key is there and only ours (the daemon refuses it otherwise)."""
-    from checkpointer.repository_key import RepositoryKeyError, find_secret
+    from checkpointer.repository.key import RepositoryKeyError, find_secret
 
     if not config.storage.encryption:
         return Check("repository key", True, "encryption is off: checkpoints stored in clear")

@@ -2,9 +2,9 @@
 and killed for sure before the copies of its userfaultfds are let go (the kernel would then
 fill every missing page with zeroes under whatever of it still runs).
 
-Shared by the daemon (checkpointer.criu.lazy.restore) and the guard (checkpointer.lazy_guard),
+Shared by the daemon (checkpointer.criu.lazy.restore) and the guard (checkpointer.criu.lazy.guard),
 so it imports the standard library, checkpointer.workloads.process and tree_cgroup only: the
-guard must start fast (see checkpointer.lazy_guard).
+guard must start fast (see checkpointer.criu.lazy.guard).
 
 How every process is found depends on where the tree lives:
 - In a PID namespace of its own (every managed workload: its root is the namespace's init),
@@ -18,7 +18,7 @@ How every process is found depends on where the tree lives:
   /proc/PID/task/TID/children (cost grows with the tree, not with the host: a scan of all of
   /proc took 30 ms here with 215 processes). A process that forks and whose parent exits
   between two scans is not seen, so the guard also puts the tree in a cgroup v2 of its own at
-  CRIU's post-restore hook, before any of it runs (`confine`, checkpointer.tree_cgroup): no
+  CRIU's post-restore hook, before any of it runs (`confine`, tree_cgroup): no
   fork leaves it, and its `cgroup.kill` kills them all; scanning is then not needed. Without
   cgroup v2 on the host, following is all there is, and such a process escapes the kill.
 """
@@ -31,7 +31,7 @@ import select
 import signal
 from pathlib import Path
 
-from checkpointer.tree_cgroup import PREFIX, TreeCgroup, cgroup_of, mount_point
+from checkpointer.criu.lazy.tree_cgroup import PREFIX, TreeCgroup, cgroup_of, mount_point
 from checkpointer.workloads.process import is_alive, start_time
 
 

@@ -13,7 +13,7 @@ controllers enabled, so the child takes processes. The processes are moved in at
 post-restore hook, when they all exist and none has run, and moved back to the root's cgroup
 once the transfer is complete.
 
-Standard library only: the lazy restore's guard imports it (see checkpointer.lazy_guard).
+Standard library only: the lazy restore's guard imports it (see checkpointer.criu.lazy.guard).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import socket
 
 from checkpointer.config import Config
 from checkpointer.daemon.metrics import Metrics
-from checkpointer.repository_key import RepositoryKeyError, open_codec
+from checkpointer.repository.key import RepositoryKeyError, open_codec
 from storage import Repository
 from storage.backends import BlobStore, LocalBlobStore
 from storage.backends.instrumented import InstrumentedBlobStore

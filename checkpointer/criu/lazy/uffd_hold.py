@@ -1,7 +1,7 @@
 """Copies of a process's userfaultfds: what keeps a lazily restored tree off zero pages.
 
 Its own module, importing only the standard library, because the lazy restore's guard
-(checkpointer.lazy_guard) imports it in a process that must start fast.
+(checkpointer.criu.lazy.guard) imports it in a process that must start fast.
 """
 
 from __future__ import annotations
