@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.harness import DISK, ROOT, BenchDaemon
 from bench.report import summarize
-from checkpointer.criu.stats import read_dump_stats
+from checkpointer.criu.images.stats import read_dump_stats
 from tests.support.containers import ask, podman, podman_container, podman_pid
 from tests.support.net import free_port
 

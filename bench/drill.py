@@ -1,7 +1,7 @@
 """Restore drills: what one costs, and whether the live workload feels it.
 
 Two real daemons run side by side, one per priority a drill can run at
-(checkpointer/criu/sandbox_priority.py: `idle`, SCHED_IDLE and the idle I/O class, the
+(checkpointer/criu/sandbox/priority.py: `idle`, SCHED_IDLE and the idle I/O class, the
 default; `nice`, nice 10, the earlier behaviour), each with a counter server holding MB
 megabytes (tests/programs/ballast_server.py) as a managed workload, checkpointed once. A
 client asks the first counter for its count in a loop (one request at a time, as fast as it

@@ -71,7 +71,7 @@ class MigrateReport(TypedDict):
 
 class CpuUnfit(TypedDict):
     """A workload a host's CPU cannot run: what its newest checkpoint needs that the host
-    lacks (checkpointer/criu/cpu_fit.py)."""
+    lacks (checkpointer/criu/cpu/fit.py)."""
 
     workload: str
     checkpoint: str

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from checkpointer.criu import Criu, cpuinfo_check, cpuinfo_dump
-from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, read_cpuinfo
+from checkpointer.criu.cpu.info import CPUINFO_IMAGE, read_cpuinfo
 from tests.support import COUNTER, Network, s3_config
 from tests.support.hosts import Host
 from tests.test_fleet import FLEET, fleet, until

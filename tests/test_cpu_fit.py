@@ -1,5 +1,5 @@
 """`checkpointer hosts` says which hosts can take which workloads, by CPU, without running
-CRIU or downloading an image (checkpointer/criu/cpu_fit.py replays `criu cpuinfo check`).
+CRIU or downloading an image (checkpointer/criu/cpu/fit.py replays `criu cpuinfo check`).
 
 Its judgement is tested against CRIU's own on images edited with `crit` (a feature of CRIU's
 instruction mask, a feature outside it, an xsave component, the xsave size), and end to end
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from checkpointer.criu import Criu, cpuinfo_check, cpuinfo_dump
-from checkpointer.criu.cpu_fit import INS_MASK, missing, parse, summary
-from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, CpuInfo, feature_name, read_cpuinfo
+from checkpointer.criu.cpu.fit import INS_MASK, missing, parse, summary
+from checkpointer.criu.cpu.info import CPUINFO_IMAGE, CpuInfo, feature_name, read_cpuinfo
 from storage.backends import LocalBlobStore
 from storage.crypto import Sealed
 from storage.host_records import MAX_RECORD_BYTES, HostRecords, record_key

@@ -139,7 +139,7 @@ def leftovers(d: Daemon) -> list[str]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if entry.isdigit() and "sandbox_init" in argv and str(d.state) in argv:
+        if entry.isdigit() and "criu/sandbox/init.py" in argv and str(d.state) in argv:
             found.append(f"pid {entry}: {argv}")
     return found
 
@@ -251,7 +251,7 @@ def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
     t.start()
     try:
         deadline = time.monotonic() + 60
-        while not any("sandbox_init" in p for p in _cmdlines()):  # CRIU in the sandbox now
+        while not any("criu/sandbox/init.py" in p for p in _cmdlines()):  # CRIU in the sandbox now
             assert time.monotonic() < deadline and t.is_alive(), first
             time.sleep(0.01)
         # Straight to the daemon's socket: the CLI takes longer to start than this CRIU runs.
@@ -259,7 +259,7 @@ def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
             call(sock, Op.DRILL, name="big")
         # The workload's lock is free: a checkpoint, a restore, would not wait for the drill.
         busy = call(sock, Op.STATUS, name="big")[0]["busy"]
-        still = any("sandbox_init" in p for p in _cmdlines())
+        still = any("criu/sandbox/init.py" in p for p in _cmdlines())
         criu = None
         while criu is None and t.is_alive():
             criu = next(iter(_pids_of("--leave-stopped", "big-drill-")), None)

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.criu.lazy import LazyRange, PageIndex, PageSource, prepare_restore_dir
-from checkpointer.criu.lazy.page_server import PS_IOV_CLOSE, PS_IOV_GET, PageServer
-from checkpointer.criu.pagemap import (
+from checkpointer.criu.images.pagemap import (
     PAGE_SIZE,
     PageFlag,
     Pagemap,
@@ -25,6 +23,8 @@ from checkpointer.criu.pagemap import (
     read_pagemap,
     write_pagemap,
 )
+from checkpointer.criu.lazy import LazyRange, PageIndex, PageSource, prepare_restore_dir
+from checkpointer.criu.lazy.page_server import PS_IOV_CLOSE, PS_IOV_GET, PageServer
 from tests.support.lazy import recv_exact
 
 pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`

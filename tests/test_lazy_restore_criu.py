@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from checkpointer.criu import Criu, DumpOptions
+from checkpointer.criu.images.pagemap import read_pagemap
 from checkpointer.criu.lazy import LazyRestore, PageSource, prepare_restore_dir
-from checkpointer.criu.pagemap import read_pagemap
 from checkpointer.workloads.process import is_alive, teardown
 from tests.support import free_port
 from tests.support.lazy import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.criu.images import changed_page_bytes
+from checkpointer.criu.images.memory import changed_page_bytes
 from checkpointer.repository.key import read_secret_file
 from storage import Repository, keyring
 from storage import keys as keys_mod

@@ -9,7 +9,7 @@ from bench.harness import SHM, Recorder, du, kill, raw_dump, timed
 from bench.methods.base import Method, phase
 from bench.workloads import Workload
 from checkpointer.criu import Criu, DumpOptions
-from checkpointer.criu.images import changed_page_bytes
+from checkpointer.criu.images.memory import changed_page_bytes
 
 LABEL = "raw criu (tmpfs)"
 

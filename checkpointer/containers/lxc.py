@@ -29,7 +29,7 @@ from pathlib import Path
 from checkpointer.containers import lxc_config, rootfs_archive, rootfs_extract
 from checkpointer.containers.base import ContainerError, Problem, Tool
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
-from checkpointer.criu.stats import read_dump_stats, read_restore_stats
+from checkpointer.criu.images.stats import read_dump_stats, read_restore_stats
 
 CONFIG = "lxc.config"
 ROOTFS = "lxc.rootfs.tar"

@@ -32,7 +32,7 @@ from checkpointer.containers import podman_export as export_tar
 from checkpointer.containers.base import ContainerError, Problem, Tool
 from checkpointer.containers.podman_export import PREFIX
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
-from checkpointer.criu.stats import read_dump_stats
+from checkpointer.criu.images.stats import read_dump_stats
 
 INSTALL = "install Podman and runc (`apt-get install podman runc`, or `make containers`)"
 

@@ -19,8 +19,13 @@ from pathlib import Path
 
 from checkpointer.criu import stale_proc_dir
 from checkpointer.criu.failures import INSTALL_HINT, CriuError, classify
+from checkpointer.criu.images.stats import (
+    DumpStats,
+    RestoreStats,
+    read_dump_stats,
+    read_restore_stats,
+)
 from checkpointer.criu.options import DumpOptions
-from checkpointer.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
 from checkpointer.host import children
 from checkpointer.workloads import users
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from checkpointer.api import CheckpointReport
 from checkpointer.containers import ContainerRuntime
-from checkpointer.criu import Criu, CriuError, DumpStats, cpu_fit, cpuinfo_dump
-from checkpointer.criu.cpuinfo import CPUINFO_IMAGE, read_cpuinfo
+from checkpointer.criu import Criu, CriuError, DumpStats, cpuinfo_dump
+from checkpointer.criu.cpu import fit as cpu_fit
+from checkpointer.criu.cpu.info import CPUINFO_IMAGE, read_cpuinfo
 from checkpointer.engine import kept_image, spec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
@@ -146,9 +147,9 @@ class CheckpointPipeline:
     def record_cpu(self, w: Workload, images: Path) -> dict[str, Any] | None:
         """This CPU's features into the image folder (`cpuinfo.img`), so they travel with the
         checkpoint like every image file (same manifest, authenticated, one deduped chunk)
-        and a host that may restore it checks them first (checkpointer/criu/cpuinfo.py).
+        and a host that may restore it checks them first (checkpointer/criu/cpu/info.py).
         Returns their summary for the metadata: `checkpointer hosts` judges every host
-        against it without downloading the image (checkpointer/criu/cpu_fit.py). A failure
+        against it without downloading the image (checkpointer/criu/cpu/fit.py). A failure
         costs that check, not the checkpoint."""
         try:
             cpuinfo_dump(self.criu, images)

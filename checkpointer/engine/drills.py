@@ -2,7 +2,7 @@
 
 A drill rebuilds a checkpoint's image from the repository (every chunk verified, as a restore
 after a reboot would) and has CRIU restore it in a sandbox that cannot touch the live tree
-(checkpointer/criu/sandbox.py: its own namespaces, the file systems copy-on-write, the tree left
+(checkpointer/criu/sandbox/: its own namespaces, the file systems copy-on-write, the tree left
 stopped and killed). What it finds is kept with the checkpoint (storage/marks.py, sealed) and in
 the workload's record (`drills`, for `status` and `list`):
 
@@ -18,7 +18,7 @@ Cost to the live workload: the workload's lock is held only while the checkpoint
 checkpoint then waits, a scheduled one is skipped, as behind any operation); the sandbox runs
 without it, one drill at a time on the host and never two of one workload; the sandbox and the
 daemon's thread that reads the image run at the lowest CPU and I/O priority (SCHED_IDLE, idle
-I/O class: checkpointer/criu/sandbox_priority.py). Scheduled
+I/O class: checkpointer/criu/sandbox/priority.py). Scheduled
 drills (`drill.every`) run in a thread of their own, so a long one never holds the scheduler.
 """
 
@@ -35,8 +35,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from checkpointer.api import DrillReport
-from checkpointer.criu import Criu, CriuError, sandbox_priority
-from checkpointer.criu.sandbox import SANDBOX_CATEGORIES, SandboxRestore, restore_in_sandbox
+from checkpointer.criu import Criu, CriuError
+from checkpointer.criu.sandbox import priority as sandbox_priority
+from checkpointer.criu.sandbox.restore import SANDBOX_CATEGORIES, SandboxRestore, restore_in_sandbox
 from checkpointer.engine import listing, spec
 from checkpointer.engine.events import Events
 from checkpointer.engine.ownership import Ownership

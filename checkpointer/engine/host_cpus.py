@@ -4,7 +4,7 @@ A host publishes its CPU at daemon start (storage/host_records.py: `hostinfo/<ho
 checkpoint carries the CPU it was taken on in its metadata (`cpu`, written by
 checkpointer/engine/checkpointing.py), and `judge` compares the newest checkpoint of every
 workload the fleet runs with every live host's CPU by CRIU's own rules
-(checkpointer/criu/cpu_fit.py): no image is downloaded and no CRIU runs, so the answer costs
+(checkpointer/criu/cpu/fit.py): no image is downloaded and no CRIU runs, so the answer costs
 one record per host and one manifest per workload. It is advice for the operator: migrate
 and failover still run `criu cpuinfo check` on the checkpoint they restore.
 """
@@ -15,8 +15,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from checkpointer.api import HostReport
-from checkpointer.criu import CriuError, cpu_fit
-from checkpointer.criu.cpuinfo import CpuInfo, here
+from checkpointer.criu import CriuError
+from checkpointer.criu.cpu import fit as cpu_fit
+from checkpointer.criu.cpu.info import CpuInfo, here
 from checkpointer.engine.facade import Engine
 from storage import StorageError
 from storage.host_records import HostRecords

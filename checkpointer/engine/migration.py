@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from checkpointer.api import MigrateReport
 from checkpointer.criu import CpuMismatch, cpuinfo_check
-from checkpointer.criu.cpuinfo import CPUINFO_IMAGE
+from checkpointer.criu.cpu.info import CPUINFO_IMAGE
 from checkpointer.engine import kept_image
 from checkpointer.engine.policy import Streak
 from checkpointer.engine.workload import WorkloadState

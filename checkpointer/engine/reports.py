@@ -15,7 +15,7 @@ from checkpointer.api import (
     VerifyReport,
 )
 from checkpointer.config.durations import format_duration
-from checkpointer.criu import sandbox_priority
+from checkpointer.criu.sandbox import priority as sandbox_priority
 from checkpointer.engine import listing, recovery
 from checkpointer.engine.facade import Engine
 from checkpointer.engine.workload import DrillResult, Workload, WorkloadState

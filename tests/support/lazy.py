@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpointer.criu import Criu, DumpOptions
+from checkpointer.criu.images.pagemap import PAGE_SIZE
 from checkpointer.criu.lazy import FolderPageSource, LazyRestore, prepare_restore_dir
-from checkpointer.criu.pagemap import PAGE_SIZE
 from checkpointer.host import children
 from checkpointer.workloads.process import teardown
 from checkpointer.workloads.reaper import PR_SET_CHILD_SUBREAPER, Reaper

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from checkpointer.criu.images.pagemap import PAGE_SIZE, PageFlag
 from checkpointer.criu.lazy.preparation import PageIndex, PageSource
-from checkpointer.criu.pagemap import PAGE_SIZE, PageFlag
 
 # criu/page-xfer.c: struct page_server_iov { u32 cmd; u32 pad; u64 nr_pages, vaddr, dst_id; }
 _HEADER = struct.Struct("=I4xQQQ")

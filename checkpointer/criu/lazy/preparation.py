@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from checkpointer.criu.failures import CriuError
-from checkpointer.criu.pagemap import (
+from checkpointer.criu.images.pagemap import (
     FLAG_LAZY,
     FLAG_PARENT,
     FLAG_PRESENT,

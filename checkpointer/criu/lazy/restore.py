@@ -32,6 +32,7 @@ from pathlib import Path
 
 from checkpointer.criu.driver import Criu, restore_log
 from checkpointer.criu.failures import CriuError
+from checkpointer.criu.images.stats import RestoreStats, read_restore_stats
 from checkpointer.criu.lazy.guard_process import GuardProcess
 from checkpointer.criu.lazy.page_server import PageServer, TransferStats
 from checkpointer.criu.lazy.pages_daemon import LazyPagesDaemon
@@ -44,7 +45,6 @@ from checkpointer.criu.lazy.preparation import (
 from checkpointer.criu.lazy.restored_tree import RestoredTree
 from checkpointer.criu.lazy.uffd_hold import UffdHold
 from checkpointer.criu.options import DumpOptions
-from checkpointer.criu.stats import RestoreStats, read_restore_stats
 
 log = logging.getLogger(__name__)
 

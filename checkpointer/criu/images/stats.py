@@ -11,7 +11,7 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpointer.criu.pagemap import read_varint as _varint
+from checkpointer.criu.images.pagemap import read_varint as _varint
 
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306

@@ -2,8 +2,8 @@
 restore the checkpoint there with CRIU (tree left stopped), check what came back, and exit,
 which kills everything in the sandbox and drops its mounts.
 
-Run by checkpointer/criu/sandbox.py, always through `unshare --mount --pid --net --ipc --uts
---fork --propagation private --kill-child`, as `python -I sandbox_init.py REQUEST`, where
+Run by checkpointer/criu/sandbox/restore.py, always through `unshare --mount --pid --net --ipc --uts
+--fork --propagation private --kill-child`, as `python -I init.py REQUEST`, where
 REQUEST is JSON: `work` (a folder of the daemon's: `work/mnt` is where the sandbox's tmpfs goes,
 `work/result.json`, `work/restore.log` and `work/stats-restore` are where this writes back),
 `criu` (the `criu restore` argv), `log`, `stats` (where CRIU writes them, as seen inside) and

@@ -2,7 +2,7 @@
 
 A drill proves a checkpoint before it is needed: CRIU restores every process, file and socket
 of it, or says why not (a file that changed size, a socket it cannot re-create). It runs in a
-sandbox (sandbox_init.py, PID 1 of new PID, mount, network, IPC and UTS namespaces) whose file
+sandbox (init.py, PID 1 of new PID, mount, network, IPC and UTS namespaces) whose file
 systems are copy-on-write views of the host's, so that nothing CRIU does while restoring
 reaches the live tree's files; the tree is left stopped (`--leave-stopped`: the restored code
 never runs) and is killed with the sandbox. Cgroups are left alone (`--manage-cgroups=ignore`):
@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from checkpointer.criu import sandbox_priority
 from checkpointer.criu.driver import Criu, restore_argv
 from checkpointer.criu.failures import CriuError, classify
+from checkpointer.criu.images.stats import RestoreStats, read_restore_stats
 from checkpointer.criu.options import DumpOptions
-from checkpointer.criu.stats import RestoreStats, read_restore_stats
+from checkpointer.criu.sandbox import priority as sandbox_priority
 from checkpointer.host import children
 
-INIT = Path(__file__).with_name("sandbox_init.py")
+INIT = Path(__file__).with_name("init.py")
 NAMESPACES = ("--mount", "--pid", "--net", "--ipc", "--uts")
 # Not the checkpoint's fault: the sandbox could not be built, or held too little.
 SANDBOX_CATEGORIES = frozenset({"sandbox", "no-space", "not-stopped"})
@@ -121,7 +121,7 @@ def restore_in_sandbox(
 
 
 def _result(work: Path, out: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    """What sandbox_init.py wrote back; a CriuError (sandbox) when it wrote nothing usable."""
+    """What init.py wrote back; a CriuError (sandbox) when it wrote nothing usable."""
     try:
         result = json.loads((work / "result.json").read_text())
         if not isinstance(result, dict):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from checkpointer.criu.driver import Criu
 from checkpointer.criu.failures import CriuError
-from checkpointer.criu.pagemap import read_varint
+from checkpointer.criu.images.pagemap import read_varint
 from checkpointer.host import children
 
 CPUINFO_IMAGE = "cpuinfo.img"

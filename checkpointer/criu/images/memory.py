@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from checkpointer.criu.stats import _fields
+from checkpointer.criu.images.stats import _fields
 
 PAGE = 4096
 _PE_PARENT = 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpointer.criu.cpuinfo import CpuInfo, feature_name, xstate_name
+from checkpointer.criu.cpu.info import CpuInfo, feature_name, xstate_name
 
 # CRIU's x86_ins_capability_mask (criu/arch/x86/cpu.c) as (word, bit) pairs, from compel's
 # X86_FEATURE_* numbers (compel/arch/x86/src/lib/include/uapi/asm/cpu.h).
