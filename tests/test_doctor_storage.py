@@ -114,7 +114,9 @@ def test_wrong_secret_missing_bucket_and_good_config_are_three_different_lines(
     assert listed["KeyCount"] == 0
 
     # The repository as the daemon creates it; then its key opens it, another key does not.
-    open_repository(good)
+    _, spool = open_repository(good)
+    assert spool is not None
+    spool.close()  # its uploader would outlive the test's folder
     checks = run(good, s3, s3.secret, monkeypatch)
     assert checks[1].ok and "opened with key" in checks[1].detail, checks[1]
     other = config(workdir, s3, s3.bucket, name="other")

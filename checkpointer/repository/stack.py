@@ -22,6 +22,7 @@ from storage.backends.retrying import RetryingBlobStore
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import StorageError, TransientStorageError
 from storage.heads import Heads
+from storage.keyring import Opened
 from storage.keys import CONFIG, KEYS
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,20 @@ def open_repository(
         on_upload=metrics.uploaded_bytes.inc if metrics else None,
         recheck_after=s.gc_grace / 2,
     )
+    try:
+        opened = _open_codec(config, remote, reachable, host)
+    except BaseException:
+        spool.close()  # its uploader thread would outlive the failed start (and its folder)
+        raise
+    # Fleet: which checkpoints exist is what each workload's head says, written only with
+    # conditional writes on the bucket itself (storage/heads.py), never through the spool.
+    heads = Heads(remote, opened.codec) if config.fleet.enabled else None
+    return Repository(spool, s.concurrency, s.gc_grace, opened.codec, heads), spool
+
+
+def _open_codec(config: Config, remote: BlobStore, reachable: bool, host: str) -> Opened:
+    """The bucket's repository opened with this host's key: from the bucket if it answered,
+    else from the state folder's copy of its keys."""
     keys_copy = LocalBlobStore(config.state_dir / "repository-keys")
     if reachable:
         # The bucket is the authority on whether the repository exists and which keys open
@@ -95,10 +110,7 @@ def open_repository(
                 "(no copy of its keys in the state folder): start again when it is reachable"
             )
         opened = open_codec(config, keys_copy, host, create=False)
-    # Fleet: which checkpoints exist is what each workload's head says, written only with
-    # conditional writes on the bucket itself (storage/heads.py), never through the spool.
-    heads = Heads(remote, opened.codec) if config.fleet.enabled else None
-    return Repository(spool, s.concurrency, s.gc_grace, opened.codec, heads), spool
+    return opened
 
 
 def _mirror_keys(remote: BlobStore, copy: BlobStore) -> None:

@@ -286,12 +286,23 @@ class SpooledBlobStore(BlobStore):
     def _upload_loop(self) -> None:
         backoff = 1.0
         while True:
-            with self._lock:
-                while not self._stop and not self._entries():
-                    self._wake.wait(5.0)
-                if self._stop:
-                    return
-                batch = self._next_batch()
+            try:
+                with self._lock:
+                    while not self._stop and not self._entries():
+                        self._wake.wait(5.0)
+                    if self._stop:
+                        return
+                    batch = self._next_batch()
+            except OSError:
+                # Reading the queue folder failed (EIO, EMFILE): this thread is the only one
+                # that uploads, so it waits and reads again rather than end every upload.
+                log.exception(
+                    "the uploader cannot read its queue in %s; trying again", self.queue_dir
+                )
+                with self._lock:
+                    self._wake.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
             if batch[0][1] == "R" and not self._records.is_set():
                 with self._lock:  # queued before a restart: wait for the repository's handler
                     self._wake.wait(0.2)
