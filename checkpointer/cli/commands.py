@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,10 +28,13 @@ from checkpointer.cli.options import (
     criu_flags,
     fail,
     schedule_flags,
+    usage_error,
     workload_options,
 )
 from checkpointer.cli.options import common as common  # drill_command.py imports it here
-from checkpointer.config import Config
+
+if TYPE_CHECKING:
+    from checkpointer.config import Config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +52,7 @@ def cli(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
 
 
 @cli.command()
-@common(reporting=False)
+@common(reporting=False, reads_config=True)
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
@@ -84,7 +87,7 @@ def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> Non
 @click.option("--env", multiple=True, help="KEY=VALUE for the workload's environment")
 @schedule_flags
 @criu_flags
-def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw: Any) -> None:
+def run(socket_path: Path, as_json: bool, name: str, command: tuple[str, ...], **kw: Any) -> None:
     """Start COMMAND as managed workload NAME (own PID namespace): run NAME -- CMD ARGS..."""
     env = {}
     for item in kw.pop("env"):
@@ -93,7 +96,7 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
             raise click.BadParameter(f"{item!r}: write KEY=VALUE", param_hint="--env")
         env[key] = value
     cwd = kw.pop("cwd")
-    result = Client(config.socket_path).run(
+    result = Client(socket_path).run(
         name,
         list(command),
         options=workload_options(kw),
@@ -120,7 +123,7 @@ def run(config: Config, as_json: bool, name: str, command: tuple[str, ...], **kw
 @schedule_flags
 @criu_flags
 def register(
-    config: Config,
+    socket_path: Path,
     as_json: bool,
     name: str,
     pid: int | None,
@@ -132,7 +135,7 @@ def register(
     """Adopt an existing process tree, or a container, as workload NAME."""
     if sum(x is not None for x in (pid, pidfile, lxc, podman)) != 1:
         raise click.UsageError("give exactly one of --pid, --pidfile, --lxc and --podman")
-    result = Client(config.socket_path).register(
+    result = Client(socket_path).register(
         name,
         pid=pid,
         pidfile=str(pidfile.resolve()) if pidfile else None,
@@ -151,36 +154,36 @@ def register(
     is_flag=True,
     help="leave a managed workload's processes running (default: stop them)",
 )
-def unregister(config: Config, as_json: bool, name: str, keep_running: bool) -> None:
+def unregister(socket_path: Path, as_json: bool, name: str, keep_running: bool) -> None:
     """Stop checkpointing NAME. Its checkpoints stay in the repository."""
-    result = Client(config.socket_path).unregister(name, keep_running=keep_running)
+    result = Client(socket_path).unregister(name, keep_running=keep_running)
     show.emit(as_json, result, lambda: show.unregistered(name, result))
 
 
 @cli.command()
 @common()
 @click.argument("name", required=False)
-def status(config: Config, as_json: bool, name: str | None) -> None:
+def status(socket_path: Path, as_json: bool, name: str | None) -> None:
     """Workloads: state, pid, last checkpoint and its age, next run."""
-    rows = Client(config.socket_path).status(name)
+    rows = Client(socket_path).status(name)
     show.emit(as_json, rows, lambda: show.status_table(rows))
 
 
 @cli.command()
 @common()
 @click.argument("name")
-def checkpoint(config: Config, as_json: bool, name: str) -> None:
+def checkpoint(socket_path: Path, as_json: bool, name: str) -> None:
     """Checkpoint NAME now; prints the new checkpoint id."""
-    r = Client(config.socket_path).checkpoint(name)
+    r = Client(socket_path).checkpoint(name)
     show.emit(as_json, r, lambda: show.checkpointed(r))
 
 
 @cli.command(name="list")
 @common()
 @click.argument("name")
-def list_(config: Config, as_json: bool, name: str) -> None:
+def list_(socket_path: Path, as_json: bool, name: str) -> None:
     """Checkpoints of NAME, newest first."""
-    rows = Client(config.socket_path).checkpoints(name)
+    rows = Client(socket_path).checkpoints(name)
     show.emit(as_json, rows, lambda: show.checkpoints_table(name, rows))
 
 
@@ -197,13 +200,11 @@ def list_(config: Config, as_json: bool, name: str) -> None:
     help="from the repository: pages on demand, or all first (default: restore.lazy)",
 )
 def restore(
-    config: Config, as_json: bool, name: str, checkpoint_id: str | None, lazy: bool | None
+    socket_path: Path, as_json: bool, name: str, checkpoint_id: str | None, lazy: bool | None
 ) -> None:
     """Restore NAME, which must not be running, from a checkpoint."""
     with show.progress(as_json, f"restoring {name}") as on_progress:
-        r = Client(config.socket_path).restore(
-            name, checkpoint_id, on_progress=on_progress, lazy=lazy
-        )
+        r = Client(socket_path).restore(name, checkpoint_id, on_progress=on_progress, lazy=lazy)
     show.emit(as_json, r, lambda: show.restored(name, r))
 
 
@@ -217,11 +218,11 @@ def restore(
     default=None,
     help="go back N checkpoints from the newest (0 = the newest)",
 )
-def rollback(config: Config, as_json: bool, name: str, to: str | None, back: int | None) -> None:
+def rollback(socket_path: Path, as_json: bool, name: str, to: str | None, back: int | None) -> None:
     """Stop the running NAME and restore an older checkpoint. Its current state is lost."""
     if (to is None) == (back is None):
         raise click.UsageError("give exactly one of --to ID and --back N")
-    r = Client(config.socket_path).rollback(name, to=to, back=back)
+    r = Client(socket_path).rollback(name, to=to, back=back)
     show.emit(as_json, r, lambda: show.rolled_back(name, r))
 
 
@@ -229,17 +230,17 @@ def rollback(config: Config, as_json: bool, name: str, to: str | None, back: int
 @common()
 @click.argument("name")
 @click.option("--to", "to", required=True, help="the host id of the fleet to move it to")
-def migrate(config: Config, as_json: bool, name: str, to: str) -> None:
+def migrate(socket_path: Path, as_json: bool, name: str, to: str) -> None:
     """Move NAME to another host of the fleet: final checkpoint, hand-over, stopped here."""
-    r = Client(config.socket_path).migrate(name, to)
+    r = Client(socket_path).migrate(name, to)
     show.emit(as_json, r, lambda: show.migrated(r))
 
 
 @cli.command()
 @common()
-def hosts(config: Config, as_json: bool) -> None:
+def hosts(socket_path: Path, as_json: bool) -> None:
     """The fleet's live hosts, the workloads each owns, and those its CPU cannot take."""
-    rows = Client(config.socket_path).hosts()
+    rows = Client(socket_path).hosts()
     show.emit(as_json, rows, lambda: show.hosts_table(rows))
 
 
@@ -247,9 +248,9 @@ def hosts(config: Config, as_json: bool) -> None:
 @common()
 @click.argument("name", required=False)
 @click.option("--dry-run", is_flag=True, help="show what would be removed, remove nothing")
-def prune(config: Config, as_json: bool, name: str | None, dry_run: bool) -> None:
+def prune(socket_path: Path, as_json: bool, name: str | None, dry_run: bool) -> None:
     """Apply retention now (NAME or every workload), then collect unreferenced packs."""
-    r = Client(config.socket_path).prune(name, dry_run=dry_run)
+    r = Client(socket_path).prune(name, dry_run=dry_run)
     show.emit(as_json, r, lambda: show.prune_report(r, dry_run))
 
 
@@ -257,10 +258,10 @@ def prune(config: Config, as_json: bool, name: str | None, dry_run: bool) -> Non
 @common()
 @click.argument("name")
 @click.argument("checkpoint_id", required=False)
-def verify(config: Config, as_json: bool, name: str, checkpoint_id: str | None) -> None:
+def verify(socket_path: Path, as_json: bool, name: str, checkpoint_id: str | None) -> None:
     """Re-hash every chunk of a checkpoint (default: the newest) in the repository."""
     with show.progress(as_json, f"verifying {name}") as on_progress:
-        r = Client(config.socket_path).verify(name, checkpoint_id, on_progress=on_progress)
+        r = Client(socket_path).verify(name, checkpoint_id, on_progress=on_progress)
     show.emit(as_json, r, lambda: show.verified(name, r))
 
 
@@ -269,14 +270,14 @@ def verify(config: Config, as_json: bool, name: str, checkpoint_id: str | None) 
 @click.argument("name")
 @click.argument("checkpoint_id")
 @click.option("--remove", is_flag=True, help="unpin instead")
-def pin(config: Config, as_json: bool, name: str, checkpoint_id: str, remove: bool) -> None:
+def pin(socket_path: Path, as_json: bool, name: str, checkpoint_id: str, remove: bool) -> None:
     """Keep a checkpoint whatever retention says (or --remove the pin)."""
-    r = Client(config.socket_path).pin(name, checkpoint_id, unpin=remove)
+    r = Client(socket_path).pin(name, checkpoint_id, unpin=remove)
     show.emit(as_json, r, lambda: show.pinned(name, checkpoint_id, r))
 
 
 @cli.command()
-@common()
+@common(reads_config=True)
 def doctor(config: Config, as_json: bool) -> None:
     """Check CRIU, kernel features, storage and permissions; say how to fix what is missing."""
     from checkpointer.cli.doctor import run_checks
@@ -294,9 +295,17 @@ cli.add_command(drill)
 
 
 def main() -> None:
+    """The `checkpointer` command: every error in one line (click's usage errors too)."""
     try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:
+        cli.main(prog_name="checkpointer", standalone_mode=False)  # --help and --version: 0
+    except click.exceptions.NoArgsIsHelpError as e:  # no command: the help, as click shows it
+        e.show()
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        usage_error(e)
+    except click.ClickException as e:
+        fail(e.format_message(), e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as e:
         if os.environ.get("CHECKPOINTER_DEBUG"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import click
 
@@ -13,7 +14,6 @@ from checkpointer.api import DrainReport, Op, ShutdownReport
 from checkpointer.cli import rendering as show
 from checkpointer.cli.client import call
 from checkpointer.cli.options import common
-from checkpointer.config import Config
 from checkpointer.config.durations import parse_duration
 
 
@@ -36,7 +36,7 @@ def system_state() -> str:
 )
 @click.option("--budget", default=None, help="at most this long (default: shutdown.budget)")
 def shutdown_checkpoint(
-    config: Config, as_json: bool, when_system_stops: bool, budget: str | None
+    socket_path: Path, as_json: bool, when_system_stops: bool, budget: str | None
 ) -> None:
     """Final checkpoints of every workload, trees left stopped, before a reboot.
 
@@ -56,20 +56,20 @@ def shutdown_checkpoint(
             )
             return
     seconds = parse_duration(budget) if budget is not None else None
-    r: ShutdownReport = call(config.socket_path, Op.SHUTDOWN_CHECKPOINT, budget=seconds)
+    r: ShutdownReport = call(socket_path, Op.SHUTDOWN_CHECKPOINT, budget=seconds)
     show.emit(as_json, r, lambda: show.shutdown_table(r))
 
 
 @click.command()
 @common()
 @click.option("--to", "to", metavar="HOST", default=None, help="send every workload to HOST")
-def drain(config: Config, as_json: bool, to: str | None) -> None:
+def drain(socket_path: Path, as_json: bool, to: str | None) -> None:
     """Migrate every workload of this host to the fleet's other live hosts (or HOST).
 
     Least-loaded host first; hosts that are draining themselves are never picked. A
     workload that cannot move keeps running here and is listed with why."""
     with show.progress(as_json, "draining", counting="workloads") as on_progress:
-        r: DrainReport = call(config.socket_path, Op.DRAIN, on_progress=on_progress, to=to)
+        r: DrainReport = call(socket_path, Op.DRAIN, on_progress=on_progress, to=to)
     show.emit(as_json, r, lambda: show.drain_table(r))
     if any(o["result"] != "moved" for o in r["workloads"]):
         raise SystemExit(1)  # not drained: maintenance would stop what still runs here

@@ -12,24 +12,22 @@ import json
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
 from checkpointer.cli import rendering as show
 from checkpointer.cli.options import common
-from checkpointer.config import Config
-from checkpointer.repository.key import (
-    RepositoryKeyError,
-    open_codec,
-    read_secret_file,
-    write_new_key_file,
-)
-from storage import keyring
-from storage.backends import BlobStore, LocalBlobStore
+
+if TYPE_CHECKING:  # loaded by the key commands only: the others start without them
+    from checkpointer.config import Config
+    from storage import keyring
+    from storage.backends import BlobStore
 
 
 def _backend(config: Config) -> BlobStore:
+    from storage.backends import LocalBlobStore
+
     if config.storage.backend == "local":
         return LocalBlobStore(config.repository_path)
     from checkpointer.repository.stack import remote_store  # boto3: only when needed
@@ -38,6 +36,9 @@ def _backend(config: Config) -> BlobStore:
 
 
 def _open(config: Config) -> tuple[BlobStore, keyring.Opened]:
+    from checkpointer.repository.key import RepositoryKeyError, open_codec
+    from storage import keyring
+
     if not config.storage.encryption:
         raise RepositoryKeyError("storage.encryption is false: this repository has no keys")
     backend = _backend(config)
@@ -55,14 +56,16 @@ def key() -> None:
 
 
 @key.command("list")
-@common()
+@common(reads_config=True)
 def list_keys(config: Config, as_json: bool) -> None:
     """The repository's access keys; `current` is the one this host's config opens it with."""
+    from storage import keyring
+
     backend, opened = _open(config)
     rows = keyring.list_keys(backend, opened)
 
     def human() -> None:
-        table = Table("ID", "KIND", "CREATED (UTC)", "HOST", "CURRENT")
+        table = show.new_table("ID", "KIND", "CREATED (UTC)", "HOST", "CURRENT")
         for r in rows:
             created = r.get("created")
             when = (
@@ -73,13 +76,13 @@ def list_keys(config: Config, as_json: bool) -> None:
             table.add_row(
                 r["id"], str(r.get("kind")), when, str(r.get("host")), "*" if r["current"] else ""
             )
-        show.out.print(table)
+        show.print_table(table)
 
     show.emit(as_json, rows, human)
 
 
 @key.command("add")
-@common()
+@common(reads_config=True)
 @click.option(
     "--new-key-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -98,6 +101,9 @@ def add_key(
     """Add an access key: a new key file, or a passphrase. No data is re-encrypted."""
     if (new_key_file is None) == (passphrase_file is None):
         raise click.UsageError("give one of --new-key-file and --passphrase-file")
+    from checkpointer.repository.key import read_secret_file, write_new_key_file
+    from storage import keyring
+
     backend, opened = _open(config)
     if new_key_file is not None:
         secret = write_new_key_file(new_key_file)
@@ -112,10 +118,12 @@ def add_key(
 
 
 @key.command("remove")
-@common()
+@common(reads_config=True)
 @click.argument("key_id")
 def remove_key(config: Config, as_json: bool, key_id: str) -> None:
     """Remove an access key: whoever holds only that key can no longer open the repository."""
+    from storage import keyring
+
     backend, opened = _open(config)
     keyring.remove_key(backend, opened, key_id)
     if as_json:

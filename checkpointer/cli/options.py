@@ -1,8 +1,13 @@
 """What every command shares: --config and --json (before or after the command name), known
-errors turned into one line, and the workload flags of `run` and `register`.
+errors and usage errors turned into one line, and the workload flags of `run` and `register`.
 
 Its own module so that the command modules (commands, key_commands, fleet_commands) all import
 it, and none of them another: the group adds the others' commands without an import circle.
+
+Starting fast: a command that talks to the daemon is given the socket's path
+(config/document.py), not the validated Config; only those that read the config (`daemon`,
+`doctor`, `key`) load the schema and pydantic, inside the command. Tables (rich) load in
+rendering.py when one is printed.
 """
 
 from __future__ import annotations
@@ -12,21 +17,30 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from checkpointer.config import load_config
-from checkpointer.errors import CheckpointerError
-from storage import StorageError
+from checkpointer.config.document import socket_path
+from checkpointer.errors import CheckpointerError, DaemonUnavailable
+from storage.errors import StorageError
+
+if TYPE_CHECKING:
+    from checkpointer.config import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print `error: message` (one line, no traceback) and exit with `code`."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def usage_error(e: click.UsageError) -> NoReturn:
+    """A usage error in one line, with where to read the usage (click prints three)."""
+    where = e.ctx.command_path if e.ctx else "checkpointer"
+    fail(f"{e.format_message().rstrip('.')} (see `{where} --help`)", e.exit_code)
 
 
 @dataclass(frozen=True)
@@ -53,10 +67,14 @@ def config_option() -> Callable[[F], F]:
     )
 
 
-def common(reporting: bool = True) -> Callable[[F], F]:
+def common(reporting: bool = True, reads_config: bool = False) -> Callable[[F], F]:
     """--config on every command, --json on reporting ones; turn known errors into one line.
 
-    Either option left out after the command name takes its value from before it."""
+    The command is called with the daemon's socket path (`socket_path: Path`) first, or with
+    `reads_config` the validated Config (`config: Config`). When the daemon cannot be reached,
+    the whole config is validated then, and its error, if any, is the one printed (a typo in
+    the file, not "no daemon"); a daemon that answers runs on the config it validated at its
+    start. Either option left out after the command name takes its value from before it."""
 
     def wrap(fn: F) -> F:
         @config_option()
@@ -71,8 +89,13 @@ def common(reporting: bool = True) -> Callable[[F], F]:
                 ctx = click.get_current_context()
                 raise click.UsageError(f"--json does not apply to {ctx.info_name}", ctx=ctx)
             try:
-                config = load_config(config_path)
-                return fn(config, **kw)
+                if reads_config:
+                    return fn(_validated(config_path), **kw)
+                try:
+                    return fn(socket_path(config_path), **kw)
+                except DaemonUnavailable:
+                    _validated(config_path)  # a bad config is the likelier cause: say that
+                    raise
             except CheckpointerError as e:
                 fail(str(e), 2 if e.kind == "config" else 1)
             except StorageError as e:
@@ -87,6 +110,13 @@ def common(reporting: bool = True) -> Callable[[F], F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def _validated(config_path: Path | None) -> Config:
+    """The whole config, validated (pydantic and the schema: ~0.27 s, loaded only here)."""
+    from checkpointer.config import load_config
+
+    return load_config(config_path)
 
 
 def criu_flags(fn: F) -> F:

@@ -1,11 +1,14 @@
 """How the CLI shows results: tables, one-line summaries, sizes, times and progress bars.
 
 `--json` bypasses all of this (see `emit`): the reports are printed as the daemon sent them.
+rich is imported by the first table or progress bar: a command that prints one line starts
+without it (~0.1 s, `python -X importtime`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -13,16 +16,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from checkpointer.api import (
     CheckpointEntry,
@@ -42,9 +35,28 @@ from checkpointer.cli.client import ProgressCallback
 from checkpointer.config.durations import format_duration
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from checkpointer.cli.doctor import Check
 
-out = Console() if sys.stdout.isatty() else Console(width=160)
+
+@functools.cache
+def console() -> Console:
+    """Where tables go: the terminal, or 160 columns in a pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def new_table(*columns: str) -> Table:
+    from rich.table import Table
+
+    return Table(*columns)
+
+
+def print_table(t: Table) -> None:
+    console().print(t)
 
 
 def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
@@ -64,6 +76,16 @@ def progress(
     if as_json or not sys.stderr.isatty():
         yield None
         return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (
         (MofNCompleteColumn(), TextColumn(counting))
         if counting
@@ -116,7 +138,7 @@ def status_table(rows: Sequence[StatusReport]) -> None:
     if not rows:
         click.echo("no workloads registered")
         return
-    t = Table(
+    t = new_table(
         "NAME",
         "KIND",
         "STATE",
@@ -146,7 +168,7 @@ def status_table(rows: Sequence[StatusReport]) -> None:
             _verified(r),
             problem,
         )
-    out.print(t)
+    print_table(t)
 
 
 def _verified(r: StatusReport) -> str:
@@ -173,7 +195,7 @@ def checkpoints_table(name: str, rows: Sequence[CheckpointEntry]) -> None:
     if not rows:
         click.echo(f"{name} has no checkpoints")
         return
-    t = Table("ID", "CREATED (UTC)", "IMAGE", "NEW", "FROZEN", "MARK")
+    t = new_table("ID", "CREATED (UTC)", "IMAGE", "NEW", "FROZEN", "MARK")
     for r in rows:
         frozen = r["frozen_seconds"]
         mark = r.get("mark")  # absent from an older daemon's answer
@@ -185,7 +207,7 @@ def checkpoints_table(name: str, rows: Sequence[CheckpointEntry]) -> None:
             f"{frozen * 1000:.0f} ms" if frozen else "-",
             f"{mark}: {r.get('mark_reason')}" if mark else "verified" if r.get("verified") else "",
         )
-    out.print(t)
+    print_table(t)
     if rows[0].get("local_only"):
         click.echo(f"warning: {rows[0]['local_only']}", err=True)
 
@@ -203,11 +225,11 @@ def rolled_back(name: str, r: RestoreReport) -> None:
 
 
 def prune_report(r: PruneReport, dry_run: bool) -> None:
-    t = Table("WORKLOAD", "ID", "CREATED (UTC)", "ACTION", "WHY")
+    t = new_table("WORKLOAD", "ID", "CREATED (UTC)", "ACTION", "WHY")
     for c in r["checkpoints"]:
         action = c["action"] if not dry_run or c["action"] == "keep" else "would remove"
         t.add_row(c["workload"], c["id"], created(c["created"]), action, ", ".join(c["reasons"]))
-    out.print(t)
+    print_table(t)
     gc = r["gc"]
     verb = "would remove" if dry_run else "removed"
     click.echo(
@@ -228,11 +250,11 @@ def pinned(name: str, checkpoint_id: str, r: PinReport) -> None:
 
 
 def doctor_table(checks: Sequence[Check]) -> None:
-    t = Table("CHECK", "RESULT", "DETAIL", "FIX")
+    t = new_table("CHECK", "RESULT", "DETAIL", "FIX")
     for c in checks:
         mark = "ok" if c.ok else ("FAIL" if c.required else "missing")
         t.add_row(c.name, mark, c.detail, c.fix)
-    out.print(t)
+    print_table(t)
 
 
 def migrated(r: MigrateReport) -> None:
@@ -245,13 +267,13 @@ def migrated(r: MigrateReport) -> None:
 def hosts_table(rows: Sequence[HostReport]) -> None:
     """One row per live host; CANNOT TAKE: one line per workload whose newest checkpoint
     its CPU cannot run, with the features it lacks (checkpointer/engine/host_cpus.py)."""
-    t = Table("HOST", "LAST SEEN", "WORKLOADS", "CANNOT TAKE (CPU)")
+    t = new_table("HOST", "LAST SEEN", "WORKLOADS", "CANNOT TAKE (CPU)")
     for r in rows:
         name = r["host"] + (" (this host)" if r["this_host"] else "")
         name += " (draining)" if r.get("draining") else ""
         seen = datetime.fromtimestamp(r["last_seen"]).astimezone().strftime("%H:%M:%S")
         t.add_row(name, seen, ", ".join(r["workloads"]) or "-", _cannot_take(r))
-    out.print(t)
+    print_table(t)
 
 
 def _cannot_take(r: HostReport) -> str:
@@ -266,7 +288,7 @@ def _cannot_take(r: HostReport) -> str:
 
 
 def shutdown_table(r: ShutdownReport) -> None:
-    t = Table("WORKLOAD", "RESULT", "CHECKPOINT", "SECONDS", "WHY")
+    t = new_table("WORKLOAD", "RESULT", "CHECKPOINT", "SECONDS", "WHY")
     for o in r["workloads"]:
         t.add_row(
             o["workload"],
@@ -275,7 +297,7 @@ def shutdown_table(r: ShutdownReport) -> None:
             f"{o['duration_seconds']:.2f}",
             o["why"],
         )
-    out.print(t)
+    print_table(t)
     finals = sum(o["result"] == "final" for o in r["workloads"])
     click.echo(
         f"{finals} of {len(r['workloads'])} workload(s) checkpointed for the shutdown in "
@@ -285,12 +307,12 @@ def shutdown_table(r: ShutdownReport) -> None:
 
 
 def drain_table(r: DrainReport) -> None:
-    t = Table("WORKLOAD", "RESULT", "TO", "SECONDS", "WHY IT STAYED")
+    t = new_table("WORKLOAD", "RESULT", "TO", "SECONDS", "WHY IT STAYED")
     for o in r["workloads"]:
         t.add_row(
             o["workload"], o["result"], o["to"] or "-", f"{o['duration_seconds']:.2f}", o["why"]
         )
-    out.print(t)
+    print_table(t)
     moved = sum(o["result"] == "moved" for o in r["workloads"])
     stayed = len(r["workloads"]) - moved
     click.echo(

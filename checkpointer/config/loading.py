@@ -3,40 +3,22 @@ key by its path (with the valid keys for a typo) in one line each."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from checkpointer.config.document import config_file, read_document
 from checkpointer.config.model import Config
 from checkpointer.errors import ConfigError
-
-DEFAULT_CONFIG_PATHS = (Path("/etc/checkpointer/config.yaml"),)
 
 
 def load_config(path: Path | None) -> Config:
     """Load and validate the config; with no path, the first default that exists, or defaults."""
-    if path is None:
-        env = os.environ.get("CHECKPOINTER_CONFIG")
-        path = Path(env) if env else next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
+    path = config_file(path)
     if path is None:
         return Config().resolve_paths(Path.cwd())
-    try:
-        raw = path.read_text()
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} does not exist; pass an existing --config") from e
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-    try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(e))}") from e
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+    doc = read_document(path)
     try:
         config = Config.model_validate(doc)
     except ValidationError as e:
@@ -94,7 +76,3 @@ def _valid_keys(loc: tuple[int | str, ...]) -> list[str]:
             (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
         )
     return sorted(model.model_fields) if model else []
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

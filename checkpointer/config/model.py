@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from checkpointer.config.cron import check_cron
+from checkpointer.config.document import DEFAULT_STATE_DIR, SOCKET_NAME
 from checkpointer.config.drill import DrillPolicy
 from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval, Timeout
 from checkpointer.criu.options import check_extra_options
@@ -326,7 +327,7 @@ class MetricsConfig(_Strict):
 
 
 class Config(_Strict):
-    state_dir: Path = Field(Path("/var/lib/checkpointer"), description="the daemon's own files")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="the daemon's own files")
     socket: Path | None = Field(None, description="the API socket (STATE_DIR/checkpointer.sock)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     criu: CriuConfig = Field(default_factory=CriuConfig)
@@ -365,7 +366,7 @@ class Config(_Strict):
 
     @property
     def socket_path(self) -> Path:
-        return self.socket or self.state_dir / "checkpointer.sock"
+        return self.socket or self.state_dir / SOCKET_NAME  # as document.socket_path
 
     @property
     def repository_path(self) -> Path:
