@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import numpy as np
 import zstandard
@@ -27,10 +26,8 @@ from storage.crypto import SEGMENTED_HEADER, PackLayout
 from storage.errors import BlobNotFound, CorruptCheckpoint
 from storage.keys import pack_key
 from storage.manifest import DIGEST_SIZE, FileEntry, Manifest
+from storage.pack_reading import PackReader
 from storage.packs import IndexArrays
-
-if TYPE_CHECKING:
-    from storage.repository import Repository
 
 CACHED_PACKS = 8  # packs sealed whole (format 1) kept opened: 8 x 4 MiB at most
 CACHED_SEGMENTS = 512  # opened 64 KiB segments kept: 32 MiB at most
@@ -42,12 +39,13 @@ class CheckpointFiles:
 
     def __init__(
         self,
-        repo: Repository,
+        repo: PackReader,
         workload: str,
         checkpoint_id: str,
         hints: ChunkIndex | None = None,
     ) -> None:
-        """`hints`: the repository's chunk index, if this process holds one (a daemon that
+        """`repo`: the repository, or any PackReader (storage/pack_reading.py).
+        `hints`: the repository's chunk index, if this process holds one (a daemon that
         has committed): it says which pack holds a chunk, so a few chunks are located by
         reading their packs' indexes alone. Without it, or where it does not know a chunk
         (or names a pack this checkpoint does not use), every index of the checkpoint is
@@ -318,7 +316,7 @@ class CheckpointFiles:
         at = layout.span(lo)[0]
         end = sum(layout.span(hi))
         try:
-            stored, _ = self.repo.backend.get_range(key, at, end - at)
+            stored, _ = self.repo.pack_range(self.manifest.packs[pack_no], self.home, at, end - at)
         except BlobNotFound as e:
             raise self._bad(f"pack {self.manifest.packs[pack_no]} is missing") from e
         if len(stored) != end - at:
@@ -343,7 +341,9 @@ class CheckpointFiles:
         if pack_no in self._layouts:
             return self._layouts[pack_no]
         try:
-            head, size = self.repo.backend.get_range(key, 0, SEGMENTED_HEADER)
+            head, size = self.repo.pack_range(
+                self.manifest.packs[pack_no], self.home, 0, SEGMENTED_HEADER
+            )
         except BlobNotFound as e:
             raise self._bad(f"pack {self.manifest.packs[pack_no]} is missing") from e
         try:

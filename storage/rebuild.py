@@ -17,46 +17,26 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Protocol
 
-from storage.crypto import Codec
 from storage.errors import CorruptCheckpoint
 from storage.manifest import Manifest
-from storage.packs import IndexArrays
+from storage.pack_reading import PackReader
 from storage.page_writing import Scratch
 from storage.wanted_chunks import Matches, WantedChunks
 
 ProgressFn = Callable[[int], None]  # called with bytes just done
 
 
-class PackSource(Protocol):
-    """What a rebuild reads (the repository: storage/repository.py)."""
-
-    codec: Codec
-    concurrency: int
-
-    def read_manifest(self, workload: str, checkpoint_id: str) -> Manifest: ...
-
-    def index_for(self, pack_id: str, home: str | None, where: str) -> IndexArrays: ...
-
-    def pack_for(
-        self,
-        pack_id: str,
-        home: str | None,
-        where: str,
-        buffer: Callable[[int], bytearray] | None = None,
-    ) -> bytes | memoryview: ...
-
-
 def materialize(
-    repo: PackSource,
+    repo: PackReader,
     workload: str,
     checkpoint_id: str,
     dest: Path,
     progress: ProgressFn | None = None,
     seed: tuple[str, Path] | None = None,
 ) -> Manifest:
-    """Rebuild a checkpoint's folder in `dest`: see Repository.materialize."""
+    """Rebuild a checkpoint's folder in `dest` from what `repo` reads (the repository, or any
+    PackReader: storage/pack_reading.py): see Repository.materialize."""
     manifest = repo.read_manifest(workload, checkpoint_id)
     where = f"checkpoint {checkpoint_id} of {workload}"
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -150,4 +130,4 @@ def materialize(
     return manifest
 
 
-__all__ = ["Matches", "PackSource", "WantedChunks", "materialize"]
+__all__ = ["Matches", "PackReader", "WantedChunks", "materialize"]

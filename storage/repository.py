@@ -9,15 +9,21 @@ Read path (materialize, storage/rebuild.py): the manifest's packs are fetched a 
 the chunks of a pack the checkpoint needs are found with one vectorised search, and each pack is
 opened, decoded and written by one reader thread, one per core. Memory is a few pack-sized
 buffers per thread plus 44 bytes a chunk, with no Python object per chunk. Where a pack lives
-(its workload's prefix, or the legacy flat layout) is what its manifest says.
+(its workload's prefix, or the legacy flat layout) is what its manifest says. A rebuild and a
+lazy restore's file reader (storage/file_reader.py) read only through `PackReader`
+(storage/pack_reading.py), which the repository implements: they never call back into it.
 
 Encryption (storage/crypto.py) is the codec's business: chunk ids are keyed hashes, and every
 object is sealed under its own name. A sealed pack's tag verifies all its frames in one call,
 so an encrypted repository skips the per-chunk re-hash of restores. Everything read back is
-hostile input until it opens: sizes are capped before reading (the limits below), manifests
-are validated (storage/manifest.py), files are created only by flat name inside the image folder.
+hostile input until it opens: sizes are capped before reading (storage/pack_reading.py),
+manifests are validated (storage/manifest.py), files are created only by flat name inside the
+image folder.
 
-Garbage collection and spool shedding live in storage/gc.py.
+Kept elsewhere, each a job of its own: fleet mode's head writes, with retention riding on them
+and the dropped list (storage/fencing.py); the chunk indexes commits dedup against
+(storage/dedup_index.py, storage/chunk_index.py); the manifests' summaries
+(storage/summaries.py); garbage collection and spool shedding (storage/gc.py).
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from storage import keys, marks, pack_reading, pins
+from storage import keys, marks, pins
 from storage.annotations import Annotations
 from storage.backends.base import BlobStore
 from storage.chunk_index import ChunkIndex
@@ -39,7 +45,6 @@ from storage.crypto import Codec, Plain
 from storage.dedup_index import DedupIndex, ReusedPacksGone
 from storage.errors import (
     BlobExists,
-    BlobNotFound,
     CheckpointNotFound,
     CorruptCheckpoint,
     StorageError,
@@ -49,11 +54,10 @@ from storage.heads import Heads
 from storage.keys import FileType, manifest_key
 from storage.manifest import (
     CHUNK_SIZE,
-    MAX_MANIFEST_BYTES,
     Manifest,
     check_workload_name,
-    is_checkpoint_id,
 )
+from storage.pack_reading import Buffer, PackReader, StoreReader
 from storage.packs import IndexArrays
 from storage.rebuild import ProgressFn, materialize
 from storage.rwlock import RWLock
@@ -88,6 +92,7 @@ class Repository:
         self.gc_grace = gc_grace
         self.clock = clock
         self.gc_lock = RWLock()  # commits shared; storage/gc.py exclusive
+        self.reader = StoreReader(backend, self.codec, self.concurrency)
         self.dedup = DedupIndex(self)
         self.fencing = Fencing(heads, backend, self._listed_ids, clock) if heads else None
         self.annotations = Annotations(backend, self.codec)  # pins and marks, as last seen
@@ -299,30 +304,8 @@ class Repository:
         return sorted({n.workload for n in self.manifest_names()})
 
     def read_manifest(self, workload: str, checkpoint_id: str) -> Manifest:
-        check_workload_name(workload)
-        if not is_checkpoint_id(checkpoint_id):
-            raise CheckpointNotFound(
-                f"{checkpoint_id!r} is not a checkpoint id; "
-                f"see `checkpointer list {workload}` for the ids"
-            )
-        key = manifest_key(workload, checkpoint_id)
-        where = f"checkpoint {checkpoint_id} of {workload}"
-        try:
-            raw = self.codec.open(key, self.backend.get(key, MAX_MANIFEST_BYTES))
-        except BlobNotFound as e:
-            raise CheckpointNotFound(
-                f"workload {workload} has no checkpoint {checkpoint_id}; "
-                f"see `checkpointer list {workload}`"
-            ) from e
-        except CorruptCheckpoint as e:
-            raise CorruptCheckpoint(f"{where}: {e}") from e
-        manifest = Manifest.parse(raw, where)
-        if manifest.id != checkpoint_id or manifest.workload != workload:
-            raise CorruptCheckpoint(
-                f"checkpoint {checkpoint_id} of {workload}: manifest names "
-                f"{manifest.workload}/{manifest.id}"
-            )
-        return manifest
+        """The checkpoint's manifest, opened and validated (storage/pack_reading.py)."""
+        return self.reader.read_manifest(workload, checkpoint_id)
 
     def materialize(
         self,
@@ -342,22 +325,24 @@ class Repository:
         self.require_committed(workload, checkpoint_id)
         return materialize(self, workload, checkpoint_id, dest, progress, seed)
 
+    # The reads of a rebuild and a lazy restore (`PackReader`, storage/pack_reading.py).
+
     def read_index(self, pack_id: str, home: str | None) -> IndexArrays:
         """A pack's index; `home` is where its manifest says it lives (`Manifest.pack_home`)."""
-        return pack_reading.read_index(self.backend, self.codec, pack_id, home)
+        return self.reader.read_index(pack_id, home)
 
     def index_for(self, pack_id: str, home: str | None, where: str) -> IndexArrays:
-        return pack_reading.index_for(self.backend, self.codec, pack_id, home, where)
+        return self.reader.index_for(pack_id, home, where)
 
     def pack_for(
-        self,
-        pack_id: str,
-        home: str | None,
-        where: str,
-        buffer: Callable[[int], bytearray] | None = None,
+        self, pack_id: str, home: str | None, where: str, buffer: Buffer | None = None
     ) -> bytes | memoryview:
-        """A pack's bytes, opened (storage/pack_reading.py)."""
-        return pack_reading.pack_for(self.backend, self.codec, pack_id, home, where, buffer)
+        return self.reader.pack_for(pack_id, home, where, buffer)
+
+    def pack_range(
+        self, pack_id: str, home: str | None, offset: int, length: int
+    ) -> tuple[bytes, int]:
+        return self.reader.pack_range(pack_id, home, offset, length)
 
     def verify(
         self, workload: str, checkpoint_id: str, progress: ProgressFn | None = None
@@ -366,14 +351,16 @@ class Repository:
         clear) by materialising it into a private scratch folder. What is checked is the
         store's copy (the bucket's, not a local cache's), unless the checkpoint has not been
         uploaded yet."""
-        source = self
         truth = self.backend.authoritative()
+        source: PackReader = self
         if truth is not self.backend and not self.backend.is_pending(
             manifest_key(workload, checkpoint_id)
         ):
-            source = Repository(truth, self.concurrency, self.gc_grace, self.codec)
+            source = StoreReader(truth, self.codec, self.concurrency)  # the bucket's copy
+        else:
+            self.require_committed(workload, checkpoint_id)
         with tempfile.TemporaryDirectory(prefix="checkpointer-verify-") as tmp:
-            return source.materialize(workload, checkpoint_id, Path(tmp) / "images", progress)
+            return materialize(source, workload, checkpoint_id, Path(tmp) / "images", progress)
 
     def checkpoints_local(self, workload: str) -> list[CheckpointInfo]:
         """`checkpoints` from what this host holds locally (its spool and cache), for the one
