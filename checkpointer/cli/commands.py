@@ -18,7 +18,6 @@ import click
 from checkpointer import __version__
 from checkpointer.cli import rendering as show
 from checkpointer.cli.client import Client
-from checkpointer.cli.daemon_logging import setup_logging
 from checkpointer.cli.drill_command import drill
 from checkpointer.cli.fleet_commands import drain, shutdown_checkpoint
 from checkpointer.cli.key_commands import key
@@ -66,6 +65,7 @@ def cli(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
 )
 def daemon(config: Config, log_format: str, stop_workloads_on_exit: bool) -> None:
     """Run scheduler, reaper, log pump and API until SIGTERM."""
+    from checkpointer.cli.daemon_logging import setup_logging
     from checkpointer.daemon.main import run_daemon
 
     if os.geteuid() != 0:

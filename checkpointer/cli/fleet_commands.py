@@ -4,8 +4,6 @@ workload migrated to the fleet's other hosts)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import click
@@ -20,6 +18,9 @@ from checkpointer.config.durations import parse_duration
 def system_state() -> str:
     """systemd's `is-system-running` answer ("stopping" once a shutdown or reboot is under
     way: shutdown.target is queued or active); "unknown" without systemctl."""
+    import shutil
+    import subprocess
+
     exe = shutil.which("systemctl")
     if exe is None:
         return "unknown"
