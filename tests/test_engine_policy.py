@@ -18,7 +18,8 @@ import pytest
 
 from checkpointer.config import WorkloadOptions, load_config
 from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
-from checkpointer.engine import Engine, Hooks, Workload, WorkloadState, registering
+from checkpointer.daemon.main import services
+from checkpointer.engine import Engine, Hooks, Workload, WorkloadState
 from checkpointer.engine.events import Silent
 from checkpointer.workloads.logs import LogPump
 from storage import Repository
@@ -113,7 +114,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Engine, FakeCriu, list[tuple[str, st
 def adopted_with_checkpoints(engine: Engine, n: int) -> tuple[Workload, list[str]]:
     proc = sleeper()
     FakeCriuProcs.append(proc)
-    w = registering.register(engine, "app", pid=proc.pid, options=WorkloadOptions())
+    w = services(engine).registering.register("app", pid=proc.pid, options=WorkloadOptions())
     ids = [engine.checkpoint("app")["id"] for _ in range(n)]
     return w, ids[::-1]  # newest first
 
@@ -146,10 +147,10 @@ def test_a_pid_in_use_is_retried_and_marks_no_checkpoint_bad(
     w, ids = adopted_with_checkpoints(engine, 2)
     crash(engine, w)
     criu.failures = [CriuError("criu restore failed: pid 7 in use", "pid-in-use")]
-    assert engine.auto_restore("app", "crash") is True  # try again later
+    assert services(engine).recovery.auto_restore("app", "crash") is True  # try again later
     assert w.bad_checkpoints == [] and not w.alive()
     assert w.history[-1].result == "retry" and w.history[-1].checkpoint == ids[0]
-    assert engine.auto_restore("app", "crash") is False
+    assert services(engine).recovery.auto_restore("app", "crash") is False
     assert w.alive() and w.history[-1].checkpoint == ids[0]  # the newest, not an older one
 
 
@@ -160,7 +161,7 @@ def test_an_unexpected_exception_marks_the_checkpoint_bad_and_steps_back(
     w, ids = adopted_with_checkpoints(engine, 2)
     crash(engine, w)
     criu.failures = [MemoryError("declared size 8 TiB")]
-    assert engine.auto_restore("app", "crash") is False
+    assert services(engine).recovery.auto_restore("app", "crash") is False
     assert w.bad_checkpoints == [ids[0]]
     assert w.alive() and w.state is WorkloadState.RUNNING
     assert w.history[-1].checkpoint == ids[1] and w.history[-1].result == "ok"
@@ -173,7 +174,7 @@ def test_a_checkpoint_that_cannot_restore_is_marked_bad_but_the_policy_goes_on(
     w, ids = adopted_with_checkpoints(engine, 3)
     crash(engine, w)
     criu.failures = [CriuError("bad image", "unknown"), ValueError("odd digest list")]
-    assert engine.auto_restore("app", "crash") is False
+    assert services(engine).recovery.auto_restore("app", "crash") is False
     assert w.bad_checkpoints == ids[:2] and w.history[-1].checkpoint == ids[2] and w.alive()
 
 
@@ -184,11 +185,11 @@ def test_rollback_failing_after_the_stop_hands_the_workload_to_the_policy(
     w, ids = adopted_with_checkpoints(engine, 2)
     criu.failures = [CriuError("bad image", "unknown")]
     with pytest.raises(Exception, match="restores its newest good checkpoint"):
-        engine.rollback("app", back=1)
+        services(engine).recovery.rollback("app", back=1)
     assert w.state is WorkloadState.CRASHED and downs == [("app", "rollback")]
     assert w.bad_checkpoints == [ids[1]]
     # What the supervisor then does: the newest good checkpoint comes back.
-    assert engine.auto_restore("app", "rollback") is False
+    assert services(engine).recovery.auto_restore("app", "rollback") is False
     assert w.alive() and w.history[-1].checkpoint == ids[0]
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from checkpointer.config import Config, CriuOptions, RestorePolicy, Retention, WorkloadOptions
-from checkpointer.engine import Engine, registering, spec
+from checkpointer.daemon.main import services
+from checkpointer.engine import Engine, spec
 from checkpointer.engine.registry import from_json, to_json
 from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import RestoreFailed
@@ -234,7 +235,7 @@ def _checkpointed_then_gone(engine: Engine) -> Workload:
     options = WorkloadOptions.model_validate(
         {"every": "2s", "jitter": "1s", "retention": {"keep_last": 2}, "restore": {"lazy": True}}
     )
-    w = registering.register(engine, "app", pid=proc.pid, options=options)
+    w = services(engine).registering.register("app", pid=proc.pid, options=options)
     w.env = {"CKPT_COLOUR": "teal"}
     engine.checkpoint("app")
     engine.unregister("app", keep_running=True)
@@ -247,7 +248,7 @@ def test_a_host_that_takes_a_workload_over_registers_and_schedules_it_with_its_o
     engine, _, _ = setup
     engine.schedule = schedule = RecordingSchedule()
     before = _checkpointed_then_gone(engine)
-    engine.take_over("app", "failover")
+    services(engine).migration.take_over("app", "failover")
     w = engine.get("app")
     assert schedule.jobs["app"] == (2.0, None, 1.0)
     assert w.retention == before.retention and w.restore == before.restore
@@ -255,7 +256,7 @@ def test_a_host_that_takes_a_workload_over_registers_and_schedules_it_with_its_o
 
     # Registered here before (it ran here, then elsewhere): the newest checkpoint's options win.
     w.state, w.every, w.env = WorkloadState.ELSEWHERE, 60.0, {}
-    engine.take_over("app", "migration")
+    services(engine).migration.take_over("app", "migration")
     assert (w.every, w.env, schedule.jobs["app"][0]) == (2.0, {"CKPT_COLOUR": "teal"}, 2.0)
 
 
@@ -273,12 +274,12 @@ def test_malformed_options_or_tree_in_a_checkpoint_never_raise_from_a_take_over(
     engine.schedule = schedule = RecordingSchedule()
     good = {"kind": "managed", "command": ["srv"], "criu": {"file_locks": True}}
     _commit(engine, tmp_path, {"spec": {**good, "options": {"every": "2s", "cron": "@daily"}}})
-    engine.take_over("app", "failover")
+    services(engine).migration.take_over("app", "failover")
     w = engine.get("app")  # registered as before options travelled, and it says why
     assert w.every is None and w.criu.file_locks and schedule.jobs["app"] == (None, None, None)
     assert w.last_error and "options in checkpoint" in w.last_error, w.last_error
 
     engine.registry.remove("app")
     _commit(engine, tmp_path, {"spec": {"kind": "managed", "command": "rm -rf /"}})
-    engine.take_over("app", "failover")  # logged, not registered, no traceback
+    services(engine).migration.take_over("app", "failover")  # logged, not registered, no traceback
     assert engine.registry.find("app") is None

@@ -6,11 +6,11 @@ holds its workload's lock), and exits. Workloads keep running: they are not its 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,14 +33,19 @@ from checkpointer.engine import (
     drain,
     drills,
     host_cpus,
-    registering,
-    reports,
     scratch_sweep,
     shutdown,
 )
+from checkpointer.engine.carried import CarriedOptions
+from checkpointer.engine.cpu_check import CpuCheck
+from checkpointer.engine.migration import Migration
 from checkpointer.engine.ownership import LocalCopies, SingleHost
+from checkpointer.engine.recovery import Recovery
+from checkpointer.engine.registering import Registering
+from checkpointer.engine.reports import Reports
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import CheckpointerError, ConfigError, FleetUnavailable, MigrationFailed
+from checkpointer.host import info as hostinfo
 from checkpointer.host.malloc import keep_heap_small
 from checkpointer.repository.stack import open_repository
 from checkpointer.workloads.deadman import Deadman
@@ -50,9 +55,55 @@ from storage.host_records import HostRecords
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Services:
+    """The operations on the engine's workloads, each given only the parts it uses."""
+
+    recovery: Recovery
+    migration: Migration
+    registering: Registering
+    reports: Reports
+
+
+def services(engine: Engine) -> Services:
+    """Build the services over `engine`'s parts (the daemon's `build`, and tests)."""
+    e = engine
+    fleet = e.fleet
+    cpu = CpuCheck(
+        e.repo,
+        e.criu,
+        e.ownership,
+        e.events,
+        host=lambda: fleet.host if fleet is not None else hostinfo.host_facts()["host"],
+    )
+    carried = CarriedOptions(e, e.repo)
+    return Services(
+        recovery=Recovery(
+            e, e.repo, e.restores, e.ownership, e.events, e.hooks, e.spool, cpu, carried
+        ),
+        migration=Migration(
+            e,
+            e.repo,
+            e.checkpoints,
+            e.restores,
+            e.scratch,
+            e.ownership,
+            e.events,
+            e.hooks,
+            e.spool,
+            fleet,
+            e.runtimes,
+            cpu,
+            carried,
+        ),
+        registering=Registering(e, e.ownership, e.runtimes, e.hooks),
+        reports=Reports(e, e.repo, e.schedule, e.logs, e.ownership, e.drills, fleet),
+    )
+
+
 def build(
     config: Config,
-) -> tuple[Engine, Supervisor, CheckpointScheduler, Metrics, Fleet | None]:
+) -> tuple[Engine, Services, Supervisor, CheckpointScheduler, Metrics, Fleet | None]:
     """Construct and wire the daemon's parts; each gets what it uses when it is made."""
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(config.state_dir, 0o700)
@@ -97,15 +148,18 @@ def build(
         fleet or SingleHost(),
         fleet,
     )
-    supervisor = Supervisor(engine)
+    parts = services(engine)
+    supervisor = Supervisor(engine, parts.recovery.auto_restore)
     metrics.registry.register(EngineCollector(engine, spool, config.storage.spool_max_bytes, fleet))
     metrics.registry.register(DrillCollector(engine, fleet))
-    return engine, supervisor, scheduler, metrics, fleet
+    return engine, parts, supervisor, scheduler, metrics, fleet
 
 
 def _handlers(
-    engine: Engine, scheduler: CheckpointScheduler, fleet: Fleet | None
+    engine: Engine, parts: Services, scheduler: CheckpointScheduler, fleet: Fleet | None
 ) -> dict[str, Any]:
+    registering, reports = parts.registering, parts.reports
+
     def run(
         name: str,
         command: list[str],
@@ -113,8 +167,8 @@ def _handlers(
         cwd: str | None = None,
         env: dict[str, str] | None = None,
     ) -> Any:
-        w = registering.run(engine, name, command, _options(options), cwd=cwd, env=env)
-        return reports.status(engine, w.name)[0]
+        w = registering.run(name, command, _options(options), cwd=cwd, env=env)
+        return reports.status(w.name)[0]
 
     def register(
         name: str,
@@ -128,12 +182,10 @@ def _handlers(
             kind = WorkloadKind.LXC if lxc is not None else WorkloadKind.PODMAN
             container = lxc if lxc is not None else podman
             assert container is not None
-            w = registering.register_container(engine, name, kind, container, _options(options))
+            w = registering.register_container(name, kind, container, _options(options))
         else:
-            w = registering.register(
-                engine, name, pid=pid, pidfile=pidfile, options=_options(options)
-            )
-        return reports.status(engine, w.name)[0]
+            w = registering.register(name, pid=pid, pidfile=pidfile, options=_options(options))
+        return reports.status(w.name)[0]
 
     def shutdown_checkpoint(budget: float | None = None) -> Any:
         # No scheduled checkpoint after a final one: it would thaw nothing, but it would be
@@ -145,8 +197,8 @@ def _handlers(
 
     def hosts() -> Any:
         if fleet is None:
-            return reports.hosts(engine)
-        rows = drain.hosts(engine, fleet)
+            return reports.hosts()
+        rows = drain.hosts(reports, fleet)
         host_cpus.judge(engine, HostRecords(fleet.store, engine.repo.codec), rows)
         return rows
 
@@ -155,22 +207,22 @@ def _handlers(
             raise MigrationFailed(
                 "drain needs fleet mode: set fleet.enabled (with S3 storage) on every host"
             )
-        return drain.drain(engine, fleet, to, progress)
+        return drain.drain(engine, parts.migration.migrate, fleet, to, progress)
 
     handlers: dict[Op, Handler] = {
         Op.RUN: run,
         Op.REGISTER: register,
         Op.UNREGISTER: engine.unregister,
-        Op.STATUS: functools.partial(reports.status, engine),
+        Op.STATUS: reports.status,
         Op.CHECKPOINT: engine.checkpoint,
-        Op.LIST: functools.partial(reports.list_checkpoints, engine),
-        Op.RESTORE: engine.restore,
-        Op.ROLLBACK: engine.rollback,
+        Op.LIST: reports.list_checkpoints,
+        Op.RESTORE: parts.recovery.restore,
+        Op.ROLLBACK: parts.recovery.rollback,
         Op.PRUNE: engine.prune,
-        Op.VERIFY: functools.partial(reports.verify, engine),
+        Op.VERIFY: reports.verify,
         Op.PIN: engine.pin,
         Op.PING: lambda: {"pid": os.getpid()},
-        Op.MIGRATE: engine.migrate,
+        Op.MIGRATE: parts.migration.migrate,
         Op.HOSTS: hosts,
         Op.SHUTDOWN_CHECKPOINT: shutdown_checkpoint,
         Op.DRAIN: drain_host,
@@ -186,7 +238,9 @@ def _options(raw: dict[str, Any]) -> WorkloadOptions:
         raise ConfigError(f"invalid workload options: {format_validation_error(e, raw)}") from e
 
 
-def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[WorkloadConfig]) -> None:
+def _start_declared(
+    engine: Engine, registering: Registering, supervisor: Supervisor, declared: list[WorkloadConfig]
+) -> None:
     """Start or adopt the config's workloads. One registered before gets the config's options
     and, if it was stopped with the daemon, comes back from its latest checkpoint."""
     for wc in declared:
@@ -200,7 +254,6 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
                     supervisor.bring_back(w, "declared in the config, stopped with the daemon")
             elif wc.command:
                 registering.run(
-                    engine,
                     wc.name,
                     wc.command,
                     wc.options(),
@@ -211,10 +264,9 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
                 kind = WorkloadKind.LXC if wc.lxc else WorkloadKind.PODMAN
                 container = wc.lxc or wc.podman
                 assert container is not None
-                registering.register_container(engine, wc.name, kind, container, wc.options())
+                registering.register_container(wc.name, kind, container, wc.options())
             else:
                 registering.register(
-                    engine,
                     wc.name,
                     pid=wc.pid,
                     pidfile=str(wc.pidfile) if wc.pidfile else None,
@@ -226,7 +278,7 @@ def _start_declared(engine: Engine, supervisor: Supervisor, declared: list[Workl
 
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
-    engine, supervisor, scheduler, metrics, fleet = build(config)
+    engine, parts, supervisor, scheduler, metrics, fleet = build(config)
     scratch_sweep.sweep(engine.scratch)  # what a killed daemon left; before we make our own
     deadman = None
     if fleet is not None:  # first: a previous daemon's deadman must not stop what we restore
@@ -234,7 +286,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
         deadman.start()
     supervisor.start()
     engine.load()
-    server = ApiServer(config.socket_path, _handlers(engine, scheduler, fleet))
+    server = ApiServer(config.socket_path, _handlers(engine, parts, scheduler, fleet))
     shutdown.settle_at_start(engine)  # trees a shutdown left stopped, if it never came
     supervisor.recover_at_start()
     if fleet is not None:
@@ -242,10 +294,10 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
         copies = LocalCopies(engine.registry.find, deadman)
         fleet.start(
             FleetHooks(
-                lost=engine.fence,
-                offered=engine.take_over,
+                lost=parts.migration.fence,
+                offered=parts.migration.take_over,
                 known=lambda: [w.name for w in engine.workloads() if w.alive()],
-                prefetch=engine.prefetch,
+                prefetch=parts.migration.prefetch,
                 newest=engine.newest_checkpoint,
                 freeze=copies.freeze,
                 thaw=copies.thaw,
@@ -254,7 +306,7 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
             )
         )
         host_cpus.publish(engine, HostRecords(fleet.store, engine.repo.codec), fleet.host)
-    _start_declared(engine, supervisor, config.workloads)
+    _start_declared(engine, parts.registering, supervisor, config.workloads)
     if config.storage.gc_every:
         scheduler.every(config.storage.gc_every, "gc", engine.maintenance.scheduled_gc)
     engine.drills.sweep()  # before any drill can run

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from checkpointer.engine import Engine, Workload, WorkloadState
 from checkpointer.engine.policy import Streak, on_death, retry_later
@@ -30,8 +31,11 @@ _INTERRUPTED = frozenset(
 
 
 class Supervisor:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auto_restore: Callable[[str, str], bool]) -> None:
+        """`auto_restore`: Recovery.auto_restore, which carries out what the policy decided;
+        True when it should be tried again later."""
         self.engine = engine
+        self.auto_restore = auto_restore
         self.reaper = Reaper(self._on_reaped)
         self.watcher = ExitWatcher(lambda pid: self._on_death(pid, None))
         self._timers: dict[str, threading.Timer] = {}
@@ -134,7 +138,7 @@ class Supervisor:
         if self._stopping:
             return
         try:
-            again = self.engine.auto_restore(name, reason)
+            again = self.auto_restore(name, reason)
         except Exception as e:
             log.exception("automatic restore of %s failed unexpectedly", name)
             w = self.engine.registry.find(name)

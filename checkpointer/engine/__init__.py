@@ -1,9 +1,13 @@
 """The engine: workloads and the operations on them, one at a time per workload.
 
-- facade: the Engine (per-workload locks, the operations, the automatic-restore hook)
+- facade: the Engine (the workloads, their locks, checkpoint, prune, unregister)
+- parts: what the services are given of it (Workloads, Hooks, Schedule)
+- services, built by the daemon with only what each uses: recovery (restore, rollback,
+  automatic restore), migration (migrate, take over, fence, prefetch), registering (start
+  or adopt a tree), reports (status, list, verify, hosts)
+- policy: the restore policy (decide, plan, back-off, what a failure says)
 - workload: the typed Workload, its kinds and states; registry: workloads.json
-- checkpointing / restoring: the two pipelines; maintenance: retention, GC, spool
-- registering: start or adopt a tree; reports: status, list, verify
+- checkpointing / restoring / lazy_restoring: the pipelines; maintenance: retention, GC, spool
 - scratch: private image folders; kept_image: the newest image kept for a fast restore
 """
 
@@ -14,13 +18,14 @@ from typing import TYPE_CHECKING
 from checkpointer import lazy_exports
 
 if TYPE_CHECKING:
-    from checkpointer.engine.facade import Engine, Hooks
+    from checkpointer.engine.facade import Engine
+    from checkpointer.engine.parts import Hooks
     from checkpointer.engine.scratch import tmpfs_scratch_root
     from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 
 _WHERE = {
     "Engine": "checkpointer.engine.facade",
-    "Hooks": "checkpointer.engine.facade",
+    "Hooks": "checkpointer.engine.parts",
     "tmpfs_scratch_root": "checkpointer.engine.scratch",
     "Workload": "checkpointer.engine.workload",
     "WorkloadKind": "checkpointer.engine.workload",

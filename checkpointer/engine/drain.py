@@ -15,18 +15,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from checkpointer.api import DrainOutcome, DrainReport, HostReport
-from checkpointer.engine import reports
+from checkpointer.engine.parts import Workloads
 from checkpointer.engine.workload import WorkloadState
 from checkpointer.errors import CheckpointerError, MigrationFailed
 from storage import StorageError
 from storage.leases import Lease
 
 if TYPE_CHECKING:
-    from checkpointer.engine.facade import Engine
+    from checkpointer.engine.reports import Reports
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+Migrate = Callable[[str, str], object]  # Migration.migrate: the workload, the target host
 
 
 class DrainingFleet(Protocol):
@@ -69,7 +70,11 @@ def pick_targets(
 
 
 def drain(
-    engine: Engine, fleet: DrainingFleet, to: str | None, progress: Progress | None = None
+    workloads: Workloads,
+    migrate: Migrate,
+    fleet: DrainingFleet,
+    to: str | None,
+    progress: Progress | None = None,
 ) -> DrainReport:
     """Migrate every workload running here; those that cannot move run on here, listed."""
     t0 = time.monotonic()
@@ -85,7 +90,7 @@ def drain(
     draining = {h for h in live if h != fleet.host and fleet.says_draining(h)}
     if to in draining:
         raise MigrationFailed(f"host {to} is draining itself: pick another host")
-    running = sorted(w.name for w in engine.workloads() if w.alive())
+    running = sorted(w.name for w in workloads.workloads() if w.alive())
     plan = pick_targets(running, fleet.host, live, fleet.view(), draining, to)
     outcomes: list[DrainOutcome] = []
     fleet.set_draining(True)
@@ -93,12 +98,12 @@ def drain(
         for done, name in enumerate(running):
             if progress:
                 progress(done, len(running))
-            outcomes.append(_move(engine, name, plan[name]))
+            outcomes.append(_move(migrate, name, plan[name]))
         if progress:
             progress(len(running), len(running))
     finally:
         fleet.set_draining(False)
-    for w in engine.workloads():  # not running here: nothing to move, said so
+    for w in workloads.workloads():  # not running here: nothing to move, said so
         if not w.alive() and w.state is not WorkloadState.ELSEWHERE and w.name not in plan:
             why = f"not running here ({w.exit_status or w.state})"
             outcomes.append(_outcome(w.name, None, "stayed", 0.0, why))
@@ -111,12 +116,12 @@ def drain(
     }
 
 
-def _move(engine: Engine, name: str, to: str | None) -> DrainOutcome:
+def _move(migrate: Migrate, name: str, to: str | None) -> DrainOutcome:
     if to is None:
         return _outcome(name, None, "stayed", 0.0, "no other live host that is not draining")
     t0 = time.monotonic()
     try:
-        engine.migrate(name, to)
+        migrate(name, to)
     except (CheckpointerError, StorageError) as e:
         log.warning("drain: %s stays here: %s", name, e)
         return _outcome(name, to, "stayed", time.monotonic() - t0, str(e))
@@ -133,9 +138,9 @@ def _outcome(name: str, to: str | None, result: str, took: float, why: str) -> D
     }
 
 
-def hosts(engine: Engine, fleet: DrainingFleet) -> list[HostReport]:
+def hosts(reports: Reports, fleet: DrainingFleet) -> list[HostReport]:
     """`checkpointer hosts`, with each host's `draining` from its heartbeat."""
-    rows = reports.hosts(engine)
+    rows = reports.hosts()
     for row in rows:
         row["draining"] = fleet.draining if row["this_host"] else fleet.says_draining(row["host"])
     return rows

@@ -10,26 +10,21 @@ maintenance (retention, GC, spool).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
 
 from checkpointer import containers
 from checkpointer.api import (
     CheckpointReport,
-    MigrateReport,
     PinReport,
     PruneReport,
-    RestoreReport,
     RetentionRow,
     UnregisterReport,
 )
 from checkpointer.config import Config, WorkloadOptions
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu
-from checkpointer.engine import kept_image, migration, recovery
+from checkpointer.engine import kept_image
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.drills import Drills
@@ -38,6 +33,7 @@ from checkpointer.engine.fenced_ownership import FencedOwnership
 from checkpointer.engine.lifecycle import Lifecycle
 from checkpointer.engine.maintenance import Maintenance
 from checkpointer.engine.ownership import Fleet, Ownership, SingleHost
+from checkpointer.engine.parts import Hooks, Schedule
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths, RestorePipeline
 from checkpointer.engine.scratch import Scratch
@@ -61,26 +57,6 @@ log = logging.getLogger(__name__)
 MANUAL_LOCK_TIMEOUT = 600.0
 
 
-class Schedule(Protocol):
-    def schedule(
-        self, name: str, every: float | None, cron: str | None, jitter: float | None = None
-    ) -> None: ...
-
-    def unschedule(self, name: str) -> None: ...
-
-    def next_run(self, name: str) -> datetime | None: ...
-
-
-@dataclass(frozen=True)
-class Hooks:
-    """What the engine tells the supervisor: a tree has a new PID to watch; a tree is down and
-    the restore policy should decide (a rollback that failed after stopping the tree)."""
-
-    watch: Callable[[Workload], None] = lambda w: None
-    down: Callable[[Workload, str], None] = lambda w, reason: None
-    restore_soon: Callable[[Workload, str], None] = lambda w, reason: None
-
-
 class Engine:
     def __init__(
         self,
@@ -90,7 +66,7 @@ class Engine:
         pump: LogPump,
         events: Events,
         schedule: Schedule,
-        hooks: Hooks = Hooks(),
+        hooks: Hooks | None = None,
         spool: SpooledBlobStore | None = None,
         ownership: Ownership | None = None,
         fleet: Fleet | None = None,
@@ -107,7 +83,7 @@ class Engine:
         self.pump = pump
         self.events = events
         self.schedule = schedule
-        self.hooks = hooks
+        self.hooks = hooks or Hooks()
         self.spool = spool
         self.logs = LogPaths(config.state_dir / "logs")
         self.registry = Registry(config.state_dir / "workloads.json")
@@ -164,6 +140,9 @@ class Engine:
     def get(self, name: str) -> Workload:
         return self.registry.get(name)
 
+    def find(self, name: str) -> Workload | None:
+        return self.registry.find(name)
+
     def workloads(self) -> list[Workload]:
         return self.registry.all()
 
@@ -189,6 +168,9 @@ class Engine:
 
     def scheduled(self, w: Workload) -> None:
         self.schedule.schedule(w.name, w.every, w.cron, w.jitter)
+
+    def unschedule(self, name: str) -> None:
+        self.schedule.unschedule(name)
 
     def update_options(self, name: str, options: WorkloadOptions) -> None:
         w = with_options(self.get(name), options, self.config)
@@ -275,42 +257,6 @@ class Engine:
         else:
             self.repo.pin(name, checkpoint_id)
         return {"workload": name, "id": checkpoint_id, "pinned": not unpin}
-
-    # -- bringing trees back (checkpointer.engine.recovery) ------------------------------
-
-    def restore(
-        self,
-        name: str,
-        checkpoint_id: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        lazy: bool | None = None,
-    ) -> RestoreReport:
-        """Restore a workload that is not running (registered here, or known to the repository);
-        `lazy` overrides its restore.lazy for this restore."""
-        return recovery.restore(self, name, checkpoint_id, progress, lazy)
-
-    def rollback(self, name: str, to: str | None = None, back: int | None = None) -> RestoreReport:
-        """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
-        return recovery.rollback(self, name, to, back)
-
-    def auto_restore(self, name: str, reason: str) -> bool:
-        """Bring a dead workload back by its policy; True: try again later (see recovery)."""
-        return recovery.auto_restore(self, name, reason)
-
-    # -- hosts of a fleet (checkpointer.engine.migration) --------------------------------
-
-    def migrate(self, name: str, to: str) -> MigrateReport:
-        """Move the workload to host `to`: final checkpoint, hand-over, stop here."""
-        return migration.migrate(self, name, to)
-
-    def fence(self, name: str, holder: str | None) -> None:
-        migration.fence(self, name, holder)
-
-    def take_over(self, name: str, reason: str) -> None:
-        migration.take_over(self, name, reason)
-
-    def prefetch(self, name: str) -> str | None:
-        return migration.prefetch(self, name)
 
     def newest_checkpoint(self, name: str) -> str | None:
         infos = self.repo.checkpoints(name)

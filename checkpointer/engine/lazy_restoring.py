@@ -8,7 +8,7 @@ it. The restore returns as soon as the tree runs.
 A page that cannot be fetched or verified kills the tree (checkpointer.criu.lazy holds its
 userfaultfds, so it never runs on zero pages); its death then reaches the restore policy like
 any crash. Why the page did not come decides what follows, by the full restore's rule
-(restoring.is_transient): damaged data marks the checkpoint bad and the one before is
+(policy.is_transient): damaged data marks the checkpoint bad and the one before is
 restored in full; storage unreachable or stalled (the bucket down, a read still retrying
 when the stall watchdog fired) leaves it good, and the same checkpoint is restored again, with
 the policy's back-off while the storage stays down. Marking checkpoints bad through an outage
@@ -26,18 +26,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from checkpointer.criu import CriuError, RestoreStats
 from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
-from checkpointer.engine.restoring import storage_unavailable
+from checkpointer.engine.policy import storage_unavailable
 from checkpointer.engine.workload import LazyInFlight, RestoreResult, Workload
 from checkpointer.errors import RestoreFailed
 from storage import StorageError
 from storage.file_reader import CheckpointFiles
 
 if TYPE_CHECKING:
-    from checkpointer.engine.restoring import RestorePipeline
+    from checkpointer.criu import Criu
+    from checkpointer.engine.scratch import Scratch
+    from storage import Repository
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,17 @@ class RepositoryPages:
             return max(self._slowest, time.monotonic() - self._reading_since)
 
 
+class LazyParts(Protocol):
+    """What a lazy restore uses of the restore pipeline (engine/restoring.py), which hands
+    itself over: where to build the images, what to read, what runs CRIU, the log fds."""
+
+    scratch: Scratch
+    repo: Repository
+    criu: Criu
+
+    def log_fds(self, w: Workload, checkpoint_id: str) -> list[tuple[int, str]]: ...
+
+
 @dataclass
 class LazyTransfer(LazyInFlight):
     """A lazy restore in flight, with its page source: what `settle` asks why it failed."""
@@ -94,7 +107,7 @@ class LazyTransfer(LazyInFlight):
     pages: RepositoryPages | None = None
 
 
-def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, RestoreStats]:
+def start(p: LazyParts, w: Workload, checkpoint_id: str) -> tuple[int, RestoreStats]:
     """Start the lazy restore of `checkpoint_id`; the restored root's PID once it runs."""
     t0 = time.monotonic()
     images = p.scratch.new(w.name, "lazy")
@@ -155,9 +168,7 @@ def start(p: RestorePipeline, w: Workload, checkpoint_id: str) -> tuple[int, Res
             ) from e
         raise
     assert lazy.pid is not None
-    from checkpointer.engine.restoring import running
-
-    running(w, lazy.pid)
+    w.restored_as(lazy.pid)
     w.lazy = LazyTransfer(checkpoint_id, lazy, source)
     log.info(
         "lazy restore of %s from %s: the tree runs as pid %d, %d pages to come on demand "

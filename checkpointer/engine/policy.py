@@ -22,6 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from checkpointer.config import RestorePolicy
+from checkpointer.criu import CriuError
+from checkpointer.errors import RestoreFailed
+from storage import StorageError
+from storage.errors import StorageAccessError, TransientStorageError
 
 
 @dataclass(frozen=True)
@@ -123,3 +127,28 @@ class Plan:
 def plan(policy: RestorePolicy, good_newest_first: list[str], depth: int, managed: bool) -> Plan:
     window = good_newest_first[: policy.max_depth]
     return Plan(window[depth:], managed and policy.cold_start)
+
+
+# CRIU failures caused by the host, not by the image: the same checkpoint may well restore
+# once the PID or port is free again. A checkpoint is marked bad only for its own faults.
+_ENVIRONMENT = frozenset(
+    {"pid-in-use", "address-in-use", "permission", "criu-too-old", "criu-missing", "timeout"}
+    | {"image-missing", "runtime-missing", "running"}  # containers: the host, not the image
+)
+
+
+def storage_unavailable(e: BaseException) -> bool:
+    """Whether a failure to read a checkpoint says the storage (or the local disk) failed,
+    not the checkpoint (damaged data, a pack gone): one rule for full and lazy restores."""
+    if isinstance(e, TransientStorageError | StorageAccessError):
+        return True
+    return isinstance(e, OSError) and not isinstance(e, StorageError) and bool(e.errno)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A restore that failed this way should be tried again later, not marked bad."""
+    if isinstance(e, RestoreFailed):
+        return e.transient
+    if isinstance(e, CriuError):
+        return e.category in _ENVIRONMENT
+    return False

@@ -16,10 +16,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
-from checkpointer.criu import CpuMismatch
-from checkpointer.engine import lazy_restoring, listing, spec
-from checkpointer.engine.policy import Streak, plan
-from checkpointer.engine.restoring import Restored, is_transient
+from checkpointer.engine import lazy_restoring, listing
+from checkpointer.engine.carried import CarriedOptions
+from checkpointer.engine.cpu_check import CpuCheck
+from checkpointer.engine.parts import Hooks, Workloads
+from checkpointer.engine.policy import Streak, is_transient, plan
+from checkpointer.engine.restoring import Restored, RestorePipeline
 from checkpointer.engine.workload import DrillResult, RestoreResult, Workload, WorkloadState
 from checkpointer.errors import (
     CheckpointerError,
@@ -28,88 +30,305 @@ from checkpointer.errors import (
     TeardownFailed,
     WorkloadRunning,
 )
-from storage import CheckpointNotFound, StorageError
+from storage import CheckpointNotFound, Repository
 from storage.errors import StorageAccessError, TransientStorageError
 from storage.manifest import check_workload_name
 
 if TYPE_CHECKING:
-    from checkpointer.engine.facade import Engine
+    from checkpointer.engine.events import Events
+    from checkpointer.engine.ownership import Ownership
+    from storage.backends.spooled import SpooledBlobStore
 
 log = logging.getLogger(__name__)
 
 
-def restore(
-    engine: Engine,
-    name: str,
-    checkpoint_id: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    lazy: bool | None = None,
-) -> RestoreReport:
-    """Restore a workload that is not running (registered here, or known to the repository)."""
-    w = engine.registry.find(name)
-    if w is None:
-        check_workload_name(name)
-        infos = engine.repo.checkpoints(name)
-        # The lease before registering (fleet): a workload another host runs stays its own.
-        if infos:
-            engine.ownership.claim(name)
-        w = workload_from_repository(engine, name, checkpoint_id)
-        _check_cpu(engine, name, checkpoint_id, release=bool(infos))
-    elif w.state is WorkloadState.ELSEWHERE:  # its newest checkpoints are another host's
-        engine.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
-        engine.ownership.claim(name)  # NotOwner: it runs elsewhere
-        _check_cpu(engine, name, checkpoint_id, release=True)
-    with engine.locked(w, wait=True):
-        if w.alive():
-            raise WorkloadRunning(
-                f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
-                "replaces it with a checkpoint, or stop it first"
-            )
-        engine.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
-        engine.ownership.claim(name)  # NotOwner: it runs elsewhere
-        warning = None
-        if checkpoint_id is None:
-            cid = _newest_unmarked(w, _restorable(engine, name))
-        else:
-            cid = checkpoint_id
-            mark = marks(w).get(cid)
-            if mark is not None:
-                warning = (
-                    f"checkpoint {cid} of {name} is marked {mark[0]} ({mark[1]}); restored "
-                    "because it was named"
+class Recovery:
+    """Restore on demand, rollback, and the automatic restore the supervisor asks for."""
+
+    def __init__(
+        self,
+        workloads: Workloads,
+        repo: Repository,
+        restores: RestorePipeline,
+        ownership: Ownership,
+        events: Events,
+        hooks: Hooks,
+        spool: SpooledBlobStore | None,
+        cpu: CpuCheck,
+        carried: CarriedOptions,
+    ) -> None:
+        self.workloads = workloads
+        self.repo = repo
+        self.restores = restores
+        self.ownership = ownership
+        self.events = events
+        self.hooks = hooks
+        self.spool = spool
+        self.cpu = cpu
+        self.carried = carried
+
+    def restore(
+        self,
+        name: str,
+        checkpoint_id: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        lazy: bool | None = None,
+    ) -> RestoreReport:
+        """Restore a workload that is not running (registered here, or known to the repository)."""
+        w = self.workloads.find(name)
+        if w is None:
+            check_workload_name(name)
+            infos = self.repo.checkpoints(name)
+            # The lease before registering (fleet): a workload another host runs stays its own.
+            if infos:
+                self.ownership.claim(name)
+            w = self.carried.register(name, checkpoint_id)
+            self.cpu.before_restore(name, checkpoint_id, release=bool(infos))
+        elif w.state is WorkloadState.ELSEWHERE:  # its newest checkpoints are another host's
+            self.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
+            self.ownership.claim(name)  # NotOwner: it runs elsewhere
+            self.cpu.before_restore(name, checkpoint_id, release=True)
+        with self.workloads.locked(w, wait=True):
+            if w.alive():
+                raise WorkloadRunning(
+                    f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
+                    "replaces it with a checkpoint, or stop it first"
                 )
-                log.warning("%s", warning)
-        if w.state is WorkloadState.ELSEWHERE:  # it ran on another host since: its options
-            take_carried_options(engine, w, cid)
-        try:
-            done = engine.restores.restore(w, cid, "manual", progress, lazy)
-        except Exception:
-            engine.events.restore_done(w.name, "manual", ok=False)
-            engine.save()
-            raise
-        _after_restore(engine, w, "manual", done.report["checkpoint"], done)
+            self.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
+            self.ownership.claim(name)  # NotOwner: it runs elsewhere
+            warning = None
+            if checkpoint_id is None:
+                cid = _newest_unmarked(w, self._restorable(name))
+            else:
+                cid = checkpoint_id
+                mark = marks(w).get(cid)
+                if mark is not None:
+                    warning = (
+                        f"checkpoint {cid} of {name} is marked {mark[0]} ({mark[1]}); restored "
+                        "because it was named"
+                    )
+                    log.warning("%s", warning)
+            if w.state is WorkloadState.ELSEWHERE:  # it ran on another host since: its options
+                self.carried.take(w, cid)
+            try:
+                done = self.restores.restore(w, cid, "manual", progress, lazy)
+            except Exception:
+                self.events.restore_done(w.name, "manual", ok=False)
+                self.workloads.save()
+                raise
+            self._after_restore(w, "manual", done.report["checkpoint"], done)
+            w.streak = Streak()
+            # Registered from the repository just now, or back from elsewhere.
+            self.workloads.scheduled(w)
+            self.workloads.save()
+            if warning:
+                done.report["warning"] = warning
+            return done.report
+
+    def rollback(self, name: str, to: str | None = None, back: int | None = None) -> RestoreReport:
+        """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
+        w = self.workloads.get(name)
+        with self.workloads.locked(w, wait=True):
+            self.ownership.hold(name)  # only the owner replaces the tree
+            ids = self._restorable(name)
+            if to is None:
+                n = back or 0
+                if n < 0 or n >= len(ids):
+                    raise CheckpointNotFound(
+                        f"workload {name} has {len(ids)} checkpoint(s): cannot go back {n}; "
+                        f"see `checkpointer list {name}`"
+                    )
+                to = ids[n]
+            elif to not in ids:
+                self.repo.read_manifest(name, to)  # raises the clear not-found error
+                raise RestoreFailed(
+                    f"checkpoint {to} of {name} was taken by a host after it had lost the "
+                    "workload's lease: it is never restored"
+                )
+
+            def stop() -> None:
+                if w.alive():
+                    self.workloads.teardown(w)
+
+            try:
+                done = self.restores.replace(w, to, stop)
+            except Exception as e:
+                self.events.restore_done(name, "rollback", ok=False)
+                if w.alive():
+                    if w.state is WorkloadState.STOPPING:  # the stop itself failed (TeardownFailed)
+                        w.state = WorkloadState.RUNNING  # still there: watched, checkpointed
+                        self.workloads.save()
+                    raise  # failed before the stop: the tree runs on, nothing changed
+                self._rollback_failed(w, to, e)
+                raise RestoreFailed(
+                    f"rollback of {name} to {to} failed after its tree was stopped: {e}; "
+                    "the daemon restores its newest good checkpoint instead "
+                    f"(`checkpointer status {name}`)"
+                ) from e
+            self._after_restore(w, "rollback", to, done)
+            self.workloads.save()
+            return done.report
+
+    def _rollback_failed(self, w: Workload, to: str, e: Exception) -> None:
+        w.record("rollback", RestoreResult.FAILED, str(e), to)
+        if not (is_transient(e) or isinstance(e, TeardownFailed)):
+            w.mark_bad(to)
+        w.state, w.exit_status = WorkloadState.CRASHED, f"rollback to {to} failed"
         w.streak = Streak()
-        engine.scheduled(w)  # registered from the repository just now, or back from elsewhere
-        engine.save()
-        if warning:
-            done.report["warning"] = warning
-        return done.report
+        self.workloads.save()
+        self.hooks.down(w, "rollback")
 
+    def _after_restore(self, w: Workload, reason: str, cid: str, done: Restored) -> None:
+        self.events.restore_done(w.name, reason, True, done.duration, done.stats)
+        w.record(
+            reason,
+            RestoreResult.OK,
+            f"restored as pid {w.pid} from the {done.report['source']}",
+            cid,
+        )
+        w.state = WorkloadState.RUNNING  # after its record: see restoring.running
+        self.hooks.watch(w)
 
-def _check_cpu(engine: Engine, name: str, checkpoint_id: str | None, release: bool) -> None:
-    """A restore of another host's checkpoint: refuse it in one line if this CPU lacks
-    features it uses (CpuMismatch), instead of CRIU failing late or the tree dying of
-    SIGILL. `release`: the lease was claimed for it."""
-    from checkpointer.engine import migration
+    def auto_restore(self, name: str, reason: str) -> bool:
+        """Bring a dead workload back by its restore policy. Returns True when it should be
+        tried again later: it failed for a reason outside the checkpoint (storage down, a PID
+        or port in use), so nothing was marked bad.
 
-    try:
-        migration.check_cpu_of(engine, name, checkpoint_id)
-    except CpuMismatch:
-        if release:
-            engine.ownership.release(name)
-        raise
-    except (CheckpointerError, StorageError, OSError) as e:  # the restore says it better
-        log.warning("cannot read the CPU %s's checkpoint was taken on: %s", name, e)
+        Tries the good checkpoints the policy's plan names, newest first, marking each that
+        is at fault as bad; then a cold start of a managed workload; then gives up.
+        """
+        w = self.workloads.find(name)
+        if w is None:
+            return False
+        with self.workloads.locked(w, wait=True):
+            lazy_restoring.settle(w)  # a failed lazy restore: its checkpoint marked bad, or not
+            if w.alive() or w.state not in (
+                WorkloadState.CRASHED,
+                WorkloadState.EXITED,
+                WorkloadState.RESTORING,
+            ):
+                return False  # restored by hand, stopped or unregistered meanwhile
+            try:
+                # During an outage only this host's own newest checkpoint (listing.py).
+                infos = listing.checkpoints(self.repo, name, w.last_checkpoint).checkpoints
+                # The lease first (fleet): a host back from a reboot or a partition must not
+                # start a tree that another host now runs.
+                if self.ownership.claim(name) is not None:
+                    # Fleet: the claim fenced the head; what the restore chooses from is read
+                    # after it (a former owner's last commit may have landed just before).
+                    infos = listing.checkpoints(self.repo, name, w.last_checkpoint).checkpoints
+                good = [c.id for c in infos if c.id not in w.bad_checkpoints]
+            except NotOwner as e:
+                w.state, w.owner = WorkloadState.ELSEWHERE, self.ownership.owner(name)
+                w.exit_status = f"runs on host {w.owner or '(another)'}"
+                log.warning("workload %s not restored here: %s", name, e)
+                self.workloads.unschedule(name)
+                self.workloads.save()
+                return False
+            except Exception as e:
+                if not is_transient(e) and not isinstance(
+                    e, TransientStorageError | StorageAccessError
+                ):
+                    raise
+                w.last_error = f"cannot list checkpoints: {e}"
+                return self._retry_later(w, reason, w.last_error)
+            if not good and self.spool is not None:
+                # After a reboot with the network not up yet, only the local spool answers:
+                # "no checkpoint" would cold-start the workload and lose its state. A listing
+                # taken while the spool thought the bucket down came from the spool alone, even
+                # if the bucket answers by now: list again from it before deciding anything.
+                listed_offline = not self.spool.online
+                reachable = self._remote_reachable()
+                if not reachable or listed_offline:
+                    if reachable:
+                        self.spool.mark_online()
+                    w.last_error = (
+                        "the bucket answers again: listing its checkpoints"
+                        if reachable
+                        else "no checkpoint found locally and object storage is unreachable"
+                    )
+                    return self._retry_later(w, reason, w.last_error)
+            steps = plan(w.restore, good, w.streak.depth, w.managed)
+            for cid in steps.checkpoints:
+                try:
+                    done = self.restores.restore(w, cid, reason)
+                except Exception as e:
+                    if is_transient(e):
+                        return self._retry_later(w, reason, str(e), cid)
+                    self.events.restore_done(w.name, reason, ok=False)
+                    if not isinstance(e, CheckpointerError | CheckpointNotFound):
+                        log.exception("restore of %s from %s failed unexpectedly", name, cid)
+                    w.mark_bad(cid)
+                    w.record(
+                        reason, RestoreResult.FAILED, f"{e}; marked bad, trying the one before", cid
+                    )
+                    self.workloads.save()
+                    continue
+                self._after_restore(w, reason, cid, done)
+                self._restored(w)
+                return False
+            if steps.cold_start:
+                try:
+                    self.workloads.start(w)
+                except CheckpointerError as e:
+                    w.record(reason, RestoreResult.FAILED, f"cold start failed: {e}")
+                    self.events.restore_done(w.name, reason, ok=False)
+                else:
+                    self.events.restore_done(w.name, reason, ok=True)
+                    w.record(
+                        reason,
+                        RestoreResult.OK,
+                        f"no usable checkpoint left ({len(good)} good, "
+                        f"depth {w.streak.depth}): cold-started from its command as pid {w.pid}",
+                    )
+                    self._restored(w)
+                    return False
+            self.workloads.fail(
+                w,
+                f"no checkpoint left to restore ({len(good)} good, stepped back "
+                f"{w.streak.depth}, max_depth {w.restore.max_depth})"
+                + ("" if w.managed else f"; {w.kind} workloads cannot cold-start"),
+            )
+            return False
+
+    def _retry_later(
+        self, w: Workload, reason: str, why: str, checkpoint: str | None = None
+    ) -> bool:
+        """A restore that failed outside the checkpoint: recorded and counted as a retry (not a
+        failure: the restore-failed alert must not page through every storage outage); True,
+        for auto_restore's caller to try again later."""
+        w.record(reason, RestoreResult.RETRY, f"{why}; trying again later", checkpoint)
+        self.events.restore_retried(w.name, reason)
+        self.workloads.save()
+        return True
+
+    def _restorable(self, name: str) -> list[str]:
+        """Checkpoint ids newest first: in fleet mode those the workload's head names, in its
+        order (a stale owner's commits are in no head: docs/fleet.md, R4)."""
+        w = self.workloads.find(name)
+        listed = listing.checkpoints(self.repo, name, w.last_checkpoint if w else None)
+        ids = [c.id for c in listed.checkpoints]
+        if not ids:
+            raise CheckpointNotFound(
+                f"workload {name} has no checkpoint to restore; "
+                f"take one with `checkpointer checkpoint {name}`"
+            )
+        return ids
+
+    def _remote_reachable(self) -> bool:
+        if self.spool is None:
+            return True
+        try:
+            self.spool.remote.check()
+        except (TransientStorageError, StorageAccessError):
+            return False
+        return True
+
+    def _restored(self, w: Workload) -> None:
+        """The policy's restore worked: the streak goes on (a death soon is a crash loop, and
+        the checkpoints that crash-looped stay known), its retries are over."""
+        w.streak = replace(w.streak, last_restore_at=time.time(), retries=0)
+        self.workloads.save()
 
 
 def marks(w: Workload) -> dict[str, tuple[str, str]]:
@@ -152,270 +371,3 @@ def _newest_unmarked(w: Workload, newest_first: list[str]) -> str:
         f"{w.name}` says why); name one to restore it anyway: `checkpointer restore {w.name} "
         "--checkpoint ID`"
     )
-
-
-def rollback(
-    engine: Engine, name: str, to: str | None = None, back: int | None = None
-) -> RestoreReport:
-    """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
-    w = engine.get(name)
-    with engine.locked(w, wait=True):
-        engine.ownership.hold(name)  # only the owner replaces the tree
-        ids = _restorable(engine, name)
-        if to is None:
-            n = back or 0
-            if n < 0 or n >= len(ids):
-                raise CheckpointNotFound(
-                    f"workload {name} has {len(ids)} checkpoint(s): cannot go back {n}; "
-                    f"see `checkpointer list {name}`"
-                )
-            to = ids[n]
-        elif to not in ids:
-            engine.repo.read_manifest(name, to)  # raises the clear not-found error
-            raise RestoreFailed(
-                f"checkpoint {to} of {name} was taken by a host after it had lost the "
-                "workload's lease: it is never restored"
-            )
-
-        def stop() -> None:
-            if w.alive():
-                engine.teardown(w)
-
-        try:
-            done = engine.restores.replace(w, to, stop)
-        except Exception as e:
-            engine.events.restore_done(name, "rollback", ok=False)
-            if w.alive():
-                if w.state is WorkloadState.STOPPING:  # the stop itself failed (TeardownFailed)
-                    w.state = WorkloadState.RUNNING  # still there: watched, checkpointed
-                    engine.save()
-                raise  # failed before the stop: the tree runs on, nothing changed
-            _rollback_failed(engine, w, to, e)
-            raise RestoreFailed(
-                f"rollback of {name} to {to} failed after its tree was stopped: {e}; "
-                "the daemon restores its newest good checkpoint instead "
-                f"(`checkpointer status {name}`)"
-            ) from e
-        _after_restore(engine, w, "rollback", to, done)
-        engine.save()
-        return done.report
-
-
-def _rollback_failed(engine: Engine, w: Workload, to: str, e: Exception) -> None:
-    w.record("rollback", RestoreResult.FAILED, str(e), to)
-    if not (is_transient(e) or isinstance(e, TeardownFailed)):
-        w.mark_bad(to)
-    w.state, w.exit_status = WorkloadState.CRASHED, f"rollback to {to} failed"
-    w.streak = Streak()
-    engine.save()
-    engine.hooks.down(w, "rollback")
-
-
-def _after_restore(engine: Engine, w: Workload, reason: str, cid: str, done: Restored) -> None:
-    engine.events.restore_done(w.name, reason, True, done.duration, done.stats)
-    w.record(
-        reason, RestoreResult.OK, f"restored as pid {w.pid} from the {done.report['source']}", cid
-    )
-    w.state = WorkloadState.RUNNING  # after its record: see restoring.running
-    engine.hooks.watch(w)
-
-
-def workload_from_repository(engine: Engine, name: str, checkpoint_id: str | None) -> Workload:
-    """A workload checkpointed elsewhere (another host: migration) becomes registered here,
-    with the options its checkpoint carries (schedule, retention, restore policy, env): it
-    runs here as it ran there. Not scheduled yet: the caller does that once it may run it."""
-    check_workload_name(name)
-    infos = engine.repo.checkpoints(name)
-    if not infos:
-        engine.get(name)  # raises: unknown here and nothing stored
-    info = engine.repo.info(name, checkpoint_id) if checkpoint_id else infos[0]
-    s = spec.read(info.metadata, name, info.id)  # RestoreFailed: a malformed tree
-    w = Workload(
-        name=name, kind=s.kind, command=s.command, cwd=s.cwd, env=s.env, container=s.container
-    )
-    engine.add(w, s.options)
-    _options_problem(
-        w,
-        s,
-        "it runs here with the defaults (no schedule, the top-level retention and restore "
-        "policy); declare it in this host's config (workloads:) to give it its options",
-    )
-    return w
-
-
-def take_carried_options(engine: Engine, w: Workload, checkpoint_id: str | None = None) -> None:
-    """A workload registered here that another host ran since (migrated back, taken over
-    again) takes the options its checkpoint (default: the newest) carries: that host's, which
-    may differ from what this host registered. A checkpoint that carries none (an older
-    version wrote it) or that cannot be read leaves this host's options in place. The caller
-    holds the workload's lock; the workload is scheduled by its new options."""
-    try:
-        if checkpoint_id is None:
-            infos = engine.repo.checkpoints(w.name)
-            if not infos:
-                return
-            info = infos[0]
-        else:
-            info = engine.repo.info(w.name, checkpoint_id)
-        s = spec.read(info.metadata, w.name, info.id)
-    except (CheckpointerError, StorageError) as e:
-        log.warning("workload %s keeps the options registered here: %s", w.name, e)
-        return
-    _options_problem(w, s, "it keeps the options registered here")
-    if s.carried:
-        w.env = s.env
-        engine.update_options(w.name, s.options)
-
-
-def _options_problem(w: Workload, s: spec.Spec, outcome: str) -> None:
-    """Malformed options in a checkpoint, and what this host does instead (`outcome`): said
-    in the log, and in `status` (last_error) until the workload's next restore or checkpoint."""
-    if s.problem:
-        w.last_error = f"{s.problem}: {outcome}"
-        log.error("workload %s: %s", w.name, w.last_error)
-
-
-def auto_restore(engine: Engine, name: str, reason: str) -> bool:
-    """Bring a dead workload back by its restore policy. Returns True when it should be
-    tried again later: it failed for a reason outside the checkpoint (storage down, a PID
-    or port in use), so nothing was marked bad.
-
-    Tries the good checkpoints the policy's plan names, newest first, marking each that
-    is at fault as bad; then a cold start of a managed workload; then gives up.
-    """
-    w = engine.registry.find(name)
-    if w is None:
-        return False
-    with engine.locked(w, wait=True):
-        lazy_restoring.settle(w)  # a failed lazy restore: its checkpoint marked bad, or not
-        if w.alive() or w.state not in (
-            WorkloadState.CRASHED,
-            WorkloadState.EXITED,
-            WorkloadState.RESTORING,
-        ):
-            return False  # restored by hand, stopped or unregistered meanwhile
-        try:
-            # During an outage only this host's own newest checkpoint (listing.py).
-            infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
-            # The lease first (fleet): a host back from a reboot or a partition must not
-            # start a tree that another host now runs.
-            if engine.ownership.claim(name) is not None:
-                # Fleet: the claim fenced the head; what the restore chooses from is read
-                # after it (a former owner's last commit may have landed just before).
-                infos = listing.checkpoints(engine.repo, name, w.last_checkpoint).checkpoints
-            good = [c.id for c in infos if c.id not in w.bad_checkpoints]
-        except NotOwner as e:
-            w.state, w.owner = WorkloadState.ELSEWHERE, engine.ownership.owner(name)
-            w.exit_status = f"runs on host {w.owner or '(another)'}"
-            log.warning("workload %s not restored here: %s", name, e)
-            engine.schedule.unschedule(name)
-            engine.save()
-            return False
-        except Exception as e:
-            if not is_transient(e) and not isinstance(
-                e, TransientStorageError | StorageAccessError
-            ):
-                raise
-            w.last_error = f"cannot list checkpoints: {e}"
-            return _retry_later(engine, w, reason, w.last_error)
-        if not good and engine.spool is not None:
-            # After a reboot with the network not up yet, only the local spool answers:
-            # "no checkpoint" would cold-start the workload and lose its state. A listing
-            # taken while the spool thought the bucket down came from the spool alone, even
-            # if the bucket answers by now: list again from it before deciding anything.
-            listed_offline = not engine.spool.online
-            reachable = _remote_reachable(engine)
-            if not reachable or listed_offline:
-                if reachable:
-                    engine.spool.mark_online()
-                w.last_error = (
-                    "the bucket answers again: listing its checkpoints"
-                    if reachable
-                    else "no checkpoint found locally and object storage is unreachable"
-                )
-                return _retry_later(engine, w, reason, w.last_error)
-        steps = plan(w.restore, good, w.streak.depth, w.managed)
-        for cid in steps.checkpoints:
-            try:
-                done = engine.restores.restore(w, cid, reason)
-            except Exception as e:
-                if is_transient(e):
-                    return _retry_later(engine, w, reason, str(e), cid)
-                engine.events.restore_done(w.name, reason, ok=False)
-                if not isinstance(e, CheckpointerError | CheckpointNotFound):
-                    log.exception("restore of %s from %s failed unexpectedly", name, cid)
-                w.mark_bad(cid)
-                w.record(
-                    reason, RestoreResult.FAILED, f"{e}; marked bad, trying the one before", cid
-                )
-                engine.save()
-                continue
-            _after_restore(engine, w, reason, cid, done)
-            _restored(engine, w)
-            return False
-        if steps.cold_start:
-            try:
-                engine.start(w)
-            except CheckpointerError as e:
-                w.record(reason, RestoreResult.FAILED, f"cold start failed: {e}")
-                engine.events.restore_done(w.name, reason, ok=False)
-            else:
-                engine.events.restore_done(w.name, reason, ok=True)
-                w.record(
-                    reason,
-                    RestoreResult.OK,
-                    f"no usable checkpoint left ({len(good)} good, "
-                    f"depth {w.streak.depth}): cold-started from its command as pid {w.pid}",
-                )
-                _restored(engine, w)
-                return False
-        engine.fail(
-            w,
-            f"no checkpoint left to restore ({len(good)} good, stepped back "
-            f"{w.streak.depth}, max_depth {w.restore.max_depth})"
-            + ("" if w.managed else f"; {w.kind} workloads cannot cold-start"),
-        )
-        return False
-
-
-def _retry_later(
-    engine: Engine, w: Workload, reason: str, why: str, checkpoint: str | None = None
-) -> bool:
-    """A restore that failed outside the checkpoint: recorded and counted as a retry (not a
-    failure: the restore-failed alert must not page through every storage outage); True,
-    for auto_restore's caller to try again later."""
-    w.record(reason, RestoreResult.RETRY, f"{why}; trying again later", checkpoint)
-    engine.events.restore_retried(w.name, reason)
-    engine.save()
-    return True
-
-
-def _restorable(engine: Engine, name: str) -> list[str]:
-    """Checkpoint ids newest first: in fleet mode those the workload's head names, in its
-    order (a stale owner's commits are in no head: docs/fleet.md, R4)."""
-    w = engine.registry.find(name)
-    listed = listing.checkpoints(engine.repo, name, w.last_checkpoint if w else None)
-    ids = [c.id for c in listed.checkpoints]
-    if not ids:
-        raise CheckpointNotFound(
-            f"workload {name} has no checkpoint to restore; "
-            f"take one with `checkpointer checkpoint {name}`"
-        )
-    return ids
-
-
-def _remote_reachable(engine: Engine) -> bool:
-    if engine.spool is None:
-        return True
-    try:
-        engine.spool.remote.check()
-    except (TransientStorageError, StorageAccessError):
-        return False
-    return True
-
-
-def _restored(engine: Engine, w: Workload) -> None:
-    """The policy's restore worked: the streak goes on (a death soon is a crash loop, and
-    the checkpoints that crash-looped stay known), its retries are over."""
-    w.streak = replace(w.streak, last_restore_at=time.time(), retries=0)
-    engine.save()

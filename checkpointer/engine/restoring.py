@@ -17,44 +17,20 @@ from pathlib import Path
 from checkpointer.api import RestoreReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
-from checkpointer.engine import kept_image, listing, spec
+from checkpointer.engine import kept_image, lazy_restoring, listing, spec
 from checkpointer.engine.disk_images import DiskImages
+from checkpointer.engine.policy import is_transient as is_transient  # drills.py imports it
+from checkpointer.engine.policy import storage_unavailable
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import RestoreFailed
 from checkpointer.host import info as hostinfo
-from checkpointer.workloads import process
 from checkpointer.workloads.logs import LogPump, open_for_workload
 from storage import CheckpointNotFound, Repository, StorageError
-from storage.errors import StorageAccessError, TransientStorageError
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-
-# CRIU failures caused by the host, not by the image: the same checkpoint may well restore
-# once the PID or port is free again. A checkpoint is marked bad only for its own faults.
-_ENVIRONMENT = frozenset(
-    {"pid-in-use", "address-in-use", "permission", "criu-too-old", "criu-missing", "timeout"}
-    | {"image-missing", "runtime-missing", "running"}  # containers: the host, not the image
-)
-
-
-def storage_unavailable(e: BaseException) -> bool:
-    """Whether a failure to read a checkpoint says the storage (or the local disk) failed,
-    not the checkpoint (damaged data, a pack gone): one rule for full and lazy restores."""
-    if isinstance(e, TransientStorageError | StorageAccessError):
-        return True
-    return isinstance(e, OSError) and not isinstance(e, StorageError) and bool(e.errno)
-
-
-def is_transient(e: BaseException) -> bool:
-    """A restore that failed this way should be tried again later, not marked bad."""
-    if isinstance(e, RestoreFailed):
-        return e.transient
-    if isinstance(e, CriuError):
-        return e.category in _ENVIRONMENT
-    return False
 
 
 @dataclass(frozen=True)
@@ -124,8 +100,6 @@ class RestorePipeline:
         if lazy is None:
             lazy = w.restore.lazy and not w.lazy_off
         if images is None and lazy and not w.container:
-            from checkpointer.engine import lazy_restoring
-
             pid, stats = lazy_restoring.start(self, w, checkpoint_id)
             return self._restored(
                 w, checkpoint_id, reason, pid, stats, t0, "repository, lazily (pages on demand)"
@@ -295,7 +269,7 @@ class RestorePipeline:
         finally:
             for fd, _ in inherit:
                 os.close(fd)
-        running(w, pid)
+        w.restored_as(pid)
         return pid, stats
 
     def _dumped_fifo(self, w: Workload, checkpoint_id: str) -> str | None:
@@ -305,11 +279,3 @@ class RestorePipeline:
             return spec.read(metadata, w.name, checkpoint_id).log_fifo
         except (StorageError, RestoreFailed):
             return None  # this host's own FIFO path: right unless the state_dirs differ
-
-
-def running(w: Workload, pid: int) -> None:
-    """Record that the restored tree runs as `pid`. Its state turns `running` only once the
-    restore is in its history (recovery._after_restore): `status` reads without the lock,
-    and must never show the tree running while its last restore record is an older one."""
-    w.pid, w.started, w.owner = pid, process.start_time(pid), None
-    w.exit_status, w.last_error, w.failed_reason = None, None, None

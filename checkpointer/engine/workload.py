@@ -159,6 +159,13 @@ class Workload:
     def alive(self) -> bool:
         return self.pid is not None and process.is_alive(self.pid, self.started)
 
+    def restored_as(self, pid: int) -> None:
+        """Record that the restored tree runs as `pid`. Its state turns `running` only once
+        the restore is in its history (Recovery records it): `status` reads without the lock,
+        and must never show the tree running while its last restore record is an older one."""
+        self.pid, self.started, self.owner = pid, process.start_time(pid), None
+        self.exit_status, self.last_error, self.failed_reason = None, None, None
+
     def mark_bad(self, checkpoint_id: str) -> None:
         self.bad_checkpoints = [*self.bad_checkpoints, checkpoint_id][-100:]
 
