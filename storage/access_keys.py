@@ -10,6 +10,10 @@ apart: the master key (this secret opens it), None (a well-formed key of another
 MalformedKey (not a key object this program writes: skipped with a warning, never a crash).
 The scrypt parameters are stored with each key and bounded before use: a planted key object
 must not make a host allocate gigabytes or spend minutes on one try.
+
+The keyring's half that deals with one key object, byte by byte; storage/keyring.py is the
+other half, the repository's set of keys (create, open, add, remove). Kept apart from the
+codec (storage/crypto.py), which only ever sees the master key unwrapped.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from storage.crypto import WrongKey
+from storage.errors import StorageError
 from storage.keys import key_key
 
 _WRAP_CONTEXT = "checkpointer 2026-11 key wrap"
@@ -42,6 +46,10 @@ SCRYPT = {"n": 2**17, "r": 8, "p": 1}
 # never more. A planted N=2^20, r=32 would be 4 GiB.
 _SCRYPT_MAX_MEMORY = 256 << 20
 _SCRYPT_MAX_P = 4
+
+
+class WrongKey(StorageError):
+    """The access key opens none of the repository's keys (or is not a key at all)."""
 
 
 class MalformedKey(ValueError):

@@ -58,10 +58,6 @@ _CHUNK_CONTEXT = "checkpointer 2026-11 chunk id"
 _OBJECT_CONTEXT = "checkpointer 2026-11 object seal"
 
 
-class WrongKey(StorageError):
-    """The access key opens none of the repository's keys."""
-
-
 class Codec(Protocol):
     """How a repository names chunks and stores objects: in clear (legacy) or sealed.
 

@@ -53,9 +53,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.access_keys import AccessSecret, MalformedKey, describe_key, new_key_id, unwrap, wrap
+from storage.access_keys import (
+    AccessSecret,
+    MalformedKey,
+    WrongKey,
+    describe_key,
+    new_key_id,
+    unwrap,
+    wrap,
+)
 from storage.backends.base import BlobStore
-from storage.crypto import Codec, Plain, Sealed, WrongKey, new_master
+from storage.crypto import Codec, Plain, Sealed, new_master
 from storage.errors import (
     BlobExists,
     BlobNotFound,

@@ -9,14 +9,13 @@ from pathlib import Path
 import blake3
 import pytest
 
-from storage.access_keys import AccessSecret
+from storage.access_keys import AccessSecret, WrongKey
 from storage.backends import LocalBlobStore
 from storage.crypto import (
     SEGMENT,
     SEGMENTED_HEADER,
     Plain,
     Sealed,
-    WrongKey,
     new_master,
 )
 from storage.errors import CorruptCheckpoint, StorageError

@@ -29,13 +29,13 @@ from checkpointer.errors import ConfigError
 from checkpointer.repository.key import RepositoryKeyError, read_secret_file
 from checkpointer.repository.stack import open_repository
 from storage import access_keys, keyring
-from storage.access_keys import AccessSecret, wrap
+from storage.access_keys import AccessSecret, WrongKey, wrap
 from storage.backends import LocalBlobStore
 from storage.backends.base import BlobStore
 from storage.backends.retrying import RetryingBlobStore
 from storage.backends.s3 import S3BlobStore, S3Settings
 from storage.backends.wrapper import WrappedBlobStore
-from storage.crypto import Sealed, WrongKey, new_master
+from storage.crypto import Sealed, new_master
 from storage.errors import TransientStorageError
 from storage.keys import CONFIG, KEYS, key_key
 from tests.support import CLI, ROOT, S3_ENV, Moto, s3_repository_config

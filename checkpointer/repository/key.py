@@ -19,9 +19,8 @@ from pathlib import Path
 from checkpointer.config import Config
 from checkpointer.errors import CheckpointerError
 from storage import keyring
-from storage.access_keys import AccessSecret
+from storage.access_keys import AccessSecret, WrongKey
 from storage.backends.base import BlobStore
-from storage.crypto import WrongKey
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
