@@ -5,7 +5,7 @@
 #   PREFIX/venv                    the daemon and CLI, in a venv of their own (pyproject.toml's
 #                                  dependencies, from PyPI, on Debian's /usr/bin/python3)
 #   PREFIX/share/                  the example configs, alert rules, Grafana dashboard
-#   PREFIX/README.md               the unit's Documentation=
+#   PREFIX/README.md, docs/        the unit's Documentation= (the README links into docs/)
 #   BINDIR/checkpointer            a symlink to PREFIX/venv/bin/checkpointer
 #   UNITDIR/checkpointer.service   configs/checkpointer.service, ExecStart under PREFIX
 #   SYSCONFDIR/config.yaml, env    from configs/, only when absent: never overwritten, and a
@@ -24,7 +24,7 @@
 # there; an install whose stamp matches the installed venv's leaves the venv alone.
 # An upgrade swaps the new venv in with two renames (a running daemon never imports from a
 # half-written tree), then restarts a running service: the daemon re-adopts every running
-# workload by PID and start time and never restores over one (README "Daemon restart").
+# workload by PID and start time and never restores over one (docs/restores.md, "Daemon restart and reboot").
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -150,6 +150,9 @@ do_install() {
         if [ -f "$f" ]; then put "$f" "$ROOT_PREFIX/share/$f" 0644; fi
     done
     put README.md "$ROOT_PREFIX/README.md" 0644
+    for f in docs/*.md; do
+        put "$f" "$ROOT_PREFIX/$f" 0644
+    done
 
     tmp=$(mktemp)
     cleanup+=("$tmp")
@@ -201,7 +204,7 @@ do_uninstall() {
         rm -f "$link"
     fi
     rm -rf "$ROOT_PREFIX/venv" "$ROOT_PREFIX/.venv-new" "$ROOT_PREFIX/.venv-old" \
-        "$ROOT_PREFIX/share" "$ROOT_PREFIX/README.md"
+        "$ROOT_PREFIX/share" "$ROOT_PREFIX/README.md" "$ROOT_PREFIX/docs"
     rmdir "$ROOT_PREFIX" 2>/dev/null || true
     case "$PURGE" in
         "") say "kept $SYSCONFDIR (config, env, key files) and $STATEDIR" ;;

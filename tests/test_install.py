@@ -27,8 +27,8 @@ from tests.support.host import require_root_and_criu
 
 PREFIX = "/opt/checkpointer"
 ROOTFS = Path(os.environ.get("CHECKPOINTER_TEST_CACHE", "/var/cache/checkpointer-tests"))
-SNAPSHOT = ["Makefile", "pyproject.toml", "README.md", "checkpointer", "storage", "scripts",
-            "configs", "grafana", "packaging"]  # fmt: skip
+SNAPSHOT = ["Makefile", "pyproject.toml", "README.md", "docs", "checkpointer", "storage",
+            "scripts", "configs", "grafana", "packaging"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,10 @@ def test_make_install_puts_everything_in_place_and_the_unit_verifies(
         assert (etc / name).stat().st_mode & 0o777 == 0o600
     assert (etc / "config.yaml").read_text() == (ROOT / "configs/checkpointer.yaml").read_text()
     assert (root / PREFIX.lstrip("/") / "share/configs/prometheus-alerts.yaml").is_file()
+    # The unit's Documentation= names the README and troubleshooting; the README links into docs/.
+    docs = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert sorted(p.name for p in (root / PREFIX.lstrip("/") / "docs").glob("*.md")) == docs
+    assert f"file://{PREFIX}/docs/troubleshooting.md" in text
 
     config = session_dir / "doctor.yaml"
     config.write_text(f"state_dir: {session_dir / 'doctor-state'}\n")
