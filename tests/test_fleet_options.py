@@ -252,7 +252,7 @@ def test_a_host_that_takes_a_workload_over_registers_and_schedules_it_with_its_o
     w = engine.get("app")
     assert schedule.jobs["app"] == (2.0, None, 1.0)
     assert w.retention == before.retention and w.restore == before.restore
-    assert w.env == {"CKPT_COLOUR": "teal"} and w.state is WorkloadState.CRASHED
+    assert w.env == {"CKPT_COLOUR": "teal"} and w.state is WorkloadState.RESTORING
 
     # Registered here before (it ran here, then elsewhere): the newest checkpoint's options win.
     w.state, w.every, w.env = WorkloadState.ELSEWHERE, 60.0, {}

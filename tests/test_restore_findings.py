@@ -406,14 +406,14 @@ def test_restore_without_a_checkpoint_takes_the_newest_good_one_and_list_says_wh
 
 
 def test_a_crash_looped_checkpoint_is_skipped_unless_named() -> None:
-    from checkpointer.engine.recovery import _newest_unmarked, marks
+    from checkpointer.engine.marks import marks, newest_unmarked
 
     w = Workload(name="w", kind=WorkloadKind.MANAGED)
     w.streak = Streak(2, 2, 1.0, crash_looped=("c3", "c2"))
     w.bad_checkpoints = ["c4"]
-    assert _newest_unmarked(w, ["c4", "c3", "c2", "c1"]) == "c1"
+    assert newest_unmarked(w, ["c4", "c3", "c2", "c1"]) == "c1"
     assert marks(w)["c3"][0] == "crash-looped" and marks(w)["c4"][0] == "bad"
     w.streak = Streak(crash_looped=["c1"])  # type: ignore[arg-type]  # as the registry reads it
     assert w.streak.crash_looped == ("c1",)
     with pytest.raises(CheckpointNotFound, match="--checkpoint ID"):
-        _newest_unmarked(w, ["c4", "c1"])
+        newest_unmarked(w, ["c4", "c1"])

@@ -36,7 +36,7 @@ from checkpointer.engine import (
     scratch_sweep,
     shutdown,
 )
-from checkpointer.engine.carried import CarriedOptions
+from checkpointer.engine.carried import FromCheckpoint
 from checkpointer.engine.cpu_check import CpuCheck
 from checkpointer.engine.migration import Migration
 from checkpointer.engine.ownership import LocalCopies, SingleHost
@@ -76,7 +76,7 @@ def services(engine: Engine) -> Services:
         e.events,
         host=lambda: fleet.host if fleet is not None else hostinfo.host_facts()["host"],
     )
-    carried = CarriedOptions(e, e.repo)
+    carried = FromCheckpoint(e, e.repo)
     return Services(
         recovery=Recovery(
             e, e.repo, e.restores, e.ownership, e.events, e.hooks, e.spool, cpu, carried
@@ -149,7 +149,7 @@ def build(
         fleet,
     )
     parts = services(engine)
-    supervisor = Supervisor(engine, parts.recovery.auto_restore)
+    supervisor = Supervisor(engine, parts.recovery)
     metrics.registry.register(EngineCollector(engine, spool, config.storage.spool_max_bytes, fleet))
     metrics.registry.register(DrillCollector(engine, fleet))
     return engine, parts, supervisor, scheduler, metrics, fleet

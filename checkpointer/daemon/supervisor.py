@@ -1,8 +1,10 @@
-"""The supervisor: learns that a tree died and has the engine bring it back, by policy.
+"""The supervisor: learns that a tree died and schedules what the restore policy decided.
 
 Deaths arrive from the reaper (our children, with their exit status) and from the pidfd
-watcher (trees that are not our children). The restore policy decides what to do and when;
-a timer per workload carries it out, so a back-off never blocks the reaper.
+watcher (trees that are not our children). The engine's Recovery lets the policy decide and
+carries the decision out under the workload's lock (plan, then execute); the supervisor only
+schedules: a timer per workload, so a back-off never blocks the reaper, and the decision
+itself on a thread of its own, as the lock may be held by a checkpoint in flight.
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable
 
 from checkpointer.engine import Engine, Workload, WorkloadState
-from checkpointer.engine.policy import Streak, on_death, retry_later
-from checkpointer.engine.workload import RestoreResult
+from checkpointer.engine.recovery import Recovery
+from checkpointer.engine.workload import RestoreReason
 from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from checkpointer.workloads.reaper import Reaper
@@ -31,11 +31,9 @@ _INTERRUPTED = frozenset(
 
 
 class Supervisor:
-    def __init__(self, engine: Engine, auto_restore: Callable[[str, str], bool]) -> None:
-        """`auto_restore`: Recovery.auto_restore, which carries out what the policy decided;
-        True when it should be tried again later."""
+    def __init__(self, engine: Engine, recovery: Recovery) -> None:
         self.engine = engine
-        self.auto_restore = auto_restore
+        self.recovery = recovery
         self.reaper = Reaper(self._on_reaped)
         self.watcher = ExitWatcher(lambda pid: self._on_death(pid, None))
         self._timers: dict[str, threading.Timer] = {}
@@ -69,26 +67,25 @@ class Supervisor:
                 log.info("workload %s re-adopted: pid %d still runs", w.name, w.pid)
                 self.track(w)
                 continue
-            reason = "boot" if booted else "crash"
-            w.state = WorkloadState.CRASHED
-            w.exit_status = (
-                "the host rebooted" if booted else "gone while the daemon was not running"
-            )
-            w.streak = Streak()  # a new boot or a long gap is not a crash loop
-            self.decide(w, reason)
+            reason = RestoreReason.BOOT if booted else RestoreReason.CRASH
+            why = "the host rebooted" if booted else "gone while the daemon was not running"
+            self._decide(w.name, reason, fresh=why)  # a new boot or a long gap: no crash loop
 
     def bring_back(self, w: Workload, why: str) -> None:
         """A declared workload that is registered but stopped: restore its latest checkpoint
         (or cold-start it), as after a boot."""
-        w.state, w.exit_status, w.streak = WorkloadState.CRASHED, why, Streak()
-        self.decide(w, "boot")
+        self._decide(w.name, RestoreReason.BOOT, fresh=why)
 
     def restore_soon(self, w: Workload, reason: str) -> None:
         """Restore now, whatever the crash policy says: the workload was handed to this host
-        (migration) or left by a host that died (failover)."""
-        w.state = WorkloadState.RESTORING
-        self.engine.save()
+        (migration) or left by a host that died (failover); its state is `restoring` already
+        (Migration.take_over set it, under its lock)."""
         self._later(w.name, reason, 0.0)
+
+    def decide(self, w: Workload, reason: str, clean: bool = False) -> None:
+        """A workload is down (a rollback failed after stopping its tree): the policy decides,
+        under the workload's lock (the caller holds it no more)."""
+        self._decide(w.name, reason, clean)
 
     def _on_reaped(self, pid: int, status: int) -> None:
         self._on_death(pid, status)
@@ -97,30 +94,25 @@ class Supervisor:
         if self._stopping:
             return
         w = self.engine.mark_dead(pid, status)
-        if w is not None:
-            self.decide(w, "crash", clean=status == 0)
+        if w is None:
+            return
+        # Off the reaper's thread: the decision waits for the workload's lock.
+        name, clean = w.name, status == 0
+        threading.Thread(
+            target=self._decide,
+            args=(name, RestoreReason.CRASH, clean),
+            name=f"down-{name}",
+            daemon=True,
+        ).start()
 
-    def decide(self, w: Workload, reason: str, clean: bool = False) -> None:
-        """A workload is down: let the restore policy say whether, when and from what."""
-        d = on_death(w.restore, w.streak, time.time(), clean, _restored_from(w))
-        w.streak = d.streak
-        if d.action == "ignore":
-            log.info("workload %s: %s", w.name, d.why)
-            self.engine.save()
+    def _decide(
+        self, name: str, reason: str, clean: bool = False, fresh: str | None = None
+    ) -> None:
+        if self._stopping:
             return
-        if d.action == "give_up":
-            self.engine.fail(w, d.why)
-            return
-        w.state = WorkloadState.RESTORING
-        self.engine.save()
-        log.warning(
-            "workload %s %s: %s%s",
-            w.name,
-            w.exit_status,
-            d.why,
-            f" in {d.delay:.1f}s" if d.delay else "",
-        )
-        self._later(w.name, reason, d.delay)
+        delay = self.recovery.on_down(name, reason, clean, fresh)
+        if delay is not None:
+            self._later(name, reason, delay)
 
     def _later(self, name: str, reason: str, delay: float) -> None:
         timer = threading.Timer(delay, self._restore, args=(name, reason))
@@ -138,34 +130,14 @@ class Supervisor:
         if self._stopping:
             return
         try:
-            again = self.auto_restore(name, reason)
+            again = self.recovery.auto_restore(name, reason)
         except Exception as e:
             log.exception("automatic restore of %s failed unexpectedly", name)
-            w = self.engine.registry.find(name)
-            if w is not None and not w.alive():
-                self.engine.fail(w, f"automatic restore failed unexpectedly: {e!r}")
+            self.recovery.failed_unexpectedly(name, e)
             return
         if again:
             # Storage down or a PID/port taken: the checkpoints are fine. Try the same again,
             # backing off as in a crash loop, without limit: giving up would lose the state.
-            # The count lives in the streak: `status` shows it, and a restart continues it.
-            w = self.engine.registry.find(name)
-            if w is None:
-                return
-            w.streak, delay = retry_later(w.restore, w.streak)
-            log.warning(
-                "restore of %s will be tried again in %.1fs (retry %d)",
-                name,
-                delay,
-                w.streak.retries,
-            )
-            self._later(name, reason, delay)
-
-
-def _restored_from(w: Workload) -> str | None:
-    """The checkpoint the workload's tree was last restored from, per its history (None: it
-    was cold-started, or its history holds no restore)."""
-    for attempt in reversed(w.history):
-        if attempt.result is RestoreResult.OK:
-            return attempt.checkpoint
-    return None
+            delay = self.recovery.retry_delay(name)
+            if delay is not None:
+                self._later(name, reason, delay)

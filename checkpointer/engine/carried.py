@@ -18,7 +18,10 @@ from storage.manifest import check_workload_name
 log = logging.getLogger(__name__)
 
 
-class CarriedOptions:
+class FromCheckpoint:
+    """Registering a workload from its checkpoint, and taking the options one carries
+    (not engine/spec.py's CarriedOptions, which is the parsed `options` themselves)."""
+
     def __init__(self, workloads: Workloads, repo: Repository) -> None:
         self.workloads = workloads
         self.repo = repo

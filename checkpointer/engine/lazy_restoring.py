@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from checkpointer.criu import CriuError, RestoreStats
 from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
 from checkpointer.engine.policy import storage_unavailable
-from checkpointer.engine.workload import LazyInFlight, RestoreResult, Workload
+from checkpointer.engine.workload import LazyInFlight, RestoreReason, RestoreResult, Workload
 from checkpointer.errors import RestoreFailed
 from storage import StorageError
 from storage.file_reader import CheckpointFiles
@@ -225,7 +225,7 @@ def settle(w: Workload) -> bool:
     if why is not None:
         w.last_error = f"lazy restore failed ({reason}): {why}"
         w.record(
-            "lazy",
+            RestoreReason.LAZY,
             RestoreResult.RETRY,
             f"lazy restore failed ({reason}); the tree was killed; {why}: the checkpoint "
             "stays good and is restored again",
@@ -236,7 +236,7 @@ def settle(w: Workload) -> bool:
     if inflight.checkpoint not in w.bad_checkpoints:
         w.mark_bad(inflight.checkpoint)
     w.record(
-        "lazy",
+        RestoreReason.LAZY,
         RestoreResult.FAILED,
         f"lazy restore failed ({reason}); the tree was killed, checkpoint "
         "marked bad, the one before is restored in full",

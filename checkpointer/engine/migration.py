@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 from checkpointer.api import MigrateReport
 from checkpointer.engine import kept_image
-from checkpointer.engine.carried import CarriedOptions
+from checkpointer.engine.carried import FromCheckpoint
 from checkpointer.engine.checkpointing import CheckpointPipeline
 from checkpointer.engine.cpu_check import CpuCheck
 from checkpointer.engine.parts import Hooks, Workloads
 from checkpointer.engine.policy import Streak
 from checkpointer.engine.restoring import RestorePipeline
 from checkpointer.engine.scratch import Scratch
-from checkpointer.engine.workload import WorkloadState
+from checkpointer.engine.workload import RestoreReason, WorkloadState
 from checkpointer.errors import CheckpointerError, MigrationFailed, WorkloadNotRunning
 from checkpointer.workloads import process
 from storage import Repository, StorageError
@@ -70,7 +70,7 @@ class Migration:
         fleet: Fleet | None,
         runtimes: Mapping[str, ContainerRuntime],
         cpu: CpuCheck,
-        carried: CarriedOptions,
+        carried: FromCheckpoint,
     ) -> None:
         self.workloads = workloads
         self.repo = repo
@@ -280,8 +280,9 @@ class Migration:
         lease expired (`failover`), with the options its newest checkpoint carries (schedule,
         retention, restore policy, env: checkpointer/engine/spec.py). Registered from that
         checkpoint if unknown here; the restore then claims the lease, so of two hosts racing,
-        one restores and one stands by."""
-        if reason == "failover" and not self.cpu.fits(name):
+        one restores and one stands by. Its state turns `restoring` here, under its lock;
+        the supervisor restores it at once (`hooks.restore_soon`)."""
+        if reason == RestoreReason.FAILOVER and not self.cpu.fits(name):
             return  # stand by: a host whose CPU can run it takes it over
         w = self.workloads.find(name)
         known = w is not None
@@ -296,7 +297,7 @@ class Migration:
                 return
             if known:  # registered before (it ran here, or was fetched ahead)
                 self.carried.take(w)  # the owner's options
-            w.state, w.exit_status = WorkloadState.CRASHED, f"{reason} to this host"
+            w.state, w.exit_status = WorkloadState.RESTORING, f"{reason} to this host"
             w.streak = Streak()
             self.workloads.save()
         self.workloads.scheduled(w)

@@ -1,6 +1,10 @@
-"""What to do when a workload's tree dies: which checkpoint to restore, when, or to give up.
+"""The restore policy, in one place: what to do when a workload's tree dies (`on_death`), which
+checkpoints to try (`plan`), how long to wait (`backoff`, `retry_later`), and whose fault a
+failed restore was (`fault_of`), which decides whether its checkpoint is marked bad.
 
-Pure logic, no processes: the engine feeds it the facts and carries out its decision.
+Pure logic, no processes. The supervisor (checkpointer/daemon/supervisor.py) schedules; the
+engine's Recovery feeds the policy the facts and carries out its decision under the
+workload's lock (plan, then execute).
 
 - A death long after the last restore (more than `crash_window`) starts a new streak: restore
   the newest good checkpoint at once.
@@ -19,11 +23,11 @@ The policy's settings are config (`checkpointer.config.RestorePolicy`); this mod
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from enum import StrEnum
 
 from checkpointer.config import RestorePolicy
 from checkpointer.criu import CriuError
-from checkpointer.errors import RestoreFailed
+from checkpointer.errors import RestoreFailed, TeardownFailed
 from storage import StorageError
 from storage.errors import StorageAccessError, TransientStorageError
 
@@ -43,9 +47,20 @@ class Streak:
         object.__setattr__(self, "crash_looped", tuple(self.crash_looped))
 
 
+class Action(StrEnum):
+    """What the policy decided about a tree that died."""
+
+    RESTORE = "restore"
+    """Restore it after `Decision.delay` seconds (state `restoring` until then)."""
+    GIVE_UP = "give_up"
+    """Too many attempts in one crash loop: the workload is marked failed."""
+    IGNORE = "ignore"
+    """Leave it down: it exited cleanly, or automatic restore is off."""
+
+
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["restore", "give_up", "ignore"]
+    action: Action
     delay: float
     streak: Streak
     why: str
@@ -84,9 +99,9 @@ def on_death(
     """`restored_from`: the checkpoint the tree was last restored from (None: a cold start, or
     unknown); remembered as crash-looped if the tree died within crash_window of it."""
     if clean_exit and not policy.on_clean_exit:
-        return Decision("ignore", 0.0, Streak(), "exited cleanly: finished, not restored")
+        return Decision(Action.IGNORE, 0.0, Streak(), "exited cleanly: finished, not restored")
     if not policy.on_crash:
-        return Decision("ignore", 0.0, streak, "automatic restore is off (restore.on_crash)")
+        return Decision(Action.IGNORE, 0.0, streak, "automatic restore is off (restore.on_crash)")
     looping = streak.last_restore_at is not None and now - streak.last_restore_at < (
         policy.crash_window
     )
@@ -108,12 +123,12 @@ def on_death(
         why = "died: restoring the newest good checkpoint"
     if nxt.attempts > policy.max_attempts:
         return Decision(
-            "give_up",
+            Action.GIVE_UP,
             0.0,
             nxt,
             f"gave up after {policy.max_attempts} restore attempts in a crash loop",
         )
-    return Decision("restore", delay, nxt, why)
+    return Decision(Action.RESTORE, delay, nxt, why)
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,8 @@ class Plan:
 
 
 def plan(policy: RestorePolicy, good_newest_first: list[str], depth: int, managed: bool) -> Plan:
+    """The good checkpoints within `max_depth`, from `depth` back (a crash loop steps back
+    one per death), then a cold start if the workload is managed and the policy allows it."""
     window = good_newest_first[: policy.max_depth]
     return Plan(window[depth:], managed and policy.cold_start)
 
@@ -152,3 +169,28 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, CriuError):
         return e.category in _ENVIRONMENT
     return False
+
+
+class Fault(StrEnum):
+    """Whose fault a failed restore (or listing of checkpoints to restore) was: what becomes
+    of the checkpoint, and what the policy does next."""
+
+    CHECKPOINT = "checkpoint"
+    """Its own (damaged data, an image CRIU refuses, anything unforeseen): it is marked bad
+    and the one before it is tried."""
+    OUTSIDE = "outside"
+    """The host's or the storage's (a PID or port taken, the bucket down): the checkpoint
+    stays good and the same restore is tried again later, with the back-off, without limit
+    (marking every checkpoint bad through an outage would lose the state they hold)."""
+    TREE = "tree"
+    """The running tree would not stop (a rollback's TeardownFailed): nothing was restored,
+    the checkpoint is not at fault."""
+
+
+def fault_of(e: BaseException) -> Fault:
+    """The one rule for full, lazy and rolled-back restores alike (see `Fault`)."""
+    if isinstance(e, TeardownFailed):
+        return Fault.TREE
+    if is_transient(e) or isinstance(e, TransientStorageError | StorageAccessError):
+        return Fault.OUTSIDE
+    return Fault.CHECKPOINT

@@ -17,19 +17,14 @@ from typing import TYPE_CHECKING
 
 from checkpointer.api import RestoreReport
 from checkpointer.engine import lazy_restoring, listing
-from checkpointer.engine.carried import CarriedOptions
+from checkpointer.engine.carried import FromCheckpoint
 from checkpointer.engine.cpu_check import CpuCheck
+from checkpointer.engine.marks import marks, newest_unmarked, restored_from
 from checkpointer.engine.parts import Hooks, Workloads
-from checkpointer.engine.policy import Streak, is_transient, plan
+from checkpointer.engine.policy import Action, Fault, Streak, fault_of, on_death, plan, retry_later
 from checkpointer.engine.restoring import Restored, RestorePipeline
-from checkpointer.engine.workload import DrillResult, RestoreResult, Workload, WorkloadState
-from checkpointer.errors import (
-    CheckpointerError,
-    NotOwner,
-    RestoreFailed,
-    TeardownFailed,
-    WorkloadRunning,
-)
+from checkpointer.engine.workload import RestoreReason, RestoreResult, Workload, WorkloadState
+from checkpointer.errors import CheckpointerError, NotOwner, RestoreFailed, WorkloadRunning
 from storage import CheckpointNotFound, Repository
 from storage.errors import StorageAccessError, TransientStorageError
 from storage.manifest import check_workload_name
@@ -55,7 +50,7 @@ class Recovery:
         hooks: Hooks,
         spool: SpooledBlobStore | None,
         cpu: CpuCheck,
-        carried: CarriedOptions,
+        carried: FromCheckpoint,
     ) -> None:
         self.workloads = workloads
         self.repo = repo
@@ -98,7 +93,7 @@ class Recovery:
             self.ownership.claim(name)  # NotOwner: it runs elsewhere
             warning = None
             if checkpoint_id is None:
-                cid = _newest_unmarked(w, self._restorable(name))
+                cid = newest_unmarked(w, self._restorable(name))
             else:
                 cid = checkpoint_id
                 mark = marks(w).get(cid)
@@ -111,12 +106,12 @@ class Recovery:
             if w.state is WorkloadState.ELSEWHERE:  # it ran on another host since: its options
                 self.carried.take(w, cid)
             try:
-                done = self.restores.restore(w, cid, "manual", progress, lazy)
+                done = self.restores.restore(w, cid, RestoreReason.MANUAL, progress, lazy)
             except Exception:
-                self.events.restore_done(w.name, "manual", ok=False)
+                self.events.restore_done(w.name, RestoreReason.MANUAL, ok=False)
                 self.workloads.save()
                 raise
-            self._after_restore(w, "manual", done.report["checkpoint"], done)
+            self._after_restore(w, RestoreReason.MANUAL, done.report["checkpoint"], done)
             w.streak = Streak()
             # Registered from the repository just now, or back from elsewhere.
             self.workloads.scheduled(w)
@@ -126,8 +121,20 @@ class Recovery:
             return done.report
 
     def rollback(self, name: str, to: str | None = None, back: int | None = None) -> RestoreReport:
-        """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N)."""
+        """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N).
+        One that fails after the stop hands the workload to the policy, once its lock is
+        released (the supervisor decides under it)."""
         w = self.workloads.get(name)
+        failure = self._rollback(w, to, back)
+        if isinstance(failure, RestoreFailed):
+            self.hooks.down(w, RestoreReason.ROLLBACK)
+            raise failure
+        return failure
+
+    def _rollback(
+        self, w: Workload, to: str | None, back: int | None
+    ) -> RestoreReport | RestoreFailed:
+        name = w.name
         with self.workloads.locked(w, wait=True):
             self.ownership.hold(name)  # only the owner replaces the tree
             ids = self._restorable(name)
@@ -153,30 +160,31 @@ class Recovery:
             try:
                 done = self.restores.replace(w, to, stop)
             except Exception as e:
-                self.events.restore_done(name, "rollback", ok=False)
+                self.events.restore_done(name, RestoreReason.ROLLBACK, ok=False)
                 if w.alive():
                     if w.state is WorkloadState.STOPPING:  # the stop itself failed (TeardownFailed)
                         w.state = WorkloadState.RUNNING  # still there: watched, checkpointed
                         self.workloads.save()
                     raise  # failed before the stop: the tree runs on, nothing changed
                 self._rollback_failed(w, to, e)
-                raise RestoreFailed(
+                failure = RestoreFailed(
                     f"rollback of {name} to {to} failed after its tree was stopped: {e}; "
                     "the daemon restores its newest good checkpoint instead "
                     f"(`checkpointer status {name}`)"
-                ) from e
-            self._after_restore(w, "rollback", to, done)
+                )
+                failure.__cause__ = e
+                return failure
+            self._after_restore(w, RestoreReason.ROLLBACK, to, done)
             self.workloads.save()
             return done.report
 
     def _rollback_failed(self, w: Workload, to: str, e: Exception) -> None:
-        w.record("rollback", RestoreResult.FAILED, str(e), to)
-        if not (is_transient(e) or isinstance(e, TeardownFailed)):
+        w.record(RestoreReason.ROLLBACK, RestoreResult.FAILED, str(e), to)
+        if fault_of(e) is Fault.CHECKPOINT:
             w.mark_bad(to)
         w.state, w.exit_status = WorkloadState.CRASHED, f"rollback to {to} failed"
         w.streak = Streak()
         self.workloads.save()
-        self.hooks.down(w, "rollback")
 
     def _after_restore(self, w: Workload, reason: str, cid: str, done: Restored) -> None:
         self.events.restore_done(w.name, reason, True, done.duration, done.stats)
@@ -186,8 +194,62 @@ class Recovery:
             f"restored as pid {w.pid} from the {done.report['source']}",
             cid,
         )
-        w.state = WorkloadState.RUNNING  # after its record: see restoring.running
+        w.state = WorkloadState.RUNNING  # after its record: see Workload.restored_as
         self.hooks.watch(w)
+
+    def on_down(
+        self, name: str, reason: str, clean: bool = False, fresh: str | None = None
+    ) -> float | None:
+        """Let the policy decide about a workload whose tree is down, and carry out the
+        decision under its lock: the streak, then state `restoring` (returning the delay the
+        supervisor waits before `auto_restore`), `failed`, or left as it is (None).
+        `fresh`: a new streak (a boot, a long gap: not a crash loop), why the tree is gone."""
+        w = self.workloads.find(name)
+        if w is None:
+            return None
+        with self.workloads.locked(w, wait=True):
+            if fresh is not None:
+                w.state, w.exit_status, w.streak = WorkloadState.CRASHED, fresh, Streak()
+            elif w.alive() or w.state not in (WorkloadState.CRASHED, WorkloadState.EXITED):
+                return None  # restored by hand, stopped or unregistered meanwhile
+            d = on_death(w.restore, w.streak, time.time(), clean, restored_from(w))
+            w.streak = d.streak
+            if d.action is Action.IGNORE:
+                log.info("workload %s: %s", w.name, d.why)
+                self.workloads.save()
+                return None
+            if d.action is Action.GIVE_UP:
+                self.workloads.fail(w, d.why)
+                return None
+            w.state = WorkloadState.RESTORING
+            self.workloads.save()
+            after = f" in {d.delay:.1f}s" if d.delay else ""
+            log.warning("workload %s %s: %s%s", w.name, w.exit_status, d.why, after)
+            return d.delay
+
+    def retry_delay(self, name: str) -> float | None:
+        """`auto_restore` said to try again (storage down, a PID or port taken): one more
+        retry in the streak (`status` shows it, a restart continues it), and the back-off
+        before it. None: the workload is gone."""
+        w = self.workloads.find(name)
+        if w is None:
+            return None
+        with self.workloads.locked(w, wait=True):
+            w.streak, delay = retry_later(w.restore, w.streak)
+            self.workloads.save()
+        log.warning(
+            "restore of %s will be tried again in %.1fs (retry %d)", name, delay, w.streak.retries
+        )
+        return delay
+
+    def failed_unexpectedly(self, name: str, e: BaseException) -> None:
+        """`auto_restore` raised what it should not have: the workload, still down, fails."""
+        w = self.workloads.find(name)
+        if w is None:
+            return
+        with self.workloads.locked(w, wait=True):
+            if not w.alive():
+                self.workloads.fail(w, f"automatic restore failed unexpectedly: {e!r}")
 
     def auto_restore(self, name: str, reason: str) -> bool:
         """Bring a dead workload back by its restore policy. Returns True when it should be
@@ -226,9 +288,7 @@ class Recovery:
                 self.workloads.save()
                 return False
             except Exception as e:
-                if not is_transient(e) and not isinstance(
-                    e, TransientStorageError | StorageAccessError
-                ):
+                if fault_of(e) is not Fault.OUTSIDE:
                     raise
                 w.last_error = f"cannot list checkpoints: {e}"
                 return self._retry_later(w, reason, w.last_error)
@@ -253,7 +313,7 @@ class Recovery:
                 try:
                     done = self.restores.restore(w, cid, reason)
                 except Exception as e:
-                    if is_transient(e):
+                    if fault_of(e) is Fault.OUTSIDE:
                         return self._retry_later(w, reason, str(e), cid)
                     self.events.restore_done(w.name, reason, ok=False)
                     if not isinstance(e, CheckpointerError | CheckpointNotFound):
@@ -329,45 +389,3 @@ class Recovery:
         the checkpoints that crash-looped stay known), its retries are over."""
         w.streak = replace(w.streak, last_restore_at=time.time(), retries=0)
         self.workloads.save()
-
-
-def marks(w: Workload) -> dict[str, tuple[str, str]]:
-    """Checkpoint id -> (mark, why) for the checkpoints of `w` that restores avoid: `bad`
-    (failed to restore, or its restore drill failed, for a fault of its own; why: the last
-    such failure, while the history holds it) and `crash-looped` (its tree died within
-    crash_window of its restore, in the current streak)."""
-    out: dict[str, tuple[str, str]] = {}
-    for cid in w.streak.crash_looped:
-        out[cid] = (
-            "crash-looped",
-            f"its tree died within {w.restore.crash_window:g}s of being restored from it",
-        )
-    # The latest failure of each: a restore's, or a restore drill's (engine/drills.py).
-    failures = [
-        (a.time, a.checkpoint, a.detail)
-        for a in w.history
-        if a.result is RestoreResult.FAILED and a.checkpoint is not None
-    ] + [
-        (d.time, d.checkpoint, f"its restore drill failed: {d.detail}")
-        for d in w.drills
-        if d.result is DrillResult.FAILED
-    ]
-    failed = {cid: why for _, cid, why in sorted(failures, key=lambda f: f[0])}
-    for cid in w.bad_checkpoints:
-        out[cid] = ("bad", failed.get(cid, "its failed restore is no longer in the history"))
-    return out
-
-
-def _newest_unmarked(w: Workload, newest_first: list[str]) -> str:
-    """What a manual restore takes when no checkpoint is named: the newest that is neither
-    marked bad nor crash-looped (the alert for a failed workload tells the operator to run
-    `restore NAME`: it must not bring back the state that crashed)."""
-    marked = marks(w)
-    for cid in newest_first:
-        if cid not in marked:
-            return cid
-    raise CheckpointNotFound(
-        f"every checkpoint of {w.name} is marked bad or crash-looped (`checkpointer list "
-        f"{w.name}` says why); name one to restore it anyway: `checkpointer restore {w.name} "
-        "--checkpoint ID`"
-    )

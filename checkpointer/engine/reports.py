@@ -17,7 +17,8 @@ from checkpointer.api import (
 )
 from checkpointer.config.durations import format_duration
 from checkpointer.criu.sandbox import priority as sandbox_priority
-from checkpointer.engine import listing, recovery
+from checkpointer.engine import listing
+from checkpointer.engine.marks import marks as restore_marks
 from checkpointer.engine.parts import Schedule, Workloads
 from checkpointer.engine.restoring import LogPaths
 from checkpointer.engine.workload import DrillResult, Workload, WorkloadState
@@ -121,7 +122,7 @@ class Reports:
         w = self.workloads.find(name)
         if not infos and w is None:
             self.workloads.get(name)  # unknown and nothing stored: say so
-        marked = recovery.marks(w) if w is not None else {}
+        marked = restore_marks(w) if w is not None else {}
         verified = self._verified(name, w)
         return [
             {

@@ -62,6 +62,26 @@ class WorkloadState(StrEnum):
     away, or found owned elsewhere at boot): this host neither runs nor restores it."""
 
 
+class RestoreReason(StrEnum):
+    """Why a restore ran: the `reason` label of the restore metrics, and of each restore in
+    `status` (a workload's history)."""
+
+    CRASH = "crash"
+    """The tree died (or was found gone when the daemon started): the restore policy."""
+    BOOT = "boot"
+    """The host rebooted, or a declared workload was found stopped with the daemon."""
+    ROLLBACK = "rollback"
+    """`checkpointer rollback`, or the policy after a rollback failed with the tree stopped."""
+    MANUAL = "manual"
+    """`checkpointer restore`."""
+    MIGRATION = "migration"
+    """Handed to this host by `checkpointer migrate` (or a drain) on another host."""
+    FAILOVER = "failover"
+    """Taken over from a host whose lease expired."""
+    LAZY = "lazy"
+    """In the history only: a lazy restore whose pages stopped coming after the tree ran."""
+
+
 class RestoreResult(StrEnum):
     OK = "ok"
     FAILED = "failed"
