@@ -1,13 +1,23 @@
 """The contract between the daemon and the CLI: operation names and what each returns.
 
 The daemon's handlers return these shapes as JSON; the CLI renders them and `--json` prints
-them as they are, so changing a field here is changing the command line's output.
+them as they are, so changing a field here is changing the command line's output. The named
+values the reports carry as strings (kind, state, result, reason, source, an error's kind)
+are the enums of checkpointer/engine/states.py, re-exported here with their documentation.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
+
+from checkpointer.engine.states import DrillResult as DrillResult
+from checkpointer.engine.states import ErrorKind as ErrorKind
+from checkpointer.engine.states import ImageSource as ImageSource
+from checkpointer.engine.states import RestoreReason as RestoreReason
+from checkpointer.engine.states import RestoreResult as RestoreResult
+from checkpointer.engine.states import WorkloadKind as WorkloadKind
+from checkpointer.engine.states import WorkloadState as WorkloadState
 
 
 class Op(StrEnum):

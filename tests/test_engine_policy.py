@@ -19,6 +19,7 @@ import pytest
 from checkpointer.config import WorkloadOptions, load_config
 from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
 from checkpointer.daemon.main import services
+from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine, Hooks, Workload, WorkloadState
 from checkpointer.engine.events import Silent
 from checkpointer.workloads.logs import LogPump
@@ -204,3 +205,26 @@ def test_the_registry_survives_a_restart_of_the_engine(
     assert loaded.name == "app" and loaded.pid == w.pid and loaded.kind == w.kind
     assert loaded.last_checkpoint == ids[0] and loaded.kept is not None
     assert loaded.kept.intact() and loaded.retention == w.retention
+
+
+def test_the_policy_decides_under_the_workloads_lock(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    """Supervisor.decide changed the state and streak of a workload without its lock, under
+    an operation that held it (a rollback, a checkpoint): the decision now waits for it."""
+    engine, _, _ = setup
+    w, _ = adopted_with_checkpoints(engine, 1)
+    crash(engine, w)
+    supervisor = Supervisor(engine, services(engine).recovery)
+    try:
+        with engine.locked(w, wait=True):
+            deciding = threading.Thread(target=supervisor.decide, args=(w, "crash"))
+            deciding.start()
+            deciding.join(1.0)
+            assert deciding.is_alive(), "decided without the workload's lock"
+            assert w.state is WorkloadState.CRASHED and w.streak.attempts == 0
+        deciding.join(10)
+        assert not deciding.is_alive() and w.streak.attempts == 1
+        assert w.state in (WorkloadState.RESTORING, WorkloadState.RUNNING)  # the timer's turn
+    finally:
+        supervisor.stop()

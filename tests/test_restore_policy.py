@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from checkpointer.engine.policy import RestorePolicy, Streak, on_death, plan
+from checkpointer.criu import CriuError
+from checkpointer.engine.checkpoint_spec import CheckpointSpec
+from checkpointer.engine.policy import Fault, RestorePolicy, Streak, fault_of, on_death, plan
+from checkpointer.errors import RestoreFailed, TeardownFailed
+from storage.errors import TransientStorageError
 
 pytestmark = pytest.mark.unit  # no root, no CRIU, no server: `make test-unit`
 
@@ -52,3 +56,35 @@ def test_plan_window_depth_and_cold_start() -> None:
     assert p.checkpoints == [] and p.cold_start
     assert not plan(P, ids, 3, managed=False).cold_start
     assert not plan(RestorePolicy(cold_start=False), [], 0, managed=True).cold_start
+
+
+@pytest.mark.parametrize(
+    ("error", "fault"),
+    [
+        (CriuError("criu restore failed: pid 7 in use", "pid-in-use"), Fault.OUTSIDE),
+        (RestoreFailed("bucket unreachable", transient=True), Fault.OUTSIDE),
+        (TransientStorageError("503 slow down"), Fault.OUTSIDE),
+        (TeardownFailed("pid 9 stuck in D"), Fault.TREE),
+        (CriuError("bad image", "unknown"), Fault.CHECKPOINT),
+        (RestoreFailed("chunk digest mismatch"), Fault.CHECKPOINT),
+        (MemoryError("declared size 8 TiB"), Fault.CHECKPOINT),
+    ],
+)
+def test_whose_fault_a_failed_restore_was_decides_the_checkpoints_fate(
+    error: BaseException, fault: Fault
+) -> None:
+    """One rule for the automatic restore, a rollback and the listing before them: only the
+    checkpoint's own faults mark it bad; the host's or the storage's are tried again."""
+    assert fault_of(error) is fault
+
+
+def test_checkpoint_metadata_of_the_wrong_types_reads_as_absent() -> None:
+    """A manifest is hostile input: `list` read `dump_stats` by hand and a string there
+    raised AttributeError out of the request."""
+    hostile = CheckpointSpec.read({"dump_stats": "x", "host": 7, "pid": True, "cpu": []})
+    assert hostile == CheckpointSpec()
+    assert hostile.frozen_seconds is None and hostile.cpu_info() is None
+    assert CheckpointSpec.read("not a mapping") == CheckpointSpec()
+    written = CheckpointSpec(host="web-01", pid=42, dump_stats={"frozen_time": 0.25})
+    back = CheckpointSpec.read(written.to_metadata())
+    assert back == written and back.frozen_seconds == 0.25

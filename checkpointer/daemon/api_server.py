@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from checkpointer.engine.states import ErrorKind
 from checkpointer.errors import CheckpointerError
 from storage import StorageError
 
@@ -61,7 +62,7 @@ class ApiServer:
                 conn,
                 {
                     "ok": False,
-                    "kind": "permission",
+                    "kind": ErrorKind.PERMISSION,
                     "error": "only root may use the checkpointer daemon",
                 },
             )
@@ -115,14 +116,14 @@ class ApiServer:
         except CheckpointerError as e:
             reply = {"ok": False, "kind": e.kind, "error": str(e)}
         except StorageError as e:
-            reply = {"ok": False, "kind": "storage", "error": str(e)}
+            reply = {"ok": False, "kind": ErrorKind.STORAGE, "error": str(e)}
         except ValueError as e:
-            reply = {"ok": False, "kind": "invalid", "error": str(e)}
+            reply = {"ok": False, "kind": ErrorKind.INVALID, "error": str(e)}
         except Exception as e:
             log.exception("request %s failed", op)
             reply = {
                 "ok": False,
-                "kind": "internal",
+                "kind": ErrorKind.INTERNAL,
                 "error": f"internal error in the daemon ({type(e).__name__}: {e}); "
                 "its log has the details",
             }
@@ -198,7 +199,7 @@ def _json_type(value: Any) -> str:
 
 
 def _protocol_error(message: str) -> dict[str, Any]:
-    return {"ok": False, "kind": "protocol", "error": message}
+    return {"ok": False, "kind": ErrorKind.PROTOCOL, "error": message}
 
 
 def _claim_socket_path(path: Path) -> None:

@@ -39,9 +39,11 @@ class Supervisor:
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self._reaping = False
 
     def start(self) -> None:
         self.reaper.start()
+        self._reaping = True
 
     def stop(self) -> None:
         self._stopping = True
@@ -50,7 +52,8 @@ class Supervisor:
                 t.cancel()
             self._timers.clear()
         self.watcher.close()
-        self.reaper.stop()
+        if self._reaping:
+            self.reaper.stop()
 
     def track(self, w: Workload) -> None:
         """Watch a workload's new root PID: the reaper sees our children, a pidfd the rest."""

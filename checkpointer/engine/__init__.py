@@ -6,7 +6,8 @@
   automatic restore), migration (migrate, take over, fence, prefetch), registering (start
   or adopt a tree), reports (status, list, verify, hosts)
 - policy: the restore policy (decide, plan, back-off, what a failure says)
-- workload: the typed Workload, its kinds and states; registry: workloads.json
+- workload: the typed Workload; states: its kinds, states and the other named values the
+  API reports (api.py re-exports them); registry: workloads.json
 - checkpointing / restoring / lazy_restoring: the pipelines; maintenance: retention, GC, spool
 - scratch: private image folders; kept_image: the newest image kept for a fast restore
 """
@@ -21,15 +22,16 @@ if TYPE_CHECKING:
     from checkpointer.engine.facade import Engine
     from checkpointer.engine.parts import Hooks
     from checkpointer.engine.scratch import tmpfs_scratch_root
-    from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
+    from checkpointer.engine.states import WorkloadKind, WorkloadState
+    from checkpointer.engine.workload import Workload
 
 _WHERE = {
     "Engine": "checkpointer.engine.facade",
     "Hooks": "checkpointer.engine.parts",
     "tmpfs_scratch_root": "checkpointer.engine.scratch",
     "Workload": "checkpointer.engine.workload",
-    "WorkloadKind": "checkpointer.engine.workload",
-    "WorkloadState": "checkpointer.engine.workload",
+    "WorkloadKind": "checkpointer.engine.states",
+    "WorkloadState": "checkpointer.engine.states",
 }
 
 __getattr__ = lazy_exports(__name__, _WHERE)  # names load on first use

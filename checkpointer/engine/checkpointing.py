@@ -20,6 +20,7 @@ from checkpointer.criu import Criu, CriuError, DumpStats, cpuinfo_dump
 from checkpointer.criu.cpu import fit as cpu_fit
 from checkpointer.criu.cpu.info import CPUINFO_IMAGE, read_cpuinfo
 from checkpointer.engine import kept_image, spec
+from checkpointer.engine.checkpoint_spec import CheckpointSpec
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.events import Events
 from checkpointer.engine.scratch import Scratch
@@ -99,17 +100,20 @@ class CheckpointPipeline:
                 self.events.checkpoint_failed(w.name, e.category)
                 raise
             cpu = self.record_cpu(w, images)
-            metadata = {
-                **hostinfo.host_facts(),
-                "criu_version": self.criu_version(),
-                "pid": w.pid,
-                "dump_stats": stats.as_dict(),
-                "lease_generation": generation,
-                "cpu": cpu,  # what `checkpointer hosts` judges hosts by (engine/host_cpus.py)
+            facts = hostinfo.host_facts()
+            metadata = CheckpointSpec(
+                host=facts["host"],
+                boot_id=facts["boot_id"],
+                kernel=facts["kernel"],
+                criu_version=self.criu_version(),
+                pid=w.pid,
+                dump_stats=stats.as_dict(),
+                lease_generation=generation,
+                cpu=cpu,  # what `checkpointer hosts` judges hosts by (engine/host_cpus.py)
                 # The tree and its options: a host that takes the workload over runs it as
                 # this one does (checkpointer/engine/spec.py).
-                "spec": spec.describe(w, str(self.log_fifo(w.name)) if w.managed else None),
-            }
+                spec=spec.describe(w, str(self.log_fifo(w.name)) if w.managed else None),
+            ).to_metadata()
             try:
                 manifest = self.repo.commit(w.name, images, metadata, generation)
             except (StorageError, OSError) as e:

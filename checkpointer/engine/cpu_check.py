@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from checkpointer.criu import CpuMismatch, Criu, cpuinfo_check
 from checkpointer.criu.cpu.info import CPUINFO_IMAGE
+from checkpointer.engine.checkpoint_spec import CheckpointSpec
 from checkpointer.errors import CheckpointerError
 from storage import Repository, StorageError
 from storage.file_reader import CheckpointFiles
@@ -61,7 +62,8 @@ class CpuCheck:
         check = cpuinfo_check(self.criu, images)
         if check is None or check.compatible:
             return
-        there = self.ownership.owner(name) or info.metadata.get("host") or "(unknown)"
+        taken_on = CheckpointSpec.read(info.metadata).host
+        there = self.ownership.owner(name) or taken_on or "(unknown)"
         raise CpuMismatch(
             f"{name} cannot run on host {self.host()}: its CPU {check.summary()}, which host "
             f"{there} has (checkpoint {info.id}; criu cpuinfo check: {check.criu_says})"

@@ -310,10 +310,7 @@ class Engine:
         """The workload's lock: waits (up to MANUAL_LOCK_TIMEOUT) or refuses at once."""
         ok = w.lock.acquire(timeout=MANUAL_LOCK_TIMEOUT) if wait else w.lock.acquire(blocking=False)
         if not ok:
-            raise WorkloadBusy(
-                f"workload {w.name} is busy with another checkpoint, restore "
-                "or rollback; try again when it has finished"
-            )
+            raise WorkloadBusy.named(w.name)
         try:
             yield
         finally:

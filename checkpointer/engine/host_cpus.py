@@ -18,6 +18,7 @@ from checkpointer.api import HostReport
 from checkpointer.criu import CriuError
 from checkpointer.criu.cpu import fit as cpu_fit
 from checkpointer.criu.cpu.info import CpuInfo, here
+from checkpointer.engine.checkpoint_spec import CheckpointSpec
 from checkpointer.engine.facade import Engine
 from storage import StorageError
 from storage.host_records import HostRecords
@@ -70,5 +71,5 @@ def _newest_cpu(engine: Engine, name: str) -> tuple[str, CpuInfo] | None:
     except (StorageError, ValueError) as e:
         log.warning("hosts: cannot read the checkpoints of %s: %s", name, e)
         return None
-    cpu = cpu_fit.parse(infos[0].metadata.get("cpu")) if infos else None
+    cpu = CheckpointSpec.read(infos[0].metadata).cpu_info() if infos else None
     return (infos[0].id, cpu) if cpu is not None else None

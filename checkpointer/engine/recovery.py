@@ -22,7 +22,7 @@ from checkpointer.engine.cpu_check import CpuCheck
 from checkpointer.engine.marks import marks, newest_unmarked, restored_from
 from checkpointer.engine.parts import Hooks, Workloads
 from checkpointer.engine.policy import Action, Fault, Streak, fault_of, on_death, plan, retry_later
-from checkpointer.engine.restoring import Restored, RestorePipeline
+from checkpointer.engine.restoring import Restored, RestorePipeline, nothing_to_restore
 from checkpointer.engine.workload import RestoreReason, RestoreResult, Workload, WorkloadState
 from checkpointer.errors import CheckpointerError, NotOwner, RestoreFailed, WorkloadRunning
 from storage import CheckpointNotFound, Repository
@@ -85,10 +85,7 @@ class Recovery:
             self.cpu.before_restore(name, checkpoint_id, release=True)
         with self.workloads.locked(w, wait=True):
             if w.alive():
-                raise WorkloadRunning(
-                    f"workload {name} is running (pid {w.pid}); `checkpointer rollback {name}` "
-                    "replaces it with a checkpoint, or stop it first"
-                )
+                raise WorkloadRunning.named(name, w.pid)
             self.restores.newest(w)  # CheckpointNotFound: nothing to restore, nothing claimed
             self.ownership.claim(name)  # NotOwner: it runs elsewhere
             warning = None
@@ -369,10 +366,7 @@ class Recovery:
         listed = listing.checkpoints(self.repo, name, w.last_checkpoint if w else None)
         ids = [c.id for c in listed.checkpoints]
         if not ids:
-            raise CheckpointNotFound(
-                f"workload {name} has no checkpoint to restore; "
-                f"take one with `checkpointer checkpoint {name}`"
-            )
+            raise nothing_to_restore(name)
         return ids
 
     def _remote_reachable(self) -> bool:

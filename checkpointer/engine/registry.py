@@ -58,11 +58,7 @@ class Registry:
     def get(self, name: str) -> Workload:
         w = self._workloads.get(name)
         if w is None:
-            known = ", ".join(sorted(self._workloads)) or "none"
-            raise WorkloadNotFound(
-                f"unknown workload {name!r} (registered: {known}); "
-                "see `checkpointer status`, or add it with `checkpointer run`/`register`"
-            )
+            raise WorkloadNotFound.named(name, list(self._workloads))
         return w
 
     def find(self, name: str) -> Workload | None:
@@ -88,10 +84,7 @@ class Registry:
     def add(self, w: Workload) -> None:
         with self._lock:
             if w.name in self._workloads:
-                raise WorkloadExists(
-                    f"workload {w.name!r} is already registered; pick another name or "
-                    f"`checkpointer unregister {w.name}` first"
-                )
+                raise WorkloadExists.named(w.name)
             self._workloads[w.name] = w
         self.save()
 

@@ -18,6 +18,7 @@ from checkpointer.api import (
 from checkpointer.config.durations import format_duration
 from checkpointer.criu.sandbox import priority as sandbox_priority
 from checkpointer.engine import listing
+from checkpointer.engine.checkpoint_spec import CheckpointSpec
 from checkpointer.engine.marks import marks as restore_marks
 from checkpointer.engine.parts import Schedule, Workloads
 from checkpointer.engine.restoring import LogPaths
@@ -124,14 +125,15 @@ class Reports:
             self.workloads.get(name)  # unknown and nothing stored: say so
         marked = restore_marks(w) if w is not None else {}
         verified = self._verified(name, w)
+        specs = {i.id: CheckpointSpec.read(i.metadata) for i in infos}
         return [
             {
                 "id": i.id,
                 "created": i.created.isoformat(),
                 "size_bytes": i.size_bytes,
                 "new_bytes": i.new_bytes,
-                "frozen_seconds": i.metadata.get("dump_stats", {}).get("frozen_time"),
-                "host": i.metadata.get("host"),
+                "frozen_seconds": specs[i.id].frozen_seconds,
+                "host": specs[i.id].host,
                 "local_only": seen.local_only,
                 "mark": marked[i.id][0] if i.id in marked else None,
                 "mark_reason": marked[i.id][1] if i.id in marked else None,

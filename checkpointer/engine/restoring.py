@@ -22,6 +22,7 @@ from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.policy import is_transient as is_transient  # drills.py imports it
 from checkpointer.engine.policy import storage_unavailable
 from checkpointer.engine.scratch import Scratch
+from checkpointer.engine.states import ImageSource
 from checkpointer.engine.workload import Workload
 from checkpointer.errors import RestoreFailed
 from checkpointer.host import info as hostinfo
@@ -31,6 +32,14 @@ from storage import CheckpointNotFound, Repository, StorageError
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+
+
+def nothing_to_restore(name: str) -> CheckpointNotFound:
+    """The error of a restore or rollback of a workload with no checkpoint (yet)."""
+    return CheckpointNotFound(
+        f"workload {name} has no checkpoint to restore; "
+        f"take one with `checkpointer checkpoint {name}`"
+    )
 
 
 @dataclass(frozen=True)
@@ -75,10 +84,7 @@ class RestorePipeline:
     def newest(self, w: Workload) -> str:
         infos = listing.checkpoints(self.repo, w.name, w.last_checkpoint).checkpoints
         if not infos:
-            raise CheckpointNotFound(
-                f"workload {w.name} has no checkpoint to restore; "
-                f"take one with `checkpointer checkpoint {w.name}`"
-            )
+            raise nothing_to_restore(w.name)
         return infos[0].id
 
     def restore(
@@ -101,9 +107,7 @@ class RestorePipeline:
             lazy = w.restore.lazy and not w.lazy_off
         if images is None and lazy and not w.container:
             pid, stats = lazy_restoring.start(self, w, checkpoint_id)
-            return self._restored(
-                w, checkpoint_id, reason, pid, stats, t0, "repository, lazily (pages on demand)"
-            )
+            return self._restored(w, checkpoint_id, reason, pid, stats, t0, ImageSource.LAZY)
         built = images is None
         images = images or self.scratch.new(w.name, "restore")
         try:
@@ -135,22 +139,22 @@ class RestorePipeline:
 
     def ready_image(
         self, w: Workload, checkpoint_id: str, lazy_asked: bool = False
-    ) -> tuple[Path | None, str]:
+    ) -> tuple[Path | None, ImageSource]:
         """A folder that already holds `checkpoint_id`'s image, checked, and what it is:
         the kept image, else a disk image (unless a lazy restore was asked for by name),
         else None: the image must come from the repository."""
         kept = self.kept(w, checkpoint_id)
         if kept is not None:
-            return kept, "kept image"
+            return kept, ImageSource.KEPT
         if not lazy_asked:
             image = self.disk.find(w.name, w.disk, checkpoint_id)
             if image is not None:
                 if image.boot != hostinfo.boot_id():
                     fresh = self.disk.revalidated(image)
                     w.disk = [fresh if d is image else d for d in w.disk]
-                return image.path, "disk image"
+                return image.path, ImageSource.DISK
             w.disk = [d for d in w.disk if d.id != checkpoint_id]
-        return None, "repository"
+        return None, ImageSource.REPOSITORY
 
     def _restored(
         self,
@@ -160,7 +164,7 @@ class RestorePipeline:
         pid: int,
         stats: RestoreStats,
         t0: float,
-        source: str,
+        source: ImageSource,
     ) -> Restored:
         duration = time.monotonic() - t0
         log.info(

@@ -1,6 +1,7 @@
 """A registered workload: its kind, options and what the daemon knows of its tree.
 
-Typed here once; the registry alone turns it into JSON and back.
+Typed here once; the registry alone turns it into JSON and back. Its kinds, states and the
+results of its restores and drills are enums of engine/states.py, documented there.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from checkpointer.config import CriuOptions, DrillPolicy, RestorePolicy, Retention
@@ -17,77 +17,16 @@ from checkpointer.criu import DumpOptions
 from checkpointer.engine.disk_images import DiskImage
 from checkpointer.engine.kept_image import KeptImage
 from checkpointer.engine.policy import Streak
+from checkpointer.engine.states import DrillResult as DrillResult
+from checkpointer.engine.states import RestoreReason as RestoreReason
+from checkpointer.engine.states import RestoreResult as RestoreResult
+from checkpointer.engine.states import WorkloadKind as WorkloadKind
+from checkpointer.engine.states import WorkloadState as WorkloadState
 from checkpointer.workloads import process
 
 log = logging.getLogger(__name__)
 
 HISTORY = 20  # restore attempts kept per workload, for `status` and the log
-
-
-class WorkloadKind(StrEnum):
-    MANAGED = "managed"
-    """Started by the daemon as PID 1 of its own PID namespace: restores never compete for
-    host PIDs, and a cold start can run its command again."""
-    ADOPTED = "adopted"
-    """Started elsewhere and registered by PID: a restore needs its old PIDs free."""
-    LXC = "lxc"
-    """An LXC container, checkpointed and restored by `lxc-checkpoint`."""
-    PODMAN = "podman"
-    """A Podman container (runtime runc), checkpointed and restored by Podman."""
-
-    @property
-    def is_container(self) -> bool:
-        return self in (WorkloadKind.LXC, WorkloadKind.PODMAN)
-
-
-class WorkloadState(StrEnum):
-    RUNNING = "running"
-    """Its tree runs (as far as the daemon knows: `status` says `gone` if it vanished)."""
-    STOPPING = "stopping"
-    """The daemon is tearing it down: its death is expected and not restored."""
-    STOPPED = "stopped"
-    """Stopped by the daemon (unregister, rollback, shutdown of a demo)."""
-    EXITED = "exited"
-    """The tree exited with status 0: finished, not restored unless `on_clean_exit`."""
-    CRASHED = "crashed"
-    """The tree died (signal, non-zero exit, or gone at boot): the policy decides."""
-    RESTORING = "restoring"
-    """An automatic restore is scheduled or running."""
-    FAILED = "failed"
-    """The policy gave up; nothing happens until `checkpointer restore`."""
-    GONE = "gone"
-    """Reported only: recorded as running, but its process no longer exists."""
-    ELSEWHERE = "elsewhere"
-    """Another host of the fleet owns it (migrated away, taken over while this host was
-    away, or found owned elsewhere at boot): this host neither runs nor restores it."""
-
-
-class RestoreReason(StrEnum):
-    """Why a restore ran: the `reason` label of the restore metrics, and of each restore in
-    `status` (a workload's history)."""
-
-    CRASH = "crash"
-    """The tree died (or was found gone when the daemon started): the restore policy."""
-    BOOT = "boot"
-    """The host rebooted, or a declared workload was found stopped with the daemon."""
-    ROLLBACK = "rollback"
-    """`checkpointer rollback`, or the policy after a rollback failed with the tree stopped."""
-    MANUAL = "manual"
-    """`checkpointer restore`."""
-    MIGRATION = "migration"
-    """Handed to this host by `checkpointer migrate` (or a drain) on another host."""
-    FAILOVER = "failover"
-    """Taken over from a host whose lease expired."""
-    LAZY = "lazy"
-    """In the history only: a lazy restore whose pages stopped coming after the tree ran."""
-
-
-class RestoreResult(StrEnum):
-    OK = "ok"
-    FAILED = "failed"
-    RETRY = "retry"
-    """Failed for a reason outside the checkpoint (storage down, a PID in use): the
-    checkpoint stays good and the same restore is tried again later."""
 
 
 @dataclass
@@ -97,15 +36,6 @@ class RestoreAttempt:
     checkpoint: str | None
     result: RestoreResult
     detail: str
-
-
-class DrillResult(StrEnum):
-    VERIFIED = "verified"
-    """CRIU restored every process, file and socket of the checkpoint in the sandbox."""
-    FAILED = "failed"
-    """It did not, for a fault of the checkpoint: marked bad, restores skip it."""
-    ERROR = "error"
-    """The drill could not tell (storage down, the sandbox could not be built): nothing marked."""
 
 
 @dataclass
