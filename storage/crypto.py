@@ -160,7 +160,7 @@ def _refuse_sealed(name: str, blob: bytes | memoryview) -> None:
     if blob[: len(MAGIC)] == MAGIC:
         raise StorageError(
             f"{name} is encrypted and no repository key is configured: set "
-            "storage.key_file (see README, Encryption)"
+            "storage.key_file (see docs/storage.md, Encryption)"
         )
 
 

@@ -172,7 +172,7 @@ def open_repository_codec(
                 f"the repository at {backend.describe()} holds checkpoints stored "
                 "unencrypted: set storage.encryption: false to keep using it in clear, or point "
                 "storage.path (s3: storage.s3.prefix) at a new, empty location for an encrypted "
-                "one (README: Encryption, repositories written in clear)"
+                "one (docs/storage.md, Encryption: repositories written in clear)"
             )
         if not create:
             raise KeyringError(f"there is no repository at {backend.describe()} yet")

@@ -257,8 +257,8 @@ def _conditional_writes_check(store: BlobStore) -> Check:
             "conditional writes",
             False,
             str(e),
-            "fleet mode needs a store that enforces If-None-Match and If-Match (README: Fleet); "
-            "set fleet.enabled: false, or move the bucket to one that does",
+            "fleet mode needs a store that enforces If-None-Match and If-Match "
+            "(docs/fleet-guide.md); set fleet.enabled: false, or move the bucket to one that does",
         )
     return Check(
         "conditional writes",
@@ -291,7 +291,7 @@ def _repository_check(config: Config, backend: BlobStore) -> Check:
             False,
             str(e),
             "use this repository's key file, from the host that created it or your backup "
-            "(README: Encryption)",
+            "(docs/storage.md, Encryption)",
         )
     except StorageError as e:
         return Check("repository", False, f"{where}: {e}", "check the storage (above)")
@@ -331,7 +331,9 @@ def _key_check(config: Config) -> Check:
     try:
         source = find_secret(config)
     except RepositoryKeyError as e:
-        return Check("repository key", False, str(e), "fix the key file (README: Encryption)")
+        return Check(
+            "repository key", False, str(e), "fix the key file (docs/storage.md, Encryption)"
+        )
     if source is None:
         return Check(
             "repository key",

@@ -55,8 +55,10 @@ def _option_row(p: click.Option) -> str:
     if p.multiple:
         kind += ", repeatable"
     default = ""
+    # click 8.2 marks "no default given" with a sentinel object (not None): not a default.
+    unset = type(p.default).__name__ == "Sentinel"
     if p.default is not None and p.default is not False and not p.multiple and not p.is_flag:
-        default = f"`{p.default}`"
+        default = "" if unset else f"`{p.default}`"
     help_text = " ".join((p.help or "").split()).replace("|", "\\|")
     return f"| {names} | {kind} | {default} | {help_text} |\n"
 

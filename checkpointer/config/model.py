@@ -224,7 +224,8 @@ class StorageConfig(_Strict):
     gc_grace: Duration = Field(6 * 3600.0, description="unreferenced packs younger are kept")
     gc_every: Interval | None = Field(3600.0, description="garbage collection interval")
     encryption: bool = Field(
-        True, description="seal every object (AES-256-GCM) and key chunk ids (README: Encryption)"
+        True,
+        description="seal every object (AES-256-GCM) and key chunk ids (docs/storage.md)",
     )
     key_file: Path = Field(
         Path("/etc/checkpointer/repository.key"),
@@ -275,7 +276,7 @@ class HostConfig(_Strict):
 
 
 class FleetConfig(_Strict):
-    """Several hosts on one bucket (README: Fleet). Needs S3 with conditional writes."""
+    """Several hosts on one bucket (docs/fleet-guide.md). Needs S3 with conditional writes."""
 
     enabled: bool = Field(False, description="one owner per workload, kept as a lease")
     failover: bool = Field(False, description="take over workloads whose owner's lease expired")
@@ -308,7 +309,7 @@ class FleetConfig(_Strict):
 
 
 class ShutdownConfig(_Strict):
-    """The final checkpoints of a planned shutdown (README: Daemon restart and reboot)."""
+    """The final checkpoints of a planned shutdown (docs/restores.md, Daemon restart and reboot)."""
 
     budget: Interval = Field(
         90.0,
@@ -319,7 +320,7 @@ class ShutdownConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    """The Prometheus endpoint (README: Metrics)."""
+    """The Prometheus endpoint (docs/metrics.md)."""
 
     enabled: bool = Field(True, description="serve Prometheus metrics over HTTP")
     address: str = Field("127.0.0.1", description="loopback by default: put a proxy in front")
@@ -360,7 +361,7 @@ class Config(_Strict):
                 "(the first daemon to start creates the repository there and writes its key "
                 "file: copy that file to the other hosts) and start the workloads there; the "
                 "old checkpoints stay readable at the old location with encryption: false and "
-                "fleet off (README: Encryption, repositories written in clear)"
+                "fleet off (docs/storage.md, Encryption: repositories written in clear)"
             )
         return self
 

@@ -6,7 +6,7 @@
 - Keys are never overwritten: puts send `If-None-Match: *` (create only) where the server
   supports it (`create_only`); a 412 means the key exists.
 - Objects above `multipart_threshold` are uploaded in parts; a failed upload is aborted, so
-  no parts linger (a killed process can still leave some: see the README's lifecycle rule).
+  no parts linger (a killed process can still leave some: see docs/storage.md: a lifecycle rule).
 """
 
 from __future__ import annotations
