@@ -4,11 +4,14 @@
 - parts: what the services are given of it (Workloads, Hooks, Schedule)
 - services, built by the daemon with only what each uses: recovery (restore, rollback,
   automatic restore), migration (migrate, take over, fence, prefetch), registering (start
-  or adopt a tree), reports (status, list, verify, hosts)
-- policy: the restore policy (decide, plan, back-off, what a failure says)
+  or adopt a tree), reports (status, list, verify, hosts); what Recovery and Migration
+  share: cpu_check (can this CPU run it), carried (the options a checkpoint carries)
+- policy: the restore policy (decide, plan, back-off, whose fault a failure was); marks:
+  the checkpoints restores avoid (bad, crash-looped)
 - workload: the typed Workload; states: its kinds, states and the other named values the
   API reports (api.py re-exports them); registry: workloads.json
-- checkpointing / restoring / lazy_restoring: the pipelines; maintenance: retention, GC, spool
+- checkpointing / restoring / lazy_restoring: the pipelines; checkpoint_spec: the metadata
+  a checkpoint carries; spec: the workload in it; maintenance: retention, GC, spool
 - scratch: private image folders; kept_image: the newest image kept for a fast restore
 """
 
