@@ -16,6 +16,7 @@ from checkpointer.engine.states import ErrorKind as ErrorKind
 from checkpointer.engine.states import ImageSource as ImageSource
 from checkpointer.engine.states import RestoreReason as RestoreReason
 from checkpointer.engine.states import RestoreResult as RestoreResult
+from checkpointer.engine.states import RetentionAction as RetentionAction
 from checkpointer.engine.states import WorkloadKind as WorkloadKind
 from checkpointer.engine.states import WorkloadState as WorkloadState
 
@@ -192,7 +193,7 @@ class RetentionRow(TypedDict):
     workload: str
     id: str
     created: str
-    action: str  # keep | remove
+    action: str  # RetentionAction: keep | remove
     reasons: list[str]
 
 

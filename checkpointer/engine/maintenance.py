@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from checkpointer.api import GcReport, RetentionRow
 from checkpointer.config import Retention
 from checkpointer.engine.events import Events
+from checkpointer.engine.states import RetentionAction
 from storage import Repository, StorageError, gc, marks, retention
 from storage.backends.spooled import SpooledBlobStore
 from storage.errors import CheckpointNotFound, CorruptCheckpoint, TransientStorageError
@@ -79,7 +80,7 @@ class Maintenance:
                 "workload": name,
                 "id": v.id,
                 "created": v.created.isoformat(),
-                "action": "keep" if v.keep else "remove",
+                "action": RetentionAction.KEEP if v.keep else RetentionAction.REMOVE,
                 "reasons": v.reasons or ["no rule keeps it"],
             }
             for v in verdicts

@@ -1,7 +1,8 @@
 """The named values the daemon reports and clients branch on, documented member by member:
 a workload's kind and state, why a restore ran and how it ended, where its image came from,
-how a drill ended, and the kind of an error. Only enums, no imports of the engine: the API
-(checkpointer/api.py) re-exports them, and the CLI reads them without loading the engine.
+how a drill ended, what retention does with a checkpoint, and the kind of an error. Only
+enums, no imports of the engine: the API (checkpointer/api.py) re-exports them, and the CLI
+reads them without loading the engine.
 
 Each is a StrEnum: its members are the strings the JSON carries and workloads.json keeps.
 """
@@ -107,6 +108,15 @@ class ImageSource(StrEnum):
     """Rebuilt from the repository (seeded from the kept image where pages match)."""
     LAZY = "repository, lazily (pages on demand)"
     """A lazy restore: the tree ran before its memory was back, pages fetched on demand."""
+
+
+class RetentionAction(StrEnum):
+    """What retention does with a checkpoint (`prune` and its dry run, one row each)."""
+
+    KEEP = "keep"
+    """A rule keeps it (the row's reasons say which: keep_last, keep_daily, pinned, ...)."""
+    REMOVE = "remove"
+    """No rule keeps it: removed (or would be, in a dry run); its packs go at the next GC."""
 
 
 class ErrorKind(StrEnum):
