@@ -281,7 +281,7 @@ def test_pack_downloads_stay_in_flight_while_packs_are_decoded(
             with self.lock:
                 self.in_flight += 1
             try:
-                time.sleep(0.12)  # a link slower than the decoding
+                time.sleep(0.3)  # a link much slower than the decoding, even on a loaded machine
                 return super().get_into(key, buffer, limit)
             finally:
                 with self.lock:
@@ -292,9 +292,15 @@ def test_pack_downloads_stay_in_flight_while_packs_are_decoded(
     write_pack = WantedChunks.write_pack
 
     def slow_write_pack(self: WantedChunks, *args: Any) -> int:
-        at_start = store.in_flight
-        time.sleep(0.02)
-        in_flight_at_decode.append(max(at_start, store.in_flight))
+        # The most fetches seen in flight while this pack decodes, watched over the decode (one
+        # look at its start and end missed them on a loaded machine: the fetching threads had
+        # not been scheduled yet). A decode that kept its fetching slot never sees 3.
+        seen = store.in_flight
+        until = time.monotonic() + 0.02
+        while time.monotonic() < until:
+            seen = max(seen, store.in_flight)
+            time.sleep(0.002)
+        in_flight_at_decode.append(seen)
         return write_pack(self, *args)
 
     repo = Repository(store, concurrency=3)
