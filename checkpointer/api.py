@@ -164,6 +164,8 @@ class DrillReport(TypedDict):
     marked_bad: bool
     processes: NotRequired[int]  # verified: the processes CRIU restored (all of them)
     restore_stats: NotRequired[dict[str, Any]]
+    rebuild_seconds: NotRequired[float]  # reading the image from the repository, lock held
+    sandbox_seconds: NotRequired[float]  # CRIU's restore in the sandbox, lock free
 
 
 class DrillSummary(TypedDict):

@@ -26,6 +26,7 @@ import yaml
 from checkpointer.api import Op
 from checkpointer.cli.client import RemoteError, call
 from checkpointer.config import Retention
+from checkpointer.criu.sandbox import cgroup as sandbox_cgroup
 from checkpointer.engine import WorkloadKind, tmpfs_scratch_root
 from storage import marks
 from storage.backends.local import LocalBlobStore
@@ -130,16 +131,22 @@ def start_counter(d: Daemon, name: str, *options: str) -> Counter:
 
 
 def leftovers(d: Daemon) -> list[str]:
-    """What a drill must not leave: a mount of its sandbox, a folder of its own, a process."""
+    """What a drill must not leave: a mount of its sandbox, a folder of its own, a process,
+    a cgroup of its sandbox's (checkpointer/criu/sandbox/cgroup.py: named by the daemon's PID)."""
     found = [ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if "drill" in ln]
     for root in (d.state / "scratch", tmpfs_scratch_root(d.state)):
         found += [str(p) for p in root.glob("*-drill-*")] if root.exists() else []
+    if d.proc is not None:
+        mine = f"{sandbox_cgroup.PREFIX}{d.proc.pid}-*"
+        found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"**/{mine}")]
     for entry in os.listdir("/proc"):  # the sandbox's processes: its PID 1 names its folder
+        # (in the state folder, or on tmpfs when the image fits there)
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if entry.isdigit() and "criu/sandbox/init.py" in argv and str(d.state) in argv:
+        ours = str(d.state) in argv or str(tmpfs_scratch_root(d.state)) in argv
+        if entry.isdigit() and "criu/sandbox/init.py" in argv and ours:
             found.append(f"pid {entry}: {argv}")
     return found
 

@@ -6,8 +6,9 @@ Run by checkpointer/criu/sandbox/restore.py, always through `unshare --mount --p
 --fork --propagation private --kill-child`, as `python -I init.py REQUEST`, where
 REQUEST is JSON: `work` (a folder of the daemon's: `work/mnt` is where the sandbox's tmpfs goes,
 `work/result.json`, `work/restore.log` and `work/stats-restore` are where this writes back),
-`criu` (the `criu restore` argv), `log`, `stats` (where CRIU writes them, as seen inside) and
-`processes` (how many processes the checkpoint holds).
+`criu` (the `criu restore` argv), `log`, `stats` (where CRIU writes them, as seen inside),
+`fds` (passed on to CRIU) and `cgroups` (the `cgroup.procs` files this process joins first
+thing, so that everything the sandbox starts is in its cgroups: cgroup.py).
 
 Why each step:
 - The whole tree of mounts the daemon (and so the live workload) sees is rebuilt under a new
@@ -277,6 +278,12 @@ def main() -> None:
     log = os.open(os.path.join(work, "restore.log"), os.O_WRONLY | os.O_CREAT, 0o600)
     stats = os.open(os.path.join(work, "stats-restore"), os.O_WRONLY | os.O_CREAT, 0o600)
     out: dict = {"stage": "start", "notes": []}  # type: ignore[type-arg]
+    for procs in req.get("cgroups", ()):
+        try:
+            with open(procs, "w") as f:
+                f.write("0")
+        except OSError as e:  # the drill runs on without it: only its priority is less
+            out["notes"].append(f"not in its cgroup {os.path.dirname(procs)}: {e.strerror}")
     try:
         drill(req, out)
     except (SandboxError, OSError) as e:

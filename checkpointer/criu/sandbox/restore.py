@@ -54,9 +54,11 @@ def restore_in_sandbox(
     opts: DumpOptions,
     label: str,
     inherit: Sequence[tuple[int, str]] = (),
+    cgroups: Sequence[str] = (),
 ) -> SandboxRestore:
     """Restore the image in `images` in a sandbox, check it, and kill it. Its work files go
-    in `images`' parent folder (the caller's, removed by the caller). Raises CriuError: a
+    in `images`' parent folder (the caller's, removed by the caller); its PID 1 first joins
+    the cgroups whose `cgroup.procs` files `cgroups` names (cgroup.py). Raises CriuError: a
     category in SANDBOX_CATEGORIES when the sandbox failed, else classified from CRIU's log
     like any restore (restoring.is_transient tells the host's faults from the checkpoint's)."""
     work = images.parent
@@ -71,6 +73,7 @@ def restore_in_sandbox(
         "log": str(log),
         "stats": str(stats),
         "fds": [fd for fd, _ in inherit],
+        "cgroups": list(cgroups),
     }
     # setpriv: unshare gets SIGKILL if the daemon dies (and `--kill-child` passes it on to
     # the sandbox's PID 1, which takes the whole sandbox with it); then the lowest CPU and
