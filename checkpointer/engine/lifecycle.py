@@ -1,7 +1,8 @@
 """A workload's process: starting a managed tree, stopping one, recording that one died.
 
 The engine calls these with the workload's lock held (a death is recorded without it: the
-reaper learns of it at any moment, and only the state changes). The PIDs, signals and /proc
+reaper learns of it at any moment, and only the state changes; what a failed lazy restore
+says of it is settled by Recovery.on_down, under the lock). The PIDs, signals and /proc
 reads themselves are checkpointer.workloads'.
 """
 
@@ -12,8 +13,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from checkpointer.containers import ContainerRuntime
-from checkpointer.engine import lazy_restoring
-from checkpointer.engine.policy import Streak
 from checkpointer.engine.registry import Registry
 from checkpointer.engine.restoring import LogPaths
 from checkpointer.engine.workload import Workload, WorkloadState
@@ -75,10 +74,6 @@ class Lifecycle:
         w = self.registry.running_with_pid(pid)
         if w is None:
             return None
-        if lazy_restoring.settle(w):
-            # Killed because its checkpoint is bad, now marked so: not a crash loop that
-            # should also step back past the good checkpoint before it.
-            w.streak = Streak()
         if status is None:
             w.state, w.exit_status = WorkloadState.CRASHED, "exited (status unknown: not our child)"
         else:

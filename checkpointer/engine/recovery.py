@@ -209,6 +209,10 @@ class Recovery:
                 w.state, w.exit_status, w.streak = WorkloadState.CRASHED, fresh, Streak()
             elif w.alive() or w.state not in (WorkloadState.CRASHED, WorkloadState.EXITED):
                 return None  # restored by hand, stopped or unregistered meanwhile
+            if lazy_restoring.settle(w):
+                # Killed because its checkpoint is bad, now marked so (or the storage failed
+                # it): not a crash loop that should step back past the one before as well.
+                w.streak = Streak()
             d = on_death(w.restore, w.streak, time.time(), clean, restored_from(w))
             w.streak = d.streak
             if d.action is Action.IGNORE:
