@@ -319,3 +319,45 @@ def test_a_bad_config_is_reported_when_no_daemon_answers(fake: tuple[FakeDaemon,
     msg = one_line_error(cli("checkpoint", "web", "--config", cfg), code=2)
     assert "storage.bakend: unknown key" in msg and "backend" in msg
     assert [r["op"] for r in d.requests] == ["checkpoint"]
+
+
+def test_a_config_the_daemon_refuses_reaches_no_daemon(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`state_dir:` left empty is refused by the daemon; the CLI read it as "not set" and sent
+    the command (here `unregister`) to the default socket, where the host's own daemon listens.
+    In-process, to put that default socket under `base`."""
+    from click.testing import CliRunner
+
+    import checkpointer.config.document as document
+    from checkpointer.cli.commands import cli as group
+
+    default = base / "default"
+    default.mkdir()
+    monkeypatch.setattr(document, "DEFAULT_STATE_DIR", default)
+    d = FakeDaemon(default / "checkpointer.sock", RESULTS)
+    cfg = base / "second.yaml"
+    try:
+        for text in ("state_dir:\n", "state_dir:\nsocket:\n", "socket:\nstate_dir: ~\n"):
+            cfg.write_text(text)
+            r = CliRunner().invoke(group, ["unregister", "web", "--config", str(cfg)])
+            assert r.exit_code == 2, r.output
+            assert r.output.strip() == (
+                f"error: config file {cfg}: state_dir: left empty; write a folder, "
+                f"or remove the key for the default {default}"
+            )
+        assert d.requests == []
+        cfg.write_text("socket:\n")  # left empty, `socket` is not set: the default's
+        r = CliRunner().invoke(group, ["unregister", "web", "--config", str(cfg)])
+        assert r.exit_code == 0, r.output
+        assert [req["op"] for req in d.requests] == ["unregister"]
+    finally:
+        d.close()
+
+
+def test_a_config_that_is_not_utf8_is_named(base: Path) -> None:
+    cfg = base / "latin1.yaml"
+    cfg.write_bytes(f"state_dir: {base}/caf\xe9\n".encode("latin-1"))
+    for command in ("status", "daemon"):  # the socket's reader, and the schema's
+        msg = one_line_error(cli(command, "--config", cfg), code=2)
+        assert f"config file {cfg} is not UTF-8 text" in msg and "save it as UTF-8" in msg, msg

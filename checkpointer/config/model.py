@@ -8,19 +8,20 @@ same from any working directory.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from checkpointer.config.cron import check_cron
-from checkpointer.config.document import DEFAULT_STATE_DIR, SOCKET_NAME
+from checkpointer.config.document import DEFAULT_STATE_DIR, SOCKET_NAME, path_problem
 from checkpointer.config.drill import DrillPolicy
 from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval, Timeout
 from checkpointer.criu.options import check_extra_options
@@ -338,6 +339,15 @@ class Config(_Strict):
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     retention: Retention = Field(default_factory=lambda: Retention(keep_last=10))
     workloads: list[WorkloadConfig] = Field(default_factory=list)
+
+    @field_validator("state_dir", "socket", mode="before")
+    @classmethod
+    def _usable_path(cls, v: object, info: ValidationInfo) -> object:
+        # The CLI reads these two without the schema (document.socket_path): one rule for both.
+        problem = path_problem(info.field_name or "", str(v) if isinstance(v, PurePath) else v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
