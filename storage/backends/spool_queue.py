@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 from collections import Counter
@@ -26,12 +27,16 @@ Entry = tuple[Path, str, str]  # queue file, "P" (put) or "D" (delete), key
 Entries = list[Entry]
 Uploaded = list[tuple[Path, str, float]]  # `.up` file, key, when it reached the remote
 
+log = logging.getLogger(__name__)
+
 _UP = ".up"
+_BAD = ".bad"  # a queue file that is no operation, set aside (see `entries`)
+_OPS = ("P", "D", "R")
 _ORPHAN_AGE = 3600.0  # an `.up` pack no queued manifest needs, this old: a failed commit's
 
 
 def _seq(path: Path) -> int:
-    return int(path.name.removesuffix(_UP))
+    return int(path.name.removesuffix(_UP).removesuffix(_BAD))
 
 
 class SpoolQueue:
@@ -43,7 +48,9 @@ class SpoolQueue:
             *folder.glob("needs-*.tmp"),
         ]:  # a write killed before its rename: never accepted
             stale.unlink(missing_ok=True)
-        names = [p for p in folder.iterdir() if p.name.removesuffix(_UP).isdigit()]
+        names = [
+            p for p in folder.iterdir() if p.name.removesuffix(_UP).removesuffix(_BAD).isdigit()
+        ]
         self._seq = max((_seq(p) for p in names), default=0)
         self._puts: Counter[str] = Counter()
         self._deletes: Counter[str] = Counter()
@@ -63,15 +70,39 @@ class SpoolQueue:
         self._count(op)[key] += 1
 
     def entries(self) -> Entries:
-        """The operations not yet done, oldest first."""
+        """The operations not yet done, oldest first. A file that is no operation is set
+        aside (`_set_aside`), never returned: the uploader would die on it, or send garbage."""
         out = []
         for p in sorted(self.folder.iterdir()):
             if not p.name.isdigit():
                 continue
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 op, key = p.read_text().split(" ", 1)
-                out.append((p, op, key))
+            except FileNotFoundError:
+                continue
+            except ValueError:  # no space in it, or not UTF-8 (UnicodeDecodeError)
+                op = key = ""
+            if op not in _OPS or not key:
+                self._set_aside(p)
+                continue
+            out.append((p, op, key))
         return out
+
+    def _set_aside(self, path: Path) -> None:
+        """A queue file that does not parse: a disk error, or a crash mid-write (the folder is
+        local, but not beyond corruption). Renamed `<n>.bad` for a person to look at, so it is
+        logged once and never read again; the blobs it may have named stay in the cache."""
+        with contextlib.suppress(FileNotFoundError):
+            head = path.read_bytes()[:80]
+            path.rename(path.with_name(path.name + _BAD))
+            log.error(
+                "spool queue entry %s is not an operation (%r): set aside as %s%s, never "
+                "uploaded; whatever it named is uploaded again by the next checkpoint",
+                path,
+                head,
+                path.name,
+                _BAD,
+            )
 
     def pending_put(self, key: str) -> bool:
         return self._puts[key] > 0

@@ -28,6 +28,7 @@ from pathlib import Path
 from storage.backends.base import BlobStore
 from storage.backends.cache_filler import CacheFiller
 from storage.backends.local import LocalBlobStore
+from storage.backends.spool_backoff import Backoff, Streak, Trouble
 from storage.backends.spool_queue import Entries, SpoolQueue, older_than
 from storage.errors import BlobExists, BlobNotFound, StorageError, TransientStorageError
 from storage.keys import MANIFESTS
@@ -62,7 +63,8 @@ class SpooledBlobStore(BlobStore):
         self._wake = threading.Condition(self._lock)
         self._records = threading.Event()  # set once a handler of records is registered
         self._putting: Counter[str] = Counter()  # puts between local copy and queue entry
-        self.online = True
+        self._streak = Streak()  # why nothing uploads now, if nothing does
+        self._backoff = Backoff(self._wake)
         self._stop = False
         self._pool = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="upload")
         self._thread = threading.Thread(target=self._upload_loop, name="uploader", daemon=True)
@@ -186,8 +188,16 @@ class SpooledBlobStore(BlobStore):
         with self._lock:
             return self.queue.pending_put(key)
 
+    @property
+    def online(self) -> bool:
+        """Whether uploads go through (the gauge checkpointer_storage_online): False while
+        the remote is unreachable, and while the queue folder does not read."""
+        return self._streak.trouble not in (Trouble.REMOTE, Trouble.QUEUE)
+
     def _refuse_offline(self, what: str) -> None:
-        if not self.online:  # the uploader found the remote down: fail now, not after retries
+        # The uploader found the remote down: fail now, not after retries. (A local queue
+        # folder that does not read says nothing of the remote: ask it.)
+        if self._streak.trouble is Trouble.REMOTE:
             raise TransientStorageError(
                 f"cannot {what}: object storage ({self.remote.describe()}) is unreachable "
                 "(the spool's uploads are failing); the answer must come from the bucket"
@@ -244,7 +254,9 @@ class SpooledBlobStore(BlobStore):
     def mark_online(self) -> None:
         """The caller reached the remote: list from it again, and upload now."""
         with self._lock:
-            self.online = True
+            if self._streak.trouble is Trouble.REMOTE:
+                self._streak.trouble = None
+            self._backoff.cut_short()
             self._wake.notify_all()
 
     def wait_uploaded(self, timeout: float) -> bool:
@@ -284,7 +296,9 @@ class SpooledBlobStore(BlobStore):
         self._records.set()
 
     def _upload_loop(self) -> None:
-        backoff = 1.0
+        """Uploads the queue in order until `close`. No failure ends it (it is the only thread
+        that uploads): each is logged once per streak, then retried after a back-off that
+        puts do not cut short (storage/backends/spool_backoff.py)."""
         while True:
             try:
                 with self._lock:
@@ -293,16 +307,18 @@ class SpooledBlobStore(BlobStore):
                     if self._stop:
                         return
                     batch = self._next_batch()
-            except OSError:
-                # Reading the queue folder failed (EIO, EMFILE): this thread is the only one
-                # that uploads, so it waits and reads again rather than end every upload.
-                log.exception(
-                    "the uploader cannot read its queue in %s; trying again", self.queue_dir
+            except OSError as e:  # EIO, EMFILE: the queue folder did not read
+                self._streak.failed(
+                    Trouble.QUEUE,
+                    "the uploader cannot read its queue in %s (%s): nothing uploads, checkpoints "
+                    "stay in the spool; trying again with a back-off up to %.0f s",
+                    self.queue_dir,
+                    e,
+                    self._backoff.cap,
                 )
-                with self._lock:
-                    self._wake.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._backoff.wait(self._stopping)
                 continue
+            self._streak.cleared(Trouble.QUEUE)
             if batch[0][1] == "R" and not self._records.is_set():
                 with self._lock:  # queued before a restart: wait for the repository's handler
                     self._wake.wait(0.2)
@@ -311,26 +327,31 @@ class SpooledBlobStore(BlobStore):
                 if self._recheck_before(batch):
                     self._send(batch)
             except StorageError as e:
-                if self.online:
-                    log.error("remote storage unreachable, checkpoints are spooled locally: %s", e)
-                self.online = False
-                with self._lock:
-                    self._wake.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._streak.failed(
+                    Trouble.REMOTE,
+                    "remote storage unreachable, checkpoints are spooled locally: %s",
+                    e,
+                )
+                self._backoff.wait(self._stopping)
                 continue
             except Exception:  # a bug or a local disk error: never the end of the uploads
-                log.exception("the uploader failed on %s; trying again", batch[0][2])
-                with self._lock:
-                    self._wake.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._streak.failed(
+                    Trouble.UPLOAD,
+                    "the uploader failed on %s; trying again with a back-off",
+                    batch[0][2],
+                    trace=True,
+                )
+                self._backoff.wait(self._stopping)
                 continue
-            if not self.online:
-                log.info("remote storage is back: uploading the spooled checkpoints")
-            self.online, backoff = True, 1.0
+            self._streak.cleared()
+            self._backoff.reset()
             with self._lock:
                 self.queue.done(batch)
                 self._wake.notify_all()
             self.filler.trim()
+
+    def _stopping(self) -> bool:
+        return self._stop
 
     def _next_batch(self) -> Entries:
         """Packs may go up together; a manifest or a delete goes alone, after all before it."""
@@ -350,7 +371,9 @@ class SpooledBlobStore(BlobStore):
         long ago may have been collected meanwhile by another host's GC (they were
         unreferenced until now: an outage held the manifest back). Look them up, and send
         the missing ones again from the local copy; the manifest never names a pack gone.
-        False: the manifest was dropped instead (a pack gone with no local copy left)."""
+        So too for a pack its commit wrote that never went up (its queue entry was set aside
+        as corrupt, spool_queue.py). False: the manifest was dropped instead (a pack gone
+        with no local copy left)."""
         head = batch[0]
         if head[1] != "P" or not head[2].startswith(MANIFESTS):
             return True
@@ -361,15 +384,17 @@ class SpooledBlobStore(BlobStore):
                 for u in self.queue.uploaded(before=self.queue.seq_of(head))
                 if needed is None or u[1] in needed
             ]
-        for _, key, _ in older_than(uploaded, self.recheck_after):
+        lost = needed - {key for _, key, _ in uploaded} if needed is not None else set()
+        for key in [k for _, k, _ in older_than(uploaded, self.recheck_after)] + sorted(lost):
             if self.remote.exists(key):
                 continue
             try:
                 data = self.cache.get(key)
             except BlobNotFound:
                 log.error(
-                    "%s was collected from the bucket while %s waited in the spool, and no "
-                    "local copy is left: that checkpoint is dropped, never uploaded half",
+                    "%s is not in the bucket (collected, or never sent) while %s waited in "
+                    "the spool, and no local copy is left: that checkpoint is dropped, never "
+                    "uploaded half",
                     key,
                     head[2],
                 )
@@ -378,7 +403,7 @@ class SpooledBlobStore(BlobStore):
                     self.cache.delete(head[2])
                     self._wake.notify_all()
                 return False
-            log.warning("%s was collected from the bucket during the outage: sending it again", key)
+            log.warning("%s is not in the bucket (collected, or never sent): sending it again", key)
             with contextlib.suppress(BlobExists):
                 self.remote.put(key, data)
         return True
