@@ -2,8 +2,9 @@
 
 The daemon's handlers return these shapes as JSON; the CLI renders them and `--json` prints
 them as they are, so changing a field here is changing the command line's output. The named
-values the reports carry as strings (kind, state, result, reason, source, an error's kind)
-are the enums of checkpointer/engine/states.py, re-exported here with their documentation.
+values the reports carry as strings (kind, state, result, reason, source, an error's kind,
+why CRIU failed) are the enums of checkpointer/engine/states.py, re-exported here with their
+documentation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
+from checkpointer.engine.states import CriuFailure as CriuFailure
 from checkpointer.engine.states import DrillResult as DrillResult
 from checkpointer.engine.states import ErrorKind as ErrorKind
 from checkpointer.engine.states import ImageSource as ImageSource

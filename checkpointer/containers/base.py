@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
-from checkpointer.criu.failures import classify
+from checkpointer.criu.failures import CriuFailure, classify
 from checkpointer.host import children
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -35,7 +35,7 @@ def check_container_name(name: str) -> str:
         raise ContainerError(
             f"invalid container name {name!r}: use letters, digits, '_', '.' and '-' "
             "(first a letter or digit, at most 128)",
-            "bad-name",
+            CriuFailure.BAD_NAME,
         )
     return name
 
@@ -103,7 +103,7 @@ def _which(program: str) -> str:
     if exe is None:
         raise ContainerError(
             f"{program} is not installed; run `make containers` (or apt-get install it)",
-            "runtime-missing",
+            CriuFailure.RUNTIME_MISSING,
         )
     return exe
 
@@ -140,7 +140,7 @@ class Tool:
                 raise ContainerError(
                     f"{argv[0]} {op} of {label} took longer than {self.timeout:.0f}s and was "
                     "killed",
-                    "timeout",
+                    CriuFailure.TIMEOUT,
                     log,
                 ) from e
             if done.returncode != 0:
@@ -166,32 +166,32 @@ class Tool:
 
 
 # Runtime messages that name their own fix, checked before CRIU's log is classified.
-_RUNTIME_CAUSES: list[tuple[str, str, str]] = [
+_RUNTIME_CAUSES: list[tuple[str, CriuFailure, str]] = [
     (
         "tty: Unable to find a master",
-        "tty",
+        CriuFailure.TTY,
         "the container has terminals CRIU cannot restore: set `lxc.tty.max = 0` in its config",
     ),
     (
         "console.path configured on source host but not target",
-        "tty",
+        CriuFailure.TTY,
         "the container has a console CRIU cannot restore: set `lxc.pty.max = 1` (or less) in "
         "its config",
     ),
     (
         "apparmor LSM specified but apparmor not supported",
-        "apparmor",
+        CriuFailure.APPARMOR,
         "this kernel has no AppArmor: remove the `lxc.apparmor.profile` line of the config",
     ),
     (
         "image not known",
-        "image-missing",
+        CriuFailure.IMAGE_MISSING,
         "the container's base image is not on this host: copy it here (`podman save` there, "
         "`podman load` here) and restore again",
     ),
     (
         "configured runtime does not support checkpoint/restore",
-        "runtime",
+        CriuFailure.RUNTIME,
         "crun here has no CRIU support: recreate the container with `--runtime runc`",
     ),
 ]
@@ -206,14 +206,14 @@ def failure(what: str, text: str, log: Path | None) -> ContainerError:
             f"{what}: the container's base image {image} is not on this host and could not "
             f"be pulled; copy it here (`podman save -o F {image}` where it is, `podman load "
             "-i F` here) and restore again",
-            "image-missing",
+            CriuFailure.IMAGE_MISSING,
             log,
         )
     for needle, category, advice in _RUNTIME_CAUSES:
         if needle in text:
             return ContainerError(f"{what}: {needle}; {advice}", category, log)
     category, first, advice = classify(text)
-    if category == "unknown":
+    if category == CriuFailure.UNKNOWN:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         first = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else "no output")
         advice = "read the log for the cause"

@@ -29,6 +29,7 @@ from pathlib import Path
 from checkpointer.containers import lxc_config, rootfs_archive, rootfs_extract
 from checkpointer.containers.base import ContainerError, Problem, Tool
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
+from checkpointer.criu.failures import CriuFailure
 from checkpointer.criu.images.stats import read_dump_stats, read_restore_stats
 
 CONFIG = "lxc.config"
@@ -84,7 +85,7 @@ class Lxc:
             raise ContainerError(
                 f"container {container}: its lxc.rootfs.path is not a folder; only `dir:` "
                 "rootfs are checkpointed",
-                "config",
+                CriuFailure.CONFIG,
             )
         return found or self.lxc_path / container / "rootfs"
 
@@ -102,12 +103,13 @@ class Lxc:
         if self.pid(container) is not None:
             raise ContainerError(
                 f"container {container} is running; stop it first (`lxc-stop -k -n {container}`)",
-                "running",
+                CriuFailure.RUNNING,
             )
         for name in (CONFIG, ROOTFS):
             if not (images / name).is_file():
                 raise ContainerError(
-                    f"checkpoint of container {container} lacks its {name}", "corrupt-image"
+                    f"checkpoint of container {container} lacks its {name}",
+                    CriuFailure.CORRUPT_IMAGE,
                 )
         rootfs = self._rootfs(container)
         text = (images / CONFIG).read_text(errors="replace")
@@ -121,7 +123,7 @@ class Lxc:
                 f"({ln.where}), which this host's {self.config_path(container)} does not: a "
                 "restore runs no hook and mounts no host path that the host's own config does "
                 "not grant; add the line there if it is meant, then restore again",
-                "config",
+                CriuFailure.CONFIG,
             )
         self._write_config(container, text, rootfs)
         self._replace_rootfs(images / ROOTFS, rootfs)
@@ -141,7 +143,7 @@ class Lxc:
             raise ContainerError(
                 f"container {container} exited right after its restore; see `lxc-info -n "
                 f"{container}` and its log",
-                "unknown",
+                CriuFailure.UNKNOWN,
             )
         return pid, read_restore_stats(images)
 
@@ -182,7 +184,7 @@ class Lxc:
         except (rootfs_extract.UnsafeArchive, OSError) as e:
             shutil.rmtree(new, ignore_errors=True)
             raise ContainerError(
-                f"cannot unpack the container's rootfs: {e}", "corrupt-image"
+                f"cannot unpack the container's rootfs: {e}", CriuFailure.CORRUPT_IMAGE
             ) from e
         if rootfs.is_dir() and not rootfs.is_symlink():
             os.rename(rootfs, old)

@@ -32,6 +32,7 @@ from checkpointer.containers import podman_export as export_tar
 from checkpointer.containers.base import ContainerError, Problem, Tool
 from checkpointer.containers.podman_export import PREFIX
 from checkpointer.criu import DumpOptions, DumpStats, RestoreStats
+from checkpointer.criu.failures import CriuFailure
 from checkpointer.criu.images.stats import read_dump_stats
 
 INSTALL = "install Podman and runc (`apt-get install podman runc`, or `make containers`)"
@@ -132,7 +133,7 @@ class Podman:
         if _running_pid(info) is not None:
             raise ContainerError(
                 f"container {container} is running; stop it first (`podman kill {container}`)",
-                "running",
+                CriuFailure.RUNNING,
             )
         self._check_config(container, images, info)
         fifo = images.parent / f"{images.name}.import.tar"
@@ -174,7 +175,7 @@ class Podman:
             raise ContainerError(
                 f"container {container} is not running after its restore; see `podman logs "
                 f"{container}`",
-                "unknown",
+                CriuFailure.UNKNOWN,
             )
         cgroup_freezer.thaw(pid)
         return pid, RestoreStats(0.0, 0.0, 0)
@@ -199,7 +200,7 @@ class Podman:
                 "which this host's definition of the container does not have: a restore runs "
                 "no hook and mounts no host path or device that the host does not already "
                 "grant; create the container here with it if it is meant, then restore again",
-                "config",
+                CriuFailure.CONFIG,
             )
 
     def _storage_roots(self) -> tuple[str, ...]:
@@ -269,7 +270,7 @@ class _ImageRoot:
                         f"{image} is not on this host and could not be pulled; copy it here "
                         f"(`podman save -o F {image}` where it is, `podman load -i F` here) "
                         "and restore again",
-                        "image-missing",
+                        CriuFailure.IMAGE_MISSING,
                     )
         return self.fd
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from checkpointer.containers import podman_rootfs
 from checkpointer.containers.base import ContainerError, copy_range
 from checkpointer.containers.rootfs_extract import UnsafeArchive
+from checkpointer.criu.failures import CriuFailure
 
 PREFIX = "podman."
 IMAGES_DIR = "checkpoint"
@@ -62,7 +63,7 @@ def unpack(export: Path, images: Path, rootfs: Callable[[], int] = lambda: -1) -
                     f"podman's export holds {member.name!r}, which this service does not "
                     "store (a volume or bind mount in the checkpoint?); checkpoint containers "
                     "without volumes, or with `--ignore-volumes` data kept elsewhere",
-                    "unsupported",
+                    CriuFailure.UNSUPPORTED,
                 )
             fd = os.open(
                 images / target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
@@ -86,7 +87,9 @@ def unpack(export: Path, images: Path, rootfs: Callable[[], int] = lambda: -1) -
 
 def _copy_range(src: int, dst: int, offset: int, size: int) -> None:
     if copy_range(src, dst, offset, size) < size:
-        raise ContainerError("podman's export ended early (a truncated tar)", "corrupt-image")
+        raise ContainerError(
+            "podman's export ended early (a truncated tar)", CriuFailure.CORRUPT_IMAGE
+        )
 
 
 class Packed:

@@ -45,6 +45,7 @@ from typing import Any
 from checkpointer.containers.base import ContainerError, copy_range
 from checkpointer.containers.rootfs_archive import XATTR
 from checkpointer.containers.rootfs_extract import UnsafeArchive, split
+from checkpointer.criu.failures import CriuFailure
 
 XATTR_NAME_MAX = 255  # Linux's limits on one attribute
 XATTR_SIZE_MAX = 65536
@@ -109,7 +110,7 @@ def rewrite(
                     if copy_range(src, dst, offset + member.offset_data, info.size) < info.size:
                         raise ContainerError(
                             "the container's rootfs diff ended early (a truncated tar)",
-                            "corrupt-image",
+                            CriuFailure.CORRUPT_IMAGE,
                         )
                     pad = -info.size % tarfile.BLOCKSIZE
                     os.write(dst, bytes(pad))
@@ -117,7 +118,7 @@ def rewrite(
     except tarfile.TarError as e:
         raise ContainerError(
             f"the container's rootfs diff is not a tar archive or is damaged: {e}",
-            "corrupt-image",
+            CriuFailure.CORRUPT_IMAGE,
         ) from e
     except UnsafeArchive as e:
         raise refused(e, advice) from e
@@ -129,7 +130,7 @@ def rewrite(
 def refused(e: UnsafeArchive, advice: str = "") -> ContainerError:
     return ContainerError(
         f"the container's checkpoint was refused: {e} (Podman unpacks it as root){advice}",
-        "corrupt-image",
+        CriuFailure.CORRUPT_IMAGE,
     )
 
 
@@ -326,7 +327,7 @@ def _read_xattrs(path: str, shown: str) -> dict[str, str]:
             raise ContainerError(
                 f"the container's file /{shown} has more than {MEMBER_XATTRS_MAX} bytes of "
                 "extended attributes, more than a restore can carry; remove some of them",
-                "rootfs",
+                CriuFailure.ROOTFS,
             )
         records[XATTR + name] = value.decode("utf-8", "surrogateescape")
     return records

@@ -39,6 +39,7 @@ import tarfile
 from collections.abc import Iterator
 
 from checkpointer.containers.base import ContainerError, copy_range
+from checkpointer.criu.failures import CriuFailure
 
 ALIGN = 4096
 XATTR = "SCHILY.xattr."  # the pax record GNU tar, bsdtar and star use for extended attributes
@@ -87,7 +88,7 @@ class _Writer:
             raise ContainerError(
                 f"the container's rootfs holds a path longer than PATH_MAX ({arcname[:80]}...): "
                 "it could not be restored; remove it from the container",
-                "rootfs",
+                CriuFailure.ROOTFS,
             )
         mode = st.st_mode
         if stat.S_ISDIR(mode):
@@ -282,7 +283,7 @@ def _walk(root_fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
                     raise ContainerError(
                         f"the container's rootfs is nested deeper than {MAX_DEPTH} folders "
                         f"({parent_arc}/{name}); remove that tree from the container",
-                        "rootfs",
+                        CriuFailure.ROOTFS,
                     )
                 fd, arc = child, f"{parent_arc}/{name}" if parent_arc else name
             if fd < 0:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from checkpointer.criu import stale_proc_dir
-from checkpointer.criu.failures import INSTALL_HINT, CriuError, classify
+from checkpointer.criu.failures import INSTALL_HINT, CriuError, CriuFailure, classify
 from checkpointer.criu.images.stats import (
     DumpStats,
     RestoreStats,
@@ -54,7 +54,7 @@ class Criu:
         if not found:
             raise CriuError(
                 f"CRIU ({self.binary}) is not installed or not on PATH; {INSTALL_HINT}",
-                "criu-missing",
+                CriuFailure.CRIU_MISSING,
             )
         return found
 
@@ -63,7 +63,8 @@ class Criu:
         m = re.search(r"Version:\s*(\S+)", out.stdout)
         if not m:
             raise CriuError(
-                f"cannot tell the version of {self.binary}: {out.stdout.strip()!r}", "criu-missing"
+                f"cannot tell the version of {self.binary}: {out.stdout.strip()!r}",
+                CriuFailure.CRIU_MISSING,
             )
         return m.group(1)
 
@@ -72,7 +73,8 @@ class Criu:
         parts = tuple(int(x) for x in re.findall(r"\d+", v)[:2])
         if parts < MIN_VERSION:
             raise CriuError(
-                f"CRIU {v} is too old (need >= 4.2 on this kernel); {INSTALL_HINT}", "criu-too-old"
+                f"CRIU {v} is too old (need >= 4.2 on this kernel); {INSTALL_HINT}",
+                CriuFailure.CRIU_TOO_OLD,
             )
         return v
 
@@ -116,7 +118,7 @@ class Criu:
             try:
                 self.run_logged(cmd, log, label, "dump")
             except CriuError as e:
-                if e.category != "proc-dir-exists" or not stale_proc_dir.clear(pid):
+                if e.category != CriuFailure.PROC_DIR_EXISTS or not stale_proc_dir.clear(pid):
                     raise
                 self.run_logged(cmd, log, label, "dump")  # once more, the leftover gone
         log.unlink(missing_ok=True)
@@ -184,7 +186,7 @@ class Criu:
             raise CriuError(
                 f"criu {op} of {label} took longer than {self.timeout:.0f}s and was "
                 "killed; raise criu.timeout if the tree is that large",
-                "timeout",
+                CriuFailure.TIMEOUT,
                 kept,
             ) from e
         if out.returncode == 0:

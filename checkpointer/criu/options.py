@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from checkpointer.criu.failures import CriuError
+from checkpointer.criu.failures import CriuError, CriuFailure
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class DumpOptions:
         try:
             return extra_argv(check_extra_options(self.extra_options), op)
         except ValueError as e:
-            raise CriuError(f"criu.extra_options: {e}", "bad-option") from e
+            raise CriuError(f"criu.extra_options: {e}", CriuFailure.BAD_OPTION) from e
 
 
 # Extra CRIU options (criu.extra_options, `--criu-opt`): an allow-list, never a deny-list, as

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from checkpointer.config import WorkloadOptions
 from checkpointer.containers import ContainerError, ContainerRuntime, check_container_name
 from checkpointer.criu import CriuError
+from checkpointer.criu.failures import CriuFailure
 from checkpointer.engine.parts import Hooks, Workloads
 from checkpointer.engine.workload import Workload, WorkloadKind, WorkloadState
 from checkpointer.errors import (
@@ -58,7 +59,8 @@ class Registering:
         refusal = users.init_refusal(command)
         if refusal is not None:
             raise CriuError(
-                f"workload {name} cannot be checkpointed: {refusal}", "needs-cap-sys-resource"
+                f"workload {name} cannot be checkpointed: {refusal}",
+                CriuFailure.NEEDS_CAP_SYS_RESOURCE,
             )
         w = Workload(
             name=name,
@@ -128,7 +130,7 @@ class Registering:
             raise ContainerError(
                 f"{kind} container {container} cannot be checkpointed: "
                 + "; ".join(str(p) for p in problems),
-                "config",
+                CriuFailure.CONFIG,
             )
         pid = runtime.pid(container)
         if pid is None:

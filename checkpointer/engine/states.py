@@ -2,7 +2,8 @@
 a workload's kind and state, why a restore ran and how it ended, where its image came from,
 how a drill ended, what retention does with a checkpoint, and the kind of an error. Only
 enums, no imports of the engine: the API (checkpointer/api.py) re-exports them, and the CLI
-reads them without loading the engine.
+reads them without loading the engine. Why CRIU failed (`CriuFailure`) is defined in
+criu/failure_category.py, which may not import the engine, and re-exported here with the others.
 
 Each is a StrEnum: its members are the strings the JSON carries and workloads.json keeps.
 """
@@ -10,6 +11,8 @@ Each is a StrEnum: its members are the strings the JSON carries and workloads.js
 from __future__ import annotations
 
 from enum import StrEnum
+
+from checkpointer.criu.failure_category import CriuFailure as CriuFailure
 
 
 class WorkloadKind(StrEnum):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpointer.criu.failures import CriuFailure
 from checkpointer.workloads import process
 from checkpointer.workloads.launch import INIT_COMMAND
 
@@ -43,7 +44,7 @@ class Identity:
 class Blocker:
     """Why CRIU cannot dump a tree now; `category` as failures.classify names the CRIU error."""
 
-    category: str
+    category: CriuFailure
     message: str
 
 
@@ -90,7 +91,7 @@ def dump_blocker(root: int) -> Blocker | None:
     host_proc = _same_namespace(root, "mnt") is True
     if own_pid_ns and host_proc and not first.capabilities >> CAP_SYS_ADMIN & 1:
         return Blocker(
-            "switched-user",
+            CriuFailure.SWITCHED_USER,
             f"the tree's first process (pid {root}, {first.name}) runs as uid {first.uids[1]} "
             "without CAP_SYS_ADMIN: CRIU needs it to be root (it mounts the /proc of the tree's "
             "PID namespace from inside it); start the program under the service's init, which "
@@ -103,7 +104,7 @@ def dump_blocker(root: int) -> Blocker | None:
         who = identity(pid)
         if who is not None and _other_user(who) and _same_namespace(pid, "user") is not False:
             return Blocker(
-                "needs-cap-sys-resource",
+                CriuFailure.NEEDS_CAP_SYS_RESOURCE,
                 f"process {pid} ({who.name}) of the tree runs as uid {who.uids[1]} gid "
                 f"{who.gids[1]}: {SYS_RESOURCE_NEEDED}",
             )

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpointer.criu.driver import Criu
-from checkpointer.criu.failures import CriuError
+from checkpointer.criu.failures import CriuError, CriuFailure
 from checkpointer.criu.images.pagemap import read_varint
 from checkpointer.host import children
 
 CPUINFO_IMAGE = "cpuinfo.img"
-CATEGORY = "cpu-mismatch"
 _CHECK_TIMEOUT = 60.0
 
 # x86 feature names by capability word (compel's cpu.h, named as /proc/cpuinfo names them;
@@ -122,7 +121,7 @@ class CpuMismatch(CriuError):
     """This host's CPU cannot run a checkpoint: the workload must not move here."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, CATEGORY)
+        super().__init__(message, CriuFailure.CPU_MISMATCH)
 
 
 def read_cpuinfo(path: Path) -> CpuInfo:

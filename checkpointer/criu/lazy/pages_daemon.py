@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from checkpointer.criu.driver import Criu
-from checkpointer.criu.failures import CriuError, classify
+from checkpointer.criu.failures import CriuError, CriuFailure, classify
 from checkpointer.criu.lazy.guard_process import GuardProcess
 
 
@@ -77,7 +77,7 @@ class LazyPagesDaemon:
             raise CriuError(
                 f"criu lazy-pages for {self.label} did not start: its guard (pid "
                 f"{self.guard.pid}) exited with status {rc} (the daemon's log says why)",
-                "lazy-guard-lost",
+                CriuFailure.LAZY_GUARD_LOST,
                 None,
             )
         return started

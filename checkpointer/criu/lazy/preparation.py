@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from checkpointer.criu.failures import CriuError
+from checkpointer.criu.failures import CriuError, CriuFailure
 from checkpointer.criu.images.pagemap import (
     FLAG_LAZY,
     FLAG_PARENT,
@@ -133,7 +133,7 @@ def prepare_restore_dir(images_dir: Path, source: PageSource) -> PageIndex:
         raise CriuError(
             f"{images_dir} already holds pages-*.img; a lazy restore folder gets its pages "
             "from the page source",
-            "bad-images",
+            CriuFailure.BAD_IMAGES,
         )
     ranges: dict[int, list[LazyRange]] = {}
     local = 0
@@ -143,7 +143,7 @@ def prepare_restore_dir(images_dir: Path, source: PageSource) -> PageIndex:
         try:
             pagemap = read_pagemap(path)
         except PagemapError as e:
-            raise CriuError(f"cannot prepare a lazy restore: {e}", "bad-images") from e
+            raise CriuError(f"cannot prepare a lazy restore: {e}", CriuFailure.BAD_IMAGES) from e
         _refuse_unusable(path, pagemap.entries, pagemap.pages_id, seen_ids)
         task = tasks.get(path)
         with open(images_dir / f"pages-{pagemap.pages_id}.img", "xb") as out:
@@ -167,15 +167,17 @@ def _refuse_unusable(
     for e in entries:
         flags = e.flags
         if flags & FLAG_PARENT:
-            raise CriuError(f"{path.name}: pages in a parent image; not restorable", "bad-images")
+            raise CriuError(
+                f"{path.name}: pages in a parent image; not restorable", CriuFailure.BAD_IMAGES
+            )
         if flags & FLAG_LAZY and not flags & FLAG_PRESENT:
             raise CriuError(
                 f"{path.name} has lazy pages that are not in the image: the folder was already "
                 "prepared, or dumped with --lazy-pages; prepare it from the checkpoint again",
-                "bad-images",
+                CriuFailure.BAD_IMAGES,
             )
     if pages_id in seen:
-        raise CriuError(f"{path.name}: pages-{pages_id}.img used twice", "bad-images")
+        raise CriuError(f"{path.name}: pages-{pages_id}.img used twice", CriuFailure.BAD_IMAGES)
     seen.add(pages_id)
 
 
@@ -185,7 +187,9 @@ def _copy_pages(source: PageSource, pages_id: int, offset: int, nr: int, out: Bi
         n = min(_COPY_SLICE_PAGES, nr - done)
         data = source.read(pages_id, offset + done * PAGE_SIZE, n)
         if len(data) != n * PAGE_SIZE:
-            raise CriuError(f"page source returned {len(data)} bytes for {n} pages", "bad-images")
+            raise CriuError(
+                f"page source returned {len(data)} bytes for {n} pages", CriuFailure.BAD_IMAGES
+            )
         out.write(data)
         done += n
 
@@ -196,5 +200,5 @@ def check_private_dir(d: Path) -> None:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise CriuError(
             f"{d} must be a directory of uid {os.geteuid()} with mode 0700 for a lazy restore",
-            "permission",
+            CriuFailure.PERMISSION,
         )

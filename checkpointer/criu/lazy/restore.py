@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from checkpointer.criu.driver import Criu, restore_log
-from checkpointer.criu.failures import CriuError
+from checkpointer.criu.failures import CriuError, CriuFailure
 from checkpointer.criu.images.stats import RestoreStats, read_restore_stats
 from checkpointer.criu.lazy.guard_process import GuardProcess
 from checkpointer.criu.lazy.page_server import PageServer, TransferStats
@@ -228,7 +228,7 @@ class LazyRestore:
                 raise
             self.host_fault = lost  # the guard started it, and died: not the checkpoint's
             raise CriuError(
-                f"lazy restore of {self.label}: {lost}", "lazy-guard-lost", e.log
+                f"lazy restore of {self.label}: {lost}", CriuFailure.LAZY_GUARD_LOST, e.log
             ) from e
 
     def _end_guard(self, kill: bool = False) -> None:
@@ -263,7 +263,7 @@ class LazyRestore:
                 raise
             self.host_fault = lost  # CRIU ran its hook without a guard: not the checkpoint's
             raise CriuError(
-                f"lazy restore of {self.label}: {lost}", "lazy-guard-lost", e.log
+                f"lazy restore of {self.label}: {lost}", CriuFailure.LAZY_GUARD_LOST, e.log
             ) from e
         self.pid = pid
         with self._lock, contextlib.suppress(ProcessLookupError):  # dead: nothing to kill

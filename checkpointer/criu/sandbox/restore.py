@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer.criu.driver import Criu, restore_argv
-from checkpointer.criu.failures import CriuError, classify
+from checkpointer.criu.failures import CriuError, CriuFailure, classify
 from checkpointer.criu.images.stats import RestoreStats, read_restore_stats
 from checkpointer.criu.options import DumpOptions
 from checkpointer.criu.sandbox import priority as sandbox_priority
@@ -34,7 +34,7 @@ from checkpointer.host import children
 INIT = Path(__file__).with_name("init.py")
 NAMESPACES = ("--mount", "--pid", "--net", "--ipc", "--uts")
 # Not the checkpoint's fault: the sandbox could not be built, or held too little.
-SANDBOX_CATEGORIES = frozenset({"sandbox", "no-space", "not-stopped"})
+SANDBOX_CATEGORIES = frozenset({CriuFailure.SANDBOX, CriuFailure.NO_SPACE, CriuFailure.NOT_STOPPED})
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def restore_in_sandbox(
         raise CriuError(
             f"the restore drill of {label} took longer than {criu.timeout:.0f}s and was "
             "killed with its sandbox; raise criu.timeout if the tree is that large",
-            "timeout",
+            CriuFailure.TIMEOUT,
             criu.keep_log(work / "restore.log", label, "drill"),
         ) from e
     seconds = time.monotonic() - t0
@@ -107,13 +107,13 @@ def restore_in_sandbox(
         raise CriuError(
             f"the restore drill of {label}: {seen - stopped} restored process(es) were not "
             "stopped (CRIU's --leave-stopped); they were killed with the sandbox",
-            "not-stopped",
+            CriuFailure.NOT_STOPPED,
         )
     if seen != expected:
         raise CriuError(
             f"the restore drill of {label}: CRIU restored {seen} of the checkpoint's "
             f"{expected} processes",
-            "incomplete",
+            CriuFailure.INCOMPLETE,
             criu.keep_log(work / "restore.log", label, "drill"),
         )
     try:
@@ -135,13 +135,13 @@ def _result(work: Path, out: subprocess.CompletedProcess[str]) -> dict[str, Any]
             f"the restore drill's sandbox did not report ({e}; exit status {out.returncode}"
             + (f": {said}" if said else "")
             + "); it needs root, util-linux (setpriv, unshare) and overlayfs",
-            "sandbox",
+            CriuFailure.SANDBOX,
         ) from None
     if "error" in result:
         raise CriuError(
             f"the restore drill's sandbox could not be built ({result['error']}, at "
             f"{result.get('stage')}); it needs root, overlayfs and tmpfs",
-            "sandbox",
+            CriuFailure.SANDBOX,
         )
     return result
 
@@ -151,8 +151,11 @@ def _failed(criu: Criu, work: Path, label: str, result: dict[str, Any]) -> None:
     text = log.read_text(errors="replace") if log.exists() else ""
     text += "\n" + str(result.get("criu_output", ""))
     category, first, advice = classify(text)
-    if category == "unknown" and "No space left on device" in text:
-        category, advice = "no-space", "the sandbox's tmpfs is full: the host lacks memory"
+    if category is CriuFailure.UNKNOWN and "No space left on device" in text:
+        category, advice = (
+            CriuFailure.NO_SPACE,
+            "the sandbox's tmpfs is full: the host lacks memory",
+        )
     kept = criu.keep_log(log, label, "drill")
     raise CriuError(f"criu restore of {label} (drill) failed: {first}; {advice}", category, kept)
 
