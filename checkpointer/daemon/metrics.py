@@ -21,10 +21,14 @@ from checkpointer.criu import DumpStats, RestoreStats
 from checkpointer.daemon.drill_metrics import DrillCounters
 from checkpointer.daemon.scheduler import first_run_after
 from checkpointer.engine import Workload, WorkloadState
+from checkpointer.engine.states import RestoreReason
 from storage.backends.spooled import SpooledBlobStore
 
 STATES = [s for s in WorkloadState if s is not WorkloadState.GONE]
-RESTORE_REASONS = ("crash", "boot", "rollback", "manual", "migration", "failover")
+# Every reason a restore is counted under, pre-set to 0 so a rate over it is defined before
+# the first restore; LAZY is no restore of its own (a lazy restore's later failure, in the
+# history only).
+RESTORE_REASONS = tuple(r for r in RestoreReason if r is not RestoreReason.LAZY)
 # `retry`: failed for a reason outside the checkpoint (storage down, a PID taken) and tried
 # again by the daemon; only `failure` pages (configs/prometheus-alerts.yaml).
 RESTORE_RESULTS = ("success", "failure", "retry")
