@@ -10,8 +10,10 @@ documentation.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, NotRequired, TypedDict
+from typing import NotRequired, TypedDict
 
+from checkpointer.criu.images.stats import DumpStatsReport as DumpStatsReport
+from checkpointer.criu.images.stats import RestoreStatsReport as RestoreStatsReport
 from checkpointer.engine.states import CriuFailure as CriuFailure
 from checkpointer.engine.states import DrillResult as DrillResult
 from checkpointer.engine.states import ErrorKind as ErrorKind
@@ -138,7 +140,7 @@ class CheckpointReport(TypedDict):
     size_bytes: int
     new_bytes: int
     duration_seconds: float
-    dump_stats: dict[str, Any]
+    dump_stats: DumpStatsReport  # CRIU's, in seconds and pages
 
 
 class CheckpointEntry(TypedDict):
@@ -165,7 +167,7 @@ class DrillReport(TypedDict):
     duration_seconds: float
     marked_bad: bool
     processes: NotRequired[int]  # verified: the processes CRIU restored (all of them)
-    restore_stats: NotRequired[dict[str, Any]]
+    restore_stats: NotRequired[RestoreStatsReport]
     rebuild_seconds: NotRequired[float]  # reading the image from the repository, lock held
     sandbox_seconds: NotRequired[float]  # CRIU's restore in the sandbox, lock free
 
@@ -188,7 +190,7 @@ class RestoreReport(TypedDict):
     pid: int
     reason: str
     duration_seconds: float
-    restore_stats: dict[str, Any]
+    restore_stats: RestoreStatsReport  # zeros where CRIU wrote none
     source: str  # "kept image", "disk image", "repository" or "repository, lazily (...)"
     warning: NotRequired[str]  # a checkpoint marked bad or crash-looped, restored as named
 

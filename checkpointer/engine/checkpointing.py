@@ -107,7 +107,7 @@ class CheckpointPipeline:
                 kernel=facts["kernel"],
                 criu_version=self.criu_version(),
                 pid=w.pid,
-                dump_stats=stats.as_dict(),
+                dump_stats=dict(stats.as_dict()),  # the manifest keeps it as read: a dict
                 lease_generation=generation,
                 cpu=cpu,  # what `checkpointer hosts` judges hosts by (engine/host_cpus.py)
                 # The tree and its options: a host that takes the workload over runs it as

@@ -3,18 +3,41 @@
 The images are protobuf (`images/stats.proto` in CRIU's source) behind two magic numbers and a
 length. The messages hold only varint fields, so a twenty-line decoder does instead of
 generated code and a protoc build step.
+
+`as_dict` gives each as the JSON object the API's reports carry (`DumpStatsReport`,
+`RestoreStatsReport`, re-exported by checkpointer/api.py): the keys are the fields' names.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from checkpointer.criu.images.pagemap import read_varint as _varint
 
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306
+
+
+class DumpStatsReport(TypedDict):
+    """A dump's statistics as JSON (a checkpoint's `dump_stats`): seconds and pages."""
+
+    freezing_time: float
+    frozen_time: float
+    memdump_time: float
+    memwrite_time: float
+    pages_scanned: int
+    pages_written: int
+
+
+class RestoreStatsReport(TypedDict):
+    """A restore's statistics as JSON (a restore's or drill's `restore_stats`)."""
+
+    forking_time: float
+    restore_time: float
+    pages_restored: int
 
 
 @dataclass(frozen=True)
@@ -28,18 +51,31 @@ class DumpStats:
     pages_scanned: int
     pages_written: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def as_dict(self) -> DumpStatsReport:
+        return DumpStatsReport(
+            freezing_time=self.freezing_time,
+            frozen_time=self.frozen_time,
+            memdump_time=self.memdump_time,
+            memwrite_time=self.memwrite_time,
+            pages_scanned=self.pages_scanned,
+            pages_written=self.pages_written,
+        )
 
 
 @dataclass(frozen=True)
 class RestoreStats:
+    """Seconds and pages of one restore (zero where CRIU wrote no statistics)."""
+
     forking_time: float
     restore_time: float
     pages_restored: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def as_dict(self) -> RestoreStatsReport:
+        return RestoreStatsReport(
+            forking_time=self.forking_time,
+            restore_time=self.restore_time,
+            pages_restored=self.pages_restored,
+        )
 
 
 def _fields(buf: bytes) -> dict[int, int | bytes]:
