@@ -10,7 +10,7 @@ documentation.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from checkpointer.criu.images.stats import DumpStatsReport as DumpStatsReport
 from checkpointer.criu.images.stats import RestoreStatsReport as RestoreStatsReport
@@ -234,3 +234,117 @@ class PinReport(TypedDict):
 class UnregisterReport(TypedDict):
     workload: str
     stopped: bool
+
+
+# -- requests: the `args` of each op, checked by the API server before its handler runs ------
+# A field the handler's caller may leave out is NotRequired (the handler's default applies);
+# a request with a field not listed, or a value of the wrong JSON type, is refused with a
+# protocol error naming the field (checkpointer/daemon/api_server.py).
+
+
+class RunRequest(TypedDict):
+    name: str
+    command: list[str]
+    options: dict[str, Any]  # WorkloadOptions, validated by the daemon (its own messages)
+    cwd: NotRequired[str | None]
+    env: NotRequired[dict[str, str] | None]
+
+
+class RegisterRequest(TypedDict):
+    name: str
+    options: dict[str, Any]
+    pid: NotRequired[int | None]
+    pidfile: NotRequired[str | None]
+    lxc: NotRequired[str | None]  # a container instead of a PID: its name in LXC
+    podman: NotRequired[str | None]  # ... or in Podman
+
+
+class UnregisterRequest(TypedDict):
+    name: str
+    keep_running: NotRequired[bool]
+
+
+class StatusRequest(TypedDict):
+    name: NotRequired[str | None]  # None: every workload
+
+
+class CheckpointRequest(TypedDict):
+    name: str
+    wait: NotRequired[bool]  # wait for another operation on it instead of refusing (busy)
+
+
+class ListRequest(TypedDict):
+    name: str
+
+
+class RestoreRequest(TypedDict):
+    name: str
+    checkpoint_id: NotRequired[str | None]  # None: the newest good one
+    lazy: NotRequired[bool | None]  # None: the workload's own setting
+
+
+class RollbackRequest(TypedDict):
+    name: str
+    to: NotRequired[str | None]
+    back: NotRequired[int | None]
+
+
+class PruneRequest(TypedDict):
+    name: NotRequired[str | None]
+    dry_run: NotRequired[bool]
+
+
+class VerifyRequest(TypedDict):
+    name: str
+    checkpoint_id: NotRequired[str | None]
+
+
+class PinRequest(TypedDict):
+    name: str
+    checkpoint_id: str
+    unpin: NotRequired[bool]
+
+
+class NoArgs(TypedDict):
+    """`ping` and `hosts` take no arguments."""
+
+
+class MigrateRequest(TypedDict):
+    name: str
+    to: str
+
+
+class ShutdownCheckpointRequest(TypedDict):
+    budget: NotRequired[float | None]  # seconds; None: shutdown.budget from the config
+
+
+class DrainRequest(TypedDict):
+    to: NotRequired[str | None]  # None: each workload to the best host for it
+
+
+class DrillRequest(TypedDict):
+    name: str
+    checkpoint_id: NotRequired[str | None]
+
+
+REQUESTS: dict[str, type[Any]] = {
+    Op.RUN: RunRequest,
+    Op.REGISTER: RegisterRequest,
+    Op.UNREGISTER: UnregisterRequest,
+    Op.STATUS: StatusRequest,
+    Op.CHECKPOINT: CheckpointRequest,
+    Op.LIST: ListRequest,
+    Op.RESTORE: RestoreRequest,
+    Op.ROLLBACK: RollbackRequest,
+    Op.PRUNE: PruneRequest,
+    Op.VERIFY: VerifyRequest,
+    Op.PIN: PinRequest,
+    Op.PING: NoArgs,
+    Op.MIGRATE: MigrateRequest,
+    Op.HOSTS: NoArgs,
+    Op.SHUTDOWN_CHECKPOINT: ShutdownCheckpointRequest,
+    Op.DRAIN: DrainRequest,
+    Op.DRILL: DrillRequest,
+}
+"""Each op's request (keyed by Op, a str): what the server checks `args` against, a TypedDict
+naming the JSON object's fields and their types (the wire format as before)."""

@@ -35,7 +35,9 @@ def fake_status(name: str | None = None) -> list[dict[str, Any]]:
     return [{"name": name or "web", "state": "running", "pid": 4242}]
 
 
-def fake_checkpoint(name: str, progress: Callable[[int, int], None] | None = None) -> Any:
+def fake_checkpoint(
+    name: str, wait: bool = True, progress: Callable[[int, int], None] | None = None
+) -> Any:
     if name == "broken":
         raise RuntimeError("disk on fire")
     if name == "missing":
@@ -129,14 +131,25 @@ def test_requests_of_the_wrong_shape_get_a_protocol_error(sock: Path) -> None:
         b"not json\n": "not a line of JSON",
         b"\xff\xfe\n": "not a line of JSON",
         b"[" * 100_000 + b"\n": "not a line of JSON",
-        b'{"op": "status", "args": {"no_such_arg": 1}}\n': "bad arguments for op 'status'",
+        b'{"op": "status", "args": {"no_such_arg": 1}}\n': (
+            "bad arguments for op 'status': unknown field `no_such_arg` (it takes: name)"
+        ),
+        b'{"op": "checkpoint", "args": {"name": 7}}\n': (
+            "bad arguments for op 'checkpoint': field `name`: Input should be a valid string, "
+            "got a number"
+        ),
+        b'{"op": "checkpoint", "args": {"name": "web", "wait": "yes"}}\n': (
+            "field `wait`: Input should be a valid boolean, got a string"
+        ),
+        b'{"op": "checkpoint", "args": {}}\n': "missing field `name`",
+        b'{"op": "status", "args": {"name": ["web"]}}\n': "field `name`",
     }
     for raw, problem in cases.items():
         reply = ask(sock, raw)
         assert reply is not None, raw[:40]
         assert reply["ok"] is False, (raw[:40], reply)
         assert reply["kind"] == "protocol", (raw[:40], reply)
-        assert problem in reply["error"], (raw[:40], reply)
+        assert problem in reply["error"] and "\n" not in reply["error"], (raw[:40], reply)
     assert_answers_status(sock)
 
 

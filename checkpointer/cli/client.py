@@ -12,15 +12,27 @@ from typing import Any, cast
 from checkpointer.api import (
     CheckpointEntry,
     CheckpointReport,
+    CheckpointRequest,
     HostReport,
+    ListRequest,
     MigrateReport,
+    MigrateRequest,
     Op,
     PinReport,
+    PinRequest,
     PruneReport,
+    PruneRequest,
+    RegisterRequest,
     RestoreReport,
+    RestoreRequest,
+    RollbackRequest,
+    RunRequest,
     StatusReport,
+    StatusRequest,
     UnregisterReport,
+    UnregisterRequest,
     VerifyReport,
+    VerifyRequest,
 )
 from checkpointer.errors import CheckpointerError, DaemonUnavailable
 
@@ -77,7 +89,9 @@ def call(path: Path, op: Op, on_progress: ProgressCallback | None = None, **args
 class Client:
     """The daemon's operations with their arguments and the report each returns (checkpointer.api).
 
-    The reports are what the daemon sent, typed as the contract says; nothing is re-validated.
+    Each request is built as its api.*Request (mypy checks it against the contract the
+    daemon's server enforces); the reports are what the daemon sent, typed as the contract
+    says; nothing is re-validated.
     """
 
     def __init__(self, path: Path) -> None:
@@ -91,10 +105,14 @@ class Client:
         env: dict[str, str],
         cwd: str,
     ) -> StatusReport:
-        result = call(
-            self.path, Op.RUN, name=name, command=command, options=options, env=env, cwd=cwd
-        )
-        return cast(StatusReport, result)
+        request: RunRequest = {
+            "name": name,
+            "command": command,
+            "options": options,
+            "env": env,
+            "cwd": cwd,
+        }
+        return cast(StatusReport, call(self.path, Op.RUN, **request))
 
     def register(
         self,
@@ -105,30 +123,31 @@ class Client:
         lxc: str | None = None,
         podman: str | None = None,
     ) -> StatusReport:
-        result = call(
-            self.path,
-            Op.REGISTER,
-            name=name,
-            pid=pid,
-            pidfile=pidfile,
-            options=options,
-            lxc=lxc,
-            podman=podman,
-        )
-        return cast(StatusReport, result)
+        request: RegisterRequest = {
+            "name": name,
+            "pid": pid,
+            "pidfile": pidfile,
+            "options": options,
+            "lxc": lxc,
+            "podman": podman,
+        }
+        return cast(StatusReport, call(self.path, Op.REGISTER, **request))
 
     def unregister(self, name: str, keep_running: bool) -> UnregisterReport:
-        result = call(self.path, Op.UNREGISTER, name=name, keep_running=keep_running)
-        return cast(UnregisterReport, result)
+        request: UnregisterRequest = {"name": name, "keep_running": keep_running}
+        return cast(UnregisterReport, call(self.path, Op.UNREGISTER, **request))
 
     def status(self, name: str | None) -> list[StatusReport]:
-        return cast(list[StatusReport], call(self.path, Op.STATUS, name=name))
+        request: StatusRequest = {"name": name}
+        return cast(list[StatusReport], call(self.path, Op.STATUS, **request))
 
     def checkpoint(self, name: str) -> CheckpointReport:
-        return cast(CheckpointReport, call(self.path, Op.CHECKPOINT, name=name))
+        request: CheckpointRequest = {"name": name}
+        return cast(CheckpointReport, call(self.path, Op.CHECKPOINT, **request))
 
     def checkpoints(self, name: str) -> list[CheckpointEntry]:
-        return cast(list[CheckpointEntry], call(self.path, Op.LIST, name=name))
+        request: ListRequest = {"name": name}
+        return cast(list[CheckpointEntry], call(self.path, Op.LIST, **request))
 
     def restore(
         self,
@@ -137,36 +156,30 @@ class Client:
         on_progress: ProgressCallback | None = None,
         lazy: bool | None = None,
     ) -> RestoreReport:
-        result = call(
-            self.path,
-            Op.RESTORE,
-            on_progress=on_progress,
-            name=name,
-            checkpoint_id=checkpoint_id,
-            lazy=lazy,
-        )
-        return cast(RestoreReport, result)
+        request: RestoreRequest = {"name": name, "checkpoint_id": checkpoint_id, "lazy": lazy}
+        return cast(RestoreReport, call(self.path, Op.RESTORE, on_progress, **request))
 
     def rollback(self, name: str, to: str | None, back: int | None) -> RestoreReport:
-        return cast(RestoreReport, call(self.path, Op.ROLLBACK, name=name, to=to, back=back))
+        request: RollbackRequest = {"name": name, "to": to, "back": back}
+        return cast(RestoreReport, call(self.path, Op.ROLLBACK, **request))
 
     def prune(self, name: str | None, dry_run: bool) -> PruneReport:
-        return cast(PruneReport, call(self.path, Op.PRUNE, name=name, dry_run=dry_run))
+        request: PruneRequest = {"name": name, "dry_run": dry_run}
+        return cast(PruneReport, call(self.path, Op.PRUNE, **request))
 
     def verify(
         self, name: str, checkpoint_id: str | None, on_progress: ProgressCallback | None = None
     ) -> VerifyReport:
-        result = call(
-            self.path, Op.VERIFY, on_progress=on_progress, name=name, checkpoint_id=checkpoint_id
-        )
-        return cast(VerifyReport, result)
+        request: VerifyRequest = {"name": name, "checkpoint_id": checkpoint_id}
+        return cast(VerifyReport, call(self.path, Op.VERIFY, on_progress, **request))
 
     def pin(self, name: str, checkpoint_id: str, unpin: bool) -> PinReport:
-        result = call(self.path, Op.PIN, name=name, checkpoint_id=checkpoint_id, unpin=unpin)
-        return cast(PinReport, result)
+        request: PinRequest = {"name": name, "checkpoint_id": checkpoint_id, "unpin": unpin}
+        return cast(PinReport, call(self.path, Op.PIN, **request))
 
     def migrate(self, name: str, to: str) -> MigrateReport:
-        return cast(MigrateReport, call(self.path, Op.MIGRATE, name=name, to=to))
+        request: MigrateRequest = {"name": name, "to": to}
+        return cast(MigrateReport, call(self.path, Op.MIGRATE, **request))
 
     def hosts(self) -> list[HostReport]:
         return cast(list[HostReport], call(self.path, Op.HOSTS))

@@ -2,6 +2,12 @@
 
 Only root may talk to it: the socket lives in the 0700 state folder, is itself 0600, and the
 server checks the peer's uid with SO_PEERCRED, because a request can restore code as root.
+
+Each op's `args` are checked once, here, against its request type (checkpointer/api.py's
+REQUESTS): a field the op does not take, a required one missing, or a value of the wrong JSON
+type is refused with a one-line protocol error naming the field, before any handler runs. The
+handlers' signatures are checked against the same types when the server is built, so the
+table and the contract cannot drift apart unnoticed.
 """
 
 from __future__ import annotations
@@ -16,22 +22,78 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import typing_extensions
+from pydantic import TypeAdapter, ValidationError
+
+from checkpointer.api import REQUESTS
 from checkpointer.engine.states import ErrorKind
 from checkpointer.errors import CheckpointerError
 from storage import StorageError
 
 log = logging.getLogger(__name__)
-Handler = Callable[..., Any]
+Handler = Callable[..., object]
+"""An op's handler: called with the op's request fields as keyword arguments (and
+`progress`, a (done, total) callback, if it takes one and the client asked for progress)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One op: its handler and the request its `args` must be."""
+
+    op: str
+    handler: Handler
+    fields: frozenset[str]
+    adapter: TypeAdapter[Any]
+    takes_progress: bool
+
+    @classmethod
+    def of(cls, op: str, handler: Handler, request: type[Any]) -> Route:
+        """Raises TypeError (a bug, at the daemon's start) unless the handler's parameters
+        are the request's fields (besides `progress`), those without a default required."""
+        hints = typing.get_type_hints(request, include_extras=True)
+        params = inspect.signature(handler).parameters
+        takes = {n for n in params if n != "progress"}
+        required = {n for n in takes if params[n].default is inspect.Parameter.empty}
+        optional = {n for n, t in hints.items() if typing.get_origin(t) is typing.NotRequired}
+        if takes != set(hints) or not required <= set(hints) - optional:
+            raise TypeError(
+                f"the handler of op {op!r} takes {sorted(takes)} ({sorted(required)} "
+                f"required), its request {request.__name__} has {sorted(hints)} "
+                f"({sorted(optional)} optional)"
+            )
+        # pydantic reads TypedDicts from typing_extensions only (on Python 3.11), which the
+        # CLI should not import for nothing: the same fields, rebuilt here.
+        checked: Any = typing_extensions.TypedDict(request.__name__, hints)  # type: ignore[misc]
+        return cls(op, handler, frozenset(hints), TypeAdapter(checked), "progress" in params)
+
+    def check(self, args: dict[str, Any]) -> dict[str, Any] | str:
+        """The arguments as the handler takes them, or what is wrong with them (one line)."""
+        unknown = sorted(set(args) - self.fields)
+        if unknown:
+            takes = ", ".join(sorted(self.fields)) or "no arguments"
+            return f"unknown field `{unknown[0]}` (it takes: {takes})"
+        try:
+            checked: dict[str, Any] = self.adapter.validate_python(args, strict=True)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            if first["type"] == "missing":
+                return f"missing field `{field}`"
+            return f"field `{field}`: {first['msg']}, got {_json_type(first['input'])}"
+        return checked
 
 
 class ApiServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+        """`handlers`: each op's, checked against its request (api.REQUESTS) here."""
         self.path = path
-        self.handlers = handlers
+        self.routes = {op: Route.of(op, fn, REQUESTS[op]) for op, fn in handlers.items()}
         _claim_socket_path(path)
         server = self
 
@@ -91,11 +153,16 @@ class ApiServer:
             self._reply(conn, _protocol_error(f"malformed request: {problem}"))
             return
         op, args = req["op"], req.get("args", {})
-        handler = self.handlers.get(op)
-        if handler is None:
+        route = self.routes.get(op)
+        if route is None:
             self._reply(conn, _protocol_error(f"unknown op {op!r}"))
             return
-        if req.get("progress") and "progress" in inspect.signature(handler).parameters:
+        checked = route.check(args)
+        if isinstance(checked, str):
+            self._reply(conn, _protocol_error(f"bad arguments for op {op!r}: {checked}"))
+            return
+        args = checked
+        if req.get("progress") and route.takes_progress:
             last = [0.0]
 
             def progress(done: int, total: int) -> None:
@@ -106,12 +173,7 @@ class ApiServer:
 
             args = {**args, "progress": progress}
         try:
-            inspect.signature(handler).bind(**args)
-        except TypeError as e:
-            self._reply(conn, _protocol_error(f"bad arguments for op {op!r}: {e}"))
-            return
-        try:
-            result = handler(**args)
+            result = route.handler(**args)
             reply: dict[str, Any] = {"ok": True, "result": result}
         except CheckpointerError as e:
             reply = {"ok": False, "kind": e.kind, "error": str(e)}

@@ -157,7 +157,9 @@ def build(
 
 def _handlers(
     engine: Engine, parts: Services, scheduler: CheckpointScheduler, fleet: Fleet | None
-) -> dict[str, Any]:
+) -> dict[str, Handler]:
+    """Each op's handler; its keyword arguments are the op's request (api.REQUESTS), which
+    the API server checks every handler against when it is built."""
     registering, reports = parts.registering, parts.reports
 
     def run(
