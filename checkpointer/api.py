@@ -12,8 +12,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
-from checkpointer.criu.images.stats import DumpStatsReport as DumpStatsReport
-from checkpointer.criu.images.stats import RestoreStatsReport as RestoreStatsReport
+from checkpointer.criu.images.stats_json import DumpStatsReport as DumpStatsReport
+from checkpointer.criu.images.stats_json import RestoreStatsReport as RestoreStatsReport
 from checkpointer.engine.states import CriuFailure as CriuFailure
 from checkpointer.engine.states import DrillResult as DrillResult
 from checkpointer.engine.states import ErrorKind as ErrorKind

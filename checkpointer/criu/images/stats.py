@@ -5,7 +5,7 @@ length. The messages hold only varint fields, so a twenty-line decoder does inst
 generated code and a protoc build step.
 
 `as_dict` gives each as the JSON object the API's reports carry (`DumpStatsReport`,
-`RestoreStatsReport`, re-exported by checkpointer/api.py): the keys are the fields' names.
+`RestoreStatsReport`, in stats_json.py): the keys are the fields' names.
 """
 
 from __future__ import annotations
@@ -13,31 +13,12 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
 
 from checkpointer.criu.images.pagemap import read_varint as _varint
+from checkpointer.criu.images.stats_json import DumpStatsReport, RestoreStatsReport
 
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306
-
-
-class DumpStatsReport(TypedDict):
-    """A dump's statistics as JSON (a checkpoint's `dump_stats`): seconds and pages."""
-
-    freezing_time: float
-    frozen_time: float
-    memdump_time: float
-    memwrite_time: float
-    pages_scanned: int
-    pages_written: int
-
-
-class RestoreStatsReport(TypedDict):
-    """A restore's statistics as JSON (a restore's or drill's `restore_stats`)."""
-
-    forking_time: float
-    restore_time: float
-    pages_restored: int
 
 
 @dataclass(frozen=True)
