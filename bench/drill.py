@@ -50,7 +50,7 @@ from tests.support.net import free_port, http_get
 
 BALLAST = Path(__file__).resolve().parent.parent / "tests" / "programs" / "ballast_server.py"
 TICKS = os.sysconf("SC_CLK_TCK")
-# The earlier nice-10 sandbox, the SCHED_IDLE one (before the quota), the default.
+# The default (the sandbox at nice 19), SCHED_IDLE, SCHED_IDLE under a CPU quota (priority.py).
 VARIANTS = ("nice", "idle", "idle,shm,throttle")
 BASES = ("base-a", "base-b")
 AFTER = 1.0  # seconds after a drill counted as its `after`

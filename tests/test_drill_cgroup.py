@@ -49,11 +49,14 @@ def sandbox_cgroups(prefix: str) -> list[Path]:
 def test_the_sandbox_runs_in_a_cgroup_of_its_own_under_a_cpu_quota_gone_afterwards(
     daemon: Daemon,
 ) -> None:
-    """The daemon's default (idle,shm,throttle): every process of the sandbox in the cgroup
-    while CRIU runs, the quota set, the cgroup removed when the drill ends."""
+    """With `throttle`: every process of the sandbox in the cgroup while CRIU runs, the
+    quota set, the cgroup removed when the drill ends."""
     if cgroup.cpu_parent() is None:
         pytest.skip("no cgroup with the cpu controller can be made here")
     d = daemon
+    d.stop()
+    d.env["CHECKPOINTER_DRILL_PRIORITY"] = "idle,shm,throttle"
+    d.start()
     port = free_port()
     ballast = [sys.executable, str(PROGRAMS / "ballast_server.py"), str(port), "200"]
     d.cli("run", "big", "--no-auto-restore", "--", *ballast)

@@ -241,10 +241,10 @@ def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
 ) -> None:
     """A second drill of a workload whose drill runs is refused in one line; while the drill's
     CRIU runs in the sandbox the workload's lock is free (held only while the checkpoint is
-    read), so its checkpoints and restores do not wait for it. The sandbox's CRIU runs at the
-    lowest CPU and I/O priority (SCHED_IDLE, idle I/O class); the daemon's thread that
-    drills runs niced (never SCHED_IDLE: it holds the workload's lock and the interpreter's)
-    at the lowest best-effort I/O level, and is back to its priority afterwards."""
+    read), so its checkpoints and restores do not wait for it. The sandbox's CRIU runs at
+    nice 19 and the lowest best-effort I/O level (the default: priority.py says why not
+    SCHED_IDLE), as the daemon's thread that drills does (never SCHED_IDLE: it holds the
+    workload's lock and the interpreter's), which is back to its priority afterwards."""
     port = free_port()
     ballast = [sys.executable, str(PROGRAMS / "ballast_server.py"), str(port), "200"]
     daemon.cli("run", "big", "--no-auto-restore", "--", *ballast)
@@ -271,13 +271,13 @@ def test_one_drill_of_a_workload_at_a_time_and_its_lock_free_while_criu_runs(
         while criu is None and t.is_alive():
             criu = next(iter(_pids_of("--leave-stopped", "big-drill-")), None)
             time.sleep(0.005)
-        priorities = _priority(criu) if criu else None
+        priorities = (_priority(criu), _nice(criu), _ioprio_level(criu)) if criu else None
         drilling = {(_priority(tid), _nice(tid)) for tid in _threads(daemon_pid)}
     finally:
         t.join()
     assert first["result"] == "verified", first
     assert still and busy is False
-    assert priorities == (os.SCHED_IDLE, IOPRIO_CLASS_IDLE), (criu, priorities)
+    assert priorities == ((os.SCHED_OTHER, IOPRIO_CLASS_BE), 19, 7), (criu, priorities)
     assert ((os.SCHED_OTHER, IOPRIO_CLASS_BE), 10) in drilling, drilling
     assert all(p is None or p[0] != os.SCHED_IDLE for p, _ in drilling), drilling
     after = [(_priority(tid), _nice(tid)) for tid in _threads(daemon_pid)]
@@ -304,6 +304,12 @@ def _priority(pid: int) -> tuple[int, int] | None:
     libc = ctypes.CDLL(None, use_errno=True)
     ioprio = libc.syscall(252, 1, pid)  # ioprio_get(IOPRIO_WHO_PROCESS, pid), x86_64
     return policy, ioprio >> 13
+
+
+def _ioprio_level(pid: int) -> int:
+    """The level within its I/O class (0 highest, 7 lowest)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.syscall(252, 1, pid)) & 0xFF  # ioprio_get(IOPRIO_WHO_PROCESS, pid)
 
 
 def _threads(pid: int) -> list[int]:

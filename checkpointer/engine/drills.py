@@ -16,13 +16,11 @@ the workload's record (`drills`, for `status` and `list`):
 
 Cost to the live workload: the workload's lock is held only while the checkpoint is read (a
 checkpoint then waits, a scheduled one is skipped, as behind any operation); the sandbox runs
-without it, one drill at a time on the host and never two of one workload. The image is
-rebuilt on tmpfs when it fits (as a dump's); the daemon's thread that rebuilds it is niced, the
-sandbox runs at the lowest CPU and I/O priority (SCHED_IDLE, idle I/O class:
-checkpointer/criu/sandbox/priority.py) in a cgroup with a CPU quota (cgroup.py there: the
-priority alone did not keep the workload's p99 where it was; the quota mostly did). Measured
-(bench/drill.py, 100 MB, 2-core VM): the drill's two phases, rebuild and sandbox, each move the
-p99; the rebuild (a third of the drill's time, the lock held) is what still does. Scheduled
+without it, one drill at a time on the host and never two of one workload. The daemon's
+thread that rebuilds the image runs at nice 10, the sandbox at nice 19, both at the lowest
+best-effort I/O level (checkpointer/criu/sandbox/priority.py, with what was measured: a drill
+still raises the live p99 by x1.2 to x1.5 here, through something other than its CPU share).
+Scheduled
 drills (`drill.every`) run in a thread of their own, so a long one never holds the scheduler.
 """
 

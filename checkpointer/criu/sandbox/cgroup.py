@@ -1,15 +1,13 @@
-"""A cgroup of its own for a restore drill's sandbox: the lowest CPU weight and a CPU quota,
-so that CRIU's restore takes at most a quarter of one CPU however long it runs.
+"""A cgroup of its own for a restore drill's sandbox (`throttle` in DRILL_PRIORITY, off by
+default): the lowest CPU weight and a CPU quota, so that CRIU's restore takes at most a
+quarter of one CPU however long it runs.
 
-Why a quota when every process of the sandbox is SCHED_IDLE already (priority.py): measured
-with bench/drill.py (2-core VM, 100 MB counter, loads 5 to 12), what a drill costs the live
-workload does not follow its priority. SCHED_IDLE, nice 10, the rebuilding thread SCHED_IDLE
-too or kept off the live tree's CPUs, a cpuset apart: the counter's p99 rose x1.5 to x1.9
-during drills either way (two windows of nothing: x0.98 to x1.01). What moved it was how
-much the sandbox ran at once: capped at a quarter of a CPU, its phase went from x1.45-1.53 to
-x1.05-1.32. Its cost: the sandbox's phase takes 2 to 3 times longer (the workload's lock is
-free meanwhile). `cpu.idle` (Linux 5.15) was tried too and is not set: under load the group
-got almost nothing (a 2 s drill took 25 s) and the counter saw no difference.
+Measured with bench/drill.py (priority.py has the runs): with the sandbox SCHED_IDLE, the quota
+lowered the live counter's p99 during drills in three runs of four (x1.09 to x1.36 against
+x1.52 to x1.57) and raised it in one (x1.81 against x1.64), while the drill took 2 to 3 times
+longer; the nice-19 sandbox without it did better in both runs that had both. `cpu.idle`
+(Linux 5.15) was tried too and is not set: under load the group got almost nothing (a 2 s
+drill took 25 s) and the counter saw no difference.
 
 Which hierarchy: the `cpu` controller where the kernel offers it beside the daemon's own
 cgroup: on a cgroup v1 (or hybrid) host, the `cpu` hierarchy; on a cgroup v2 host only when

@@ -1,33 +1,34 @@
-"""The lowest CPU and I/O priority for a restore drill's work, so the live workloads do not
-feel it: the sandbox's CRIU restore and the daemon's threads that read and verify the image.
+"""The priority of a restore drill's work, so the live workloads do not feel it: the sandbox's
+CRIU restore and the daemon's threads that read and verify the image.
 
-Measured with bench/drill.py on a 2-core host (100 MB counter): at nice 10, the live counter's
-p99 went from 7.2 to 15.5 ms during drills (x2.16). Nice only shrinks a share of the CPU
-(nice 10 still weighs 110 against a nice-0 task's 1024); SCHED_IDLE (weight 3, and never
-preempting a normal task) and the idle I/O class (served only when no one else waits for the
-disk) are the kernel's "only when nothing else wants it". The cost: on a host busy with other
-work a drill takes longer; it holds no lock of the workload then but while the image is read.
+Measured with bench/drill.py (2-core VM, 100 MB counter, a client asking it all along; each
+way of drilling in one interleaved run, against two windows of nothing: their p99s differ by
+x0.90 to x1.04). The live counter's p99 during drills, over its p99 without (6 runs, load 2.6
+to 12): the sandbox at nice 19 x1.18 to x1.51 (x1.28 and x1.55 in the two runs before these),
+SCHED_IDLE with the idle I/O class x1.52 to x1.65, SCHED_IDLE in a cgroup with a CPU quota
+(cgroup.py) x1.09 to x1.81. Nice 19 did better than SCHED_IDLE in every run that had both, so
+it is the default again. None stays within the noise: what moves the workload's p99 is not
+the drill's CPU share. Work at SCHED_IDLE or nice 10 alone (a CPU loop, 230 MB mapped,
+touched and unmapped, 115 MB copies, namespaces made and dropped in a loop) left the p99
+where it was (x0.51 to x0.92); a guess not yet measured: what only a drill does (an overlay
+over every mount of the host, CRIU's restore, the daemon's writes at the end).
 
 The daemon's own drilling thread is niced, never SCHED_IDLE: it holds the workload's lock while
 it rebuilds the image and, as every Python thread, the interpreter's lock while it hashes and
 decrypts. A SCHED_IDLE holder on a busy host may not run for seconds, and a crash restore of
 the workload (its lock) or the fleet's heartbeat (the interpreter's) would wait for it: a
 priority inversion. Nice 10 still runs (a tenth of a nice-0 task's share), and the
-best-effort class's lowest I/O level is never starved the way the idle class can be. Only the
-sandbox, a process of its own that holds nothing of the daemon's, gets SCHED_IDLE and idle I/O.
-
-The same holds for the rebuilding thread measured: SCHED_IDLE for it, or keeping it off the
-CPUs the live tree last ran on, did not lower the live p99 during the rebuild (x1.5 to x2.1
-in every variant, bench/drill.py): what the rebuild costs the workload is not a matter of its
-priority (see cgroup.py for what was).
+best-effort class's lowest I/O level is never starved the way the idle class can be; the
+sandbox, forked from that thread, inherits that I/O level (and goes on to nice 19). Measured
+too and dropped: that thread SCHED_IDLE, or kept off the CPUs the live tree last ran on (no
+lower p99).
 
 `DRILL_PRIORITY` (environment: CHECKPOINTER_DRILL_PRIORITY, a comma-separated list) chooses
-what a drill does, for bench/drill.py to measure the choices side by side in one run. The
-default, `idle,shm,throttle`: the sandbox SCHED_IDLE and idle I/O (`idle`; `nice` instead is
-the earlier nice-10 sandbox), the image rebuilt on tmpfs when it fits (`shm`, as a dump's:
-no disk writes and no writeback by the kernel's threads at their normal priority), the
-sandbox in a cgroup with a CPU quota (`throttle`, cgroup.py). `idle` alone is the drill as it
-was before the quota.
+what a drill does, for bench/drill.py to measure the choices side by side in one run:
+`nice` (the default: the sandbox at nice 19) or `idle` (SCHED_IDLE and the idle I/O class);
+`shm`, the image rebuilt on tmpfs when it fits, as a dump's (no difference measured);
+`throttle`, the sandbox in a cgroup with a CPU quota (cgroup.py; the drill takes 2 to 3 times
+longer).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ import os
 import threading
 from collections.abc import Iterator
 
-NICE = 10
+NICE = 10  # the drilling thread's
+SANDBOX_NICE = 19
 IDLE, NICED, SHM, THROTTLE = "idle", "nice", "shm", "throttle"
-DEFAULT = f"{IDLE},{SHM},{THROTTLE}"
+DEFAULT = NICED
 DRILL_PRIORITY = frozenset(os.environ.get("CHECKPOINTER_DRILL_PRIORITY", DEFAULT).split(","))
 _IOPRIO_WHO_PROCESS, _IOPRIO_CLASS_BE, _IOPRIO_CLASS_SHIFT = 1, 2, 13
 _IOPRIO_BE_LOWEST = 7
@@ -50,10 +52,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def argv() -> list[str]:
     """The commands a sandbox is started through (each sets its priority, then execs the
-    next; CRIU and everything it starts inherit it): ionice's idle class, then SCHED_IDLE."""
-    if NICED in DRILL_PRIORITY:
-        return ["nice", "-n", str(NICE)]
-    return ["ionice", "-c", "3", "chrt", "--idle", "0"]
+    next; CRIU and everything it starts inherit it): nice 19 (the most `nice` adds up to,
+    from the drilling thread's 10); with `idle`, ionice's idle class, then SCHED_IDLE."""
+    if IDLE in DRILL_PRIORITY:
+        return ["ionice", "-c", "3", "chrt", "--idle", "0"]
+    return ["nice", "-n", str(SANDBOX_NICE)]
 
 
 @contextlib.contextmanager
