@@ -11,17 +11,23 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import checkpointer.daemon.supervisor as supervision
+import checkpointer.engine.facade as facade
 from checkpointer.config import WorkloadOptions, load_config
 from checkpointer.criu import CriuError, DumpOptions, DumpStats, RestoreStats
 from checkpointer.daemon.main import services
 from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine, Hooks, Workload, WorkloadState
 from checkpointer.engine.events import Silent
+from checkpointer.engine.recovery import Recovery
+from checkpointer.errors import RestoreFailed
 from checkpointer.workloads.logs import LogPump
 from storage import Repository
 from storage.backends import LocalBlobStore
@@ -218,13 +224,181 @@ def test_the_policy_decides_under_the_workloads_lock(
     supervisor = Supervisor(engine, services(engine).recovery)
     try:
         with engine.locked(w, wait=True):
-            deciding = threading.Thread(target=supervisor.decide, args=(w, "crash"))
-            deciding.start()
-            deciding.join(1.0)
-            assert deciding.is_alive(), "decided without the workload's lock"
-            assert w.state is WorkloadState.CRASHED and w.streak.attempts == 0
-        deciding.join(10)
-        assert not deciding.is_alive() and w.streak.attempts == 1
-        assert w.state in (WorkloadState.RESTORING, WorkloadState.RUNNING)  # the timer's turn
+            supervisor.decide(w, "crash")
+            time.sleep(1.0)
+            assert w.state is WorkloadState.CRASHED, "decided without the workload's lock"
+            assert w.streak.attempts == 0
+        # The timer's restore, waited for: one still running at teardown would start its
+        # `sleep` after the fixture has killed the others.
+        assert until(lambda: restored(w)), w.state
+        assert w.streak.attempts == 1
     finally:
+        supervisor.stop()
+
+
+# -- the supervisor's own calls never end on a busy lock -------------------------------------
+
+
+def until(ready: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def restored(w: Workload) -> bool:
+    return w.state is WorkloadState.RUNNING and w.alive()
+
+
+@pytest.fixture
+def lock_timeout_short(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """The workload's lock given up after 0.3 s instead of 600 s; what escapes a thread."""
+    monkeypatch.setattr(facade, "MANUAL_LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(supervision, "BUSY_AGAIN", 0.05)
+    uncaught: list[tuple[str, str]] = []
+
+    def seen(a: threading.ExceptHookArgs) -> None:
+        uncaught.append((str(a.thread.name if a.thread else None), a.exc_type.__name__))
+
+    monkeypatch.setattr(threading, "excepthook", seen)
+    return uncaught
+
+
+def test_a_death_while_its_lock_is_held_past_the_timeout_is_still_decided(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]], lock_timeout_short: list[object]
+) -> None:
+    """A tree dies while a drill's rebuild or a long upload holds its lock past the timeout:
+    the decision is tried again, not lost (it was: `crashed` for good, no timer, no alert)."""
+    engine, _, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 1)
+    supervisor = Supervisor(engine, services(engine).recovery)
+    try:
+        pid = w.pid
+        assert pid is not None
+        os.kill(pid, 9)
+        assert until(lambda: not w.alive())
+        with engine.locked(w, wait=True):
+            supervisor._on_death(pid, 9)  # what the reaper calls
+            time.sleep(1.0)  # three timeouts
+            assert w.state is WorkloadState.CRASHED
+        assert until(lambda: restored(w)), w.state
+        assert w.history[-1].checkpoint == ids[0] and lock_timeout_short == []
+    finally:
+        supervisor.stop()
+
+
+@dataclass
+class Down:
+    """A workload whose tree died, decided `restoring` by the policy, and its supervisor."""
+
+    engine: Engine
+    w: Workload
+    newest: str
+    recovery: Recovery
+    supervisor: Supervisor
+    uncaught: list[tuple[str, str]]
+
+
+@pytest.fixture
+def down(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+    lock_timeout_short: list[tuple[str, str]],
+) -> Iterator[Down]:
+    engine, _, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 1)
+    crash(engine, w)
+    recovery = services(engine).recovery
+    supervisor = Supervisor(engine, recovery)
+    assert recovery.on_down("app", "crash") == 0.0  # `restoring`, at once
+    try:
+        yield Down(engine, w, ids[0], recovery, supervisor, lock_timeout_short)
+    finally:
+        supervisor.stop()
+
+
+@contextmanager
+def restoring_while_busy(d: Down) -> Iterator[None]:
+    """The timer's restore starts while another operation holds the lock past its timeout."""
+    with d.engine.locked(d.w, wait=True):
+        d.supervisor.restore_soon(d.w, "crash")
+        yield
+
+
+def test_a_restore_that_finds_the_lock_busy_is_tried_again(down: Down) -> None:
+    """The timer's restore waits past the timeout: tried again, not left `restoring` (it was,
+    when the failure handling found the lock busy as well)."""
+    with restoring_while_busy(down):
+        time.sleep(1.0)
+        assert down.w.state is WorkloadState.RESTORING and not down.w.alive()
+    assert until(lambda: restored(down.w)), down.w.state
+    assert down.w.history[-1].checkpoint == down.newest and down.uncaught == []
+
+
+def test_a_storage_outage_then_a_busy_lock_does_not_end_the_retries(down: Down) -> None:
+    """auto_restore says "try again" (storage down), then its back-off finds the lock busy:
+    the retries go on (they ended: `restoring` for good, nothing scheduled)."""
+    outage = [True]
+    real = down.recovery.auto_restore
+
+    def storage_down_once(name: str, reason: str) -> bool:
+        return outage.pop() if outage else real(name, reason)
+
+    down.recovery.auto_restore = storage_down_once  # type: ignore[method-assign]
+    with restoring_while_busy(down):
+        time.sleep(1.0)
+        assert not outage and down.w.state is WorkloadState.RESTORING
+    assert until(lambda: restored(down.w)), down.w.state
+    assert down.w.history[-1].checkpoint == down.newest and down.uncaught == []
+
+
+def test_an_unexpected_error_fails_the_workload_even_while_its_lock_is_busy(down: Down) -> None:
+    """The automatic restore raises what it should not; the failure handling then finds the
+    lock busy past the timeout: the workload fails all the same (the restore-failed alert)."""
+
+    def bug(name: str, reason: str) -> bool:
+        raise RuntimeError("a bug in the restore path")
+
+    down.recovery.auto_restore = bug  # type: ignore[method-assign]
+    with restoring_while_busy(down):
+        assert until(lambda: down.w.state is WorkloadState.FAILED, 5.0), down.w.state
+    assert "a bug in the restore path" in (down.w.failed_reason or "")
+    assert down.uncaught == []
+
+
+def test_a_failed_rollback_reports_its_failure_while_the_lock_is_busy(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]], lock_timeout_short: list[object]
+) -> None:
+    """A rollback fails after the stop, and another operation takes the lock as it lets go:
+    the user still gets the RestoreFailed (it was replaced by WorkloadBusy), and the policy
+    restores the newest good checkpoint once the lock is free."""
+    engine, criu, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 2)
+    recovery = services(engine).recovery
+    supervisor = Supervisor(engine, recovery)
+    held, done = threading.Event(), threading.Event()
+
+    def operation() -> None:
+        with engine.locked(w, wait=True):
+            held.set()
+            done.wait(10)
+
+    def down(w: Workload, reason: str) -> None:
+        threading.Thread(target=operation, daemon=True).start()
+        assert held.wait(5)
+        supervisor.decide(w, reason)
+
+    recovery.hooks = Hooks(down=down)
+    criu.failures = [CriuError("bad image", "unknown")]
+    try:
+        with pytest.raises(RestoreFailed, match="restores its newest good checkpoint"):
+            recovery.rollback("app", back=1)
+        time.sleep(1.0)
+        assert w.state is WorkloadState.CRASHED
+        done.set()
+        assert until(lambda: restored(w)), w.state
+        assert w.history[-1].checkpoint == ids[0] and lock_timeout_short == []
+    finally:
+        done.set()
         supervisor.stop()

@@ -5,6 +5,13 @@ watcher (trees that are not our children). The engine's Recovery lets the policy
 carries the decision out under the workload's lock (plan, then execute); the supervisor only
 schedules: a timer per workload, so a back-off never blocks the reaper, and the decision
 itself on a thread of its own, as the lock may be held by a checkpoint in flight.
+
+The supervisor's own calls never end on WorkloadBusy (the lock held past MANUAL_LOCK_TIMEOUT,
+600 s: a drill's rebuild, a long upload, a migration): nothing else would decide about the
+death again, and the workload would sit `crashed` or `restoring` for good, with no alert. They
+are tried again on the workload's timer, not by waiting for the lock without a timeout: a
+timer is cancelled by `stop`, superseded by the next decision about the workload, and each
+round logs why the workload is still down.
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from checkpointer.engine import Engine, Workload, WorkloadState
 from checkpointer.engine.recovery import Recovery
 from checkpointer.engine.workload import RestoreReason
+from checkpointer.errors import WorkloadBusy
 from checkpointer.host import info as hostinfo
 from checkpointer.workloads import process
 from checkpointer.workloads.reaper import Reaper
@@ -28,6 +37,10 @@ log = logging.getLogger(__name__)
 _INTERRUPTED = frozenset(
     {WorkloadState.RUNNING, WorkloadState.STOPPING, WorkloadState.RESTORING, WorkloadState.CRASHED}
 )
+
+# After a decision or a restore found the workload's lock busy (having waited for it up to
+# MANUAL_LOCK_TIMEOUT already): how long before the next try, which waits as long again.
+BUSY_AGAIN = 5.0
 
 
 class Supervisor:
@@ -83,12 +96,13 @@ class Supervisor:
         """Restore now, whatever the crash policy says: the workload was handed to this host
         (migration) or left by a host that died (failover); its state is `restoring` already
         (Migration.take_over set it, under its lock)."""
-        self._later(w.name, reason, 0.0)
+        self._later(w.name, 0.0, self._restore, w.name, reason)
 
     def decide(self, w: Workload, reason: str, clean: bool = False) -> None:
         """A workload is down (a rollback failed after stopping its tree): the policy decides,
-        under the workload's lock (the caller holds it no more)."""
-        self._decide(w.name, reason, clean)
+        under the workload's lock, on a thread of its own: the rollback's caller gets its
+        RestoreFailed at once, whoever holds the lock next."""
+        self._decide_soon(w.name, reason, clean)
 
     def _on_reaped(self, pid: int, status: int) -> None:
         self._on_death(pid, status)
@@ -99,13 +113,13 @@ class Supervisor:
         w = self.engine.mark_dead(pid, status)
         if w is None:
             return
-        # Off the reaper's thread: the decision waits for the workload's lock.
-        name, clean = w.name, status == 0
+        self._decide_soon(w.name, RestoreReason.CRASH, clean=status == 0)
+
+    def _decide_soon(self, name: str, reason: str, clean: bool) -> None:
+        """Off the caller's thread (the reaper, an API request): the decision waits for the
+        workload's lock."""
         threading.Thread(
-            target=self._decide,
-            args=(name, RestoreReason.CRASH, clean),
-            name=f"down-{name}",
-            daemon=True,
+            target=self._decide, args=(name, reason, clean), name=f"down-{name}", daemon=True
         ).start()
 
     def _decide(
@@ -113,12 +127,29 @@ class Supervisor:
     ) -> None:
         if self._stopping:
             return
-        delay = self.recovery.on_down(name, reason, clean, fresh)
+        try:
+            delay = self.recovery.on_down(name, reason, clean, fresh)
+        except WorkloadBusy:
+            log.warning(
+                "workload %s is down and another operation still holds it: deciding again in %.0fs",
+                name,
+                BUSY_AGAIN,
+            )
+            self._later(name, BUSY_AGAIN, self._decide, name, reason, clean, fresh)
+            return
+        except Exception as e:
+            log.exception("the restore policy's decision about %s failed unexpectedly", name)
+            self.recovery.failed_unexpectedly(name, e)
+            return
         if delay is not None:
-            self._later(name, reason, delay)
+            self._later(name, delay, self._restore, name, reason)
 
-    def _later(self, name: str, reason: str, delay: float) -> None:
-        timer = threading.Timer(delay, self._restore, args=(name, reason))
+    def _later(self, name: str, delay: float, then: Callable[..., None], *args: object) -> None:
+        """Run `then(*args)` in `delay` seconds on the workload's one timer, replacing the one
+        pending: the newest decision about a workload is the one carried out."""
+        if self._stopping:
+            return
+        timer = threading.Timer(delay, then, args=args)
         timer.daemon = True
         with self._lock:
             old = self._timers.pop(name, None)
@@ -134,13 +165,21 @@ class Supervisor:
             return
         try:
             again = self.recovery.auto_restore(name, reason)
+            # Storage down or a PID/port taken: the checkpoints are fine. Try the same again,
+            # backing off as in a crash loop, without limit: giving up would lose the state.
+            delay = self.recovery.retry_delay(name) if again else None
+        except WorkloadBusy:
+            # Not the checkpoint's fault either (nothing was tried, nothing marked bad).
+            log.warning(
+                "restore of %s waits: another operation still holds it; trying again in %.0fs",
+                name,
+                BUSY_AGAIN,
+            )
+            self._later(name, BUSY_AGAIN, self._restore, name, reason)
+            return
         except Exception as e:
             log.exception("automatic restore of %s failed unexpectedly", name)
             self.recovery.failed_unexpectedly(name, e)
             return
-        if again:
-            # Storage down or a PID/port taken: the checkpoints are fine. Try the same again,
-            # backing off as in a crash loop, without limit: giving up would lose the state.
-            delay = self.recovery.retry_delay(name)
-            if delay is not None:
-                self._later(name, reason, delay)
+        if delay is not None:
+            self._later(name, delay, self._restore, name, reason)

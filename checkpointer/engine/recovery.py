@@ -24,7 +24,13 @@ from checkpointer.engine.parts import Hooks, Workloads
 from checkpointer.engine.policy import Action, Fault, Streak, fault_of, on_death, plan, retry_later
 from checkpointer.engine.restoring import Restored, RestorePipeline, nothing_to_restore
 from checkpointer.engine.workload import RestoreReason, RestoreResult, Workload, WorkloadState
-from checkpointer.errors import CheckpointerError, NotOwner, RestoreFailed, WorkloadRunning
+from checkpointer.errors import (
+    CheckpointerError,
+    NotOwner,
+    RestoreFailed,
+    WorkloadBusy,
+    WorkloadRunning,
+)
 from storage import CheckpointNotFound, Repository
 from storage.errors import StorageAccessError, TransientStorageError
 from storage.manifest import check_workload_name
@@ -120,11 +126,15 @@ class Recovery:
     def rollback(self, name: str, to: str | None = None, back: int | None = None) -> RestoreReport:
         """Stop the running tree and restore an older checkpoint (`to` an id, or `back` N).
         One that fails after the stop hands the workload to the policy, once its lock is
-        released (the supervisor decides under it)."""
+        released (the supervisor decides under it, on a thread of its own); the user gets
+        the RestoreFailed whatever the hand-over does."""
         w = self.workloads.get(name)
         failure = self._rollback(w, to, back)
         if isinstance(failure, RestoreFailed):
-            self.hooks.down(w, RestoreReason.ROLLBACK)
+            try:
+                self.hooks.down(w, RestoreReason.ROLLBACK)
+            except Exception:
+                log.exception("handing %s to the restore policy after its rollback failed", name)
             raise failure
         return failure
 
@@ -244,13 +254,22 @@ class Recovery:
         return delay
 
     def failed_unexpectedly(self, name: str, e: BaseException) -> None:
-        """`auto_restore` raised what it should not have: the workload, still down, fails."""
+        """`auto_restore` (or the decision) raised what it should not have: the workload, still
+        down, fails (the restore-failed alert). Under its lock, or without it when another
+        operation holds that past the timeout, as before the lock: this is the supervisor's
+        last word, and a workload left `restoring` with nothing scheduled is never brought
+        back nor reported."""
         w = self.workloads.find(name)
         if w is None:
             return
-        with self.workloads.locked(w, wait=True):
+        why = f"automatic restore failed unexpectedly: {e!r}"
+        try:
+            with self.workloads.locked(w, wait=True):
+                if not w.alive():
+                    self.workloads.fail(w, why)
+        except WorkloadBusy:
             if not w.alive():
-                self.workloads.fail(w, f"automatic restore failed unexpectedly: {e!r}")
+                self.workloads.fail(w, f"{why}; the workload was busy with another operation")
 
     def auto_restore(self, name: str, reason: str) -> bool:
         """Bring a dead workload back by its restore policy. Returns True when it should be
