@@ -27,6 +27,7 @@ from enum import StrEnum
 
 from checkpointer.config import RestorePolicy
 from checkpointer.criu import CriuError
+from checkpointer.criu.failure_category import CriuFailure
 from checkpointer.errors import RestoreFailed, TeardownFailed
 from storage import StorageError
 from storage.errors import StorageAccessError, TransientStorageError
@@ -146,14 +147,6 @@ def plan(policy: RestorePolicy, good_newest_first: list[str], depth: int, manage
     return Plan(window[depth:], managed and policy.cold_start)
 
 
-# CRIU failures caused by the host, not by the image: the same checkpoint may well restore
-# once the PID or port is free again. A checkpoint is marked bad only for its own faults.
-_ENVIRONMENT = frozenset(
-    {"pid-in-use", "address-in-use", "permission", "criu-too-old", "criu-missing", "timeout"}
-    | {"image-missing", "runtime-missing", "running"}  # containers: the host, not the image
-)
-
-
 def storage_unavailable(e: BaseException) -> bool:
     """Whether a failure to read a checkpoint says the storage (or the local disk) failed,
     not the checkpoint (damaged data, a pack gone): one rule for full and lazy restores."""
@@ -167,7 +160,13 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, RestoreFailed):
         return e.transient
     if isinstance(e, CriuError):
-        return e.category in _ENVIRONMENT
+        # Caused by the host, not the image (CriuFailure.host_caused): the same checkpoint may
+        # well restore once the PID or port is free again. A category that is no member (a
+        # string from elsewhere) is the image's.
+        try:
+            return CriuFailure(e.category).host_caused
+        except ValueError:
+            return False
     return False
 
 
