@@ -128,10 +128,19 @@ class Daemon:
         return r
 
     def wait_for(self, name: str, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll `status NAME` until pred(status) holds; fail with the daemon's log if never."""
+        """Poll `status NAME` until pred(status) holds; fail with the daemon's log if never.
+        A workload this daemon does not know yet (one handed to it by another host, which
+        registers it when it sees the lease: the sender's command may return first) is waited
+        for like any other state."""
         deadline = time.monotonic() + timeout
         while True:
-            st = self._status_now(name)
+            try:
+                st = self._status_now(name)
+            except AssertionError as e:
+                if "unknown workload" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                continue
             if pred(st):
                 return st
             if time.monotonic() > deadline:
