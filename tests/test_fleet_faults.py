@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import json
 import os
 import signal
 import sys
@@ -112,7 +113,8 @@ def assert_never_both(a: list[tuple[float, float]], b: list[tuple[float, float]]
     )
 
 
-def started_copy(net: Network, port: int) -> tuple[Host, Host]:
+def serving(net: Network, port: int) -> tuple[str, Host, Host]:
+    """Two hosts with failover on one bucket (returned first); A runs `web`, serving `port`."""
     bucket = net.moto.create_bucket(f"ckpt-fleet-x-{os.getpid()}-{port}")
     a = fleet(net, bucket, "a", True, None)
     a.start()
@@ -120,8 +122,27 @@ def started_copy(net: Network, port: int) -> tuple[Host, Host]:
     b.start()
     a.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
     a.serve(port, 3)
-    net.moto.wait_for_checkpoint(bucket, a.checkpoint("web"))  # uploaded by the spool
+    return bucket, a, b
+
+
+def started_copy(net: Network, port: int) -> tuple[Host, Host]:
+    """`serving`, with a checkpoint of `web` committed (B can take it over)."""
+    _, a, b = serving(net, port)
+    committed_on(b, "web", a.checkpoint("web"))
     return a, b
+
+
+def committed_on(host: Host, name: str, checkpoint_id: str, timeout: float = 60) -> None:
+    """Until `host` lists the checkpoint: the head names it, so it is committed for every
+    host. Its manifest in the bucket is not enough: A's spool uploads the manifest, then
+    writes the head (the commit point, docs/fleet.md R4); an owner stopped between the two
+    has committed nothing, and the host that takes over rightly finds no checkpoint."""
+
+    def listed() -> bool:
+        r = host.cli("list", name, "--json", check=False)
+        return r.returncode == 0 and checkpoint_id in {c["id"] for c in json.loads(r.stdout)}
+
+    until(f"{host.name} lists {checkpoint_id} of {name}", listed, timeout, host)
 
 
 def test_a_paused_daemons_workload_never_answers_beside_the_new_owners(workdir: Path) -> None:

@@ -27,7 +27,12 @@ from checkpointer.engine.policy import Streak
 from checkpointer.engine.restoring import RestorePipeline
 from checkpointer.engine.scratch import Scratch
 from checkpointer.engine.workload import RestoreReason, WorkloadState
-from checkpointer.errors import CheckpointerError, MigrationFailed, WorkloadNotRunning
+from checkpointer.errors import (
+    CheckpointerError,
+    MigrationFailed,
+    WorkloadNotFound,
+    WorkloadNotRunning,
+)
 from checkpointer.workloads import process
 from storage import Repository, StorageError
 from storage.leases import LeaseState
@@ -289,6 +294,17 @@ class Migration:
         if w is None:
             try:
                 w = self.carried.register(name, None)
+            except WorkloadNotFound:
+                # The head is the commit point (docs/fleet.md R4): an owner stopped between
+                # its first manifest's upload and its head write committed nothing. Not given
+                # up: the lease is offered again while it stays the dead host's (fleet_scan).
+                log.error(
+                    "cannot take over %s: the bucket holds no committed checkpoint of it (its "
+                    "head names none: its owner stopped before its first checkpoint was "
+                    "committed); looked at again later",
+                    name,
+                )
+                return
             except (CheckpointerError, StorageError) as e:
                 log.error("cannot take over %s: %s", name, e)
                 return
