@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
-import json
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from checkpointer.workloads import process
 from tests.support import COUNTER, Host, Moto, Network, free_port, http_get
-from tests.test_fleet import fleet, until
+from tests.test_fleet import committed_on, fleet, until
 from tests.test_fleet_errors import fleet_host
 
 CLONE_NEWNET = 0x40000000
@@ -130,19 +129,6 @@ def started_copy(net: Network, port: int) -> tuple[Host, Host]:
     _, a, b = serving(net, port)
     committed_on(b, "web", a.checkpoint("web"))
     return a, b
-
-
-def committed_on(host: Host, name: str, checkpoint_id: str, timeout: float = 60) -> None:
-    """Until `host` lists the checkpoint: the head names it, so it is committed for every
-    host. Its manifest in the bucket is not enough: A's spool uploads the manifest, then
-    writes the head (the commit point, docs/fleet.md R4); an owner stopped between the two
-    has committed nothing, and the host that takes over rightly finds no checkpoint."""
-
-    def listed() -> bool:
-        r = host.cli("list", name, "--json", check=False)
-        return r.returncode == 0 and checkpoint_id in {c["id"] for c in json.loads(r.stdout)}
-
-    until(f"{host.name} lists {checkpoint_id} of {name}", listed, timeout, host)
 
 
 def test_a_paused_daemons_workload_never_answers_beside_the_new_owners(workdir: Path) -> None:
