@@ -26,7 +26,7 @@ from checkpointer.daemon.main import services
 from checkpointer.daemon.supervisor import Supervisor
 from checkpointer.engine import Engine, Hooks, Workload, WorkloadState
 from checkpointer.engine.events import Silent
-from checkpointer.engine.recovery import Recovery
+from checkpointer.engine.recovery import Fresh, Recovery
 from checkpointer.errors import RestoreFailed
 from checkpointer.workloads.logs import LogPump
 from storage import Repository
@@ -402,3 +402,82 @@ def test_a_failed_rollback_reports_its_failure_while_the_lock_is_busy(
     finally:
         done.set()
         supervisor.stop()
+
+
+# -- the decisions at the daemon's start ------------------------------------------------------
+
+
+class WatchedLock:
+    """The workload's lock, telling when a second thread waits for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waited = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.lock.locked():
+            self.waited.set()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def test_a_manual_restore_during_the_start_decision_is_not_restored_over(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    """The daemon starts and finds the tree gone while `checkpointer restore` brings it back
+    under the workload's lock: the start-up decision, once it has the lock, leaves the running
+    tree alone (it marked it `restoring` for good: never checkpointed, never restored again)."""
+    engine, criu, _ = setup
+    w, ids = adopted_with_checkpoints(engine, 1)
+    crash(engine, w)
+    recovery = services(engine).recovery
+    supervisor = Supervisor(engine, recovery)
+    w.lock = WatchedLock()  # type: ignore[assignment]
+    in_restore, go = threading.Event(), threading.Event()
+    real_restore = criu.restore
+
+    def held_restore(*args: object, **kwargs: object) -> tuple[int, RestoreStats]:
+        in_restore.set()  # under the manual restore's lock
+        assert go.wait(10)
+        return real_restore(*args, **kwargs)  # type: ignore[arg-type]
+
+    criu.restore = held_restore  # type: ignore[method-assign]
+    manual = threading.Thread(target=recovery.restore, args=("app",), daemon=True)
+    starting = threading.Thread(target=supervisor.recover_at_start, daemon=True)
+    try:
+        manual.start()
+        assert in_restore.wait(10)
+        starting.start()  # finds it `crashed`, decides: waits for the lock
+        assert w.lock.waited.wait(10)
+        go.set()
+        manual.join(10)
+        starting.join(10)
+        assert not manual.is_alive() and not starting.is_alive()
+        time.sleep(0.5)  # a restore the decision would have scheduled (at once)
+        assert w.state is WorkloadState.RUNNING and w.alive()
+        assert len(criu.procs) == 1 and w.pid == criu.procs[0].pid  # one copy: the manual one
+        assert w.history[-1].reason == "manual" and w.history[-1].checkpoint == ids[0]
+        assert w.history[-1].result == "ok"
+    finally:
+        go.set()
+        supervisor.stop()
+
+
+def test_the_start_decision_restores_only_a_state_unchanged_since_it_was_seen(
+    setup: tuple[Engine, FakeCriu, list[tuple[str, str]]],
+) -> None:
+    """A restore interrupted by the daemon's stop (`restoring` then, `restoring` now) is
+    restored; a stopped workload a take-over made `restoring` meanwhile is left to it."""
+    engine, _, _ = setup
+    w, _ = adopted_with_checkpoints(engine, 1)
+    crash(engine, w)
+    recovery = services(engine).recovery
+    w.state = WorkloadState.RESTORING
+    why = "gone while the daemon was not running"
+    assert recovery.on_down("app", "crash", fresh=Fresh(why, WorkloadState.RESTORING)) == 0.0
+    assert w.state is WorkloadState.RESTORING and w.exit_status == why
+    w.exit_status = "failover to this host"  # Migration.take_over's, after a `stopped` was seen
+    assert recovery.on_down("app", "boot", fresh=Fresh("stop", WorkloadState.STOPPED)) is None
+    assert w.state is WorkloadState.RESTORING and w.exit_status == "failover to this host"

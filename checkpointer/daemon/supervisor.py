@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 
 from checkpointer.engine import Engine, Workload, WorkloadState
-from checkpointer.engine.recovery import Recovery
+from checkpointer.engine.recovery import Fresh, Recovery
 from checkpointer.engine.workload import RestoreReason
 from checkpointer.errors import WorkloadBusy
 from checkpointer.host import info as hostinfo
@@ -85,12 +85,14 @@ class Supervisor:
                 continue
             reason = RestoreReason.BOOT if booted else RestoreReason.CRASH
             why = "the host rebooted" if booted else "gone while the daemon was not running"
-            self._decide(w.name, reason, fresh=why)  # a new boot or a long gap: no crash loop
+            # A new boot or a long gap: no crash loop. Its state as seen here: on_down leaves
+            # it alone if a manual restore or a take-over changed it meanwhile.
+            self._decide(w.name, reason, fresh=Fresh(why, w.state))
 
     def bring_back(self, w: Workload, why: str) -> None:
         """A declared workload that is registered but stopped: restore its latest checkpoint
         (or cold-start it), as after a boot."""
-        self._decide(w.name, RestoreReason.BOOT, fresh=why)
+        self._decide(w.name, RestoreReason.BOOT, fresh=Fresh(why, w.state))
 
     def restore_soon(self, w: Workload, reason: str) -> None:
         """Restore now, whatever the crash policy says: the workload was handed to this host
@@ -123,7 +125,7 @@ class Supervisor:
         ).start()
 
     def _decide(
-        self, name: str, reason: str, clean: bool = False, fresh: str | None = None
+        self, name: str, reason: str, clean: bool = False, fresh: Fresh | None = None
     ) -> None:
         if self._stopping:
             return

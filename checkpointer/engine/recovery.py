@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from checkpointer.api import RestoreReport
 from checkpointer.engine import lazy_restoring, listing
@@ -41,6 +41,17 @@ if TYPE_CHECKING:
     from storage.backends.spooled import SpooledBlobStore
 
 log = logging.getLogger(__name__)
+
+
+class Fresh(NamedTuple):
+    """A decision at the daemon's start (a boot, a long gap): a new streak, not a crash loop.
+    `why` the tree is gone; `seen`, the state the supervisor found the workload in, without its
+    lock. A manual restore or a take-over may run while the decision waits for the lock: a tree
+    alive again, or a state changed since (`running`, `restoring`), is left alone, or the
+    running tree would be marked `restoring` (never checkpointed, nor restored when it dies)."""
+
+    why: str
+    seen: WorkloadState
 
 
 class Recovery:
@@ -205,18 +216,21 @@ class Recovery:
         self.hooks.watch(w)
 
     def on_down(
-        self, name: str, reason: str, clean: bool = False, fresh: str | None = None
+        self, name: str, reason: str, clean: bool = False, fresh: Fresh | None = None
     ) -> float | None:
         """Let the policy decide about a workload whose tree is down, and carry out the
         decision under its lock: the streak, then state `restoring` (returning the delay the
         supervisor waits before `auto_restore`), `failed`, or left as it is (None).
-        `fresh`: a new streak (a boot, a long gap: not a crash loop), why the tree is gone."""
+        `fresh`: the decisions at the daemon's start (Fresh)."""
         w = self.workloads.find(name)
         if w is None:
             return None
         with self.workloads.locked(w, wait=True):
             if fresh is not None:
-                w.state, w.exit_status, w.streak = WorkloadState.CRASHED, fresh, Streak()
+                if w.alive() or w.state is not fresh.seen:
+                    log.info("workload %s not restored at start: %s meanwhile", name, w.state)
+                    return None
+                w.state, w.exit_status, w.streak = WorkloadState.CRASHED, fresh.why, Streak()
             elif w.alive() or w.state not in (WorkloadState.CRASHED, WorkloadState.EXITED):
                 return None  # restored by hand, stopped or unregistered meanwhile
             if lazy_restoring.settle(w):
