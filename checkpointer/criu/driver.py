@@ -8,6 +8,7 @@ Statistics come from the `stats-dump`/`stats-restore` images, not from printed t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,14 @@ MIN_VERSION = (4, 2)
 # so running them one after the other costs little; the lock is taken before the tree is frozen,
 # so it never lengthens a workload's pause.
 _DUMP_LOCK = threading.Lock()
+
+# Pauses (seconds) before each new dump of a tree whose dump CRIU refused for a connection
+# not yet accepted by a listening socket ("In-flight connection"): a busy server's accept
+# queue is empty again within milliseconds, so 5 attempts over 150 ms rarely all meet one.
+# CRIU thaws the tree after a failed dump (--leave-running, --leave-stopped alike), so each
+# attempt starts from a running tree; the lock is released during the pause.
+IN_FLIGHT_PAUSES = (0.01, 0.02, 0.04, 0.08)
+logger = logging.getLogger(__name__)
 
 
 class Criu:
@@ -114,6 +123,25 @@ class Criu:
             raise CriuError(
                 f"criu dump of {label} cannot succeed: {blocker.message}", blocker.category
             )
+        for attempt, pause in enumerate((*IN_FLIGHT_PAUSES, None)):
+            try:
+                self.dump_once(pid, cmd, log, label)
+                break
+            except CriuError as e:
+                if e.category != CriuFailure.IN_FLIGHT_CONNECTION or pause is None:
+                    raise
+                if attempt == 0:
+                    logger.info("criu dump of %s met %s; trying again", label, e.category)
+                if e.log is not None:
+                    e.log.unlink(missing_ok=True)  # a moment's refusal, not a failure to keep
+                _empty(images_dir)
+                time.sleep(pause)
+        log.unlink(missing_ok=True)
+        return read_dump_stats(images_dir)
+
+    def dump_once(self, pid: int, cmd: list[str], log: Path, label: str) -> None:
+        """One `criu dump`, under the dump lock; a stale proc.crtools is removed and the dump
+        run once more."""
         with _DUMP_LOCK:
             try:
                 self.run_logged(cmd, log, label, "dump")
@@ -121,8 +149,6 @@ class Criu:
                 if e.category != CriuFailure.PROC_DIR_EXISTS or not stale_proc_dir.clear(pid):
                     raise
                 self.run_logged(cmd, log, label, "dump")  # once more, the leftover gone
-        log.unlink(missing_ok=True)
-        return read_dump_stats(images_dir)
 
     def restore(
         self,
@@ -205,6 +231,15 @@ class Criu:
         kept = self.failed_logs_dir / f"{label}-{stamp}-{os.getpid()}-{op}.log"
         shutil.move(str(log), kept)
         return kept
+
+
+def _empty(images_dir: Path) -> None:
+    """Remove what a refused dump wrote, so the next attempt's images are its own only."""
+    for entry in images_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def restore_log(images_dir: Path) -> Path:

@@ -57,6 +57,10 @@ class CriuFailure(StrEnum):
     NEEDS_CAP_SYS_RESOURCE = "needs-cap-sys-resource"
     """A process of another user, and the daemon lacks CAP_SYS_RESOURCE (found before the
     dump, or in CRIU's log). Not retried."""
+    IN_FLIGHT_CONNECTION = "in-flight-connection"
+    """A client's connection sat in a listening socket's accept queue, which CRIU refuses to
+    dump (a dump). The host's moment, never the checkpoint's: the driver dumps again a few
+    milliseconds later (criu/driver.py), and only a dump that meets it every time fails."""
     PERMISSION = "permission"
     """CRIU was refused an operation: not root, or capabilities missing. Retried."""
     UNKNOWN = "unknown"
@@ -135,6 +139,7 @@ _HOST_CAUSED = frozenset(
         CriuFailure.PID_IN_USE,
         CriuFailure.ADDRESS_IN_USE,
         CriuFailure.PERMISSION,
+        CriuFailure.IN_FLIGHT_CONNECTION,
         CriuFailure.CRIU_TOO_OLD,
         CriuFailure.CRIU_MISSING,
         CriuFailure.TIMEOUT,

@@ -63,6 +63,13 @@ _CLASSIFY: list[tuple[re.Pattern[str], CriuFailure, str]] = [
         "contents); restore the file, or restore an older or newer checkpoint",
     ),
     (
+        re.compile(r"In-flight connection"),
+        CriuFailure.IN_FLIGHT_CONNECTION,
+        "a client connected to a listening socket of the tree and was not yet accepted when "
+        "CRIU froze it (a busy server); the dump was tried again and met one every time, the "
+        "next checkpoint will most likely succeed",
+    ),
+    (
         re.compile(r"Connected TCP socket|TCP connection.*(established|locked)"),
         CriuFailure.TCP_ESTABLISHED,
         "the tree has established TCP connections; set criu.tcp_established: true for it",
