@@ -1,7 +1,9 @@
 """A process holding MB megabytes of bytes made from SEED that, once GO exists, daemonizes
-grandchildren in a loop as fast as it can, or as GO says ("COUNT PAUSE": how many, and the
-seconds between two) (fork, the child forks again and exits at once:
-each grandchild is re-parented out of this process's tree within a millisecond or so).
+grandchildren in a loop as fast as it can, or as GO says ("COUNT PAUSE [HOLD]": how many, the
+seconds between two, and how long the child waits before it exits) (fork, the child forks again
+and exits, at once by default: each grandchild is re-parented out of this process's tree within
+a millisecond or so; `criu lazy-pages` itself crashes at times on a fork racing an exit, which a
+HOLD of a few tens of milliseconds avoids for a test that needs the transfer to finish).
 
 Every process it makes, itself included, appends its PID to PIDLOG first, so that a test
 can check each one (its start time, read from outside: a restored process may see its own in
@@ -61,6 +63,7 @@ def main() -> None:
     with open(go) as f:
         words = f.read().split()
     count, pause = (int(words[0]), float(words[1])) if words else (LIMIT, 0.0)
+    hold = float(words[2]) if len(words) > 2 else 0.0
     for _ in range(min(count, LIMIT)):
         time.sleep(pause)
         child = os.fork()
@@ -70,6 +73,7 @@ def main() -> None:
                 os.setsid()
                 log(pidlog)
                 linger(chunks)
+            time.sleep(hold)
             os._exit(0)
         os.waitpid(child, 0)
     while True:
