@@ -28,6 +28,7 @@ from tests.support import (
     kill_tree,
     s3_config,
 )
+from tests.support.paths import CLI
 from tests.support.prometheus import ALERTS, daemon_and_prometheus
 
 
@@ -213,3 +214,26 @@ def test_the_first_failed_restore_of_a_workload_fires_its_alert(workdir: Path) -
                 break
             assert time.monotonic() < deadline, firing
             time.sleep(1)
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_one_line_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """Was "internal error (OSError: [Errno 98] Address already in use) ... report it", after
+    the daemon had adopted and restored its workloads."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        conf = tmp_path / "config.yaml"
+        conf.write_text(
+            f"state_dir: {tmp_path / 'state'}\nmetrics:\n  address: 127.0.0.1\n  port: {port}\n"
+        )
+        r = subprocess.run(
+            [*CLI, "daemon", "--config", str(conf)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "metrics.port" in r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert not (tmp_path / "state" / "checkpointer.sock").exists()

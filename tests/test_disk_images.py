@@ -1,7 +1,9 @@
 """Images kept on disk (checkpointer/engine/disk_images.py): after a reboot emptied /dev/shm the
 newest checkpoint comes back from its disk image, a rollback to the one before from its own;
 a damaged or cut file is refused (by its stamps in the boot that wrote it, by its digest after
-a reboot) and the restore reads the repository instead, never wrong memory."""
+a reboot) and the restore reads the repository instead, never wrong memory. A disk image
+damaged before a reboot is caught lazily (each chunk read checked against the checkpoint's
+manifest: checkpointer/engine/disk_image_files.py) or in full (each file's digest)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from checkpointer.engine.disk_image_files import DiskImageDamaged, DiskImageFiles
 from checkpointer.engine.disk_images import DiskImages, file_digest
 from checkpointer.engine.registry import from_json, to_json
 from checkpointer.engine.workload import Workload, WorkloadKind
 from storage import Repository
 from storage.backends.local import LocalBlobStore
+from storage.crypto import Sealed, new_master
 from tests.support import COUNTER, Daemon, free_port, http_get, serve
+from tests.support.paths import PROGRAMS
 from tests.support.redis_server import redis_client, redis_command
 
 PAGE = 4096
@@ -31,12 +36,17 @@ def boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _flip(path: Path, at: int) -> None:
+def _flip(path: Path, at: int, keep_stamps: bool = False) -> None:
+    """One byte changed; with `keep_stamps`, under the file system (bit rot, a cut writeback):
+    its mtime left as it was."""
+    st = os.stat(path)
     with open(path, "r+b") as f:
         f.seek(at)
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 0x40]))
+    if keep_stamps:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -103,10 +113,7 @@ def test_a_changed_file_is_refused_in_the_same_boot_and_after_a_reboot(
     # file system (stamps untouched, as bit rot or a cut writeback would leave it) is caught.
     [image] = disk.store("web", [], src, m)
     boot.write_text("boot-2\n")
-    path = image.path / "pages-1.img"
-    st = os.stat(path)
-    _flip(path, 20 * PAGE)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _flip(image.path / "pages-1.img", 20 * PAGE, keep_stamps=True)
     assert disk.find("web", [image], m.id) is None
     # Intact after a reboot: found, checked once, then trusted for this boot.
     [image] = disk.store("web", [], src, m)
@@ -132,6 +139,8 @@ def _reboot(d: Daemon, boot_id: Path, n: int) -> None:
     d.stop()  # the daemon stops, then every workload dies: as in a power cut
     d.drop_kept_images(disk=False)  # /dev/shm is emptied; the disk is not
     boot_id.write_text(f"boot-{n}\n")
+    os.sync()  # and the page cache with it: the disk images are read from the disk
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
     d.start()
 
 
@@ -163,31 +172,10 @@ def test_after_a_reboot_the_counter_and_redis_come_back_from_their_disk_images(
     for name in ("web", "cache"):
         last = _last_restore(d, name)
         assert last["reason"] == "boot" and last["result"] == "ok"
-        assert last["detail"].endswith("from the disk image"), last
-
-
-def test_a_damaged_disk_image_after_a_reboot_is_refused_and_the_repository_restores(
-    rebooting: tuple[Daemon, Path],
-) -> None:
-    d, boot_id = rebooting
-    port = free_port()
-    d.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
-    serve(port, 3)
-    d.checkpoint("web")
-    d.stop()
-    pages = sorted((d.state / "images" / "web").glob("*/pages-*.img"))
-    assert pages, "no disk image written"
-    for p in pages:
-        st = os.stat(p)
-        _flip(p, st.st_size // 2)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-    d.drop_kept_images(disk=False)
-    boot_id.write_text("boot-2\n")
-    d.start()
-    assert http_get(port, timeout=30) == "4"
-    last = _last_restore(d, "web")
-    assert last["result"] == "ok" and last["detail"].endswith("from the repository"), last
-    assert "does not match its digest" in d.log.read_text()
+        # Lazily, each page checked as it is read (restore.lazy_after_reboot, the default).
+        assert last["detail"].endswith(
+            "from the disk image, lazily (pages on demand, each checked)"
+        ), last
 
 
 def test_rollback_to_the_previous_checkpoint_reads_its_disk_image(
@@ -207,3 +195,121 @@ def test_rollback_to_the_previous_checkpoint_reads_its_disk_image(
     r = d.json("rollback", "web", "--to", first)
     assert r["source"] == "repository", r
     assert http_get(port) == "4"
+
+
+# -- lazily after a reboot: each chunk read is checked against the manifest --------------------
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "encrypted"])
+def test_the_reader_returns_exact_ranges_and_refuses_a_changed_chunk(
+    tmp_path: Path, boot: Path, sealed: bool
+) -> None:
+    codec = Sealed(new_master()) if sealed else None
+    repo = Repository(LocalBlobStore(tmp_path / "repo"), codec=codec)
+    src = tmp_path / "image"
+    src.mkdir(mode=0o700)
+    data = os.urandom(50 * PAGE + 777)  # a short last chunk
+    (src / "pages-1.img").write_bytes(data)
+    (src / "core-1.img").write_bytes(b"core")
+    m = repo.commit("web", src)
+    [image] = DiskImages(tmp_path / "images", 1).store("web", [], src, m)
+    files = DiskImageFiles(repo, "web", m.id, image.path)
+    try:
+        for offset, length in ((0, PAGE), (3 * PAGE + 5, 2 * PAGE), (49 * PAGE, 10 * PAGE)):
+            assert files.read("pages-1.img", offset, length) == data[offset : offset + length]
+        assert files.read("core-1.img", 0, 100) == b"core"
+        _flip(image.path / "pages-1.img", 20 * PAGE + 9, keep_stamps=True)
+        assert files.read("pages-1.img", 0, 20 * PAGE) == data[: 20 * PAGE]  # not that chunk
+        with pytest.raises(DiskImageDamaged, match="chunk 20 does not match"):
+            files.read("pages-1.img", 18 * PAGE, 4 * PAGE)
+        os.truncate(image.path / "core-1.img", 2)
+        with pytest.raises(DiskImageDamaged, match="shorter"):
+            files.read("core-1.img", 0, 4)
+        with pytest.raises(DiskImageDamaged, match="no file"):
+            files.read("pages-9.img", 0, PAGE)
+    finally:
+        files.close()
+
+
+def test_a_checkpoint_never_overwrites_the_slot_a_lazy_restore_reads(
+    tmp_path: Path, boot: Path
+) -> None:
+    repo = Repository(LocalBlobStore(tmp_path / "repo"))
+    src = tmp_path / "image"
+    src.mkdir(mode=0o700)
+    (src / "pages-1.img").write_bytes(os.urandom(8 * PAGE))
+    two = DiskImages(tmp_path / "two", 2)
+    held = two.store("web", [], src, repo.commit("web", src))
+    held = two.store("web", held, src, repo.commit("web", src))
+    oldest = min(held, key=lambda d: d.id)
+    # The oldest slot would be overwritten next; a lazy restore reads it: the other one goes.
+    held = two.store("web", held, src, m3 := repo.commit("web", src), busy=oldest.slot)
+    assert oldest in held and next(d for d in held if d.id == m3.id).slot != oldest.slot
+    one = DiskImages(tmp_path / "one", 1)
+    [only] = one.store("web", [], src, repo.commit("web", src))
+    # One slot, being read: the checkpoint is written nowhere, the slot keeps its image.
+    assert one.store("web", [only], src, repo.commit("web", src), busy=only.slot) == [only]
+    assert one.find("web", [only], only.id) == only
+    # After a reboot, the slot is handed to a lazy restore unhashed; in its own boot it is not.
+    assert one.after_reboot("web", [only], only.id) is None
+    boot.write_text("boot-2\n")
+    assert one.after_reboot("web", [only], only.id) == only
+
+
+def _ballast_daemon(workdir: Path, port: int, lazy_after_reboot: bool) -> Daemon:
+    d = Daemon(
+        workdir,
+        f"""
+workloads:
+  - name: web
+    command: [{sys.executable}, {PROGRAMS / "ballast_server.py"}, "{port}", "64"]
+    restore: {{lazy_after_reboot: {str(lazy_after_reboot).lower()}}}
+""",
+    )
+    d.env["CHECKPOINTER_BOOT_ID_FILE"] = str(workdir / "boot_id")
+    (workdir / "boot_id").write_text("boot-1\n")
+    return d
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "full"])
+def test_a_disk_image_damaged_before_a_reboot_never_reaches_the_tree(
+    workdir: Path, lazy: bool
+) -> None:
+    """A byte flipped in the middle of every pages file of the disk image (stamps untouched):
+    lazily, the page check kills the tree (or refuses the image before it runs); in full, the
+    whole-file digest refuses it. Either way the repository's copy comes back, count intact."""
+    port = free_port()
+    d = _ballast_daemon(workdir, port, lazy)
+    try:
+        d.start()
+        assert serve(port, 3) == "3"
+        d.checkpoint("web")
+        d.stop()
+        pages = sorted((d.state / "images" / "web").glob("*/pages-*.img"))
+        assert pages, "no disk image written"
+        for p in pages:
+            _flip(p, os.stat(p).st_size // 2, keep_stamps=True)
+        d.drop_kept_images(disk=False)
+        (workdir / "boot_id").write_text("boot-2\n")
+        d.start()
+        st = d.wait_for(
+            "web",
+            lambda s: (
+                s["state"] == "running"
+                and any(r["detail"].endswith("from the repository") for r in s["restores"])
+            ),
+            timeout=90,
+        )
+        assert http_get(port, timeout=30) == "4"
+        log = d.log.read_text()
+        details = [r["detail"] for r in st["restores"]]
+        if lazy:
+            assert "does not match the checkpoint's manifest" in log
+            # The tree ran from the disk image until the damaged page was read (or the image
+            # was refused before it ran); the checkpoint was never marked bad.
+            assert any("disk image, lazily" in t for t in details) or "unusable" in log, details
+            assert not any("marked bad" in t for t in details), details
+        else:
+            assert "does not match its digest" in log
+    finally:
+        d.stop()

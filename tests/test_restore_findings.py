@@ -247,7 +247,7 @@ def settled(files: Files, read_in_background: bool = False) -> Workload:
         with contextlib.suppress(Exception):
             pages.read(1, 0, 1)
     w = Workload(name="w", kind=WorkloadKind.MANAGED)
-    w.lazy = LazyTransfer("c1", FailedTransfer(), pages)
+    w.lazy = LazyTransfer("c1", FailedTransfer(), pages=pages)
     assert lazy_restoring.settle(w)
     return w
 

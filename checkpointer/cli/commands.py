@@ -197,7 +197,8 @@ def list_(socket_path: Path, as_json: bool, name: str) -> None:
     "--lazy/--full",
     "lazy",
     default=None,
-    help="from the repository: pages on demand, or all first (default: restore.lazy)",
+    help="pages on demand from the repository, or every page first, a disk image's after "
+    "a reboot included (default: restore.lazy and restore.lazy_after_reboot)",
 )
 def restore(
     socket_path: Path, as_json: bool, name: str, checkpoint_id: str | None, lazy: bool | None

@@ -98,6 +98,11 @@ class RestorePolicy(_Strict):
     lazy: bool = Field(
         False, description="from the repository: start the tree first, its pages on demand"
     )
+    lazy_after_reboot: bool = Field(
+        True,
+        description="from a disk image after a reboot: start the tree first, each page "
+        "checked as it is read (process trees; containers restore in full)",
+    )
 
 
 class WorkloadOptions(_Strict):

@@ -281,6 +281,9 @@ def _start_declared(
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
     engine, parts, supervisor, scheduler, metrics, fleet = build(config)
+    if config.metrics.enabled:  # before anything runs: a port in use stops the start cleanly
+        metrics.serve(config.metrics.address, config.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)
     scratch_sweep.sweep(engine.scratch)  # what a killed daemon left; before we make our own
     deadman = None
     if fleet is not None:  # first: a previous daemon's deadman must not stop what we restore
@@ -315,9 +318,6 @@ def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     scheduler.every(drills.TICK, "drills", engine.drills.run_due)  # drill.every
     scheduler.start()
     server.start()
-    if config.metrics.enabled:
-        metrics.serve(config.metrics.address, config.metrics.port)
-        log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)
     log.info(
         "checkpointer daemon %d ready: socket %s, repository %s",
         os.getpid(),

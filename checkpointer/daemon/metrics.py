@@ -22,6 +22,7 @@ from checkpointer.daemon.drill_metrics import DrillCounters
 from checkpointer.daemon.scheduler import first_run_after
 from checkpointer.engine import Workload, WorkloadState
 from checkpointer.engine.states import RestoreReason
+from checkpointer.errors import ConfigError
 from storage.backends.spooled import SpooledBlobStore
 
 STATES = [s for s in WorkloadState if s is not WorkloadState.GONE]
@@ -303,7 +304,14 @@ class Metrics:
         self.restores.labels(workload, reason, "retry").inc()
 
     def serve(self, address: str, port: int) -> None:
-        start_http_server(port, addr=address, registry=self.registry)
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(
+                f"metrics: cannot listen on {address}:{port} ({e.strerror or e}): set "
+                "`metrics.port` to a free port (or `metrics.address`), or `metrics.enabled: "
+                "false`"
+            ) from e
 
 
 class Workloads(Protocol):

@@ -169,7 +169,8 @@ class CheckpointPipeline:
             return
         t0 = time.monotonic()
         try:
-            w.disk = self.disk.store(w.name, w.disk, source, manifest)
+            busy = None if w.lazy is None else w.lazy.reading_slot
+            w.disk = self.disk.store(w.name, w.disk, source, manifest, busy)
         except OSError as e:
             log.warning("disk image of %s not written (%s): %s", w.name, manifest.id, e)
             w.disk = [d for d in w.disk if d.path.exists() and d.id != manifest.id]

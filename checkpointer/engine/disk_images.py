@@ -94,16 +94,28 @@ class DiskImages:
     # -- writing ---------------------------------------------------------------------------
 
     def store(
-        self, name: str, held: list[DiskImage], source: Path, manifest: Manifest
+        self,
+        name: str,
+        held: list[DiskImage],
+        source: Path,
+        manifest: Manifest,
+        busy: int | None = None,
     ) -> list[DiskImage]:
         """Copy `source` (the kept image of `manifest`'s checkpoint) into the slot holding the
-        oldest checkpoint; the slots' records afterwards (`held` without the overwritten one,
-        plus the new one). On an error the slot is left without a record."""
+        oldest checkpoint, never slot `busy` (a lazy restore reads it); the slots' records
+        afterwards (`held` without the overwritten one, plus the new one). On an error the
+        slot is left without a record. Nothing is written if `busy` is the only slot."""
         if self.slots <= 0:
             return []
         held = [d for d in held if d.slot < self.slots and d.id != manifest.id]
-        free = sorted(set(range(self.slots)) - {d.slot for d in held})
-        slot = free[0] if free else min(held, key=lambda d: d.id).slot
+        free = sorted(set(range(self.slots)) - {d.slot for d in held} - {busy})
+        others = [d for d in held if d.slot != busy]
+        if not free and not others:
+            log.info(
+                "disk image of %s (%s) not written: its only slot is being read", name, manifest.id
+            )
+            return held
+        slot = free[0] if free else min(others, key=lambda d: d.id).slot
         kept = [d for d in held if d.slot != slot]
         folder = self._slot_dir(name, slot)
         sidecar = private_dir(folder.parent / f"{slot}.pages")
@@ -151,6 +163,20 @@ class DiskImages:
         )
         self.drop(name, image)
         return None
+
+    def after_reboot(
+        self, name: str, held: list[DiskImage], checkpoint_id: str
+    ) -> DiskImage | None:
+        """The slot holding `checkpoint_id` if a reboot came since it was written and its
+        folder is the daemon's own, its files not hashed: a lazy restore checks each chunk it
+        reads instead (checkpointer/engine/disk_image_files.py). None otherwise: `find`
+        decides (within the boot that wrote it, its stamps are checked in no time)."""
+        image = next((d for d in held if d.id == checkpoint_id), None)
+        if image is None or image.boot == hostinfo.boot_id() or not image.path.is_dir():
+            return None
+        if image.path != self.root / name / str(image.slot) or not kept_image.trusted(image.path):
+            return None
+        return image
 
     def revalidated(self, image: DiskImage) -> DiskImage:
         """The record of an image checked after a reboot, as of this boot (checked once)."""

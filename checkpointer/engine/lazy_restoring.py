@@ -1,9 +1,12 @@
-"""A lazy restore from the repository (`restore.lazy`): the tree runs before its memory is back.
+"""A lazy restore from the repository (`restore.lazy`), or from a disk image after a reboot
+(`restore.lazy_after_reboot`): the tree runs before its memory is back.
 
 Every image but the pages is rebuilt (a few MB), then CRIU restores the tree with its private
-anonymous memory missing; our page server fetches each page from the repository when the
-tree touches it or the background transfer asks for it, verified as a full restore verifies
-it. The restore returns as soon as the tree runs.
+anonymous memory missing; our page server fetches each page from the repository (or reads it
+from the disk image, checked against the manifest: checkpointer/engine/disk_image_files.py)
+when the tree touches it or the background transfer asks for it, verified as a full restore
+verifies it. The restore returns as soon as the tree runs. A disk image found damaged is
+dropped and the same checkpoint restored again from the repository: the checkpoint is good.
 
 A page that cannot be fetched or verified kills the tree (checkpointer.criu.lazy holds its
 userfaultfds, so it never runs on zero pages); its death then reaches the restore policy like
@@ -30,14 +33,19 @@ from typing import TYPE_CHECKING, Protocol
 
 from checkpointer.criu import CriuError, RestoreStats
 from checkpointer.criu.lazy import LazyRestore, prepare_restore_dir
+from checkpointer.engine.disk_image_files import DiskImageDamaged, DiskImageFiles
 from checkpointer.engine.policy import storage_unavailable
 from checkpointer.engine.workload import LazyInFlight, RestoreReason, RestoreResult, Workload
 from checkpointer.errors import RestoreFailed
 from storage import StorageError
 from storage.file_reader import CheckpointFiles
+from storage.manifest import FileEntry
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from checkpointer.criu import Criu
+    from checkpointer.engine.disk_images import DiskImage
     from checkpointer.engine.scratch import Scratch
     from storage import Repository
 
@@ -47,6 +55,18 @@ _PAGES = re.compile(r"pages-(\d+)\.img")
 _EARLY = re.compile(r"(inventory|pstree|core-\d+|ids-\d+)\.img")
 
 
+class ImageFiles(Protocol):
+    """Where a lazy restore reads a checkpoint's files: the repository (CheckpointFiles) or a
+    disk image (DiskImageFiles); either checks what it returns."""
+
+    @property
+    def files(self) -> Mapping[str, FileEntry]: ...
+
+    def read(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def locate_ahead(self, names: list[str]) -> None: ...
+
+
 class RepositoryPages:
     """CRIU's pages-N.img of one checkpoint, page ranges fetched from the repository.
 
@@ -54,7 +74,7 @@ class RepositoryPages:
     storage's: the first error a read raised, and how long reads took (the one in flight
     included). The page server turns either into one line of text for the LazyRestore."""
 
-    def __init__(self, files: CheckpointFiles) -> None:
+    def __init__(self, files: ImageFiles) -> None:
         self.files = files
         self.error: BaseException | None = None
         self._lock = threading.Lock()
@@ -107,15 +127,23 @@ class LazyTransfer(LazyInFlight):
     pages: RepositoryPages | None = None
 
 
-def start(p: LazyParts, w: Workload, checkpoint_id: str) -> tuple[int, RestoreStats]:
-    """Start the lazy restore of `checkpoint_id`; the restored root's PID once it runs."""
+def start(
+    p: LazyParts, w: Workload, checkpoint_id: str, disk: DiskImage | None = None
+) -> tuple[int, RestoreStats]:
+    """Start the lazy restore of `checkpoint_id`, its pages from the repository or, if
+    `disk`, from that disk image; the restored root's PID once it runs. DiskImageDamaged if
+    the disk image fails before the tree runs (the caller restores from the repository)."""
     t0 = time.monotonic()
     images = p.scratch.new(w.name, "lazy")
     lazy: LazyRestore | None = None
+    files: ImageFiles | None = None
     ran = False  # LazyRestore.run undoes its own failures; before it, they are undone here
     try:
         try:
-            files = CheckpointFiles(p.repo, w.name, checkpoint_id, p.repo.known_chunks(w.name))
+            if disk is not None:
+                files = DiskImageFiles(p.repo, w.name, checkpoint_id, disk.path)
+            else:
+                files = CheckpointFiles(p.repo, w.name, checkpoint_id, p.repo.known_chunks(w.name))
             t_index = time.monotonic()
             # What CRIU's lazy-pages daemon reads as it starts (the inventory and the process
             # tree: lazy_pages_prepare_pstree, criu/uffd.c) first: it starts (~50 ms) while
@@ -136,6 +164,8 @@ def start(p: LazyParts, w: Workload, checkpoint_id: str) -> tuple[int, RestoreSt
             # thread searching meanwhile only slowed them down (GIL).
             files.locate_ahead([n for n in files.files if _PAGES.fullmatch(n)])
             t_pages = time.monotonic()
+        except DiskImageDamaged:
+            raise
         except (StorageError, OSError) as e:
             w.last_error = str(e)
             raise RestoreFailed(
@@ -151,7 +181,7 @@ def start(p: LazyParts, w: Workload, checkpoint_id: str) -> tuple[int, RestoreSt
                 source,
                 w.dump_options(),
                 inherit=inherit,
-                on_finish=lambda lr: _finished(w, lr, images, t0),
+                on_finish=lambda lr: _finished(w, lr, images, t0, files),
             )
         finally:
             for fd, _ in inherit:
@@ -159,6 +189,8 @@ def start(p: LazyParts, w: Workload, checkpoint_id: str) -> tuple[int, RestoreSt
     except BaseException as e:
         if lazy is not None and not ran:
             lazy.cancel()
+        if isinstance(files, DiskImageFiles) and not ran:
+            files.close()
         if isinstance(e, CriuError | RestoreFailed):
             w.last_error = str(e)
         shutil.rmtree(images.parent, ignore_errors=True)
@@ -169,13 +201,15 @@ def start(p: LazyParts, w: Workload, checkpoint_id: str) -> tuple[int, RestoreSt
         raise
     assert lazy.pid is not None
     w.restored_as(lazy.pid)
-    w.lazy = LazyTransfer(checkpoint_id, lazy, source)
+    slot = None if disk is None else disk.slot
+    w.lazy = LazyTransfer(checkpoint_id, lazy, reading_slot=slot, pages=source)
     log.info(
-        "lazy restore of %s from %s: the tree runs as pid %d, %d pages to come on demand "
+        "lazy restore of %s from %s%s: the tree runs as pid %d, %d pages to come on demand "
         "(manifest and first indexes %.2fs, other images %.2fs, %d local pages %.2fs, CRIU %.2fs: "
         "lazy-pages daemon %.2fs, criu restore %.2fs)",
         w.name,
         checkpoint_id,
+        "" if disk is None else f" (its disk image, slot {disk.slot})",
         lazy.pid,
         index.lazy_pages,
         t_index - t0,
@@ -194,10 +228,14 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _finished(w: Workload, lr: LazyRestore, images: Path, t0: float) -> None:
+def _finished(
+    w: Workload, lr: LazyRestore, images: Path, t0: float, files: ImageFiles | None
+) -> None:
     """The transfer ended (on the lazy restore's thread): the folder goes; a failure is
     settled by `settle` when the tree's death is handled, or here if that came first."""
     shutil.rmtree(images.parent, ignore_errors=True)
+    if isinstance(files, DiskImageFiles):
+        files.close()
     stats = lr.stats()
     if lr.done():
         log.info(
@@ -221,6 +259,7 @@ def settle(w: Workload) -> bool:
     w.lazy = None
     reason = inflight.restore.reason
     why = inflight.restore.host_fault and "this host's own failure, not the checkpoint's"
+    why = why or _disk_image_trouble(w, inflight)
     why = why or _storage_trouble(inflight)
     if why is not None:
         w.last_error = f"lazy restore failed ({reason}): {why}"
@@ -243,6 +282,21 @@ def settle(w: Workload) -> bool:
         inflight.checkpoint,
     )
     return True
+
+
+def _disk_image_trouble(w: Workload, inflight: LazyInFlight) -> str | None:
+    """Why a failed lazy restore from a disk image is not the checkpoint's fault; None if it
+    read the repository. Whatever failed, the disk image is forgotten (its slot is written
+    again by a later checkpoint) and the next restore is a full one from the repository: a
+    checkpoint CRIU truly cannot restore fails that one too, and is marked bad then."""
+    if inflight.reading_slot is None:
+        return None
+    w.disk = [d for d in w.disk if d.slot != inflight.reading_slot]
+    w.lazy_off = True
+    pages = inflight.pages if isinstance(inflight, LazyTransfer) else None
+    if pages is not None and isinstance(pages.error, DiskImageDamaged):
+        return "its disk image is damaged, dropped"
+    return "its disk image is dropped, the repository's copy restored in full"
 
 
 def _storage_trouble(inflight: LazyInFlight) -> str | None:

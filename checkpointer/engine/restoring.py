@@ -18,6 +18,7 @@ from checkpointer.api import RestoreReport
 from checkpointer.containers import ContainerRuntime
 from checkpointer.criu import Criu, CriuError, RestoreStats
 from checkpointer.engine import kept_image, lazy_restoring, listing, spec
+from checkpointer.engine.disk_image_files import DiskImageDamaged
 from checkpointer.engine.disk_images import DiskImages
 from checkpointer.engine.policy import is_transient as is_transient  # drills.py imports it
 from checkpointer.engine.policy import storage_unavailable
@@ -102,7 +103,26 @@ class RestorePipeline:
         # Fleet: only what the head names exists, whatever image of it this host keeps (a
         # kept image may be of a checkpoint this host took after it lost the workload).
         self.repo.require_committed(w.name, checkpoint_id)
-        images, source = self.ready_image(w, checkpoint_id, lazy_asked=lazy is True)
+        lazy_disk = lazy is not False and w.restore.lazy_after_reboot and not w.lazy_off
+        images, source = self.ready_image(
+            w, checkpoint_id, lazy_asked=lazy is True, lazy_disk=lazy_disk and not w.container
+        )
+        if source is ImageSource.LAZY_DISK:
+            image = next(d for d in w.disk if d.id == checkpoint_id)
+            try:
+                pid, stats = lazy_restoring.start(self, w, checkpoint_id, disk=image)
+                return self._restored(w, checkpoint_id, reason, pid, stats, t0, source)
+            except DiskImageDamaged as e:
+                log.warning(
+                    "disk image of %s (checkpoint %s) is unusable (%s): dropping it, "
+                    "restoring from the repository",
+                    w.name,
+                    checkpoint_id,
+                    e,
+                )
+                self.disk.drop(w.name, image)
+                w.disk = [d for d in w.disk if d is not image]
+                images, source = None, ImageSource.REPOSITORY
         if lazy is None:
             lazy = w.restore.lazy and not w.lazy_off
         if images is None and lazy and not w.container:
@@ -138,15 +158,19 @@ class RestorePipeline:
         return self._restored(w, checkpoint_id, "rollback", pid, stats, t0, source)
 
     def ready_image(
-        self, w: Workload, checkpoint_id: str, lazy_asked: bool = False
+        self, w: Workload, checkpoint_id: str, lazy_asked: bool = False, lazy_disk: bool = False
     ) -> tuple[Path | None, ImageSource]:
         """A folder that already holds `checkpoint_id`'s image, checked, and what it is:
         the kept image, else a disk image (unless a lazy restore was asked for by name),
-        else None: the image must come from the repository."""
+        else None: the image must come from the repository. With `lazy_disk`, a disk image
+        written before a reboot is returned unchecked (LAZY_DISK): a lazy restore checks
+        each page it reads instead of hashing the whole image from a cold disk first."""
         kept = self.kept(w, checkpoint_id)
         if kept is not None:
             return kept, ImageSource.KEPT
         if not lazy_asked:
+            if lazy_disk and (cold := self.disk.after_reboot(w.name, w.disk, checkpoint_id)):
+                return cold.path, ImageSource.LAZY_DISK
             image = self.disk.find(w.name, w.disk, checkpoint_id)
             if image is not None:
                 if image.boot != hostinfo.boot_id():

@@ -111,6 +111,9 @@ class ImageSource(StrEnum):
     """Rebuilt from the repository (seeded from the kept image where pages match)."""
     LAZY = "repository, lazily (pages on demand)"
     """A lazy restore: the tree ran before its memory was back, pages fetched on demand."""
+    LAZY_DISK = "disk image, lazily (pages on demand, each checked)"
+    """A lazy restore after a reboot: pages read from the disk image as the tree needs them,
+    each checked against the manifest instead of hashing the whole image first."""
 
 
 class RetentionAction(StrEnum):

@@ -57,6 +57,9 @@ class LazyInFlight:
 
     checkpoint: str
     restore: Any
+    reading_slot: int | None = None
+    """The disk image slot its pages are read from (after a reboot): no checkpoint may
+    overwrite that slot until the transfer ends."""
 
 
 @dataclass
