@@ -138,6 +138,7 @@ def start(
     lazy: LazyRestore | None = None
     files: ImageFiles | None = None
     ran = False  # LazyRestore.run undoes its own failures; before it, they are undone here
+    serving = False  # run returned: the page server reads `files` until `_finished` closes them
     try:
         try:
             if disk is not None:
@@ -183,14 +184,15 @@ def start(
                 inherit=inherit,
                 on_finish=lambda lr: _finished(w, lr, images, t0, files),
             )
+            serving = True
         finally:
             for fd, _ in inherit:
                 os.close(fd)
     except BaseException as e:
         if lazy is not None and not ran:
             lazy.cancel()
-        if isinstance(files, DiskImageFiles) and not ran:
-            files.close()
+        if isinstance(files, DiskImageFiles) and not serving:
+            files.close()  # a refused `run` calls no `on_finish`: nothing else would
         if isinstance(e, CriuError | RestoreFailed):
             w.last_error = str(e)
         shutil.rmtree(images.parent, ignore_errors=True)
@@ -203,6 +205,8 @@ def start(
     w.restored_as(lazy.pid)
     slot = None if disk is None else disk.slot
     w.lazy = LazyTransfer(checkpoint_id, lazy, reading_slot=slot, pages=source)
+    if lazy.done():  # ended before it was recorded: `_finished` found nothing to clear
+        w.lazy = None
     log.info(
         "lazy restore of %s from %s%s: the tree runs as pid %d, %d pages to come on demand "
         "(manifest and first indexes %.2fs, other images %.2fs, %d local pages %.2fs, CRIU %.2fs: "
