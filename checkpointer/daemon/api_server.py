@@ -94,7 +94,7 @@ class ApiServer:
         """`handlers`: each op's, checked against its request (api.REQUESTS) here."""
         self.path = path
         self.routes = {op: Route.of(op, fn, REQUESTS[op]) for op, fn in handlers.items()}
-        _claim_socket_path(path)
+        claim_socket_path(path)
         server = self
 
         class _Conn(socketserver.StreamRequestHandler):
@@ -264,7 +264,7 @@ def _protocol_error(message: str) -> dict[str, Any]:
     return {"ok": False, "kind": ErrorKind.PROTOCOL, "error": message}
 
 
-def _claim_socket_path(path: Path) -> None:
+def claim_socket_path(path: Path) -> None:
     """Refuse to start beside a live daemon; remove a stale socket left by a dead one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():

@@ -19,7 +19,7 @@ from checkpointer import __version__
 from checkpointer.api import Op
 from checkpointer.config import Config, WorkloadConfig, WorkloadOptions, format_validation_error
 from checkpointer.criu import Criu, kdat_cache
-from checkpointer.daemon.api_server import ApiServer, Handler
+from checkpointer.daemon.api_server import ApiServer, Handler, claim_socket_path
 from checkpointer.daemon.drill_metrics import DrillCollector
 from checkpointer.daemon.fleet import Fleet, FleetHooks
 from checkpointer.daemon.metrics import EngineCollector, Metrics
@@ -281,6 +281,9 @@ def _start_declared(
 def run_daemon(config: Config, stop_workloads_on_exit: bool = False) -> None:
     keep_heap_small()  # before the first checkpoint allocates its buffers
     engine, parts, supervisor, scheduler, metrics, fleet = build(config)
+    # Before anything runs, a live daemon on this state folder first: its metrics port is
+    # taken too, and "set metrics.port" would send the operator the wrong way.
+    claim_socket_path(config.socket_path)
     if config.metrics.enabled:  # before anything runs: a port in use stops the start cleanly
         metrics.serve(config.metrics.address, config.metrics.port)
         log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)

@@ -1,0 +1,31 @@
+"""A second daemon started on the state folder of a running one says so in one line and
+stops before it does anything: its metrics port is taken too, but that is not the news."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.support import Daemon
+from tests.support.paths import CLI
+
+
+def test_a_second_daemon_beside_a_running_one_is_told_another_daemon_serves(
+    workdir: Path,
+) -> None:
+    """Was (since the metrics port was taken first): "metrics: cannot listen on ...: set
+    `metrics.port` to a free port", which sent the operator to change the port of a daemon
+    that must not start at all."""
+    d = Daemon(workdir)
+    try:
+        d.start()
+        r = subprocess.run(
+            [*CLI, "daemon", "--config", str(d.config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode != 0, (r.stdout, r.stderr)
+        assert "another checkpointer daemon is already serving" in r.stderr, r.stderr
+        assert "metrics.port" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert d.json("status") == []  # the first one still answers
+    finally:
+        d.stop()
