@@ -8,6 +8,7 @@ checkpoint. The disk image, the manifest and the repository are real."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import pytest
 
 from checkpointer.criu import CriuError
 from checkpointer.engine import Workload, WorkloadKind, lazy_restoring
+from checkpointer.engine.disk_image_files import DiskImageDamaged, DiskImageFiles
 from checkpointer.engine.disk_images import DiskImage, DiskImages
 from checkpointer.engine.scratch import Scratch
 from storage import Repository
@@ -153,3 +155,33 @@ def test_a_transfer_that_ended_before_start_returned_frees_the_slot_it_read(
     newer = repo.commit("web", src)
     held = DiskImages(tmp_path / "images", 1).store("web", w.disk, src, newer, busy)
     assert [d.id for d in held] == [newer.id]
+
+
+def test_a_fifo_planted_in_the_slot_is_refused_at_once(
+    tmp_path: Path, disk_image: tuple[Repository, Manifest, DiskImage]
+) -> None:
+    """Was: opening it waited for a writer forever, under the workload's lock when it is one
+    of the small images `start` reads (every later operation on the workload then waited)."""
+    repo, m, image = disk_image
+    (image.path / "core-1.img").unlink()
+    os.mkfifo(image.path / "core-1.img", 0o600)
+    files = DiskImageFiles(repo, "web", m.id, image.path)
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(files.read("core-1.img", 0, 300))
+        except BaseException as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    try:
+        assert outcome, "the read still waits on the FIFO"
+        assert isinstance(outcome[0], DiskImageDamaged) and "not a regular file" in str(outcome[0])
+    finally:
+        if reader.is_alive():  # let it go: a writer opens the FIFO
+            os.close(os.open(image.path / "core-1.img", os.O_WRONLY))
+            reader.join(5)
+        files.close()

@@ -85,7 +85,10 @@ class DiskImageFiles:
         with self._lock:
             fd = self._fds.get(name)
             if fd is None:
-                fd = os.open(self.folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO planted in the slot would block the open until a writer
+                # came (no effect on the regular file it must be).
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                fd = os.open(self.folder / name, flags)
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     os.close(fd)
                     raise DiskImageDamaged(f"{self.folder / name} is not a regular file")
