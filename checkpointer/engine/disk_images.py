@@ -10,8 +10,8 @@ Cost: each slot is one image on disk (unencrypted: like the kept image in /dev/s
 process's memory, readable by root only; `criu.disk_images: 0` keeps none), and each
 checkpoint writes the pages that differ from what the slot held (page digests compared at the
 same offset, the slot's digests kept beside it in NAME/SLOT.pages/: the whole image the first
-time, a slot's share of the changes after), plus one BLAKE3 pass over the image (0.16 s a GB,
-multithreaded). Nothing is fsynced: a crash before
+time and the first time after a reboot, a slot's share of the changes after), plus one BLAKE3
+pass over the image (0.16 s a GB, multithreaded). Nothing is fsynced: a crash before
 writeback leaves a file that no longer matches its digest, and the restore falls back to the
 repository.
 
@@ -121,8 +121,14 @@ class DiskImages:
         sidecar = private_dir(folder.parent / f"{slot}.pages")
         previous = next((d for d in held if d.slot == slot), None)
         # What the slot holds, page by page, is known only if its files are exactly as the
-        # store that wrote them left them (their stamps), with their digests beside them.
-        known = previous is not None and kept_image.unchanged(folder, previous.stamp)
+        # store that wrote them left them (their stamps), with their digests beside them, in
+        # the boot that wrote them: after a reboot the stamps say nothing of the disk under
+        # them (a cut writeback, bit rot), and a page skipped here would be trusted all boot.
+        known = (
+            previous is not None
+            and previous.boot == hostinfo.boot_id()
+            and kept_image.unchanged(folder, previous.stamp)
+        )
         digests: dict[str, str] = {}
         wanted = {f.name for f in manifest.files}
         for place in (folder, sidecar):
