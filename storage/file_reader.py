@@ -114,13 +114,17 @@ class CheckpointFiles:
         else:
             packs, entries = self._located(name)
             base = 0
-        self._read_ahead(packs[first - base : stop - base], entries[first - base : stop - base])
-        parts = []
-        frame: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # the last one decoded
-        for k in range(first, stop):
-            piece, frame = self._chunk(f, k, int(packs[k - base]), int(entries[k - base]), frame)
-            parts.append(piece)
-        out = b"".join(parts)
+        packs, entries = packs[first - base : stop - base], entries[first - base : stop - base]
+        self._read_ahead(packs, entries)
+        if self.repo.codec.authenticates:
+            out = self._runs(f, first, packs, entries)
+        else:  # in clear, each chunk is hashed again on its own
+            parts, frame = [], ((-1, -1), b"")  # the last frame decoded
+            rows = zip(packs.tolist(), entries.tolist(), strict=True)
+            for k, (pack_no, entry) in enumerate(rows, first):
+                piece, frame = self._chunk(f, k, pack_no, entry, frame)
+                parts.append(piece)
+            out = b"".join(parts)
         skip = offset % chunk
         return out[skip : skip + end - offset]
 
@@ -129,6 +133,60 @@ class CheckpointFiles:
         if f is None:
             raise CorruptCheckpoint(f"{self.where} has no file {name!r}")
         return f
+
+    def _runs(self, f: FileEntry, first: int, packs: np.ndarray, entries: np.ndarray) -> bytes:
+        """Chunks `first` on of `f`, a run at a time (the consecutive chunks of one frame, or
+        contiguous raw ones, sliced at once; lengths checked as `_chunk` does), where the codec
+        authenticates (the pack's tag covers every chunk). A chunk at a time, Python's loop was
+        most of a lazy transfer: 4.0 -> 1.6 s a GB."""
+        chunk = self.manifest.chunk_size
+        parts: list[bytes] = []
+        frame: tuple[tuple[int, int], bytes] = ((-1, -1), b"")
+        n = len(packs)
+        pack_breaks = (np.flatnonzero(np.diff(packs) != 0) + 1).tolist()
+        for a, b in zip([0, *pack_breaks], [*pack_breaks, n], strict=True):
+            pack_no = int(packs[a])
+            index = self._index(pack_no)
+            e = entries[a:b]
+            offs = index.offsets[e].astype(np.int64)
+            lens = index.lengths[e].astype(np.int64)
+            raw = index.raw[e].astype(bool)
+            slots = index.slots[e].astype(np.int64)
+            lo = int(offs.min())
+            span = self._stored(pack_no, lo, int((offs + lens).max()) - lo)  # opened, once
+            same_frame = (~raw[1:]) & (~raw[:-1]) & (offs[1:] == offs[:-1])
+            same_frame &= slots[1:] == slots[:-1] + 1
+            raw_next = raw[1:] & raw[:-1] & (offs[1:] == offs[:-1] + lens[:-1])
+            raw_next &= lens[:-1] == chunk
+            breaks = (np.flatnonzero(~(same_frame | raw_next)) + 1).tolist()
+            for c, d in zip([0, *breaks], [*breaks, b - a], strict=True):
+                k = first + a + c  # the run's first chunk in the file
+                size = min((d - c) * chunk, f.size - k * chunk)  # the file's last may be short
+                if raw[c]:
+                    piece = span[int(offs[c]) - lo : int(offs[d - 1] + lens[d - 1]) - lo]
+                else:
+                    start = int(offs[c])
+                    if frame[0] != (pack_no, start):
+                        pages = int(self._frame_pages(pack_no)[int(e[c])])
+                        expected = size if pages == 1 else pages * chunk
+                        try:
+                            decoded = self._decompressor().decompress(
+                                span[start - lo : start - lo + int(lens[c])],
+                                max_output_size=expected,
+                            )
+                        except zstandard.ZstdError as err:
+                            raise self._bad(
+                                f"{f.name}: chunk {k} does not decompress ({err})"
+                            ) from err
+                        if len(decoded) != expected:
+                            raise self._bad(f"{f.name}: chunk {k}'s frame is not {expected} bytes")
+                        frame = ((pack_no, start), decoded)
+                    at = int(slots[c]) * chunk
+                    piece = frame[1][at : at + size]
+                if len(piece) != size:
+                    raise self._bad(f"{f.name}: chunks {k} to {k + d - c - 1} are not {size} bytes")
+                parts.append(piece)
+        return b"".join(parts)
 
     def _chunk(
         self,

@@ -37,7 +37,7 @@ def test_ranges_read_back_exactly_what_was_stored(tmp_path: Path, sealed: bool) 
     files = CheckpointFiles(repo, "w", m.id)
     data = (src / "pages-1.img").read_bytes()
     for offset, length in ((0, 4096), (4096 * 299, 3 * 4096), (4096 * 500, 64 * 4096),
-                           (len(data) - 4099, 4096 * 4), (123, 5000)):  # fmt: skip
+                           (len(data) - 4099, 4096 * 4), (123, 5000), (0, len(data))):  # fmt: skip
         assert files.read("pages-1.img", offset, length) == data[offset : offset + length]
     assert files.read("core-1.img", 0, 400) == b"core" * 100
     assert files.size("pages-1.img") == len(data)
