@@ -91,6 +91,10 @@ def test_a_reboot_restores_the_final_checkpoint_and_a_service_restart_takes_none
         st = d.wait_for("web", lambda s: s["state"] == "running", timeout=60)
         assert st["restores"][-1]["reason"] == "boot", st
         assert st["restores"][-1]["checkpoint"] == final, st
+        # From the disk image the final checkpoint wrote, lazily (the repository was 5x slower)
+        assert st["restores"][-1]["detail"].endswith(
+            "from the disk image, lazily (pages on demand, each checked)"
+        ), st
         assert http_get(port) == str(n + 1)  # not 4: nothing since the last schedule lost
         assert "comes back from its final checkpoint" in d.log.read_text()
     finally:

@@ -123,6 +123,8 @@ class CheckpointPipeline:
             if self.keep_latest_image and not final:
                 root = self.scratch.kept_root(images)
                 w.kept = kept_image.keep(images, root, w.name, manifest.id, w.kept)
+            elif final:  # no kept image (tmpfs goes with the reboot): the boot reads this
+                self.store_on_disk(w, images, manifest)  # slot, lazily, not the repository
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
         w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None
