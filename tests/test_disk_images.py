@@ -313,3 +313,25 @@ def test_a_disk_image_damaged_before_a_reboot_never_reaches_the_tree(
             assert "does not match its digest" in log
     finally:
         d.stop()
+
+
+def test_slots_past_criu_disk_images_are_dropped_and_a_planted_fifo_is_refused(
+    tmp_path: Path, boot: Path
+) -> None:
+    """`criu.disk_images` lowered (0: the disk must hold no process memory): a slot past it
+    is never restored from, and is deleted when looked up. A FIFO planted in a slot is
+    refused at once after a reboot (its digest was opened blocking: it waited for a writer)."""
+    repo = Repository(LocalBlobStore(tmp_path / "repo"))
+    src = tmp_path / "image"
+    src.mkdir(mode=0o700)
+    (src / "pages-1.img").write_bytes(os.urandom(8 * PAGE))
+    [image] = DiskImages(tmp_path / "images", 1).store("web", [], src, m := repo.commit("web", src))
+    boot.write_text("boot-2\n")
+    none = DiskImages(tmp_path / "images", 0)
+    assert none.after_reboot("web", [image], m.id) is None
+    assert none.find("web", [image], m.id) is None and not image.path.exists()
+    [image] = DiskImages(tmp_path / "images", 1).store("web", [], src, m)
+    boot.write_text("boot-3\n")
+    (image.path / "pages-1.img").unlink()
+    os.mkfifo(image.path / "pages-1.img", 0o600)
+    assert DiskImages(tmp_path / "images", 1).find("web", [image], m.id) is None

@@ -180,6 +180,8 @@ class DiskImages:
         image = next((d for d in held if d.id == checkpoint_id), None)
         if image is None or image.boot == hostinfo.boot_id() or not image.path.is_dir():
             return None
+        if image.slot >= self.slots:  # `find` drops it: the config no longer keeps it
+            return None
         if image.path != self.root / name / str(image.slot) or not kept_image.trusted(image.path):
             return None
         return image
@@ -191,6 +193,8 @@ class DiskImages:
         )
 
     def _problem(self, name: str, image: DiskImage) -> str | None:
+        if image.slot >= self.slots:
+            return f"criu.disk_images is {self.slots} now"
         if not image.path.exists():
             return "its folder is gone"
         if image.path != self.root / name / str(image.slot) or not kept_image.trusted(image.path):
@@ -228,7 +232,8 @@ def file_digest(path: Path) -> str:
     """BLAKE3 of a whole file, on every core (0.18 s a GB here, where reading it through a
     buffer took 0.42 s and per-page hashing 0.7 s). Mapped a window at a time: mapped pages
     count as the daemon's resident memory while the window lives, and an image is GBs."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # Non-blocking: a FIFO planted in a slot is refused below, not waited on for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
