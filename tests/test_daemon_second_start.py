@@ -29,3 +29,27 @@ def test_a_second_daemon_beside_a_running_one_is_told_another_daemon_serves(
         assert d.json("status") == []  # the first one still answers
     finally:
         d.stop()
+
+
+def test_a_socket_path_that_is_a_file_or_a_folder_is_refused_and_left_alone(
+    tmp_path: Path,
+) -> None:
+    """Was: a regular file at `socket:` was deleted as a stale socket (an operator's typo
+    cost them the file), and a folder there ended in "internal error (IsADirectoryError)"."""
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me\n")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for path in (precious, folder):
+        conf = tmp_path / "config.yaml"
+        conf.write_text(
+            f"state_dir: {tmp_path / 'state'}\nsocket: {path}\nmetrics:\n  enabled: false\n"
+        )
+        r = subprocess.run(
+            [*CLI, "daemon", "--config", str(conf)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode != 0, (r.stdout, r.stderr)
+        assert f"{path} exists and is not a socket" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert precious.read_text() == "keep me\n" and folder.is_dir()

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import socketserver
+import stat
 import struct
 import threading
 import time
@@ -33,7 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from checkpointer.api import REQUESTS
 from checkpointer.engine.states import ErrorKind
-from checkpointer.errors import CheckpointerError
+from checkpointer.errors import CheckpointerError, ConfigError
 from storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,15 @@ def _protocol_error(message: str) -> dict[str, Any]:
 def claim_socket_path(path: Path) -> None:
     """Refuse to start beside a live daemon; remove a stale socket left by a dead one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(st.st_mode):  # never removed: it may be anyone's file or folder
+        raise ConfigError(
+            f"socket: {path} exists and is not a socket; remove it, or set `socket` (or "
+            "`state_dir`) to a path of its own"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
