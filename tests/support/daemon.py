@@ -206,3 +206,14 @@ class Daemon:
         for w in json.loads(registry.read_text())["workloads"]:
             if w["pid"] and start_time(int(w["pid"])) == w["started"]:
                 kill_tree(int(w["pid"]), reaped=False)  # the daemon is gone: PID 1 reaps
+
+
+def refused_start(config: Path) -> str:
+    """Start `checkpointer daemon` on `config`, which it must refuse: a non-zero exit with
+    one clear line, no traceback, no "internal error". Its stderr."""
+    r = subprocess.run(
+        [*CLI, "daemon", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    return r.stderr
