@@ -119,6 +119,10 @@ ONE = "workloads:\n  - name: a\n    command: [x]\n"
         ("storage:\n  gc_every: 1000w\n", "storage.gc_every: '1000w': a duration here must be"),
         (ONE + "    restore: {backoff_max: 400d}\n", "workloads[0](a).restore: backoff_max: a"),
         (ONE + "    restore: {crash_window: 1000000w}\n", "restore.crash_window: '1000000w'"),
+        # "error: embedded null byte" at the daemon's start, no key named
+        ('storage:\n  path: "/tmp/a\\0b"\n', "storage.path: a file name cannot hold a NUL byte"),
+        ('storage:\n  key_file: "/k\\0"\n', "storage.key_file: a file name cannot hold a NUL"),
+        (ONE + '    cwd: "/srv\\0"\n', "workloads[0](a).cwd: a file name cannot hold a NUL"),
         # not finite
         ("storage:\n  gc_grace: .nan\n", "storage.gc_grace: nan: a duration must be a finite"),
         ("storage:\n  gc_grace: .inf\n", "storage.gc_grace: inf: a duration must be a finite"),

@@ -23,7 +23,14 @@ from pydantic import (
 from checkpointer.config.cron import check_cron
 from checkpointer.config.document import DEFAULT_STATE_DIR, SOCKET_NAME, path_problem
 from checkpointer.config.drill import DrillPolicy
-from checkpointer.config.types import MAX_INTERVAL, ByteSize, Duration, Interval, Timeout
+from checkpointer.config.types import (
+    MAX_INTERVAL,
+    ByteSize,
+    Duration,
+    FilePath,
+    Interval,
+    Timeout,
+)
 from checkpointer.criu.options import check_extra_options
 from checkpointer.errors import ConfigError
 from storage import retention
@@ -148,10 +155,12 @@ class WorkloadConfig(WorkloadOptions):
 
     name: str = Field(description="the workload's name in every command and in the repository")
     command: list[str] | None = Field(None, description="managed: the program and its arguments")
-    cwd: Path | None = Field(None, description="managed: working directory (the config's folder)")
+    cwd: FilePath | None = Field(
+        None, description="managed: working directory (the config's folder)"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="managed: environment added")
     pid: int | None = Field(None, description="adopted: the root process of the tree")
-    pidfile: Path | None = Field(None, description="adopted: a file holding that PID")
+    pidfile: FilePath | None = Field(None, description="adopted: a file holding that PID")
     lxc: str | None = Field(None, description="an LXC container's name")
     podman: str | None = Field(None, description="a Podman container's name (runtime runc)")
 
@@ -220,9 +229,9 @@ class StorageConfig(_Strict):
     """Where checkpoints are stored: the repository."""
 
     backend: Literal["local", "s3"] = Field("local", description="a local folder, or S3")
-    path: Path | None = Field(None, description="local: repository folder")
+    path: FilePath | None = Field(None, description="local: repository folder")
     s3: S3Config | None = None
-    cache_dir: Path | None = Field(None, description="s3: spool and cache; STATE_DIR/cache")
+    cache_dir: FilePath | None = Field(None, description="s3: spool and cache; STATE_DIR/cache")
     spool_max_bytes: ByteSize = Field(10 * 1024**3, description="s3: un-uploaded backlog cap")
     cache_max_bytes: ByteSize = Field(2 * 1024**3, description="s3: local copies kept")
     concurrency: int = Field(4, ge=1, le=64, description="packs uploaded/downloaded at once")
@@ -233,11 +242,11 @@ class StorageConfig(_Strict):
         True,
         description="seal every object (AES-256-GCM) and key chunk ids (docs/storage.md)",
     )
-    key_file: Path = Field(
+    key_file: FilePath = Field(
         Path("/etc/checkpointer/repository.key"),
         description="the repository access key (0600, root's); made with a new repository",
     )
-    passphrase_file: Path | None = Field(
+    passphrase_file: FilePath | None = Field(
         None, description="open the repository with a passphrase (scrypt) instead of key_file"
     )
 
@@ -252,7 +261,7 @@ class CriuConfig(_Strict):
     """How CRIU is run, for every workload."""
 
     binary: str = Field("criu", description="the criu program (a path, or found on PATH)")
-    scratch_dir: Path | None = Field(
+    scratch_dir: FilePath | None = Field(
         None, description="where images are dumped before storing; default a tmpfs if it has room"
     )
     timeout: Timeout = Field(

@@ -3,6 +3,8 @@
 Every duration is finite and > 0; these bound it further where it ends in a limit of its own.
 """
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BeforeValidator
@@ -25,3 +27,19 @@ Timeout = Annotated[float, _at_most(DAY)]
 MAX_INTERVAL = 366 * DAY
 Interval = Annotated[float, _at_most(MAX_INTERVAL)]
 ByteSize = Annotated[int, BeforeValidator(parse_bytes)]
+
+
+def _file_name(v: object) -> object:
+    """What no file name can hold (os calls fail on it with "embedded null byte", far from
+    the key that said it); the type errors are pydantic's."""
+    if isinstance(v, str):
+        if "\0" in v:
+            raise ValueError("a file name cannot hold a NUL byte")
+        try:
+            os.fsencode(v)
+        except UnicodeEncodeError:
+            raise ValueError("a lone surrogate is not a character of a file name") from None
+    return v
+
+
+FilePath = Annotated[Path, BeforeValidator(_file_name)]
