@@ -351,14 +351,14 @@ class Repository:
         clear) by materialising it into a private scratch folder. What is checked is the
         store's copy (the bucket's, not a local cache's), unless the checkpoint has not been
         uploaded yet."""
+        # A stray (a manifest its head does not name) is no checkpoint, whatever its chunks.
+        self.require_committed(workload, checkpoint_id)
         truth = self.backend.authoritative()
         source: PackReader = self
         if truth is not self.backend and not self.backend.is_pending(
             manifest_key(workload, checkpoint_id)
         ):
             source = StoreReader(truth, self.codec, self.concurrency)  # the bucket's copy
-        else:
-            self.require_committed(workload, checkpoint_id)
         with tempfile.TemporaryDirectory(prefix="checkpointer-verify-") as tmp:
             return materialize(source, workload, checkpoint_id, Path(tmp) / "images", progress)
 

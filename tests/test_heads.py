@@ -70,6 +70,8 @@ def test_a_stale_owner_never_commits_nor_removes_across_three_generations(
     assert ids(b) == [c1]  # ... but the head never names it
     with pytest.raises(CheckpointNotFound, match="not committed"):
         b.materialize("w", c2, tmp_path / "out-b")  # `restore --checkpoint c2` there
+    with pytest.raises(CheckpointNotFound, match="not committed"):
+        b.verify("w", c2)  # was: checked the bucket's copy and said ok, restorable or not
     c3 = b.commit("w", image(tmp_path / "3", 3)).id
     assert b_spool.wait_uploaded(60)
 
