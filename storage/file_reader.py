@@ -138,54 +138,51 @@ class CheckpointFiles:
         """Chunks `first` on of `f`, a run at a time (the consecutive chunks of one frame, or
         contiguous raw ones, sliced at once; lengths checked as `_chunk` does), where the codec
         authenticates (the pack's tag covers every chunk). A chunk at a time, Python's loop was
-        most of a lazy transfer: 4.0 -> 1.6 s a GB."""
+        most of a lazy transfer: 4.0 -> 1.6 s a GB (4.4 -> 1.9 with every third page deduped)."""
         chunk = self.manifest.chunk_size
-        parts: list[bytes] = []
-        frame: tuple[tuple[int, int], bytes] = ((-1, -1), b"")
         n = len(packs)
-        pack_breaks = (np.flatnonzero(np.diff(packs) != 0) + 1).tolist()
-        for a, b in zip([0, *pack_breaks], [*pack_breaks, n], strict=True):
-            pack_no = int(packs[a])
-            index = self._index(pack_no)
-            e = entries[a:b]
-            offs = index.offsets[e].astype(np.int64)
-            lens = index.lengths[e].astype(np.int64)
-            raw = index.raw[e].astype(bool)
-            slots = index.slots[e].astype(np.int64)
-            lo = int(offs.min())
-            span = self._stored(pack_no, lo, int((offs + lens).max()) - lo)  # opened, once
-            same_frame = (~raw[1:]) & (~raw[:-1]) & (offs[1:] == offs[:-1])
-            same_frame &= slots[1:] == slots[:-1] + 1
-            raw_next = raw[1:] & raw[:-1] & (offs[1:] == offs[:-1] + lens[:-1])
-            raw_next &= lens[:-1] == chunk
-            breaks = (np.flatnonzero(~(same_frame | raw_next)) + 1).tolist()
-            for c, d in zip([0, *breaks], [*breaks, b - a], strict=True):
-                k = first + a + c  # the run's first chunk in the file
-                size = min((d - c) * chunk, f.size - k * chunk)  # the file's last may be short
-                if raw[c]:
-                    piece = span[int(offs[c]) - lo : int(offs[d - 1] + lens[d - 1]) - lo]
-                else:
-                    start = int(offs[c])
-                    if frame[0] != (pack_no, start):
-                        pages = int(self._frame_pages(pack_no)[int(e[c])])
-                        expected = size if pages == 1 else pages * chunk
-                        try:
-                            decoded = self._decompressor().decompress(
-                                span[start - lo : start - lo + int(lens[c])],
-                                max_output_size=expected,
-                            )
-                        except zstandard.ZstdError as err:
-                            raise self._bad(
-                                f"{f.name}: chunk {k} does not decompress ({err})"
-                            ) from err
-                        if len(decoded) != expected:
-                            raise self._bad(f"{f.name}: chunk {k}'s frame is not {expected} bytes")
-                        frame = ((pack_no, start), decoded)
-                    at = int(slots[c]) * chunk
-                    piece = frame[1][at : at + size]
-                if len(piece) != size:
-                    raise self._bad(f"{f.name}: chunks {k} to {k + d - c - 1} are not {size} bytes")
-                parts.append(piece)
+        offs, lens, slots, fpages = (np.empty(n, dtype=np.int64) for _ in range(4))
+        raw = np.empty(n, dtype=bool)
+        for pack_no in np.unique(packs).tolist():  # a few packs: deduped chunks interleave
+            sel = np.flatnonzero(packs == pack_no)
+            index, e = self._index(pack_no), entries[sel]
+            offs[sel], lens[sel], raw[sel] = index.offsets[e], index.lengths[e], index.raw[e]
+            slots[sel], fpages[sel] = index.slots[e], self._frame_pages(pack_no)[e]
+        same = packs[1:] == packs[:-1]
+        framed = same & ~raw[1:] & ~raw[:-1] & (offs[1:] == offs[:-1])
+        framed &= slots[1:] == slots[:-1] + 1
+        contiguous = same & raw[1:] & raw[:-1] & (offs[1:] == offs[:-1] + lens[:-1])
+        contiguous &= lens[:-1] == chunk
+        breaks = (np.flatnonzero(~(framed | contiguous)) + 1).tolist()
+        pk, of, ln, rw = packs.tolist(), offs.tolist(), lens.tolist(), raw.tolist()
+        sl, fp = slots.tolist(), fpages.tolist()
+        parts: list[bytes] = []
+        frames: dict[tuple[int, int], bytes] = {}  # decoded in this read (dedup revisits)
+        for c, d in zip([0, *breaks], [*breaks, n], strict=True):
+            k = first + c  # the run's first chunk in the file
+            size = min((d - c) * chunk, f.size - k * chunk)  # the file's last may be short
+            pack_no, start = pk[c], of[c]
+            if rw[c]:
+                piece = self._stored(pack_no, start, of[d - 1] + ln[d - 1] - start)
+            else:
+                decoded = frames.get((pack_no, start))
+                if decoded is None:
+                    expected = size if fp[c] == 1 else fp[c] * chunk
+                    try:
+                        decoded = self._decompressor().decompress(
+                            self._stored(pack_no, start, ln[c]), max_output_size=expected
+                        )
+                    except zstandard.ZstdError as err:
+                        raise self._bad(f"{f.name}: chunk {k} does not decompress ({err})") from err
+                    if len(decoded) != expected:
+                        raise self._bad(f"{f.name}: chunk {k}'s frame is not {expected} bytes")
+                    if len(frames) >= 64:
+                        frames.clear()
+                    frames[(pack_no, start)] = decoded
+                piece = decoded[sl[c] * chunk : sl[c] * chunk + size]
+            if len(piece) != size:
+                raise self._bad(f"{f.name}: chunks {k} to {k + d - c - 1} are not {size} bytes")
+            parts.append(piece)
         return b"".join(parts)
 
     def _chunk(

@@ -173,3 +173,26 @@ def test_packs_sealed_whole_before_segments_still_read_and_restore(
     assert files.read("pages-1.img", 0, len(data)) == data
     repo.materialize("w", m.id, tmp_path / "out")
     assert (tmp_path / "out" / "pages-1.img").read_bytes() == data
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_deduplicated_pages_interleaved_with_others_read_back_exactly(
+    tmp_path: Path, sealed: bool
+) -> None:
+    """Every third page the same (its one chunk in another pack than its neighbours), the
+    others half compressible: a read alternates packs and frames at each page. One commit
+    (a pack per 4 MiB) then a second that shares the repeated page with the first."""
+    src = tmp_path / "src"
+    src.mkdir()
+    same = os.urandom(2048) + bytes(2048)
+    pages = [same if i % 3 == 0 else os.urandom(2048) + bytes(2048) for i in range(3000)]
+    codec = Sealed(new_master()) if sealed else None
+    repo = Repository(LocalBlobStore(tmp_path / "repo"), **({"codec": codec} if codec else {}))
+    (src / "pages-1.img").write_bytes(same * 5)
+    repo.commit("w", src)
+    data = b"".join(pages)
+    (src / "pages-1.img").write_bytes(data)
+    m = repo.commit("w", src)
+    files = CheckpointFiles(repo, "w", m.id)
+    for offset, length in ((0, len(data)), (4096 * 7, 4096 * 200), (4096 * 2999, 4096)):
+        assert files.read("pages-1.img", offset, length) == data[offset : offset + length]
