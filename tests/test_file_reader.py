@@ -196,3 +196,23 @@ def test_deduplicated_pages_interleaved_with_others_read_back_exactly(
     files = CheckpointFiles(repo, "w", m.id)
     for offset, length in ((0, len(data)), (4096 * 7, 4096 * 200), (4096 * 2999, 4096)):
         assert files.read("pages-1.img", offset, length) == data[offset : offset + length]
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
+def test_an_empty_file_and_a_read_at_the_end_return_no_bytes(tmp_path: Path, sealed: bool) -> None:
+    """A lazy restore writes every small image with read(name, 0, size): an empty one is
+    b"", as a read at a file's end (was, sealed: IndexError out of the run loop, a restore's
+    'internal error' instead of its bytes)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(8 * 4096)  # a whole number of chunks: its end starts no chunk
+    (src / "pages-1.img").write_bytes(data)
+    (src / "empty.img").write_bytes(b"")
+    codec = Sealed(new_master()) if sealed else None
+    repo = Repository(LocalBlobStore(tmp_path / "repo"), **({"codec": codec} if codec else {}))
+    m = repo.commit("w", src)
+    files = CheckpointFiles(repo, "w", m.id)
+    assert files.read("empty.img", 0, files.size("empty.img")) == b""
+    assert files.read("pages-1.img", len(data), 4096) == b""
+    assert files.read("pages-1.img", 4096, 0) == b""
+    assert files.read("pages-1.img", 4096, 4096) == data[4096:8192]
