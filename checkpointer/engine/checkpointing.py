@@ -167,7 +167,8 @@ class CheckpointPipeline:
     def store_on_disk(self, w: Workload, source: Path, manifest: Manifest) -> None:
         """Copy the kept image into a disk slot (checkpointer/engine/disk_images.py). The
         checkpoint is durable already: a failure here costs a fast restore, nothing else."""
-        if self.disk.slots <= 0:
+        if self.disk.slots <= 0:  # none kept (any more): the slots of before are deleted
+            w.disk = self.disk.prune(w.name, w.disk)
             return
         t0 = time.monotonic()
         try:

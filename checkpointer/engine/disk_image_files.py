@@ -108,15 +108,22 @@ def _read_ahead(fd: int) -> None:
     """Have the kernel read the whole pages file into the page cache, in the background: the
     pages then come off a cold disk while earlier ones are checked and handed to CRIU, not
     one request after the other (the transfer is as long as the disk's read, not longer).
-    On a duplicate of the descriptor, which the thread closes: the reader's may close first."""
-    dup = os.dup(fd)
+    On a duplicate of the descriptor, which the thread closes: the reader's may close first.
+    Advice only: if it cannot start (no descriptor or thread left), the reads go on without."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
 
     def advise() -> None:
         try:
             os.posix_fadvise(dup, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
-            pass  # advice only
+            pass
         finally:
             os.close(dup)
 
-    threading.Thread(target=advise, name="disk-image-readahead", daemon=True).start()
+    try:
+        threading.Thread(target=advise, name="disk-image-readahead", daemon=True).start()
+    except RuntimeError:  # can't start new thread
+        os.close(dup)

@@ -105,9 +105,10 @@ class DiskImages:
         oldest checkpoint, never slot `busy` (a lazy restore reads it); the slots' records
         afterwards (`held` without the overwritten one, plus the new one). On an error the
         slot is left without a record. Nothing is written if `busy` is the only slot."""
+        held = self.prune(name, held)
         if self.slots <= 0:
             return []
-        held = [d for d in held if d.slot < self.slots and d.id != manifest.id]
+        held = [d for d in held if d.id != manifest.id]
         free = sorted(set(range(self.slots)) - {d.slot for d in held} - {busy})
         others = [d for d in held if d.slot != busy]
         if not free and not others:
@@ -144,6 +145,15 @@ class DiskImages:
             manifest.id, slot, folder, digests, kept_image.stamp(folder), hostinfo.boot_id()
         )
         return [*kept, image]
+
+    def prune(self, name: str, held: list[DiskImage]) -> list[DiskImage]:
+        """`held` without the slots past `slots` (criu.disk_images lowered, or 0), their
+        folders deleted: a record dropped alone left a whole image of the process's memory
+        on disk that nothing named, restored from or deleted any more."""
+        for image in held:
+            if image.slot >= self.slots:
+                self.drop(name, image)
+        return [d for d in held if d.slot < self.slots]
 
     def _slot_dir(self, name: str, slot: int) -> Path:
         self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
