@@ -66,6 +66,10 @@ def test_migrate_moves_the_counter_to_another_host_with_its_count(workdir: Path)
         r = a.json("migrate", "web", "--to", "b")
         assert r["to"] == "b"
         assert not a.connects(port)  # stopped on A once handed over
+        # Its final checkpoint was not copied into a disk slot while the tree stood stopped:
+        # A drops its slots once it hands over (was: the copy lengthened the migration's stop)
+        copied = [x for x in a.log.read_text().splitlines() if "disk image of web" in x]
+        assert copied and not [x for x in copied if r["checkpoint"] in x], copied  # the one before
         st = b.wait_for("web", lambda s: s["state"] == "running", timeout=30)
         assert st["restores"][-1]["reason"] == "migration"
         assert b.http_get(port) == "16"  # its count + 1: nothing lost, on B

@@ -72,11 +72,18 @@ class CheckpointPipeline:
         return True
 
     def run(
-        self, w: Workload, generation: int | None = None, final: bool = False
+        self,
+        w: Workload,
+        generation: int | None = None,
+        final: bool = False,
+        for_reboot: bool = False,
     ) -> CheckpointReport:
         """Dump and store. `generation`: the fleet lease it is taken under (the fencing
         token: a restore under a newer lease refuses checkpoints of an older one taken after
-        it began)."""
+        it began). `final`: the tree is left stopped. `for_reboot`: a planned shutdown's
+        final checkpoint, copied into a disk slot for the boot after it; a migration's is
+        not (this host drops its slots once it hands over: the copy only lengthened the
+        tree's stop)."""
         if not w.alive():
             raise WorkloadNotRunning(
                 f"workload {w.name} is not running ({w.exit_status or w.state}); "
@@ -123,8 +130,8 @@ class CheckpointPipeline:
             if self.keep_latest_image and not final:
                 root = self.scratch.kept_root(images)
                 w.kept = kept_image.keep(images, root, w.name, manifest.id, w.kept)
-            elif final:  # no kept image (tmpfs goes with the reboot): the boot reads this
-                self.store_on_disk(w, images, manifest)  # slot, lazily, not the repository
+            elif final and for_reboot:  # no kept image (tmpfs goes with the reboot): the
+                self.store_on_disk(w, images, manifest)  # boot reads this slot, lazily
         finally:
             shutil.rmtree(images.parent, ignore_errors=True)
         w.last_checkpoint, w.last_checkpoint_at, w.last_error = manifest.id, time.time(), None

@@ -92,7 +92,7 @@ def _final(engine: Engine, w: Workload) -> FinalCheckpointReport:
             generation = engine.ownership.hold(w.name)  # fleet: still ours to checkpoint
             frozen = w.container is not None and engine.runtimes[str(w.kind)].freeze(w.container)
             try:
-                report = engine.checkpoints.run(w, generation, final=True)
+                report = engine.checkpoints.run(w, generation, final=True, for_reboot=True)
             except BaseException:
                 _thaw(engine, w, frozen)  # it runs on until systemd stops it
                 raise
