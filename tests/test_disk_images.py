@@ -7,7 +7,6 @@ manifest: checkpointer/engine/disk_image_files.py) or in full (each file's diges
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from checkpointer.engine import disk_image_files
 from checkpointer.engine.disk_image_files import DiskImageDamaged, DiskImageFiles
 from checkpointer.engine.disk_images import DiskImages, file_digest
 from checkpointer.engine.registry import from_json, to_json
@@ -360,27 +358,3 @@ def test_a_checkpoint_after_criu_disk_images_was_lowered_deletes_the_slots_past_
     assert sorted(p.name for p in (tmp_path / "images" / "web").iterdir()) == ["0", "0.pages"]
     assert DiskImages(tmp_path / "images", 0).prune("web", held) == []
     assert list((tmp_path / "images" / "web").iterdir()) == []
-
-
-def test_a_read_ahead_that_cannot_start_costs_the_advice_not_the_read(
-    tmp_path: Path, boot: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The kernel's read-ahead of a pages file is advice: no descriptor left for it (EMFILE)
-    must not fail the read (was: DiskImageDamaged, and the disk image dropped as damaged)."""
-    repo = Repository(LocalBlobStore(tmp_path / "repo"))
-    src = tmp_path / "image"
-    src.mkdir(mode=0o700)
-    data = os.urandom(8 * PAGE)
-    (src / "pages-1.img").write_bytes(data)
-    m = repo.commit("web", src)
-    [image] = DiskImages(tmp_path / "images", 1).store("web", [], src, m)
-
-    def no_descriptor(fd: int) -> int:
-        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-
-    monkeypatch.setattr(disk_image_files.os, "dup", no_descriptor)
-    files = DiskImageFiles(repo, "web", m.id, image.path)
-    try:
-        assert files.read("pages-1.img", PAGE, 2 * PAGE) == data[PAGE : 3 * PAGE]
-    finally:
-        files.close()
