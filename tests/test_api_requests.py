@@ -48,3 +48,23 @@ def test_a_handler_that_drifted_from_its_request_is_refused_at_start() -> None:
 
     with pytest.raises(TypeError, match="op 'status'"):
         Route.of("status", status, REQUESTS[Op.STATUS])
+
+
+def test_a_nul_byte_anywhere_in_a_request_is_refused_naming_its_field() -> None:
+    """Was: a `cwd`, `pidfile`, argument or environment string with a NUL byte passed the
+    check and failed deep in an OS call ("embedded null byte": an internal error)."""
+
+    def run(name: str, command: list[str], options: dict[str, Any], cwd: Any = None,
+            env: Any = None) -> None: ...  # fmt: skip
+
+    route = Route.of("run", run, REQUESTS[Op.RUN])
+    good = {"name": "w", "command": ["x"], "options": {}, "cwd": "/srv", "env": {"A": "b"}}
+    assert route.check(good) == good
+    for bad, field in (
+        ({"cwd": "/srv\0x"}, "cwd"),
+        ({"command": ["x", "a\0"]}, "command.1"),
+        ({"env": {"A": "b\0"}}, "env.A"),
+        ({"env": {"A\0": "b"}}, "env (a key)"),
+        ({"options": {"criu": {"extra_options": ["--x\0"]}}}, "options.criu.extra_options.0"),
+    ):
+        assert route.check({**good, **bad}) == f"field `{field}`: a NUL byte in a string"

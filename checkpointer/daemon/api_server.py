@@ -87,7 +87,29 @@ class Route:
             if first["type"] == "missing":
                 return f"missing field `{field}`"
             return f"field `{field}`: {first['msg']}, got {_json_type(first['input'])}"
+        nul = _nul_in(checked)
+        if nul is not None:  # file names, argv, env: every OS call would refuse it, far away
+            return f"field `{nul}`: a NUL byte in a string"
         return checked
+
+
+def _nul_in(value: object, where: str = "") -> str | None:
+    """Where in a request a string holds a NUL byte (`field.key.0`), or None."""
+    if isinstance(value, str):
+        return where if "\0" in value else None
+    if isinstance(value, dict):
+        if any("\0" in str(k) for k in value):  # a key (an environment variable's name)
+            return f"{where} (a key)"
+        items: list[tuple[str, object]] = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return None
+    for key, v in items:
+        found = _nul_in(v, f"{where}.{key}" if where else key)
+        if found is not None:
+            return found
+    return None
 
 
 class ApiServer:
