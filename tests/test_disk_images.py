@@ -358,3 +358,27 @@ def test_a_checkpoint_after_criu_disk_images_was_lowered_deletes_the_slots_past_
     assert sorted(p.name for p in (tmp_path / "images" / "web").iterdir()) == ["0", "0.pages"]
     assert DiskImages(tmp_path / "images", 0).prune("web", held) == []
     assert list((tmp_path / "images" / "web").iterdir()) == []
+
+
+def test_a_daemon_started_with_fewer_disk_images_deletes_the_slots_past_them(
+    workdir: Path,
+) -> None:
+    """`criu.disk_images: 0` (no process memory on this disk) takes effect at the daemon's
+    start, for every workload, not only at its next checkpoint (a stopped one has none)."""
+    port = free_port()
+    d = Daemon(workdir)
+    try:
+        d.start()
+        d.cli("run", "web", "--", sys.executable, str(COUNTER), str(port))
+        serve(port, 2)
+        d.checkpoint("web")
+        slots = d.state / "images" / "web"
+        assert any(slots.glob("*/pages-*.img")), "no disk image written"
+        pid = d.pid("web")
+        d.terminate()  # the tree runs on and is re-adopted: nothing restores it
+        d.config.write_text(d.config.read_text() + "criu:\n  disk_images: 0\n")
+        d.start()
+        assert d.wait_for("web", lambda s: s["state"] == "running")["pid"] == pid
+        assert not any(slots.glob("*/*.img")), sorted(slots.rglob("*"))
+    finally:
+        d.stop()

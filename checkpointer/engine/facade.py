@@ -153,6 +153,7 @@ class Engine:
         """Take back the workloads a previous daemon registered (the supervisor then re-adopts
         or restores them)."""
         for w in self.registry.load():
+            w.disk = self.disk.prune(w.name, w.disk)  # criu.disk_images lowered: not kept
             if w.managed:
                 self.pump.attach(w.name, self.logs.fifo(w.name), self.logs.log(w.name))
             self.schedule.schedule(w.name, w.every, w.cron, w.jitter)
