@@ -121,8 +121,8 @@ def test_workloads_past_the_budget_keep_their_last_checkpoint(tmp_path: Path) ->
     ]
     taken: list[str] = []
 
-    def run(w: Any, generation: int | None, final: bool) -> dict[str, Any]:
-        assert final
+    def run(w: Any, generation: int | None, final: bool, for_reboot: bool) -> dict[str, Any]:
+        assert final and for_reboot  # a reboot's: copied into a disk slot too
         taken.append(w.name)
         time.sleep(0.3)
         return {"id": f"final-{w.name}"}
