@@ -152,9 +152,7 @@ class PageServer:
         data = self.source.read(pages_id, offset, n)
         if len(data) != n * PAGE_SIZE:
             raise ValueError(f"page source returned {len(data)} bytes for {n} pages")
-        # Two sends, not one of their concatenation: that copied every page once more.
-        self._conn.sendall(_HEADER.pack(_ANSWER_CMD, n, vaddr, task))
-        self._conn.sendall(data)
+        self._conn.sendall(_HEADER.pack(_ANSWER_CMD, n, vaddr, task) + data)
         with self._lock:
             self._requests += 1
             self._pages += n
