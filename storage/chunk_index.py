@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from storage.manifest import DIGEST_SIZE
+from storage.packs import IndexArrays
 
 _WORDS = DIGEST_SIZE // 8
 _KEY_BYTES = 16  # the part of a digest the index keeps and compares
@@ -198,3 +199,20 @@ class ChunkIndex:
             if self._seconds[p] == s:
                 return int(self._packs[p])
         return -1
+
+
+class AllIndexes:
+    """The entries of every index of a checkpoint, sorted by their digests' first words."""
+
+    def __init__(self, indexes: list[IndexArrays]) -> None:
+        rows, packs, entries = [], [], []
+        for n, index in enumerate(indexes):
+            count = len(index.offsets)
+            rows.append(digest_rows(index.digests))
+            packs.append(np.full(count, n, dtype=np.int32))
+            entries.append(np.arange(count, dtype=np.int32))
+        self.rows = np.concatenate(rows) if rows else np.empty((0, 4), dtype="<u8")
+        self.pack_of = np.concatenate(packs) if packs else np.empty(0, dtype=np.int32)
+        self.entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
+        self.order = np.argsort(self.rows[:, 0])
+        self.keys = self.rows[self.order, 0]

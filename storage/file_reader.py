@@ -21,7 +21,7 @@ from collections import OrderedDict
 import numpy as np
 import zstandard
 
-from storage.chunk_index import ChunkIndex, digest_rows
+from storage.chunk_index import AllIndexes, ChunkIndex, digest_rows
 from storage.crypto import SEGMENTED_HEADER, PackLayout
 from storage.errors import BlobNotFound, CorruptCheckpoint
 from storage.keys import pack_key
@@ -59,7 +59,7 @@ class CheckpointFiles:
         self._pack_no = {pack: n for n, pack in enumerate(self.manifest.packs)}
         self._indexes: dict[int, IndexArrays] = {}
         self._by_digest: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._all: _AllIndexes | None = None
+        self._all: AllIndexes | None = None
         self._reading_all = threading.Lock()
         # Where every chunk of a file is, found once for the whole file when it is first
         # read, or ahead of that (`locate_ahead`), by a vectorised search: per-chunk lookups
@@ -305,17 +305,17 @@ class CheckpointFiles:
             found = self._by_digest[pack_no] = (order, rows[order, 0], rows)
         return found
 
-    def _every_index(self) -> _AllIndexes:
+    def _every_index(self) -> AllIndexes:
         """Every index of the checkpoint, read once and searchable together."""
         with self._reading_all:
             if self._all is None:
                 # One after the other: read by 4 threads they took three times as long (1 GB:
                 # 250 indexes, 11 ms), the GIL passed back and forth.
                 indexes = [self._index(n) for n in range(len(self.manifest.packs))]
-                self._all = _AllIndexes(indexes)
+                self._all = AllIndexes(indexes)
             return self._all
 
-    def _locate(self, every: _AllIndexes, digest: bytes) -> tuple[int, int]:
+    def _locate(self, every: AllIndexes, digest: bytes) -> tuple[int, int]:
         row = digest_rows(digest)[0]
         lo = int(np.searchsorted(every.keys, row[0], side="left"))
         hi = int(np.searchsorted(every.keys, row[0], side="right"))
@@ -432,20 +432,3 @@ class CheckpointFiles:
 
     def _bad(self, what: str) -> CorruptCheckpoint:
         return CorruptCheckpoint(f"{self.where} is corrupt: {what}")
-
-
-class _AllIndexes:
-    """The entries of every index of a checkpoint, sorted by their digests' first words."""
-
-    def __init__(self, indexes: list[IndexArrays]) -> None:
-        rows, packs, entries = [], [], []
-        for n, index in enumerate(indexes):
-            count = len(index.offsets)
-            rows.append(digest_rows(index.digests))
-            packs.append(np.full(count, n, dtype=np.int32))
-            entries.append(np.arange(count, dtype=np.int32))
-        self.rows = np.concatenate(rows) if rows else np.empty((0, 4), dtype="<u8")
-        self.pack_of = np.concatenate(packs) if packs else np.empty(0, dtype=np.int32)
-        self.entry_of = np.concatenate(entries) if entries else np.empty(0, dtype=np.int32)
-        self.order = np.argsort(self.rows[:, 0])
-        self.keys = self.rows[self.order, 0]

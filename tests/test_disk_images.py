@@ -49,6 +49,13 @@ def _flip(path: Path, at: int, keep_stamps: bool = False) -> None:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _repository_and_image(tmp_path: Path) -> tuple[Repository, Path]:
+    """A local repository in clear and an empty image folder (0700) to commit into it."""
+    src = tmp_path / "image"
+    src.mkdir(mode=0o700)
+    return Repository(LocalBlobStore(tmp_path / "repo")), src
+
+
 def _same(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir() if p.is_file())
     return names == sorted(p.name for p in b.iterdir() if p.is_file()) and all(
@@ -60,9 +67,7 @@ def test_slots_hold_the_newest_images_byte_for_byte(tmp_path: Path, boot: Path) 
     """Three commits into two slots: each slot is an exact copy of its checkpoint's image,
     whether copied whole or only where pages changed (a file grown, shrunk, added, dropped),
     and the oldest slot is the one overwritten."""
-    repo = Repository(LocalBlobStore(tmp_path / "repo"))
-    src = tmp_path / "image"
-    src.mkdir(mode=0o700)
+    repo, src = _repository_and_image(tmp_path)
     big = bytearray(os.urandom(300 * PAGE + 123))
     (src / "pages-1.img").write_bytes(big)
     (src / "core-1.img").write_bytes(b"core one")
@@ -99,9 +104,7 @@ def test_slots_hold_the_newest_images_byte_for_byte(tmp_path: Path, boot: Path) 
 def test_a_changed_file_is_refused_in_the_same_boot_and_after_a_reboot(
     tmp_path: Path, boot: Path
 ) -> None:
-    repo = Repository(LocalBlobStore(tmp_path / "repo"))
-    src = tmp_path / "image"
-    src.mkdir(mode=0o700)
+    repo, src = _repository_and_image(tmp_path)
     (src / "pages-1.img").write_bytes(os.urandom(64 * PAGE))
     disk = DiskImages(tmp_path / "images", 1)
     m = repo.commit("web", src)
@@ -234,9 +237,7 @@ def test_the_reader_returns_exact_ranges_and_refuses_a_changed_chunk(
 def test_a_checkpoint_never_overwrites_the_slot_a_lazy_restore_reads(
     tmp_path: Path, boot: Path
 ) -> None:
-    repo = Repository(LocalBlobStore(tmp_path / "repo"))
-    src = tmp_path / "image"
-    src.mkdir(mode=0o700)
+    repo, src = _repository_and_image(tmp_path)
     (src / "pages-1.img").write_bytes(os.urandom(8 * PAGE))
     two = DiskImages(tmp_path / "two", 2)
     held = two.store("web", [], src, repo.commit("web", src))
@@ -321,9 +322,7 @@ def test_slots_past_criu_disk_images_are_dropped_and_a_planted_fifo_is_refused(
     """`criu.disk_images` lowered (0: the disk must hold no process memory): a slot past it
     is never restored from, and is deleted when looked up. A FIFO planted in a slot is
     refused at once after a reboot (its digest was opened blocking: it waited for a writer)."""
-    repo = Repository(LocalBlobStore(tmp_path / "repo"))
-    src = tmp_path / "image"
-    src.mkdir(mode=0o700)
+    repo, src = _repository_and_image(tmp_path)
     (src / "pages-1.img").write_bytes(os.urandom(8 * PAGE))
     [image] = DiskImages(tmp_path / "images", 1).store("web", [], src, m := repo.commit("web", src))
     boot.write_text("boot-2\n")
@@ -343,9 +342,7 @@ def test_a_checkpoint_after_criu_disk_images_was_lowered_deletes_the_slots_past_
     """Was: the next checkpoint dropped the records of the slots past `criu.disk_images` and
     left their folders: a whole image of the process's memory on disk, unencrypted, that no
     record named any more (never restored from, never deleted, its space never freed)."""
-    repo = Repository(LocalBlobStore(tmp_path / "repo"))
-    src = tmp_path / "image"
-    src.mkdir(mode=0o700)
+    repo, src = _repository_and_image(tmp_path)
     held = []
     for _ in range(2):
         (src / "pages-1.img").write_bytes(os.urandom(8 * PAGE))
